@@ -1,0 +1,351 @@
+"""A Qwen3/Qwen2/Llama-family decoder as pure functions over a parameter pytree.
+
+Parameters are a nested dict of arrays (no module objects): `init_params` makes one, `rlp_jax.hf`
+converts Hugging Face checkpoints to and from it, and `param_logical_axes` names every axis for
+sharding. Per-layer parameters are stacked on a leading `layers` axis and the blocks run under
+`lax.scan` (one compiled block, fast compiles at any depth), optionally rematerialised.
+
+Three forward modes (all jit-compatible, static shapes):
+  * `forward`: causal pass over [B, L] with segment ids (packing/padding); returns float32 logits and,
+    on request, every layer's keys/values: the *prefix cache*.
+  * `branch_forward`: N branches per document; branch n of document b attends to that document's
+    prefix-cache positions < start[b, n] (same segment) plus its own tokens, with rotary positions
+    continuing from position[b, n]. The prefix keys are shared by all branches of a document (the
+    einsum broadcasts them; nothing is copied per branch). Used token by token with a `BranchCache`
+    (sampling) and for whole branches at once (the differentiable loss forward).
+  * decode: `prefill` + `decode_step`, incremental generation from right-padded prompts with a KV
+    cache (a prompt is a prefix and the generation one branch).
+
+Shapes: B batch, L length, N branches per document, S branch tokens, J branch-cache slots, V vocab,
+D width, H/Hk query/kv heads, Dh head width, Y layers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from rlp_jax import layers
+from rlp_jax.model_config import ModelConfig
+
+Params = dict
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Shapes of every parameter, as a pytree of tuples mirroring `init_params`."""
+    y, d, f, h, hk, dh, v = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                             cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    lay = {
+        "attn_norm": (y, d),
+        "q_proj": (y, d, h, dh),
+        "k_proj": (y, d, hk, dh),
+        "v_proj": (y, d, hk, dh),
+        "o_proj": (y, h, dh, d),
+        "mlp_norm": (y, d),
+        "gate_proj": (y, d, f),
+        "up_proj": (y, d, f),
+        "down_proj": (y, f, d),
+    }
+    if cfg.attention_bias:
+        lay.update(q_bias=(y, h, dh), k_bias=(y, hk, dh), v_bias=(y, hk, dh))
+    if cfg.qk_norm:
+        lay.update(q_norm=(y, dh), k_norm=(y, dh))
+    shapes = {"embed": (v, d), "layers": lay, "final_norm": (d,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (d, v)
+    return shapes
+
+
+def param_logical_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names of every parameter (same structure as `init_params`), for sharding rules."""
+    names = {
+        "attn_norm": ("layers", "norm"), "mlp_norm": ("layers", "norm"),
+        "q_proj": ("layers", "embed", "heads", "head_dim"),
+        "k_proj": ("layers", "embed", "kv_heads", "head_dim"),
+        "v_proj": ("layers", "embed", "kv_heads", "head_dim"),
+        "o_proj": ("layers", "heads", "head_dim", "embed"),
+        "q_bias": ("layers", "heads", "head_dim"),
+        "k_bias": ("layers", "kv_heads", "head_dim"), "v_bias": ("layers", "kv_heads", "head_dim"),
+        "q_norm": ("layers", "head_dim"), "k_norm": ("layers", "head_dim"),
+        "gate_proj": ("layers", "embed", "mlp"), "up_proj": ("layers", "embed", "mlp"),
+        "down_proj": ("layers", "mlp", "embed"),
+    }
+    shapes = param_shapes(cfg)
+    axes = {"embed": ("vocab", "embed"), "final_norm": ("norm",),
+            "layers": {k: names[k] for k in shapes["layers"]}}
+    if "lm_head" in shapes:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
+    """Random parameters: normal(0, std) matrices, unit norm weights, zero biases; in cfg.param_dtype."""
+    shapes = param_shapes(cfg)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(rng, len(flat))
+    leaves = []
+    for (path, shape), key in zip(flat, keys):
+        name = path[-1].key
+        if name.endswith("norm"):
+            leaf = jnp.ones(shape, jnp.float32)
+        elif name.endswith("bias"):
+            leaf = jnp.zeros(shape, jnp.float32)
+        else:
+            leaf = std * jax.random.normal(key, shape, jnp.float32)
+        leaves.append(leaf.astype(cfg.jnp_param_dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# ----------------------------------------------------------------------------------------------
+# Caches
+# ----------------------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class PrefixCache:
+    """Every layer's keys/values of a teacher-forced pass, plus where each token sits.
+
+    k, v: [Y, B, L, Hk, Dh] (rotary already applied to k), compute dtype.
+    segment_ids: [B, L] int32 (0 = padding). positions: [B, L] int32 rotary positions.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    positions: jax.Array
+
+
+@flax.struct.dataclass
+class BranchCache:
+    """Keys/values of branch tokens written so far: k, v [Y, B, N, J, Hk, Dh]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+@flax.struct.dataclass
+class Branches:
+    """Where each branch hangs off its document's prefix (all [B, N] int32).
+
+    start: prefix indices < start are visible. segment: only prefix tokens of this segment are visible.
+    position: rotary position of the branch's first token (later tokens continue from it).
+    """
+
+    start: jax.Array
+    segment: jax.Array
+    position: jax.Array
+
+
+def branches_at(cache: PrefixCache, t_bn: jax.Array) -> Branches:
+    """Branches that replace token t of each document: they see x_<t of t's segment and take t's position.
+
+    t_bn: [B, N] int32 indices in [0, L). A branch at t reproduces a full forward over
+    [x_<t, branch tokens].
+    """
+    seg = jnp.take_along_axis(cache.segment_ids, t_bn, axis=1)
+    pos = jnp.take_along_axis(cache.positions, t_bn, axis=1)
+    return Branches(start=t_bn.astype(jnp.int32), segment=seg.astype(jnp.int32), position=pos.astype(jnp.int32))
+
+
+def init_branch_cache(cfg: ModelConfig, batch: int, branches: int, length: int) -> BranchCache:
+    """An empty branch cache with J = length slots per branch."""
+    shape = (cfg.num_layers, batch, branches, length, cfg.num_kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, cfg.jnp_compute_dtype)
+    return BranchCache(k=zeros, v=zeros)
+
+
+# ----------------------------------------------------------------------------------------------
+# The block, shared by all modes
+# ----------------------------------------------------------------------------------------------
+
+def _project_qkv(cfg: ModelConfig, lp: dict, h, positions, inv_freq):
+    """h [..., P, D] -> rotated q [..., P, H, Dh], k/v [..., P, Hk, Dh]."""
+    dt = h.dtype
+    q = jnp.einsum("...d,dhk->...hk", h, lp["q_proj"].astype(dt))
+    k = jnp.einsum("...d,dhk->...hk", h, lp["k_proj"].astype(dt))
+    v = jnp.einsum("...d,dhk->...hk", h, lp["v_proj"].astype(dt))
+    if cfg.attention_bias:
+        q, k, v = q + lp["q_bias"].astype(dt), k + lp["k_bias"].astype(dt), v + lp["v_bias"].astype(dt)
+    if cfg.qk_norm:
+        q = layers.rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = layers.rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    return layers.apply_rope(q, positions, inv_freq), layers.apply_rope(k, positions, inv_freq), v
+
+
+def _block(cfg: ModelConfig, attend, x, lp, extra):
+    """One pre-norm transformer block. `attend(q, k, v, extra) -> (attn_out, new_kv)`."""
+    h = layers.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+    attn, new_kv = attend(lp, h, extra)
+    x = x + jnp.einsum("...hk,hkd->...d", attn, lp["o_proj"].astype(x.dtype))
+    h = layers.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+    x = x + layers.swiglu(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"])
+    return x, new_kv
+
+
+def _run_blocks(cfg: ModelConfig, params: Params, x, attend, extras):
+    """Scan the blocks over the stacked `layers` params; extras is a per-layer pytree (leading Y axis)."""
+    def body(carry, xs):
+        lp, extra = xs
+        return _block(cfg, attend, carry, lp, extra)
+
+    if cfg.remat != "none":
+        policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots"
+                  else jax.checkpoint_policies.nothing_saveable)
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    return jax.lax.scan(body, x, (params["layers"], extras))
+
+
+def _embed(cfg: ModelConfig, params: Params, tokens):
+    return jnp.take(params["embed"], tokens, axis=0).astype(cfg.jnp_compute_dtype)
+
+
+def logits_from_hidden(cfg: ModelConfig, params: Params, x):
+    """Final norm and output projection: x [..., D] -> float32 logits [..., V]."""
+    x = layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("...d,dv->...v", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mode 1: full causal forward
+# ----------------------------------------------------------------------------------------------
+
+def default_segments(tokens_bl, pad_id: int | None = None):
+    """Segment ids (1 for real tokens, 0 for `pad_id`) and positions 0..L-1 for unpacked rows."""
+    seg = jnp.ones_like(tokens_bl, jnp.int32) if pad_id is None else (tokens_bl != pad_id).astype(jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(tokens_bl.shape[1], dtype=jnp.int32), tokens_bl.shape)
+    return seg, pos
+
+
+def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None, positions_bl=None,
+            return_cache: bool = False):
+    """Teacher-forced causal pass.
+
+    Args:
+      tokens_bl: [B, L] int32.
+      segment_ids_bl: [B, L] int32; a token attends to earlier tokens of its own segment; 0 marks
+        padding. Default: one segment per row.
+      positions_bl: [B, L] int32 rotary positions (restart at 0 per packed document). Default 0..L-1.
+      return_cache: also return the `PrefixCache` of every layer's keys/values.
+    Returns:
+      (logits [B, L, V] float32, PrefixCache or None).
+    """
+    seg_default, pos_default = default_segments(tokens_bl)
+    seg = seg_default if segment_ids_bl is None else segment_ids_bl.astype(jnp.int32)
+    pos = pos_default if positions_bl is None else positions_bl.astype(jnp.int32)
+    length = tokens_bl.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    mask = causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)  # [B, Lq, Lk]
+    inv_freq = layers.rope_inv_freq(cfg)
+
+    def attend(lp, h, _):
+        q, k, v = _project_qkv(cfg, lp, h, pos, inv_freq)
+        return layers.full_attention(q, k, v, mask, cfg.group_size), ((k, v) if return_cache else None)
+
+    x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bl), attend, None)
+    logits = logits_from_hidden(cfg, params, x)
+    cache = PrefixCache(k=kv[0], v=kv[1], segment_ids=seg, positions=pos) if return_cache else None
+    return logits, cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Mode 2: branches off a shared prefix
+# ----------------------------------------------------------------------------------------------
+
+def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branches: Branches,
+                   tokens_bns, *, cache: BranchCache | None = None, offset=0):
+    """Forward of N branches per document over the shared prefix cache.
+
+    Args:
+      prefix: the documents' `PrefixCache` ([Y, B, L, Hk, Dh]).
+      branches: `Branches` ([B, N]) saying where each branch hangs off its document.
+      tokens_bns: [B, N, S] int32 branch tokens, at branch indices offset .. offset+S-1.
+      cache: optional `BranchCache` with J slots. Given: the S new keys/values are written at
+        `offset` and queries attend to slots < offset + their index + 1 (token-by-token sampling).
+        None: the S tokens attend to each other causally (a whole branch at once; differentiable).
+      offset: int (may be traced) index of the first token within the branch.
+    Returns:
+      (logits [B, N, S, V] float32, updated BranchCache or None).
+    """
+    b, n, s = tokens_bns.shape
+    length = prefix.segment_ids.shape[1]
+    idx = jnp.arange(length)
+    prefix_mask = ((idx[None, None, :] < branches.start[:, :, None])
+                   & (prefix.segment_ids[:, None, :] == branches.segment[:, :, None]))  # [B, N, L]
+    step = offset + jnp.arange(s)                                                      # [S]
+    positions = branches.position[:, :, None] + step                                     # [B, N, S]
+    slots = s if cache is None else cache.k.shape[3]
+    self_mask = jnp.arange(slots)[None, :] <= step[:, None]                              # [S, J]
+    self_mask = jnp.broadcast_to(self_mask, (b, n, s, slots))
+    inv_freq = layers.rope_inv_freq(cfg)
+
+    def attend(lp, h, extra):
+        pk, pv, ck, cv = extra
+        q, k, v = _project_qkv(cfg, lp, h, positions, inv_freq)
+        if ck is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), offset, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), offset, axis=2)
+        out = layers.branch_attention(q, pk.astype(q.dtype), pv.astype(q.dtype), prefix_mask,
+                                      k.astype(q.dtype), v.astype(q.dtype), self_mask, cfg.group_size)
+        return out, ((k, v) if ck is not None else None)
+
+    extras = (prefix.k, prefix.v, None if cache is None else cache.k, None if cache is None else cache.v)
+    x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bns), attend, extras)
+    new_cache = None if cache is None else BranchCache(k=kv[0], v=kv[1])
+    return logits_from_hidden(cfg, params, x), new_cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Mode 3: incremental decoding from prompts
+# ----------------------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class DecodeState:
+    """Prompt prefix plus generated-token cache for B sequences (one branch each).
+
+    prefix: PrefixCache of the right-padded prompts. branches: Branches [B, 1] starting at each
+    prompt's length. cache: BranchCache [Y, B, 1, J, Hk, Dh]. step: int32 tokens generated so far.
+    """
+
+    prefix: PrefixCache
+    branches: Branches
+    cache: BranchCache
+    step: jax.Array
+
+
+def prefill(params: Params, cfg: ModelConfig, prompts_bl, prompt_lens_b, max_new_tokens: int):
+    """Encode right-padded prompts [B, L] with lengths [B] (>= 1).
+
+    Returns (logits of each prompt's last token [B, V] float32, DecodeState).
+    """
+    b, length = prompts_bl.shape
+    seg = (jnp.arange(length)[None, :] < prompt_lens_b[:, None]).astype(jnp.int32)
+    logits, prefix = forward(params, cfg, prompts_bl, segment_ids_bl=seg, return_cache=True)
+    last = jnp.take_along_axis(logits, (prompt_lens_b - 1)[:, None, None], axis=1)[:, 0]
+    lens = prompt_lens_b.astype(jnp.int32)[:, None]
+    branches = Branches(start=lens, segment=jnp.ones_like(lens), position=lens)
+    state = DecodeState(prefix=prefix, branches=branches,
+                        cache=init_branch_cache(cfg, b, 1, max_new_tokens), step=jnp.zeros((), jnp.int32))
+    return last, state
+
+
+def decode_step(params: Params, cfg: ModelConfig, state: DecodeState, tokens_b):
+    """Feed one token per sequence [B]; returns (next-token logits [B, V] float32, new DecodeState)."""
+    logits, cache = branch_forward(params, cfg, state.prefix, state.branches, tokens_b[:, None, None],
+                                   cache=state.cache, offset=state.step)
+    return logits[:, 0, 0], state.replace(cache=cache, step=state.step + 1)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def token_logprobs(params: Params, cfg: ModelConfig, tokens_bl, segment_ids_bl=None, positions_bl=None):
+    """log p(x_t | x_<t) for t >= 1 of every row: [B, L] float32 (column 0 is 0)."""
+    logits, _ = forward(params, cfg, tokens_bl, segment_ids_bl=segment_ids_bl, positions_bl=positions_bl)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    tgt = jnp.take_along_axis(logp, tokens_bl[:, 1:, None], axis=-1)[..., 0]
+    return jnp.pad(tgt, ((0, 0), (1, 0)))
