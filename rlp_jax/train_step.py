@@ -1,0 +1,177 @@
+"""One RLP optimisation step, jit-compiled: positions -> rollout -> reward -> advantages -> loss -> update -> EMA.
+
+The step is pure: `step(state, batch, rng) -> (state, metrics)`; the host loop owns data, logging and
+checkpoints. A batch is a dict of [B, L] int32 arrays: `tokens`, `segment_ids` (0 = padding, packed
+documents numbered 1, 2, ...) and `positions` (rotary positions, restarting per document).
+
+Shapes: B rows, L tokens, K positions per row, G thoughts per position, T thought slots, H horizon,
+M = B*K*G thoughts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlp_jax import advantages as adv_lib
+from rlp_jax import model, positions, reward
+from rlp_jax.ema import ema_update, init_ema
+from rlp_jax.losses import combined_loss, rlp_loss, shifted_ntp_loss
+from rlp_jax.model_config import ModelConfig
+from rlp_jax.rlp_config import RLPConfig
+from rlp_jax.rollout import Thoughts, thought_forward, thought_rollout
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step: [] int32 optimizer steps taken. params: the policy theta. ema_params: phi (float32).
+    opt_state: optax state. ref_params: frozen initial params for the KL penalty (None when beta = 0).
+    """
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    ref_params: Any = None
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation, *, keep_reference: bool = False) -> TrainState:
+    """A fresh state: EMA initialised to theta (the paper's lazy init at the first batch)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=init_ema(params),
+                      opt_state=optimizer.init(params), ref_params=jax.tree.map(jnp.copy, params) if keep_reference else None)
+
+
+def _as_compute(params, cfg: ModelConfig):
+    return jax.tree.map(lambda p: p.astype(cfg.jnp_param_dtype), params)
+
+
+def teacher_logprobs(ema_params, cfg: ModelConfig, batch) -> jax.Array:
+    """log p_ema(x_j | x_<j) for every token, from one teacher-forced pass: [B, L] float32, no gradient."""
+    logits, _ = model.forward(_as_compute(jax.lax.stop_gradient(ema_params), cfg), cfg, batch["tokens"],
+                              segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"])
+    return reward.shifted_token_logprobs(logits, batch["tokens"])
+
+
+def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Thoughts, t_bk, t_mask_bk,
+                  ema_lp_bl, ref_params=None):
+    """The RLP loss of given thoughts, differentiable in params (the loss forward of RLP_METHOD.md).
+
+    Args:
+      params: policy params. batch: dict of [B, L] arrays. thoughts: sampled `Thoughts` [B, K, G, T].
+      t_bk: [B, K] positions; t_mask_bk: [B, K] bool (valid positions).
+      ema_lp_bl: [B, L] float32 no-think teacher log-probs (`teacher_logprobs`).
+      ref_params: reference params for the KL term (needed when rlp.loss.kl_beta > 0).
+    Returns:
+      (loss, (metrics dict, rewards [B, K, G], advantages [B, K, G])).
+    """
+    h = rlp.reward.horizon
+    logits_doc, prefix = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                                       positions_bl=batch["positions"], return_cache=True)
+    targets = reward.gather_horizon(batch["tokens"], t_bk, h)                    # [B, K, H]
+    ema_t = reward.gather_horizon(ema_lp_bl, t_bk, h)                            # [B, K, H]
+    new_lp, tgt_lp, tgt_argmax = thought_forward(params, cfg, prefix, t_bk, thoughts, targets, rlp.rollout)
+    rewards, terms = reward.get_reward_fn(rlp.reward.kind)(
+        jax.lax.stop_gradient(tgt_lp), tgt_argmax, targets, jax.lax.stop_gradient(ema_t))
+    valid = jnp.broadcast_to(t_mask_bk[:, :, None], rewards.shape)               # [B, K, G]
+    lc = rlp.loss
+    if lc.baseline == "group":
+        adv = adv_lib.group_advantages(rewards, valid, std_normalize=lc.std_normalize)
+    else:
+        adv = adv_lib.batch_advantages(rewards, valid, std_normalize=lc.std_normalize)
+    t_max = thoughts.tokens.shape[-1]
+    action = thoughts.action_mask & valid[..., None]
+    ref_lp = None
+    if lc.kl_beta > 0:
+        _, ref_prefix = model.forward(jax.lax.stop_gradient(ref_params), cfg, batch["tokens"],
+                                      segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"],
+                                      return_cache=True)
+        ref_lp = thought_forward(jax.lax.stop_gradient(ref_params), cfg, ref_prefix, t_bk, thoughts,
+                                 targets, rlp.rollout)[0].reshape(-1, t_max)
+    loss_rlp, metrics = rlp_loss(new_lp.reshape(-1, t_max), thoughts.logprobs.reshape(-1, t_max),
+                                 adv.reshape(-1), action.reshape(-1, t_max), (lc.eps_low, lc.eps_high),
+                                 ref_logprobs=ref_lp, kl_beta=lc.kl_beta, rewards=rewards.reshape(-1))
+    ntp = shifted_ntp_loss(logits_doc, batch["tokens"], batch["segment_ids"])
+    loss = combined_loss(loss_rlp, ntp, lc.ntp_weight)
+    n_valid = jnp.maximum(valid.sum(), 1)
+    vmean = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / n_valid
+    metrics.update({
+        "loss/total": loss, "loss/ntp": ntp,
+        "reward/s_pred": vmean(terms["s_pred"]),
+        "reward/s_ema": vmean(terms.get("s_ema", jnp.zeros_like(rewards))),
+        "reward/std": jnp.sqrt(vmean((rewards - vmean(rewards)) ** 2)),
+        "advantage/std": jnp.sqrt(vmean(adv ** 2)),
+        "advantage/zero_spread_groups": adv_lib.zero_spread_fraction(rewards, valid),
+        "positions/valid_fraction": t_mask_bk.mean(),
+    })
+    return loss, (metrics, rewards, adv)
+
+
+def _rollout_metrics(thoughts: Thoughts, t_mask_bk):
+    valid = jnp.broadcast_to(t_mask_bk[:, :, None], thoughts.lengths.shape)
+    n = jnp.maximum(valid.sum(), 1)
+    lengths = thoughts.lengths.astype(jnp.float32)
+    return {
+        "thought/min_len": jnp.min(jnp.where(valid, lengths, jnp.inf)),
+        "thought/max_len": jnp.max(jnp.where(valid, lengths, 0.0)),
+        "thought/ended_fraction": jnp.sum(valid & thoughts.ended) / n,
+    }
+
+
+def _apply_update(state: TrainState, grads, loss, optimizer, ema_decay: float | None):
+    """Optimizer + EMA update, skipped (state unchanged but for nothing) if loss or grads are non-finite."""
+    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if ema_decay is not None:
+        new = new.replace(ema_params=ema_update(state.ema_params, params, ema_decay))
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    metrics = {"train/grad_norm": optax.global_norm(grads), "train/skipped_nonfinite": (~finite).astype(jnp.int32)}
+    return new, metrics
+
+
+def rlp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig,
+             optimizer: optax.GradientTransformation):
+    """One RLP step (un-jitted; see `make_rlp_train_step`). Returns (new state, metrics of scalars)."""
+    k_pos, k_roll = jax.random.split(rng)
+    tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
+    ema_lp = teacher_logprobs(state.ema_params, cfg, batch)                      # [B, L]
+    t_bk, t_mask = positions.select_positions(k_pos, seg, pos, ema_lp, rlp.rollout, rlp.reward.horizon)
+    _, prefix = model.forward(jax.lax.stop_gradient(state.params), cfg, tokens, segment_ids_bl=seg,
+                              positions_bl=pos, return_cache=True)
+    thoughts = thought_rollout(state.params, cfg, prefix, t_bk, k_roll, rlp.rollout)
+    grad_fn = jax.value_and_grad(rlp_objective, has_aux=True)
+    (loss, (metrics, _, _)), grads = grad_fn(state.params, cfg, rlp, batch, thoughts, t_bk, t_mask, ema_lp,
+                                             state.ref_params)
+    new_state, upd = _apply_update(state, grads, loss, optimizer, rlp.ema_decay)
+    return new_state, {**metrics, **_rollout_metrics(thoughts, t_mask), **upd}
+
+
+def ntp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, optimizer: optax.GradientTransformation):
+    """One next-token (continued pretraining) step, for the compute-matched CPT baseline."""
+    del rng
+
+    def loss_fn(p):
+        logits, _ = model.forward(p, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                                  positions_bl=batch["positions"])
+        return shifted_ntp_loss(logits, batch["tokens"], batch["segment_ids"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    new_state, upd = _apply_update(state, grads, loss, optimizer, None)
+    return new_state, {"loss/total": loss, "loss/ntp": loss, **upd}
+
+
+def make_rlp_train_step(cfg: ModelConfig, rlp: RLPConfig, optimizer: optax.GradientTransformation, **jit_kwargs):
+    """`rlp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled (pass shardings via jit_kwargs)."""
+    rlp.rollout.markers()
+    return jax.jit(functools.partial(rlp_step, cfg=cfg, rlp=rlp, optimizer=optimizer), donate_argnums=0, **jit_kwargs)
+
+
+def make_ntp_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, **jit_kwargs):
+    """`ntp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled."""
+    return jax.jit(functools.partial(ntp_step, cfg=cfg, optimizer=optimizer), donate_argnums=0, **jit_kwargs)
