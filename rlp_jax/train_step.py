@@ -131,7 +131,7 @@ def _apply_update(state: TrainState, grads, loss, optimizer, ema_decay: float | 
     if ema_decay is not None:
         new = new.replace(ema_params=ema_update(state.ema_params, params, ema_decay))
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-    metrics = {"train/grad_norm": optax.global_norm(grads), "train/skipped_nonfinite": (~finite).astype(jnp.int32)}
+    metrics = {"train/grad_norm": optax.tree.norm(grads), "train/skipped_nonfinite": (~finite).astype(jnp.int32)}
     return new, metrics
 
 

@@ -1,0 +1,248 @@
+"""Checkpoints: a thin layer over `orbax.checkpoint.CheckpointManager`.
+
+One Orbax step `<directory>/<step>/` holds everything a resumed run needs, written together so that
+they can never disagree (MaxText #416, Grain #1179):
+  * `state`:  the `TrainState` pytree: step, params, EMA params, optimizer state, and ref_params when
+              not None (arrays, OCDBT/tensorstore; restored onto the caller's shardings).
+  * `rng`:    the run's typed PRNG key, as `jax.random.key_data` (uint32 array).
+  * `meta`:   JSON {"data_state": the data iterator's state dict (or null), "rng_impl": the PRNG impl}.
+  * `config`: the run config as JSON (the caller also writes `config.json` in the run dir).
+
+Saves are asynchronous by default: `save` returns after the device-to-host copy (so the train step may
+donate the state right after) and the write finishes in the background. Orbax only logs some background
+failures (Orbax #605), so `wait()` (and the next `save`) re-raise them as `CheckpointSaveError`; call
+`close()` (or use `with Checkpointer(...)`) before exit so the last checkpoint is complete.
+
+`restore` refuses a checkpoint written for a different model (`CheckpointMismatch`), skips a corrupt or
+partial latest step with a warning and falls back to the previous one, and verifies what it restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+_policies = ocp.checkpoint_managers
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint was written with a different model config or state shapes than this run's."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (surfaced from Orbax's background thread)."""
+
+
+class CheckpointRestoreError(RuntimeError):
+    """No checkpoint in the directory could be restored."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """What `Checkpointer.restore` returns. rng is a typed key; config is the config saved in the step."""
+
+    step: int
+    state: Any
+    data_state: dict | None
+    rng: jax.Array
+    config: dict
+
+
+def _to_json(x, what: str):
+    """x as plain JSON (tuples become lists), checked now rather than in Orbax's background thread."""
+    try:
+        return json.loads(json.dumps(x))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"checkpoint {what} must be JSON-serialisable: {e}") from e
+
+
+def _host_value(x):
+    """A (replicated) scalar as a numpy value; works for arrays spanning several hosts."""
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+@jax.jit
+def _all_finite(tree):
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    """{"params.embed": (shape, dtype), ...} with Orbax's own leaf names; None nodes are left out."""
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in ocp.tree.to_flat_dict(tree, sep=".").items()
+            if v is not None}
+
+
+class Checkpointer:
+    """Saves and restores (TrainState, data-iterator state, RNG, config) in one Orbax step per save.
+
+    Args:
+      directory: where the steps go (e.g. `<workdir>/checkpoints`; local path or a URL Orbax supports).
+      save_every: `save` writes only when step % save_every == 0 (or on a preemption signal, or force).
+      keep: how many of the most recent steps to keep.
+      async_save: write in a background thread (True) or block in `save` (False).
+    """
+
+    def __init__(self, directory, *, save_every: int, keep: int = 3, async_save: bool = True):
+        if save_every < 1 or keep < 1:
+            raise ValueError(f"save_every and keep must be >= 1, got save_every={save_every}, keep={keep}")
+        directory = str(directory)
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
+            # Orbax's default also saves the first step of a run (InitialSavePolicy); we save on the interval only.
+            save_decision_policy=_policies.AnySavePolicy(
+                [_policies.FixedIntervalPolicy(save_every), _policies.PreemptionCheckpointingPolicy()]))
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "rng": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
+        self._pending: int | None = None   # step of the last async save not yet waited for
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def save(self, step: int, state, *, data_state: dict | None, rng: jax.Array, config: dict,
+             force: bool = False) -> bool:
+        """Saves (state, data_state, rng, config) as step `step` if due (or force); True if a save started.
+
+        Call it every step: a step that is not due returns False at once, without waiting for a save in
+        flight. A step that already exists is never overwritten (e.g. a final forced save of an on-interval
+        step returns False). Raises CheckpointSaveError if this save, or the previous asynchronous one, failed.
+        """
+        if not (force or self._mngr.should_save(step)) or step in self._mngr.all_steps():
+            return False
+        meta = {"data_state": _to_json(data_state, "data_state"), "rng_impl": str(jax.random.key_impl(rng))}
+        config = _to_json(config, "config")
+        self.wait()                                   # surface a failed previous save under its own step
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  rng=ocp.args.StandardSave({"key_data": jax.random.key_data(rng)}),
+                                  meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(config))
+        try:
+            saved = self._mngr.save(step, args=args, force=True)   # due: decided above
+        except Exception as e:
+            raise CheckpointSaveError(f"saving checkpoint step {step} to {self.directory} failed: "
+                                      f"{type(e).__name__}: {e}") from e
+        if saved:
+            self._pending = step
+        return saved
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are written; raises CheckpointSaveError if one failed."""
+        step, self._pending = self._pending, None
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:
+            raise CheckpointSaveError(f"asynchronous save of checkpoint step {step} to {self.directory} failed: "
+                                      f"{type(e).__name__}: {e}") from e
+        if step is not None:
+            self._mngr.reload()                       # trust the directory, not Orbax's in-memory list
+            if step not in self._mngr.all_steps():
+                raise CheckpointSaveError(f"checkpoint step {step} was not finalized in {self.directory} "
+                                          "(see the Orbax errors logged above)")
+
+    def close(self) -> None:
+        """Waits for pending saves (raising if one failed) and releases Orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            self._mngr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def restore(self, abstract_state, *, config: dict, step: int | None = None) -> Restored | None:
+        """Restores the latest restorable step (or exactly `step`); None if the directory has no checkpoint.
+
+        Args:
+          abstract_state: the state's pytree of `jax.ShapeDtypeStruct` (`jax.eval_shape(init_fn)`); leaves
+            with a `.sharding` are restored onto it. Its structure says whether ref_params are expected.
+          config: this run's config; `config["model"]` must equal the one saved with the checkpoint.
+        Raises:
+          CheckpointMismatch: saved model config or state shapes/dtypes differ from this run's.
+          CheckpointRestoreError: every candidate step was corrupt or failed verification.
+        Corrupt or partial steps are logged (warning) and skipped; when an older step is restored, the newer
+        failed steps are deleted so that this run can save those step numbers again.
+        """
+        self.wait()
+        self._mngr.reload()
+        steps = sorted(self._mngr.all_steps(), reverse=True)
+        if step is not None:
+            if step not in steps:
+                raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} (steps: {sorted(steps)})")
+            steps = [step]
+        want_model = _to_json(config, "config").get("model")
+        failed = []
+        for s in steps:
+            try:
+                restored = self._restore_step(s, abstract_state, want_model)
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # corrupt, partial or unverifiable: try the previous step
+                log.warning("checkpoint at %s step %d cannot be restored (%s: %s); trying the previous step",
+                            self.directory, s, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                failed.append((s, f"{type(e).__name__}: {e}"))
+                continue
+            for bad, _ in failed:
+                log.warning("deleting unrestorable checkpoint step %d in %s", bad, self.directory)
+                try:
+                    self._mngr.delete(bad)
+                except Exception as e:  # saves of steps <= `bad` will be skipped while it exists
+                    log.warning("could not delete checkpoint step %d in %s: %s", bad, self.directory, e)
+            return restored
+        if not failed:
+            return None
+        raise CheckpointRestoreError(f"no checkpoint in {self.directory} could be restored: " +
+                                     "; ".join(f"step {s}: {err[:300]}" for s, err in failed))
+
+    def _restore_step(self, s: int, abstract_state, want_model) -> Restored:
+        small = self._mngr.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                              meta=ocp.args.JsonRestore()))
+        self._check_compatible(s, small.config.get("model"), want_model, abstract_state)
+        impl = small.meta["rng_impl"]
+        rng_abstract = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl)))
+        mesh_shardings = [x.sharding for x in jax.tree.leaves(abstract_state)
+                          if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)]
+        if mesh_shardings:   # the key is replicated over the state's mesh
+            replicated = jax.sharding.NamedSharding(mesh_shardings[0].mesh, jax.sharding.PartitionSpec())
+            rng_abstract = jax.ShapeDtypeStruct(rng_abstract.shape, rng_abstract.dtype, sharding=replicated)
+        big = self._mngr.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            rng=ocp.args.StandardRestore({"key_data": rng_abstract})))
+        state = big.state
+        if hasattr(state, "step") and int(_host_value(state.step)) != s:
+            raise ValueError(f"restored state.step={int(_host_value(state.step))} != checkpoint step {s}")
+        if not bool(_host_value(_all_finite(state))):
+            raise ValueError("restored state has non-finite values")
+        return Restored(step=s, state=state, data_state=small.meta["data_state"],
+                        rng=jax.random.wrap_key_data(big.rng["key_data"], impl=impl), config=small.config)
+
+    def _check_compatible(self, s: int, saved_model, want_model, abstract_state) -> None:
+        where = f"checkpoint at {self.directory} step {s} was written with"
+        fix = "use a new --workdir or matching settings"
+        saved_model, want_model = saved_model or {}, want_model or {}
+        diffs = [f"model.{k}={saved_model.get(k, '<unset>')}, this run has {want_model.get(k, '<unset>')}"
+                 for k in sorted(set(saved_model) | set(want_model)) if saved_model.get(k) != want_model.get(k)]
+        if diffs:
+            raise CheckpointMismatch(f"{where} {'; '.join(diffs)}; {fix}")
+        saved, want = _shapes(self._mngr.item_metadata(s)["state"].tree), _shapes(abstract_state)
+        fmt = lambda v: "<absent>" if v is None else f"{v[1]}{list(v[0])}"
+        diffs = [f"state.{k}={fmt(saved.get(k))}, this run has {fmt(want.get(k))}"
+                 for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
+        if diffs:
+            more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+            raise CheckpointMismatch(f"{where} {'; '.join(diffs[:3])}{more}; {fix}")

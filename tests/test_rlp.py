@@ -1,0 +1,208 @@
+"""The RLP objective end to end: fast shared-prefix path == naive path, layouts agree, EMA invariance,
+and a tiny model learns to think (reward rises)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rlp_jax import model, naive, reward, train_step
+from rlp_jax.model_config import ModelConfig
+from rlp_jax.rlp_config import LossConfig, RewardConfig, RLPConfig, RolloutConfig
+from rlp_jax.rollout import Thoughts, thought_rollout
+
+CFG = ModelConfig.preset("tiny", vocab_size=48)
+START, END = 1, 2
+
+
+def _rlp(horizon=1, baseline="group", kl_beta=0.0, g=3, k=2, t=5, ntp_weight=0.0):
+    return RLPConfig(
+        rollout=RolloutConfig(group_size=g, positions_per_doc=k, thought_len=t, min_context=2, temperature=1.0,
+                              think_start_id=START, think_end_id=END),
+        reward=RewardConfig(horizon=horizon), loss=LossConfig(baseline=baseline, kl_beta=kl_beta, ntp_weight=ntp_weight))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init_params(CFG, jax.random.key(0), std=0.3)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    toks = jax.random.randint(jax.random.key(1), (2, 14), 3, CFG.vocab_size)
+    seg = jnp.array([[1] * 14, [1] * 6 + [2] * 8])
+    pos = jnp.array([list(range(14)), list(range(6)) + list(range(8))])
+    return {"tokens": toks, "segment_ids": seg, "positions": pos}
+
+
+def _sample(params, batch, rlp, t_bk, seed=5):
+    _, prefix = model.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                              positions_bl=batch["positions"], return_cache=True)
+    return jax.jit(thought_rollout, static_argnums=(1, 5))(params, CFG, prefix, t_bk, jax.random.key(seed),
+                                                            rlp.rollout)
+
+
+def _objective(params, batch, rlp, thoughts, t_bk, ema_lp, ref=None, naive_path=False):
+    """rlp_objective, optionally with every thought run as its own sequence (the naive reference)."""
+    if not naive_path:
+        return train_step.rlp_objective(params, CFG, rlp, batch, thoughts, t_bk, jnp.ones(t_bk.shape, bool),
+                                        ema_lp, ref)
+    fast = train_step.thought_forward
+    try:
+        train_step.thought_forward = lambda p, c, _prefix, t, th, tg, ro: naive.naive_thought_forward(
+            p, c, batch, t, th, tg, ro)
+        return train_step.rlp_objective(params, CFG, rlp, batch, thoughts, t_bk, jnp.ones(t_bk.shape, bool),
+                                        ema_lp, ref)
+    finally:
+        train_step.thought_forward = fast
+
+
+@pytest.mark.parametrize("horizon,kl_beta", [(1, 0.0), (2, 0.1)])
+def test_fast_path_equals_naive(params, batch, horizon, kl_beta):
+    rlp = _rlp(horizon=horizon, kl_beta=kl_beta)
+    t_bk = jnp.array([[3, 9], [4, 10]])  # second row: one position in each packed document
+    thoughts = _sample(params, batch, rlp, t_bk)
+    ema_lp = jax.random.normal(jax.random.key(7), batch["tokens"].shape) - 3.0
+    ref = jax.tree.map(lambda x: x * 0.9, params)
+    grad = lambda naive_path: jax.jit(jax.value_and_grad(
+        functools.partial(_objective, naive_path=naive_path), has_aux=True), static_argnums=2)(
+        params, batch, rlp, thoughts, t_bk, ema_lp, ref)
+    (loss_f, (m_f, r_f, a_f)), g_f = grad(False)
+    (loss_n, (m_n, r_n, a_n)), g_n = grad(True)
+    np.testing.assert_allclose(r_f, r_n, atol=1e-5)
+    np.testing.assert_allclose(a_f, a_n, atol=1e-5)
+    np.testing.assert_allclose(loss_f, loss_n, atol=1e-5)
+    assert float(jnp.abs(r_f).max()) > 0.01 and float(jnp.abs(loss_f)) > 0 or kl_beta == 0
+    for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_n)):
+        assert float(jnp.abs(a - b).max()) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_f)) > 1e-4  # a real gradient
+
+
+def test_sampler_equals_naive_sampler(params, batch):
+    rlp = _rlp()
+    t_bk = jnp.array([[3, 9], [4, 10]])
+    fast = _sample(params, batch, rlp, t_bk, seed=11)
+    slow = jax.jit(naive.naive_thought_rollout, static_argnums=(1, 5))(params, CFG, batch, t_bk,
+                                                                        jax.random.key(11), rlp.rollout)
+    np.testing.assert_array_equal(fast.tokens, slow.tokens)
+    np.testing.assert_array_equal(fast.action_mask, slow.action_mask)
+    np.testing.assert_allclose(fast.logprobs, slow.logprobs, atol=1e-5)
+
+
+def test_k_positions_equal_k_separate_examples(params, batch):
+    """K positions sharing a document give the per-thought quantities of K separate (context, x_t) examples."""
+    rlp = _rlp(k=2)
+    t_bk = jnp.array([[3, 9], [2, 11]])
+    thoughts = _sample(params, batch, rlp, t_bk)
+    ema_lp = jax.random.normal(jax.random.key(8), batch["tokens"].shape) - 3.0
+    vg = jax.jit(jax.value_and_grad(_objective, has_aux=True), static_argnums=2)
+    (loss_s, (_, r_s, a_s)), g_s = vg(params, batch, rlp, thoughts, t_bk, ema_lp)
+    # The paper's layout: every (document, t) is its own example with K = 1.
+    sep_batch = jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0), batch)
+    sep_thoughts = jax.tree.map(lambda x: x.reshape(4, 1, *x.shape[2:]), thoughts)
+    (loss_p, (_, r_p, a_p)), g_p = vg(params, sep_batch, _rlp(k=1), sep_thoughts, t_bk.reshape(4, 1),
+                                      jnp.repeat(ema_lp, 2, axis=0))
+    np.testing.assert_allclose(r_s.reshape(4, 1, -1), r_p, atol=1e-5)
+    np.testing.assert_allclose(a_s.reshape(4, 1, -1), a_p, atol=1e-5)
+    np.testing.assert_allclose(loss_s, loss_p, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_s, g_p)
+
+
+@pytest.mark.parametrize("baseline", ["group", "batch"])
+def test_ema_shift_changes_gradient_only_under_batch_baseline(params, batch, baseline):
+    rlp = _rlp(baseline=baseline)
+    t_bk = jnp.array([[3, 9], [4, 10]])
+    thoughts = _sample(params, batch, rlp, t_bk)
+    ema_lp = jax.random.normal(jax.random.key(9), batch["tokens"].shape) - 3.0
+    shifted = ema_lp + 5.0 * jax.random.normal(jax.random.key(10), ema_lp.shape)  # a different shift per position
+    g = jax.jit(jax.grad(lambda p, e: _objective(p, batch, rlp, thoughts, t_bk, e)[0]))
+    g0, g1 = g(params, ema_lp), g(params, shifted)
+    diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+    if baseline == "group":
+        assert diff <= 1e-6
+    else:
+        assert diff > 1e-4
+
+
+def test_train_step_ratio_is_one_and_metrics_present(params, batch):
+    rlp = _rlp(ntp_weight=0.5)
+    opt = optax.adamw(1e-3)
+    state = train_step.init_train_state(jax.tree.map(jnp.copy, params), opt)  # the step donates its state
+    step = train_step.make_rlp_train_step(CFG, rlp, opt)
+    new_state, m = step(state, batch, jax.random.key(0))
+    assert float(m["policy/max_abs_ratio_minus_1"]) < 1e-4
+    assert int(new_state.step) == 1 and int(m["train/skipped_nonfinite"]) == 0
+    for key in ("reward/mean", "reward/frac_positive", "reward/s_pred", "reward/s_ema", "advantage/std",
+                "advantage/zero_spread_groups", "policy/clip_fraction", "thought/mean_len",
+                "policy/entropy_estimate", "loss/ntp"):
+        assert np.isfinite(float(m[key])), key
+    # EMA moved by (1 - tau) of the update: phi1 - phi0 = (1 - tau) (theta1 - phi0).
+    e0, e1, p1 = params["final_norm"], new_state.ema_params["final_norm"], new_state.params["final_norm"]
+    np.testing.assert_allclose(e1 - e0, (1 - rlp.ema_decay) * (p1 - e0), atol=1e-7)
+
+
+def test_nonfinite_gradient_skips_update(params, batch):
+    rlp = _rlp()
+    opt = optax.adamw(1e-3)
+    bad = jax.tree.map(jnp.copy, params) | {"final_norm": params["final_norm"].at[0].set(jnp.nan)}
+    state = train_step.init_train_state(bad, opt)
+    new_state, m = train_step.make_rlp_train_step(CFG, rlp, opt)(state, batch, jax.random.key(0))
+    assert int(m["train/skipped_nonfinite"]) == 1 and int(new_state.step) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# A tiny model learns to think: the answer is a copy of the first digit, and a warm start taught the
+# model to copy whatever digit it wrote in its thought. RLP must teach it to write the right digit.
+# ------------------------------------------------------------------------------------------------
+
+EQ, DIGITS = 3, np.arange(4, 14)
+TOY = ModelConfig.preset("tiny", vocab_size=16, num_layers=2, hidden_size=64)
+
+
+def _toy_batches(rng, n):
+    a, b, r = (rng.choice(DIGITS, n) for _ in range(3))
+    warm = np.stack([a, b, np.full(n, EQ), np.full(n, START), r, np.full(n, END), r, np.zeros(n, int)], 1)
+    task = np.stack([a, b, np.full(n, EQ), a], 1)
+    return warm, task
+
+
+def _as_batch(tokens, seg=None):
+    tokens = jnp.asarray(tokens, jnp.int32)
+    seg = jnp.ones_like(tokens) if seg is None else jnp.asarray(seg, jnp.int32)
+    return {"tokens": tokens, "segment_ids": seg, "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)}
+
+
+def test_reward_rises_on_toy_reasoning_task():
+    rng = np.random.RandomState(0)
+    params = model.init_params(TOY, jax.random.key(0))
+    opt = optax.adam(3e-3)
+    state = train_step.init_train_state(params, opt)
+    ntp = train_step.make_ntp_train_step(TOY, opt)
+    for _ in range(150):
+        warm, _ = _toy_batches(rng, 32)
+        state, _ = ntp(state, _as_batch(warm, warm != 0), jax.random.key(0))
+    rlp = RLPConfig(rollout=RolloutConfig(group_size=8, positions_per_doc=1, thought_len=1, min_context=3,
+                                          temperature=1.0, think_start_id=START, think_end_id=END),
+                    loss=LossConfig(), ema_decay=1.0)  # a frozen teacher: reward = S_pred - const
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
+    state = train_step.init_train_state(state.params, opt)
+    step = train_step.make_rlp_train_step(TOY, rlp, opt)
+    rewards = []
+    for i in range(150):
+        _, task = _toy_batches(rng, 16)
+        state, m = step(state, _as_batch(task), jax.random.key(i))
+        rewards.append((float(m["reward/mean"]), float(m["reward/s_pred"])))
+    early, late = np.mean(rewards[:20], axis=0), np.mean(rewards[-20:], axis=0)
+    print("reward, s_pred: first 20 steps", early, "last 20 steps", late)
+    assert late[0] > early[0] + 1.0 and late[1] > early[1] + 1.0, (early, late)
+    # The thoughts now carry the answer: sampled thoughts equal the first digit far above chance (1/10).
+    _, task = _toy_batches(rng, 64)
+    b = _as_batch(task)
+    _, prefix = model.forward(state.params, TOY, b["tokens"], return_cache=True)
+    th = thought_rollout(state.params, TOY, prefix, jnp.full((64, 1), 3), jax.random.key(123), rlp.rollout)
+    hit = np.mean(np.asarray(th.tokens[:, 0, :, 0]) == task[:, :1])
+    print("share of thoughts that carry the answer", hit)
+    assert hit > 0.5, hit
