@@ -28,7 +28,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from rlp_jax import layers
+from rlp_jax import layers, sharding
 from rlp_jax.model_config import ModelConfig
 
 Params = dict
@@ -190,15 +190,18 @@ def _block(cfg: ModelConfig, attend, x, lp, extra):
 
 def _run_blocks(cfg: ModelConfig, params: Params, x, attend, extras):
     """Scan the blocks over the stacked `layers` params; extras is a per-layer pytree (leading Y axis)."""
+    names = ("batch", "length", "embed") if x.ndim == 3 else ("batch", "branch", "length", "embed")
+
     def body(carry, xs):
         lp, extra = xs
-        return _block(cfg, attend, carry, lp, extra)
+        out, kv = _block(cfg, attend, carry, lp, extra)
+        return sharding.constrain(out, names), kv
 
     if cfg.remat != "none":
         policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots"
                   else jax.checkpoint_policies.nothing_saveable)
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    return jax.lax.scan(body, x, (params["layers"], extras))
+    return jax.lax.scan(body, sharding.constrain(x, names), (params["layers"], extras))
 
 
 def _embed(cfg: ModelConfig, params: Params, tokens):

@@ -17,9 +17,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlp_jax import advantages as adv_lib
-from rlp_jax import model, positions, reward
+from rlp_jax import model, positions, reward, sharding
 from rlp_jax.ema import ema_update, init_ema
 from rlp_jax.losses import combined_loss, rlp_loss, shifted_ntp_loss
 from rlp_jax.model_config import ModelConfig
@@ -166,12 +167,33 @@ def ntp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, optimizer: opta
     return new_state, {"loss/total": loss, "loss/ntp": loss, **upd}
 
 
-def make_rlp_train_step(cfg: ModelConfig, rlp: RLPConfig, optimizer: optax.GradientTransformation, **jit_kwargs):
-    """`rlp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled (pass shardings via jit_kwargs)."""
+def _jit_step(fn, mesh, state_shardings):
+    """jit with donation; on a mesh, batch rows split over data x fsdp, the state as `state_shardings`."""
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=0)
+
+    def traced(state, batch, rng):
+        with sharding.activation_sharding(mesh):
+            return fn(state, batch, rng)
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(traced, donate_argnums=0,
+                   in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
+                   out_shardings=(state_shardings, replicated))
+
+
+def make_rlp_train_step(cfg: ModelConfig, rlp: RLPConfig, optimizer: optax.GradientTransformation, *,
+                        mesh=None, state_shardings=None):
+    """`rlp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled.
+
+    With `mesh` (and the state's `state_shardings`, see `rlp_jax.sharding.state_shardings`) the step
+    runs SPMD over the mesh: batch rows over data x fsdp, activations constrained by logical names.
+    """
     rlp.rollout.markers()
-    return jax.jit(functools.partial(rlp_step, cfg=cfg, rlp=rlp, optimizer=optimizer), donate_argnums=0, **jit_kwargs)
+    return _jit_step(functools.partial(rlp_step, cfg=cfg, rlp=rlp, optimizer=optimizer), mesh, state_shardings)
 
 
-def make_ntp_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, **jit_kwargs):
-    """`ntp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled."""
-    return jax.jit(functools.partial(ntp_step, cfg=cfg, optimizer=optimizer), donate_argnums=0, **jit_kwargs)
+def make_ntp_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *, mesh=None,
+                        state_shardings=None):
+    """`ntp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled (mesh as above)."""
+    return _jit_step(functools.partial(ntp_step, cfg=cfg, optimizer=optimizer), mesh, state_shardings)

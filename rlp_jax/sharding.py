@@ -1,0 +1,172 @@
+"""Device mesh and logical-axis sharding rules (MaxText style: the rules are data).
+
+The mesh has three axes: `data` (pure data parallelism), `fsdp` (data parallelism with parameters,
+EMA and optimizer state sharded), `tensor` (heads / MLP / vocab split inside a layer). Every parameter
+axis has a logical name (`rlp_jax.model.param_logical_axes`); `RULES` maps names to mesh axes. A
+logical axis whose size does not divide by its mesh axes is replicated instead (a tiny model on a big
+mesh still runs). Activations are constrained by name inside the model through `constrain`, a no-op
+unless `activation_sharding(mesh)` is active (the train step turns it on).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes (None: replicated)
+RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "layers": None, "norm": None, "head_dim": None, "length": None, "branch": None,
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Sizes of the (data, fsdp, tensor) mesh axes; one of them may be -1 (= all remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"mesh sizes must be positive with at most one -1, got data={self.data} "
+                             f"fsdp={self.fsdp} tensor={self.tensor}")
+
+    def resolve(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        known = int(np.prod([s for s in sizes if s != -1]))
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(f"mesh: {num_devices} devices do not divide by the fixed axes (product {known})")
+            sizes[sizes.index(-1)] = num_devices // known
+        if int(np.prod(sizes)) != num_devices:
+            raise ValueError(f"mesh data*fsdp*tensor = {int(np.prod(sizes))} but {num_devices} devices are "
+                             "present; set one axis to -1 to use the rest")
+        return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all), laid out by jax.make_mesh."""
+    devices = jax.devices() if devices is None else devices
+    shape = cfg.resolve(len(devices))
+    # Auto axes: GSPMD propagates shardings from the annotated inputs and the `constrain` hints.
+    return jax.make_mesh(shape, AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+
+
+def maybe_initialize_distributed() -> bool:
+    """Call jax.distributed.initialize() when the environment describes several processes.
+
+    Recognised: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES / JAX_PROCESS_ID, as `tpu_scripts`' GPU
+    launcher sets), SLURM with more than one task, or a multi-host TPU VM (TPU_WORKER_HOSTNAMES
+    listing several hosts). Returns True when it initialised.
+    """
+    env = os.environ
+    multi = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
+             or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+    if not multi:
+        return False
+    kwargs = {}
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                      num_processes=int(env.get("JAX_NUM_PROCESSES", "1")),
+                      process_id=int(env.get("JAX_PROCESS_ID", "0")))
+    jax.distributed.initialize(**kwargs)
+    logging.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
+    return True
+
+
+def logical_to_spec(names, shape, mesh: Mesh) -> P:
+    """PartitionSpec for an array with logical axis `names`; non-divisible or reused mesh axes replicate."""
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape):
+        axes = RULES.get(name)
+        if axes is None:
+            spec.append(None)
+            continue
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
+        n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+        if not axes or size % n:
+            spec.append(None)
+            continue
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def tree_shardings(logical_tree, shape_tree, mesh: Mesh):
+    """NamedShardings for a pytree given matching trees of logical names (tuples) and arrays/shapes."""
+    return jax.tree.map(lambda names, x: NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)),
+                        logical_tree, shape_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _path_keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+
+def state_shardings(abstract_state, param_shardings, mesh: Mesh):
+    """Shardings of a TrainState-like pytree: any leaf whose key path ends with a parameter's path
+    (params, EMA, optimizer moments, reference) takes that parameter's sharding; all else replicates."""
+    by_path = {_path_keys(p): s for p, s in jax.tree_util.tree_leaves_with_path(param_shardings)}
+    replicated = NamedSharding(mesh, P())
+
+    def pick(path, leaf):
+        keys = _path_keys(path)
+        for start in range(len(keys)):
+            s = by_path.get(keys[start:])
+            if s is not None and len(s.spec) <= len(leaf.shape):
+                return s
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_state)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[B, L] batches: rows split over data x fsdp."""
+    return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def global_batch(local_batch: dict, mesh: Mesh) -> dict:
+    """Assemble each host's [B_local, L] numpy arrays into global arrays sharded over the mesh."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Activation constraints inside the model
+# ----------------------------------------------------------------------------------------------
+
+_ACTIVE_MESH: list[Mesh] = []
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh):
+    """While active (at trace time), `constrain` pins activations to the logical rules on `mesh`."""
+    _ACTIVE_MESH.append(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVE_MESH.pop()
+
+
+def constrain(x, names: tuple[str | None, ...]):
+    """with_sharding_constraint by logical names; identity when no activation mesh is active."""
+    if not _ACTIVE_MESH:
+        return x
+    mesh = _ACTIVE_MESH[-1]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)))

@@ -1,0 +1,60 @@
+"""Run in a subprocess with 8 host devices: one RLP (or NTP) step on several meshes vs one device."""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from rlp_jax import model, sharding, train_step  # noqa: E402
+from rlp_jax.model_config import ModelConfig  # noqa: E402
+from rlp_jax.rlp_config import RLPConfig, RolloutConfig  # noqa: E402
+
+CFG = ModelConfig.preset("tiny", vocab_size=64)
+RLP = RLPConfig(rollout=RolloutConfig(group_size=2, positions_per_doc=2, thought_len=4, min_context=2,
+                                      temperature=1.0, think_start_id=1, think_end_id=2))
+
+
+def run(mesh_shape, kind):
+    params = model.init_params(CFG, jax.random.key(0), std=0.2)
+    # SGD: updated params differ exactly by the gradient differences (Adam would amplify fp noise in
+    # near-zero gradients to +-lr on its first step).
+    opt = optax.sgd(0.5)
+    toks = jax.random.randint(jax.random.key(1), (8, 16), 3, CFG.vocab_size)
+    batch = {"tokens": np.asarray(toks), "segment_ids": np.ones((8, 16), np.int32),
+             "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (8, 16)).copy()}
+    make = train_step.make_rlp_train_step if kind == "rlp" else train_step.make_ntp_train_step
+    extra = (RLP,) if kind == "rlp" else ()
+    if mesh_shape is None:
+        state = train_step.init_train_state(params, opt)
+        step = make(CFG, *extra, opt)
+        batch = jax.tree.map(jnp.asarray, batch)
+    else:
+        mesh = sharding.make_mesh(sharding.MeshConfig(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2]))
+        p_sh = sharding.tree_shardings(model.param_logical_axes(CFG), params, mesh)
+        abstract = jax.eval_shape(lambda p: train_step.init_train_state(p, opt), params)
+        st_sh = sharding.state_shardings(abstract, p_sh, mesh)
+        state = jax.jit(lambda p: train_step.init_train_state(p, opt), out_shardings=st_sh)(params)
+        step = make(CFG, *extra, opt, mesh=mesh, state_shardings=st_sh)
+        batch = sharding.global_batch(batch, mesh)
+        assert state.params["layers"]["q_proj"].sharding.spec == p_sh["layers"]["q_proj"].spec
+    state, metrics = step(state, batch, jax.random.key(3))
+    flat = {jax.tree_util.keystr(k): np.asarray(v).tolist() for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
+    specs = {jax.tree_util.keystr(k): str(getattr(v.sharding, "spec", "")) for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
+    return {"loss": float(metrics["loss/total"]), "params": flat, "specs": specs}
+
+
+MESHES = {"rlp": [(8, 1, 1), (2, 4, 1), (2, 2, 2)], "ntp": [(2, 2, 2)]}
+
+if __name__ == "__main__":
+    out = {"devices": jax.device_count()}
+    for kind in sys.argv[1].split(","):
+        out[kind] = {"single": run(None, kind)}
+        for shape in MESHES[kind]:
+            out[kind][str(shape)] = run(shape, kind)
+    print("RESULT" + json.dumps(out))

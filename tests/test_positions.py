@@ -1,0 +1,239 @@
+"""Choosing thinking positions (RLP_METHOD.md step 1) against hand cases and naive numpy loops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from rlp_jax.positions import choose_positions, select_positions, valid_positions
+from rlp_jax.rlp_config import RolloutConfig
+
+SETTINGS = settings(max_examples=40, deadline=None)
+B, L = 3, 16
+
+_valid = jax.jit(valid_positions, static_argnames=("min_context", "horizon"))
+_choose = jax.jit(choose_positions, static_argnums=2)
+_select = jax.jit(select_positions, static_argnames=("rollout", "horizon"))
+
+
+def _packed(seed, b=B, length=L):
+    """Random packed rows: documents of random lengths, positions restarting at 0, trailing padding (segment 0)."""
+    rng = np.random.RandomState(seed)
+    seg = np.zeros((b, length), np.int32)
+    pos = np.zeros((b, length), np.int32)
+    for row in range(b):
+        i, s = 0, 1
+        end = length - rng.randint(0, 4)        # up to 3 padding tokens
+        while i < end:
+            n = min(rng.randint(1, 8), end - i)
+            seg[row, i:i + n] = s
+            pos[row, i:i + n] = np.arange(n)
+            i, s = i + n, s + 1
+    return seg, pos, rng
+
+
+def naive_valid(seg, pos, min_context, horizon):
+    out = np.zeros(seg.shape, bool)
+    for b in range(seg.shape[0]):
+        for t in range(seg.shape[1]):
+            if seg[b, t] == 0 or pos[b, t] < min_context:
+                continue
+            if t + horizon > seg.shape[1]:
+                continue
+            out[b, t] = all(seg[b, t + h] == seg[b, t] for h in range(horizon))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# valid_positions
+# ------------------------------------------------------------------------------------------------
+
+def test_valid_hand_example():
+    seg = jnp.array([[1, 1, 1, 1, 2, 2, 2, 0, 0]])
+    pos = jnp.array([[0, 1, 2, 3, 0, 1, 2, 0, 0]])
+    v1 = np.asarray(valid_positions(seg, pos, min_context=2))
+    np.testing.assert_array_equal(np.nonzero(v1[0])[0], [2, 3, 6])
+    v2 = np.asarray(valid_positions(seg, pos, min_context=2, horizon=2))
+    np.testing.assert_array_equal(np.nonzero(v2[0])[0], [2])          # 3 -> seg 2, 6 -> padding
+    v3 = np.asarray(valid_positions(seg, pos, min_context=1, horizon=3))
+    np.testing.assert_array_equal(np.nonzero(v3[0])[0], [1])           # 4 has no context, 5 runs into padding
+    v4 = np.asarray(valid_positions(seg, pos, min_context=4))
+    assert not v4.any()
+    # a document running to the end of the row: no room for a horizon past the row
+    seg_full = jnp.ones((1, 5), jnp.int32)
+    pos_full = jnp.arange(5)[None]
+    np.testing.assert_array_equal(np.nonzero(np.asarray(valid_positions(seg_full, pos_full, min_context=1,
+                                                                        horizon=2))[0])[0], [1, 2, 3])
+
+
+@SETTINGS
+@given(st.integers(0, 2 ** 31 - 1), st.sampled_from([1, 2, 3]), st.sampled_from([1, 2, 3]))
+def test_valid_matches_naive(seed, min_context, horizon):
+    seg, pos, _ = _packed(seed)
+    got = np.asarray(_valid(seg, pos, min_context=min_context, horizon=horizon))
+    np.testing.assert_array_equal(got, naive_valid(seg, pos, min_context, horizon))
+
+
+# ------------------------------------------------------------------------------------------------
+# choose_positions
+# ------------------------------------------------------------------------------------------------
+
+@SETTINGS
+@given(st.integers(0, 2 ** 31 - 1), st.sampled_from([1, 3]))
+def test_choose_distinct_sorted_valid(seed, k):
+    seg, pos, rng = _packed(seed)
+    valid = naive_valid(seg, pos, 2, 1)
+    t, mask = _choose(jax.random.key(seed % 1000), valid, k)
+    t, mask = np.asarray(t), np.asarray(mask)
+    assert t.shape == (B, k) and mask.shape == (B, k) and t.dtype == np.int32
+    for b in range(B):
+        n_valid = valid[b].sum()
+        assert mask[b].sum() == min(k, n_valid)
+        # the masked-in slots come first, hold distinct valid indices, ascending
+        np.testing.assert_array_equal(mask[b], np.arange(k) < min(k, n_valid))
+        chosen = t[b][mask[b]]
+        assert np.all(valid[b][chosen])
+        assert np.all(np.diff(chosen) > 0)
+        if n_valid < k:
+            np.testing.assert_array_equal(np.sort(chosen), np.nonzero(valid[b])[0])   # all of them
+
+
+def test_choose_none_valid():
+    t, mask = choose_positions(jax.random.key(0), jnp.zeros((2, 8), bool), 2)
+    assert not np.asarray(mask).any()
+    np.testing.assert_array_equal(np.asarray(t), 0)
+
+
+def _uniformity_stats(counts, valid_row, rows, k):
+    """Max |z| and sum z^2 of the per-position counts against rows * K / n_valid."""
+    p = k / valid_row.sum()
+    sigma = np.sqrt(rows * p * (1 - p))
+    z = (counts[valid_row] - rows * p) / sigma
+    return np.max(np.abs(z)), np.sum(z ** 2)
+
+
+def _chi2_bound(df, z=5.0):
+    a = 2.0 / (9.0 * df)
+    return df * (1 - a + z * np.sqrt(a)) ** 3
+
+
+def test_choose_uniform_frequency():
+    """Each valid position is chosen with probability K / n_valid, and each pair with K(K-1)/(n(n-1)):
+    uniform K-subsets (rows are independent draws)."""
+    rows, k = 20000, 3
+    valid_row = np.zeros(L, bool)
+    valid_row[[1, 2, 4, 5, 6, 9, 11, 12, 14, 15]] = True                 # 10 valid positions
+    n = valid_row.sum()
+    valid = np.broadcast_to(valid_row, (rows, L))
+    t, mask = _choose(jax.random.key(123), valid, k)
+    t, mask = np.asarray(t), np.asarray(mask)
+    assert mask.all()
+    counts = np.bincount(t.ravel(), minlength=L)
+    assert counts[~valid_row].sum() == 0
+    max_z, sum_z2 = _uniformity_stats(counts, valid_row, rows, k)
+    # the counts are negatively correlated (they sum to rows * K), which only shrinks sum z^2
+    assert max_z < 5 and sum_z2 < _chi2_bound(n), (counts, max_z, sum_z2)
+    # the same bounds reject a slightly biased sampler: Gumbel top-k with log-weights 0.15 * t / L
+    gen = np.random.RandomState(0)
+    scores = np.where(valid_row, gen.gumbel(size=(rows, L)) + 0.15 * np.arange(L) / L, -np.inf)
+    fake = np.bincount(np.argsort(-scores, axis=1)[:, :k].ravel(), minlength=L)
+    f_max, f_sum = _uniformity_stats(fake, valid_row, rows, k)
+    assert f_max >= 5 or f_sum >= _chi2_bound(n), (f_max, f_sum)
+    # pairs
+    idx = np.nonzero(valid_row)[0]
+    pair = np.zeros((L, L))
+    for a in range(k):
+        for b in range(a + 1, k):
+            np.add.at(pair, (t[:, a], t[:, b]), 1)
+    p2 = k * (k - 1) / (n * (n - 1))
+    sigma2 = np.sqrt(rows * p2 * (1 - p2))
+    sub = pair[np.ix_(idx, idx)][np.triu_indices(n, 1)]
+    assert pair[np.tril_indices(L)].sum() == 0                     # sorted ascending
+    assert np.all(np.abs(sub - rows * p2) < 5 * sigma2)
+
+
+def test_choose_depends_on_rng():
+    valid = np.ones((2, L), bool)
+    a = np.asarray(_choose(jax.random.key(0), valid, 3)[0])
+    b = np.asarray(_choose(jax.random.key(0), valid, 3)[0])
+    c = np.asarray(_choose(jax.random.key(1), valid, 3)[0])
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+@SETTINGS
+@given(st.integers(0, 2 ** 31 - 1), st.sampled_from([1, 3]))
+def test_choose_prefers_score(seed, k):
+    seg, pos, rng = _packed(seed)
+    valid = naive_valid(seg, pos, 1, 1)
+    score = rng.rand(B, L) < 0.4
+    t, mask = _choose(jax.random.key(seed % 997), valid, k, score_bl=score)
+    t, mask = np.asarray(t), np.asarray(mask)
+    for b in range(B):
+        preferred = valid[b] & score[b]
+        chosen = t[b][mask[b]]
+        assert np.all(valid[b][chosen])
+        if preferred.sum() >= k:
+            assert mask[b].all()
+            assert np.all(preferred[chosen]), (chosen, np.nonzero(preferred)[0])
+        else:   # falls back to the plain valid set for this document
+            assert mask[b].sum() == min(k, valid[b].sum())
+
+
+def test_choose_prefers_score_hand():
+    valid = np.ones((2, 8), bool)
+    score = np.zeros((2, 8), bool)
+    score[0, [2, 5, 7]] = True     # enough for K = 2: only these
+    score[1, [3]] = True           # not enough: any valid
+    seen0, seen1 = set(), set()
+    for s in range(30):
+        t, mask = _choose(jax.random.key(s), valid, 2, score_bl=score)
+        seen0 |= set(np.asarray(t)[0].tolist())
+        seen1 |= set(np.asarray(t)[1].tolist())
+        assert np.asarray(mask).all()
+    assert seen0 == {2, 5, 7}
+    assert len(seen1) > 3
+
+
+# ------------------------------------------------------------------------------------------------
+# select_positions
+# ------------------------------------------------------------------------------------------------
+
+def _cfg(**kw):
+    return RolloutConfig(**{**dict(group_size=2, positions_per_doc=2, min_context=2), **kw})
+
+
+@SETTINGS
+@given(st.integers(0, 2 ** 31 - 1))
+def test_select_ema_band(seed):
+    seg, pos, rng = _packed(seed)
+    ema = (-rng.exponential(3.0, (B, L))).astype(np.float32)     # log-probs <= 0
+    r = _cfg(position_rule="ema_band", ema_band=(1.0, 4.0))
+    t, mask = _select(jax.random.key(seed % 991), seg, pos, ema, r, 1)
+    t, mask = np.asarray(t), np.asarray(mask)
+    valid = naive_valid(seg, pos, 2, 1)
+    surprise = -ema
+    band = (surprise >= 1.0) & (surprise <= 4.0)
+    for b in range(B):
+        chosen = t[b][mask[b]]
+        assert np.all(valid[b][chosen])
+        if (valid[b] & band[b]).sum() >= 2:
+            assert mask[b].all()
+            assert np.all(band[b][chosen]), (surprise[b][chosen])
+        else:
+            assert mask[b].sum() == min(2, valid[b].sum())
+
+
+def test_select_uniform_ignores_ema_and_respects_horizon():
+    seg = np.array([[1, 1, 1, 1, 1, 2, 2, 2, 2, 0]] * 200, np.int32)
+    pos = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0]] * 200, np.int32)
+    ema = np.zeros(seg.shape, np.float32)          # surprise 0: outside every band
+    ema[:, 2] = -2.0
+    r = _cfg(positions_per_doc=1, min_context=2)
+    t, mask = _select(jax.random.key(0), seg, pos, ema, r, 2)
+    t = np.asarray(t)[:, 0]
+    assert np.asarray(mask).all()
+    assert set(t.tolist()) == {2, 3, 7}            # H = 2: x_t, x_{t+1} in one document
+    rb = _cfg(positions_per_doc=1, min_context=2, position_rule="ema_band", ema_band=(1.0, 3.0))
+    tb = np.asarray(_select(jax.random.key(0), seg, pos, ema, rb, 2)[0])[:, 0]
+    assert set(tb.tolist()) == {2}
