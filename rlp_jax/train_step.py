@@ -197,3 +197,45 @@ def make_ntp_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformatio
                         state_shardings=None):
     """`ntp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled (mesh as above)."""
     return _jit_step(functools.partial(ntp_step, cfg=cfg, optimizer=optimizer), mesh, state_shardings)
+
+
+def eval_metrics(params, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig):
+    """Held-out metrics of the policy (no update), means over valid sampled positions:
+
+    eval/nll_no_think: -log p_theta(x_t | x_<t); eval/nll_think: -log p_theta(x_t | x_<t, thought),
+    averaged over G sampled thoughts; eval/info_gain: their difference (positive: thinking helps);
+    eval/nll_tokens: next-token NLL of every token of the batch; eval/thought_len: mean thought length.
+    """
+    k_pos, k_roll = jax.random.split(rng)
+    h = rlp.reward.horizon
+    logits, prefix = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                                   positions_bl=batch["positions"], return_cache=True)
+    lp = reward.shifted_token_logprobs(logits, batch["tokens"])                   # [B, L]
+    t_bk, t_mask = positions.select_positions(k_pos, batch["segment_ids"], batch["positions"], lp,
+                                              rlp.rollout, h)
+    thoughts = thought_rollout(params, cfg, prefix, t_bk, k_roll, rlp.rollout)
+    targets = reward.gather_horizon(batch["tokens"], t_bk, h)
+    _, tgt_lp, _ = thought_forward(params, cfg, prefix, t_bk, thoughts, targets, rlp.rollout)
+    no_think = reward.gather_horizon(lp, t_bk, h).sum(-1)                         # [B, K]
+    think = tgt_lp.sum(-1).mean(-1)                                               # [B, K]
+    n = jnp.maximum(t_mask.sum(), 1)
+    vmean = lambda x: jnp.sum(jnp.where(t_mask, x, 0.0)) / n
+    return {"eval/nll_no_think": -vmean(no_think), "eval/nll_think": -vmean(think),
+            "eval/info_gain": vmean(think - no_think),
+            "eval/nll_tokens": shifted_ntp_loss(logits, batch["tokens"], batch["segment_ids"]),
+            "eval/thought_len": vmean(thoughts.lengths.mean(-1).astype(jnp.float32))}
+
+
+def make_eval_step(cfg: ModelConfig, rlp: RLPConfig, *, mesh=None, param_shardings=None):
+    """`eval_step(params, batch, rng) -> metrics`, jit-compiled (sharded like training on a mesh)."""
+    fn = functools.partial(eval_metrics, cfg=cfg, rlp=rlp)
+    if mesh is None:
+        return jax.jit(fn)
+
+    def traced(params, batch, rng):
+        with sharding.activation_sharding(mesh):
+            return fn(params, batch, rng)
+
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(traced, in_shardings=(param_shardings, sharding.batch_sharding(mesh), replicated),
+                   out_shardings=replicated)

@@ -44,7 +44,7 @@ def _rewards(draw_shape, seed, scale=3.0):
     return (scale * rng.randn(*draw_shape)).astype(np.float32), rng
 
 
-shapes = st.tuples(st.integers(1, 4), st.integers(2, 7))
+shapes = st.sampled_from([(1, 2), (3, 5), (2, 7)])   # few shapes: one compile each
 seeds = st.integers(0, 2 ** 31 - 1)
 
 
@@ -133,7 +133,7 @@ def test_mask_equals_valid_subset(shape, seed):
     for idx in np.ndindex(shape[:-1]):
         valid = m[idx]
         if valid.sum() >= 2:
-            sub = np.asarray(group_advantages(jnp.asarray(r[idx][valid]), jnp.ones(valid.sum(), bool)))
+            sub = np.asarray(_group(r[idx][valid], np.ones(valid.sum(), bool)))
             np.testing.assert_allclose(adv[idx][valid], sub, rtol=1e-4, atol=1e-4)
             np.testing.assert_allclose(adv[idx].sum(), 0.0, atol=1e-4)
         else:

@@ -248,6 +248,24 @@ def test_kl_term_matches_naive(seed):
     np.testing.assert_allclose(float(met["policy/kl_to_ref"]), kl, rtol=1e-4, atol=1e-6)
 
 
+@SETTINGS
+@given(st.integers(0, 2 ** 31 - 1))
+def test_kl_masked_tokens_are_ignored(seed):
+    """Off-mask values of new / ref log-probs must not matter with the KL term either (value and gradient)."""
+    new, old, adv, mask, rng = _random_case(seed)
+    mask[0, 0], mask[0, 1] = True, False
+    ref = (new + 0.3 * rng.randn(M, T)).astype(np.float32)
+    loss, grad = _value_and_grad(new, old, adv, mask, ref_logprobs=ref, kl_beta=0.1)
+    new2 = np.where(mask, new, 50.0 * rng.randn(M, T)).astype(np.float32)
+    new2[0, 1] = -200.0                       # e.g. the log-prob of a banned token, far below the reference
+    ref2 = np.where(mask, ref, 50.0 * rng.randn(M, T)).astype(np.float32)
+    ref2[0, 1] = 0.0
+    loss2, grad2 = _value_and_grad(new2, old, adv, mask, ref_logprobs=ref2, kl_beta=0.1)
+    np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-6, atol=1e-7)
+    assert np.all(np.isfinite(np.asarray(grad2))), np.asarray(grad2)
+    np.testing.assert_allclose(np.asarray(grad2), np.asarray(grad), rtol=1e-6, atol=1e-7)
+
+
 def test_kl_zero_at_reference():
     new, old, adv, mask, _ = _random_case(1)
     a, _ = rlp_loss(new, old, adv, mask, ref_logprobs=new, kl_beta=1.0)

@@ -1,0 +1,280 @@
+"""The training command: `python -m rlp_jax.train --experiment=NAME [--set key=value ...] [--workdir DIR]`.
+
+The host loop around the jitted step (`rlp_jax.train_step`): builds the mesh, model, optimizer and
+Grain pipeline, resumes from the latest Orbax checkpoint in the workdir (params, EMA, optimizer,
+step, RNG and data-iterator state), runs the steps with a progress bar, writes metrics (JSONL +
+TensorBoard), evaluates on the held-out split, saves every N steps, on SIGTERM and at the end, and
+plots the curves. User mistakes end with a one-line `error: ...` and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from rlp_jax import checkpoint, hf, model, sharding, train_step
+from rlp_jax.config import (ConfigError, RunConfig, apply_overrides, describe_fields, experiment_names,
+                            load_experiment, to_dict)
+from rlp_jax.data import DataError, make_iterator
+from rlp_jax.metrics import MetricsWriter
+from rlp_jax.model_config import ModelConfig
+from rlp_jax.optim import learning_rate, make_optimizer
+from rlp_jax.tokenizer import TokenizerError, load_tokenizer, resize_embeddings
+
+log = logging.getLogger("rlp_jax.train")
+
+USER_ERRORS = (ConfigError, DataError, TokenizerError, hf.CheckpointError, checkpoint.CheckpointMismatch,
+               checkpoint.CheckpointRestoreError)
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (non-finite steps in a row); the last good state was saved."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Building the pieces
+# ----------------------------------------------------------------------------------------------
+
+def build_model(cfg: RunConfig, tokenizer, rng) -> tuple[ModelConfig, dict | None]:
+    """ModelConfig and host params: from a Hugging Face checkpoint, or None for a random init
+    (done later on the mesh). Embeddings grow when the tokenizer added tokens (the think markers)."""
+    m = cfg.model
+    extra = dict(compute_dtype=m.compute_dtype, remat=m.remat)
+    if m.init_from is None:
+        return ModelConfig.preset(m.preset, vocab_size=tokenizer.vocab_size, param_dtype=m.param_dtype, **extra), None
+    mcfg, params = hf.from_hf(m.init_from, param_dtype=m.param_dtype, **extra)
+    if tokenizer.vocab_size > mcfg.vocab_size:
+        log.info("growing the embedding from %d to %d rows for added tokens", mcfg.vocab_size, tokenizer.vocab_size)
+        k1, k2 = jax.random.split(rng)
+        params["embed"] = resize_embeddings(params["embed"], tokenizer.vocab_size, k1)
+        if "lm_head" in params:
+            params["lm_head"] = resize_embeddings(params["lm_head"].T, tokenizer.vocab_size, k2).T
+        mcfg = mcfg.replace(vocab_size=tokenizer.vocab_size)
+    return mcfg, params
+
+
+def with_markers(cfg: RunConfig, tokenizer) -> RunConfig:
+    """Fill the think-marker ids of the rollout config from the tokenizer."""
+    ro = dataclasses.replace(cfg.rlp.rollout, think_start_id=tokenizer.think_start_id,
+                             think_end_id=tokenizer.think_end_id)
+    return dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, rollout=ro))
+
+
+def _attach(abstract, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step (then it saves and exits)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def run(cfg: RunConfig, workdir: Path, *, experiment: str = "custom") -> dict:
+    """Train `cfg` in `workdir` (resuming if it holds checkpoints). Returns the last logged metrics."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+    tok_path = tc.tokenizer or cfg.model.init_from
+    if tok_path is None:
+        raise ConfigError("no tokenizer: set --set train.tokenizer=PATH (a sentencepiece .model or a "
+                          "Hugging Face tokenizer dir) or model.init_from")
+    tokenizer = load_tokenizer(tok_path)
+    cfg = with_markers(cfg, tokenizer)
+    base_rng = jax.random.key(tc.seed)
+    mcfg, host_params = build_model(cfg, tokenizer, jax.random.fold_in(base_rng, 1))
+    mesh = sharding.make_mesh(tc.mesh)
+    optimizer = make_optimizer(cfg.optim, tc.steps)
+    keep_ref = tc.objective == "rlp" and cfg.rlp.loss.kl_beta > 0
+
+    p_abstract = jax.eval_shape(lambda k: model.init_params(mcfg, k), base_rng)
+    p_sh = sharding.tree_shardings(model.param_logical_axes(mcfg), p_abstract, mesh)
+    init_state = lambda p: train_step.init_train_state(p, optimizer, keep_reference=keep_ref)
+    st_sh = sharding.state_shardings(jax.eval_shape(init_state, p_abstract), p_sh, mesh)
+    if host_params is None:
+        params = jax.jit(lambda k: model.init_params(mcfg, k), out_shardings=p_sh)(jax.random.fold_in(base_rng, 2))
+    else:
+        params = jax.device_put(host_params, p_sh)
+    state = jax.jit(init_state, out_shardings=st_sh)(params)
+
+    run_config = {"model": dataclasses.asdict(mcfg), "run": to_dict(cfg), "experiment": experiment}
+    (workdir / "config.json").write_text(json.dumps(run_config, indent=2))
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_every=tc.save_every, keep=tc.keep)
+    train_iter = make_iterator(cfg.data, tokenizer, split="train")
+    start = 0
+    restored = ckpt.restore(_attach(jax.eval_shape(lambda: state), st_sh), config=run_config)
+    if restored is not None:
+        state, start, base_rng = restored.state, restored.step, restored.rng
+        if restored.data_state is not None:
+            train_iter.set_state(restored.data_state)
+        print(f"resumed from {workdir} at step {start}")
+
+    if tc.objective == "rlp":
+        step_fn = train_step.make_rlp_train_step(mcfg, cfg.rlp, optimizer, mesh=mesh, state_shardings=st_sh)
+    else:
+        step_fn = train_step.make_ntp_train_step(mcfg, optimizer, mesh=mesh, state_shardings=st_sh)
+    eval_batches, eval_fn = [], None
+    if tc.eval_every > 0:
+        if cfg.data.eval_fraction <= 0:
+            raise ConfigError("train.eval_every > 0 needs a held-out split: --set data.eval_fraction=0.05")
+        eval_iter = make_iterator(cfg.data, tokenizer, split="eval")
+        eval_batches = [sharding.global_batch(eval_iter.next(), mesh) for _ in range(tc.eval_batches)]
+        eval_iter.close()
+        eval_fn = train_step.make_eval_step(mcfg, cfg.rlp, mesh=mesh, param_shardings=p_sh)
+
+    writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
+    preempt = _Preemption()
+    lr_fn = learning_rate(cfg.optim, tc.steps)
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    nonfinite_run, last, warned_len = 0, {}, False
+    bar = tqdm(total=tc.steps, initial=start, desc=experiment, dynamic_ncols=True,
+               disable=jax.process_index() != 0, file=sys.stdout)
+    save = lambda step, force=False: ckpt.save(step, state, data_state=train_iter.get_state(), rng=base_rng,
+                                               config=run_config, force=force)
+    try:
+        t_last = time.time()
+        for step in range(start + 1, tc.steps + 1):
+            batch = sharding.global_batch(train_iter.next(), mesh)
+            state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+            skipped = int(metrics["train/skipped_nonfinite"])
+            nonfinite_run = nonfinite_run + 1 if skipped else 0
+            if nonfinite_run:
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite_run)
+            if nonfinite_run >= tc.max_nonfinite:
+                save(step - nonfinite_run, force=True) if step - nonfinite_run > start else None
+                raise TrainingStopped(f"{nonfinite_run} non-finite steps in a row at step {step}; the last good "
+                                      "state was checkpointed. Lower optim.lr or check the data.")
+            if step % tc.log_every == 0 or step == tc.steps:
+                now = time.time()
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                host["train/lr"] = float(lr_fn(step - 1))
+                host["perf/tokens_per_s"] = tokens_per_step * tc.log_every / max(now - t_last, 1e-9)
+                host.update({f"data/{k}": float(v) for k, v in train_iter.stats().items() if "/" not in k})
+                t_last = now
+                writer.write(step, host)
+                last = host
+                bar.set_postfix(_postfix(host), refresh=False)
+                if (tc.objective == "rlp" and host.get("thought/mean_len", 1e9) < tc.min_thought_len
+                        and not warned_len):
+                    tqdm.write(f"warning: mean thought length {host['thought/mean_len']:.2f} < "
+                               f"train.min_thought_len={tc.min_thought_len} at step {step} (thought collapse?)")
+                    warned_len = True
+            if eval_fn is not None and (step % tc.eval_every == 0 or step == tc.steps):
+                ev = [jax.device_get(eval_fn(state.params, b, jax.random.fold_in(jax.random.key(tc.seed + 7), i)))
+                      for i, b in enumerate(eval_batches)]
+                ev = {k: float(np.mean([e[k] for e in ev])) for k in ev[0]}
+                writer.write(step, ev, split="eval")
+                tqdm.write(f"step {step} eval: " + ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in ev.items()))
+                last.update(ev)
+            bar.update(1)
+            save(step)
+            if preempt.requested:
+                tqdm.write(f"SIGTERM: saving step {step} and exiting")
+                save(step, force=True)
+                break
+        else:
+            save(tc.steps, force=True)
+    finally:
+        bar.close()
+        preempt.restore()
+        try:
+            ckpt.wait()
+        finally:
+            ckpt.close()
+            writer.close()
+            train_iter.close()
+    if tc.plot and jax.process_index() == 0:
+        _plot(workdir)
+    return last
+
+
+def _postfix(m: dict) -> dict:
+    keys = {"loss/total": "loss", "reward/mean": "reward", "eval/info_gain": "gain", "thought/mean_len": "len"}
+    out = {short: f"{m[k]:.3g}" for k, short in keys.items() if k in m}
+    out["tok/s"] = f"{m.get('perf/tokens_per_s', 0):.0f}"
+    return out
+
+
+def _plot(workdir: Path) -> None:
+    try:
+        from rlp_jax import plot
+    except ImportError as e:  # matplotlib is an install requirement; keep training results regardless
+        log.warning("plots skipped: %s", e)
+        return
+    paths = plot.plot_run(workdir)
+    print(f"plots: {', '.join(str(p) for p in paths)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rlp_jax.train",
+        description="Train with RLP (or the next-token CPT baseline) on a named experiment recipe.",
+        epilog="Config fields (show a recipe's values with --experiment=NAME --show-config).")
+    p.add_argument("--experiment", required=True, help="recipe name in experiments/ or a path to a .py recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set rlp.rollout.group_size=8 (repeatable)")
+    p.add_argument("--workdir", help="run directory (default runs/<experiment>-<timestamp>); an existing one resumes")
+    p.add_argument("--show-config", action="store_true", help="print every field with its value and exit")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        module = load_experiment(args.experiment)
+        cfg = apply_overrides(module.config(), args.set)
+        if args.show_config:
+            print("\n".join(describe_fields(cfg)))
+            return 0
+        name = Path(args.experiment).stem
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        workdir = Path(args.workdir or f"runs/{name}-{stamp}")
+        if hasattr(module, "prepare"):
+            cfg = module.prepare(cfg, workdir)
+        sharding.maybe_initialize_distributed()
+        print(f"experiment {name}: workdir {workdir}, devices {jax.devices()[0].platform} x {jax.device_count()}")
+        final = run(cfg, workdir, experiment=name)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 3
+    keys = [k for k in ("loss/total", "reward/mean", "reward/frac_positive", "thought/mean_len",
+                        "eval/nll_no_think", "eval/nll_think", "eval/info_gain") if k in final]
+    print("final: " + ", ".join(f"{k}={final[k]:.4f}" for k in keys))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

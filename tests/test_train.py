@@ -1,0 +1,145 @@
+"""The training command end to end on the `smoke` recipe: CLI errors, exact resume after SIGKILL,
+SIGTERM checkpointing, the non-finite guard, incompatible checkpoints."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small and quick: 8 steps, checkpoints every 2, no plots.
+FAST = ["--set", "train.steps=8", "--set", "train.save_every=2", "--set", "train.plot=false",
+        "--set", "rlp.rollout.thought_len=4", "--set", "rlp.rollout.group_size=2"]
+
+
+def _train(workdir, *extra, wait=True):
+    cmd = [sys.executable, "-m", "rlp_jax.train", "--experiment=smoke", f"--workdir={workdir}", *FAST, *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _metrics(workdir, split="train"):
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if r["split"] == split}
+
+
+def _final_state(workdir, step):
+    import orbax.checkpoint as ocp
+
+    tree = ocp.PyTreeCheckpointer().restore(Path(workdir) / "checkpoints" / str(step) / "state")
+    return tree
+
+
+def _assert_trees_equal(a, b):
+    import jax
+
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight")
+    proc = _train(workdir, "--set", "train.eval_every=7")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return workdir, proc
+
+
+def test_smoke_run_writes_everything(straight_run):
+    workdir, proc = straight_run
+    assert "final: " in proc.stdout
+    cfg = json.loads((workdir / "config.json").read_text())
+    assert cfg["experiment"] == "smoke" and cfg["run"]["train"]["steps"] == 8
+    train = _metrics(workdir)
+    assert sorted(train) == list(range(1, 9))
+    assert all(np.isfinite(train[s]["reward/mean"]) for s in train)
+    assert train[1]["policy/max_abs_ratio_minus_1"] < 1e-4
+    assert set(_metrics(workdir, "eval")) == {7, 8}
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())[-1] == 8
+
+
+def test_resume_after_sigkill_is_exact(straight_run, tmp_path):
+    """Kill a run (SIGKILL) after its step-6 checkpoint, restart it: steps 7..8 and the final state match."""
+    straight, _ = straight_run
+    proc = _train(tmp_path, "--set", "train.eval_every=7", wait=False)
+    deadline = time.time() + 300
+    # The first eval (step 7) compiles for seconds: the run is killed there, after checkpoint 6.
+    while time.time() < deadline:
+        if (tmp_path / "metrics.jsonl").exists() and 7 in _metrics(tmp_path):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_before = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps_before and steps_before[-1] < 8, steps_before
+    resumed = _train(tmp_path, "--set", "train.eval_every=7")
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert f"resumed from {tmp_path} at step {steps_before[-1]}" in resumed.stdout
+    a, b = _metrics(straight), _metrics(tmp_path)
+    for step in range(1, 9):
+        assert a[step]["loss/total"] == b[step]["loss/total"], step
+        assert a[step]["reward/mean"] == b[step]["reward/mean"], step
+    _assert_trees_equal(_final_state(straight, 8), _final_state(tmp_path, 8))
+
+
+def test_sigterm_saves_a_checkpoint(tmp_path):
+    proc = _train(tmp_path, "--set", "train.steps=400", "--set", "train.save_every=1000", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((tmp_path / "metrics.jsonl").exists() and _metrics(tmp_path)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGTERM: saving step" in out
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert saved and 0 < max(saved) < 400
+
+
+def test_incompatible_checkpoint_is_refused(straight_run):
+    workdir, _ = straight_run
+    proc = _train(workdir, "--set", "model.preset=small")
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert err[-1].startswith("error: ") and "hidden_size" in err[-1], proc.stderr[-2000:]
+
+
+def test_nonfinite_steps_stop_the_run(tmp_path):
+    proc = _train(tmp_path, "--set", "optim.lr=1e30", "--set", "optim.clip_norm=0", "--set", "train.max_nonfinite=2",
+                  "--set", "train.steps=20")
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "non-finite steps in a row" in proc.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--experiment=nope"], "unknown experiment 'nope'; valid experiments: cpt_baseline, "),
+    (["--experiment=smoke", "--set", "rlp.rollout.gruop_size=2"], "unknown config field 'rlp.rollout.gruop_size'"),
+    (["--experiment=smoke", "--set", "optim.lr=fast"], "--set optim.lr=fast: expected float"),
+    (["--experiment=smoke", "--set", "rlp.rollout.group_size=1"], "G) must be >= 2"),
+    (["--experiment=web_mix", "--set", "model.preset=tiny", "--set", "train.tokenizer=/nonexistent/tok.model"],
+     "/nonexistent/tok.model"),
+])
+def test_cli_errors_are_one_line(args, message, capsys, tmp_path):
+    from rlp_jax import train
+
+    code = train.main(args + [f"--workdir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
+def test_show_config_lists_fields(capsys):
+    from rlp_jax import train
+
+    assert train.main(["--experiment=web_mix", "--show-config", "--set", "rlp.rollout.group_size=8"]) == 0
+    out = capsys.readouterr().out
+    assert "rlp.rollout.group_size = 8" in out and "optim.lr = 1e-06" in out
