@@ -49,7 +49,8 @@ def rlp_loss(new_logprobs, old_logprobs, advantages, thought_mask, clip_eps=0.2,
     if kl_beta > 0:
         if ref_logprobs is None:
             raise ValueError("rlp_loss: kl_beta > 0 needs ref_logprobs")
-        diff = jax.lax.stop_gradient(ref_logprobs) - new_logprobs
+        # Masked before exp: an off-mask overflow would turn the gradient into 0 * inf = NaN.
+        diff = jnp.where(thought_mask, jax.lax.stop_gradient(ref_logprobs) - new_logprobs, 0.0)
         kl = jnp.where(thought_mask, jnp.exp(diff) - diff - 1.0, 0.0)
         per_token = per_token + kl_beta * kl
     lengths = mask.sum(-1)                                                   # [M]

@@ -163,6 +163,15 @@ def test_matches_naive(seed, clip_eps):
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-4, atol=1e-6)
     assert np.all(np.asarray(grad)[~mask] == 0.0)
+    # clip fraction: share of action tokens whose objective is the (constant) clipped branch
+    _, met = _loss_jit(new, old, adv, mask, clip_eps=clip_eps)
+    rho = np.exp(new.astype(np.float64) - old)
+    a = adv[:, None]
+    clipped = ((a > 0) & (rho > 1 + high)) | ((a < 0) & (rho < 1 - low))
+    np.testing.assert_allclose(float(met["policy/clip_fraction"]), (clipped & mask).sum() / max(mask.sum(), 1),
+                               rtol=1e-6, atol=1e-7)
+    # and those are exactly the action tokens with zero gradient (the others have A != 0, rho > 0)
+    np.testing.assert_array_equal(np.asarray(grad)[mask] == 0.0, clipped[mask])
 
 
 @SETTINGS
