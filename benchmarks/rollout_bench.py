@@ -75,83 +75,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from rlp_jax import advantages as adv_lib  # noqa: E402
-from rlp_jax import model, naive, positions, reward, train_step  # noqa: E402
-from rlp_jax.losses import combined_loss, rlp_loss, shifted_ntp_loss  # noqa: E402
+from rlp_jax import model, naive, positions, train_step  # noqa: E402
 from rlp_jax.model_config import ModelConfig  # noqa: E402
 from rlp_jax.rlp_config import RLPConfig, RolloutConfig  # noqa: E402
 from rlp_jax.rollout import thought_rollout  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
-# The naive RLP step: train_step.rlp_step / rlp_objective with the naive rollout and loss forward
-# ----------------------------------------------------------------------------------------------
-
-def naive_rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts, t_bk, t_mask_bk, ema_lp_bl,
-                        ref_params=None):
-    """`train_step.rlp_objective` with `naive.naive_thought_forward` (one full row per thought)."""
-    h = rlp.reward.horizon
-    # Document forward: only for the NTP term and its metric, as in rlp_objective (no prefix cache needed).
-    logits_doc, _ = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
-                                  positions_bl=batch["positions"])
-    targets = reward.gather_horizon(batch["tokens"], t_bk, h)
-    ema_t = reward.gather_horizon(ema_lp_bl, t_bk, h)
-    new_lp, tgt_lp, tgt_argmax = naive.naive_thought_forward(params, cfg, batch, t_bk, thoughts, targets,
-                                                             rlp.rollout)
-    rewards, terms = reward.get_reward_fn(rlp.reward.kind)(
-        jax.lax.stop_gradient(tgt_lp), tgt_argmax, targets, jax.lax.stop_gradient(ema_t))
-    valid = jnp.broadcast_to(t_mask_bk[:, :, None], rewards.shape)
-    lc = rlp.loss
-    if lc.baseline == "group":
-        adv = adv_lib.group_advantages(rewards, valid, std_normalize=lc.std_normalize)
-    else:
-        adv = adv_lib.batch_advantages(rewards, valid, std_normalize=lc.std_normalize)
-    t_max = thoughts.tokens.shape[-1]
-    action = thoughts.action_mask & valid[..., None]
-    ref_lp = None
-    if lc.kl_beta > 0:
-        ref_lp = naive.naive_thought_forward(jax.lax.stop_gradient(ref_params), cfg, batch, t_bk, thoughts,
-                                             targets, rlp.rollout)[0].reshape(-1, t_max)
-    loss_rlp, metrics = rlp_loss(new_lp.reshape(-1, t_max), thoughts.logprobs.reshape(-1, t_max),
-                                 adv.reshape(-1), action.reshape(-1, t_max), (lc.eps_low, lc.eps_high),
-                                 ref_logprobs=ref_lp, kl_beta=lc.kl_beta, rewards=rewards.reshape(-1))
-    ntp = shifted_ntp_loss(logits_doc, batch["tokens"], batch["segment_ids"])
-    loss = combined_loss(loss_rlp, ntp, lc.ntp_weight)
-    n_valid = jnp.maximum(valid.sum(), 1)
-    vmean = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / n_valid
-    metrics.update({
-        "loss/total": loss, "loss/ntp": ntp,
-        "reward/s_pred": vmean(terms["s_pred"]),
-        "reward/s_ema": vmean(terms.get("s_ema", jnp.zeros_like(rewards))),
-        "reward/std": jnp.sqrt(vmean((rewards - vmean(rewards)) ** 2)),
-        "advantage/std": jnp.sqrt(vmean(adv ** 2)),
-        "advantage/zero_spread_groups": adv_lib.zero_spread_fraction(rewards, valid),
-        "positions/valid_fraction": t_mask_bk.mean(),
-    })
-    return loss, (metrics, rewards, adv)
-
-
-def naive_rlp_step(state, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig, optimizer):
-    """`train_step.rlp_step` with `naive.naive_thought_rollout` and `naive_rlp_objective`."""
-    k_pos, k_roll = jax.random.split(rng)
-    seg, pos = batch["segment_ids"], batch["positions"]
-    ema_lp = train_step.teacher_logprobs(state.ema_params, cfg, batch)
-    t_bk, t_mask = positions.select_positions(k_pos, seg, pos, ema_lp, rlp.rollout, rlp.reward.horizon)
-    thoughts = naive.naive_thought_rollout(state.params, cfg, batch, t_bk, k_roll, rlp.rollout)
-    grad_fn = jax.value_and_grad(naive_rlp_objective, has_aux=True)
-    (loss, (metrics, _, _)), grads = grad_fn(state.params, cfg, rlp, batch, thoughts, t_bk, t_mask, ema_lp,
-                                             state.ref_params)
-    new_state, upd = train_step._apply_update(state, grads, loss, optimizer, rlp.ema_decay)
-    return new_state, {**metrics, **train_step._rollout_metrics(thoughts, t_mask), **upd}
-
-
-def make_naive_rlp_train_step(cfg: ModelConfig, rlp: RLPConfig, optimizer):
-    rlp.rollout.markers()
-    return jax.jit(functools.partial(naive_rlp_step, cfg=cfg, rlp=rlp, optimizer=optimizer), donate_argnums=0)
-
-
-# ----------------------------------------------------------------------------------------------
-# Rollout-only functions
+# The two rollouts (the naive RLP step is train_step.make_rlp_train_step(..., naive_path=True))
 # ----------------------------------------------------------------------------------------------
 
 def shared_rollout(params, batch, t_bk, rng, *, cfg, rollout):
@@ -371,7 +302,7 @@ def main(argv=None):
                      f"{float(th_s.lengths.mean()):.1f}; ended fraction {float(th_s.ended.mean()):.2f}")
 
         makers = {"shared": lambda: train_step.make_rlp_train_step(cfg, rlp, optimizer),
-                  "naive": lambda: make_naive_rlp_train_step(cfg, rlp, optimizer)}
+                  "naive": lambda: train_step.make_rlp_train_step(cfg, rlp, optimizer, naive_path=True)}
         for path in ("shared", "naive"):
             if path == "naive" and args.skip_naive_step:
                 res[path].update(sc=None, st=None)

@@ -20,13 +20,11 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from rlp_jax import checkpoint, hf, model, sharding, train_step
-from rlp_jax.config import (ConfigError, RunConfig, apply_overrides, describe_fields, experiment_names,
-                            load_experiment, to_dict)
+from rlp_jax.config import ConfigError, RunConfig, apply_overrides, describe_fields, load_experiment, to_dict
 from rlp_jax.data import DataError, make_iterator
 from rlp_jax.metrics import MetricsWriter
 from rlp_jax.model_config import ModelConfig
@@ -164,7 +162,7 @@ def run(cfg: RunConfig, workdir: Path, *, experiment: str = "custom") -> dict:
             if nonfinite_run:
                 log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite_run)
             if nonfinite_run >= tc.max_nonfinite:
-                save(step - nonfinite_run, force=True) if step - nonfinite_run > start else None
+                save(step, force=True)  # skipped steps left the params at the last good state
                 raise TrainingStopped(f"{nonfinite_run} non-finite steps in a row at step {step}; the last good "
                                       "state was checkpointed. Lower optim.lr or check the data.")
             if step % tc.log_every == 0 or step == tc.steps:

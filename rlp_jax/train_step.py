@@ -20,7 +20,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlp_jax import advantages as adv_lib
-from rlp_jax import model, positions, reward, sharding
+from rlp_jax import model, naive, positions, reward, sharding
 from rlp_jax.ema import ema_update, init_ema
 from rlp_jax.losses import combined_loss, rlp_loss, shifted_ntp_loss
 from rlp_jax.model_config import ModelConfig
@@ -30,7 +30,7 @@ from rlp_jax.rollout import Thoughts, thought_forward, thought_rollout
 
 @flax.struct.dataclass
 class TrainState:
-    """step: [] int32 optimizer steps taken. params: the policy theta. ema_params: phi (float32).
+    """step: [] int32 steps taken (batches consumed, skipped non-finite steps included). params: the policy theta. ema_params: phi (float32).
     opt_state: optax state. ref_params: frozen initial params for the KL penalty (None when beta = 0).
     """
 
@@ -58,8 +58,15 @@ def teacher_logprobs(ema_params, cfg: ModelConfig, batch) -> jax.Array:
     return reward.shifted_token_logprobs(logits, batch["tokens"])
 
 
+def _branch_forward_fn(naive_path: bool, batch):
+    """The thought forward of the fast shared-prefix path, or of the naive reference path."""
+    if not naive_path:
+        return thought_forward
+    return lambda p, c, _prefix, t, th, tg, ro: naive.naive_thought_forward(p, c, batch, t, th, tg, ro)
+
+
 def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Thoughts, t_bk, t_mask_bk,
-                  ema_lp_bl, ref_params=None):
+                  ema_lp_bl, ref_params=None, *, naive_path: bool = False):
     """The RLP loss of given thoughts, differentiable in params (the loss forward of RLP_METHOD.md).
 
     Args:
@@ -67,6 +74,8 @@ def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Tho
       t_bk: [B, K] positions; t_mask_bk: [B, K] bool (valid positions).
       ema_lp_bl: [B, L] float32 no-think teacher log-probs (`teacher_logprobs`).
       ref_params: reference params for the KL term (needed when rlp.loss.kl_beta > 0).
+      naive_path: score every thought as its own sequence (`rlp_jax.naive`, the reference and the
+        benchmark baseline) instead of as a branch of the shared prefix.
     Returns:
       (loss, (metrics dict, rewards [B, K, G], advantages [B, K, G])).
     """
@@ -75,7 +84,8 @@ def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Tho
                                        positions_bl=batch["positions"], return_cache=True)
     targets = reward.gather_horizon(batch["tokens"], t_bk, h)                    # [B, K, H]
     ema_t = reward.gather_horizon(ema_lp_bl, t_bk, h)                            # [B, K, H]
-    new_lp, tgt_lp, tgt_argmax = thought_forward(params, cfg, prefix, t_bk, thoughts, targets, rlp.rollout)
+    forward_fn = _branch_forward_fn(naive_path, batch)
+    new_lp, tgt_lp, tgt_argmax = forward_fn(params, cfg, prefix, t_bk, thoughts, targets, rlp.rollout)
     rewards, terms = reward.get_reward_fn(rlp.reward.kind)(
         jax.lax.stop_gradient(tgt_lp), tgt_argmax, targets, jax.lax.stop_gradient(ema_t))
     valid = jnp.broadcast_to(t_mask_bk[:, :, None], rewards.shape)               # [B, K, G]
@@ -91,8 +101,8 @@ def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Tho
         _, ref_prefix = model.forward(jax.lax.stop_gradient(ref_params), cfg, batch["tokens"],
                                       segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"],
                                       return_cache=True)
-        ref_lp = thought_forward(jax.lax.stop_gradient(ref_params), cfg, ref_prefix, t_bk, thoughts,
-                                 targets, rlp.rollout)[0].reshape(-1, t_max)
+        ref_lp = forward_fn(jax.lax.stop_gradient(ref_params), cfg, ref_prefix, t_bk, thoughts,
+                            targets, rlp.rollout)[0].reshape(-1, t_max)
     loss_rlp, metrics = rlp_loss(new_lp.reshape(-1, t_max), thoughts.logprobs.reshape(-1, t_max),
                                  adv.reshape(-1), action.reshape(-1, t_max), (lc.eps_low, lc.eps_high),
                                  ref_logprobs=ref_lp, kl_beta=lc.kl_beta, rewards=rewards.reshape(-1))
@@ -124,29 +134,37 @@ def _rollout_metrics(thoughts: Thoughts, t_mask_bk):
 
 
 def _apply_update(state: TrainState, grads, loss, optimizer, ema_decay: float | None):
-    """Optimizer + EMA update, skipped (state unchanged but for nothing) if loss or grads are non-finite."""
+    """Optimizer + EMA update; skipped (all but the step counter unchanged) if loss or grads are non-finite."""
     finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     if ema_decay is not None:
         new = new.replace(ema_params=ema_update(state.ema_params, params, ema_decay))
-    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    # A skipped step keeps params, EMA and optimizer state but still counts as a step (state.step is
+    # the number of batches consumed, which checkpoints and the data iterator agree on).
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
     metrics = {"train/grad_norm": optax.tree.norm(grads), "train/skipped_nonfinite": (~finite).astype(jnp.int32)}
     return new, metrics
 
 
 def rlp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig,
-             optimizer: optax.GradientTransformation):
-    """One RLP step (un-jitted; see `make_rlp_train_step`). Returns (new state, metrics of scalars)."""
+             optimizer: optax.GradientTransformation, naive_path: bool = False):
+    """One RLP step (un-jitted; see `make_rlp_train_step`). Returns (new state, metrics of scalars).
+
+    naive_path: sample and score every thought as its own sequence (the reference; for benchmarks).
+    """
     k_pos, k_roll = jax.random.split(rng)
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     ema_lp = teacher_logprobs(state.ema_params, cfg, batch)                      # [B, L]
     t_bk, t_mask = positions.select_positions(k_pos, seg, pos, ema_lp, rlp.rollout, rlp.reward.horizon)
-    _, prefix = model.forward(jax.lax.stop_gradient(state.params), cfg, tokens, segment_ids_bl=seg,
-                              positions_bl=pos, return_cache=True)
-    thoughts = thought_rollout(state.params, cfg, prefix, t_bk, k_roll, rlp.rollout)
-    grad_fn = jax.value_and_grad(rlp_objective, has_aux=True)
+    if naive_path:
+        thoughts = naive.naive_thought_rollout(state.params, cfg, batch, t_bk, k_roll, rlp.rollout)
+    else:
+        _, prefix = model.forward(jax.lax.stop_gradient(state.params), cfg, tokens, segment_ids_bl=seg,
+                                  positions_bl=pos, return_cache=True)
+        thoughts = thought_rollout(state.params, cfg, prefix, t_bk, k_roll, rlp.rollout)
+    grad_fn = jax.value_and_grad(functools.partial(rlp_objective, naive_path=naive_path), has_aux=True)
     (loss, (metrics, _, _)), grads = grad_fn(state.params, cfg, rlp, batch, thoughts, t_bk, t_mask, ema_lp,
                                              state.ref_params)
     new_state, upd = _apply_update(state, grads, loss, optimizer, rlp.ema_decay)
@@ -183,14 +201,15 @@ def _jit_step(fn, mesh, state_shardings):
 
 
 def make_rlp_train_step(cfg: ModelConfig, rlp: RLPConfig, optimizer: optax.GradientTransformation, *,
-                        mesh=None, state_shardings=None):
+                        mesh=None, state_shardings=None, naive_path: bool = False):
     """`rlp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled.
 
     With `mesh` (and the state's `state_shardings`, see `rlp_jax.sharding.state_shardings`) the step
     runs SPMD over the mesh: batch rows over data x fsdp, activations constrained by logical names.
     """
     rlp.rollout.markers()
-    return _jit_step(functools.partial(rlp_step, cfg=cfg, rlp=rlp, optimizer=optimizer), mesh, state_shardings)
+    step = functools.partial(rlp_step, cfg=cfg, rlp=rlp, optimizer=optimizer, naive_path=naive_path)
+    return _jit_step(step, mesh, state_shardings)
 
 
 def make_ntp_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *, mesh=None,

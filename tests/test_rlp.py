@@ -9,10 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from rlp_jax import model, naive, reward, train_step
+from rlp_jax import model, naive, train_step
 from rlp_jax.model_config import ModelConfig
 from rlp_jax.rlp_config import LossConfig, RewardConfig, RLPConfig, RolloutConfig
-from rlp_jax.rollout import Thoughts, thought_rollout
+from rlp_jax.rollout import thought_rollout
 
 CFG = ModelConfig.preset("tiny", vocab_size=48)
 START, END = 1, 2
@@ -47,17 +47,8 @@ def _sample(params, batch, rlp, t_bk, seed=5):
 
 def _objective(params, batch, rlp, thoughts, t_bk, ema_lp, ref=None, naive_path=False):
     """rlp_objective, optionally with every thought run as its own sequence (the naive reference)."""
-    if not naive_path:
-        return train_step.rlp_objective(params, CFG, rlp, batch, thoughts, t_bk, jnp.ones(t_bk.shape, bool),
-                                        ema_lp, ref)
-    fast = train_step.thought_forward
-    try:
-        train_step.thought_forward = lambda p, c, _prefix, t, th, tg, ro: naive.naive_thought_forward(
-            p, c, batch, t, th, tg, ro)
-        return train_step.rlp_objective(params, CFG, rlp, batch, thoughts, t_bk, jnp.ones(t_bk.shape, bool),
-                                        ema_lp, ref)
-    finally:
-        train_step.thought_forward = fast
+    return train_step.rlp_objective(params, CFG, rlp, batch, thoughts, t_bk, jnp.ones(t_bk.shape, bool),
+                                    ema_lp, ref, naive_path=naive_path)
 
 
 @pytest.mark.parametrize("horizon,kl_beta", [(1, 0.0), (2, 0.1)])
@@ -148,9 +139,11 @@ def test_nonfinite_gradient_skips_update(params, batch):
     rlp = _rlp()
     opt = optax.adamw(1e-3)
     bad = jax.tree.map(jnp.copy, params) | {"final_norm": params["final_norm"].at[0].set(jnp.nan)}
+    expected = jax.tree.map(np.asarray, bad)
     state = train_step.init_train_state(bad, opt)
     new_state, m = train_step.make_rlp_train_step(CFG, rlp, opt)(state, batch, jax.random.key(0))
-    assert int(m["train/skipped_nonfinite"]) == 1 and int(new_state.step) == 0
+    assert int(m["train/skipped_nonfinite"]) == 1 and int(new_state.step) == 1
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new_state.params, expected)
 
 
 # ------------------------------------------------------------------------------------------------
