@@ -104,7 +104,14 @@ def run(cfg: RunConfig, workdir: Path, *, experiment: str = "custom") -> dict:
     cfg = with_markers(cfg, tokenizer)
     base_rng = jax.random.key(tc.seed)
     mcfg, host_params = build_model(cfg, tokenizer, jax.random.fold_in(base_rng, 1))
-    mesh = sharding.make_mesh(tc.mesh)
+    try:
+        mesh = sharding.make_mesh(tc.mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.data.batch_size % rows:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not split over the mesh's data x fsdp = "
+                          f"{rows} devices; use a multiple of {rows}")
     optimizer = make_optimizer(cfg.optim, tc.steps)
     keep_ref = tc.objective == "rlp" and cfg.rlp.loss.kl_beta > 0
 
