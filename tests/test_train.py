@@ -1,6 +1,7 @@
 """The training command end to end on the `smoke` recipe: CLI errors, exact resume after SIGKILL,
 SIGTERM checkpointing, the non-finite guard, incompatible checkpoints."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -156,3 +157,31 @@ def test_show_config_lists_fields(capsys):
     assert train.main(["--experiment=web_mix", "--show-config", "--set", "rlp.rollout.group_size=8"]) == 0
     out = capsys.readouterr().out
     assert "rlp.rollout.group_size = 8" in out and "optim.lr = 1e-06" in out
+
+
+def test_init_from_hf_grows_the_embedding_for_think_markers(tmp_path):
+    """model.init_from + an HF tokenizer without <think>/</think>: the markers get new embedding rows."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    import jax
+
+    from rlp_jax import hf, train
+    from rlp_jax.config import ModelSection, load_experiment
+    from rlp_jax.tokenizer import load_tokenizer
+    from tests.hf_models import make_hf_model
+
+    texts = [f"the number {i} follows {i - 1}" for i in range(200)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=96, special_tokens=["<unk>", "<|endoftext|>"]))
+    assert tok.get_vocab_size() == 96
+    tok.save(str(tmp_path / "tokenizer.json"))
+    make_hf_model("qwen3", tied=False).save_pretrained(tmp_path)  # vocab 96, untied head
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.vocab_size == 98
+    cfg = dataclasses.replace(load_experiment("smoke").config(), model=ModelSection(init_from=str(tmp_path)))
+    mcfg, params = train.build_model(cfg, tokenizer, jax.random.key(0))
+    _, original = hf.from_hf(tmp_path)
+    assert mcfg.vocab_size == 98 and params["embed"].shape == (98, 32) and params["lm_head"].shape == (32, 98)
+    np.testing.assert_array_equal(params["embed"][:96], original["embed"])
+    np.testing.assert_array_equal(params["lm_head"][:, :96], original["lm_head"])
