@@ -47,6 +47,11 @@ class ModelSection:
     remat: str = "none"
 
     def __post_init__(self):
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ConfigError(f"model.{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ConfigError(f"model.remat must be none, full or dots, got {self.remat!r}")
         if self.init_from is None and self.preset not in PRESETS:
             raise ConfigError(f"model.preset {self.preset!r} is unknown; valid presets: {', '.join(PRESETS)}")
 
@@ -106,8 +111,10 @@ class TrainSection:
     def __post_init__(self):
         if self.objective not in ("rlp", "ntp"):
             raise ConfigError(f"train.objective must be rlp or ntp, got {self.objective!r}")
-        if self.steps < 1 or self.save_every < 1 or self.log_every < 1 or self.max_nonfinite < 1:
-            raise ConfigError("train.steps, train.save_every, train.log_every and train.max_nonfinite must be >= 1")
+        if min(self.steps, self.save_every, self.log_every, self.max_nonfinite, self.keep, self.eval_batches) < 1:
+            raise ConfigError("train.steps, save_every, log_every, max_nonfinite, keep and eval_batches must be >= 1")
+        if self.eval_every < 0:
+            raise ConfigError("train.eval_every must be >= 0 (0 = no evaluation)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

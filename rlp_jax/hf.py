@@ -133,6 +133,10 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     rope = dict(hf.get("rope_parameters") or {})
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        raise CheckpointError(f"config.json lacks {', '.join(missing)}; is it a causal LM's config?")
     heads = hf["num_attention_heads"]
     kwargs = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
@@ -144,7 +148,10 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", family != "llama")),
     )
     kwargs.update(overrides)
-    return ModelConfig(**kwargs)
+    try:
+        return ModelConfig(**kwargs)
+    except ValueError as e:
+        raise CheckpointError(f"config.json describes a model rlp_jax cannot build: {e}") from None
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
@@ -253,7 +260,10 @@ def from_hf(path: str | os.PathLike, *, param_dtype: str | None = None, **config
     cfg_file = directory / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face model directory?")
-    hf = json.loads(cfg_file.read_text())
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e})") from None
     if param_dtype is None:
         declared = hf.get("dtype") or hf.get("torch_dtype") or "float32"
         param_dtype = "bfloat16" if declared == "bfloat16" else "float32"

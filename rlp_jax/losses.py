@@ -69,7 +69,7 @@ def rlp_loss(new_logprobs, old_logprobs, advantages, thought_mask, clip_eps=0.2,
         "policy/max_abs_ratio_minus_1": jnp.max(jnp.abs(ratio - 1.0) * mask),
         "policy/entropy_estimate": -(old * mask).sum() / n_tokens,
         "policy/kl_to_ref": thought_mean(kl),
-        "thought/mean_len": jnp.sum(jnp.where(has, lengths, 0.0)) / n_thoughts,
+        "thought/mean_action_tokens": jnp.sum(jnp.where(has, lengths, 0.0)) / n_thoughts,
         "advantage/mean_abs": jnp.sum(jnp.where(has, jnp.abs(adv[:, 0]), 0.0)) / n_thoughts,
     }
     if rewards is not None:

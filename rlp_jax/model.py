@@ -227,7 +227,7 @@ def default_segments(tokens_bl, pad_id: int | None = None):
 
 
 def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None, positions_bl=None,
-            return_cache: bool = False):
+            return_cache: bool = False, return_logits: bool = True):
     """Teacher-forced causal pass.
 
     Args:
@@ -236,8 +236,9 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
         padding. Default: one segment per row.
       positions_bl: [B, L] int32 rotary positions (restart at 0 per packed document). Default 0..L-1.
       return_cache: also return the `PrefixCache` of every layer's keys/values.
+      return_logits: False skips the output projection (a prefix cache is all the caller needs).
     Returns:
-      (logits [B, L, V] float32, PrefixCache or None).
+      (logits [B, L, V] float32 or None, PrefixCache or None).
     """
     seg_default, pos_default = default_segments(tokens_bl)
     seg = seg_default if segment_ids_bl is None else segment_ids_bl.astype(jnp.int32)
@@ -252,7 +253,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
         return layers.full_attention(q, k, v, mask, cfg.group_size), ((k, v) if return_cache else None)
 
     x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bl), attend, None)
-    logits = logits_from_hidden(cfg, params, x)
+    logits = logits_from_hidden(cfg, params, x) if return_logits else None
     cache = PrefixCache(k=kv[0], v=kv[1], segment_ids=seg, positions=pos) if return_cache else None
     return logits, cache
 

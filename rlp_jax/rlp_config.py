@@ -85,7 +85,8 @@ class RewardConfig:
 class LossConfig:
     """Attributes:
       eps_low, eps_high: clip range [1 - eps_low, 1 + eps_high] of the importance ratio.
-      kl_beta: beta, weight of the per-token KL to the reference (EMA) params (paper: 0).
+      kl_beta: beta, weight of the per-token KL to a fixed reference: a frozen copy of the
+        initial params, kept only when beta > 0 (paper: 0).
       ntp_weight: lambda, weight of next-token cross-entropy added to the RLP loss (0 = pure RLP).
       baseline: "group" (leave-one-out within G, the paper) or "batch" (centre over all thoughts).
       std_normalize: divide advantages by their group's (or batch's) std.

@@ -108,6 +108,15 @@ def run(cfg: RunConfig, workdir: Path, *, experiment: str = "custom") -> dict:
         mesh = sharding.make_mesh(tc.mesh)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    ro, seq_len = cfg.rlp.rollout, cfg.data.seq_len
+    if tc.objective == "rlp" and (ro.min_context + cfg.rlp.reward.horizon > seq_len or ro.positions_per_doc > seq_len):
+        raise ConfigError(f"no position of a {seq_len}-token row can be chosen: rlp.rollout.min_context "
+                          f"({ro.min_context}) + reward.horizon must be <= data.seq_len and "
+                          f"rollout.positions_per_doc ({ro.positions_per_doc}) <= data.seq_len")
+    if mcfg.param_dtype == "bfloat16" and cfg.optim.lr < 1e-4:
+        log.warning("model.param_dtype=bfloat16 keeps no float32 master weights: updates of lr=%g are below bf16 "
+                    "resolution for most weights; prefer param_dtype=float32 with compute_dtype=bfloat16",
+                    cfg.optim.lr)
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.data.batch_size % rows:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not split over the mesh's data x fsdp = "
@@ -125,8 +134,10 @@ def run(cfg: RunConfig, workdir: Path, *, experiment: str = "custom") -> dict:
         params = jax.device_put(host_params, p_sh)
     state = jax.jit(init_state, out_shardings=st_sh)(params)
 
-    run_config = {"model": dataclasses.asdict(mcfg), "run": to_dict(cfg), "experiment": experiment}
-    (workdir / "config.json").write_text(json.dumps(run_config, indent=2))
+    # "model" holds what must match to resume (shapes and storage dtype); remat and compute dtype may change.
+    shape_fields = {k: v for k, v in dataclasses.asdict(mcfg).items() if k not in ("remat", "compute_dtype")}
+    run_config = {"model": shape_fields, "model_full": dataclasses.asdict(mcfg), "run": to_dict(cfg),
+                  "experiment": experiment}
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_every=tc.save_every, keep=tc.keep)
     train_iter = make_iterator(cfg.data, tokenizer, split="train")
     start = 0
@@ -136,6 +147,14 @@ def run(cfg: RunConfig, workdir: Path, *, experiment: str = "custom") -> dict:
         if restored.data_state is not None:
             train_iter.set_state(restored.data_state)
         print(f"resumed from {workdir} at step {start}")
+    if (workdir / "config.json").exists():  # keep the record of what earlier steps ran with
+        (workdir / f"config.before-step{start}.json").write_text((workdir / "config.json").read_text())
+    (workdir / "config.json").write_text(json.dumps(run_config, indent=2))
+    if start >= tc.steps:
+        print(f"{workdir} is already at step {start} >= train.steps={tc.steps}; nothing to do")
+        ckpt.close()
+        train_iter.close()
+        return {}
 
     if tc.objective == "rlp":
         step_fn = train_step.make_rlp_train_step(mcfg, cfg.rlp, optimizer, mesh=mesh, state_shardings=st_sh)
@@ -146,8 +165,13 @@ def run(cfg: RunConfig, workdir: Path, *, experiment: str = "custom") -> dict:
         if cfg.data.eval_fraction <= 0:
             raise ConfigError("train.eval_every > 0 needs a held-out split: --set data.eval_fraction=0.05")
         eval_iter = make_iterator(cfg.data, tokenizer, split="eval")
-        eval_batches = [sharding.global_batch(eval_iter.next(), mesh) for _ in range(tc.eval_batches)]
-        eval_iter.close()
+        try:
+            eval_batches = [sharding.global_batch(eval_iter.next(), mesh) for _ in range(tc.eval_batches)]
+        except StopIteration:
+            raise ConfigError(f"the held-out split has fewer than train.eval_batches={tc.eval_batches} batches; "
+                              "lower it or raise data.eval_fraction") from None
+        finally:
+            eval_iter.close()
         eval_fn = train_step.make_eval_step(mcfg, cfg.rlp, mesh=mesh, param_shardings=p_sh)
 
     writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
@@ -162,7 +186,14 @@ def run(cfg: RunConfig, workdir: Path, *, experiment: str = "custom") -> dict:
     try:
         t_last = time.time()
         for step in range(start + 1, tc.steps + 1):
-            batch = sharding.global_batch(train_iter.next(), mesh)
+            try:
+                batch = sharding.global_batch(train_iter.next(), mesh)
+            except StopIteration:
+                tqdm.write(f"data exhausted after {step - 1} steps (data.num_epochs={cfg.data.num_epochs}); "
+                           "saving and stopping")
+                if step - 1 > start:
+                    save(step - 1, force=True)
+                break
             state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
             skipped = int(metrics["train/skipped_nonfinite"])
             nonfinite_run = nonfinite_run + 1 if skipped else 0

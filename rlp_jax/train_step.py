@@ -80,8 +80,11 @@ def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Tho
       (loss, (metrics dict, rewards [B, K, G], advantages [B, K, G])).
     """
     h = rlp.reward.horizon
+    lc = rlp.loss
+    # The documents' full-vocab logits are only needed by the next-token term.
     logits_doc, prefix = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
-                                       positions_bl=batch["positions"], return_cache=True)
+                                       positions_bl=batch["positions"], return_cache=True,
+                                       return_logits=lc.ntp_weight > 0)
     targets = reward.gather_horizon(batch["tokens"], t_bk, h)                    # [B, K, H]
     ema_t = reward.gather_horizon(ema_lp_bl, t_bk, h)                            # [B, K, H]
     forward_fn = _branch_forward_fn(naive_path, batch)
@@ -89,7 +92,6 @@ def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Tho
     rewards, terms = reward.get_reward_fn(rlp.reward.kind)(
         jax.lax.stop_gradient(tgt_lp), tgt_argmax, targets, jax.lax.stop_gradient(ema_t))
     valid = jnp.broadcast_to(t_mask_bk[:, :, None], rewards.shape)               # [B, K, G]
-    lc = rlp.loss
     if lc.baseline == "group":
         adv = adv_lib.group_advantages(rewards, valid, std_normalize=lc.std_normalize)
     else:
@@ -100,18 +102,22 @@ def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Tho
     if lc.kl_beta > 0:
         _, ref_prefix = model.forward(jax.lax.stop_gradient(ref_params), cfg, batch["tokens"],
                                       segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"],
-                                      return_cache=True)
+                                      return_cache=True, return_logits=False)
         ref_lp = forward_fn(jax.lax.stop_gradient(ref_params), cfg, ref_prefix, t_bk, thoughts,
                             targets, rlp.rollout)[0].reshape(-1, t_max)
     loss_rlp, metrics = rlp_loss(new_lp.reshape(-1, t_max), thoughts.logprobs.reshape(-1, t_max),
                                  adv.reshape(-1), action.reshape(-1, t_max), (lc.eps_low, lc.eps_high),
                                  ref_logprobs=ref_lp, kl_beta=lc.kl_beta, rewards=rewards.reshape(-1))
-    ntp = shifted_ntp_loss(logits_doc, batch["tokens"], batch["segment_ids"])
-    loss = combined_loss(loss_rlp, ntp, lc.ntp_weight)
+    if lc.ntp_weight > 0:
+        ntp = shifted_ntp_loss(logits_doc, batch["tokens"], batch["segment_ids"])
+        loss = combined_loss(loss_rlp, ntp, lc.ntp_weight)
+        metrics["loss/ntp"] = ntp
+    else:
+        loss = loss_rlp
     n_valid = jnp.maximum(valid.sum(), 1)
     vmean = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / n_valid
     metrics.update({
-        "loss/total": loss, "loss/ntp": ntp,
+        "loss/total": loss,
         "reward/s_pred": vmean(terms["s_pred"]),
         "reward/s_ema": vmean(terms.get("s_ema", jnp.zeros_like(rewards))),
         "reward/std": jnp.sqrt(vmean((rewards - vmean(rewards)) ** 2)),
@@ -127,7 +133,8 @@ def _rollout_metrics(thoughts: Thoughts, t_mask_bk):
     n = jnp.maximum(valid.sum(), 1)
     lengths = thoughts.lengths.astype(jnp.float32)
     return {
-        "thought/min_len": jnp.min(jnp.where(valid, lengths, jnp.inf)),
+        "thought/mean_len": jnp.sum(jnp.where(valid, lengths, 0.0)) / n,
+        "thought/min_len": jnp.where(valid.any(), jnp.min(jnp.where(valid, lengths, jnp.inf)), 0.0),
         "thought/max_len": jnp.max(jnp.where(valid, lengths, 0.0)),
         "thought/ended_fraction": jnp.sum(valid & thoughts.ended) / n,
     }
@@ -162,7 +169,7 @@ def rlp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig,
         thoughts = naive.naive_thought_rollout(state.params, cfg, batch, t_bk, k_roll, rlp.rollout)
     else:
         _, prefix = model.forward(jax.lax.stop_gradient(state.params), cfg, tokens, segment_ids_bl=seg,
-                                  positions_bl=pos, return_cache=True)
+                                  positions_bl=pos, return_cache=True, return_logits=False)
         thoughts = thought_rollout(state.params, cfg, prefix, t_bk, k_roll, rlp.rollout)
     grad_fn = jax.value_and_grad(functools.partial(rlp_objective, naive_path=naive_path), has_aux=True)
     (loss, (metrics, _, _)), grads = grad_fn(state.params, cfg, rlp, batch, thoughts, t_bk, t_mask, ema_lp,

@@ -146,7 +146,7 @@ def test_clip_fraction_counts_tokens():
     # clipped: row 0 slot 1 (A>0, rho>1.2); row 1 slot 1 (A<0, rho<0.8); 5 action tokens
     assert float(met["policy/clip_fraction"]) == pytest.approx(2 / 5)
     assert float(met["policy/max_abs_ratio_minus_1"]) == pytest.approx(0.5, rel=1e-5)
-    assert float(met["thought/mean_len"]) == pytest.approx(2.5)
+    assert float(met["thought/mean_action_tokens"]) == pytest.approx(2.5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def test_train_step_ratio_is_one_and_metrics_present(params, batch):
     assert int(new_state.step) == 1 and int(m["train/skipped_nonfinite"]) == 0
     for key in ("reward/mean", "reward/frac_positive", "reward/s_pred", "reward/s_ema", "advantage/std",
                 "advantage/zero_spread_groups", "policy/clip_fraction", "thought/mean_len",
-                "policy/entropy_estimate", "loss/ntp"):
+                "policy/entropy_estimate", "loss/ntp", "thought/min_len"):
         assert np.isfinite(float(m[key])), key
     # EMA moved by (1 - tau) of the update: phi1 - phi0 = (1 - tau) (theta1 - phi0).
     e0, e1, p1 = params["final_norm"], new_state.ema_params["final_norm"], new_state.params["final_norm"]

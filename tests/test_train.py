@@ -140,6 +140,9 @@ def test_nonfinite_steps_stop_the_run(tmp_path):
     (["--experiment=smoke", "--set", "optim.lr=fast"], "--set optim.lr=fast: expected float"),
     (["--experiment=smoke", "--set", "rlp.rollout.group_size=1"], "G) must be >= 2"),
     (["--experiment=smoke", "--set", "train.mesh.data=3"], "mesh data*fsdp*tensor = 3 but 1 devices"),
+    (["--experiment=smoke", "--set", "model.remat=ful"], "model.remat must be none, full or dots"),
+    (["--experiment=smoke", "--set", "train.eval_batches=0"], "eval_batches must be >= 1"),
+    (["--experiment=smoke", "--set", "rlp.rollout.min_context=64"], "no position of a 64-token row can be chosen"),
     (["--experiment=web_mix", "--set", "model.preset=tiny", "--set", "train.tokenizer=/nonexistent/tok.model"],
      "/nonexistent/tok.model"),
 ])
@@ -185,3 +188,12 @@ def test_init_from_hf_grows_the_embedding_for_think_markers(tmp_path):
     assert mcfg.vocab_size == 98 and params["embed"].shape == (98, 32) and params["lm_head"].shape == (32, 98)
     np.testing.assert_array_equal(params["embed"][:96], original["embed"])
     np.testing.assert_array_equal(params["lm_head"][:, :96], original["lm_head"])
+
+
+def test_data_running_out_stops_cleanly_with_a_checkpoint(tmp_path):
+    proc = _train(tmp_path, "data.num_epochs=1", "train.steps=1000", "train.save_every=1000", "train.log_every=10")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "data exhausted after" in proc.stdout
+    last = max(_metrics(tmp_path))
+    saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert 0 < max(saved) < 1000 and max(saved) >= last
