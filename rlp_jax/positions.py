@@ -49,6 +49,21 @@ def choose_positions(rng, valid_bl, num_positions: int, *, score_bl=None):
     return jnp.where(mask_bk, t_bk, 0).astype(jnp.int32), mask_bk
 
 
+def choose_window(rng, valid_bl, num_positions: int):
+    """K consecutive valid positions t0 .. t0+K-1 per document, t0 uniform over the starts that allow it.
+
+    Returns (t_bk int32 [B, K], mask_bk bool [B, K]) as `choose_positions` (mask False for a document
+    without K consecutive valid positions).
+    """
+    k = num_positions
+    csum = jnp.pad(jnp.cumsum(valid_bl.astype(jnp.int32), axis=1), ((0, 0), (1, 0)))   # [B, L + 1]
+    run = csum[:, k:] - csum[:, :-k]                                                     # [B, L - K + 1]
+    starts = jnp.pad(run == k, ((0, 0), (0, k - 1)))                                     # [B, L]
+    t0, ok = choose_positions(rng, starts, 1)                                            # [B, 1]
+    mask_bk = jnp.broadcast_to(ok, (valid_bl.shape[0], k))
+    return jnp.where(mask_bk, t0 + jnp.arange(k), 0).astype(jnp.int32), mask_bk
+
+
 def select_positions(rng, segment_ids_bl, positions_bl, ema_logprobs_bl, rollout: RolloutConfig, horizon: int):
     """Apply the configured rule (`rollout.position_rule`); returns (t_bk, mask_bk) as `choose_positions`."""
     valid = valid_positions(segment_ids_bl, positions_bl, min_context=rollout.min_context, horizon=horizon)
@@ -56,4 +71,6 @@ def select_positions(rng, segment_ids_bl, positions_bl, ema_logprobs_bl, rollout
     if rollout.position_rule == "ema_band":
         surprise = -ema_logprobs_bl
         band = (surprise >= rollout.ema_band[0]) & (surprise <= rollout.ema_band[1])
+    if rollout.position_rule == "window":
+        return choose_window(rng, valid, rollout.positions_per_doc)
     return choose_positions(rng, valid, rollout.positions_per_doc, score_bl=band)

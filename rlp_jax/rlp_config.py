@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-POSITION_RULES = ("uniform", "ema_band")
+POSITION_RULES = ("uniform", "ema_band", "window")
 REWARD_KINDS = ("info_gain", "rpt")
 BASELINES = ("group", "batch")
 
@@ -21,8 +21,9 @@ class RolloutConfig:
         temperature-scaled distribution, in the sampler and in the loss alike.
       top_p, top_k: nucleus / top-k truncation of sampling (1.0 / 0 = off, the paper's choice).
       min_context: a position t needs at least this many tokens of its document before it.
-      position_rule: "uniform" over valid positions, or "ema_band": only positions whose no-think
-        EMA surprise -log p_ema(x_t | x_<t) lies in `ema_band` (prefers informative tokens).
+      position_rule: "uniform" over valid positions; "ema_band": only positions whose no-think
+        EMA surprise -log p_ema(x_t | x_<t) lies in `ema_band` (prefers informative tokens);
+        "window": every position of a window of K consecutive valid positions at a random start.
       ema_band: (low, high) nats for "ema_band".
       think_start_id, think_end_id: token ids of `<think>` and `</think>` (from the tokenizer).
     """

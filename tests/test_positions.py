@@ -237,3 +237,27 @@ def test_select_uniform_ignores_ema_and_respects_horizon():
     rb = _cfg(positions_per_doc=1, min_context=2, position_rule="ema_band", ema_band=(1.0, 3.0))
     tb = np.asarray(_select(jax.random.key(0), seg, pos, ema, rb, 2)[0])[:, 0]
     assert set(tb.tolist()) == {2}
+
+
+def test_window_rule_picks_k_consecutive_valid_positions():
+    from rlp_jax.positions import choose_window
+
+    # Row 0: valid 2..9 (8 positions); row 1: valid runs of length 2 only -> no window of 3.
+    valid = np.zeros((2, 12), bool)
+    valid[0, 2:10] = True
+    valid[1, [1, 2, 5, 6, 9, 10]] = True
+    starts = []
+    for seed in range(200):
+        t, m = choose_window(jax.random.key(seed), jnp.asarray(valid), 3)
+        t, m = np.asarray(t), np.asarray(m)
+        assert m[0].all() and not m[1].any()
+        assert (np.diff(t[0]) == 1).all() and valid[0, t[0]].all()
+        starts.append(t[0, 0])
+    # Every admissible start (2..7) is drawn, roughly uniformly.
+    counts = np.bincount(starts, minlength=8)[2:8]
+    assert counts.min() > 15, counts
+    rollout = RolloutConfig(group_size=2, positions_per_doc=3, min_context=2, position_rule="window")
+    seg = jnp.ones((1, 12), jnp.int32)
+    pos = jnp.arange(12)[None]
+    t, m = select_positions(jax.random.key(0), seg, pos, jnp.zeros((1, 12)), rollout, 1)
+    assert bool(m.all()) and (np.diff(np.asarray(t[0])) == 1).all() and int(t[0, 0]) >= 2
