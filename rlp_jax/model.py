@@ -22,8 +22,6 @@ D width, H/Hk query/kv heads, Dh head width, Y layers.
 
 from __future__ import annotations
 
-import functools
-
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -344,12 +342,3 @@ def decode_step(params: Params, cfg: ModelConfig, state: DecodeState, tokens_b):
     logits, cache = branch_forward(params, cfg, state.prefix, state.branches, tokens_b[:, None, None],
                                    cache=state.cache, offset=state.step)
     return logits[:, 0, 0], state.replace(cache=cache, step=state.step + 1)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def token_logprobs(params: Params, cfg: ModelConfig, tokens_bl, segment_ids_bl=None, positions_bl=None):
-    """log p(x_t | x_<t) for t >= 1 of every row: [B, L] float32 (column 0 is 0)."""
-    logits, _ = forward(params, cfg, tokens_bl, segment_ids_bl=segment_ids_bl, positions_bl=positions_bl)
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-    tgt = jnp.take_along_axis(logp, tokens_bl[:, 1:, None], axis=-1)[..., 0]
-    return jnp.pad(tgt, ((0, 0), (1, 0)))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from rlp_jax import model
 from rlp_jax.model_config import ModelConfig
 from rlp_jax.rlp_config import RolloutConfig
-from rlp_jax.rollout import Thoughts, branch_tokens, filter_logits, thought_logits
+from rlp_jax.rollout import Thoughts, branch_tokens, filter_logits, score_branches, thought_logits
 
 
 def branch_sequences(batch, t_bn, branch_bns):
@@ -42,8 +42,7 @@ def branch_sequences(batch, t_bn, branch_bns):
 def naive_thought_forward(params, cfg: ModelConfig, batch, positions_bk, thoughts: Thoughts, targets_bkh,
                           rollout: RolloutConfig):
     """Same outputs as `rollout.thought_forward`, each thought run as its own full sequence."""
-    b, k, g, t_max = thoughts.tokens.shape
-    h = targets_bkh.shape[-1]
+    b, k, g, _ = thoughts.tokens.shape
     seq, pred_idx = branch_tokens(thoughts, targets_bkh, rollout)                # [B, N, S]
     t_bn = jnp.repeat(positions_bk, g, axis=1)
     toks, seg, pos = branch_sequences(batch, t_bn, seq)
@@ -51,15 +50,7 @@ def naive_thought_forward(params, cfg: ModelConfig, batch, positions_bk, thought
     s = seq.shape[-1]
     rows = jnp.take_along_axis(logits.reshape(b, k * g, -1, logits.shape[-1]),
                                (t_bn[..., None] + jnp.arange(s))[..., None], axis=2)  # [B, N, S, V]
-    policy = thought_logits(rows[:, :, :t_max], jnp.arange(t_max), rollout)
-    tok = thoughts.tokens.reshape(b, k * g, t_max)
-    new_lp = jnp.take_along_axis(jax.nn.log_softmax(policy), tok[..., None], -1)[..., 0]
-    new_lp = jnp.where(thoughts.action_mask.reshape(b, k * g, t_max), new_lp, 0.0)
-    at_pred = jnp.take_along_axis(rows, pred_idx[..., None], axis=2)
-    tgt = jnp.repeat(targets_bkh, g, axis=1)
-    tgt_lp = jnp.take_along_axis(jax.nn.log_softmax(at_pred), tgt[..., None], -1)[..., 0]
-    return (new_lp.reshape(b, k, g, t_max), tgt_lp.reshape(b, k, g, h),
-            jnp.argmax(at_pred, -1).astype(jnp.int32).reshape(b, k, g, h))
+    return score_branches(rows, pred_idx, thoughts, targets_bkh, rollout)
 
 
 def naive_thought_rollout(params, cfg: ModelConfig, batch, positions_bk, rng, rollout: RolloutConfig) -> Thoughts:

@@ -175,17 +175,26 @@ def thought_forward(params, cfg: ModelConfig, prefix: model.PrefixCache, positio
         at temperature 1 (S_pred terms).
       target_argmax [B, K, G, H] int32: the policy's most likely token at those places (for RPT).
     """
-    b, k, g, t_max = thoughts.tokens.shape
+    g = thoughts.tokens.shape[2]
     seq, pred_idx = branch_tokens(thoughts, targets_bkh, rollout)                  # [B, N, S], [B, N, H]
     branches = model.branches_at(prefix, jnp.repeat(positions_bk, g, axis=1))
     logits, _ = model.branch_forward(params, cfg, prefix, branches, seq)           # [B, N, S, V]
-    policy = thought_logits(logits[:, :, :t_max], jnp.arange(t_max), rollout)      # [B, N, T, V]
+    return score_branches(logits, pred_idx, thoughts, targets_bkh, rollout)
+
+
+def score_branches(logits_bnsv, pred_idx_bnh, thoughts: Thoughts, targets_bkh, rollout: RolloutConfig):
+    """Thought-token log-probs, target log-probs and target argmax from branch logits [B, N, S, V].
+
+    Shared by the shared-prefix and the naive forward; returns the three outputs of `thought_forward`.
+    """
+    b, k, g, t_max = thoughts.tokens.shape
+    h = targets_bkh.shape[-1]
+    policy = thought_logits(logits_bnsv[:, :, :t_max], jnp.arange(t_max), rollout)  # [B, N, T, V]
     tok = thoughts.tokens.reshape(b, k * g, t_max)
     new_lp = jnp.take_along_axis(jax.nn.log_softmax(policy), tok[..., None], axis=-1)[..., 0]
     new_lp = jnp.where(thoughts.action_mask.reshape(b, k * g, t_max), new_lp, 0.0)
-    at_pred = jnp.take_along_axis(logits, pred_idx[..., None], axis=2)            # [B, N, H, V]
+    at_pred = jnp.take_along_axis(logits_bnsv, pred_idx_bnh[..., None], axis=2)     # [B, N, H, V]
     tgt = jnp.repeat(targets_bkh, g, axis=1)
     tgt_lp = jnp.take_along_axis(jax.nn.log_softmax(at_pred), tgt[..., None], axis=-1)[..., 0]
-    h = targets_bkh.shape[-1]
     return (new_lp.reshape(b, k, g, t_max), tgt_lp.reshape(b, k, g, h),
             jnp.argmax(at_pred, axis=-1).astype(jnp.int32).reshape(b, k, g, h))

@@ -192,17 +192,20 @@ def ntp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, optimizer: opta
     return new_state, {"loss/total": loss, "loss/ntp": loss, **upd}
 
 
+def _with_activation_sharding(fn, mesh):
+    """fn(first, batch, rng) traced with the model's activation constraints active on `mesh`."""
+    def traced(first, batch, rng):
+        with sharding.activation_sharding(mesh):
+            return fn(first, batch, rng)
+    return traced
+
+
 def _jit_step(fn, mesh, state_shardings):
     """jit with donation; on a mesh, batch rows split over data x fsdp, the state as `state_shardings`."""
     if mesh is None:
         return jax.jit(fn, donate_argnums=0)
-
-    def traced(state, batch, rng):
-        with sharding.activation_sharding(mesh):
-            return fn(state, batch, rng)
-
     replicated = NamedSharding(mesh, P())
-    return jax.jit(traced, donate_argnums=0,
+    return jax.jit(_with_activation_sharding(fn, mesh), donate_argnums=0,
                    in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
                    out_shardings=(state_shardings, replicated))
 
@@ -257,11 +260,6 @@ def make_eval_step(cfg: ModelConfig, rlp: RLPConfig, *, mesh=None, param_shardin
     fn = functools.partial(eval_metrics, cfg=cfg, rlp=rlp)
     if mesh is None:
         return jax.jit(fn)
-
-    def traced(params, batch, rng):
-        with sharding.activation_sharding(mesh):
-            return fn(params, batch, rng)
-
     replicated = NamedSharding(mesh, P())
-    return jax.jit(traced, in_shardings=(param_shardings, sharding.batch_sharding(mesh), replicated),
+    return jax.jit(_with_activation_sharding(fn, mesh), in_shardings=(param_shardings, sharding.batch_sharding(mesh), replicated),
                    out_shardings=replicated)
