@@ -72,12 +72,14 @@ def maybe_initialize_distributed() -> bool:
     """Call jax.distributed.initialize() when the environment describes several processes.
 
     Recognised: JAX_COORDINATOR_ADDRESS (+ JAX_NUM_PROCESSES / JAX_PROCESS_ID, as `tpu_scripts`' GPU
-    launcher sets), SLURM with more than one task, or a multi-host TPU VM (TPU_WORKER_HOSTNAMES
-    listing several hosts). Returns True when it initialised.
+    launcher sets), SLURM with more than one task, a multi-host TPU VM (TPU_WORKER_HOSTNAMES listing
+    several hosts, as on GKE), or RLP_JAX_DISTRIBUTED=1 (set by `tpu_scripts/tpu_vm.sh train`: on a plain
+    TPU VM the worker list comes from the metadata server, which `jax.distributed.initialize()` reads
+    itself). Returns True when it initialised.
     """
     env = os.environ
     multi = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
-             or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
+             or "," in env.get("TPU_WORKER_HOSTNAMES", "") or env.get("RLP_JAX_DISTRIBUTED") == "1")
     if not multi:
         return False
     kwargs = {}
