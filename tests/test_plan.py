@@ -1,0 +1,179 @@
+"""The planner (`rlp_jax.plan`): parameter counts against real models, per-leaf sharded state sizes,
+hand-computed bytes and FLOPs of the tiny preset, and the command line."""
+
+import dataclasses
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from rlp_jax import model, plan
+from rlp_jax.config import apply_overrides, load_experiment
+from rlp_jax.model_config import PRESETS, ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Public Qwen3 config.json values (huggingface.co/Qwen/Qwen3-*/config.json), written out independently of
+# PRESETS so a wrong preset shows up; tiny/small have no public config and use their preset values.
+_QWEN3_PUBLIC = {
+    "qwen3-0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                       tie_word_embeddings=True),
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       tie_word_embeddings=True),
+    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                     tie_word_embeddings=True),
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     tie_word_embeddings=False),
+}
+
+
+def _hf_config(name: str) -> dict:
+    if name in _QWEN3_PUBLIC:
+        return dict(_QWEN3_PUBLIC[name], vocab_size=151936, num_key_value_heads=8, head_dim=128)
+    p = PRESETS[name]
+    return dict(vocab_size=p["vocab_size"], hidden_size=p["hidden_size"], intermediate_size=p["intermediate_size"],
+                num_hidden_layers=p["num_layers"], num_attention_heads=p["num_heads"],
+                num_key_value_heads=p["num_kv_heads"], head_dim=p["head_dim"], tie_word_embeddings=True)
+
+
+def _run_config(*overrides):
+    return apply_overrides(load_experiment("smoke").config(), list(overrides))
+
+
+# ---- (1) parameter counts ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_num_params_matches_initialised_model(name):
+    cfg = ModelConfig.preset(name)
+    if name in ("tiny", "small"):
+        leaves = jax.tree.leaves(model.init_params(cfg, jax.random.key(0)))
+    else:
+        leaves = jax.tree.leaves(jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0)))
+    assert sum(math.prod(x.shape) for x in leaves) == cfg.num_params()
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_num_params_matches_hugging_face(name):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):
+        hf_model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**_hf_config(name)))
+    hf_count = sum(p.numel() for p in hf_model.parameters())     # a tied head is counted once
+    assert hf_count == ModelConfig.preset(name).num_params()
+
+
+# ---- (2) sharded state sizes --------------------------------------------------------------------
+
+def test_params_per_device_halve_when_fsdp_doubles():
+    cfg = _run_config("model.preset=qwen3-0.6b")
+    m = plan.model_config(cfg)
+    four = plan.state_bytes(cfg, m, {"data": 1, "fsdp": 4, "tensor": 1})
+    eight = plan.state_bytes(cfg, m, {"data": 1, "fsdp": 8, "tensor": 1})
+    for key in ("params", "optimizer", "ema", "gradients"):
+        assert eight[key] == pytest.approx(four[key] / 2, rel=1e-3)
+        assert eight[key] > four[key] / 2          # norm weights are replicated, not divided
+    # Rules, not a blanket divide: tiny's width 64 does not divide by 128, so every leaf replicates.
+    cfg = _run_config()
+    m = plan.model_config(cfg)
+    one = plan.state_bytes(cfg, m, {"data": 1, "fsdp": 1, "tensor": 1})
+    many = plan.state_bytes(cfg, m, {"data": 1, "fsdp": 128, "tensor": 1})
+    assert many["params"] == one["params"]
+
+
+# ---- (3) the tiny preset by hand -----------------------------------------------------------------
+
+# tiny: V=512, D=64, F=128, Y=2 layers, H=4, Hk=2, Dh=16, tied embeddings.
+# Matmul weights per layer: q 64*4*16 + k 64*2*16 + v 64*2*16 + o 4*16*64 + gate/up/down 3*64*128 = 36864.
+# Norm weights: attn/mlp norms 2*2*64 + q/k norms 2*2*16 + final 64 = 384.
+# Parameters: 2*36864 + 512*64 (embedding) + 384 = 106880; matmul parameters N = 106880 - 384 = 106496.
+TINY_PARAMS, TINY_NORMS, TINY_N = 106880, 384, 106496
+
+
+def test_tiny_by_hand():
+    cfg = _run_config()                 # smoke: tiny, float32, B=8, L=64, K=2, G=4, T=8, H=1
+    m = plan.model_config(cfg)
+    assert m.num_params() == TINY_PARAMS
+    p1 = plan.plan(cfg, plan.device_spec("cpu"), {"data": 1, "fsdp": 1, "tensor": 1})
+    assert p1.state["params"] == 4 * TINY_PARAMS
+    assert p1.state["ema"] == 4 * TINY_PARAMS
+    # AdamW mu and nu in the param dtype, plus three int32 counters (train step, adam, schedule).
+    assert p1.state["optimizer"] == 2 * 4 * TINY_PARAMS + 3 * 4
+    p2 = plan.plan(cfg, plan.device_spec("cpux2"), {"data": 1, "fsdp": 2, "tensor": 1})
+    assert p2.state["params"] == 4 * (TINY_N // 2 + TINY_NORMS)      # matrices split in two, norms replicated
+    assert p2.rows_per_device == 4
+
+    # NTP step = 6 N tokens + attention: 3 (fwd + bwd) x 4 Y H Dh per causal pair, B L (L+1)/2 pairs.
+    tokens, pairs = 8 * 64, 8 * 64 * 65 // 2
+    assert p1.ntp_flops == 6 * TINY_N * tokens + 3 * (4 * 2 * 4 * 16) * pairs == 352_714_752
+    # The reward part is the EMA teacher's forward over the same tokens: one third of an NTP step.
+    assert p1.rlp_flops["reward"] == pytest.approx(p1.ntp_flops / 3, rel=1e-12)
+    # Paper's effective tokens: K*G rollouts of L + T tokens per row, plus the input tokens.
+    assert p1.effective_tokens == 2 * 4 * (64 + 8) * 8 + 8 * 64
+
+
+def test_remat_orders_loss_memory():
+    cfg = _run_config("data.seq_len=512", "rlp.rollout.thought_len=64")
+    p = plan.plan(cfg, plan.device_spec("cpu"), {"data": 1, "fsdp": 1, "tensor": 1})
+    assert p.loss_by_remat["full"] < p.loss_by_remat["dots"] < p.loss_by_remat["none"]
+    assert p.loss_by_remat["none"] == p.activations["loss"]          # smoke runs remat none
+
+
+# ---- devices --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,kind,chips", [
+    ("v5p-64", "v5p", 32), ("v4-8", "v4", 4), ("v5litepod-16", "v5e", 16), ("v6e-8", "v6e", 8),
+    ("h100x8", "h100", 8), ("a100-80gbx4", "a100-80gb", 4), ("h200", "h200", 1), ("v5px4", "v5p", 4),
+    ("cpu", "cpu", 1)])
+def test_device_spec(text, kind, chips):
+    spec = plan.device_spec(text)
+    assert (spec.kind, spec.chips) == (kind, chips)
+
+
+@pytest.mark.parametrize("text", ["v5p-3", "h100-8", "tpu9-8", "cpux0"])
+def test_device_spec_rejects(text):
+    with pytest.raises(ValueError):
+        plan.device_spec(text)
+
+
+# ---- (4), (5) the command line ---------------------------------------------------------------------
+
+def test_cli_warns_when_it_does_not_fit(monkeypatch, capsys):
+    monkeypatch.setattr(plan, "_host_ram", lambda: 32.0 * plan.GIB)    # the same verdict on any host
+    assert plan.main(["--experiment=smoke", "--set", "model.preset=qwen3-8b", "--devices=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: does not fit" in out and "hint:" in out
+    assert plan.main(["--experiment=smoke", "--devices=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING" not in out and "TOTAL" in out and "NTP step" in out
+
+
+def test_cli_bad_device_is_a_one_line_error():
+    r = subprocess.run([sys.executable, "-m", "rlp_jax.plan", "--experiment=smoke", "--devices=tpu9-8"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown device kind")
+    assert all(kind in lines[0] for kind in plan.DEVICE_KINDS)
+
+
+@pytest.mark.parametrize("argv", [["--experiment=smoke"], ["--experiment=smoke", "--devices=cpu", "--mfu=x"],
+                                  ["--experiment=smoke", "--devices=v5p-8", "--mesh=fsdp=3"],
+                                  ["--experiment=nope", "--devices=cpu"]])
+def test_cli_bad_flags(argv, capsys):
+    try:
+        rc = plan.main(argv)
+    except SystemExit as e:          # argparse's own errors
+        rc = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_default_mesh_takes_train_mesh_when_it_fits():
+    cfg = _run_config()                                   # smoke: mesh data=-1, batch 8
+    assert plan.default_mesh(cfg, 4) == {"data": 4, "fsdp": 1, "tensor": 1}
+    assert plan.default_mesh(cfg, 16) == {"data": 1, "fsdp": 16, "tensor": 1}   # 8 rows do not split over 16
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mesh=plan.sharding.MeshConfig(data=3)))
+    assert plan.default_mesh(cfg, 4) == {"data": 1, "fsdp": 4, "tensor": 1}
