@@ -225,7 +225,7 @@ def default_segments(tokens_bl, pad_id: int | None = None):
 
 
 def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None, positions_bl=None,
-            return_cache: bool = False, return_logits: bool = True):
+            return_cache: bool = False, return_logits: bool = True, logits_at_b=None):
     """Teacher-forced causal pass.
 
     Args:
@@ -235,8 +235,10 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
       positions_bl: [B, L] int32 rotary positions (restart at 0 per packed document). Default 0..L-1.
       return_cache: also return the `PrefixCache` of every layer's keys/values.
       return_logits: False skips the output projection (a prefix cache is all the caller needs).
+      logits_at_b: optional [B] int32 index of the one position per row whose logits are wanted
+        (e.g. a prompt's last token): the output projection then runs on B vectors, not B x L.
     Returns:
-      (logits [B, L, V] float32 or None, PrefixCache or None).
+      (logits [B, L, V] float32 ([B, V] with logits_at_b) or None, PrefixCache or None).
     """
     seg_default, pos_default = default_segments(tokens_bl)
     seg = seg_default if segment_ids_bl is None else segment_ids_bl.astype(jnp.int32)
@@ -251,6 +253,8 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
         return layers.full_attention(q, k, v, mask, cfg.group_size), ((k, v) if return_cache else None)
 
     x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bl), attend, None)
+    if logits_at_b is not None:
+        x = jnp.take_along_axis(x, logits_at_b.astype(jnp.int32)[:, None, None], axis=1)[:, 0]   # [B, D]
     logits = logits_from_hidden(cfg, params, x) if return_logits else None
     cache = PrefixCache(k=kv[0], v=kv[1], segment_ids=seg, positions=pos) if return_cache else None
     return logits, cache
@@ -328,8 +332,8 @@ def prefill(params: Params, cfg: ModelConfig, prompts_bl, prompt_lens_b, max_new
     """
     b, length = prompts_bl.shape
     seg = (jnp.arange(length)[None, :] < prompt_lens_b[:, None]).astype(jnp.int32)
-    logits, prefix = forward(params, cfg, prompts_bl, segment_ids_bl=seg, return_cache=True)
-    last = jnp.take_along_axis(logits, (prompt_lens_b - 1)[:, None, None], axis=1)[:, 0]
+    last, prefix = forward(params, cfg, prompts_bl, segment_ids_bl=seg, return_cache=True,
+                           logits_at_b=prompt_lens_b - 1)
     lens = prompt_lens_b.astype(jnp.int32)[:, None]
     branches = Branches(start=lens, segment=jnp.ones_like(lens), position=lens)
     state = DecodeState(prefix=prefix, branches=branches,
