@@ -1,0 +1,165 @@
+"""Prompted completion for evaluation: `Decoder` runs jit-compiled batched generation of a loaded model
+over a device mesh, with or without a thought first, and scores answers by teacher forcing.
+
+Modes:
+  no_think: prompt -> answer.
+  think:    prompt `<think>` -> sampled thought (stops at `</think>` or after `think_tokens`, then
+            `</think>` is appended) -> answer cue -> answer. The thought sits where the answer is
+            predicted, exactly where RLP inserts it in training (`<think> c </think> x_t`).
+
+Prompts are token lists; generated texts are returned as token lists and decoded by the caller.
+Shapes inside: B prompts per batch (a multiple of the mesh's data x fsdp size), L padded length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rlp_jax import model, sharding
+from rlp_jax.generation import SamplingConfig, generate, pad_prompts
+from rlp_jax.reward import shifted_token_logprobs
+
+MODES = ("no_think", "think")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DecodeOptions:
+    """Attributes:
+      max_new_tokens: answer budget. think_tokens: thought budget (T_think).
+      temperature: answer sampling temperature (0 = greedy). think_temperature: thought sampling
+        temperature (training samples thoughts at the rollout temperature, 1.0 by default).
+      top_k, top_p: sampling filters for both.
+    """
+
+    max_new_tokens: int = 32
+    think_tokens: int = 32
+    temperature: float = 0.0
+    think_temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if min(self.max_new_tokens, self.think_tokens) < 1:
+            raise ValueError("max_new_tokens and think_tokens must be >= 1")
+
+
+@dataclasses.dataclass
+class Completion:
+    """One completion: thought token ids ([] in no_think mode), answer token ids (stop id dropped)."""
+
+    thought: list[int]
+    answer: list[int]
+
+
+class Decoder:
+    """Batched generation and answer scoring for one model (params placed on `mesh`).
+
+    Args:
+      params, cfg: the model. tokenizer: an `rlp_jax.tokenizer.Tokenizer` (marker and eos ids).
+      mesh: a `jax.sharding.Mesh` (default: every device on the data axis); prompts split over its
+        data x fsdp axes, params by the logical rules.
+      batch_size: prompts per compiled batch (rounded up to a multiple of data x fsdp).
+    """
+
+    def __init__(self, params, cfg, tokenizer, mesh=None, batch_size: int = 32):
+        self.cfg, self.tok, self.batch_size = cfg, tokenizer, batch_size
+        self.mesh = mesh if mesh is not None else sharding.make_mesh(sharding.MeshConfig(data=-1))
+        p_abs = jax.eval_shape(lambda: params)
+        self._p_sh = sharding.tree_shardings(model.param_logical_axes(cfg), p_abs, self.mesh)
+        self.params = jax.device_put(params, self._p_sh)
+        self._rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self._row_sh = NamedSharding(self.mesh, P(("data", "fsdp")))
+        self._stop = tuple(i for i in (tokenizer.eos_id,) if i is not None)
+
+    # -- compiled pieces (cached per static configuration) --
+
+    @functools.lru_cache(maxsize=None)
+    def _gen_fn(self, sc: SamplingConfig):
+        rep = NamedSharding(self.mesh, P())
+        fn = lambda p, x, n, k: generate(p, self.cfg, x, n, k, sc)
+        return jax.jit(fn, in_shardings=(self._p_sh, self._row_sh, self._row_sh, rep))
+
+    @functools.lru_cache(maxsize=None)
+    def _lp_fn(self):
+        def fn(p, x_bl, seg_bl):
+            logits, _ = model.forward(p, self.cfg, x_bl, segment_ids_bl=seg_bl)
+            return shifted_token_logprobs(logits, x_bl)                       # [B, L] float32
+        return jax.jit(fn, in_shardings=(self._p_sh, self._row_sh, self._row_sh), out_shardings=self._row_sh)
+
+    # -- public API --
+
+    def sample(self, prompts: Sequence[Sequence[int]], sc: SamplingConfig, rng) -> list[list[int]]:
+        """Generated token ids per prompt (up to and including a stop id), in batches."""
+        out: list[list[int]] = []
+        bs = -(-self._bs(len(prompts)) // self._rows) * self._rows
+        for i in range(0, len(prompts), bs):
+            chunk = prompts[i:i + bs]
+            x, n = pad_prompts(chunk, pad_id=self.tok.pad_id or 0, multiple=64, batch_multiple=self._rows)
+            if len(x) < bs and len(prompts) > bs:   # one compiled batch shape for every chunk
+                x = np.concatenate([x, np.repeat(x[-1:], bs - len(x), 0)])
+                n = np.concatenate([n, np.repeat(n[-1:], bs - len(n), 0)])
+            g = jax.device_get(self._gen_fn(sc)(self.params, x, n, jax.random.fold_in(rng, i)))
+            out += [g.tokens[j, : g.lengths[j]].tolist() for j in range(len(chunk))]
+        return out
+
+    def complete(self, prompts: Sequence[Sequence[int]], mode: str, opts: DecodeOptions, rng,
+                 answer_cue: Sequence[int] = ()) -> list[Completion]:
+        """Answers to `prompts` in `mode` ("no_think" or "think"); see the module docstring."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        answer_sc = SamplingConfig(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,
+                                   top_k=opts.top_k, top_p=opts.top_p, stop_ids=self._stop,
+                                   banned_ids=(self.tok.think_start_id, self.tok.think_end_id))
+        k_think, k_answer = jax.random.split(rng)
+        thoughts = [[] for _ in prompts]
+        if mode == "think":
+            thoughts = self.think(prompts, opts, k_think)
+            prompts = [self.with_thought(p, t, answer_cue) for p, t in zip(prompts, thoughts)]
+        answers = self.sample(prompts, answer_sc, k_answer)
+        return [Completion(thought=t, answer=[x for x in a if x not in self._stop]) for t, a in zip(thoughts, answers)]
+
+    def think(self, prompts: Sequence[Sequence[int]], opts: DecodeOptions, rng) -> list[list[int]]:
+        """Sampled thought content after `prompt <think>` (no markers), as the RLP rollout samples them:
+        `<think>` banned, `</think>` banned in the first slot, at most think_tokens content tokens."""
+        start, end = self.tok.think_start_id, self.tok.think_end_id
+        sc = SamplingConfig(max_new_tokens=opts.think_tokens, temperature=opts.think_temperature, top_k=opts.top_k,
+                            top_p=opts.top_p, stop_ids=(end,), banned_ids=(start,), min_new_tokens=1)
+        return [[x for x in t if x != end] for t in self.sample([list(p) + [start] for p in prompts], sc, rng)]
+
+    def with_thought(self, prompt: Sequence[int], thought: Sequence[int], answer_cue: Sequence[int] = ()) -> list[int]:
+        """`prompt <think> thought </think> answer_cue` as token ids."""
+        return list(prompt) + [self.tok.think_start_id, *thought, self.tok.think_end_id, *answer_cue]
+
+    def logprob(self, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> np.ndarray:
+        """log p(continuation | prefix) summed over the continuation's tokens, by teacher forcing: [N] float64."""
+        seqs = [list(p) + list(c) for p, c in zip(prefixes, continuations)]
+        out = np.zeros(len(seqs))
+        bs = -(-self._bs(len(seqs)) // self._rows) * self._rows
+        for i in range(0, len(seqs), bs):
+            chunk = seqs[i:i + bs]
+            x, n = pad_prompts(chunk, pad_id=0, multiple=64, batch_multiple=self._rows)
+            seg = (np.arange(x.shape[1])[None] < n[:, None]).astype(np.int32)
+            lp = np.asarray(jax.device_get(self._lp_fn()(self.params, x, seg)))   # lp[:, j] = log p(x_j | x_<j)
+            for j, (p, c) in enumerate(zip(prefixes[i:i + bs], continuations[i:i + bs])):
+                out[i + j] = lp[j, len(p): len(p) + len(c)].sum()
+        return out
+
+    def _bs(self, n: int) -> int:
+        return max(1, min(n, self.batch_size))
+
+
+def encode_answer(tokenizer, prompt_text: str, answer_text: str) -> tuple[list[int], list[int]]:
+    """Token ids of `prompt_text` and of the answer that follows it (`" " + answer_text`), split so that
+    the answer's ids are exactly those the tokenizer gives the joined text after the prompt's ids
+    (falls back to encoding the two parts separately when the boundary merges)."""
+    prompt = tokenizer.encode(prompt_text)
+    joined = tokenizer.encode(f"{prompt_text} {answer_text}")
+    if joined[: len(prompt)] == prompt:
+        return prompt, joined[len(prompt):]
+    return prompt, tokenizer.encode(f" {answer_text}")

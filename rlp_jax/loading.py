@@ -1,0 +1,161 @@
+"""Loading a trained model: from an rlp_jax run directory (Orbax checkpoint) or a Hugging Face directory.
+
+A run directory is what `python -m rlp_jax.train` writes: `config.json` (the model shape and the run
+config) and `checkpoints/<step>/`. `load_model` restores the policy (or the EMA teacher) of its latest
+(or a chosen) step together with the tokenizer the run used; a Hugging Face directory is read with
+`hf.from_hf` and its own tokenizer. Used by `evaluate`, `generate`, `export` and as `model.init_from`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+
+from rlp_jax import checkpoint, hf, model, train_step
+from rlp_jax.config import ConfigError, from_dict
+from rlp_jax.model_config import ModelConfig
+from rlp_jax.optim import make_optimizer
+from rlp_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, resize_embeddings
+
+
+class LoadError(ValueError):
+    """A path that is neither a readable run directory nor a Hugging Face checkpoint (one line, with the fix)."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """cfg: ModelConfig. params: the parameter pytree (device arrays). tokenizer: the run's tokenizer.
+    source: "run" or "hf". step: the checkpoint step (None for Hugging Face). path: where it came from.
+    run_config: the run's saved config.json (None for Hugging Face)."""
+
+    cfg: ModelConfig
+    params: dict
+    tokenizer: Tokenizer
+    source: str
+    step: int | None
+    path: Path
+    run_config: dict | None = None
+
+
+def is_run_dir(path) -> bool:
+    """True if `path` holds an rlp_jax run (config.json with a "run" section and a checkpoints dir)."""
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "checkpoints").is_dir():
+        return False
+    try:
+        return "run" in json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def _resolve(p: str | None, run_dir: Path) -> str | None:
+    """A path recorded in a run's config: as recorded if it exists, else relative to the run's parent."""
+    if p is None or "://" in p or Path(p).exists():
+        return p
+    for base in (run_dir, run_dir.parent):
+        if (base / p).exists():
+            return str(base / p)
+    return p
+
+
+def run_tokenizer_path(run_dir: Path, run_config: dict) -> str:
+    """The tokenizer a run trained with (train.tokenizer, else model.init_from)."""
+    run = run_config["run"]
+    path = run["train"].get("tokenizer") or run["model"].get("init_from")
+    if path is None:
+        raise LoadError(f"{run_dir}/config.json names no tokenizer (train.tokenizer / model.init_from)")
+    return _resolve(path, run_dir)
+
+
+def load_run_params(run_dir, *, step: int | None = None, which: str = "params", mesh=None):
+    """Restore one parameter tree of a run's checkpoint.
+
+    Args:
+      run_dir: an rlp_jax run directory. step: checkpoint step (default: the latest restorable).
+      which: "params" (the policy theta) or "ema" (the teacher phi, float32).
+      mesh: optional `jax.sharding.Mesh`; params are restored sharded by the logical rules over it.
+    Returns:
+      (ModelConfig, params pytree, step, the run's config.json dict).
+    """
+    from rlp_jax import sharding
+
+    run_dir = Path(run_dir)
+    if which not in ("params", "ema"):
+        raise LoadError(f"which must be 'params' or 'ema', got {which!r}")
+    if not is_run_dir(run_dir):
+        raise LoadError(f"{run_dir} is not an rlp_jax run directory (no config.json + checkpoints/); pass a run "
+                        "directory written by `python -m rlp_jax.train` or a Hugging Face checkpoint dir")
+    run_config = json.loads((run_dir / "config.json").read_text())
+    try:
+        mcfg = ModelConfig(**run_config["model_full"])
+        cfg = from_dict(run_config["run"])
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
+        raise LoadError(f"{run_dir}/config.json cannot be read as an rlp_jax run config ({e}); was it written "
+                        "by a different rlp_jax version?") from None
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    keep_ref = cfg.train.objective == "rlp" and cfg.rlp.loss.kl_beta > 0
+    abstract_p = jax.eval_shape(lambda k: model.init_params(mcfg, k), jax.random.key(0))
+    init_state = lambda p: train_step.init_train_state(p, optimizer, keep_reference=keep_ref)
+    abstract = jax.eval_shape(init_state, abstract_p)
+    if mesh is None:
+        mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
+    p_sh = sharding.tree_shardings(model.param_logical_axes(mcfg), abstract_p, mesh)
+    st_sh = sharding.state_shardings(abstract, p_sh, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, st_sh)
+    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", save_every=1)
+    try:
+        restored = ckpt.restore(abstract, config=run_config, step=step)
+    except FileNotFoundError as e:
+        raise LoadError(str(e)) from None
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise LoadError(f"{run_dir}/checkpoints holds no checkpoint yet; train first or pass another run")
+    params = restored.state.params if which == "params" else restored.state.ema_params
+    if which == "ema":   # the teacher is kept in float32; serve it in the model's storage dtype
+        params = jax.tree.map(lambda p: p.astype(mcfg.jnp_param_dtype), params)
+    return mcfg, params, restored.step, run_config
+
+
+def load_model(path, *, step: int | None = None, which: str = "params", mesh=None,
+               compute_dtype: str | None = None) -> LoadedModel:
+    """Load a model and its tokenizer from a run directory or a Hugging Face checkpoint directory.
+
+    For a Hugging Face checkpoint whose tokenizer gained the think markers, the embedding grows to match
+    (new rows drawn like `resize_embeddings`; a fixed seed, so repeated loads agree).
+    Raises LoadError / TokenizerError / hf.CheckpointError / checkpoint.CheckpointMismatch with one-line messages.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"checkpoint {path} does not exist; pass a run directory or a Hugging Face checkpoint dir")
+    if is_run_dir(path):
+        mcfg, params, got_step, run_config = load_run_params(path, step=step, which=which, mesh=mesh)
+        tokenizer = load_tokenizer(run_tokenizer_path(path, run_config))
+        source = "run"
+    elif (path / "config.json").is_file():
+        if step is not None or which != "params":
+            raise LoadError(f"{path} is a Hugging Face checkpoint: --step and --which=ema apply to run directories only")
+        mcfg, params = hf.from_hf(path)
+        tokenizer = load_tokenizer(path)
+        if tokenizer.vocab_size > mcfg.vocab_size:
+            k1, k2 = jax.random.split(jax.random.key(0))
+            params["embed"] = resize_embeddings(params["embed"], tokenizer.vocab_size, k1)
+            if "lm_head" in params:
+                params["lm_head"] = resize_embeddings(params["lm_head"].T, tokenizer.vocab_size, k2).T
+            mcfg = mcfg.replace(vocab_size=tokenizer.vocab_size)
+        params = jax.device_put(params)
+        got_step, run_config, source = None, None, "hf"
+    else:
+        raise LoadError(f"{path} is neither an rlp_jax run directory (config.json + checkpoints/) nor a Hugging "
+                        "Face checkpoint (config.json + model.safetensors)")
+    if compute_dtype is not None:
+        mcfg = mcfg.replace(compute_dtype=compute_dtype)
+    return LoadedModel(cfg=mcfg, params=params, tokenizer=tokenizer, source=source, step=got_step, path=path,
+                       run_config=run_config)
+
+
+LOAD_ERRORS = (LoadError, TokenizerError, hf.CheckpointError, checkpoint.CheckpointMismatch,
+               checkpoint.CheckpointRestoreError, ConfigError)

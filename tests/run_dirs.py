@@ -1,0 +1,43 @@
+"""A real rlp_jax run directory built in seconds without training: generated corpus, a sentencepiece
+tokenizer, a random `tiny` model, and one Orbax checkpoint with the config.json `train.run` writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+
+from rlp_jax import checkpoint, model, train_step
+from rlp_jax.config import apply_overrides, load_experiment, to_dict
+from rlp_jax.corpus import build_corpus, generate_documents
+from rlp_jax.model_config import ModelConfig
+from rlp_jax.optim import make_optimizer
+from rlp_jax.tokenizer import load_tokenizer, train_sentencepiece
+from rlp_jax.train import with_markers
+
+
+def make_run_dir(root: Path, *, num_problems: int = 5, seed: int = 0, step: int = 1) -> Path:
+    """WORKDIR with data/{train,heldout}.jsonl, data/tokenizer.model, config.json and checkpoints/<step>."""
+    root = Path(root)
+    data = root / "data"
+    build_corpus(data, num_train_docs=200, num_eval_problems=num_problems, seed=0)
+    sp = train_sentencepiece(generate_documents(400, seed=0), data / "tokenizer", vocab_size=400)
+    tok = load_tokenizer(sp)
+    cfg = apply_overrides(load_experiment("smoke").config(), [f"train.tokenizer={sp}", "train.steps=2"])
+    cfg = with_markers(cfg, tok)
+    sources = (dataclasses.replace(cfg.data.sources[0], path=str(data / "train.jsonl")),)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
+    mcfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size)
+    params = model.init_params(mcfg, jax.random.key(seed))
+    params = jax.tree.map(lambda p: p * 3.0 if p.ndim > 1 else p, params)   # a peakier next-token softmax
+    opt = make_optimizer(cfg.optim, cfg.train.steps)
+    state = train_step.init_train_state(params, opt).replace(step=jax.numpy.asarray(step, jax.numpy.int32))
+    shape_fields = {k: v for k, v in dataclasses.asdict(mcfg).items() if k not in ("remat", "compute_dtype")}
+    run_config = {"model": shape_fields, "model_full": dataclasses.asdict(mcfg), "run": to_dict(cfg),
+                  "experiment": "test"}
+    (root / "config.json").write_text(json.dumps(run_config, indent=2))
+    with checkpoint.Checkpointer(root / "checkpoints", save_every=1) as ck:
+        ck.save(step, state, data_state=None, rng=jax.random.key(0), config=run_config, force=True)
+    return root
