@@ -35,8 +35,9 @@ class ConfigError(ValueError):
 class ModelSection:
     """Attributes:
       preset: named size for random init (`ModelConfig.preset`): tiny, small, qwen3-0.6b, ...
-      init_from: a local Hugging Face checkpoint directory (Qwen3/Qwen2/Llama safetensors); when set,
-        the architecture comes from its config.json and `preset` is ignored.
+      init_from: a local Hugging Face checkpoint directory (Qwen3/Qwen2/Llama safetensors) or an rlp_jax
+        run directory (its latest policy params, e.g. an NTP stage before RLP); when set, the
+        architecture comes from it and `preset` is ignored.
       param_dtype, compute_dtype: "float32" / "bfloat16". remat: "none" / "full" / "dots".
     """
 

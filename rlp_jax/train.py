@@ -21,9 +21,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 from tqdm import tqdm
 
-from rlp_jax import checkpoint, hf, model, sharding, train_step
+from rlp_jax import checkpoint, hf, loading, model, sharding, train_step
 from rlp_jax.config import ConfigError, RunConfig, apply_overrides, describe_fields, load_experiment, to_dict
 from rlp_jax.data import DataError, make_iterator
 from rlp_jax.metrics import MetricsWriter
@@ -34,7 +35,7 @@ from rlp_jax.tokenizer import TokenizerError, load_tokenizer, resize_embeddings
 log = logging.getLogger("rlp_jax.train")
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, hf.CheckpointError, checkpoint.CheckpointMismatch,
-               checkpoint.CheckpointRestoreError)
+               checkpoint.CheckpointRestoreError, loading.LoadError)
 
 
 class TrainingStopped(RuntimeError):
@@ -46,12 +47,21 @@ class TrainingStopped(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 def build_model(cfg: RunConfig, tokenizer, rng) -> tuple[ModelConfig, dict | None]:
-    """ModelConfig and host params: from a Hugging Face checkpoint, or None for a random init
-    (done later on the mesh). Embeddings grow when the tokenizer added tokens (the think markers)."""
+    """ModelConfig and params: from a Hugging Face checkpoint or an rlp_jax run directory (its latest
+    policy params), or None for a random init (done later on the mesh). Embeddings grow when the tokenizer added tokens (the think markers)."""
     m = cfg.model
     extra = dict(compute_dtype=m.compute_dtype, remat=m.remat)
     if m.init_from is None:
         return ModelConfig.preset(m.preset, vocab_size=tokenizer.vocab_size, param_dtype=m.param_dtype, **extra), None
+    if loading.is_run_dir(m.init_from):  # an earlier rlp_jax run (e.g. the NTP stage before RLP): its policy
+        mcfg, params, step, _ = loading.load_run_params(m.init_from)
+        log.info("initialising from %s step %d", m.init_from, step)
+        mcfg = mcfg.replace(param_dtype=m.param_dtype, **extra)
+        params = jax.tree.map(lambda p: p.astype(mcfg.jnp_param_dtype), params)
+        if tokenizer.vocab_size != mcfg.vocab_size:
+            raise ConfigError(f"model.init_from={m.init_from} has vocab_size {mcfg.vocab_size} but the tokenizer has "
+                              f"{tokenizer.vocab_size}; use the tokenizer that run trained with")
+        return mcfg, params
     mcfg, params = hf.from_hf(m.init_from, param_dtype=m.param_dtype, **extra)
     if tokenizer.vocab_size > mcfg.vocab_size:
         log.info("growing the embedding from %d to %d rows for added tokens", mcfg.vocab_size, tokenizer.vocab_size)
@@ -88,15 +98,42 @@ class _Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
+    def any_host(self) -> bool:
+        """Whether any process got SIGTERM: every host must take the (collective) save at the same step."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
     def restore(self):
         signal.signal(signal.SIGTERM, self._old)
 
 
-def run(cfg: RunConfig, workdir: Path, *, experiment: str = "custom") -> dict:
-    """Train `cfg` in `workdir` (resuming if it holds checkpoints). Returns the last logged metrics."""
+def local_dirs(workdir) -> tuple[Path, str]:
+    """(local run directory, checkpoint directory) of a workdir.
+
+    A local workdir holds everything. A URL workdir (gs://bucket/runs/x, an `etils.epath.Path` or str)
+    keeps the checkpoints there (Orbax writes to it directly, from every host) and the config,
+    metrics, TensorBoard events and plots in the local mirror ~/.cache/rlp_jax/runs/<bucket>/<path>.
+    """
+    text = str(workdir)
+    if "://" not in text:
+        return Path(workdir), str(Path(workdir) / "checkpoints")
+    mirror = Path.home() / ".cache" / "rlp_jax" / "runs" / text.split("://", 1)[1].strip("/")
+    return mirror, text.rstrip("/") + "/checkpoints"
+
+
+def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
+    """Train `cfg` in `workdir` (a local path or a gs:// URL, see `local_dirs`), resuming if it holds
+    checkpoints. Returns the last logged metrics."""
+    workdir, ckpt_dir = local_dirs(workdir)
+    if "://" in ckpt_dir:
+        print(f"checkpoints in {ckpt_dir}; config, metrics and plots in {workdir}")
     workdir.mkdir(parents=True, exist_ok=True)
     tc = cfg.train
     tok_path = tc.tokenizer or cfg.model.init_from
+    if tc.tokenizer is None and tok_path is not None and loading.is_run_dir(tok_path):
+        tok_path = loading.run_tokenizer_path(Path(tok_path), json.loads((Path(tok_path) / "config.json").read_text()))
     if tok_path is None:
         raise ConfigError("no tokenizer: set --set train.tokenizer=PATH (a sentencepiece .model or a "
                           "Hugging Face tokenizer dir) or model.init_from")
@@ -138,7 +175,7 @@ def run(cfg: RunConfig, workdir: Path, *, experiment: str = "custom") -> dict:
     shape_fields = {k: v for k, v in dataclasses.asdict(mcfg).items() if k not in ("remat", "compute_dtype")}
     run_config = {"model": shape_fields, "model_full": dataclasses.asdict(mcfg), "run": to_dict(cfg),
                   "experiment": experiment}
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", save_every=tc.save_every, keep=tc.keep)
+    ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=tc.save_every, keep=tc.keep)
     train_iter = make_iterator(cfg.data, tokenizer, split="train")
     start = 0
     restored = ckpt.restore(_attach(jax.eval_shape(lambda: state), st_sh), config=run_config)
@@ -227,7 +264,7 @@ def run(cfg: RunConfig, workdir: Path, *, experiment: str = "custom") -> dict:
                 last.update(ev)
             bar.update(1)
             save(step)
-            if preempt.requested:
+            if preempt.any_host():
                 tqdm.write(f"SIGTERM: saving step {step} and exiting")
                 save(step, force=True)
                 break
@@ -294,12 +331,22 @@ def main(argv=None) -> int:
             return 0
         name = Path(args.experiment).stem
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        workdir = Path(args.workdir or f"runs/{name}-{stamp}")
+        workdir = args.workdir or f"runs/{name}-{stamp}"
+        workdir = epath.Path(workdir) if "://" in workdir else Path(workdir)   # gs://... stays a URL
         if hasattr(module, "prepare"):
             cfg = module.prepare(cfg, workdir)
         sharding.maybe_initialize_distributed()
         print(f"experiment {name}: workdir {workdir}, devices {jax.devices()[0].platform} x {jax.device_count()}")
-        final = run(cfg, workdir, experiment=name)
+        # A recipe with stages (e.g. demo: next-token pretraining, then RLP from it) runs each in
+        # WORKDIR/<stage>; a finished stage is a no-op on a rerun, so the whole recipe resumes.
+        stages = module.stages(cfg, workdir) if hasattr(module, "stages") else [(None, cfg)]
+        for stage, stage_cfg in stages:
+            if stage is not None:
+                print(f"== stage {stage}: objective={stage_cfg.train.objective}, steps={stage_cfg.train.steps}")
+            final = run(stage_cfg, workdir if stage is None else workdir / stage,
+                        experiment=name if stage is None else f"{name}/{stage}")
+        if hasattr(module, "report") and jax.process_index() == 0:
+            module.report(cfg, workdir)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
