@@ -148,8 +148,11 @@ class HFTokenizer(Tokenizer):
                                            "expected a tokenizer.json written by the tokenizers library")) from e
         base = self._size()
         # Adding a token that already exists reuses its id; adding it as special keeps it from being split.
+        # Markers that already are special added tokens keep their flags (an `rlp_jax.export` of a
+        # sentencepiece model matches them after normalisation, which re-adding would undo).
+        special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
         self.tok.add_special_tokens([tokenizers.AddedToken(m, special=True, normalized=False)
-                                     for m in think_tokens])
+                                     for m in think_tokens if m not in special])
         self.vocab_size = self._size()
         self.num_added_tokens = self.vocab_size - base
         self.think_start_id, self.think_end_id = (self.tok.token_to_id(m) for m in think_tokens)
