@@ -4,10 +4,14 @@ pretraining (stage 1) -> RLP from that checkpoint (stage 2) -> a before/after ta
     python -m rlp_jax.train --experiment=demo [--workdir runs/demo]
 
 1. `prepare` writes a generated corpus (`rlp_jax.corpus`: arithmetic and word problems with and without
-   worked steps, unit conversions, orderings, descriptive text) and held-out problems that never occur
-   in training into WORKDIR/data, and trains a sentencepiece tokenizer with the think markers.
+   worked steps, unit conversions, orderings, descriptive text; in 10% of the problems the working
+   is written as a `<think> ... </think>` at the answer, as web text with reasoning traces has it)
+   and held-out problems that never occur in training into WORKDIR/data, and trains a sentencepiece
+   tokenizer with the think markers.
 2. `stages`: WORKDIR/pretrain trains the `small` Qwen3-style preset from scratch with next-token
    prediction; WORKDIR/rlp continues it with RLP (`config()` below; `--set` overrides apply to it).
+   Positions are drawn by the `ema_band` rule (tokens the teacher finds 1-8 nats surprising) rather
+   than uniformly: on this templated text most tokens are trivially predictable.
 3. `report` evaluates both checkpoints on the same held-out documents and problems and prints the
    table (also WORKDIR/report.md and report.json) and a few sampled thoughts.
 Each stage resumes if interrupted; rerunning a finished demo only reprints the report.
@@ -24,8 +28,9 @@ from rlp_jax.sharding import MeshConfig
 
 NUM_TRAIN_DOCS = 30_000
 NUM_HELDOUT = 200
+THINK_FRACTION = 0.1   # problem documents whose working is a <think> ... </think> at the answer (corpus.py)
 VOCAB = 1024
-PRETRAIN = dict(steps=400, lr=2e-3, warmup_steps=20, batch_size=16)
+PRETRAIN = dict(steps=300, lr=2e-3, warmup_steps=20, batch_size=16)
 
 
 def config() -> RunConfig:
@@ -34,11 +39,11 @@ def config() -> RunConfig:
         model=ModelSection(preset="small"),
         data=DataConfig(sources=(SourceConfig(path="WORKDIR/data/train.jsonl", name="generated"),),
                         seq_len=64, batch_size=8, packing="pack", eval_fraction=0.02, shuffle_buffer=1024),
-        rlp=RLPConfig(rollout=RolloutConfig(group_size=4, positions_per_doc=4, thought_len=12, min_context=8,
-                                            temperature=1.0),
+        rlp=RLPConfig(rollout=RolloutConfig(group_size=4, positions_per_doc=4, thought_len=20, min_context=8,
+                                            temperature=1.0, position_rule="ema_band", ema_band=(1.0, 8.0)),
                       loss=LossConfig(), ema_decay=0.99),
-        optim=OptimConfig(lr=1e-4, warmup_steps=5, schedule="constant"),
-        train=TrainSection(objective="rlp", steps=60, save_every=30, eval_every=30, eval_batches=4,
+        optim=OptimConfig(lr=2e-4, warmup_steps=5, schedule="constant"),
+        train=TrainSection(objective="rlp", steps=50, save_every=25, eval_every=25, eval_batches=4,
                            mesh=MeshConfig(data=-1), min_thought_len=1.0),
     )
 
@@ -53,8 +58,10 @@ def prepare(cfg: RunConfig, workdir: Path) -> RunConfig:
     sp_model = data_dir / "tokenizer.model"
     if not (data_dir / "train.jsonl").exists() or not sp_model.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
-        build_corpus(data_dir, num_train_docs=NUM_TRAIN_DOCS, num_eval_problems=NUM_HELDOUT, seed=0)
-        train_sentencepiece(generate_documents(5000, seed=0), data_dir / "tokenizer", vocab_size=VOCAB)
+        build_corpus(data_dir, num_train_docs=NUM_TRAIN_DOCS, num_eval_problems=NUM_HELDOUT, seed=0,
+                     think_fraction=THINK_FRACTION)
+        train_sentencepiece(generate_documents(5000, seed=0, think_fraction=THINK_FRACTION), data_dir / "tokenizer",
+                            vocab_size=VOCAB)
     sources = tuple(dataclasses.replace(s, path=s.path.replace("WORKDIR", str(workdir))) for s in cfg.data.sources)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources),
                                train=dataclasses.replace(cfg.train, tokenizer=cfg.train.tokenizer or str(sp_model)))

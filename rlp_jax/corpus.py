@@ -261,8 +261,15 @@ _MAKERS = {"arithmetic": _arithmetic, "word_problem": _word_problem, "unit_conve
            "logic": _logic}
 
 
-def generate_records(num_docs: int, seed: int, *, worked_fraction: float = 0.5) -> list[Document]:
-    """Training documents with their kind, canonical key and whether the working is shown."""
+def generate_records(num_docs: int, seed: int, *, worked_fraction: float = 0.5,
+                     think_fraction: float = 0.0) -> list[Document]:
+    """Training documents with their kind, canonical key and whether the working is shown.
+
+    think_fraction: share of problem documents whose working is shown as a thought at the answer
+    position, `question The answer is <think> steps </think> answer.` -- the format RLP samples, as
+    in web text that contains reasoning traces (a base model that never saw the markers cannot use
+    them; see LESSONS.md). 0 leaves the documents (and the random stream) unchanged.
+    """
     rng, docs = random.Random(f"rlp_jax.corpus/train/{seed}"), []
     for _ in range(num_docs):
         kind = rng.choices(KINDS, weights=_DOC_WEIGHTS)[0]
@@ -272,6 +279,10 @@ def generate_records(num_docs: int, seed: int, *, worked_fraction: float = 0.5) 
         p = _MAKERS[kind](rng)
         while any(is_heldout_key(k) for k in p.subkeys):  # never train on an evaluation problem
             p = _MAKERS[kind](rng)
+        if think_fraction > 0 and rng.random() < think_fraction:
+            text = " ".join(x for x in (rng.choice(_PREAMBLES), p.question, EVAL_CUE) if x)
+            docs.append(Document(kind, f"{text} <think> {p.worked} </think> {p.answer}.", p.key, True, p))
+            continue
         worked = rng.random() < worked_fraction
         cue = rng.choice(_CUES_WORKED if worked else _CUES_PLAIN)
         parts = [rng.choice(_PREAMBLES), p.question, p.worked if worked else "", f"{cue} {p.answer}."]
@@ -279,9 +290,11 @@ def generate_records(num_docs: int, seed: int, *, worked_fraction: float = 0.5) 
     return docs
 
 
-def generate_documents(num_docs: int, seed: int, *, worked_fraction: float = 0.5) -> list[str]:
+def generate_documents(num_docs: int, seed: int, *, worked_fraction: float = 0.5,
+                       think_fraction: float = 0.0) -> list[str]:
     """`num_docs` training texts, deterministic for `seed`; none contains a held-out problem."""
-    return [d.text for d in generate_records(num_docs, seed, worked_fraction=worked_fraction)]
+    return [d.text for d in generate_records(num_docs, seed, worked_fraction=worked_fraction,
+                                             think_fraction=think_fraction)]
 
 
 def generate_problems(num: int, seed: int) -> list[Problem]:
@@ -301,11 +314,11 @@ def generate_problems(num: int, seed: int) -> list[Problem]:
 
 
 def build_corpus(out_dir, *, num_train_docs: int, num_eval_problems: int, seed: int = 0,
-                 worked_fraction: float = 0.5) -> dict[str, Path]:
+                 worked_fraction: float = 0.5, think_fraction: float = 0.0) -> dict[str, Path]:
     """Write `train.jsonl` ({"text"}) and `heldout.jsonl` ({"question", "answer", "kind", "text"})."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train = generate_documents(num_train_docs, seed, worked_fraction=worked_fraction)
+    train = generate_documents(num_train_docs, seed, worked_fraction=worked_fraction, think_fraction=think_fraction)
     problems = generate_problems(num_eval_problems, seed)
     joined = "\n".join(train)
     leaked = [p.body for p in problems if p.body in joined]

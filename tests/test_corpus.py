@@ -143,3 +143,20 @@ def test_build_corpus(tmp_path):
         assert r == {"question": p.question, "answer": p.answer, "kind": p.kind, "text": f"{p.question} {p.answer}."}
     again = build_corpus(tmp_path / "again", num_train_docs=300, num_eval_problems=24, seed=5)
     assert all(again[k].read_bytes() == paths[k].read_bytes() for k in paths)
+
+
+def test_think_fraction_writes_the_working_as_a_thought_at_the_answer(problems):
+    recs = generate_records(1000, seed=4, think_fraction=0.25)
+    assert [r.text for r in recs] == [r.text for r in generate_records(1000, seed=4, think_fraction=0.25)]
+    pattern = re.compile(re.escape(EVAL_CUE) + r" <think> (.+) </think> (\S+)\.$")
+    thinking = [r for r in recs if "<think>" in r.text]
+    share = len(thinking) / sum(r.key is not None for r in recs)
+    assert 0.19 < share < 0.31
+    for r in thinking:
+        m = pattern.search(r.text)
+        assert m is not None, r.text
+        assert m.group(1) == r.problem.worked and m.group(2) == r.problem.answer
+        assert r.text.count("<think>") == 1 and r.text.count("</think>") == 1
+    assert all("<think>" not in r.text and "</think>" not in r.text for r in generate_records(300, seed=4))
+    joined = "\n".join(r.text for r in recs)
+    assert not [p.body for p in problems if p.body in joined]
