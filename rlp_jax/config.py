@@ -262,13 +262,20 @@ def to_dict_value(value):
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 
 
+def _experiment_dirs() -> list[Path]:
+    """experiments/ of the source tree (editable installs), then of the working directory (a
+    non-editable install ships only the package)."""
+    return [d for d in dict.fromkeys((EXPERIMENTS_DIR, Path.cwd() / "experiments")) if d.is_dir()]
+
+
 def experiment_names() -> list[str]:
-    return sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.py") if not p.stem.startswith("_"))
+    return sorted({p.stem for d in _experiment_dirs() for p in d.glob("*.py") if not p.stem.startswith("_")})
 
 
 def load_experiment(name: str):
     """The module of experiment `name` (a file in experiments/, or a path to a .py recipe)."""
-    path = Path(name) if name.endswith(".py") else EXPERIMENTS_DIR / f"{name}.py"
+    found = [d / f"{name}.py" for d in _experiment_dirs() if (d / f"{name}.py").exists()]
+    path = Path(name) if name.endswith(".py") else (found[0] if found else EXPERIMENTS_DIR / f"{name}.py")
     if not path.exists():
         raise ConfigError(f"unknown experiment {name!r}; valid experiments: {', '.join(experiment_names())} "
                           "(or a path to a recipe .py file)")

@@ -14,7 +14,6 @@ Shapes inside: B prompts per batch (a multiple of the mesh's data x fsdp size), 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 import jax
@@ -77,33 +76,23 @@ class Decoder:
         self._row_sh = NamedSharding(self.mesh, P(("data", "fsdp")))
         self._stop = tuple(i for i in (tokenizer.eos_id,) if i is not None)
 
-    # -- compiled pieces (cached per static configuration) --
+    # -- compiled pieces, shared by every Decoder of the same model shape and mesh --
 
-    @functools.lru_cache(maxsize=None)
     def _gen_fn(self, sc: SamplingConfig):
-        rep = NamedSharding(self.mesh, P())
-        fn = lambda p, x, n, k: generate(p, self.cfg, x, n, k, sc)
-        return jax.jit(fn, in_shardings=(self._p_sh, self._row_sh, self._row_sh, rep))
+        return _compiled("generate", self.cfg, self.mesh, self._p_sh, sc)
 
-    @functools.lru_cache(maxsize=None)
     def _lp_fn(self):
-        def fn(p, x_bl, seg_bl):
-            logits, _ = model.forward(p, self.cfg, x_bl, segment_ids_bl=seg_bl)
-            return shifted_token_logprobs(logits, x_bl)                       # [B, L] float32
-        return jax.jit(fn, in_shardings=(self._p_sh, self._row_sh, self._row_sh), out_shardings=self._row_sh)
+        return _compiled("logprob", self.cfg, self.mesh, self._p_sh, None)
 
     # -- public API --
 
     def sample(self, prompts: Sequence[Sequence[int]], sc: SamplingConfig, rng) -> list[list[int]]:
         """Generated token ids per prompt (up to and including a stop id), in batches."""
         out: list[list[int]] = []
-        bs = -(-self._bs(len(prompts)) // self._rows) * self._rows
+        bs = self._bs()
         for i in range(0, len(prompts), bs):
             chunk = prompts[i:i + bs]
-            x, n = pad_prompts(chunk, pad_id=self.tok.pad_id or 0, multiple=64, batch_multiple=self._rows)
-            if len(x) < bs and len(prompts) > bs:   # one compiled batch shape for every chunk
-                x = np.concatenate([x, np.repeat(x[-1:], bs - len(x), 0)])
-                n = np.concatenate([n, np.repeat(n[-1:], bs - len(n), 0)])
+            x, n = pad_prompts(chunk, pad_id=self.tok.pad_id or 0, multiple=64, batch_multiple=bs)
             g = jax.device_get(self._gen_fn(sc)(self.params, x, n, jax.random.fold_in(rng, i)))
             out += [g.tokens[j, : g.lengths[j]].tolist() for j in range(len(chunk))]
         return out
@@ -140,18 +129,40 @@ class Decoder:
         """log p(continuation | prefix) summed over the continuation's tokens, by teacher forcing: [N] float64."""
         seqs = [list(p) + list(c) for p, c in zip(prefixes, continuations)]
         out = np.zeros(len(seqs))
-        bs = -(-self._bs(len(seqs)) // self._rows) * self._rows
+        bs = self._bs()
         for i in range(0, len(seqs), bs):
             chunk = seqs[i:i + bs]
-            x, n = pad_prompts(chunk, pad_id=0, multiple=64, batch_multiple=self._rows)
+            x, n = pad_prompts(chunk, pad_id=0, multiple=64, batch_multiple=bs)
             seg = (np.arange(x.shape[1])[None] < n[:, None]).astype(np.int32)
             lp = np.asarray(jax.device_get(self._lp_fn()(self.params, x, seg)))   # lp[:, j] = log p(x_j | x_<j)
             for j, (p, c) in enumerate(zip(prefixes[i:i + bs], continuations[i:i + bs])):
                 out[i + j] = lp[j, len(p): len(p) + len(c)].sum()
         return out
 
-    def _bs(self, n: int) -> int:
-        return max(1, min(n, self.batch_size))
+    def _bs(self) -> int:
+        """Rows per compiled batch: batch_size rounded up to the mesh rows. Every chunk is padded to it,
+        so there is one compiled shape per prompt-length bucket."""
+        return -(-self.batch_size // self._rows) * self._rows
+
+
+_JITTED: dict = {}
+
+
+def _compiled(kind: str, cfg, mesh, p_sh, sc):
+    """One jitted function per (kind, model config, mesh, sampling config): decoders of several
+    checkpoints of one model (e.g. before and after RLP) reuse each other's compilations."""
+    key = (kind, repr(cfg), mesh, sc)
+    if key not in _JITTED:
+        rows = NamedSharding(mesh, P(("data", "fsdp")))
+        if kind == "generate":
+            fn = lambda p, x, n, k: generate(p, cfg, x, n, k, sc)
+            _JITTED[key] = jax.jit(fn, in_shardings=(p_sh, rows, rows, NamedSharding(mesh, P())))
+        else:
+            def fn(p, x_bl, seg_bl):
+                logits, _ = model.forward(p, cfg, x_bl, segment_ids_bl=seg_bl)
+                return shifted_token_logprobs(logits, x_bl)                   # [B, L] float32
+            _JITTED[key] = jax.jit(fn, in_shardings=(p_sh, rows, rows), out_shardings=rows)
+    return _JITTED[key]
 
 
 def encode_answer(tokenizer, prompt_text: str, answer_text: str) -> tuple[list[int], list[int]]:

@@ -112,7 +112,7 @@ def format_table(rows: list[dict]) -> str:
 def sample_thoughts(run_dir, heldout, *, n: int, think_tokens: int, seed: int = 0) -> list[str]:
     """`question <think> thought </think> answer` strings for the first n held-out problems."""
     lm = load_model(run_dir)
-    decoder = Decoder(lm.params, lm.cfg, lm.tokenizer, batch_size=max(n, 1))
+    decoder = Decoder(lm.params, lm.cfg, lm.tokenizer, batch_size=64)
     problems = load_problems(heldout, n)
     prompts = [lm.tokenizer.encode(p.question) for p in problems]
     out = decoder.complete(prompts, "think", DecodeOptions(max_new_tokens=8, think_tokens=think_tokens),
