@@ -225,7 +225,8 @@ def default_segments(tokens_bl, pad_id: int | None = None):
 
 
 def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None, positions_bl=None,
-            return_cache: bool = False, return_logits: bool = True, logits_at_b=None):
+            return_cache: bool = False, return_logits: bool = True, logits_at_b=None,
+            return_hidden: bool = False):
     """Teacher-forced causal pass.
 
     Args:
@@ -237,8 +238,11 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
       return_logits: False skips the output projection (a prefix cache is all the caller needs).
       logits_at_b: optional [B] int32 index of the one position per row whose logits are wanted
         (e.g. a prompt's last token): the output projection then runs on B vectors, not B x L.
+      return_hidden: return the final hidden states [B, L, D] (before the final norm) in place of
+        the logits (for chunked projections, `reward.shifted_token_logprobs_chunked`).
     Returns:
-      (logits [B, L, V] float32 ([B, V] with logits_at_b) or None, PrefixCache or None).
+      (logits [B, L, V] float32 ([B, V] with logits_at_b; hidden [B, L, D] with return_hidden) or None,
+       PrefixCache or None).
     """
     seg_default, pos_default = default_segments(tokens_bl)
     seg = seg_default if segment_ids_bl is None else segment_ids_bl.astype(jnp.int32)
@@ -255,7 +259,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
     x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bl), attend, None)
     if logits_at_b is not None:
         x = jnp.take_along_axis(x, logits_at_b.astype(jnp.int32)[:, None, None], axis=1)[:, 0]   # [B, D]
-    logits = logits_from_hidden(cfg, params, x) if return_logits else None
+    logits = x if return_hidden else (logits_from_hidden(cfg, params, x) if return_logits else None)
     cache = PrefixCache(k=kv[0], v=kv[1], segment_ids=seg, positions=pos) if return_cache else None
     return logits, cache
 
@@ -265,7 +269,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
 # ----------------------------------------------------------------------------------------------
 
 def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branches: Branches,
-                   tokens_bns, *, cache: BranchCache | None = None, offset=0):
+                   tokens_bns, *, cache: BranchCache | None = None, offset=0, return_hidden: bool = False):
     """Forward of N branches per document over the shared prefix cache.
 
     Args:
@@ -276,8 +280,10 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
         `offset` and queries attend to slots < offset + their index + 1 (token-by-token sampling).
         None: the S tokens attend to each other causally (a whole branch at once; differentiable).
       offset: int (may be traced) index of the first token within the branch.
+      return_hidden: return the final hidden states [B, N, S, D] (before the final norm) instead of
+        the logits, for callers that project only some slots or in chunks (`logits_from_hidden`).
     Returns:
-      (logits [B, N, S, V] float32, updated BranchCache or None).
+      (logits [B, N, S, V] float32 (or hidden [B, N, S, D]), updated BranchCache or None).
     """
     b, n, s = tokens_bns.shape
     length = prefix.segment_ids.shape[1]
@@ -304,7 +310,7 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
     extras = (prefix.k, prefix.v, None if cache is None else cache.k, None if cache is None else cache.v)
     x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bns), attend, extras)
     new_cache = None if cache is None else BranchCache(k=kv[0], v=kv[1])
-    return logits_from_hidden(cfg, params, x), new_cache
+    return (x if return_hidden else logits_from_hidden(cfg, params, x)), new_cache
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,11 +14,13 @@ Everything is per device and an *estimate* of what the current code materialises
     as `rlp_jax.sharding` would shard it on the mesh (a logical axis that does not divide replicates).
     Gradients: one more copy of the params.
   * Activations, per phase of `train_step.rlp_step` (the peak is the largest phase plus the state):
-    teacher (EMA forward: [B, L, V] float32 logits and log-softmax), rollout (prefix KV cache of the
-    local documents, branch KV cache of N = K*G branches x T slots, per-step logits), loss (the
-    differentiable document + branch forward: per-layer residuals kept for the backward, which depend
-    on model.remat, and [B, N, S, V] float32 branch logits: the logits, the temperature-scaled
-    policy logits, their log-softmax and the logits' cotangent, 4 copies). Attention scores are dense
+    teacher (EMA forward; the vocabulary projection runs TOKEN_CHUNK positions at a time: [B, chunk, V]
+    float32 logits and log-softmax), rollout (prefix KV cache of the local documents, branch KV cache
+    of N = K*G branches x T slots, per-step logits), loss (the differentiable document + branch
+    forward: per-layer residuals kept for the backward, which depend on model.remat, and the branch
+    logits of one chunk of THOUGHT_CHUNK thought slots plus the H target slots, [B, N, chunk + H, V]
+    float32: logits, temperature-scaled policy logits, log-softmax and cotangent, 4 copies; the chunks
+    are rematerialised in the backward). Attention scores are dense
     and masked in this code ([L, L] per document row, [S, L + S] per branch), so memory counts them
     dense. Heads / MLP / vocab-wide activations are divided by the tensor axis (GSPMD follows the
     weights); rows are divided by data x fsdp.
@@ -51,7 +53,9 @@ from rlp_jax import model, sharding, train_step
 from rlp_jax.config import ConfigError, RunConfig, apply_overrides, load_experiment
 from rlp_jax.model_config import ModelConfig
 from rlp_jax.optim import make_optimizer
+from rlp_jax.reward import TOKEN_CHUNK
 from rlp_jax.rlp_config import RLPConfig
+from rlp_jax.rollout import THOUGHT_CHUNK
 
 GIB = 2 ** 30
 REMATS = ("none", "full", "dots")
@@ -260,17 +264,18 @@ def activation_bytes(m: ModelConfig, rlp: RLPConfig, *, rows: int, seq_len: int,
     n, t = ro.positions_per_doc * ro.group_size, ro.thought_len
     s = t + 1 + rlp.reward.horizon
     kv = lambda slots: 2 * y * slots * hk * dh * c / tp                              # noqa: E731
-    teacher = param_copy + 2 * 4 * b * length * v / tp + doc_transient + gathered
+    teacher = param_copy + 2 * 4 * b * min(length, TOKEN_CHUNK) * v / tp + doc_transient + gathered
     decode = (kv(b * n * t) + 4 * 4 * b * n * v / tp
               + _transient(m, b * n, b * n * (length + t), tp) + gathered)
     rollout = kv(b * length) + max(doc_transient + gathered, decode)
     br_tokens, br_pairs = b * n * s, b * n * s * (length + s)
+    vocab_slots = min(THOUGHT_CHUNK, t) + rlp.reward.horizon   # one chunk of thought slots + the targets
     loss = (y * (tok * (doc_tokens + br_tokens) + pair * (doc_pairs + br_pairs)) + kv(b * length)
-            + 4 * 4 * b * n * s * v / tp + max(doc_transient, _transient(m, br_tokens, br_pairs, tp)) + gathered)
+            + 4 * 4 * b * n * vocab_slots * v / tp + max(doc_transient, _transient(m, br_tokens, br_pairs, tp)) + gathered)
     if rlp.loss.ntp_weight > 0:
         loss += 3 * 4 * b * length * v / tp
     if rlp.loss.kl_beta > 0:   # the reference forward runs while the policy's residuals are kept
-        loss += kv(b * length) + 3 * 4 * b * n * s * v / tp
+        loss += kv(b * length) + 3 * 4 * b * n * vocab_slots * v / tp
     return {"teacher": teacher, "rollout": rollout, "loss": loss}
 
 
@@ -437,7 +442,7 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
                          f"({loss_by_remat['dots'] / GIB:.1f} GiB)")
         if objective == "rlp":
             hints.append("fewer branches per device: lower rlp.rollout.positions_per_doc / group_size / thought_len "
-                         "(the [B, N, S, V] float32 branch logits grow with all three)")
+                         "(the branch residuals and attention scores grow with all three)")
         if rows > 1:
             hints.append(f"fewer rows per device: lower data.batch_size (now {rows} per device) or spread rows over "
                          "more chips; gradient accumulation over micro-batches is not implemented in train_step yet")

@@ -26,6 +26,7 @@ from rlp_jax.model_config import ModelConfig
 from rlp_jax.rlp_config import RolloutConfig
 
 _NEG = -1e30
+THOUGHT_CHUNK = 32   # thought slots projected to the vocabulary at a time by `score_hidden`
 
 
 @flax.struct.dataclass
@@ -178,14 +179,51 @@ def thought_forward(params, cfg: ModelConfig, prefix: model.PrefixCache, positio
     g = thoughts.tokens.shape[2]
     seq, pred_idx = branch_tokens(thoughts, targets_bkh, rollout)                  # [B, N, S], [B, N, H]
     branches = model.branches_at(prefix, jnp.repeat(positions_bk, g, axis=1))
-    logits, _ = model.branch_forward(params, cfg, prefix, branches, seq)           # [B, N, S, V]
-    return score_branches(logits, pred_idx, thoughts, targets_bkh, rollout)
+    hidden, _ = model.branch_forward(params, cfg, prefix, branches, seq, return_hidden=True)   # [B, N, S, D]
+    return score_hidden(params, cfg, hidden, pred_idx, thoughts, targets_bkh, rollout)
+
+
+def score_hidden(params, cfg: ModelConfig, hidden_bnsd, pred_idx_bnh, thoughts: Thoughts, targets_bkh,
+                 rollout: RolloutConfig, *, chunk: int = THOUGHT_CHUNK):
+    """`score_branches` from final hidden states, without the [B, N, S, V] logits.
+
+    The thought slots are projected `chunk` slots at a time under `jax.checkpoint` (the backward
+    recomputes each chunk's logits), so the vocab-wide activations alive at once are [B, N, chunk, V]
+    instead of [B, N, S, V]; the H target slots are projected after gathering them. Same outputs as
+    `score_branches` (float32).
+    """
+    b, k, g, t_max = thoughts.tokens.shape
+    n, h = k * g, targets_bkh.shape[-1]
+    c = max(1, min(chunk, t_max))
+    pad = -t_max % c
+    x = jnp.pad(hidden_bnsd[:, :, :t_max], ((0, 0), (0, 0), (0, pad), (0, 0)))       # [B, N, T', D]
+    tok = jnp.pad(thoughts.tokens.reshape(b, n, t_max), ((0, 0), (0, 0), (0, pad)))    # [B, N, T']
+    nc = (t_max + pad) // c
+    x_c = x.reshape(b, n, nc, c, -1).transpose(2, 0, 1, 3, 4)                          # [C, B, N, c, D]
+    tok_c = tok.reshape(b, n, nc, c).transpose(2, 0, 1, 3)                             # [C, B, N, c]
+    slots_c = jnp.arange(nc * c).reshape(nc, c)                                        # [C, c]
+
+    @jax.checkpoint
+    def chunk_logprobs(xc, tc, sc):
+        policy = thought_logits(model.logits_from_hidden(cfg, params, xc), sc, rollout)   # [B, N, c, V]
+        return jnp.take_along_axis(jax.nn.log_softmax(policy), tc[..., None], axis=-1)[..., 0]
+
+    lp = jax.lax.map(lambda a: chunk_logprobs(*a), (x_c, tok_c, slots_c))             # [C, B, N, c]
+    new_lp = lp.transpose(1, 2, 0, 3).reshape(b, n, nc * c)[:, :, :t_max]
+    new_lp = jnp.where(thoughts.action_mask.reshape(b, n, t_max), new_lp, 0.0)
+    x_pred = jnp.take_along_axis(hidden_bnsd, pred_idx_bnh[..., None], axis=2)         # [B, N, H, D]
+    at_pred = model.logits_from_hidden(cfg, params, x_pred)                            # [B, N, H, V]
+    tgt = jnp.repeat(targets_bkh, g, axis=1)
+    tgt_lp = jnp.take_along_axis(jax.nn.log_softmax(at_pred), tgt[..., None], axis=-1)[..., 0]
+    return (new_lp.reshape(b, k, g, t_max), tgt_lp.reshape(b, k, g, h),
+            jnp.argmax(at_pred, axis=-1).astype(jnp.int32).reshape(b, k, g, h))
 
 
 def score_branches(logits_bnsv, pred_idx_bnh, thoughts: Thoughts, targets_bkh, rollout: RolloutConfig):
     """Thought-token log-probs, target log-probs and target argmax from branch logits [B, N, S, V].
 
-    Shared by the shared-prefix and the naive forward; returns the three outputs of `thought_forward`.
+    The naive reference path scores with this; the shared-prefix path uses `score_hidden` (same
+    outputs, chunked). Returns the three outputs of `thought_forward`.
     """
     b, k, g, t_max = thoughts.tokens.shape
     h = targets_bkh.shape[-1]

@@ -53,9 +53,10 @@ def _as_compute(params, cfg: ModelConfig):
 
 def teacher_logprobs(ema_params, cfg: ModelConfig, batch) -> jax.Array:
     """log p_ema(x_j | x_<j) for every token, from one teacher-forced pass: [B, L] float32, no gradient."""
-    logits, _ = model.forward(_as_compute(jax.lax.stop_gradient(ema_params), cfg), cfg, batch["tokens"],
-                              segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"])
-    return reward.shifted_token_logprobs(logits, batch["tokens"])
+    ema = _as_compute(jax.lax.stop_gradient(ema_params), cfg)
+    hidden, _ = model.forward(ema, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                              positions_bl=batch["positions"], return_hidden=True)
+    return reward.shifted_token_logprobs_chunked(ema, cfg, hidden, batch["tokens"])
 
 
 def _branch_forward_fn(naive_path: bool, batch):

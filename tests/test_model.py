@@ -177,3 +177,16 @@ def test_config_rejects_bad_values():
         ModelConfig.preset("huge")
     with pytest.raises(ValueError, match="remat"):
         ModelConfig.preset("tiny", remat="sometimes")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 64])
+def test_chunked_token_logprobs_equal_full_logits(params, chunk):
+    from rlp_jax.reward import shifted_token_logprobs, shifted_token_logprobs_chunked
+
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, 64, (2, 10)), jnp.int32)
+    logits, _ = model.forward(params, CFG, tokens)
+    hidden, _ = model.forward(params, CFG, tokens, return_hidden=True)
+    ref = shifted_token_logprobs(logits, tokens)
+    got = shifted_token_logprobs_chunked(params, CFG, hidden, tokens, chunk=chunk)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got[:, 0]), 0.0)

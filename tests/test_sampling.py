@@ -10,6 +10,7 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from rlp_jax import model, naive
+from rlp_jax import rollout as rollout_lib
 from rlp_jax.model_config import ModelConfig
 from rlp_jax.rlp_config import RolloutConfig
 from rlp_jax.rollout import Thoughts, branch_tokens, filter_logits, thought_forward, thought_logits, thought_rollout
@@ -436,3 +437,31 @@ def test_branch_tokens_k2_groups():
     np.testing.assert_array_equal(np.asarray(seq)[0, :, 3], [9, 7, 11, 7])
     np.testing.assert_array_equal(np.asarray(seq)[0, :, 5], [0, 9, 0, 11])
     np.testing.assert_array_equal(np.asarray(idx)[0], [[2, 3], [4, 5], [2, 3], [4, 5]])
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 8])
+def test_chunked_scoring_equals_full_logits_with_gradients(params, chunk):
+    # T = 3 thought slots scored in chunks (3 % 2 != 0 exercises the padding) against score_branches
+    # on the full [B, N, S, V] logits: values and the gradient of a loss through both.
+    th = _hand_thoughts()
+    th = th.replace(logprobs=jnp.where(th.action_mask, -1.0, 0.0))
+    targets = jnp.array([[[9, 10]]], jnp.int32)
+    r = _rollout_cfg(group_size=2, thought_len=3)
+    seq, idx = branch_tokens(th, targets, r)
+    rng = np.random.RandomState(0)
+    hidden = jnp.asarray(rng.randn(1, 2, seq.shape[-1], CFG.hidden_size), jnp.float32)
+
+    def loss(p, use_chunks):
+        if use_chunks:
+            out = rollout_lib.score_hidden(p, CFG, hidden, idx, th, targets, r, chunk=chunk)
+        else:
+            out = rollout_lib.score_branches(model.logits_from_hidden(CFG, p, hidden), idx, th, targets, r)
+        return out[0].sum() + 0.5 * out[1].sum(), out
+
+    (l_c, out_c), g_c = jax.value_and_grad(lambda p: loss(p, True), has_aux=True)(params)
+    (l_f, out_f), g_f = jax.value_and_grad(lambda p: loss(p, False), has_aux=True)(params)
+    for a, b in zip(out_c, out_f):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(l_c), float(l_f), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_f)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
