@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tpu_scripts"
 TPU = SCRIPTS / "tpu_vm.sh"
 GPU = SCRIPTS / "gpu_launch.sh"
-ALL = [TPU, GPU, SCRIPTS / "slurm_example.sbatch"]
+ALL = [TPU, GPU, SCRIPTS / "lib.sh", SCRIPTS / "slurm_example.sbatch"]
 BASE = ["--name", "rlp-1", "--zone", "us-central2-b"]
 SSH = "gcloud compute tpus tpu-vm ssh rlp-1 --zone=us-central2-b"
 
