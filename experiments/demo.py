@@ -73,7 +73,7 @@ def pretrain_config(cfg: RunConfig) -> RunConfig:
         cfg, data=dataclasses.replace(cfg.data, batch_size=PRETRAIN["batch_size"]),
         optim=OptimConfig(lr=PRETRAIN["lr"], warmup_steps=PRETRAIN["warmup_steps"], schedule="cosine"),
         train=dataclasses.replace(cfg.train, objective="ntp", steps=PRETRAIN["steps"], save_every=200,
-                                  eval_every=PRETRAIN["steps"]))
+                                  eval_every=PRETRAIN["steps"] if cfg.train.eval_every else 0))
 
 
 def stages(cfg: RunConfig, workdir: Path):
