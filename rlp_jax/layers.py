@@ -86,6 +86,17 @@ def full_attention(q_blhd, k_blkd, v_blkd, mask_bqs, group_size: int):
     return out.reshape(b, l, h, dh)
 
 
+def decode_attention(q_bhd, k_bkdt, v_bktd, mask_bt, group_size: int):
+    """One query per sequence over a KV cache: q [B, H, Dh], keys [B, Hk, Dh, T] (transposed),
+    values [B, Hk, T, Dh], mask [B, T] bool -> [B, H, Dh]."""
+    b, h, dh = q_bhd.shape
+    q = q_bhd.reshape(b, h // group_size, group_size, dh)                     # [B, Hk, R, Dh]
+    scores = jnp.einsum("bkrd,bkdt->bkrt", q, k_bkdt, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_bt[:, None, None], scores / math.sqrt(dh), _MASKED)
+    out = _softmax_combine([scores], [v_bktd], ["bkrt,bktd->bkrd"], q.dtype)
+    return out.reshape(b, h, dh)
+
+
 def branch_attention(q_bnshd, prefix_k, prefix_v, prefix_mask_bnl, self_k, self_v, self_mask_bnsj,
                      group_size: int):
     """Attention of branch queries over the shared prefix plus the branch's own keys.

@@ -14,7 +14,7 @@ Three forward modes (all jit-compatible, static shapes):
     einsum broadcasts them; nothing is copied per branch). Used token by token with a `BranchCache`
     (sampling) and for whole branches at once (the differentiable loss forward).
   * decode: `prefill` + `decode_step`, incremental generation from right-padded prompts with a KV
-    cache (a prompt is a prefix and the generation one branch).
+    cache per layer holding the prompt's keys/values and then the generated tokens' (`DecodeState`).
 
 Shapes: B batch, L length, N branches per document, S branch tokens, J branch-cache slots, V vocab,
 D width, H/Hk query/kv heads, Dh head width, Y layers.
@@ -319,16 +319,21 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
 
 @flax.struct.dataclass
 class DecodeState:
-    """Prompt prefix plus generated-token cache for B sequences (one branch each).
+    """KV cache of B sequences for incremental decoding: each layer's prompt keys/values followed by
+    J slots for the generated tokens, in the layouts the single-query attention reads directly.
 
-    prefix: PrefixCache of the right-padded prompts. branches: Branches [B, 1] starting at each
-    prompt's length. cache: BranchCache [Y, B, 1, J, Hk, Dh]. step: int32 tokens generated so far.
+    k: tuple of Y arrays [B, Hk, Dh, L + J] (keys transposed: q.k is a plain batched matmul).
+    v: tuple of Y arrays [B, Hk, L + J, Dh]. One array per layer (not stacked on a `layers` axis), so a
+    step writes one slot per layer in place and reads each layer's cache without slicing a copy out.
+    Slot t < L holds prompt token t (valid where t < prompt_lens); slot L + i generated token i.
+    prompt_lens: [B] int32. step: [] int32 tokens fed so far. prompt_width: L (static).
     """
 
-    prefix: PrefixCache
-    branches: Branches
-    cache: BranchCache
+    k: tuple
+    v: tuple
+    prompt_lens: jax.Array
     step: jax.Array
+    prompt_width: int = flax.struct.field(pytree_node=False)
 
 
 def prefill(params: Params, cfg: ModelConfig, prompts_bl, prompt_lens_b, max_new_tokens: int):
@@ -336,19 +341,61 @@ def prefill(params: Params, cfg: ModelConfig, prompts_bl, prompt_lens_b, max_new
 
     Returns (logits of each prompt's last token [B, V] float32, DecodeState).
     """
-    b, length = prompts_bl.shape
+    length = prompts_bl.shape[1]
     seg = (jnp.arange(length)[None, :] < prompt_lens_b[:, None]).astype(jnp.int32)
     last, prefix = forward(params, cfg, prompts_bl, segment_ids_bl=seg, return_cache=True,
                            logits_at_b=prompt_lens_b - 1)
-    lens = prompt_lens_b.astype(jnp.int32)[:, None]
-    branches = Branches(start=lens, segment=jnp.ones_like(lens), position=lens)
-    state = DecodeState(prefix=prefix, branches=branches,
-                        cache=init_branch_cache(cfg, b, 1, max_new_tokens), step=jnp.zeros((), jnp.int32))
+    dt = cfg.jnp_compute_dtype
+    pad = lambda x, axis: jnp.pad(x.astype(dt), [(0, max_new_tokens if a == axis else 0) for a in range(4)])
+    ks = tuple(pad(jnp.transpose(prefix.k[i], (0, 2, 3, 1)), 3) for i in range(cfg.num_layers))  # [B, Hk, Dh, T]
+    vs = tuple(pad(jnp.transpose(prefix.v[i], (0, 2, 1, 3)), 2) for i in range(cfg.num_layers))  # [B, Hk, T, Dh]
+    state = DecodeState(k=ks, v=vs, prompt_lens=prompt_lens_b.astype(jnp.int32), step=jnp.zeros((), jnp.int32),
+                        prompt_width=length)
     return last, state
 
 
+def split_layers(params: Params) -> Params:
+    """params with `layers` as a tuple of per-layer dicts instead of stacked arrays, for `decode_step`.
+
+    Split once outside a decode loop: slicing layer i out of the stacked arrays inside the loop copies
+    every weight at every step (XLA does not hoist the slices out of the while loop)."""
+    if isinstance(params["layers"], tuple):
+        return params
+    stacked = params["layers"]
+    n = next(iter(stacked.values())).shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(n))}
+
+
 def decode_step(params: Params, cfg: ModelConfig, state: DecodeState, tokens_b):
-    """Feed one token per sequence [B]; returns (next-token logits [B, V] float32, new DecodeState)."""
-    logits, cache = branch_forward(params, cfg, state.prefix, state.branches, tokens_b[:, None, None],
-                                   cache=state.cache, offset=state.step)
-    return logits[:, 0, 0], state.replace(cache=cache, step=state.step + 1)
+    """Feed one token per sequence [B]; returns (next-token logits [B, V] float32, new DecodeState).
+
+    params: as `init_params`, or better `split_layers(params)` computed once outside the decode loop.
+    The layers are unrolled (a Python loop): with one cache array per layer every write is in place
+    and no layer's cache is sliced out of a stacked array (a full copy per layer and step on CPU).
+    """
+    slot = state.prompt_width + state.step
+    total = state.v[0].shape[2]
+    t = jnp.arange(total)
+    valid = ((t[None, :] < state.prompt_lens[:, None])                                      # [B, L + J]
+             | ((t[None, :] >= state.prompt_width) & (t[None, :] <= slot)))
+    positions = (state.prompt_lens + state.step)[:, None]                                  # [B, 1]
+    inv_freq = layers.rope_inv_freq(cfg)
+    x = _embed(cfg, params, tokens_b[:, None])                                              # [B, 1, D]
+    new_k, new_v = [], []
+    per_layer = split_layers(params)["layers"]
+    for i in range(cfg.num_layers):
+        lp = per_layer[i]
+        ck, cv = state.k[i], state.v[i]
+
+        def attend(lp, h, _):
+            q, k, v = _project_qkv(cfg, lp, h, positions, inv_freq)     # [B, 1, H, Dh], [B, 1, Hk, Dh]
+            k = jax.lax.dynamic_update_slice(ck, jnp.transpose(k, (0, 2, 3, 1)).astype(ck.dtype), (0, 0, 0, slot))
+            v = jax.lax.dynamic_update_slice(cv, jnp.transpose(v, (0, 2, 1, 3)).astype(cv.dtype), (0, 0, slot, 0))
+            out = layers.decode_attention(q[:, 0], k.astype(q.dtype), v.astype(q.dtype), valid, cfg.group_size)
+            return out[:, None], (k, v)
+
+        x, (k, v) = _block(cfg, attend, x, lp, None)
+        new_k.append(k)
+        new_v.append(v)
+    logits = logits_from_hidden(cfg, params, x[:, 0])
+    return logits, state.replace(k=tuple(new_k), v=tuple(new_v), step=state.step + 1)
