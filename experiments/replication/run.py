@@ -85,7 +85,7 @@ def _evaluate(run_dir: Path, data_dir: Path, think_tokens: int) -> dict:
     return row
 
 
-METRICS = ("nll_no_think", "nll_think", "info_gain", "acc_no_think", "acc_think", "answer_nll_no_think",
+METRICS = ("nll_tokens", "nll_no_think", "nll_think", "info_gain", "acc_no_think", "acc_think", "answer_nll_no_think",
            "answer_nll_think", "answer_gain", "answer_thought_len")
 
 
@@ -115,6 +115,36 @@ def format_summary(summary: list[dict]) -> str:
             scale, unit = (100, "%") if k.startswith("acc") else (1, "")
             cells.append("-" if v is None else f"{scale * v:.2f}{unit} ± {scale * sd:.2f}")
         lines.append(f"| {a['arm']} | {a['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired(rows: list[dict], metrics=("nll_tokens", "nll_no_think", "info_gain", "acc_no_think", "acc_think",
+                                       "answer_nll_no_think", "answer_gain")) -> list[dict]:
+    """Per CPT arm: mean and std over seeds of (RLP - CPT) of each metric, paired by seed (the
+    held-out document batches depend on the data seed; the held-out problems do not)."""
+    by = {(r["arm"], r["seed"]): r for r in rows}
+    rlp_seeds = sorted(s for a, s in by if a == "rlp")
+    out = []
+    for arm in sorted({a for a, _ in by if a.startswith("cpt")}):
+        agg = {"arm": arm}
+        for k in metrics:
+            d = np.array([by[("rlp", s)][k] - by[(arm, s)][k] for s in rlp_seeds
+                          if (arm, s) in by and by[("rlp", s)].get(k) is not None and by[(arm, s)].get(k) is not None])
+            agg[k] = (float(d.mean()), float(d.std(ddof=1)) if d.size > 1 else 0.0, int(d.size))
+        out.append(agg)
+    return out
+
+
+def format_paired(pairs: list[dict]) -> str:
+    keys = [k for k in pairs[0] if k != "arm"] if pairs else []
+    lines = ["| RLP minus | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+    for p in pairs:
+        cells = []
+        for k in keys:
+            m, sd, n = p[k]
+            scale, unit = (100, " pt") if k.startswith("acc") else (1, "")
+            cells.append(f"{scale * m:+.3f}{unit} ± {scale * sd:.3f} (n={n})")
+        lines.append(f"| {p['arm']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -163,6 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="runs/replication")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the main arms")
     p.add_argument("--no-ablations", action="store_true", help="skip the G and EMA ablations")
+    p.add_argument("--report-only", action="store_true",
+                   help="rebuild results.md and the plots from an existing WORKDIR/results.json")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the RLP arm's config (as in rlp_jax.train), e.g. train.steps=40")
     args = p.parse_args(argv)
@@ -172,6 +204,12 @@ def main(argv=None) -> int:
         print(f"error: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
         return 2
     workdir = Path(args.workdir).resolve()
+    if args.report_only:
+        if not (workdir / "results.json").exists():
+            print(f"error: {workdir / 'results.json'} does not exist; run without --report-only first", file=sys.stderr)
+            return 2
+        write_report(workdir, json.loads((workdir / "results.json").read_text())["rows"])
+        return 0
     demo = load_experiment("demo")
     try:
         from rlp_jax.config import apply_overrides
@@ -195,18 +233,22 @@ def main(argv=None) -> int:
     except train.USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = summarise(rows)
-    table = format_summary(summary)
-    pngs = plot(workdir, rows)
-    (workdir / "results.json").write_text(json.dumps({"rows": rows, "summary": summary,
+    (workdir / "results.json").write_text(json.dumps({"rows": rows, "summary": summarise(rows),
                                                       "matched_steps": matched_steps(rlp_cfg),
                                                       "wall_seconds": time.time() - t0,
                                                       "train_seconds": train_s}, indent=2))
-    (workdir / "results.md").write_text(table + "\n")
-    print("\n" + table)
-    print(f"\nresults: {workdir / 'results.json'}, {workdir / 'results.md'}; plots: {', '.join(map(str, pngs))}")
+    write_report(workdir, rows)
     print(f"wall time {time.time() - t0:.0f} s")
     return 0
+
+
+def write_report(workdir: Path, rows: list[dict]) -> None:
+    """results.md (per-arm means, paired RLP - CPT differences) and the plots, printed too."""
+    text = format_summary(summarise(rows)) + "\n\n" + format_paired(paired(rows)) + "\n"
+    (workdir / "results.md").write_text(text)
+    pngs = plot(workdir, rows)
+    print("\n" + text)
+    print(f"results: {workdir / 'results.json'}, {workdir / 'results.md'}; plots: {', '.join(map(str, pngs))}")
 
 
 if __name__ == "__main__":
