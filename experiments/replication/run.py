@@ -47,6 +47,9 @@ def _ntp(cfg: RunConfig, steps: int) -> RunConfig:
 def matched_steps(rlp_cfg: RunConfig) -> dict[str, int]:
     """NTP steps (same batch and sequence length) matching the RLP run by tokens, effective tokens, FLOPs."""
     m = plan.model_config(dataclasses.replace(rlp_cfg, model=dataclasses.replace(rlp_cfg.model, init_from=None)))
+    if rlp_cfg.train.tokenizer:   # the preset's vocabulary is replaced by the tokenizer's, as in training
+        from rlp_jax.tokenizer import load_tokenizer
+        m = m.replace(vocab_size=load_tokenizer(rlp_cfg.train.tokenizer).vocab_size)
     b, length, steps = rlp_cfg.data.batch_size, rlp_cfg.data.seq_len, rlp_cfg.train.steps
     rlp_flops = sum(plan.rlp_step_flops(m, rlp_cfg.rlp, b, length).values())
     return {"cpt_tokens": steps,
