@@ -22,6 +22,7 @@ import datetime
 import json
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import jax
@@ -43,7 +44,7 @@ def evaluate_task(decoder: Decoder, spec: tasks.TaskSpec, items: list[tasks.Item
     prompts = [tok.encode(p) for p in prompts_text]
     cue = tok.encode(tasks.answer_cue(spec)) if mode == "think" and tasks.answer_cue(spec) else []
     rep = [p for p in prompts for _ in range(samples)]
-    rng = jax.random.fold_in(jax.random.key(seed), hash((spec.name, mode)) % (2 ** 31))
+    rng = jax.random.fold_in(jax.random.key(seed), zlib.crc32(f"{spec.name}/{mode}".encode()) % (2 ** 31))
     outs = decoder.complete(rep, mode, opts, rng, answer_cue=cue)
     records, correct = [], []
     for i, it in enumerate(items):
@@ -138,11 +139,21 @@ def main(argv=None) -> int:
         bad = [m for m in modes if m not in MODES]
         if bad or not modes:
             raise ValueError(f"--modes {args.modes!r}: choose from {', '.join(MODES)}")
-        if args.samples < 1 or (args.samples > 1 and args.temperature == 0):
+        if args.samples < 1:
+            raise ValueError(f"--samples {args.samples}: must be at least 1")
+        if args.samples > 1 and args.temperature == 0:
             raise ValueError("--samples K > 1 needs --temperature > 0 (greedy samples are identical)")
+        for flag in ("batch_size", "think_tokens", "limit", "max_new_tokens"):
+            v = getattr(args, flag)
+            if v is not None and v < 1:
+                raise ValueError(f"--{flag} {v}: must be a positive integer")
+        if args.shots is not None and args.shots < 0:
+            raise ValueError(f"--shots {args.shots}: must be 0 or more")
         if not Path(args.data_dir).is_dir():
             raise ValueError(f"--data_dir {args.data_dir} is not a directory")
-        loaded_items = {s.name: tasks.load_task(s.name, args.data_dir, limit=args.limit, seed=args.seed) for s in specs}
+        all_items = {s.name: tasks.load_task(s.name, args.data_dir, seed=args.seed) for s in specs}
+        if args.out:   # fail now, not after the whole evaluation
+            _check_writable(Path(args.out))
         mesh = _mesh(args.mesh)
         t0 = time.time()
         lm = load_model(args.checkpoint, step=args.step, which=args.which, mesh=mesh)
@@ -152,9 +163,10 @@ def main(argv=None) -> int:
         results: dict[str, dict[str, dict]] = {}
         records: list[dict] = []
         for spec in specs:
-            items = loaded_items[spec.name]
+            items = all_items[spec.name][:args.limit]
             shots = tasks.fewshot_items(spec.name, args.data_dir, items,
-                                        spec.default_shots if args.shots is None else args.shots, args.seed)
+                                        spec.default_shots if args.shots is None else args.shots, args.seed,
+                                        pool=all_items[spec.name])
             budget = args.max_new_tokens or DEFAULT_BUDGET["generated" if spec.name == "generated" else spec.kind]
             opts = DecodeOptions(max_new_tokens=budget, think_tokens=args.think_tokens, temperature=args.temperature,
                                  think_temperature=args.think_temperature, top_k=args.top_k, top_p=args.top_p)
@@ -174,12 +186,30 @@ def main(argv=None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else (
         Path(args.checkpoint) / "eval" / f"eval-{stamp}.json" if lm.source == "run" else Path(f"eval-{stamp}.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "step": lm.step, "args": vars(args),
-                               "results": results, "averages": avgs, "items": records}, indent=1))
+    payload = json.dumps({"checkpoint": str(args.checkpoint), "step": lm.step, "args": vars(args),
+                          "results": results, "averages": avgs, "items": records}, indent=1)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(payload)
+    except OSError as e:
+        fallback = Path(f"eval-{stamp}.json").resolve()
+        fallback.write_text(payload)
+        print(f"error: cannot write {out} ({e.strerror}); predictions saved to {fallback} instead", file=sys.stderr)
+        return 2
     print(f"predictions: {out}")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _check_writable(out: Path) -> None:
+    """ValueError naming --out when its file cannot be created (checked before decoding starts)."""
+    import tempfile
+
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file path such as {out / 'eval.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}."):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror}); give a file path in a writable "
+                         "directory") from None

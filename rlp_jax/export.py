@@ -31,7 +31,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers
 
 from rlp_jax import hf
-from rlp_jax.loading import LOAD_ERRORS, load_model
+from rlp_jax.loading import LOAD_ERRORS, is_url, load_model, local_dirs
 from rlp_jax.tokenizer import THINK_TOKENS, HFTokenizer, SentencePieceTokenizer, Tokenizer
 
 DTYPES = ("float32", "bfloat16")
@@ -181,7 +181,7 @@ def _write_hf_tokenizer(tok: HFTokenizer, out: Path) -> None:
 def _check_out(out: Path, source: Path, force: bool) -> None:
     if out.is_file():
         raise ExportError(f"--out {out} is a file; pass a directory path")
-    src = source.resolve()
+    src = local_dirs(source)[0].resolve()   # a gs:// run: its local mirror
     if out.resolve() == src or out.resolve() in src.parents:
         raise ExportError(f"--out {out} would replace the checkpoint {source} itself; pass another directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -199,7 +199,7 @@ def export(path, out, *, step: int | None = None, which: str = "params", dtype: 
     Returns: `out`. Raises ExportError or one of `loading.LOAD_ERRORS` (one-line messages); on error
     `out` is left as it was.
     """
-    path, out = Path(path), Path(out)
+    path, out = (path if is_url(path) else Path(path)), Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     _check_out(out, path, force)

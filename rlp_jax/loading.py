@@ -1,7 +1,9 @@
 """Loading a trained model: from an rlp_jax run directory (Orbax checkpoint) or a Hugging Face directory.
 
 A run directory is what `python -m rlp_jax.train` writes: `config.json` (the model shape and the run
-config) and `checkpoints/<step>/`. `load_model` restores the policy (or the EMA teacher) of its latest
+config) and `checkpoints/<step>/`. A run trained with a URL workdir (`gs://bucket/runs/x`) is named by
+that URL: its checkpoints are read from the bucket, its config.json from the local mirror that
+training wrote (`local_dirs`). `load_model` restores the policy (or the EMA teacher) of its latest
 (or a chosen) step together with the tokenizer the run used; a Hugging Face directory is read with
 `hf.from_hf` and its own tokenizer. Used by `evaluate`, `generate`, `export` and as `model.init_from`.
 """
@@ -36,19 +38,53 @@ class LoadedModel:
     tokenizer: Tokenizer
     source: str
     step: int | None
-    path: Path
+    path: Path | str
     run_config: dict | None = None
 
 
+def is_url(path) -> bool:
+    return "://" in str(path)
+
+
+def local_dirs(workdir) -> tuple[Path, str]:
+    """(local run directory, checkpoint directory) of a workdir.
+
+    A local workdir holds everything. A URL workdir (gs://bucket/runs/x, an `etils.epath.Path` or str)
+    keeps the checkpoints there (Orbax writes to it directly, from every host) and the config,
+    metrics, TensorBoard events and plots in the local mirror ~/.cache/rlp_jax/runs/<bucket>/<path>.
+    """
+    text = str(workdir)
+    if not is_url(text):
+        return Path(workdir), str(Path(workdir) / "checkpoints")
+    mirror = Path.home() / ".cache" / "rlp_jax" / "runs" / text.split("://", 1)[1].strip("/")
+    return mirror, text.rstrip("/") + "/checkpoints"
+
+
+def _dir_exists(path: str) -> bool:
+    if not is_url(path):
+        return Path(path).is_dir()
+    from etils import epath
+    try:
+        return epath.Path(path).exists()
+    except Exception:   # no credentials, no such bucket, no gcsfs: not a run we can read
+        return False
+
+
 def is_run_dir(path) -> bool:
-    """True if `path` holds an rlp_jax run (config.json with a "run" section and a checkpoints dir)."""
-    path = Path(path)
-    if not (path / "config.json").is_file() or not (path / "checkpoints").is_dir():
+    """True if `path` holds an rlp_jax run (config.json with a "run" section and a checkpoints dir);
+    a URL counts when its local mirror has the config and the bucket has the checkpoints."""
+    local, ckpt_dir = local_dirs(path)
+    if not (local / "config.json").is_file() or not _dir_exists(ckpt_dir):
         return False
     try:
-        return "run" in json.loads((path / "config.json").read_text())
+        return "run" in json.loads((local / "config.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+
+
+def read_run_config(path) -> dict:
+    """A run's config.json (from the local mirror for a URL run)."""
+    return json.loads((local_dirs(path)[0] / "config.json").read_text())
 
 
 def _resolve(p: str | None, run_dir: Path) -> str | None:
@@ -82,13 +118,13 @@ def load_run_params(run_dir, *, step: int | None = None, which: str = "params", 
     """
     from rlp_jax import sharding
 
-    run_dir = Path(run_dir)
     if which not in ("params", "ema"):
         raise LoadError(f"which must be 'params' or 'ema', got {which!r}")
     if not is_run_dir(run_dir):
         raise LoadError(f"{run_dir} is not an rlp_jax run directory (no config.json + checkpoints/); pass a run "
                         "directory written by `python -m rlp_jax.train` or a Hugging Face checkpoint dir")
-    run_config = json.loads((run_dir / "config.json").read_text())
+    ckpt_dir = local_dirs(run_dir)[1]
+    run_config = read_run_config(run_dir)
     try:
         mcfg = ModelConfig(**run_config["model_full"])
         cfg = from_dict(run_config["run"])
@@ -105,7 +141,7 @@ def load_run_params(run_dir, *, step: int | None = None, which: str = "params", 
     p_sh = sharding.tree_shardings(model.param_logical_axes(mcfg), abstract_p, mesh)
     st_sh = sharding.state_shardings(abstract, p_sh, mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, st_sh)
-    ckpt = checkpoint.Checkpointer(run_dir / "checkpoints", save_every=1)
+    ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1)
     try:
         restored = ckpt.restore(abstract, config=run_config, step=step)
     except FileNotFoundError as e:
@@ -113,7 +149,7 @@ def load_run_params(run_dir, *, step: int | None = None, which: str = "params", 
     finally:
         ckpt.close()
     if restored is None:
-        raise LoadError(f"{run_dir}/checkpoints holds no checkpoint yet; train first or pass another run")
+        raise LoadError(f"{ckpt_dir} holds no checkpoint yet; train first or pass another run")
     params = restored.state.params if which == "params" else restored.state.ema_params
     if which == "ema":   # the teacher is kept in float32; serve it in the model's storage dtype
         params = jax.tree.map(lambda p: p.astype(mcfg.jnp_param_dtype), params)
@@ -128,12 +164,20 @@ def load_model(path, *, step: int | None = None, which: str = "params", mesh=Non
     (new rows drawn like `resize_embeddings`; a fixed seed, so repeated loads agree).
     Raises LoadError / TokenizerError / hf.CheckpointError / checkpoint.CheckpointMismatch with one-line messages.
     """
-    path = Path(path)
-    if not path.exists():
-        raise LoadError(f"checkpoint {path} does not exist; pass a run directory or a Hugging Face checkpoint dir")
+    from rlp_jax import sharding
+
+    if is_url(path):
+        if not is_run_dir(path):
+            raise LoadError(f"{path}: no rlp_jax run there (its config.json is looked for in the local mirror "
+                            f"{local_dirs(path)[0]}, its checkpoints at {local_dirs(path)[1]}); run from the host "
+                            "that trained it, or copy the run directory locally")
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise LoadError(f"checkpoint {path} does not exist; pass a run directory or a Hugging Face checkpoint dir")
     if is_run_dir(path):
         mcfg, params, got_step, run_config = load_run_params(path, step=step, which=which, mesh=mesh)
-        tokenizer = load_tokenizer(run_tokenizer_path(path, run_config))
+        tokenizer = load_tokenizer(run_tokenizer_path(local_dirs(path)[0], run_config))
         source = "run"
     elif (path / "config.json").is_file():
         if step is not None or which != "params":
@@ -146,7 +190,10 @@ def load_model(path, *, step: int | None = None, which: str = "params", mesh=Non
             if "lm_head" in params:
                 params["lm_head"] = resize_embeddings(params["lm_head"].T, tokenizer.vocab_size, k2).T
             mcfg = mcfg.replace(vocab_size=tokenizer.vocab_size)
-        params = jax.device_put(params)
+        if mesh is None:
+            mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
+        # host arrays straight into their shards over the mesh (never the whole tree on one device)
+        params = jax.device_put(params, sharding.tree_shardings(model.param_logical_axes(mcfg), params, mesh))
         got_step, run_config, source = None, None, "hf"
     else:
         raise LoadError(f"{path} is neither an rlp_jax run directory (config.json + checkpoints/) nor a Hugging "

@@ -246,20 +246,27 @@ def find_task_file(data_dir: str | Path, task: str, split: Literal["test", "trai
 def _rows(path: Path, label: str) -> list[tuple[int, Mapping[str, Any]]]:
     """(1-based row number, row) pairs: JSONL line numbers (blank lines skipped) or Parquet row numbers."""
     if path.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
-        return list(enumerate(pq.read_table(path).to_pylist(), 1))
+        try:
+            return list(enumerate(pq.read_table(path).to_pylist(), 1))
+        except (pa.ArrowException, OSError) as e:
+            raise TaskError(f"{label}: not a readable Parquet file ({e})") from None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TaskError(f"{label}: not UTF-8 text (byte {e.start}); save the file as UTF-8 JSONL") from None
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskError(f"{label} row {i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise TaskError(f"{label} row {i}: not a JSON object")
-            rows.append((i, row))
+    for i, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskError(f"{label} row {i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise TaskError(f"{label} row {i}: not a JSON object")
+        rows.append((i, row))
     return rows
 
 
@@ -286,14 +293,17 @@ def load_task(name: str, data_dir: str | Path, *, limit: int | None = None, seed
     return read_items(get_task(name), path, limit=limit, seed=seed, label=path.relative_to(data_dir).as_posix())
 
 
-def fewshot_items(name: str, data_dir: str | Path, items: list[Item], k: int, seed: int) -> list[list[Item]]:
+def fewshot_items(name: str, data_dir: str | Path, items: list[Item], k: int, seed: int,
+                  pool: list[Item] | None = None) -> list[list[Item]]:
     """For each item, `k` exemplars drawn (deterministically for `seed` and the item's id) from the task's
-    train file when there is one, else from the other eval `items`; never the item itself."""
+    train file when there is one, else from `pool` (default `items`: pass the whole test file when
+    `items` is a `--limit` slice of it), as lm-eval does for tasks without a few-shot split; never the
+    item itself."""
     spec = get_task(name)
     if k <= 0:
         return [[] for _ in items]
     train = _find(data_dir, name, "train")
-    pool = list(items)
+    pool = list(items if pool is None else pool)
     if train is not None:
         pool = read_items(spec, train, seed=seed, label=train.relative_to(data_dir).as_posix())
     out = []

@@ -109,18 +109,7 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._old)
 
 
-def local_dirs(workdir) -> tuple[Path, str]:
-    """(local run directory, checkpoint directory) of a workdir.
-
-    A local workdir holds everything. A URL workdir (gs://bucket/runs/x, an `etils.epath.Path` or str)
-    keeps the checkpoints there (Orbax writes to it directly, from every host) and the config,
-    metrics, TensorBoard events and plots in the local mirror ~/.cache/rlp_jax/runs/<bucket>/<path>.
-    """
-    text = str(workdir)
-    if "://" not in text:
-        return Path(workdir), str(Path(workdir) / "checkpoints")
-    mirror = Path.home() / ".cache" / "rlp_jax" / "runs" / text.split("://", 1)[1].strip("/")
-    return mirror, text.rstrip("/") + "/checkpoints"
+local_dirs = loading.local_dirs   # re-exported: where a workdir keeps its files
 
 
 def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
@@ -133,7 +122,7 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
     tc = cfg.train
     tok_path = tc.tokenizer or cfg.model.init_from
     if tc.tokenizer is None and tok_path is not None and loading.is_run_dir(tok_path):
-        tok_path = loading.run_tokenizer_path(Path(tok_path), json.loads((Path(tok_path) / "config.json").read_text()))
+        tok_path = loading.run_tokenizer_path(loading.local_dirs(tok_path)[0], loading.read_run_config(tok_path))
     if tok_path is None:
         raise ConfigError("no tokenizer: set --set train.tokenizer=PATH (a sentencepiece .model or a "
                           "Hugging Face tokenizer dir) or model.init_from")

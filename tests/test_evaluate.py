@@ -2,6 +2,7 @@
 naive greedy decoder (one full forward per token) and `tasks.score`."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,46 @@ def test_evaluate_matches_naive_greedy_and_scores(run_dir, lm, tmp_path, capsys)
     assert "| generated | 5 | 60.0 |" in printed
 
 
+def test_evaluate_fewshot_math_and_choice_with_pass_at_k(run_dir, tmp_path):
+    """gsm8k and mmlu through the CLI: --limit slices the file but shots come from all of it, every
+    recorded prediction is what `tasks.score` makes of its completion, pass@1 and pass@3 follow the counts."""
+    from rlp_jax.answers import pass_at_k
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "gsm8k.jsonl", "w") as f:
+        for i in range(5):
+            f.write(json.dumps({"question": f"What is {i} + 2?", "answer": f"{i} + 2 = {i + 2}.\n#### {i + 2}"}) + "\n")
+    with open(data / "mmlu.jsonl", "w") as f:
+        for i in range(5):
+            f.write(json.dumps({"question": f"Pick {i}.", "choices": ["1", "2", "3", "4"], "answer": i % 4}) + "\n")
+    out = tmp_path / "eval.json"
+    rc = evaluate.main([f"--checkpoint={run_dir}", "--tasks=gsm8k,mmlu", f"--data_dir={data}", "--modes=no_think",
+                        "--limit=2", "--shots=3", "--samples=3", "--temperature=1.0", "--max_new_tokens=4",
+                        f"--out={out}", "--batch_size=8"])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    for name in ("gsm8k", "mmlu"):
+        spec, recs = tasks.get_task(name), [r for r in res["items"] if r["task"] == name]
+        items = {it.id: it for it in tasks.load_task(name, data)}
+        assert len(recs) == 2 and res["results"][name]["no_think"]["n"] == 2
+        counts = []
+        for r in recs:
+            item = items[r["id"]]
+            shown = [it for it in items.values() if f"Question: {it.question}" in r["prompt"]]
+            assert len(shown) == 4 and r["prompt"].endswith(f"Question: {item.question}" + (
+                "".join(f"\n{'ABCD'[i]}. {c}" for i, c in enumerate(item.choices)) if name == "mmlu" else "")
+                + "\nAnswer:")
+            assert len(r["samples"]) == 3
+            for smp in r["samples"]:
+                assert (smp["prediction"], smp["correct"]) == tasks.score(spec, smp["completion"], item)
+            counts.append(sum(smp["correct"] for smp in r["samples"]))
+        summary = res["results"][name]["no_think"]
+        assert summary["pass@1"] == pytest.approx(np.mean([c / 3 for c in counts]))
+        assert summary["pass@3"] == pytest.approx(np.mean([pass_at_k(3, c, 3) for c in counts]))
+    assert set(res["averages"]["no_think"]) == {"math_avg", "science_avg", "overall_avg"}
+
+
 def test_generate_cli_streams_the_greedy_continuation(run_dir, lm, capsys):
     prompt = "Convert 3 kilometers to meters."
     rc = generate.main([f"--checkpoint={run_dir}", f"--prompt={prompt}", "--temperature=0",
@@ -103,12 +144,43 @@ def test_generate_cli_streams_the_greedy_continuation(run_dir, lm, capsys):
     (["--checkpoint=RUN", "--tasks=gsm8k", "--data_dir=DATA"], "no test file for task 'gsm8k'"),
     (["--checkpoint=RUN", "--tasks=generated", "--data_dir=DATA", "--modes=dream"], "--modes 'dream'"),
     (["--checkpoint=RUN", "--tasks=generated", "--data_dir=DATA", "--samples=4"], "needs --temperature > 0"),
+    (["--checkpoint=RUN", "--tasks=generated", "--data_dir=DATA", "--samples=0"], "--samples 0: must be at least 1"),
+    (["--checkpoint=RUN", "--tasks=generated", "--data_dir=DATA", "--batch_size=0"], "--batch_size 0: must be a"),
+    (["--checkpoint=RUN", "--tasks=generated", "--data_dir=DATA", "--limit=-1"], "--limit -1: must be a"),
+    (["--checkpoint=RUN", "--tasks=generated", "--data_dir=DATA", "--out=/proc/nope/eval.json"], "cannot write there"),
 ])
 def test_evaluate_errors_are_one_line(run_dir, argv, message, capsys):
     argv = [a.replace("RUN", str(run_dir)).replace("DATA", str(run_dir / "data")) for a in argv]
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_url_run_dirs_read_config_from_the_mirror_and_checkpoints_from_the_url(run_dir, lm, tmp_path, monkeypatch):
+    """A run trained with --workdir gs://b/runs/x is loaded by that URL: config.json from the local mirror
+    training wrote, checkpoints from the URL (the bucket is stood in for by the local checkpoints)."""
+    import shutil
+
+    from rlp_jax import loading
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    url = "gs://bucket/runs/x"
+    mirror, ckpt = loading.local_dirs(url)
+    assert mirror == tmp_path / ".cache" / "rlp_jax" / "runs" / "bucket" / "runs" / "x"
+    assert ckpt == "gs://bucket/runs/x/checkpoints" and loading.local_dirs(url + "/") == (mirror, ckpt)
+    assert not loading.is_run_dir(url)   # no mirror yet
+    with pytest.raises(LoadError, match="no rlp_jax run there"):
+        load_model(url)
+    mirror.mkdir(parents=True)
+    shutil.copy(run_dir / "config.json", mirror / "config.json")
+    real = loading.local_dirs
+    monkeypatch.setattr(loading, "_dir_exists", lambda p: p == ckpt or Path(p).is_dir())
+    monkeypatch.setattr(loading, "local_dirs", lambda p: (real(p)[0], str(run_dir / "checkpoints"))
+                        if str(p) == url else real(p))
+    got = load_model(url)
+    assert got.source == "run" and got.path == url and got.step == lm.step
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(lm.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_load_model_refuses_a_plain_directory(tmp_path):

@@ -79,6 +79,16 @@ def test_bad_json_line_and_blank_lines(tmp_path):
         read_items(TASKS["amc"], tmp_path / "sub" / "test.jsonl")
 
 
+def test_unreadable_files_name_the_file(tmp_path):
+    (tmp_path / "gsm8k.jsonl").write_bytes(b'{"question": "caf\xe9", "answer": "#### 1"}\n')
+    with pytest.raises(TaskError, match=r"^gsm8k.jsonl: not UTF-8 text"):
+        load_task("gsm8k", tmp_path)
+    (tmp_path / "gsm8k.jsonl").unlink()
+    (tmp_path / "gsm8k.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(TaskError, match=r"^gsm8k.parquet: not a readable Parquet file"):
+        load_task("gsm8k", tmp_path)
+
+
 def test_missing_file_and_unknown_task(tmp_path):
     with pytest.raises(TaskError) as err:
         find_task_file(tmp_path, "gsm8k")
@@ -158,6 +168,9 @@ def test_fewshot(tmp_path):
     assert fewshot_items("amc", tmp_path, items, 0, seed=3) == [[]] * 6
     with pytest.raises(TaskError, match="6 shots asked but only 5"):
         fewshot_items("amc", tmp_path, items, 6, seed=3)
+    # a --limit slice draws its shots from the whole test file (never the item itself)
+    few = fewshot_items("amc", tmp_path, items[:2], 4, seed=3, pool=items)
+    assert all(len(ex) == 4 and it not in ex and set(ex) <= set(items) for it, ex in zip(items[:2], few))
     write_jsonl(tmp_path / "amc" / "train.jsonl", [{"problem": f"T{i}", "answer": i} for i in range(3)])
     shots = fewshot_items("amc", tmp_path, items, 3, seed=0)  # train ids amc-1..3 equal eval ids: no matter
     assert all(sorted(ex.question for ex in s) == ["T0", "T1", "T2"] for s in shots)
