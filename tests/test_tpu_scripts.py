@@ -105,13 +105,45 @@ def test_install():
 
 
 def test_sync(tmp_path):
-    rm, scp = _dry("sync", "--repo", str(tmp_path))
-    assert rm == f"+ {SSH} --worker=all --command 'rm -rf \"$HOME\"/rlp_jax'"
-    assert scp == (f"+ gcloud compute tpus tpu-vm scp --recurse {tmp_path} rlp-1:rlp_jax "
-                   "--zone=us-central2-b --worker=all")
+    pack, scp, unpack, rm = _dry("sync", "--repo", str(tmp_path))
+    tarball = shlex.split(scp[2:])[5]
+    assert tarball.endswith(".tar.gz") and pack == f"+ tar -C {tmp_path} -czf {tarball} ."   # not a git checkout
+    assert scp == f"+ gcloud compute tpus tpu-vm scp {tarball} rlp-1:rlp_jax_src.tar.gz --zone=us-central2-b --worker=all"
+    assert _remote(unpack) == ('rm -rf "$HOME"/rlp_jax && mkdir -p "$HOME"/rlp_jax && tar -xzf "$HOME"/rlp_jax_src.tar.gz'
+                               ' -C "$HOME"/rlp_jax && rm -f "$HOME"/rlp_jax_src.tar.gz')
+    assert rm == f"+ rm -f {tarball}"
     (line,) = _dry("sync", "--repo", "https://github.com/o/rlp_jax.git", "--branch", "dev")
     assert _remote(line) == ('rm -rf "$HOME"/rlp_jax && git clone --depth=1 --branch=dev '
                              'https://github.com/o/rlp_jax.git "$HOME"/rlp_jax')
+
+
+def test_sync_of_a_checkout_copies_what_git_would_commit(tmp_path):
+    """Run sync for real against a fake gcloud whose scp copies into, and whose ssh runs the command in,
+    a fake worker home: tracked and untracked files arrive, ignored runs/ and .git do not."""
+    repo, home = tmp_path / "repo", tmp_path / "home"
+    (repo / "pkg").mkdir(parents=True)
+    home.mkdir()
+    (repo / ".gitignore").write_text("runs/\n__pycache__/\n")
+    (repo / "pkg" / "a.py").write_text("A = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    (repo / "pkg" / "new.py").write_text("B = 2\n")                      # untracked, not ignored
+    (repo / "runs" / "big").mkdir(parents=True)
+    (repo / "runs" / "big" / "ckpt").write_text("x" * 1000)             # ignored
+    (repo / "pkg" / "__pycache__").mkdir()
+    (repo / "pkg" / "__pycache__" / "a.pyc").write_text("")
+    (home / "rlp_jax" / "stale").mkdir(parents=True)                    # replaced, not merged
+    bin_dir = _fake_bin(tmp_path, "gcloud", f"""
+if [ "$4" = scp ]; then cp "$5" {home}/"${{6#*:}}"; exit; fi
+for a in "$@"; do cmd=$a; done   # ssh: the --command string is the last argument
+cd {home} && HOME={home} bash -c "$cmd"
+""")
+    _run(TPU, "sync", "--repo", str(repo), *BASE, env=_env(PATH=f"{bin_dir}:{os.environ['PATH']}"))
+    got = sorted(str(p.relative_to(home / "rlp_jax")) for p in (home / "rlp_jax").rglob("*") if p.is_file())
+    assert got == [".gitignore", "pkg/a.py", "pkg/new.py"]
+    assert not (home / "rlp_jax_src.tar.gz").exists()
 
 
 TRICKY_SETS = ["optim.lr=1e-6", 'data.sources=[{"path": "gs://b/web/*.parquet", "weight": 1}]',
@@ -139,6 +171,11 @@ def test_train():
                      *[a for s in TRICKY_SETS for a in ("--set", s)]]
 
 
+def test_train_on_a_shared_mount():
+    (line,) = _dry("train", "--experiment", "web_mix", "--workdir", "/mnt/nfs/runs/x", "--shared-fs")
+    assert "-m rlp_jax.train --experiment=web_mix --workdir=/mnt/nfs/runs/x" in _remote(line)
+
+
 def test_logs_stop_ssh():
     assert _dry("logs") == [f"+ {SSH} --worker=0 --command 'tail -n 200 -F \"$HOME\"/rlp_jax_train.log'"]
     assert _dry("logs", "--worker=3")[0].startswith(f"+ {SSH} --worker=3 --command ")
@@ -159,6 +196,8 @@ def test_logs_stop_ssh():
     (["train", "--name", "x", "--zone", "z", "--workdir", "gs://b/r"], "--experiment is required"),
     (["train", "--name", "x", "--zone", "z", "--experiment", "web_mix"], "--workdir is required"),
     (["train", "--name", "x", "--zone", "z", "--experiment", "e", "--workdir", "w", "--set", "novalue"], "KEY=VALUE"),
+    (["train", "--name", "x", "--zone", "z", "--experiment", "e", "--workdir", "/home/me/runs/x"],
+     "is a local path: on a multi-worker slice"),
     (["frobnicate"], "unknown command"),
     ([], "no command"),
     (["logs", "--name", "x", "--zone", "z", "--worker"], "--worker needs a value"),

@@ -24,7 +24,8 @@ commands:
   create    create the TPU VM (or, with --queued, a queued resource holding it)
   delete    delete it (with --queued: the queued resource and its VM)
   install   on all workers: Python $PYTHON_VERSION venv ~/$VENV, jax[tpu]==$JAX_VERSION, pip install -e ~/$REMOTE_DIR
-  sync      copy the code to ~/$REMOTE_DIR on all workers (git clone for a URL, scp --recurse for a path)
+  sync      copy the code to ~/$REMOTE_DIR on all workers (git clone for a URL; for a path, a tarball of
+            the files git would commit: runs/, caches and .git stay behind)
   train     start python -m rlp_jax.train on all workers under nohup (log: ~/$LOG_FILE)
   logs      follow the training log of one worker (--worker, default 0)
   stop      SIGTERM the trainer on all workers (it checkpoints and exits); SIGKILL after ${STOP_TIMEOUT}s
@@ -44,6 +45,8 @@ flags (environment default in brackets):
   --branch BRANCH           branch for a git URL [RLP_BRANCH] (default main)
   --experiment NAME         experiment to train [RLP_EXPERIMENT] (train)
   --workdir DIR             run directory, shared by all workers: gs://BUCKET/runs/NAME [RLP_WORKDIR] (train)
+  --shared-fs               --workdir is a local path that every worker sees as one filesystem (NFS,
+                            Filestore) or the slice has one worker; without it a local path is refused
   --set KEY=VALUE           config override passed to the trainer (repeatable)
   --worker N|all            workers to run on (logs: default 0; ssh: default all)
   --dry-run                 print each command ("+ " and shell-quoted), run nothing
@@ -77,6 +80,7 @@ BRANCH=${RLP_BRANCH:-main}
 EXPERIMENT=${RLP_EXPERIMENT:-}
 WORKDIR=${RLP_WORKDIR:-}
 WORKER=""
+SHARED_FS=0
 DRY_RUN=0
 SETS=()
 REST=()
@@ -102,7 +106,7 @@ while (($#)); do
         val=$1
         shift
       fi ;;
-    --spot | --queued | --dry-run | -h | --help)
+    --spot | --queued | --shared-fs | --dry-run | -h | --help)
       ((!inline)) || die "$flag takes no value" ;;
   esac
   case $flag in
@@ -119,6 +123,7 @@ while (($#)); do
     --worker) WORKER=$val ;;
     --spot) SPOT=1 ;;
     --queued) QUEUED=1 ;;
+    --shared-fs) SHARED_FS=1 ;;
     --dry-run) DRY_RUN=1 ;;
     -h | --help) usage; exit 0 ;;
     --) REST+=("$@"); break ;;
@@ -145,6 +150,20 @@ PY="$HOME_Q/$(q "$VENV")/bin/python"
 # The trainer `train` starts, as pgrep/pkill -f see it: the venv's python running rlp_jax.train
 # (anchored, so it never matches the ssh shell whose command line contains it).
 TRAIN_PATTERN="^[^ ]*/${VENV//./[.]}/bin/python[0-9.]* -m rlp_jax[.]train"
+
+pack_source() {  # pack_source SRC TARBALL: a git checkout's committable files, or all of a plain directory
+  if git -C "$1" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    local list=(git -C "$1" ls-files -z --cached --others --exclude-standard) pack=(tar -C "$1" --null -T - -czf "$2")
+    if ((DRY_RUN)); then
+      printf '+ %s | %s\n' "$(q "${list[@]}")" "$(q "${pack[@]}")"
+    else
+      printf '+ %s | %s\n' "$(q "${list[@]}")" "$(q "${pack[@]}")" >&2
+      "${list[@]}" | "${pack[@]}"
+    fi
+  else
+    run tar -C "$1" -czf "$2" .
+  fi
+}
 
 on_workers() {  # on_workers WORKER REMOTE_COMMAND
   run gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" "--worker=$1" --command "$2"
@@ -188,9 +207,14 @@ case $COMMAND in
 
   sync)
     if [[ -d $REPO ]]; then
+      # One tarball of what git would commit (tracked and untracked files, not the ignored runs/,
+      # caches or .git), unpacked into a fresh directory on every worker.
       src=$(cd "$REPO" && pwd)
-      on_workers all "rm -rf $HOME_Q/$(q "$REMOTE_DIR")"
-      run gcloud compute tpus tpu-vm scp --recurse "$src" "$NAME:$REMOTE_DIR" "${LOC[@]}" --worker=all
+      tarball="${TMPDIR:-/tmp}/rlp_jax_src-$$.tar.gz"
+      pack_source "$src" "$tarball"
+      run gcloud compute tpus tpu-vm scp "$tarball" "$NAME:rlp_jax_src.tar.gz" "${LOC[@]}" --worker=all
+      on_workers all "rm -rf $HOME_Q/$(q "$REMOTE_DIR") && mkdir -p $HOME_Q/$(q "$REMOTE_DIR") && tar -xzf $HOME_Q/rlp_jax_src.tar.gz -C $HOME_Q/$(q "$REMOTE_DIR") && rm -f $HOME_Q/rlp_jax_src.tar.gz"
+      run rm -f "$tarball"
     elif [[ $REPO == *://* || $REPO == git@* || $REPO == *.git ]]; then
       on_workers all "rm -rf $HOME_Q/$(q "$REMOTE_DIR") && git clone --depth=1 $(q "--branch=$BRANCH" "$REPO") $HOME_Q/$(q "$REMOTE_DIR")"
     else
@@ -200,6 +224,9 @@ case $COMMAND in
   train)
     [[ -n $EXPERIMENT ]] || die "--experiment is required for train (or set RLP_EXPERIMENT)"
     [[ -n $WORKDIR ]] || die "--workdir is required for train: a directory all workers share, e.g. gs://BUCKET/runs/NAME"
+    # Each worker writes its own shards of every checkpoint: on per-host disks they never meet.
+    [[ $WORKDIR == *://* || $SHARED_FS == 1 ]] ||
+      die "--workdir '$WORKDIR' is a local path: on a multi-worker slice each worker would write its own partial checkpoints; use gs://BUCKET/runs/NAME, or pass --shared-fs if it is a shared mount or the slice has one worker"
     argv=(-m rlp_jax.train "--experiment=$EXPERIMENT" "--workdir=$WORKDIR")
     for s in ${SETS[@]+"${SETS[@]}"}; do argv+=(--set "$s"); done
     # RLP_JAX_DISTRIBUTED=1: maybe_initialize_distributed() calls jax.distributed.initialize(), which
