@@ -8,6 +8,7 @@ Point it at your data and model:
 Without model.init_from the `model.preset` size starts from random init (then train.tokenizer must
 name a tokenizer). Paper settings: constant lr 1e-6, 512 (context, next token) pairs per step,
 context 2048, G = 16 thoughts at temperature 0.7, thoughts up to 2048 tokens, KL 0, EMA tau 0.999.
+float32 master weights with bfloat16 compute: at lr 1e-6 most updates are below bfloat16 resolution.
 """
 
 from rlp_jax.config import ModelSection, OptimConfig, RunConfig, TrainSection
@@ -18,7 +19,7 @@ from rlp_jax.sharding import MeshConfig
 
 def config() -> RunConfig:
     return RunConfig(
-        model=ModelSection(preset="qwen3-1.7b", param_dtype="bfloat16", compute_dtype="bfloat16", remat="full"),
+        model=ModelSection(preset="qwen3-1.7b", param_dtype="float32", compute_dtype="bfloat16", remat="full"),
         data=DataConfig(
             sources=(SourceConfig(path="data/web/*.jsonl", weight=0.7, name="web"),
                      SourceConfig(path="data/math/*.jsonl", weight=0.3, name="math")),

@@ -92,6 +92,9 @@ class TrainSection:
       max_nonfinite: stop after this many non-finite steps in a row (each is skipped and counted).
       min_thought_len: warn when the mean thought length falls below this (thought collapse).
       mesh: (data, fsdp, tensor) sizes. plot: write PNG curves at the end.
+      micro_batches: gradient accumulation: each step runs its data.batch_size rows as this many
+        micro-batches one after another (activation memory of batch_size / micro_batches rows; one
+        optimizer update per step; see `train_step.rlp_step`).
       tokenizer: sentencepiece .model or Hugging Face tokenizer dir (default: model.init_from).
     """
 
@@ -108,6 +111,7 @@ class TrainSection:
     mesh: MeshConfig = MeshConfig()
     plot: bool = True
     tokenizer: str | None = None
+    micro_batches: int = 1
 
     def __post_init__(self):
         if self.objective not in ("rlp", "ntp"):
@@ -116,6 +120,8 @@ class TrainSection:
             raise ConfigError("train.steps, save_every, log_every, max_nonfinite, keep and eval_batches must be >= 1")
         if self.eval_every < 0:
             raise ConfigError("train.eval_every must be >= 0 (0 = no evaluation)")
+        if self.micro_batches < 1:
+            raise ConfigError(f"train.micro_batches must be >= 1, got {self.micro_batches}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

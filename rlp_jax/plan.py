@@ -361,6 +361,7 @@ class Plan:
     batch: int
     rows_per_device: int
     seq_len: int
+    micro_batches: int
     num_params: int
     state: dict[str, float]
     activations: dict[str, float]
@@ -409,17 +410,24 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
     batch, length = cfg.data.batch_size, cfg.data.seq_len
     split, tp = mesh["data"] * mesh["fsdp"], mesh["tensor"]
     rows = -(-batch // split)
+    micro = cfg.train.micro_batches
     warnings, hints = [], []
     if batch % split:
         warnings.append(f"data.batch_size={batch} does not split over data x fsdp = {split} devices "
                         f"(rlp_jax.train refuses it); planned with {rows} rows per device")
+    elif rows % micro:
+        warnings.append(f"{rows} rows per device do not split into train.micro_batches={micro} (rlp_jax.train "
+                        f"refuses it); planned with {-(-rows // micro)} rows per micro-batch")
     if objective == "rlp" and rlp.rollout.min_context + rlp.reward.horizon > length:
         warnings.append(f"no valid thinking position: rollout.min_context + reward.horizon > data.seq_len={length}")
 
     state = state_bytes(cfg, m, mesh)
+    if micro > 1:   # the float32 gradient accumulator of train_step's micro-batch scan
+        state["gradients"] += state["ema"]
     copy = 0.0 if m.param_dtype == "float32" else state["ema"] * _dtype_bytes(m.param_dtype) / 4
-    act = lambda mc: activation_bytes(mc, rlp, rows=rows, seq_len=length, tp=tp, objective=objective,  # noqa: E731
-                                      param_copy=copy)
+    mb_rows = -(-rows // micro)
+    act = lambda mc, r=mb_rows: activation_bytes(mc, rlp, rows=r, seq_len=length, tp=tp,  # noqa: E731
+                                                 objective=objective, param_copy=copy)
     phases = act(m)
     loss_by_remat = {r: act(m.replace(remat=r))["loss"] for r in REMATS}
     total = _total(state, phases)
@@ -428,9 +436,9 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
     decode_floor = None
     if objective == "rlp" and devices.bandwidth:
         c = _dtype_bytes(m.compute_dtype)
-        n = rows * ro.positions_per_doc * ro.group_size
-        kv = 2 * m.num_layers * (rows * length + n * ro.thought_len) * m.num_kv_heads * m.head_dim * c / tp
-        decode_floor = ro.thought_len * (m.num_params() * c / tp + kv) / devices.bandwidth
+        n = mb_rows * ro.positions_per_doc * ro.group_size
+        kv = 2 * m.num_layers * (mb_rows * length + n * ro.thought_len) * m.num_kv_heads * m.head_dim * c / tp
+        decode_floor = micro * ro.thought_len * (m.num_params() * c / tp + kv) / devices.bandwidth
 
     if total > devices.hbm_bytes:
         big = max(phases, key=phases.get)
@@ -443,14 +451,19 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
         if objective == "rlp":
             hints.append("fewer branches per device: lower rlp.rollout.positions_per_doc / group_size / thought_len "
                          "(the branch residuals and attention scores grow with all three)")
-        if rows > 1:
-            hints.append(f"fewer rows per device: lower data.batch_size (now {rows} per device) or spread rows over "
-                         "more chips; gradient accumulation over micro-batches is not implemented in train_step yet")
+        if mb_rows > 1:
+            fitting = [k for k in range(micro + 1, rows + 1) if rows % k == 0 and
+                       _total(state | {"gradients": state["gradients"] + (state["ema"] if micro == 1 else 0.0)},
+                              act(m, rows // k)) <= devices.hbm_bytes]
+            how = (f"--set train.micro_batches={fitting[0]} fits" if fitting else
+                   f"even {rows} micro-batches of one row do not fit")
+            hints.append(f"fewer rows at a time: {mb_rows} rows per device per micro-batch now; {how} (gradient "
+                         "accumulation: same batch, activations of fewer rows), or spread rows over more chips")
         else:
             hints.append("one row per device already: shorten data.seq_len or add tensor parallelism "
                          "(--mesh tensor=..)")
     return Plan(model=m, devices=devices, mesh=dict(mesh), objective=objective, batch=batch, rows_per_device=rows,
-                seq_len=length, num_params=m.num_params(), state=state, activations=phases,
+                seq_len=length, micro_batches=micro, num_params=m.num_params(), state=state, activations=phases,
                 loss_by_remat=loss_by_remat, total=total, rlp_flops=rlp_step_flops(m, rlp, batch, length),
                 ntp_flops=ntp_step_flops(m, batch, length), input_tokens=float(batch * length),
                 effective_tokens=effective_tokens(rlp, batch, length), decode_floor_s=decode_floor,
@@ -475,7 +488,8 @@ def format_plan(p: Plan, *, name: str = "", mfu: float = 0.4) -> str:
     lines.append(f"plan {name}: {_si(p.num_params)} params ({p.num_params:,}), {d.chips} x {d.name} "
                  f"({d.hbm_bytes / GIB:.0f} GiB, {peak} each)")
     lines.append(f"mesh data={p.mesh['data']} fsdp={p.mesh['fsdp']} tensor={p.mesh['tensor']}; objective "
-                 f"{p.objective}; batch {p.batch} rows x {p.seq_len} tokens, {p.rows_per_device} per device")
+                 f"{p.objective}; batch {p.batch} rows x {p.seq_len} tokens, {p.rows_per_device} per device"
+                 + (f" in {p.micro_batches} micro-batches" if p.micro_batches > 1 else ""))
     lines.append(f"model: params {m.param_dtype}, compute {m.compute_dtype}, remat {m.remat}")
     row = lambda label, b: f"  {label:<44s}{b / GIB:>10.3f}"   # noqa: E731
     lines += ["", f"  {'memory per device':<44s}{'GiB':>10s}"]

@@ -147,6 +147,10 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
     if cfg.data.batch_size % rows:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not split over the mesh's data x fsdp = "
                           f"{rows} devices; use a multiple of {rows}")
+    if cfg.data.batch_size % (rows * tc.micro_batches):
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not split into train.micro_batches="
+                          f"{tc.micro_batches} micro-batches of whole rows on each of the {rows} data x fsdp "
+                          f"devices; use a batch size that is a multiple of {rows * tc.micro_batches}")
     optimizer = make_optimizer(cfg.optim, tc.steps)
     keep_ref = tc.objective == "rlp" and cfg.rlp.loss.kl_beta > 0
 
@@ -183,9 +187,11 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
         return {}
 
     if tc.objective == "rlp":
-        step_fn = train_step.make_rlp_train_step(mcfg, cfg.rlp, optimizer, mesh=mesh, state_shardings=st_sh)
+        step_fn = train_step.make_rlp_train_step(mcfg, cfg.rlp, optimizer, mesh=mesh, state_shardings=st_sh,
+                                                  micro_batches=tc.micro_batches)
     else:
-        step_fn = train_step.make_ntp_train_step(mcfg, optimizer, mesh=mesh, state_shardings=st_sh)
+        step_fn = train_step.make_ntp_train_step(mcfg, optimizer, mesh=mesh, state_shardings=st_sh,
+                                                  micro_batches=tc.micro_batches)
     eval_batches, eval_fn = [], None
     if tc.eval_every > 0:
         if cfg.data.eval_fraction <= 0:

@@ -67,7 +67,7 @@ def _branch_forward_fn(naive_path: bool, batch):
 
 
 def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Thoughts, t_bk, t_mask_bk,
-                  ema_lp_bl, ref_params=None, *, naive_path: bool = False):
+                  ema_lp_bl, ref_params=None, *, naive_path: bool = False, rlp_scale=1.0, ntp_scale=1.0):
     """The RLP loss of given thoughts, differentiable in params (the loss forward of RLP_METHOD.md).
 
     Args:
@@ -77,6 +77,9 @@ def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Tho
       ref_params: reference params for the KL term (needed when rlp.loss.kl_beta > 0).
       naive_path: score every thought as its own sequence (`rlp_jax.naive`, the reference and the
         benchmark baseline) instead of as a branch of the shared prefix.
+      rlp_scale, ntp_scale: [] float32 factors of the RLP and next-token terms in the returned loss
+        (micro-batching weighs each micro-batch by its share of the batch's thoughts and tokens);
+        the metrics stay unscaled.
     Returns:
       (loss, (metrics dict, rewards [B, K, G], advantages [B, K, G])).
     """
@@ -111,10 +114,10 @@ def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Tho
                                  ref_logprobs=ref_lp, kl_beta=lc.kl_beta, rewards=rewards.reshape(-1))
     if lc.ntp_weight > 0:
         ntp = shifted_ntp_loss(logits_doc, batch["tokens"], batch["segment_ids"])
-        loss = combined_loss(loss_rlp, ntp, lc.ntp_weight)
+        loss = combined_loss(rlp_scale * loss_rlp, ntp_scale * ntp, lc.ntp_weight)
         metrics["loss/ntp"] = ntp
     else:
-        loss = loss_rlp
+        loss = rlp_scale * loss_rlp
     n_valid = jnp.maximum(valid.sum(), 1)
     vmean = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / n_valid
     metrics.update({
@@ -156,12 +159,9 @@ def _apply_update(state: TrainState, grads, loss, optimizer, ema_decay: float | 
     return new, metrics
 
 
-def rlp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig,
-             optimizer: optax.GradientTransformation, naive_path: bool = False):
-    """One RLP step (un-jitted; see `make_rlp_train_step`). Returns (new state, metrics of scalars).
-
-    naive_path: sample and score every thought as its own sequence (the reference; for benchmarks).
-    """
+def _rollout_phase(state: TrainState, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig, naive_path: bool):
+    """Teacher log-probs [B, L], positions [B, K] (+ mask) and sampled thoughts [B, K, G, T] of one
+    (micro-)batch; nothing here is differentiated."""
     k_pos, k_roll = jax.random.split(rng)
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     ema_lp = teacher_logprobs(state.ema_params, cfg, batch)                      # [B, L]
@@ -172,23 +172,121 @@ def rlp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig,
         _, prefix = model.forward(jax.lax.stop_gradient(state.params), cfg, tokens, segment_ids_bl=seg,
                                   positions_bl=pos, return_cache=True, return_logits=False)
         thoughts = thought_rollout(state.params, cfg, prefix, t_bk, k_roll, rlp.rollout)
+    return ema_lp, t_bk, t_mask, thoughts
+
+
+def split_micro_batches(x, m: int):
+    """[B, ...] -> [M, B/M, ...]. Micro-batch i takes rows i, i + M, i + 2M, ...: with rows sharded in
+    contiguous blocks over the mesh, every device holds its share of every micro-batch (no resharding)."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+
+
+def _merge_micro_batches(x):
+    """[M, B/M, ...] -> [B, ...] (row order irrelevant: used for metrics only)."""
+    return x.reshape(-1, *x.shape[2:])
+
+
+def _thoughts_with_actions(thoughts: Thoughts, t_mask_bk) -> jax.Array:
+    """[] float32: thoughts at valid positions with at least one action token (rlp_loss's M')."""
+    action = thoughts.action_mask & t_mask_bk[:, :, None, None]
+    return (action.sum(-1) > 0).sum().astype(jnp.float32)
+
+
+def _ntp_tokens(batch) -> jax.Array:
+    """[] float32: next-token targets of a packed batch (shifted_ntp_loss's denominator)."""
+    seg = batch["segment_ids"]
+    return ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).sum().astype(jnp.float32)
+
+
+def _combine_metrics(metrics_m: dict, weights_m) -> dict:
+    """Per-micro-batch metrics [M] -> one value: maxima and minima over micro-batches, everything else
+    weighted by `weights_m` [M] (the micro-batches' shares of the thoughts)."""
+    out = {}
+    for k, v in metrics_m.items():
+        if "max" in k:
+            out[k] = v.max()
+        elif "min" in k:
+            out[k] = v.min()
+        else:
+            out[k] = jnp.sum(v * weights_m)
+    return out
+
+
+def rlp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig,
+             optimizer: optax.GradientTransformation, naive_path: bool = False, micro_batches: int = 1):
+    """One RLP step (un-jitted; see `make_rlp_train_step`). Returns (new state, metrics of scalars).
+
+    naive_path: sample and score every thought as its own sequence (the reference; for benchmarks).
+    micro_batches: M > 1 splits the B rows into M micro-batches (`split_micro_batches`) processed one
+      after another under `lax.scan`, so activations are those of B/M rows. All rollouts come first
+      (micro-batch i samples with `fold_in(rng, i)`), then the gradients, each micro-batch's loss
+      weighted by its share of the batch's thoughts (RLP term) and tokens (next-token term): given the
+      same thoughts this is the gradient of the whole batch's loss (groups live inside a row, so
+      group advantages are unchanged; the `batch` baseline becomes per micro-batch).
+    """
     grad_fn = jax.value_and_grad(functools.partial(rlp_objective, naive_path=naive_path), has_aux=True)
-    (loss, (metrics, _, _)), grads = grad_fn(state.params, cfg, rlp, batch, thoughts, t_bk, t_mask, ema_lp,
-                                             state.ref_params)
+    roll = functools.partial(_rollout_phase, cfg=cfg, rlp=rlp, naive_path=naive_path)
+    if micro_batches == 1:
+        ema_lp, t_bk, t_mask, thoughts = roll(state, batch, rng)
+        (loss, (metrics, _, _)), grads = grad_fn(state.params, cfg, rlp, batch, thoughts, t_bk, t_mask, ema_lp,
+                                                 state.ref_params)
+        new_state, upd = _apply_update(state, grads, loss, optimizer, rlp.ema_decay)
+        return new_state, {**metrics, **_rollout_metrics(thoughts, t_mask), **upd}
+
+    mb = jax.tree.map(lambda x: split_micro_batches(x, micro_batches), batch)         # [M, B/M, L]
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(micro_batches))
+    _, (ema_lp, t_bk, t_mask, thoughts) = jax.lax.scan(
+        lambda c, xs: (c, roll(state, xs[0], xs[1])), None, (mb, keys))
+    n_th = jax.vmap(_thoughts_with_actions)(thoughts, t_mask)                          # [M]
+    n_tok = jax.vmap(_ntp_tokens)(mb)                                                  # [M]
+    w_rlp, w_ntp = n_th / jnp.maximum(n_th.sum(), 1.0), n_tok / jnp.maximum(n_tok.sum(), 1.0)
+
+    def accumulate(acc, xs):
+        b, th, tb, tm, elp, wr, wn = xs
+        (loss, (metrics, _, _)), g = grad_fn(state.params, cfg, rlp, b, th, tb, tm, elp, state.ref_params,
+                                             rlp_scale=wr, ntp_scale=wn)
+        return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g), (loss, metrics)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    grads, (losses, metrics_m) = jax.lax.scan(accumulate, zeros, (mb, thoughts, t_bk, t_mask, ema_lp, w_rlp, w_ntp))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    loss = losses.sum()                                 # = the whole batch's loss
+    metrics = _combine_metrics(metrics_m, w_rlp)
+    metrics["loss/total"] = loss
+    if "loss/ntp" in metrics_m:
+        metrics["loss/ntp"] = jnp.sum(metrics_m["loss/ntp"] * w_ntp)
     new_state, upd = _apply_update(state, grads, loss, optimizer, rlp.ema_decay)
-    return new_state, {**metrics, **_rollout_metrics(thoughts, t_mask), **upd}
+    flat = jax.tree.map(_merge_micro_batches, thoughts)
+    return new_state, {**metrics, **_rollout_metrics(flat, _merge_micro_batches(t_mask)), **upd,
+                       "train/micro_batches": jnp.asarray(micro_batches, jnp.int32)}
 
 
-def ntp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, optimizer: optax.GradientTransformation):
-    """One next-token (continued pretraining) step, for the compute-matched CPT baseline."""
+def ntp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, optimizer: optax.GradientTransformation,
+             micro_batches: int = 1):
+    """One next-token (continued pretraining) step, for the compute-matched CPT baseline. With
+    micro_batches M > 1 the gradient is accumulated over M micro-batches, each weighted by its share of
+    the batch's target tokens (the whole batch's token-mean loss, exactly)."""
     del rng
 
-    def loss_fn(p):
-        logits, _ = model.forward(p, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
-                                  positions_bl=batch["positions"])
-        return shifted_ntp_loss(logits, batch["tokens"], batch["segment_ids"])
+    def loss_fn(p, b, scale=1.0):
+        logits, _ = model.forward(p, cfg, b["tokens"], segment_ids_bl=b["segment_ids"], positions_bl=b["positions"])
+        return scale * shifted_ntp_loss(logits, b["tokens"], b["segment_ids"])
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    if micro_batches == 1:
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    else:
+        mb = jax.tree.map(lambda x: split_micro_batches(x, micro_batches), batch)
+        n_tok = jax.vmap(_ntp_tokens)(mb)
+        w = n_tok / jnp.maximum(n_tok.sum(), 1.0)
+
+        def accumulate(acc, xs):
+            loss_i, g = jax.value_and_grad(loss_fn)(state.params, xs[0], xs[1])
+            return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g), loss_i
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        grads, losses = jax.lax.scan(accumulate, zeros, (mb, w))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        loss = losses.sum()
     new_state, upd = _apply_update(state, grads, loss, optimizer, None)
     return new_state, {"loss/total": loss, "loss/ntp": loss, **upd}
 
@@ -212,21 +310,29 @@ def _jit_step(fn, mesh, state_shardings):
 
 
 def make_rlp_train_step(cfg: ModelConfig, rlp: RLPConfig, optimizer: optax.GradientTransformation, *,
-                        mesh=None, state_shardings=None, naive_path: bool = False):
+                        mesh=None, state_shardings=None, naive_path: bool = False, micro_batches: int = 1):
     """`rlp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled.
 
     With `mesh` (and the state's `state_shardings`, see `rlp_jax.sharding.state_shardings`) the step
     runs SPMD over the mesh: batch rows over data x fsdp, activations constrained by logical names.
+    micro_batches: gradient accumulation over M micro-batches of B/M rows (see `rlp_step`); B/M must
+    still split over the mesh's data x fsdp.
     """
     rlp.rollout.markers()
-    step = functools.partial(rlp_step, cfg=cfg, rlp=rlp, optimizer=optimizer, naive_path=naive_path)
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    step = functools.partial(rlp_step, cfg=cfg, rlp=rlp, optimizer=optimizer, naive_path=naive_path,
+                             micro_batches=micro_batches)
     return _jit_step(step, mesh, state_shardings)
 
 
 def make_ntp_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *, mesh=None,
-                        state_shardings=None):
-    """`ntp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled (mesh as above)."""
-    return _jit_step(functools.partial(ntp_step, cfg=cfg, optimizer=optimizer), mesh, state_shardings)
+                        state_shardings=None, micro_batches: int = 1):
+    """`ntp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled (mesh and micro_batches as above)."""
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    return _jit_step(functools.partial(ntp_step, cfg=cfg, optimizer=optimizer, micro_batches=micro_batches),
+                     mesh, state_shardings)
 
 
 def eval_metrics(params, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig):

@@ -121,6 +121,32 @@ def test_remat_orders_loss_memory():
     assert p.loss_by_remat["none"] == p.activations["loss"]          # smoke runs remat none
 
 
+def test_micro_batches_plan_the_activations_of_fewer_rows():
+    cfg = _run_config("data.seq_len=512", "rlp.rollout.thought_len=64")
+    one = plan.plan(cfg, plan.device_spec("cpu"), {"data": 1, "fsdp": 1, "tensor": 1})
+    four = plan.plan(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batches=4)),
+                     plan.device_spec("cpu"), {"data": 1, "fsdp": 1, "tensor": 1})
+    m = plan.model_config(cfg)
+    by_rows = lambda r: plan.activation_bytes(m, cfg.rlp, rows=r, seq_len=512, tp=1, objective="rlp")
+    assert one.activations == by_rows(8) and four.activations == by_rows(2)   # 8 rows, 4 micro-batches of 2
+    assert four.activations["loss"] < one.activations["loss"] / 3
+    # the float32 accumulator joins the gradients; FLOPs per step do not change
+    assert four.state["gradients"] == one.state["gradients"] + one.state["ema"]
+    assert four.rlp_flops == one.rlp_flops and four.micro_batches == 4
+
+
+def test_hint_names_the_micro_batches_that_fit():
+    cfg = load_experiment("web_mix").config()
+    p = plan.plan(cfg, plan.device_spec("v5p-64"), {"data": 1, "fsdp": 32, "tensor": 1})
+    assert not p.fits and p.rows_per_device == 16
+    (hint,) = [h for h in p.hints if "micro_batches=" in h]
+    k = int(hint.split("micro_batches=")[1].split()[0])
+    fixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batches=k))
+    assert plan.plan(fixed, plan.device_spec("v5p-64"), {"data": 1, "fsdp": 32, "tensor": 1}).fits
+    half = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batches=k // 2))
+    assert not plan.plan(half, plan.device_spec("v5p-64"), {"data": 1, "fsdp": 32, "tensor": 1}).fits
+
+
 # ---- devices --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text,kind,chips", [

@@ -143,6 +143,8 @@ def test_nonfinite_steps_stop_the_run(tmp_path):
     (["--experiment=smoke", "--set", "model.remat=ful"], "model.remat must be none, full or dots"),
     (["--experiment=smoke", "--set", "train.eval_batches=0"], "eval_batches must be >= 1"),
     (["--experiment=smoke", "--set", "rlp.rollout.min_context=64"], "no position of a 64-token row can be chosen"),
+    (["--experiment=smoke", "--set", "train.micro_batches=0"], "train.micro_batches must be >= 1"),
+    (["--experiment=smoke", "--set", "train.micro_batches=3"], "does not split into train.micro_batches=3"),
     (["--experiment=web_mix", "--set", "model.preset=tiny", "--set", "train.tokenizer=/nonexistent/tok.model"],
      "/nonexistent/tok.model"),
 ])
