@@ -93,7 +93,9 @@ class Decoder:
         for i in range(0, len(prompts), bs):
             chunk = prompts[i:i + bs]
             x, n = pad_prompts(chunk, pad_id=self.tok.pad_id or 0, multiple=64, batch_multiple=bs)
-            g = jax.device_get(self._gen_fn(sc)(self.params, x, n, jax.random.fold_in(rng, i)))
+            key = jax.random.key_data(jax.random.fold_in(rng, i))
+            g = jax.device_get(self._gen_fn(sc)(self.params, self._rows_global(x), self._rows_global(n),
+                                                self._replicated(key)))
             out += [g.tokens[j, : g.lengths[j]].tolist() for j in range(len(chunk))]
         return out
 
@@ -134,10 +136,22 @@ class Decoder:
             chunk = seqs[i:i + bs]
             x, n = pad_prompts(chunk, pad_id=0, multiple=64, batch_multiple=bs)
             seg = (np.arange(x.shape[1])[None] < n[:, None]).astype(np.int32)
-            lp = np.asarray(jax.device_get(self._lp_fn()(self.params, x, seg)))   # lp[:, j] = log p(x_j | x_<j)
+            lp = np.asarray(jax.device_get(self._lp_fn()(self.params, self._rows_global(x),
+                                                         self._rows_global(seg))))   # lp[:, j] = log p(x_j | x_<j)
             for j, (p, c) in enumerate(zip(prefixes[i:i + bs], continuations[i:i + bs])):
                 out[i + j] = lp[j, len(p): len(p) + len(c)].sum()
         return out
+
+    def _rows_global(self, x) -> jax.Array:
+        """A host array [B, ...] (the same on every process) as one global array split over the mesh rows:
+        each process places only the rows of its own devices, so multi-host evaluation works as is."""
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, P(("data", "fsdp"))),
+                                            lambda idx: x[idx])
+
+    def _replicated(self, x) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, P()), lambda idx: x[idx])
 
     def _bs(self) -> int:
         """Rows per compiled batch: batch_size rounded up to the mesh rows. Every chunk is padded to it,
@@ -153,15 +167,17 @@ def _compiled(kind: str, cfg, mesh, p_sh, sc):
     checkpoints of one model (e.g. before and after RLP) reuse each other's compilations."""
     key = (kind, repr(cfg), mesh, sc)
     if key not in _JITTED:
-        rows = NamedSharding(mesh, P(("data", "fsdp")))
+        # Inputs split over the mesh rows; outputs (token ids, log-probs: small) replicated, so that every
+        # process of a multi-host run can read all of them.
+        rows, replicated = NamedSharding(mesh, P(("data", "fsdp"))), NamedSharding(mesh, P())
         if kind == "generate":
-            fn = lambda p, x, n, k: generate(p, cfg, x, n, k, sc)
-            _JITTED[key] = jax.jit(fn, in_shardings=(p_sh, rows, rows, NamedSharding(mesh, P())))
+            fn = lambda p, x, n, kd: generate(p, cfg, x, n, jax.random.wrap_key_data(kd), sc)
+            _JITTED[key] = jax.jit(fn, in_shardings=(p_sh, rows, rows, replicated), out_shardings=replicated)
         else:
             def fn(p, x_bl, seg_bl):
                 logits, _ = model.forward(p, cfg, x_bl, segment_ids_bl=seg_bl)
                 return shifted_token_logprobs(logits, x_bl)                   # [B, L] float32
-            _JITTED[key] = jax.jit(fn, in_shardings=(p_sh, rows, rows), out_shardings=rows)
+            _JITTED[key] = jax.jit(fn, in_shardings=(p_sh, rows, rows), out_shardings=replicated)
     return _JITTED[key]
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from rlp_jax import sharding, tasks
 from rlp_jax.answers import pass_at_k
 from rlp_jax.decoding import MODES, Decoder, DecodeOptions
-from rlp_jax.loading import LOAD_ERRORS, load_model
+from rlp_jax.loading import LOAD_ERRORS, load_model, local_dirs
 
 DEFAULT_BUDGET = {"math": 256, "choice": 8, "generated": 8}   # answer tokens when --max_new_tokens is not given
 
@@ -132,6 +132,11 @@ def _mesh(text: str):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    # Multi-host (a TPU pod slice, several GPU hosts): every process runs this same command on the same
+    # files; decoding is sharded over all devices and process 0 prints and writes the results.
+    sharding.maybe_initialize_distributed()
+    lead = jax.process_index() == 0
+    say = print if lead else (lambda *a, **k: None)
     try:
         names = [t.strip() for t in args.tasks.split(",") if t.strip()]
         specs = [tasks.get_task(t) for t in names]
@@ -152,13 +157,13 @@ def main(argv=None) -> int:
         if not Path(args.data_dir).is_dir():
             raise ValueError(f"--data_dir {args.data_dir} is not a directory")
         all_items = {s.name: tasks.load_task(s.name, args.data_dir, seed=args.seed) for s in specs}
-        if args.out:   # fail now, not after the whole evaluation
+        if args.out and lead:   # fail now, not after the whole evaluation
             _check_writable(Path(args.out))
         mesh = _mesh(args.mesh)
         t0 = time.time()
         lm = load_model(args.checkpoint, step=args.step, which=args.which, mesh=mesh)
         decoder = Decoder(lm.params, lm.cfg, lm.tokenizer, mesh=mesh, batch_size=args.batch_size)
-        print(f"loaded {lm.source} checkpoint {args.checkpoint}" + (f" step {lm.step}" if lm.step is not None else "")
+        say(f"loaded {lm.source} checkpoint {args.checkpoint}" + (f" step {lm.step}" if lm.step is not None else "")
               + f" in {time.time() - t0:.1f} s; devices {jax.devices()[0].platform} x {jax.device_count()}")
         results: dict[str, dict[str, dict]] = {}
         records: list[dict] = []
@@ -176,16 +181,19 @@ def main(argv=None) -> int:
                                               seed=args.seed)
                 results.setdefault(spec.name, {})[mode] = summary
                 records += recs
-                print(f"{spec.name} [{mode}]: pass@1 {100 * summary['pass@1']:.1f}% on {summary['n']} items "
-                      f"({time.time() - t1:.1f} s)")
+                say(f"{spec.name} [{mode}]: pass@1 {100 * summary['pass@1']:.1f}% on {summary['n']} items "
+                    f"({time.time() - t1:.1f} s)")
     except (ValueError, *LOAD_ERRORS) as e:   # TaskError, LoadError, bad flags: one line
         print(f"error: {e}", file=sys.stderr)
         return 2
     avgs = averages(results)
+    if not lead:
+        return 0
     print("\n" + format_table(results, avgs))
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else (
-        Path(args.checkpoint) / "eval" / f"eval-{stamp}.json" if lm.source == "run" else Path(f"eval-{stamp}.json"))
+        local_dirs(args.checkpoint)[0] / "eval" / f"eval-{stamp}.json" if lm.source == "run"
+        else Path(f"eval-{stamp}.json"))
     payload = json.dumps({"checkpoint": str(args.checkpoint), "step": lm.step, "args": vars(args),
                           "results": results, "averages": avgs, "items": records}, indent=1)
     try:
@@ -213,3 +221,7 @@ def _check_writable(out: Path) -> None:
     except OSError as e:
         raise ValueError(f"--out {out}: cannot write there ({e.strerror}); give a file path in a writable "
                          "directory") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

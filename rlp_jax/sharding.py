@@ -87,6 +87,8 @@ def maybe_initialize_distributed() -> bool:
         kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
                       num_processes=int(env.get("JAX_NUM_PROCESSES", "1")),
                       process_id=int(env.get("JAX_PROCESS_ID", "0")))
+    # CPU processes (tests, CPU clusters) need a collectives backend; TPU and GPU ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**kwargs)
     logging.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
     return True
