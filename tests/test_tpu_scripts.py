@@ -366,6 +366,7 @@ def _maybe_initialize_distributed(environ):
              if isinstance(n, ast.FunctionDef) and n.name == "maybe_initialize_distributed"]
     calls = []
     jax = types.SimpleNamespace(distributed=types.SimpleNamespace(initialize=lambda **kw: calls.append(kw)),
+                                config=types.SimpleNamespace(update=lambda *a: None),
                                 process_index=lambda: 0, process_count=lambda: 1)
     namespace = {"os": types.SimpleNamespace(environ=environ), "jax": jax, "logging": logging}
     exec(compile(ast.Module(body=[fn], type_ignores=[]), "sharding.py", "exec"), namespace)
