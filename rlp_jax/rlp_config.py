@@ -26,6 +26,11 @@ class RolloutConfig:
         "window": every position of a window of K consecutive valid positions at a random start.
       ema_band: (low, high) nats for "ema_band".
       think_start_id, think_end_id: token ids of `<think>` and `</think>` (from the tokenizer).
+      banned_ids: further token ids never sampled inside a thought (besides `<think>`, and `</think>`
+        in the first slot).
+      ban_special_tokens: `rlp_jax.train` adds the tokenizer's eos, bos and pad ids to banned_ids, so
+        that no thought contains an end of document (off by default: the published replication ran
+        without it; see experiments/replication/REPORT.md).
     """
 
     group_size: int = 16
@@ -39,6 +44,8 @@ class RolloutConfig:
     ema_band: tuple[float, float] = (1.0, 8.0)
     think_start_id: int | None = None
     think_end_id: int | None = None
+    banned_ids: tuple[int, ...] = ()
+    ban_special_tokens: bool = False
 
     def __post_init__(self):
         if self.group_size < 2:

@@ -48,13 +48,16 @@ class Thoughts:
 
 
 def thought_logits(logits, slot, rollout: RolloutConfig):
-    """Policy logits of a thought slot: temperature-scaled, `<think>` banned, `</think>` banned in slot 0.
+    """Policy logits of a thought slot: temperature-scaled, `<think>` and `rollout.banned_ids` banned,
+    `</think>` banned in slot 0.
 
     logits: [..., V] float32; slot: int or int array broadcastable to logits[..., 0]. Returns [..., V].
     """
     start, end = rollout.markers()
     vocab = jnp.arange(logits.shape[-1])
     banned = (vocab == start) | ((vocab == end) & (jnp.asarray(slot)[..., None] == 0))
+    for i in rollout.banned_ids:
+        banned = banned | (vocab == i)
     return jnp.where(banned, _NEG, logits.astype(jnp.float32) / rollout.temperature)
 
 

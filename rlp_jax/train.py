@@ -74,9 +74,13 @@ def build_model(cfg: RunConfig, tokenizer, rng) -> tuple[ModelConfig, dict | Non
 
 
 def with_markers(cfg: RunConfig, tokenizer) -> RunConfig:
-    """Fill the think-marker ids of the rollout config from the tokenizer."""
+    """Fill the think-marker ids of the rollout config from the tokenizer (and, with
+    rollout.ban_special_tokens, add its eos / bos / pad ids to rollout.banned_ids)."""
     ro = dataclasses.replace(cfg.rlp.rollout, think_start_id=tokenizer.think_start_id,
                              think_end_id=tokenizer.think_end_id)
+    if ro.ban_special_tokens:
+        special = {tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id} - {None}
+        ro = dataclasses.replace(ro, banned_ids=tuple(sorted(set(ro.banned_ids) | special)))
     return dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, rollout=ro))
 
 

@@ -1,6 +1,7 @@
 """Thought sampling: logit filters, marker masks, empirical distribution of the sampler, stopping,
 behaviour log-probs and the branch layout (RLP_METHOD.md step 2)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -180,6 +181,36 @@ def test_thought_logits_masks_and_temperature():
     assert np.all(out0[:, END] < -1e29) and np.all(out0[:, START] < -1e29)
     out1 = np.asarray(thought_logits(raw[:, 0], 1, r))
     np.testing.assert_allclose(out1[:, END], np.asarray(raw)[:, 0, END] / 0.5, rtol=1e-6)
+
+
+def test_banned_ids_are_never_sampled(params, docs):
+    """rollout.banned_ids (e.g. eos, from ban_special_tokens) are masked in every slot, in the sampler and
+    the loss's logits alike; a thought of many slots at high temperature never contains one."""
+    raw = jnp.zeros((1, 4, V), jnp.float32)
+    out = np.asarray(thought_logits(raw, jnp.arange(4), _rollout_cfg(banned_ids=(5, 7))))
+    assert np.all(out[..., [5, 7]] < -1e29) and np.all(out[:, 1:, [6, END]] == 0.0)
+    r = _rollout_cfg(group_size=64, positions_per_doc=2, thought_len=6, temperature=3.0)
+    ban = tuple(range(3, V, 2))                                          # half the vocabulary
+    free = _rollout(params, docs, jnp.asarray(POSITIONS), jax.random.key(3), r)
+    th = _rollout(params, docs, jnp.asarray(POSITIONS), jax.random.key(3),
+                  dataclasses.replace(r, banned_ids=ban))
+    sampled = lambda t: set(np.asarray(t.tokens)[np.asarray(t.action_mask)].tolist())
+    assert sampled(free) & set(ban)                                      # without the ban they do occur
+    assert not sampled(th) & set(ban)
+
+
+def test_train_bans_the_tokenizers_special_ids_on_request():
+    from types import SimpleNamespace
+
+    from rlp_jax.config import load_experiment
+    from rlp_jax.train import with_markers
+
+    tok = SimpleNamespace(think_start_id=10, think_end_id=11, eos_id=2, bos_id=1, pad_id=2)
+    cfg = load_experiment("smoke").config()
+    assert with_markers(cfg, tok).rlp.rollout.banned_ids == ()
+    on = dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, rollout=dataclasses.replace(
+        cfg.rlp.rollout, ban_special_tokens=True, banned_ids=(7,))))
+    assert with_markers(on, tok).rlp.rollout.banned_ids == (1, 2, 7)
 
 
 # ------------------------------------------------------------------------------------------------

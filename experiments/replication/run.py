@@ -11,7 +11,9 @@ Everything uses the `demo` recipe (generated corpus, `small` Qwen3-style model, 
                 per row + L, i.e. T_flop = n_rollouts * l_seq * batch * iters + T_inp)
    cpt_flops    NTP for the model FLOPs of the RLP run (`plan.rlp_step_flops` / `plan.ntp_step_flops`)
    The CPT arms use RLP's optimizer settings (AdamW, same lr and warmup).
-3. Ablations (seed 0): G = 2 and 8; EMA tau = 0.999 and a frozen teacher (tau = 1: the stage-1 model).
+3. Ablations (seed 0): G = 2 and 8; EMA tau = 0.999 and a frozen teacher (tau = 1: the stage-1 model);
+   and, every seed, `rlp_ban_special`: RLP with eos/bos/pad banned inside thoughts
+   (rollout.ban_special_tokens, the diagnosis in REPORT.md).
 4. Evaluation (`rlp_jax.heldout`): held-out documents (NLL without/with a thought, info gain) and
    held-out problems that never occur in training (accuracy answering directly and after a sampled
    thought; answer NLL). Writes WORKDIR/results.json, WORKDIR/results.md and WORKDIR/*.png.
@@ -73,6 +75,11 @@ def arms(rlp_cfg: RunConfig, seeds: list[int], ablations: bool) -> list[tuple[st
         for name, tau in (("rlp_tau0.999", 0.999), ("rlp_frozen_teacher", 1.0)):
             out.append((name, f"{name}-s0", 0, dataclasses.replace(_seeded(rlp_cfg, 0),
                                                                    rlp=dataclasses.replace(r, ema_decay=tau))))
+        # Diagnosis (REPORT.md): thoughts sampled with the end-of-document token banned, every seed.
+        ban = dataclasses.replace(r, rollout=dataclasses.replace(ro, ban_special_tokens=True))
+        for s in seeds:
+            out.append(("rlp_ban_special", f"rlp_ban_special-s{s}", s,
+                        dataclasses.replace(_seeded(rlp_cfg, s), rlp=ban)))
     return out
 
 
