@@ -34,6 +34,8 @@ class DecodeOptions:
       temperature: answer sampling temperature (0 = greedy). think_temperature: thought sampling
         temperature (training samples thoughts at the rollout temperature, 1.0 by default).
       top_k, top_p: sampling filters for both.
+      think_banned_ids: token ids never sampled in a thought besides `<think>` (the run's
+        rlp.rollout.banned_ids, so thoughts are sampled as in training; see `run_think_banned_ids`).
     """
 
     max_new_tokens: int = 32
@@ -42,6 +44,7 @@ class DecodeOptions:
     think_temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    think_banned_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if min(self.max_new_tokens, self.think_tokens) < 1:
@@ -120,7 +123,8 @@ class Decoder:
         `<think>` banned, `</think>` banned in the first slot, at most think_tokens content tokens."""
         start, end = self.tok.think_start_id, self.tok.think_end_id
         sc = SamplingConfig(max_new_tokens=opts.think_tokens, temperature=opts.think_temperature, top_k=opts.top_k,
-                            top_p=opts.top_p, stop_ids=(end,), banned_ids=(start,), min_new_tokens=1)
+                            top_p=opts.top_p, stop_ids=(end,), banned_ids=(start, *opts.think_banned_ids),
+                            min_new_tokens=1)
         return [[x for x in t if x != end] for t in self.sample([list(p) + [start] for p in prompts], sc, rng)]
 
     def with_thought(self, prompt: Sequence[int], thought: Sequence[int], answer_cue: Sequence[int] = ()) -> list[int]:
@@ -179,6 +183,13 @@ def _compiled(kind: str, cfg, mesh, p_sh, sc):
                 return shifted_token_logprobs(logits, x_bl)                   # [B, L] float32
             _JITTED[key] = jax.jit(fn, in_shardings=(p_sh, rows, rows), out_shardings=replicated)
     return _JITTED[key]
+
+
+def run_think_banned_ids(run_config: dict | None) -> tuple[int, ...]:
+    """The rlp.rollout.banned_ids a run trained with (() for Hugging Face checkpoints and older runs)."""
+    if not run_config:
+        return ()
+    return tuple(run_config["run"].get("rlp", {}).get("rollout", {}).get("banned_ids") or ())
 
 
 def encode_answer(tokenizer, prompt_text: str, answer_text: str) -> tuple[list[int], list[int]]:

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from rlp_jax import tasks
-from rlp_jax.decoding import Decoder, DecodeOptions, encode_answer
+from rlp_jax.decoding import Decoder, DecodeOptions, encode_answer, run_think_banned_ids
 from rlp_jax.loading import load_model
 
 DOC_KEYS = ("eval/nll_tokens", "eval/nll_no_think", "eval/nll_think", "eval/info_gain")
@@ -46,14 +46,15 @@ def load_problems(heldout, limit: int | None = None) -> list[tasks.Item]:
 
 
 def answer_metrics(decoder: Decoder, problems: list[tasks.Item], *, think_tokens: int, thoughts: int = 4,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, think_banned_ids: tuple[int, ...] = ()) -> dict:
     """Accuracy and answer NLL with and without a thought (see the module docstring). Floats."""
     spec = tasks.TASKS["generated"]
     tok = decoder.tok
     enc = [encode_answer(tok, p.question, p.answer) for p in problems]
     prompts, answers = [e[0] for e in enc], [e[1] for e in enc]
     rng = jax.random.key(seed)
-    opts = DecodeOptions(max_new_tokens=8, think_tokens=think_tokens, temperature=0.0)
+    opts = DecodeOptions(max_new_tokens=8, think_tokens=think_tokens, temperature=0.0,
+                         think_banned_ids=think_banned_ids)
     direct = decoder.complete(prompts, "no_think", opts, rng)
     ok_direct = [tasks.score(spec, tok.decode(c.answer), p, think=False)[1] for c, p in zip(direct, problems)]
     lp_direct = decoder.logprob(prompts, answers)
@@ -78,7 +79,7 @@ def evaluate_run(run_dir, heldout, *, think_tokens: int, thoughts: int = 4, seed
     row = {"run": str(run_dir), "step": lm.step}
     row.update({k.split("/")[1]: last_eval(run_dir).get(k) for k in DOC_KEYS})
     row.update(answer_metrics(decoder, load_problems(heldout, limit), think_tokens=think_tokens,
-                              thoughts=thoughts, seed=seed))
+                              thoughts=thoughts, seed=seed, think_banned_ids=run_think_banned_ids(lm.run_config)))
     return row
 
 
@@ -115,8 +116,9 @@ def sample_thoughts(run_dir, heldout, *, n: int, think_tokens: int, seed: int = 
     decoder = Decoder(lm.params, lm.cfg, lm.tokenizer, batch_size=64)
     problems = load_problems(heldout, n)
     prompts = [lm.tokenizer.encode(p.question) for p in problems]
-    out = decoder.complete(prompts, "think", DecodeOptions(max_new_tokens=8, think_tokens=think_tokens),
-                           jax.random.key(seed))
+    opts = DecodeOptions(max_new_tokens=8, think_tokens=think_tokens,
+                         think_banned_ids=run_think_banned_ids(lm.run_config))
+    out = decoder.complete(prompts, "think", opts, jax.random.key(seed))
     dec = lm.tokenizer.decode
     return [f"{p.question} <think> {dec(c.thought)} </think> {dec(c.answer)}  [gold: {p.answer}]"
             for p, c in zip(problems, out)]

@@ -183,6 +183,22 @@ def test_url_run_dirs_read_config_from_the_mirror_and_checkpoints_from_the_url(r
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_thoughts_follow_the_runs_banned_ids(lm):
+    """Think mode samples thoughts as the run's rollout did: its rlp.rollout.banned_ids never appear."""
+    from rlp_jax.decoding import Decoder, DecodeOptions, run_think_banned_ids
+
+    assert run_think_banned_ids(None) == () and run_think_banned_ids(lm.run_config) == ()
+    assert run_think_banned_ids({"run": {"rlp": {"rollout": {"banned_ids": [2, 1]}}}}) == (2, 1)
+    dec = Decoder(lm.params, lm.cfg, lm.tokenizer, batch_size=8)
+    prompts = [lm.tokenizer.encode("What is 2 + 3?")] * 8
+    opts = DecodeOptions(think_tokens=6, think_temperature=3.0)
+    free = {t for th in dec.think(prompts, opts, jax.random.key(0)) for t in th}
+    ban = tuple(sorted(free))[: len(free) // 2] + (lm.tokenizer.eos_id,)
+    got = {t for th in dec.think(prompts, DecodeOptions(think_tokens=6, think_temperature=3.0, think_banned_ids=ban),
+                                 jax.random.key(0)) for t in th}
+    assert got and not got & set(ban)
+
+
 def test_load_model_refuses_a_plain_directory(tmp_path):
     with pytest.raises(LoadError, match="neither an rlp_jax run directory"):
         load_model(tmp_path)
