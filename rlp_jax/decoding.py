@@ -77,6 +77,7 @@ class Decoder:
         self.params = jax.device_put(params, self._p_sh)
         self._rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self._row_sh = NamedSharding(self.mesh, P(("data", "fsdp")))
+        self._replicated_sh = NamedSharding(self.mesh, P())
         self._stop = tuple(i for i in (tokenizer.eos_id,) if i is not None)
 
     # -- compiled pieces, shared by every Decoder of the same model shape and mesh --
@@ -97,8 +98,8 @@ class Decoder:
             chunk = prompts[i:i + bs]
             x, n = pad_prompts(chunk, pad_id=self.tok.pad_id or 0, multiple=64, batch_multiple=bs)
             key = jax.random.key_data(jax.random.fold_in(rng, i))
-            g = jax.device_get(self._gen_fn(sc)(self.params, self._rows_global(x), self._rows_global(n),
-                                                self._replicated(key)))
+            g = jax.device_get(self._gen_fn(sc)(self.params, _global(x, self._row_sh), _global(n, self._row_sh),
+                                                _global(key, self._replicated_sh)))
             out += [g.tokens[j, : g.lengths[j]].tolist() for j in range(len(chunk))]
         return out
 
@@ -140,27 +141,23 @@ class Decoder:
             chunk = seqs[i:i + bs]
             x, n = pad_prompts(chunk, pad_id=0, multiple=64, batch_multiple=bs)
             seg = (np.arange(x.shape[1])[None] < n[:, None]).astype(np.int32)
-            lp = np.asarray(jax.device_get(self._lp_fn()(self.params, self._rows_global(x),
-                                                         self._rows_global(seg))))   # lp[:, j] = log p(x_j | x_<j)
+            lp = np.asarray(jax.device_get(self._lp_fn()(self.params, _global(x, self._row_sh),
+                                                         _global(seg, self._row_sh))))   # lp[:, j] = log p(x_j | x_<j)
             for j, (p, c) in enumerate(zip(prefixes[i:i + bs], continuations[i:i + bs])):
                 out[i + j] = lp[j, len(p): len(p) + len(c)].sum()
         return out
-
-    def _rows_global(self, x) -> jax.Array:
-        """A host array [B, ...] (the same on every process) as one global array split over the mesh rows:
-        each process places only the rows of its own devices, so multi-host evaluation works as is."""
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, P(("data", "fsdp"))),
-                                            lambda idx: x[idx])
-
-    def _replicated(self, x) -> jax.Array:
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, P()), lambda idx: x[idx])
 
     def _bs(self) -> int:
         """Rows per compiled batch: batch_size rounded up to the mesh rows. Every chunk is padded to it,
         so there is one compiled shape per prompt-length bucket."""
         return -(-self.batch_size // self._rows) * self._rows
+
+
+def _global(x, sharding: NamedSharding) -> jax.Array:
+    """A host array (the same on every process) as one global array with `sharding`: each process places
+    only the pieces of its own devices, so multi-host evaluation works as is."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
 _JITTED: dict = {}

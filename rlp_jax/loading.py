@@ -89,7 +89,7 @@ def read_run_config(path) -> dict:
 
 def _resolve(p: str | None, run_dir: Path) -> str | None:
     """A path recorded in a run's config: as recorded if it exists, else relative to the run's parent."""
-    if p is None or "://" in p or Path(p).exists():
+    if p is None or is_url(p) or Path(p).exists():
         return p
     for base in (run_dir, run_dir.parent):
         if (base / p).exists():
@@ -166,16 +166,16 @@ def load_model(path, *, step: int | None = None, which: str = "params", mesh=Non
     """
     from rlp_jax import sharding
 
-    if is_url(path):
-        if not is_run_dir(path):
-            raise LoadError(f"{path}: no rlp_jax run there (its config.json is looked for in the local mirror "
-                            f"{local_dirs(path)[0]}, its checkpoints at {local_dirs(path)[1]}); run from the host "
-                            "that trained it, or copy the run directory locally")
-    else:
+    if not is_url(path):
         path = Path(path)
         if not path.exists():
             raise LoadError(f"checkpoint {path} does not exist; pass a run directory or a Hugging Face checkpoint dir")
-    if is_run_dir(path):
+    run = is_run_dir(path)   # for a URL, one look at the bucket
+    if is_url(path) and not run:
+        raise LoadError(f"{path}: no rlp_jax run there (its config.json is looked for in the local mirror "
+                        f"{local_dirs(path)[0]}, its checkpoints at {local_dirs(path)[1]}); run from the host "
+                        "that trained it, or copy the run directory locally")
+    if run:
         mcfg, params, got_step, run_config = load_run_params(path, step=step, which=which, mesh=mesh)
         tokenizer = load_tokenizer(run_tokenizer_path(local_dirs(path)[0], run_config))
         source = "run"

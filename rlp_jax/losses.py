@@ -90,10 +90,14 @@ def ntp_loss(logits, targets, mask):
     return (nll * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
+def next_token_mask(segment_ids_bl):
+    """[B, L-1] bool: position j predicts a real x_{j+1} of its own segment (the next-token targets)."""
+    return (segment_ids_bl[:, 1:] == segment_ids_bl[:, :-1]) & (segment_ids_bl[:, 1:] > 0)
+
+
 def shifted_ntp_loss(logits_blv, tokens_bl, segment_ids_bl):
     """Next-token loss of a packed batch: predict x_{j+1} from position j within the same segment."""
-    same = (segment_ids_bl[:, 1:] == segment_ids_bl[:, :-1]) & (segment_ids_bl[:, 1:] > 0)
-    return ntp_loss(logits_blv[:, :-1], tokens_bl[:, 1:], same)
+    return ntp_loss(logits_blv[:, :-1], tokens_bl[:, 1:], next_token_mask(segment_ids_bl))
 
 
 def combined_loss(rlp, ntp, ntp_weight: float):

@@ -401,6 +401,14 @@ def _total(state: dict[str, float], phases: dict[str, float]) -> float:
                       phases["loss"] + state["gradients"], update)
 
 
+def _with_accumulator(state: dict[str, float], micro_batches: int) -> dict[str, float]:
+    """State bytes with train_step's float32 gradient accumulator (as large as the float32 EMA) when
+    the step runs more than one micro-batch."""
+    if micro_batches == 1:
+        return state
+    return state | {"gradients": state["gradients"] + state["ema"]}
+
+
 def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
     """Memory per device, FLOPs and tokens per step of `cfg` on `devices` with mesh sizes `mesh`."""
     if math.prod(mesh.values()) != devices.chips:
@@ -421,9 +429,8 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
     if objective == "rlp" and rlp.rollout.min_context + rlp.reward.horizon > length:
         warnings.append(f"no valid thinking position: rollout.min_context + reward.horizon > data.seq_len={length}")
 
-    state = state_bytes(cfg, m, mesh)
-    if micro > 1:   # the float32 gradient accumulator of train_step's micro-batch scan
-        state["gradients"] += state["ema"]
+    base_state = state_bytes(cfg, m, mesh)
+    state = _with_accumulator(base_state, micro)
     copy = 0.0 if m.param_dtype == "float32" else state["ema"] * _dtype_bytes(m.param_dtype) / 4
     mb_rows = -(-rows // micro)
     act = lambda mc, r=mb_rows: activation_bytes(mc, rlp, rows=r, seq_len=length, tp=tp,  # noqa: E731
@@ -453,8 +460,7 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
                          "(the branch residuals and attention scores grow with all three)")
         if mb_rows > 1:
             fitting = [k for k in range(micro + 1, rows + 1) if rows % k == 0 and
-                       _total(state | {"gradients": state["gradients"] + (state["ema"] if micro == 1 else 0.0)},
-                              act(m, rows // k)) <= devices.hbm_bytes]
+                       _total(_with_accumulator(base_state, k), act(m, rows // k)) <= devices.hbm_bytes]
             how = (f"--set train.micro_batches={fitting[0]} fits" if fitting else
                    f"even {rows} micro-batches of one row do not fit")
             hints.append(f"fewer rows at a time: {mb_rows} rows per device per micro-batch now; {how} (gradient "

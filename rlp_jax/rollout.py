@@ -56,8 +56,8 @@ def thought_logits(logits, slot, rollout: RolloutConfig):
     start, end = rollout.markers()
     vocab = jnp.arange(logits.shape[-1])
     banned = (vocab == start) | ((vocab == end) & (jnp.asarray(slot)[..., None] == 0))
-    for i in rollout.banned_ids:
-        banned = banned | (vocab == i)
+    if rollout.banned_ids:
+        banned = banned | jnp.isin(vocab, jnp.asarray(rollout.banned_ids, jnp.int32))
     return jnp.where(banned, _NEG, logits.astype(jnp.float32) / rollout.temperature)
 
 

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rlp_jax import advantages as adv_lib
 from rlp_jax import model, naive, positions, reward, sharding
 from rlp_jax.ema import ema_update, init_ema
-from rlp_jax.losses import combined_loss, rlp_loss, shifted_ntp_loss
+from rlp_jax.losses import combined_loss, next_token_mask, rlp_loss, shifted_ntp_loss
 from rlp_jax.model_config import ModelConfig
 from rlp_jax.rlp_config import RLPConfig
 from rlp_jax.rollout import Thoughts, thought_forward, thought_rollout
@@ -194,8 +194,20 @@ def _thoughts_with_actions(thoughts: Thoughts, t_mask_bk) -> jax.Array:
 
 def _ntp_tokens(batch) -> jax.Array:
     """[] float32: next-token targets of a packed batch (shifted_ntp_loss's denominator)."""
-    seg = batch["segment_ids"]
-    return ((seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)).sum().astype(jnp.float32)
+    return next_token_mask(batch["segment_ids"]).sum().astype(jnp.float32)
+
+
+def _accumulated_grads(value_and_grad_fn, params, xs):
+    """Gradients summed over the leading (micro-batch) axis of the pytree `xs` under `lax.scan`, in
+    float32, returned in the params' dtypes; value_and_grad_fn(x) -> (value, grads).
+    Returns (grads, values stacked [M, ...])."""
+    def body(acc, x):
+        value, g = value_and_grad_fn(x)
+        return jax.tree.map(lambda a, gi: a + gi.astype(jnp.float32), acc, g), value
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    grads, values = jax.lax.scan(body, zeros, xs)
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), values
 
 
 def _combine_metrics(metrics_m: dict, weights_m) -> dict:
@@ -241,15 +253,14 @@ def rlp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig,
     n_tok = jax.vmap(_ntp_tokens)(mb)                                                  # [M]
     w_rlp, w_ntp = n_th / jnp.maximum(n_th.sum(), 1.0), n_tok / jnp.maximum(n_tok.sum(), 1.0)
 
-    def accumulate(acc, xs):
+    def value_and_grad(xs):
         b, th, tb, tm, elp, wr, wn = xs
         (loss, (metrics, _, _)), g = grad_fn(state.params, cfg, rlp, b, th, tb, tm, elp, state.ref_params,
                                              rlp_scale=wr, ntp_scale=wn)
-        return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g), (loss, metrics)
+        return (loss, metrics), g
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    grads, (losses, metrics_m) = jax.lax.scan(accumulate, zeros, (mb, thoughts, t_bk, t_mask, ema_lp, w_rlp, w_ntp))
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    grads, (losses, metrics_m) = _accumulated_grads(value_and_grad, state.params,
+                                                    (mb, thoughts, t_bk, t_mask, ema_lp, w_rlp, w_ntp))
     loss = losses.sum()                                 # = the whole batch's loss
     metrics = _combine_metrics(metrics_m, w_rlp)
     metrics["loss/total"] = loss
@@ -279,13 +290,8 @@ def ntp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, optimizer: opta
         n_tok = jax.vmap(_ntp_tokens)(mb)
         w = n_tok / jnp.maximum(n_tok.sum(), 1.0)
 
-        def accumulate(acc, xs):
-            loss_i, g = jax.value_and_grad(loss_fn)(state.params, xs[0], xs[1])
-            return jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc, g), loss_i
-
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        grads, losses = jax.lax.scan(accumulate, zeros, (mb, w))
-        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        grads, losses = _accumulated_grads(lambda xs: jax.value_and_grad(loss_fn)(state.params, *xs),
+                                           state.params, (mb, w))
         loss = losses.sum()
     new_state, upd = _apply_update(state, grads, loss, optimizer, None)
     return new_state, {"loss/total": loss, "loss/ntp": loss, **upd}
