@@ -178,11 +178,13 @@ def _project_qkv(cfg: ModelConfig, lp: dict, h, positions, inv_freq):
 
 def _block(cfg: ModelConfig, attend, x, lp, extra):
     """One pre-norm transformer block. `attend(q, k, v, extra) -> (attn_out, new_kv)`."""
-    h = layers.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
-    attn, new_kv = attend(lp, h, extra)
-    x = x + jnp.einsum("...hk,hkd->...d", attn, lp["o_proj"].astype(x.dtype))
-    h = layers.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
-    x = x + layers.swiglu(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"])
+    with jax.named_scope("attention"):       # scopes name the ops in profiles (benchmarks/decode_profile.py)
+        h = layers.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        attn, new_kv = attend(lp, h, extra)
+        x = x + jnp.einsum("...hk,hkd->...d", attn, lp["o_proj"].astype(x.dtype))
+    with jax.named_scope("mlp"):
+        h = layers.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+        x = x + layers.swiglu(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"])
     return x, new_kv
 
 
@@ -208,9 +210,10 @@ def _embed(cfg: ModelConfig, params: Params, tokens):
 
 def logits_from_hidden(cfg: ModelConfig, params: Params, x):
     """Final norm and output projection: x [..., D] -> float32 logits [..., V]."""
-    x = layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("...d,dv->...v", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    with jax.named_scope("lm_head"):
+        x = layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+        w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+        return jnp.einsum("...d,dv->...v", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,10 +391,13 @@ def decode_step(params: Params, cfg: ModelConfig, state: DecodeState, tokens_b):
         ck, cv = state.k[i], state.v[i]
 
         def attend(lp, h, _):
-            q, k, v = _project_qkv(cfg, lp, h, positions, inv_freq)     # [B, 1, H, Dh], [B, 1, Hk, Dh]
-            k = jax.lax.dynamic_update_slice(ck, jnp.transpose(k, (0, 2, 3, 1)).astype(ck.dtype), (0, 0, 0, slot))
-            v = jax.lax.dynamic_update_slice(cv, jnp.transpose(v, (0, 2, 1, 3)).astype(cv.dtype), (0, 0, slot, 0))
-            out = layers.decode_attention(q[:, 0], k.astype(q.dtype), v.astype(q.dtype), valid, cfg.group_size)
+            with jax.named_scope("qkv_proj"):
+                q, k, v = _project_qkv(cfg, lp, h, positions, inv_freq)  # [B, 1, H, Dh], [B, 1, Hk, Dh]
+            with jax.named_scope("kv_write"):
+                k = jax.lax.dynamic_update_slice(ck, jnp.transpose(k, (0, 2, 3, 1)).astype(ck.dtype), (0, 0, 0, slot))
+                v = jax.lax.dynamic_update_slice(cv, jnp.transpose(v, (0, 2, 1, 3)).astype(cv.dtype), (0, 0, slot, 0))
+            with jax.named_scope("cache_read"):
+                out = layers.decode_attention(q[:, 0], k.astype(q.dtype), v.astype(q.dtype), valid, cfg.group_size)
             return out[:, None], (k, v)
 
         x, (k, v) = _block(cfg, attend, x, lp, None)

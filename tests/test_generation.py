@@ -6,9 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from rlp_jax import model
-from rlp_jax.generation import SamplingConfig, generate, next_token_logits, pad_prompts, stream
+from rlp_jax.generation import (SamplingConfig, _first_above, generate, next_token_logits, pad_prompts,
+                                sample_categorical, stream)
 from rlp_jax.model_config import ModelConfig
 
 V = 40
@@ -91,6 +93,52 @@ def test_sampled_logprobs_match_recomputed_and_stream_agrees(params):
     g = SamplingConfig(max_new_tokens=5, temperature=0.0)
     batched = _jitted(g)(params, jnp.asarray(x), jnp.asarray(n), jax.random.key(0)).tokens[0].tolist()
     assert list(stream(params, CFG, prompts[0], jax.random.key(0), g)) == batched
+
+
+_draw = jax.jit(jax.vmap(sample_categorical, in_axes=(0, None)))
+
+
+def test_sample_categorical_matches_softmax_frequencies():
+    """200k draws from one row of 300 logits (not a multiple of the 32-entry CDF block), a third of
+    them at -inf or -1e30: frequencies within 5 standard errors of softmax, never a zero-mass id."""
+    rng = np.random.RandomState(0)
+    logits = 1.5 * rng.randn(1, 300).astype(np.float32)
+    logits[0, rng.rand(300) < 0.2] = -np.inf
+    logits[0, 250:300:3] = -1e30
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(logits[0])), np.float64)
+    n = 200_000
+    tokens, logp = _draw(jax.random.split(jax.random.key(1), n), jnp.asarray(logits))
+    tokens = np.asarray(tokens)[:, 0]
+    freq = np.bincount(tokens, minlength=300) / n
+    assert tokens.max() < 300 and (probs[tokens] > 0).all()
+    se = np.sqrt(probs * (1 - probs) / n) + 1e-12
+    assert np.max(np.abs(freq - probs) / se) < 5.0
+    assert np.allclose(np.asarray(logp)[:, 0], np.log(probs[tokens]), atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 700), st.floats(0.01, 300.0), st.integers(0, 2**31 - 1))
+def test_sample_categorical_stays_in_support(vocab, scale, seed):
+    """Any vocabulary size and logit scale (peaked to nearly flat), some entries masked: every draw has
+    positive probability and its log-prob is log_softmax at that id."""
+    rng = np.random.RandomState(seed % 2**32)
+    logits = (scale * rng.randn(4, vocab)).astype(np.float32)
+    logits[rng.rand(4, vocab) < 0.3] = -np.inf
+    logits[np.arange(4), rng.randint(0, vocab, 4)] = 0.0          # at least one live entry per row
+    token, logp = jax.jit(sample_categorical)(jax.random.key(seed), jnp.asarray(logits))
+    token = np.asarray(token)
+    assert ((0 <= token) & (token < vocab)).all()
+    assert np.isfinite(logits[np.arange(4), token]).all()
+    ref = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))[np.arange(4), token]
+    assert np.allclose(np.asarray(logp), ref, atol=1e-4)
+
+
+def test_first_above_never_lands_on_zero_mass():
+    """A target at (or, by rounding, past) the total picks the last entry that has mass."""
+    cum = jnp.asarray([[1.0, 2.0, 2.0, 2.0], [0.5, 1.0, 3.0, 4.0]])
+    mass = jnp.asarray([[1.0, 1.0, 0.0, 0.0], [0.5, 0.5, 2.0, 1.0]])
+    assert _first_above(cum, jnp.asarray([2.0, 0.7]), mass).tolist() == [1, 1]
+    assert _first_above(cum, jnp.asarray([0.0, 3.99]), mass).tolist() == [0, 3]
 
 
 def test_pad_prompts_rounds_shapes():
