@@ -38,6 +38,8 @@ taken with a load above the core count are noisy, for both sides). The prefill a
 `model.prefill`; transformers: one forward with `use_cache=True, logits_to_keep=1`, as `generate`
 does) is timed the same way and reported for context.
 
+Where our time goes (projections, cache read, MLP, LM head, sampling): benchmarks/decode_profile.py.
+
 Correctness, in the same run: greedy decoding (ours temperature 0; transformers do_sample=False) of a
 batch of 2 prompts of P tokens for 16 new tokens; prints the token match rate, the number of identical
 sequences and the largest difference of the first next-token logits.

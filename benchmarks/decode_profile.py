@@ -13,8 +13,11 @@ Prints, per generated token, the summed thunk time of each part:
   the draw), other (loop bookkeeping);
 and the `--top` slowest thunks with their shapes. Thunk times are taken with
 `--xla_cpu_enable_xprof_traceme`, which adds a little time per thunk: the per-step total is printed
-next to the wall time of the same call without the profiler. Only the decode loop (thunks that ran
-once per token or more) is counted; the prefill is timed separately.
+next to the wall time of the same call without the profiler (thunks may also overlap on several cores,
+so the sum can exceed the wall time). Only the decode loop (thunks that ran once per token or more)
+is counted; the prefill is timed separately. Each matmul part also gets its achieved GFLOP/s and
+cache_read its GB/s (every slot of the cache, prompt + new tokens, is read every step), next to
+what this machine does on a large matmul and on a streaming sum, measured in the same run.
 
 This is a diagnostic, not a benchmark: decode_bench.py measures throughput against transformers.
 """
@@ -62,6 +65,35 @@ def thunk_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
         meta = re.search(r'op_name="([^"]*)"', m.group(3))
         ops[m.group(1)] = (m.group(2), meta.group(1) if meta else "")
     return ops
+
+
+def part_work(cfg: ModelConfig, batch: int, slots: int) -> dict[str, tuple[float, str]]:
+    """Per generated token: the matmul FLOPs of each part (GFLOP/s when divided by microseconds / 1e3)
+    and the bytes of keys and values that cache_read streams (all `slots` of every layer, float32)."""
+    d, h, hk, dh, f, y = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                          cfg.intermediate_size, cfg.num_layers)
+    flops = lambda n_in, n_out: 2.0 * batch * n_in * n_out
+    return {"qkv_proj": (y * flops(d, (h + 2 * hk) * dh), "GFLOP/s"),
+            "attention": (y * flops(h * dh, d), "GFLOP/s"),
+            "mlp": (y * 3 * flops(d, f), "GFLOP/s"),
+            "lm_head": (flops(d, cfg.vocab_size), "GFLOP/s"),
+            "cache_read": (y * 2.0 * batch * hk * slots * dh * 4, "GB/s")}
+
+
+def machine_peaks(repeats: int = 8) -> tuple[float, float]:
+    """(GFLOP/s of a [2048, 2048] float32 matmul, GB/s of a 256 MiB float32 sum) under jit: the
+    best this machine does for the two kinds of work a decode step has."""
+    a = jnp.ones((2048, 2048), jnp.float32)
+    big = jnp.ones((64 * 2**20,), jnp.float32)
+    matmul = jax.jit(lambda x: jax.lax.fori_loop(0, repeats, lambda i, c: c + (x + c[0, 0] * 1e-9) @ x, x))
+    read = jax.jit(lambda x: jax.lax.fori_loop(0, repeats, lambda i, c: c + jnp.sum(x * (1 + c * 1e-9)), 0.0))
+    rates = []
+    for fn, arg, amount in ((matmul, a, 2.0 * 2048 ** 3 * repeats), (read, big, 4.0 * big.size * repeats)):
+        jax.block_until_ready(fn(arg))
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(arg))
+        rates.append(amount / (time.perf_counter() - t0) / 1e9)
+    return rates[0], rates[1]
 
 
 def main(argv=None):
@@ -120,9 +152,17 @@ def main(argv=None):
     print(f"wall without profiler: generate {wall * 1e3:.1f} ms, prefill {wall_prefill * 1e3:.1f} ms, "
           f"so {(wall - wall_prefill) / j * 1e3:.2f} ms per token for the loop; "
           f"profiled thunks {loop_us / 1e3:.2f} ms per token\n")
-    print("| part | ms per token | share |\n|---|---|---|")
+    work = part_work(cfg, b, length + j)
+    matmul_peak, read_peak = machine_peaks()
+    print(f"machine, as XLA runs it here: {matmul_peak:.0f} GFLOP/s on a [2048, 2048] matmul, "
+          f"{read_peak:.1f} GB/s summing a 256 MiB array\n")
+    print("| part | ms per token | share | achieved |\n|---|---|---|---|")
     for part in PARTS + ("other",):
-        print(f"| {part} | {by_part[part] / 1e3:.3f} | {100 * by_part[part] / max(loop_us, 1e-9):.0f}% |")
+        rate = ""
+        if part in work:
+            amount, unit = work[part]
+            rate = f"{amount / max(by_part[part], 1e-9) / 1e3:.1f} {unit}"
+        print(f"| {part} | {by_part[part] / 1e3:.3f} | {100 * by_part[part] / max(loop_us, 1e-9):.0f}% | {rate} |")
     print(f"\nslowest {args.top} thunks (ms per token, thunk, result shape, part):")
     for name, us in sorted(per_token.items(), key=lambda kv: -kv[1])[:args.top]:
         shape, op_name = ops[name]

@@ -9,7 +9,8 @@ Shapes: B sequences, L prompt length (right-padded), J = max_new_tokens, V vocab
 every sequence has stopped; `banned_ids` are never sampled; `min_new_tokens` bans the stop ids before
 that many tokens (the sampler of thoughts in training bans `</think>` in the first slot the same way).
 Temperature 0 is greedy decoding; otherwise logits are divided by the temperature, then restricted by
-top-k and top-p (`rollout.filter_logits`) before sampling.
+top-k and top-p (`rollout.filter_logits`) before sampling (`sample_categorical`: one uniform per
+sequence and token, by inverting the CDF).
 """
 
 from __future__ import annotations
