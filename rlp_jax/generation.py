@@ -85,7 +85,8 @@ def _argmax(x):
     """jnp.argmax over the last axis (the first index of the maximum) as two plain reductions.
 
     XLA:CPU runs jnp.argmax's (value, index) variadic reduce several times slower than a max and a
-    min: for [64, 4096] logits it took ~8 ms per token, this ~3 ms."""
+    min: for [64, 4096] logits `jax.random.categorical` (Gumbel noise, then jnp.argmax) took ~8 ms per
+    token, the same Gumbel draw with this argmax ~3 ms. Used for greedy decoding."""
     top = jnp.max(x, axis=-1, keepdims=True)
     index = jnp.where(x == top, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1])
     return jnp.minimum(jnp.min(index, axis=-1), x.shape[-1] - 1)
