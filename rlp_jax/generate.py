@@ -2,7 +2,9 @@
 
 DIR is an rlp_jax run directory or a Hugging Face checkpoint. With `--think` the model first writes a
 thought after `<think>` (at most --think_tokens tokens, `</think>` forced after that), then the answer,
-as RLP trains it to. Sampling options are those of training's rollout (temperature, top-k, top-p).
+as RLP trains it to. Sampling options are those of training's rollout (temperature, top-k, top-p); a
+run directory's thoughts also never contain the tokens its rollout banned (rlp.rollout.banned_ids), as in
+`rlp_jax.evaluate`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import sys
 
 import jax
 
+from rlp_jax.decoding import run_think_banned_ids
 from rlp_jax.generation import SamplingConfig, stream
 from rlp_jax.loading import LOAD_ERRORS, load_model
 
@@ -73,7 +76,8 @@ def main(argv=None) -> int:
     _emit(args.prompt)
     if args.think:
         think_sc = SamplingConfig(max_new_tokens=args.think_tokens, stop_ids=(tok.think_end_id,),
-                                  banned_ids=(tok.think_start_id,), min_new_tokens=1, **base)
+                                  banned_ids=(tok.think_start_id, *run_think_banned_ids(lm.run_config)),
+                                  min_new_tokens=1, **base)
         _emit(" <think>")
         ids = ids + [tok.think_start_id]
         thought = [t for t in _stream_text(lm, ids, rng_think, think_sc) if t != tok.think_end_id]

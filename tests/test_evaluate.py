@@ -26,8 +26,9 @@ def lm(run_dir):
     return load_model(run_dir)
 
 
-def _naive_greedy(lm, prompt_ids, n, banned=()):
-    """Greedy continuation with a full forward over the (padded) sequence per token."""
+def _naive_greedy(lm, prompt_ids, n, banned=(), stop=None):
+    """Greedy continuation with a full forward over the (padded) sequence per token; stops before
+    `stop` (default: eos)."""
     seq = list(prompt_ids)
     width = len(seq) + n
     fwd = jax.jit(lambda p, x, s: model.forward(p, lm.cfg, x, segment_ids_bl=s)[0])
@@ -39,7 +40,7 @@ def _naive_greedy(lm, prompt_ids, n, banned=()):
         logits = np.array(fwd(lm.params, jnp.asarray(x), jnp.asarray(seg))[0, len(seq) - 1])
         logits[list(banned)] = -np.inf
         tok = int(np.argmax(logits))
-        if tok == lm.tokenizer.eos_id:
+        if tok == (lm.tokenizer.eos_id if stop is None else stop):
             break
         out.append(tok)
         seq.append(tok)
@@ -136,6 +137,30 @@ def test_generate_cli_streams_the_greedy_continuation(run_dir, lm, capsys):
                           "--max_new_tokens=2"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(prompt + " <think>") and "</think>" in out
+
+
+def test_generate_think_follows_the_runs_banned_ids(run_dir, lm, tmp_path, capsys):
+    """`generate --think` samples thoughts as the run's rollout did: with the greedy thought's tokens in
+    rlp.rollout.banned_ids, the thought is the naive greedy one with those tokens (and <think>) banned."""
+    import shutil
+
+    tok, prompt, n = lm.tokenizer, "Convert 3 kilometers to meters.", 4
+    ids = tok.encode(prompt) + [tok.think_start_id]
+    free = _naive_greedy(lm, ids, n, (tok.think_start_id,), stop=tok.think_end_id)
+    assert free, "the tiny model's greedy thought is empty; pick another prompt"
+    ban = sorted(set(free))
+    ref = _naive_greedy(lm, ids, n, (tok.think_start_id, *ban), stop=tok.think_end_id)
+    assert ref != free
+    banned_run = tmp_path / "banned_run"
+    shutil.copytree(run_dir, banned_run)
+    conf = json.loads((banned_run / "config.json").read_text())
+    conf["run"].setdefault("rlp", {}).setdefault("rollout", {})["banned_ids"] = ban
+    (banned_run / "config.json").write_text(json.dumps(conf))
+    for d, want in ((run_dir, free), (banned_run, ref)):
+        assert generate.main([f"--checkpoint={d}", f"--prompt={prompt}", "--think", f"--think_tokens={n}",
+                              "--temperature=0", "--max_new_tokens=1"]) == 0
+        out = capsys.readouterr().out
+        assert out.startswith(prompt + " <think>" + tok.decode(want) + "</think>"), (out, tok.decode(want))
 
 
 @pytest.mark.parametrize("argv, message", [
