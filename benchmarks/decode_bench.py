@@ -20,23 +20,28 @@ exactly J new tokens each (no stop ids on either side), sampled at temperature 1
 filtering:
 
   ours:  `jax.jit(generate)` (prefill + one `lax.while_loop` of J decode steps), compiled first with
-         `.lower().compile()` (compile time reported separately), one untimed warm-up call, then
-         `--repeats` timed calls under `jax.block_until_ready`.
+         `.lower().compile()` (compile time reported separately) and called once untimed.
   transformers: `model.generate(input_ids, attention_mask, do_sample=True, temperature=1.0, top_k=0,
          top_p=1.0, max_new_tokens=J, min_new_tokens=J, eos_token_id=None, use_cache=True)` in float32
-         (default sdpa attention, DynamicCache) under `torch.inference_mode()`, `model.eval()`; one
-         untimed warm-up call of the same shape, then `--repeats` timed calls; once with
-         `torch.set_num_threads(cores)` and once with 1 thread (`--torch-threads`); the ratio is taken
-         against the faster. OMP_WAIT_POLICY defaults to PASSIVE (see below the imports): with
-         PyTorch's default busy-waiting OpenMP threads, torch at threads = cores ran 30-200x slower
-         whenever other processes shared the cores, which would flatter our ratio.
+         (default sdpa attention, DynamicCache) under `torch.inference_mode()`, `model.eval()`, with
+         `torch.set_num_threads(cores)` and with 1 thread (`--torch-threads`), each called once untimed.
+         OMP_WAIT_POLICY defaults to PASSIVE (see below the imports): with PyTorch's default
+         busy-waiting OpenMP threads, torch at threads = cores ran 30-200x slower whenever other
+         processes shared the cores, which would flatter our ratio.
+
+Then `--repeats` interleaved rounds, each one timed call of ours followed by one of each torch setting
+(under `jax.block_until_ready` for ours), so that both sides see the same load: on a shared machine the
+speed of both drifts by +-30% within minutes, and timing one side's calls minutes after the other's
+moved the ratio from 2.7x to 4.0x between runs (2026-12-02).
 
 tokens/s = B * J / wall time of the whole call (prefill included on both sides). The table reports the
-best (fastest) of the repeats, which is the least disturbed by other processes on a shared machine,
-with the median in parentheses; the 1-minute load average at the start and end is printed (numbers
-taken with a load above the core count are noisy, for both sides). The prefill alone (ours: jitted
-`model.prefill`; transformers: one forward with `use_cache=True, logits_to_keep=1`, as `generate`
-does) is timed the same way and reported for context.
+best (fastest) call of each side with the median in parentheses; "ratio, best vs best" divides the
+fastest transformers call by our fastest; "ratio per round" divides, in each round, the faster
+transformers call by ours of that round, and gives the median and range of those ratios. The 1-minute
+load average at the start and end is printed (numbers taken with a load above the core count are noisy,
+for both sides). The prefill alone (ours: jitted `model.prefill`; transformers: one forward with
+`use_cache=True, logits_to_keep=1`, as `generate` does) is timed after the rounds and reported for
+context.
 
 Where our time goes (projections, cache read, MLP, LM head, sampling): benchmarks/decode_profile.py.
 
@@ -194,7 +199,8 @@ def main(argv=None):
     p.add_argument("--batches", default="16,64", help="comma-separated batch sizes (default: 16,64)")
     p.add_argument("--prompt-len", type=int, default=128, help="P, prompt tokens (all prompts this long)")
     p.add_argument("--new-tokens", type=int, default=128, help="J, new tokens per sequence")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per measurement (best and median)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="interleaved timing rounds (one call of ours and of each torch setting per round)")
     p.add_argument("--torch-threads", default=f"{os.cpu_count()},1",
                    help="comma-separated torch.set_num_threads values to time (default: cores,1); the ratio "
                         "is taken against the fastest")
@@ -241,44 +247,60 @@ def main(argv=None):
             log(f"[{preset} B={b}] ours: compiling ...")
             compiled, c_s = ours.compile(sc, x, n, jax.random.key(args.seed))
             jax.block_until_ready(compiled(params, x, n, jax.random.key(args.seed)))       # warm-up
-            keys = iter(jax.random.split(jax.random.key(args.seed + 1), args.repeats))
-            t_ours, out = timed(lambda: jax.block_until_ready(compiled(params, x, n, next(keys))), args.repeats)
-            assert int(out.lengths.min()) == j, "ours stopped early"
+            # The keys are split out before timing (indexing a key array dispatches, and compiles once).
+            keys = iter([k for k in jax.random.split(jax.random.key(args.seed + 1), args.repeats)])
+            run_ours = lambda: jax.block_until_ready(compiled(params, x, n, next(keys)))
+            seeds = iter(range(args.seed + 1, args.seed + 1 + args.repeats * len(args.torch_threads)))
+
+            def run_hf(threads):
+                torch.set_num_threads(threads)
+                return hf_generate(hf_model, ids, new_tokens=j, sample=True, seed=next(seeds))
+
+            for threads in args.torch_threads:
+                log(f"[{preset} B={b}] transformers ({threads} threads): warm-up ...")
+                torch.set_num_threads(threads)
+                hf_generate(hf_model, ids, new_tokens=j, sample=True, seed=args.seed)
+            # Interleaved rounds: ours, then each transformers setting, `repeats` times, so that both
+            # sides see the same load on a shared machine; a round's ratio compares calls seconds apart.
+            t_ours, hf_gen = [], {t: [] for t in args.torch_threads}
+            for r in range(args.repeats):
+                (dt,), out = timed(run_ours, 1)
+                t_ours.append(dt)
+                assert int(out.lengths.min()) == j, "ours stopped early"
+                for threads in args.torch_threads:
+                    (dt,), out_hf = timed(lambda: run_hf(threads), 1)
+                    assert tuple(out_hf.shape) == (b, j), f"transformers generated {tuple(out_hf.shape)}"
+                    hf_gen[threads].append(dt)
+                log(f"[{preset} B={b}] round {r + 1}/{args.repeats}: ours {t_ours[-1]:.3f}s, transformers "
+                    + ", ".join(f"{t} thr {hf_gen[t][-1]:.3f}s" for t in args.torch_threads))
+            rounds = [min(hf_gen[t][r] for t in args.torch_threads) / t_ours[r] for r in range(args.repeats)]
+
             pre = ours.prefill_fn(j)
             jax.block_until_ready(pre(params, x, n))
             t_pre_ours, _ = timed(lambda: jax.block_until_ready(pre(params, x, n)), args.repeats)
-            log(f"[{preset} B={b}] ours: compiled in {c_s:.2f}s; generate {min(t_ours):.3f}s best "
-                f"(times {', '.join(f'{t:.3f}' for t in t_ours)})")
-
-            hf = {}
+            t_pre = {}
             for threads in args.torch_threads:
                 torch.set_num_threads(threads)
-                log(f"[{preset} B={b}] transformers ({threads} threads): warm-up ...")
-                hf_generate(hf_model, ids, new_tokens=j, sample=True, seed=args.seed)
-                seeds = iter(range(args.seed + 1, args.seed + 1 + args.repeats))
-                t_hf, out_hf = timed(lambda: hf_generate(hf_model, ids, new_tokens=j, sample=True, seed=next(seeds)),
-                                     args.repeats)
-                assert tuple(out_hf.shape) == (b, j), f"transformers generated {tuple(out_hf.shape)}"
                 hf_prefill(hf_model, ids)
-                t_pre_hf, _ = timed(lambda: hf_prefill(hf_model, ids), args.repeats)
-                hf[threads] = (t_hf, t_pre_hf)
-                log(f"[{preset} B={b}] transformers ({threads} threads): generate {min(t_hf):.3f}s best "
-                    f"(times {', '.join(f'{t:.3f}' for t in t_hf)})")
-            best = min(hf, key=lambda t: min(hf[t][0]))
-            t_hf, t_pre_hf = hf[best]
-            med_hf = min(statistics.median(hf[t][0]) for t in hf)
+                t_pre[threads], _ = timed(lambda: hf_prefill(hf_model, ids), args.repeats)
+            best = min(hf_gen, key=lambda t: min(hf_gen[t]))
+            t_hf = hf_gen[best]
             rows.append([preset, str(b), fmt_rate(t_ours, tokens)]
-                        + [fmt_rate(hf[t][0], tokens) for t in args.torch_threads]
-                        + [f"{min(t_hf) / min(t_ours):.2f}x ({med_hf / statistics.median(t_ours):.2f}x)",
-                           f"{c_s:.2f}", f"{1e3 * min(t_pre_ours):.1f} / {1e3 * min(t_pre_hf):.1f} ({best} thr)"])
+                        + [fmt_rate(hf_gen[t], tokens) for t in args.torch_threads]
+                        + [f"{min(t_hf) / min(t_ours):.2f}x",
+                           f"{statistics.median(rounds):.2f}x ({min(rounds):.2f}-{max(rounds):.2f})",
+                           f"{c_s:.2f}", f"{1e3 * min(t_pre_ours):.1f} / {1e3 * min(t_pre[best]):.1f} ({best} thr)"])
 
     load_end = os.getloadavg()
     header = (["config", "batch", "ours tok/s best (median)"]
               + [f"transformers {t} thr tok/s best (median)" for t in args.torch_threads]
-              + ["ratio vs faster transformers, best (median)", "ours compile s", "prefill ms ours / transformers"])
+              + ["ratio, best vs best", "ratio per round, median (min-max)", "ours compile s",
+                 "prefill ms ours / transformers"])
     lines = [f"Decode throughput: prompt {args.prompt_len} tokens, {args.new_tokens} new tokens sampled at "
-             f"temperature 1.0 (no top-k/top-p, no stop ids), float32, {args.repeats} timed calls each "
-             f"(best, median in parentheses); tok/s = batch x new tokens / wall time of the whole generate call.",
+             f"temperature 1.0 (no top-k/top-p, no stop ids), float32, {args.repeats} interleaved rounds "
+             f"(one call of each side per round; tok/s best, median in parentheses); tok/s = batch x new "
+             f"tokens / wall time of the whole generate call. Ratio per round: the faster transformers call "
+             f"of the round over ours of the same round.",
              "", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines += [""] + [f"- {note}" for note in notes]

@@ -1,6 +1,6 @@
-"""Smoke test of the decode profiler: it parses the JAX profiler's trace, whose format can change
-between JAX versions, so it runs for real on a tiny config in a subprocess (it sets XLA_FLAGS before
-JAX starts)."""
+"""Smoke tests of the decode benchmark and profiler, run for real on a tiny config in a subprocess (the
+profiler sets XLA_FLAGS before JAX starts, and parses the JAX profiler's trace, whose format can change
+between JAX versions)."""
 
 import os
 import re
@@ -23,3 +23,19 @@ def test_decode_profile_attributes_the_step_to_its_parts():
         assert float(rows[part]) > 0, (part, out.stdout)
     assert re.search(r"profiled thunks [0-9.]+ ms per token", out.stdout)
     assert re.search(r"\| mlp \| [0-9.]+ \| \d+% \| [0-9.]+ GFLOP/s \|", out.stdout)
+
+
+def test_decode_bench_quick_run_reports_parity_and_interleaved_ratios():
+    """The decode benchmark's smoke run: greedy decoding matches transformers token for token, and the
+    table carries both sides' rates and the per-round ratios of the interleaved rounds."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "decode_bench.py"), "--quick"],
+                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "token match rate 1.000 (32/32), identical sequences 2/2" in out.stdout, out.stdout
+    row = re.search(r"^\| tiny \| 4 \| ([0-9,]+) \([0-9,]+\) \| ([0-9,]+) \([0-9,]+\) \| ([0-9,]+) \([0-9,]+\) "
+                    r"\| ([0-9.]+)x \| ([0-9.]+)x \(([0-9.]+)-([0-9.]+)\) \|", out.stdout, re.M)
+    assert row, out.stdout
+    ours, hf2, hf1, best, med, lo, hi = (float(g.replace(",", "")) for g in row.groups())
+    assert abs(best - ours / max(hf2, hf1)) < 0.02 * best       # fastest over fastest
+    assert lo <= med <= hi
+    assert len(re.findall(r"round \d/2: ours", out.stderr)) == 2
