@@ -305,8 +305,11 @@ def _with_activation_sharding(fn, mesh):
     return traced
 
 
-def _jit_step(fn, mesh, state_shardings):
-    """jit with donation; on a mesh, batch rows split over data x fsdp, the state as `state_shardings`."""
+def _jit_step(fn: functools.partial, mesh, state_shardings):
+    """jit with donation; on a mesh, batch rows split over data x fsdp, the state as `state_shardings`.
+    Refuses fn's `micro_batches` below 1 here, before any compile."""
+    if fn.keywords["micro_batches"] < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {fn.keywords['micro_batches']}")
     if mesh is None:
         return jax.jit(fn, donate_argnums=0)
     replicated = NamedSharding(mesh, P())
@@ -325,8 +328,6 @@ def make_rlp_train_step(cfg: ModelConfig, rlp: RLPConfig, optimizer: optax.Gradi
     still split over the mesh's data x fsdp.
     """
     rlp.rollout.markers()
-    if micro_batches < 1:
-        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
     step = functools.partial(rlp_step, cfg=cfg, rlp=rlp, optimizer=optimizer, naive_path=naive_path,
                              micro_batches=micro_batches)
     return _jit_step(step, mesh, state_shardings)
@@ -335,8 +336,6 @@ def make_rlp_train_step(cfg: ModelConfig, rlp: RLPConfig, optimizer: optax.Gradi
 def make_ntp_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *, mesh=None,
                         state_shardings=None, micro_batches: int = 1):
     """`ntp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled (mesh and micro_batches as above)."""
-    if micro_batches < 1:
-        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
     return _jit_step(functools.partial(ntp_step, cfg=cfg, optimizer=optimizer, micro_batches=micro_batches),
                      mesh, state_shardings)
 
