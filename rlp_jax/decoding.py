@@ -35,7 +35,7 @@ class DecodeOptions:
         temperature (training samples thoughts at the rollout temperature, 1.0 by default).
       top_k, top_p: sampling filters for both.
       think_banned_ids: token ids never sampled in a thought besides `<think>` (the run's
-        rlp.rollout.banned_ids, so thoughts are sampled as in training; see `run_think_banned_ids`).
+        rlp.rollout.banned_ids, so thoughts are sampled as in training; see `LoadedModel.think_banned_ids`).
     """
 
     max_new_tokens: int = 32
@@ -180,13 +180,6 @@ def _compiled(kind: str, cfg, mesh, p_sh, sc):
                 return shifted_token_logprobs(logits, x_bl)                   # [B, L] float32
             _JITTED[key] = jax.jit(fn, in_shardings=(p_sh, rows, rows), out_shardings=replicated)
     return _JITTED[key]
-
-
-def run_think_banned_ids(run_config: dict | None) -> tuple[int, ...]:
-    """The rlp.rollout.banned_ids a run trained with (() for Hugging Face checkpoints and older runs)."""
-    if not run_config:
-        return ()
-    return tuple(run_config["run"].get("rlp", {}).get("rollout", {}).get("banned_ids") or ())
 
 
 def encode_answer(tokenizer, prompt_text: str, answer_text: str) -> tuple[list[int], list[int]]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from rlp_jax import sharding, tasks
 from rlp_jax.answers import pass_at_k
-from rlp_jax.decoding import MODES, Decoder, DecodeOptions, run_think_banned_ids
+from rlp_jax.decoding import MODES, Decoder, DecodeOptions
 from rlp_jax.loading import LOAD_ERRORS, load_model, local_dirs
 
 DEFAULT_BUDGET = {"math": 256, "choice": 8, "generated": 8}   # answer tokens when --max_new_tokens is not given
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
             budget = args.max_new_tokens or DEFAULT_BUDGET["generated" if spec.name == "generated" else spec.kind]
             opts = DecodeOptions(max_new_tokens=budget, think_tokens=args.think_tokens, temperature=args.temperature,
                                  think_temperature=args.think_temperature, top_k=args.top_k, top_p=args.top_p,
-                                 think_banned_ids=run_think_banned_ids(lm.run_config))
+                                 think_banned_ids=lm.think_banned_ids)
             for mode in modes:
                 t1 = time.time()
                 summary, recs = evaluate_task(decoder, spec, items, shots, mode, opts, samples=args.samples,

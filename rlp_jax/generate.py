@@ -14,7 +14,6 @@ import sys
 
 import jax
 
-from rlp_jax.decoding import run_think_banned_ids
 from rlp_jax.generation import SamplingConfig, stream
 from rlp_jax.loading import LOAD_ERRORS, load_model
 
@@ -76,7 +75,7 @@ def main(argv=None) -> int:
     _emit(args.prompt)
     if args.think:
         think_sc = SamplingConfig(max_new_tokens=args.think_tokens, stop_ids=(tok.think_end_id,),
-                                  banned_ids=(tok.think_start_id, *run_think_banned_ids(lm.run_config)),
+                                  banned_ids=(tok.think_start_id, *lm.think_banned_ids),
                                   min_new_tokens=1, **base)
         _emit(" <think>")
         ids = ids + [tok.think_start_id]

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from rlp_jax import tasks
-from rlp_jax.decoding import Decoder, DecodeOptions, encode_answer, run_think_banned_ids
+from rlp_jax.decoding import Decoder, DecodeOptions, encode_answer
 from rlp_jax.loading import load_model
 
 DOC_KEYS = ("eval/nll_tokens", "eval/nll_no_think", "eval/nll_think", "eval/info_gain")
@@ -79,7 +79,7 @@ def evaluate_run(run_dir, heldout, *, think_tokens: int, thoughts: int = 4, seed
     row = {"run": str(run_dir), "step": lm.step}
     row.update({k.split("/")[1]: last_eval(run_dir).get(k) for k in DOC_KEYS})
     row.update(answer_metrics(decoder, load_problems(heldout, limit), think_tokens=think_tokens,
-                              thoughts=thoughts, seed=seed, think_banned_ids=run_think_banned_ids(lm.run_config)))
+                              thoughts=thoughts, seed=seed, think_banned_ids=lm.think_banned_ids))
     return row
 
 
@@ -117,7 +117,7 @@ def sample_thoughts(run_dir, heldout, *, n: int, think_tokens: int, seed: int = 
     problems = load_problems(heldout, n)
     prompts = [lm.tokenizer.encode(p.question) for p in problems]
     opts = DecodeOptions(max_new_tokens=8, think_tokens=think_tokens,
-                         think_banned_ids=run_think_banned_ids(lm.run_config))
+                         think_banned_ids=lm.think_banned_ids)
     out = decoder.complete(prompts, "think", opts, jax.random.key(seed))
     dec = lm.tokenizer.decode
     return [f"{p.question} <think> {dec(c.thought)} </think> {dec(c.answer)}  [gold: {p.answer}]"

@@ -41,6 +41,14 @@ class LoadedModel:
     path: Path | str
     run_config: dict | None = None
 
+    @property
+    def think_banned_ids(self) -> tuple[int, ...]:
+        """The rlp.rollout.banned_ids the run trained with: token ids that evaluation and generation never
+        sample in its thoughts, as its rollout did (() for Hugging Face checkpoints and older runs)."""
+        if not self.run_config:
+            return ()
+        return tuple(self.run_config["run"].get("rlp", {}).get("rollout", {}).get("banned_ids") or ())
+
 
 def is_url(path) -> bool:
     return "://" in str(path)

@@ -210,10 +210,13 @@ def test_url_run_dirs_read_config_from_the_mirror_and_checkpoints_from_the_url(r
 
 def test_thoughts_follow_the_runs_banned_ids(lm):
     """Think mode samples thoughts as the run's rollout did: its rlp.rollout.banned_ids never appear."""
-    from rlp_jax.decoding import Decoder, DecodeOptions, run_think_banned_ids
+    import dataclasses
 
-    assert run_think_banned_ids(None) == () and run_think_banned_ids(lm.run_config) == ()
-    assert run_think_banned_ids({"run": {"rlp": {"rollout": {"banned_ids": [2, 1]}}}}) == (2, 1)
+    from rlp_jax.decoding import Decoder, DecodeOptions
+
+    assert lm.think_banned_ids == () and dataclasses.replace(lm, run_config=None).think_banned_ids == ()
+    banned = dataclasses.replace(lm, run_config={"run": {"rlp": {"rollout": {"banned_ids": [2, 1]}}}})
+    assert banned.think_banned_ids == (2, 1)
     dec = Decoder(lm.params, lm.cfg, lm.tokenizer, batch_size=8)
     prompts = [lm.tokenizer.encode("What is 2 + 3?")] * 8
     opts = DecodeOptions(think_tokens=6, think_temperature=3.0)
