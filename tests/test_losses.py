@@ -29,7 +29,7 @@ def naive_rlp(new, old, adv, mask, eps_low, eps_high, ref=None, beta=0.0):
     new, old, adv = (np.asarray(x, np.float64) for x in (new, old, adv))
     mask = np.asarray(mask, bool)
     m, t = new.shape
-    total, count = 0.0, 0
+    total = 0.0
     grad = np.zeros_like(new)
     rows = [i for i in range(m) if mask[i].any()]
     for i in rows:
