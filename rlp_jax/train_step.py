@@ -305,11 +305,12 @@ def _with_activation_sharding(fn, mesh):
     return traced
 
 
-def _jit_step(fn: functools.partial, mesh, state_shardings):
-    """jit with donation; on a mesh, batch rows split over data x fsdp, the state as `state_shardings`.
-    Refuses fn's `micro_batches` below 1 here, before any compile."""
-    if fn.keywords["micro_batches"] < 1:
-        raise ValueError(f"micro_batches must be >= 1, got {fn.keywords['micro_batches']}")
+def _jit_step(step_fn, mesh, state_shardings, micro_batches: int, **static):
+    """`step_fn(state, batch, rng, micro_batches=..., **static)` jitted with donation; on a mesh, batch rows
+    split over data x fsdp, the state as `state_shardings`. Refuses micro_batches < 1 before any compile."""
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    fn = functools.partial(step_fn, micro_batches=micro_batches, **static)
     if mesh is None:
         return jax.jit(fn, donate_argnums=0)
     replicated = NamedSharding(mesh, P())
@@ -328,16 +329,14 @@ def make_rlp_train_step(cfg: ModelConfig, rlp: RLPConfig, optimizer: optax.Gradi
     still split over the mesh's data x fsdp.
     """
     rlp.rollout.markers()
-    step = functools.partial(rlp_step, cfg=cfg, rlp=rlp, optimizer=optimizer, naive_path=naive_path,
-                             micro_batches=micro_batches)
-    return _jit_step(step, mesh, state_shardings)
+    return _jit_step(rlp_step, mesh, state_shardings, micro_batches, cfg=cfg, rlp=rlp, optimizer=optimizer,
+                     naive_path=naive_path)
 
 
 def make_ntp_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *, mesh=None,
                         state_shardings=None, micro_batches: int = 1):
     """`ntp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled (mesh and micro_batches as above)."""
-    return _jit_step(functools.partial(ntp_step, cfg=cfg, optimizer=optimizer, micro_batches=micro_batches),
-                     mesh, state_shardings)
+    return _jit_step(ntp_step, mesh, state_shardings, micro_batches, cfg=cfg, optimizer=optimizer)
 
 
 def eval_metrics(params, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig):
