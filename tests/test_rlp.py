@@ -18,6 +18,13 @@ CFG = ModelConfig.preset("tiny", vocab_size=48)
 START, END = 1, 2
 
 
+def _assert_grads_close(got, want, rel=1e-5):
+    """Every leaf within `rel` of its largest entry (at least 1): float32 sums in another order (the
+    CPU's, or another layout's) differ by about the leaf's scale times float32 eps."""
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert float(jnp.abs(a - b).max()) <= rel * max(1.0, float(jnp.abs(b).max()))
+
+
 def _rlp(horizon=1, baseline="group", kl_beta=0.0, g=3, k=2, t=5, ntp_weight=0.0):
     return RLPConfig(
         rollout=RolloutConfig(group_size=g, positions_per_doc=k, thought_len=t, min_context=2, temperature=1.0,
@@ -67,8 +74,7 @@ def test_fast_path_equals_naive(params, batch, horizon, kl_beta):
     np.testing.assert_allclose(a_f, a_n, atol=1e-5)
     np.testing.assert_allclose(loss_f, loss_n, atol=1e-5)
     assert float(jnp.abs(r_f).max()) > 0.01 and float(jnp.abs(loss_f)) > 0 or kl_beta == 0
-    for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_n)):
-        assert float(jnp.abs(a - b).max()) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
+    _assert_grads_close(g_f, g_n)
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_f)) > 1e-4  # a real gradient
 
 
@@ -99,11 +105,7 @@ def test_k_positions_equal_k_separate_examples(params, batch):
     np.testing.assert_allclose(r_s.reshape(4, 1, -1), r_p, atol=1e-5)
     np.testing.assert_allclose(a_s.reshape(4, 1, -1), a_p, atol=1e-5)
     np.testing.assert_allclose(loss_s, loss_p, atol=1e-6)
-    # float32 sums in another order differ by the leaf's scale times float32 eps (CPU-dependent), so the
-    # bound is relative to the leaf's largest entry, as in the fast-vs-naive gradient test (2026-12-02, an
-    # AVX-512 EPYC: 37 of 3072 entries of a leaf with max |g| 0.42 were off by up to 1.2e-6).
-    for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_p)):
-        assert float(jnp.abs(a - b).max()) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
+    _assert_grads_close(g_s, g_p)   # 2026-12-02, an AVX-512 EPYC: up to 1.2e-6 off in a leaf with max |g| 0.42
 
 
 @pytest.mark.parametrize("baseline", ["group", "batch"])
