@@ -23,7 +23,7 @@ from typing import Any
 
 from rlp_jax.data import DataConfig, SourceConfig
 from rlp_jax.model_config import PRESETS
-from rlp_jax.rlp_config import LossConfig, RewardConfig, RLPConfig, RolloutConfig
+from rlp_jax.rlp_config import LossConfig, PromptConfig, RewardConfig, RLPConfig, RolloutConfig
 from rlp_jax.sharding import MeshConfig
 
 
@@ -35,10 +35,15 @@ class ConfigError(ValueError):
 class ModelSection:
     """Attributes:
       preset: named size for random init (`ModelConfig.preset`): tiny, small, qwen3-0.6b, ...
-      init_from: a local Hugging Face checkpoint directory (Qwen3/Qwen2/Llama safetensors) or an rlp_jax
-        run directory (its latest policy params, e.g. an NTP stage before RLP); when set, the
-        architecture comes from it and `preset` is ignored.
+      init_from: a local Hugging Face checkpoint directory (Qwen3/Qwen2/Llama safetensors), a GGUF
+        file (`.gguf`, Llama/Qwen2/Qwen3, dequantized to float32; `python -m rlp_jax.fetch smollm2`
+        gets one) or an rlp_jax run directory (its latest policy params, e.g. an NTP stage before
+        RLP); when set, the architecture comes from it and `preset` is ignored.
       param_dtype, compute_dtype: "float32" / "bfloat16". remat: "none" / "full" / "dots".
+      think_tokens: the strings of the two think markers. Tokens the vocabulary already has (e.g. an
+        unused special token of a pretrained tokenizer) are used as they are; others are added.
+      new_token_init: how embedding rows of added tokens start: "mean" (mean row + noise) or
+        "pieces" (the mean of the rows of the marker's own spelling in the original vocabulary).
     """
 
     preset: str = "tiny"
@@ -46,6 +51,8 @@ class ModelSection:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"
+    think_tokens: tuple[str, str] = ("<think>", "</think>")
+    new_token_init: str = "mean"
 
     def __post_init__(self):
         for name in ("param_dtype", "compute_dtype"):
@@ -53,6 +60,10 @@ class ModelSection:
                 raise ConfigError(f"model.{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ConfigError(f"model.remat must be none, full or dots, got {self.remat!r}")
+        if self.new_token_init not in ("mean", "pieces"):
+            raise ConfigError(f"model.new_token_init must be mean or pieces, got {self.new_token_init!r}")
+        if len(self.think_tokens) != 2 or len(set(self.think_tokens)) != 2 or not all(self.think_tokens):
+            raise ConfigError(f"model.think_tokens must be two different non-empty strings, got {self.think_tokens!r}")
         if self.init_from is None and self.preset not in PRESETS:
             raise ConfigError(f"model.preset {self.preset!r} is unknown; valid presets: {', '.join(PRESETS)}")
 
@@ -137,7 +148,7 @@ class RunConfig:
 # Overrides
 # ----------------------------------------------------------------------------------------------
 
-_NESTED = {SourceConfig, DataConfig, RLPConfig, RolloutConfig, RewardConfig, LossConfig, MeshConfig,
+_NESTED = {SourceConfig, DataConfig, RLPConfig, RolloutConfig, RewardConfig, LossConfig, PromptConfig, MeshConfig,
            ModelSection, OptimConfig, TrainSection, RunConfig}
 
 

@@ -165,6 +165,8 @@ def _write_hf_tokenizer(tok: HFTokenizer, out: Path) -> None:
     config_file = out / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    if tok.chat_template:
+        config.setdefault("chat_template", tok.chat_template)
     for key, name in _special_names(tok, tok.tok.id_to_token).items():
         config.setdefault(key, name)
     decoder = config.setdefault("added_tokens_decoder", {})

@@ -73,16 +73,27 @@ def _softmax_combine(scores_list, values_list, out_specs, dtype):
     return out
 
 
-def full_attention(q_blhd, k_blkd, v_blkd, mask_bqs, group_size: int):
-    """Self-attention over one sequence batch.
+def _context_scores(q, context_k_pkd, spec: str, dh: int):
+    """Scores of queries against a prompt's keys [P, Hk, Dh] shared by every row (never copied per row)."""
+    return jnp.einsum(spec, q, context_k_pkd.astype(q.dtype), preferred_element_type=jnp.float32) / math.sqrt(dh)
+
+
+def full_attention(q_blhd, k_blkd, v_blkd, mask_bqs, group_size: int, context_k=None, context_v=None):
+    """Self-attention over one sequence batch, optionally after a shared context (a prompt).
 
     q [B, L, H, Dh], k/v [B, L, Hk, Dh], mask [B, L_q, L_k] bool -> out [B, L, H, Dh].
+    context_k/v: [P, Hk, Dh] keys/values of a prompt every query sees in full (the prompted setting).
     """
     b, l, h, dh = q_blhd.shape
     q = q_blhd.reshape(b, l, h // group_size, group_size, dh)  # [B, L, Hk, R, Dh]
     scores = jnp.einsum("bqkrd,bskd->bkrqs", q, k_blkd, preferred_element_type=jnp.float32)
     scores = jnp.where(mask_bqs[:, None, None], scores / math.sqrt(dh), _MASKED)
-    out = _softmax_combine([scores], [v_blkd], ["bkrqs,bskd->bqkrd"], q.dtype)
+    blocks, values, specs = [scores], [v_blkd], ["bkrqs,bskd->bqkrd"]
+    if context_k is not None:
+        blocks.insert(0, _context_scores(q, context_k, "bqkrd,pkd->bkrqp", dh))
+        values.insert(0, context_v.astype(q.dtype))
+        specs.insert(0, "bkrqp,pkd->bqkrd")
+    out = _softmax_combine(blocks, values, specs, q.dtype)
     return out.reshape(b, l, h, dh)
 
 
@@ -111,11 +122,12 @@ def decode_attention(q_bhd, k_bkdt, v_bktd, mask_bt, group_size: int, unrolled_s
 
 
 def branch_attention(q_bnshd, prefix_k, prefix_v, prefix_mask_bnl, self_k, self_v, self_mask_bnsj,
-                     group_size: int):
+                     group_size: int, context_k=None, context_v=None):
     """Attention of branch queries over the shared prefix plus the branch's own keys.
 
     q [B, N, S, H, Dh]; prefix_k/v [B, L, Hk, Dh] (shared by the N branches of a document, never
-    copied); prefix_mask [B, N, L] bool; self_k/v [B, N, J, Hk, Dh]; self_mask [B, N, S, J] bool.
+    copied); prefix_mask [B, N, L] bool; self_k/v [B, N, J, Hk, Dh]; self_mask [B, N, S, J] bool;
+    context_k/v: optional [P, Hk, Dh] prompt keys/values seen by every branch (shared by all rows).
     Returns [B, N, S, H, Dh].
     """
     b, n, s, h, dh = q_bnshd.shape
@@ -125,6 +137,11 @@ def branch_attention(q_bnshd, prefix_k, prefix_v, prefix_mask_bnl, self_k, self_
     sp = jnp.where(prefix_mask_bnl[:, :, None, None, None, :], sp * scale, _MASKED)
     ss = jnp.einsum("bnskrd,bnjkd->bnkrsj", q, self_k, preferred_element_type=jnp.float32)
     ss = jnp.where(self_mask_bnsj[:, :, None, None], ss * scale, _MASKED)
-    out = _softmax_combine([sp, ss], [prefix_v, self_v],
-                           ["bnkrsl,blkd->bnskrd", "bnkrsj,bnjkd->bnskrd"], q.dtype)
+    blocks, values = [sp, ss], [prefix_v, self_v]
+    specs = ["bnkrsl,blkd->bnskrd", "bnkrsj,bnjkd->bnskrd"]
+    if context_k is not None:
+        blocks.insert(0, _context_scores(q, context_k, "bnskrd,pkd->bnkrsp", dh))
+        values.insert(0, context_v.astype(q.dtype))
+        specs.insert(0, "bnkrsp,pkd->bnskrd")
+    out = _softmax_combine(blocks, values, specs, q.dtype)
     return out.reshape(b, n, s, h, dh)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import jax
 
-from rlp_jax import checkpoint, hf, model, train_step
+from rlp_jax import checkpoint, gguf_io, hf, model, train_step
 from rlp_jax.config import ConfigError, from_dict
 from rlp_jax.model_config import ModelConfig
 from rlp_jax.optim import make_optimizer
-from rlp_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer, resize_embeddings
+from rlp_jax.tokenizer import THINK_TOKENS, Tokenizer, TokenizerError, load_tokenizer, resize_embeddings
 
 
 class LoadError(ValueError):
@@ -30,7 +30,7 @@ class LoadError(ValueError):
 @dataclasses.dataclass
 class LoadedModel:
     """cfg: ModelConfig. params: the parameter pytree (device arrays). tokenizer: the run's tokenizer.
-    source: "run" or "hf". step: the checkpoint step (None for Hugging Face). path: where it came from.
+    source: "run", "hf" or "gguf". step: the checkpoint step (None for Hugging Face). path: where it came from.
     run_config: the run's saved config.json (None for Hugging Face)."""
 
     cfg: ModelConfig
@@ -114,6 +114,40 @@ def run_tokenizer_path(run_dir: Path, run_config: dict) -> str:
     return _resolve(path, run_dir)
 
 
+def run_tokenizer(run_dir, run_config: dict) -> Tokenizer:
+    """The tokenizer a run trained with, with the think markers it used (model.think_tokens)."""
+    markers = tuple(run_config["run"]["model"].get("think_tokens") or THINK_TOKENS)
+    return load_tokenizer(run_tokenizer_path(local_dirs(run_dir)[0], run_config), think_tokens=markers)
+
+
+def is_pretrained(path) -> bool:
+    """A pretrained checkpoint rlp_jax reads: a Hugging Face directory (config.json) or a .gguf file."""
+    return gguf_io.is_gguf(path) or (not is_url(path) and (Path(path) / "config.json").is_file()
+                                     and not is_run_dir(path))
+
+
+def load_pretrained(path, *, param_dtype: str | None = None, **config_overrides):
+    """(ModelConfig, params) of a Hugging Face checkpoint directory or a GGUF file (`hf.from_hf`,
+    `gguf_io.from_gguf`); params may be host (numpy) arrays."""
+    if gguf_io.is_gguf(path):
+        return gguf_io.from_gguf(path, param_dtype=param_dtype, **config_overrides)
+    return hf.from_hf(path, param_dtype=param_dtype, **config_overrides)
+
+
+def fit_embeddings(mcfg: ModelConfig, params: dict, tokenizer: Tokenizer, rng, init: str = "mean"):
+    """Grow the embedding (and an untied lm_head) to the tokenizer's vocabulary when it added tokens
+    (the think markers), new rows by `init` (`tokenizer.resize_embeddings`). Returns (cfg, params)."""
+    if tokenizer.vocab_size <= mcfg.vocab_size:
+        return mcfg, params
+    k1, k2 = jax.random.split(rng)
+    grow = lambda table, key: resize_embeddings(table, tokenizer.vocab_size, key, init=init,
+                                                pieces=tokenizer.added_pieces)
+    params = dict(params, embed=grow(params["embed"], k1))
+    if "lm_head" in params:
+        params["lm_head"] = grow(params["lm_head"].T, k2).T
+    return mcfg.replace(vocab_size=tokenizer.vocab_size), params
+
+
 def load_run_params(run_dir, *, step: int | None = None, which: str = "params", mesh=None):
     """Restore one parameter tree of a run's checkpoint.
 
@@ -166,9 +200,9 @@ def load_run_params(run_dir, *, step: int | None = None, which: str = "params", 
 
 def load_model(path, *, step: int | None = None, which: str = "params", mesh=None,
                compute_dtype: str | None = None) -> LoadedModel:
-    """Load a model and its tokenizer from a run directory or a Hugging Face checkpoint directory.
+    """Load a model and its tokenizer from a run directory, a Hugging Face checkpoint directory or a GGUF file.
 
-    For a Hugging Face checkpoint whose tokenizer gained the think markers, the embedding grows to match
+    For a pretrained checkpoint whose tokenizer gained the think markers, the embedding grows to match
     (new rows drawn like `resize_embeddings`; a fixed seed, so repeated loads agree).
     Raises LoadError / TokenizerError / hf.CheckpointError / checkpoint.CheckpointMismatch with one-line messages.
     """
@@ -185,27 +219,23 @@ def load_model(path, *, step: int | None = None, which: str = "params", mesh=Non
                         "that trained it, or copy the run directory locally")
     if run:
         mcfg, params, got_step, run_config = load_run_params(path, step=step, which=which, mesh=mesh)
-        tokenizer = load_tokenizer(run_tokenizer_path(local_dirs(path)[0], run_config))
+        tokenizer = run_tokenizer(path, run_config)
         source = "run"
-    elif (path / "config.json").is_file():
+    elif is_pretrained(path):
         if step is not None or which != "params":
-            raise LoadError(f"{path} is a Hugging Face checkpoint: --step and --which=ema apply to run directories only")
-        mcfg, params = hf.from_hf(path)
+            raise LoadError(f"{path} is a pretrained checkpoint, not a run: --step and --which=ema apply to run "
+                            "directories only")
+        mcfg, params = load_pretrained(path)
         tokenizer = load_tokenizer(path)
-        if tokenizer.vocab_size > mcfg.vocab_size:
-            k1, k2 = jax.random.split(jax.random.key(0))
-            params["embed"] = resize_embeddings(params["embed"], tokenizer.vocab_size, k1)
-            if "lm_head" in params:
-                params["lm_head"] = resize_embeddings(params["lm_head"].T, tokenizer.vocab_size, k2).T
-            mcfg = mcfg.replace(vocab_size=tokenizer.vocab_size)
+        mcfg, params = fit_embeddings(mcfg, params, tokenizer, jax.random.key(0))
         if mesh is None:
             mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
         # host arrays straight into their shards over the mesh (never the whole tree on one device)
         params = jax.device_put(params, sharding.tree_shardings(model.param_logical_axes(mcfg), params, mesh))
-        got_step, run_config, source = None, None, "hf"
+        got_step, run_config, source = None, None, "gguf" if gguf_io.is_gguf(path) else "hf"
     else:
-        raise LoadError(f"{path} is neither an rlp_jax run directory (config.json + checkpoints/) nor a Hugging "
-                        "Face checkpoint (config.json + model.safetensors)")
+        raise LoadError(f"{path} is neither an rlp_jax run directory (config.json + checkpoints/), a Hugging "
+                        "Face checkpoint (config.json + model.safetensors) nor a .gguf file")
     if compute_dtype is not None:
         mcfg = mcfg.replace(compute_dtype=compute_dtype)
     return LoadedModel(cfg=mcfg, params=params, tokenizer=tokenizer, source=source, step=got_step, path=path,

@@ -106,17 +106,39 @@ def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
 # ----------------------------------------------------------------------------------------------
 
 @flax.struct.dataclass
+class ContextCache:
+    """Every layer's keys/values of a prompt that every document is read after (the prompted setting,
+    `rlp_jax.prompt`): k, v [Y, P, Hk, Dh] at rotary positions 0..P-1, shared by all rows and branches."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[1]
+
+
+def context_cache(params: Params, cfg: ModelConfig, prompt_ids_p) -> ContextCache:
+    """The ContextCache of a prompt (token ids [P]); differentiable in params."""
+    _, cache = forward(params, cfg, jnp.asarray(prompt_ids_p, jnp.int32)[None], return_cache=True,
+                       return_logits=False)
+    return ContextCache(k=cache.k[:, 0], v=cache.v[:, 0])
+
+
+@flax.struct.dataclass
 class PrefixCache:
     """Every layer's keys/values of a teacher-forced pass, plus where each token sits.
 
     k, v: [Y, B, L, Hk, Dh] (rotary already applied to k), compute dtype.
-    segment_ids: [B, L] int32 (0 = padding). positions: [B, L] int32 rotary positions.
+    segment_ids: [B, L] int32 (0 = padding). positions: [B, L] int32 rotary positions (after a
+    context, shifted by its length P). context: the ContextCache the documents were read after, or None.
     """
 
     k: jax.Array
     v: jax.Array
     segment_ids: jax.Array
     positions: jax.Array
+    context: ContextCache | None = None
 
 
 @flax.struct.dataclass
@@ -229,7 +251,7 @@ def default_segments(tokens_bl, pad_id: int | None = None):
 
 def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None, positions_bl=None,
             return_cache: bool = False, return_logits: bool = True, logits_at_b=None,
-            return_hidden: bool = False):
+            return_hidden: bool = False, context: ContextCache | None = None):
     """Teacher-forced causal pass.
 
     Args:
@@ -243,6 +265,8 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
         (e.g. a prompt's last token): the output projection then runs on B vectors, not B x L.
       return_hidden: return the final hidden states [B, L, D] (before the final norm) in place of
         the logits (for chunked projections, `reward.shifted_token_logprobs_chunked`).
+      context: a ContextCache (a prompt) every token also attends to, in full; the row's rotary
+        positions are shifted by its length P, as if each document followed the prompt.
     Returns:
       (logits [B, L, V] float32 ([B, V] with logits_at_b; hidden [B, L, D] with return_hidden) or None,
        PrefixCache or None).
@@ -250,20 +274,26 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
     seg_default, pos_default = default_segments(tokens_bl)
     seg = seg_default if segment_ids_bl is None else segment_ids_bl.astype(jnp.int32)
     pos = pos_default if positions_bl is None else positions_bl.astype(jnp.int32)
+    if context is not None:
+        pos = pos + context.length
     length = tokens_bl.shape[1]
     causal = jnp.tril(jnp.ones((length, length), bool))
     mask = causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)  # [B, Lq, Lk]
     inv_freq = layers.rope_inv_freq(cfg)
 
-    def attend(lp, h, _):
+    def attend(lp, h, extra):
+        ck, cv = extra if extra is not None else (None, None)
         q, k, v = _project_qkv(cfg, lp, h, pos, inv_freq)
-        return layers.full_attention(q, k, v, mask, cfg.group_size), ((k, v) if return_cache else None)
+        out = layers.full_attention(q, k, v, mask, cfg.group_size, context_k=ck, context_v=cv)
+        return out, ((k, v) if return_cache else None)
 
-    x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bl), attend, None)
+    extras = None if context is None else (context.k, context.v)
+    x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bl), attend, extras)
     if logits_at_b is not None:
         x = jnp.take_along_axis(x, logits_at_b.astype(jnp.int32)[:, None, None], axis=1)[:, 0]   # [B, D]
     logits = x if return_hidden else (logits_from_hidden(cfg, params, x) if return_logits else None)
-    cache = PrefixCache(k=kv[0], v=kv[1], segment_ids=seg, positions=pos) if return_cache else None
+    cache = (PrefixCache(k=kv[0], v=kv[1], segment_ids=seg, positions=pos, context=context)
+             if return_cache else None)
     return logits, cache
 
 
@@ -301,16 +331,19 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
     inv_freq = layers.rope_inv_freq(cfg)
 
     def attend(lp, h, extra):
-        pk, pv, ck, cv = extra
+        pk, pv, ck, cv, xk, xv = extra
         q, k, v = _project_qkv(cfg, lp, h, positions, inv_freq)
         if ck is not None:
             k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), offset, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), offset, axis=2)
         out = layers.branch_attention(q, pk.astype(q.dtype), pv.astype(q.dtype), prefix_mask,
-                                      k.astype(q.dtype), v.astype(q.dtype), self_mask, cfg.group_size)
+                                      k.astype(q.dtype), v.astype(q.dtype), self_mask, cfg.group_size,
+                                      context_k=xk, context_v=xv)
         return out, ((k, v) if ck is not None else None)
 
-    extras = (prefix.k, prefix.v, None if cache is None else cache.k, None if cache is None else cache.v)
+    ctx = prefix.context
+    extras = (prefix.k, prefix.v, None if cache is None else cache.k, None if cache is None else cache.v,
+              None if ctx is None else ctx.k, None if ctx is None else ctx.v)
     x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bns), attend, extras)
     new_cache = None if cache is None else BranchCache(k=kv[0], v=kv[1])
     return (x if return_hidden else logits_from_hidden(cfg, params, x)), new_cache

@@ -16,10 +16,13 @@ from rlp_jax.rlp_config import RolloutConfig
 from rlp_jax.rollout import Thoughts, branch_tokens, filter_logits, score_branches, thought_logits
 
 
-def branch_sequences(batch, t_bn, branch_bns):
-    """Rows [x_<t (its own document only), branch tokens], right-padded: tokens/segment_ids/positions [B*N, L+S].
+def branch_sequences(batch, t_bn, branch_bns, prompt_ids=()):
+    """Rows [prompt, x_<t (its own document only), branch tokens], right-padded: tokens/segment_ids/positions
+    [B*N, P+L+S].
 
-    The branch continues the document of x_t: same segment id, positions from pos(t) on.
+    The branch continues the document of x_t: same segment id, positions from pos(t) on. With a prompt
+    (token ids [P]) each row starts with its own copy of it, in x_t's segment at positions 0..P-1, and
+    the document's positions shift by P; indices into a row shift by P too.
     """
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     b, n, s = branch_bns.shape
@@ -36,26 +39,36 @@ def branch_sequences(batch, t_bn, branch_bns):
     out_seg = jnp.where(in_doc, take(seg), jnp.where(in_branch, seg_t, 0))
     out_pos = jnp.where(in_doc, take(pos), pos_t + idx - t)
     flat = lambda x: x.reshape(b * n, length + s).astype(jnp.int32)
+    if not prompt_ids:
+        return flat(out_tok), flat(out_seg), flat(out_pos)
+    p = len(prompt_ids)
+    lead = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b, n, p))
+    out_tok = jnp.concatenate([lead(prompt_ids), out_tok], axis=2)
+    out_seg = jnp.concatenate([jnp.broadcast_to(seg_t, (b, n, p)), out_seg], axis=2)
+    out_pos = jnp.concatenate([lead(jnp.arange(p)), out_pos + p], axis=2)
+    flat = lambda x: x.reshape(b * n, p + length + s).astype(jnp.int32)
     return flat(out_tok), flat(out_seg), flat(out_pos)
 
 
 def naive_thought_forward(params, cfg: ModelConfig, batch, positions_bk, thoughts: Thoughts, targets_bkh,
-                          rollout: RolloutConfig):
-    """Same outputs as `rollout.thought_forward`, each thought run as its own full sequence."""
+                          rollout: RolloutConfig, prompt_ids=()):
+    """Same outputs as `rollout.thought_forward`, each thought run as its own full sequence (after its own
+    copy of the prompt, if any)."""
     b, k, g, _ = thoughts.tokens.shape
     seq, pred_idx = branch_tokens(thoughts, targets_bkh, rollout)                # [B, N, S]
     t_bn = jnp.repeat(positions_bk, g, axis=1)
-    toks, seg, pos = branch_sequences(batch, t_bn, seq)
+    toks, seg, pos = branch_sequences(batch, t_bn, seq, prompt_ids)
     logits, _ = model.forward(params, cfg, toks, segment_ids_bl=seg, positions_bl=pos)
     s = seq.shape[-1]
     rows = jnp.take_along_axis(logits.reshape(b, k * g, -1, logits.shape[-1]),
-                               (t_bn[..., None] + jnp.arange(s))[..., None], axis=2)  # [B, N, S, V]
+                               (len(prompt_ids) + t_bn[..., None] + jnp.arange(s))[..., None], axis=2)  # [B, N, S, V]
     return score_branches(rows, pred_idx, thoughts, targets_bkh, rollout)
 
 
-def naive_thought_rollout(params, cfg: ModelConfig, batch, positions_bk, rng, rollout: RolloutConfig) -> Thoughts:
+def naive_thought_rollout(params, cfg: ModelConfig, batch, positions_bk, rng, rollout: RolloutConfig,
+                          prompt_ids=()) -> Thoughts:
     """Same sampling as `rollout.thought_rollout` (same rng -> same thoughts), but every branch is its
-    own prompt `x_<t <think>` prefilled separately and decoded with a per-sequence KV cache."""
+    own prompt `[prompt] x_<t <think>` prefilled separately and decoded with a per-sequence KV cache."""
     params = jax.lax.stop_gradient(params)
     start, end = rollout.markers()
     b, k = positions_bk.shape
@@ -63,10 +76,10 @@ def naive_thought_rollout(params, cfg: ModelConfig, batch, positions_bk, rng, ro
     n = k * g
     t_bn = jnp.repeat(positions_bk, g, axis=1)
     first = jnp.full((b, n, 1), start, jnp.int32)
-    toks, seg, pos = branch_sequences(batch, t_bn, first)                        # prompts [B*N, L+1]
+    toks, seg, pos = branch_sequences(batch, t_bn, first, prompt_ids)            # prompts [B*N, P+L+1]
     # The decode state of prompt rows; a branch hangs off the end of its row's own prompt.
     logits, prefix = model.forward(params, cfg, toks, segment_ids_bl=seg, positions_bl=pos, return_cache=True)
-    t_flat = t_bn.reshape(-1)
+    t_flat = t_bn.reshape(-1) + len(prompt_ids)
     last = logits[jnp.arange(b * n), t_flat]                                     # logits after <think>
     branches = model.Branches(start=(t_flat + 1)[:, None], segment=seg[jnp.arange(b * n), t_flat][:, None],
                               position=(pos[jnp.arange(b * n), t_flat] + 1)[:, None])

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 POSITION_RULES = ("uniform", "ema_band", "window")
+PROMPT_STYLES = ("none", "chat", "text")
+DEFAULT_SYSTEM = ("You are reading a document and continuing it. Before the next word, think briefly between "
+                  "{think_start} and {think_end} about what comes next, then continue the text.")
 REWARD_KINDS = ("info_gain", "rpt")
 BASELINES = ("group", "batch")
 
@@ -117,12 +120,39 @@ class LossConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class PromptConfig:
+    """The paper's prompted setting (RLP_METHOD.md step 1): an instruction that the policy reads before
+    every document when it samples and scores thoughts (`rlp_jax.prompt`).
+
+    Attributes:
+      style: "none" (no prompt), "chat" (the tokenizer's own chat template with `system` as the system
+        message and `user` as the user turn, then the assistant turn the document continues) or
+        "text" (`system` and a blank line, as plain text, for base models without a template).
+      system, user: the instruction texts; `{think_start}` / `{think_end}` become the marker strings.
+      teacher_sees: the EMA teacher's no-think prediction S_ema also reads the prompt (default: no,
+        the teacher predicts the plain text).
+      ids: the prompt's token ids, filled from the tokenizer by `rlp_jax.train` (leave empty).
+    """
+
+    style: str = "none"
+    system: str = DEFAULT_SYSTEM
+    user: str = "Continue the text."
+    teacher_sees: bool = False
+    ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.style not in PROMPT_STYLES:
+            raise ValueError(f"rlp.prompt.style must be one of {PROMPT_STYLES}, got {self.style!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RLPConfig:
     """The whole objective. ema_decay: tau of phi <- tau * phi + (1 - tau) * theta (paper 0.999)."""
 
     rollout: RolloutConfig = RolloutConfig()
     reward: RewardConfig = RewardConfig()
     loss: LossConfig = LossConfig()
+    prompt: PromptConfig = PromptConfig()
     ema_decay: float = 0.999
 
     def __post_init__(self):

@@ -41,6 +41,8 @@ class Tokenizer:
     think_end_id: int
     special_ids: set[int]
     num_added_tokens: int  # ids appended beyond the vocabulary stored in the file
+    added_pieces: dict[int, list[int]] = {}  # appended id -> the ids its text has without it (embedding init)
+    chat_template: str | None = None  # the Jinja chat template the tokenizer ships, if any
 
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -94,6 +96,7 @@ class SentencePieceTokenizer(Tokenizer):
             marker_ids.append(tid)
         self.think_start_id, self.think_end_id = marker_ids
         self.num_added_tokens = sum(i >= base for i in marker_ids)
+        self.added_pieces = {i: sp.encode(m) for m, i in zip(think_tokens, marker_ids) if i >= base}
         self.vocab_size = base + self.num_added_tokens
         self._control = {i for i in range(base) if sp.is_control(i)}
         self.special_ids = self._control | set(marker_ids)
@@ -138,26 +141,37 @@ class HFTokenizer(Tokenizer):
     else from common token names found in the vocabulary (e.g. `</s>`, `<|endoftext|>`).
     """
 
-    def __init__(self, path: str | Path, think_tokens: Sequence[str] = THINK_TOKENS):
+    def __init__(self, path: str | Path, think_tokens: Sequence[str] = THINK_TOKENS, *,
+                 backend: tokenizers.Tokenizer | None = None, names: dict | None = None):
+        """path: tokenizer.json or its directory; or, with `backend` (an already built `tokenizers.Tokenizer`,
+        e.g. from a GGUF file's metadata), the file it came from, and `names` its bos/eos/pad token strings
+        and chat_template."""
         path = Path(path)
         self.path = path / "tokenizer.json" if path.is_dir() else path
-        try:
-            self.tok = tokenizers.Tokenizer.from_file(str(self.path))
-        except Exception as e:
-            raise TokenizerError(_one_line(f"cannot read HF tokenizer {self.path}: {e}; "
-                                           "expected a tokenizer.json written by the tokenizers library")) from e
+        if backend is not None:
+            self.tok = backend
+        else:
+            try:
+                self.tok = tokenizers.Tokenizer.from_file(str(self.path))
+            except Exception as e:
+                raise TokenizerError(_one_line(f"cannot read HF tokenizer {self.path}: {e}; "
+                                               "expected a tokenizer.json written by the tokenizers library")) from e
         base = self._size()
         # Adding a token that already exists reuses its id; adding it as special keeps it from being split.
         # Markers that already are special added tokens keep their flags (an `rlp_jax.export` of a
         # sentencepiece model matches them after normalisation, which re-adding would undo).
         special = {t.content for t in self.tok.get_added_tokens_decoder().values() if t.special}
+        pieces = {m: self.tok.encode(m, add_special_tokens=False).ids for m in think_tokens}
         self.tok.add_special_tokens([tokenizers.AddedToken(m, special=True, normalized=False)
                                      for m in think_tokens if m not in special])
         self.vocab_size = self._size()
         self.num_added_tokens = self.vocab_size - base
         self.think_start_id, self.think_end_id = (self.tok.token_to_id(m) for m in think_tokens)
+        self.added_pieces = {self.tok.token_to_id(m): ids for m, ids in pieces.items()
+                             if self.tok.token_to_id(m) >= base}
 
-        names = _special_names(self.path.parent)
+        names = _special_names(self.path.parent) if names is None else names
+        self.chat_template = names.get("chat_template")
         self.bos_id, self.eos_id, pad = (self._find(names.get(k), guesses) for k, guesses in
                                          (("bos_token", _BOS_GUESSES), ("eos_token", _EOS_GUESSES),
                                           ("pad_token", _PAD_GUESSES)))
@@ -203,6 +217,8 @@ def _special_names(directory: Path) -> dict[str, str]:
             v = v.get("content") if isinstance(v, dict) else v
             if isinstance(v, str):
                 names[key] = v
+        if isinstance(cfg.get("chat_template"), str):
+            names["chat_template"] = cfg["chat_template"]
     return names
 
 
@@ -214,11 +230,12 @@ def load_tokenizer(path: str | Path, think_tokens: Sequence[str] = THINK_TOKENS)
     """Load a tokenizer, choosing the back end from `path`.
 
     A `.model` file (or a directory holding exactly one `*.model` and no tokenizer.json) is read with
-    sentencepiece; a `.json` file or a directory holding `tokenizer.json` with `tokenizers`. Anything else
+    sentencepiece; a `.json` file or a directory holding `tokenizer.json` with `tokenizers`; a `.gguf`
+    file's own tokenizer metadata is rebuilt as a `tokenizers` tokenizer (`rlp_jax.gguf_io`). Anything else
     (missing path, pickles / model weights, unknown formats, corrupt files) raises `TokenizerError`.
     """
     p = Path(path)
-    hint = "expected a sentencepiece .model file or a directory with tokenizer.json"
+    hint = "expected a sentencepiece .model file, a .gguf file or a directory with tokenizer.json"
     if not p.exists():
         raise TokenizerError(f"no tokenizer at {p}: {hint}")
     if p.is_dir():
@@ -230,26 +247,48 @@ def load_tokenizer(path: str | Path, think_tokens: Sequence[str] = THINK_TOKENS)
         raise TokenizerError(f"no tokenizer.json (or single *.model) in directory {p}: {hint}")
     if p.suffix == ".model":
         return SentencePieceTokenizer(p, think_tokens)
+    if p.suffix == ".gguf":
+        from rlp_jax.gguf_io import CheckpointError, gguf_tokenizer
+        try:
+            backend, names = gguf_tokenizer(p)
+        except CheckpointError as e:
+            raise TokenizerError(str(e)) from None
+        return HFTokenizer(p, think_tokens, backend=backend, names=names)
     if p.suffix == ".json":
         return HFTokenizer(p, think_tokens)
     raise TokenizerError(f"unsupported tokenizer file {p} (model weights, pickle or unknown format; "
                          f"it is never unpickled): {hint}")
 
 
-def resize_embeddings(embed_vd: jax.Array, new_vocab_size: int, rng: jax.Array, std: float = 0.02) -> jax.Array:
+NEW_TOKEN_INITS = ("mean", "pieces")
+
+
+def resize_embeddings(embed_vd: jax.Array, new_vocab_size: int, rng: jax.Array, std: float = 0.02, *,
+                      init: str = "mean", pieces: dict[int, Sequence[int]] | None = None) -> jax.Array:
     """Grow a `[vocab, dim]` embedding to `new_vocab_size` rows, keeping existing rows unchanged.
 
-    New rows are the mean of the existing rows plus N(0, std^2) noise (a common initialisation for
-    added tokens). Shrinking raises ValueError.
+    init="mean": new rows are the mean of the existing rows plus N(0, std^2) noise (a common
+    initialisation for added tokens). init="pieces": new row i is the mean of the rows of
+    `pieces[i]`, the ids its text has in the original vocabulary (e.g. `<`, `think`, `>` for
+    `<think>`), so the model reads the marker roughly as it reads its spelling; rows without pieces
+    fall back to "mean". Shrinking raises ValueError.
     """
+    if init not in NEW_TOKEN_INITS:
+        raise ValueError(f"new-token init must be one of {NEW_TOKEN_INITS}, got {init!r}")
     v, d = embed_vd.shape
     if new_vocab_size < v:
         raise ValueError(f"cannot shrink embedding from {v} to {new_vocab_size} rows")
     if new_vocab_size == v:
         return embed_vd
-    mean = embed_vd.astype(jnp.float32).mean(axis=0)
+    full = jnp.asarray(embed_vd, jnp.float32)
+    mean = full.mean(axis=0)
     new = mean + std * jax.random.normal(rng, (new_vocab_size - v, d), jnp.float32)
-    return jnp.concatenate([embed_vd, new.astype(embed_vd.dtype)], axis=0)
+    if init == "pieces":
+        for i, ids in (pieces or {}).items():
+            ids = [j for j in ids if j < v]
+            if v <= i < new_vocab_size and ids:
+                new = new.at[i - v].set(full[jnp.asarray(ids)].mean(axis=0))
+    return jnp.concatenate([jnp.asarray(embed_vd), new.astype(embed_vd.dtype)], axis=0)
 
 
 def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_size: int, *,

@@ -24,18 +24,19 @@ import numpy as np
 from etils import epath
 from tqdm import tqdm
 
-from rlp_jax import checkpoint, hf, loading, model, sharding, train_step
+from rlp_jax import checkpoint, fetch, hf, loading, model, sharding, train_step
 from rlp_jax.config import ConfigError, RunConfig, apply_overrides, describe_fields, load_experiment, to_dict
 from rlp_jax.data import DataError, make_iterator
 from rlp_jax.metrics import MetricsWriter
 from rlp_jax.model_config import ModelConfig
 from rlp_jax.optim import learning_rate, make_optimizer
-from rlp_jax.tokenizer import TokenizerError, load_tokenizer, resize_embeddings
+from rlp_jax.prompt import PromptError, render_prompt
+from rlp_jax.tokenizer import TokenizerError, load_tokenizer
 
 log = logging.getLogger("rlp_jax.train")
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, hf.CheckpointError, checkpoint.CheckpointMismatch,
-               checkpoint.CheckpointRestoreError, loading.LoadError)
+               checkpoint.CheckpointRestoreError, loading.LoadError, fetch.FetchError)
 
 
 class TrainingStopped(RuntimeError):
@@ -62,26 +63,28 @@ def build_model(cfg: RunConfig, tokenizer, rng) -> tuple[ModelConfig, dict | Non
             raise ConfigError(f"model.init_from={m.init_from} has vocab_size {mcfg.vocab_size} but the tokenizer has "
                               f"{tokenizer.vocab_size}; use the tokenizer that run trained with")
         return mcfg, params
-    mcfg, params = hf.from_hf(m.init_from, param_dtype=m.param_dtype, **extra)
+    mcfg, params = loading.load_pretrained(m.init_from, param_dtype=m.param_dtype, **extra)
     if tokenizer.vocab_size > mcfg.vocab_size:
-        log.info("growing the embedding from %d to %d rows for added tokens", mcfg.vocab_size, tokenizer.vocab_size)
-        k1, k2 = jax.random.split(rng)
-        params["embed"] = resize_embeddings(params["embed"], tokenizer.vocab_size, k1)
-        if "lm_head" in params:
-            params["lm_head"] = resize_embeddings(params["lm_head"].T, tokenizer.vocab_size, k2).T
-        mcfg = mcfg.replace(vocab_size=tokenizer.vocab_size)
-    return mcfg, params
+        log.info("growing the embedding from %d to %d rows for added tokens (%s init)", mcfg.vocab_size,
+                 tokenizer.vocab_size, m.new_token_init)
+    return loading.fit_embeddings(mcfg, params, tokenizer, rng, init=m.new_token_init)
 
 
 def with_markers(cfg: RunConfig, tokenizer) -> RunConfig:
-    """Fill the think-marker ids of the rollout config from the tokenizer (and, with
-    rollout.ban_special_tokens, add its eos / bos / pad ids to rollout.banned_ids)."""
+    """Fill what the RLP config takes from the tokenizer: the think-marker ids, the prompt's token ids
+    (`rlp.prompt`), and, with rollout.ban_special_tokens, its special tokens other than the markers
+    (eos, bos, pad and chat-control tokens such as `<|im_start|>`) added to rollout.banned_ids."""
     ro = dataclasses.replace(cfg.rlp.rollout, think_start_id=tokenizer.think_start_id,
                              think_end_id=tokenizer.think_end_id)
     if ro.ban_special_tokens:
-        special = {tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id} - {None}
+        markers = {tokenizer.think_start_id, tokenizer.think_end_id}
+        special = ({tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id} | set(tokenizer.special_ids)) - {None} - markers
         ro = dataclasses.replace(ro, banned_ids=tuple(sorted(set(ro.banned_ids) | special)))
-    return dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, rollout=ro))
+    try:
+        prompt = dataclasses.replace(cfg.rlp.prompt, ids=render_prompt(cfg.rlp.prompt, tokenizer))
+    except PromptError as e:
+        raise ConfigError(str(e)) from None
+    return dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, rollout=ro, prompt=prompt))
 
 
 def _attach(abstract, shardings):
@@ -115,6 +118,16 @@ class _Preemption:
 
 local_dirs = loading.local_dirs   # re-exported: where a workdir keeps its files
 
+# Every random use of a run draws from its own fold of the run's key (train.seed), never from another's.
+KEY_STREAMS = {"build": 0, "init": 1, "steps": 2, "eval": 3}
+
+
+def run_key(base_rng, use: str, index: int | None = None):
+    """The key of one random use of a run ("build": the added embedding rows, "init": a random init,
+    "steps": step `index`'s positions and thoughts, "eval": eval batch `index`'s)."""
+    key = jax.random.fold_in(base_rng, KEY_STREAMS[use])
+    return key if index is None else jax.random.fold_in(key, index)
+
 
 def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
     """Train `cfg` in `workdir` (a local path or a gs:// URL, see `local_dirs`), resuming if it holds
@@ -128,12 +141,12 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
     if tc.tokenizer is None and tok_path is not None and loading.is_run_dir(tok_path):
         tok_path = loading.run_tokenizer_path(loading.local_dirs(tok_path)[0], loading.read_run_config(tok_path))
     if tok_path is None:
-        raise ConfigError("no tokenizer: set --set train.tokenizer=PATH (a sentencepiece .model or a "
+        raise ConfigError("no tokenizer: set --set train.tokenizer=PATH (a sentencepiece .model, a .gguf file or a "
                           "Hugging Face tokenizer dir) or model.init_from")
-    tokenizer = load_tokenizer(tok_path)
+    tokenizer = load_tokenizer(tok_path, think_tokens=cfg.model.think_tokens)
     cfg = with_markers(cfg, tokenizer)
     base_rng = jax.random.key(tc.seed)
-    mcfg, host_params = build_model(cfg, tokenizer, jax.random.fold_in(base_rng, 1))
+    mcfg, host_params = build_model(cfg, tokenizer, run_key(base_rng, "build"))
     try:
         mesh = sharding.make_mesh(tc.mesh)
     except ValueError as e:
@@ -163,7 +176,7 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
     init_state = lambda p: train_step.init_train_state(p, optimizer, keep_reference=keep_ref)
     st_sh = sharding.state_shardings(jax.eval_shape(init_state, p_abstract), p_sh, mesh)
     if host_params is None:
-        params = jax.jit(lambda k: model.init_params(mcfg, k), out_shardings=p_sh)(jax.random.fold_in(base_rng, 2))
+        params = jax.jit(lambda k: model.init_params(mcfg, k), out_shardings=p_sh)(run_key(base_rng, "init"))
     else:
         params = jax.device_put(host_params, p_sh)
     state = jax.jit(init_state, out_shardings=st_sh)(params)
@@ -230,7 +243,7 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
                 if step - 1 > start:
                     save(step - 1, force=True)
                 break
-            state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+            state, metrics = step_fn(state, batch, run_key(base_rng, "steps", step))
             skipped = int(metrics["train/skipped_nonfinite"])
             nonfinite_run = nonfinite_run + 1 if skipped else 0
             if nonfinite_run:
@@ -255,7 +268,7 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
                                f"train.min_thought_len={tc.min_thought_len} at step {step} (thought collapse?)")
                     warned_len = True
             if eval_fn is not None and (step % tc.eval_every == 0 or step == tc.steps):
-                ev = [jax.device_get(eval_fn(state.params, b, jax.random.fold_in(jax.random.key(tc.seed + 7), i)))
+                ev = [jax.device_get(eval_fn(state.params, b, run_key(jax.random.key(tc.seed), "eval", i)))
                       for i, b in enumerate(eval_batches)]
                 ev = {k: float(np.mean([e[k] for e in ev])) for k in ev[0]}
                 writer.write(step, ev, split="eval")

@@ -51,19 +51,30 @@ def _as_compute(params, cfg: ModelConfig):
     return jax.tree.map(lambda p: p.astype(cfg.jnp_param_dtype), params)
 
 
-def teacher_logprobs(ema_params, cfg: ModelConfig, batch) -> jax.Array:
-    """log p_ema(x_j | x_<j) for every token, from one teacher-forced pass: [B, L] float32, no gradient."""
+def prompt_context(params, cfg: ModelConfig, rlp: RLPConfig, *, teacher: bool = False):
+    """The ContextCache of the run's prompt (`rlp.prompt`) under `params`, or None: no prompt, or the
+    teacher when `rlp.prompt.teacher_sees` is off."""
+    if not rlp.prompt.ids or (teacher and not rlp.prompt.teacher_sees):
+        return None
+    return model.context_cache(params, cfg, rlp.prompt.ids)
+
+
+def teacher_logprobs(ema_params, cfg: ModelConfig, batch, rlp: RLPConfig | None = None) -> jax.Array:
+    """log p_ema(x_j | x_<j) for every token, from one teacher-forced pass: [B, L] float32, no gradient.
+    With `rlp` given, the teacher reads the prompt when `rlp.prompt.teacher_sees`."""
     ema = _as_compute(jax.lax.stop_gradient(ema_params), cfg)
+    ctx = None if rlp is None else prompt_context(ema, cfg, rlp, teacher=True)
     hidden, _ = model.forward(ema, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
-                              positions_bl=batch["positions"], return_hidden=True)
+                              positions_bl=batch["positions"], return_hidden=True, context=ctx)
     return reward.shifted_token_logprobs_chunked(ema, cfg, hidden, batch["tokens"])
 
 
-def _branch_forward_fn(naive_path: bool, batch):
+def _branch_forward_fn(naive_path: bool, batch, prompt_ids=()):
     """The thought forward of the fast shared-prefix path, or of the naive reference path."""
     if not naive_path:
         return thought_forward
-    return lambda p, c, _prefix, t, th, tg, ro: naive.naive_thought_forward(p, c, batch, t, th, tg, ro)
+    return lambda p, c, _prefix, t, th, tg, ro: naive.naive_thought_forward(p, c, batch, t, th, tg, ro,
+                                                                             prompt_ids=prompt_ids)
 
 
 def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Thoughts, t_bk, t_mask_bk,
@@ -86,12 +97,17 @@ def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Tho
     h = rlp.reward.horizon
     lc = rlp.loss
     # The documents' full-vocab logits are only needed by the next-token term.
+    # With a prompt, the policy reads the documents after it; the next-token term reads them plain.
+    ctx = prompt_context(params, cfg, rlp)
     logits_doc, prefix = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                        positions_bl=batch["positions"], return_cache=True,
-                                       return_logits=lc.ntp_weight > 0)
+                                       return_logits=lc.ntp_weight > 0 and ctx is None, context=ctx)
+    if lc.ntp_weight > 0 and ctx is not None:
+        logits_doc, _ = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                                      positions_bl=batch["positions"])
     targets = reward.gather_horizon(batch["tokens"], t_bk, h)                    # [B, K, H]
     ema_t = reward.gather_horizon(ema_lp_bl, t_bk, h)                            # [B, K, H]
-    forward_fn = _branch_forward_fn(naive_path, batch)
+    forward_fn = _branch_forward_fn(naive_path, batch, rlp.prompt.ids)
     new_lp, tgt_lp, tgt_argmax = forward_fn(params, cfg, prefix, t_bk, thoughts, targets, rlp.rollout)
     rewards, terms = reward.get_reward_fn(rlp.reward.kind)(
         jax.lax.stop_gradient(tgt_lp), tgt_argmax, targets, jax.lax.stop_gradient(ema_t))
@@ -104,14 +120,22 @@ def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Tho
     action = thoughts.action_mask & valid[..., None]
     ref_lp = None
     if lc.kl_beta > 0:
-        _, ref_prefix = model.forward(jax.lax.stop_gradient(ref_params), cfg, batch["tokens"],
+        ref = jax.lax.stop_gradient(ref_params)
+        _, ref_prefix = model.forward(ref, cfg, batch["tokens"],
                                       segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"],
-                                      return_cache=True, return_logits=False)
+                                      return_cache=True, return_logits=False, context=prompt_context(ref, cfg, rlp))
         ref_lp = forward_fn(jax.lax.stop_gradient(ref_params), cfg, ref_prefix, t_bk, thoughts,
                             targets, rlp.rollout)[0].reshape(-1, t_max)
-    loss_rlp, metrics = rlp_loss(new_lp.reshape(-1, t_max), thoughts.logprobs.reshape(-1, t_max),
-                                 adv.reshape(-1), action.reshape(-1, t_max), (lc.eps_low, lc.eps_high),
-                                 ref_logprobs=ref_lp, kl_beta=lc.kl_beta, rewards=rewards.reshape(-1))
+    new_flat, act = new_lp.reshape(-1, t_max), action.reshape(-1, t_max)
+    # One update per rollout: the surrogate's old policy is the current one, so the importance ratio is
+    # exactly 1 in value and its gradient is the policy gradient. The sampler's own log-probs differ from
+    # these recomputed ones by numerics alone (token-by-token decoding vs whole branches: up to ~2% under
+    # bfloat16); they serve only the policy/max_abs_ratio_minus_1 diagnostic.
+    loss_rlp, metrics = rlp_loss(new_flat, jax.lax.stop_gradient(new_flat), adv.reshape(-1), act,
+                                 (lc.eps_low, lc.eps_high), ref_logprobs=ref_lp, kl_beta=lc.kl_beta,
+                                 rewards=rewards.reshape(-1))
+    sampler_gap = jnp.abs(jnp.exp(jax.lax.stop_gradient(new_flat) - thoughts.logprobs.reshape(-1, t_max)) - 1.0)
+    metrics["policy/max_abs_ratio_minus_1"] = jnp.max(jnp.where(act, sampler_gap, 0.0))
     if lc.ntp_weight > 0:
         ntp = shifted_ntp_loss(logits_doc, batch["tokens"], batch["segment_ids"])
         loss = combined_loss(rlp_scale * loss_rlp, ntp_scale * ntp, lc.ntp_weight)
@@ -164,13 +188,15 @@ def _rollout_phase(state: TrainState, batch, rng, *, cfg: ModelConfig, rlp: RLPC
     (micro-)batch; nothing here is differentiated."""
     k_pos, k_roll = jax.random.split(rng)
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
-    ema_lp = teacher_logprobs(state.ema_params, cfg, batch)                      # [B, L]
+    ema_lp = teacher_logprobs(state.ema_params, cfg, batch, rlp)                 # [B, L]
     t_bk, t_mask = positions.select_positions(k_pos, seg, pos, ema_lp, rlp.rollout, rlp.reward.horizon)
     if naive_path:
-        thoughts = naive.naive_thought_rollout(state.params, cfg, batch, t_bk, k_roll, rlp.rollout)
+        thoughts = naive.naive_thought_rollout(state.params, cfg, batch, t_bk, k_roll, rlp.rollout,
+                                               prompt_ids=rlp.prompt.ids)
     else:
-        _, prefix = model.forward(jax.lax.stop_gradient(state.params), cfg, tokens, segment_ids_bl=seg,
-                                  positions_bl=pos, return_cache=True, return_logits=False)
+        policy = jax.lax.stop_gradient(state.params)
+        _, prefix = model.forward(policy, cfg, tokens, segment_ids_bl=seg, positions_bl=pos, return_cache=True,
+                                  return_logits=False, context=prompt_context(policy, cfg, rlp))
         thoughts = thought_rollout(state.params, cfg, prefix, t_bk, k_roll, rlp.rollout)
     return ema_lp, t_bk, t_mask, thoughts
 
@@ -348,15 +374,23 @@ def eval_metrics(params, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig):
     """
     k_pos, k_roll = jax.random.split(rng)
     h = rlp.reward.horizon
-    logits, prefix = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
-                                   positions_bl=batch["positions"], return_cache=True)
-    lp = reward.shifted_token_logprobs(logits, batch["tokens"])                   # [B, L]
+    doc = dict(segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"])
+    logits, prefix = model.forward(params, cfg, batch["tokens"], return_cache=True, **doc)
+    lp = reward.shifted_token_logprobs(logits, batch["tokens"])                   # [B, L] plain text
+    no_think_lp = lp
+    if rlp.prompt.ids:   # thoughts are sampled after the prompt; "no thought" reads it if the teacher does
+        _, prefix = model.forward(params, cfg, batch["tokens"], return_cache=True, return_logits=False,
+                                  context=prompt_context(params, cfg, rlp), **doc)
+        if rlp.prompt.teacher_sees:
+            no_think_lp = reward.shifted_token_logprobs(
+                model.forward(params, cfg, batch["tokens"], context=prompt_context(params, cfg, rlp), **doc)[0],
+                batch["tokens"])
     t_bk, t_mask = positions.select_positions(k_pos, batch["segment_ids"], batch["positions"], lp,
                                               rlp.rollout, h)
     thoughts = thought_rollout(params, cfg, prefix, t_bk, k_roll, rlp.rollout)
     targets = reward.gather_horizon(batch["tokens"], t_bk, h)
     _, tgt_lp, _ = thought_forward(params, cfg, prefix, t_bk, thoughts, targets, rlp.rollout)
-    no_think = reward.gather_horizon(lp, t_bk, h).sum(-1)                         # [B, K]
+    no_think = reward.gather_horizon(no_think_lp, t_bk, h).sum(-1)                # [B, K]
     think = tgt_lp.sum(-1).mean(-1)                                               # [B, K]
     n = jnp.maximum(t_mask.sum(), 1)
     vmean = lambda x: jnp.sum(jnp.where(t_mask, x, 0.0)) / n

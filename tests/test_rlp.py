@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from rlp_jax import model, naive, train_step
+from rlp_jax import rollout as rollout_lib
 from rlp_jax.model_config import ModelConfig
 from rlp_jax.rlp_config import LossConfig, RewardConfig, RLPConfig, RolloutConfig
 from rlp_jax.rollout import thought_rollout
@@ -60,7 +61,7 @@ def _objective(params, batch, rlp, thoughts, t_bk, ema_lp, ref=None, naive_path=
 
 @pytest.mark.parametrize("horizon,kl_beta", [(1, 0.0), (2, 0.1)])
 def test_fast_path_equals_naive(params, batch, horizon, kl_beta):
-    rlp = _rlp(horizon=horizon, kl_beta=kl_beta)
+    rlp = _rlp(horizon=horizon, kl_beta=kl_beta, ntp_weight=0.3)   # a loss that is not ~0 by construction
     t_bk = jnp.array([[3, 9], [4, 10]])  # second row: one position in each packed document
     thoughts = _sample(params, batch, rlp, t_bk)
     ema_lp = jax.random.normal(jax.random.key(7), batch["tokens"].shape) - 3.0
@@ -73,7 +74,9 @@ def test_fast_path_equals_naive(params, batch, horizon, kl_beta):
     np.testing.assert_allclose(r_f, r_n, atol=1e-5)
     np.testing.assert_allclose(a_f, a_n, atol=1e-5)
     np.testing.assert_allclose(loss_f, loss_n, atol=1e-5)
-    assert float(jnp.abs(r_f).max()) > 0.01 and float(jnp.abs(loss_f)) > 0 or kl_beta == 0
+    np.testing.assert_allclose(m_f["policy/entropy_estimate"], m_n["policy/entropy_estimate"], atol=1e-5)
+    assert float(jnp.abs(r_f).max()) > 0.01 and float(jnp.abs(loss_f)) > 0.1
+    assert float(m_f["policy/entropy_estimate"]) > 0.1   # mean -log pi of the thought tokens: both paths' new log-probs
     _assert_grads_close(g_f, g_n)
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_f)) > 1e-4  # a real gradient
 
@@ -91,7 +94,7 @@ def test_sampler_equals_naive_sampler(params, batch):
 
 def test_k_positions_equal_k_separate_examples(params, batch):
     """K positions sharing a document give the per-thought quantities of K separate (context, x_t) examples."""
-    rlp = _rlp(k=2)
+    rlp = _rlp(k=2, ntp_weight=0.3)
     t_bk = jnp.array([[3, 9], [2, 11]])
     thoughts = _sample(params, batch, rlp, t_bk)
     ema_lp = jax.random.normal(jax.random.key(8), batch["tokens"].shape) - 3.0
@@ -100,11 +103,12 @@ def test_k_positions_equal_k_separate_examples(params, batch):
     # The paper's layout: every (document, t) is its own example with K = 1.
     sep_batch = jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0), batch)
     sep_thoughts = jax.tree.map(lambda x: x.reshape(4, 1, *x.shape[2:]), thoughts)
-    (loss_p, (_, r_p, a_p)), g_p = vg(params, sep_batch, _rlp(k=1), sep_thoughts, t_bk.reshape(4, 1),
-                                      jnp.repeat(ema_lp, 2, axis=0))
+    (loss_p, (_, r_p, a_p)), g_p = vg(params, sep_batch, _rlp(k=1, ntp_weight=0.3), sep_thoughts,
+                                      t_bk.reshape(4, 1), jnp.repeat(ema_lp, 2, axis=0))
     np.testing.assert_allclose(r_s.reshape(4, 1, -1), r_p, atol=1e-5)
     np.testing.assert_allclose(a_s.reshape(4, 1, -1), a_p, atol=1e-5)
     np.testing.assert_allclose(loss_s, loss_p, atol=1e-6)
+    assert float(jnp.abs(loss_s)) > 0.1
     _assert_grads_close(g_s, g_p)   # 2026-12-02, an AVX-512 EPYC: up to 1.2e-6 off in a leaf with max |g| 0.42
 
 
@@ -189,6 +193,69 @@ def test_micro_batches_give_the_whole_batch_gradient(params, objective):
     loss, ref = jax.value_and_grad(loss_fn)(params)
     np.testing.assert_allclose(float(m["loss/total"]), float(loss), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4), got, ref)
+
+
+def test_rewards_against_hand_built_sequences(params, batch):
+    """S_pred and S_ema of each thought from plain `model.forward` on `[x_<t, <think> c </think>]` and `x_<t`:
+    fails if either is read one token off."""
+    rlp = _rlp(k=2, g=2)
+    t_bk = jnp.array([[3, 9], [4, 10]])
+    thoughts = _sample(params, batch, rlp, t_bk)
+    ema = jax.tree.map(lambda x: x * 0.9, params)
+    ema_lp = train_step.teacher_logprobs(ema, CFG, batch)
+    _, (_, rewards, _) = _objective(params, batch, rlp, thoughts, t_bk, ema_lp)
+    toks, seg = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
+    last_logp = lambda p, seq: jax.nn.log_softmax(model.forward(p, CFG, jnp.asarray([seq]))[0][0, -1])
+    for b in range(2):
+        for k in range(2):
+            t = int(t_bk[b, k])
+            doc = [int(x) for x, s in zip(toks[b, :t], seg[b, :t]) if s == seg[b, t]]   # x_<t of x_t's document
+            s_ema = float(last_logp(ema, doc)[toks[b, t]])
+            for g in range(2):
+                n = int(thoughts.lengths[b, k, g])
+                thought = [int(x) for x in thoughts.tokens[b, k, g, :n]]
+                s_pred = float(last_logp(params, doc + [START] + thought + [END])[toks[b, t]])
+                np.testing.assert_allclose(float(rewards[b, k, g]), s_pred - s_ema, atol=1e-4)
+
+
+def test_surrogate_is_the_policy_gradient_under_bfloat16(params, batch):
+    """With one update per rollout the importance ratio is 1 in value even when the sampler's bf16
+    log-probs differ from the loss's: the gradient is exactly -mean_thoughts(A * mean_k grad log pi)."""
+    cfg16 = CFG.replace(compute_dtype="bfloat16")
+    rlp = _rlp()
+    t_bk = jnp.array([[3, 9], [4, 10]])
+    _, prefix = model.forward(params, cfg16, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                              positions_bl=batch["positions"], return_cache=True)
+    thoughts = thought_rollout(params, cfg16, prefix, t_bk, jax.random.key(5), rlp.rollout)
+    # The sampler's log-probs as a larger model's bf16 decode gives them (measured: |rho - 1| up to 0.023).
+    noise = 0.02 * jax.random.normal(jax.random.key(6), thoughts.logprobs.shape)
+    thoughts = thoughts.replace(logprobs=jnp.where(thoughts.action_mask, thoughts.logprobs + noise, 0.0))
+    ema_lp = jax.random.normal(jax.random.key(7), batch["tokens"].shape) - 3.0
+    mask = jnp.ones(t_bk.shape, bool)
+    (_, (m, _, adv)), g = jax.value_and_grad(train_step.rlp_objective, has_aux=True)(
+        params, cfg16, rlp, batch, thoughts, t_bk, mask, ema_lp)
+    assert float(m["policy/max_abs_ratio_minus_1"]) > 0.01      # the diagnostic sees the sampler's gap
+
+    def policy_gradient_surrogate(p):
+        _, pre = model.forward(p, cfg16, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                               positions_bl=batch["positions"], return_cache=True, return_logits=False)
+        targets = jnp.take_along_axis(batch["tokens"], t_bk, axis=1)[..., None]
+        new_lp, _, _ = rollout_lib.thought_forward(p, cfg16, pre, t_bk, thoughts, targets, rlp.rollout)
+        act = thoughts.action_mask
+        per_thought = jnp.where(act, new_lp, 0.0).sum(-1) / jnp.maximum(act.sum(-1), 1)
+        return -jnp.mean(jax.lax.stop_gradient(adv) * per_thought)
+
+    _assert_grads_close(g, jax.grad(policy_gradient_surrogate)(params), rel=1e-3)
+
+
+def test_run_keys_never_repeat():
+    """The run's build, init, step and eval keys are all different (no key reused for two purposes)."""
+    from rlp_jax.train import run_key
+    base = jax.random.key(0)
+    keys = [run_key(base, "build"), run_key(base, "init")] + [run_key(base, "steps", s) for s in range(1, 40)]
+    keys += [run_key(base, "eval", i) for i in range(8)]
+    data = {tuple(np.asarray(jax.random.key_data(k)).tolist()) for k in keys}
+    assert len(data) == len(keys)
 
 
 def test_nonfinite_gradient_skips_update(params, batch):

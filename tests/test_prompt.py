@@ -1,0 +1,154 @@
+"""The prompted setting: the prompt's shared context equals each sequence carrying its own copy of the
+prompt (sampler, rewards, loss, gradients), and prompts render from a tokenizer's chat template."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tokenizers
+
+from rlp_jax import model, naive, train_step
+from rlp_jax.model_config import ModelConfig
+from rlp_jax.prompt import PromptError, prompt_text, render_prompt
+from rlp_jax.rlp_config import LossConfig, PromptConfig, RewardConfig, RLPConfig, RolloutConfig
+from rlp_jax.rollout import thought_rollout
+from rlp_jax.tokenizer import HFTokenizer
+
+CFG = ModelConfig.preset("tiny", vocab_size=48)
+START, END = 1, 2
+PROMPT = (40, 41, 42, 43, 44, 45, 46)
+
+
+def _rlp(prompt_ids=PROMPT, teacher_sees=False, ntp_weight=0.0):
+    return RLPConfig(
+        rollout=RolloutConfig(group_size=3, positions_per_doc=2, thought_len=5, min_context=2, temperature=1.0,
+                              think_start_id=START, think_end_id=END),
+        reward=RewardConfig(horizon=2), loss=LossConfig(ntp_weight=ntp_weight),
+        prompt=PromptConfig(style="text", ids=prompt_ids, teacher_sees=teacher_sees))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init_params(CFG, jax.random.key(0), std=0.3)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    toks = jax.random.randint(jax.random.key(1), (2, 14), 3, 40)
+    seg = jnp.array([[1] * 14, [1] * 6 + [2] * 8])
+    pos = jnp.array([list(range(14)), list(range(6)) + list(range(8))])
+    return {"tokens": toks, "segment_ids": seg, "positions": pos}
+
+
+def _with_own_prompt(batch, prompt):
+    """Every packed document of every row preceded by its own copy of the prompt (the naive layout)."""
+    rows = []
+    for toks, seg in zip(np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])):
+        t_out, s_out, p_out = [], [], []
+        for s in sorted(set(seg.tolist()) - {0}):
+            doc = toks[seg == s].tolist()
+            t_out += list(prompt) + doc
+            s_out += [s] * (len(prompt) + len(doc))
+            p_out += list(range(len(prompt) + len(doc)))
+        rows.append((t_out, s_out, p_out))
+    width = max(len(r[0]) for r in rows)
+    pad = lambda x: x + [0] * (width - len(x))
+    return {k: jnp.array([pad(r[i]) for r in rows]) for i, k in enumerate(("tokens", "segment_ids", "positions"))}
+
+
+def test_context_forward_equals_prompt_prepended_to_every_document(params, batch):
+    ctx = model.context_cache(params, CFG, PROMPT)
+    got, _ = model.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                           positions_bl=batch["positions"], context=ctx)
+    long = _with_own_prompt(batch, PROMPT)
+    ref, _ = model.forward(params, CFG, long["tokens"], segment_ids_bl=long["segment_ids"],
+                           positions_bl=long["positions"])
+    p = len(PROMPT)
+    np.testing.assert_allclose(got[0], ref[0, p:p + 14], atol=2e-5)                      # one document
+    np.testing.assert_allclose(got[1, :6], ref[1, p:p + 6], atol=2e-5)             # first packed document
+    np.testing.assert_allclose(got[1, 6:], ref[1, 2 * p + 6:], atol=2e-5)          # second, its own prompt
+    plain, _ = model.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                             positions_bl=batch["positions"])
+    assert float(jnp.abs(plain - got).max()) > 1e-2                                # the prompt matters
+
+
+def test_prompted_sampler_equals_naive_sampler(params, batch):
+    rlp = _rlp()
+    t_bk = jnp.array([[3, 9], [4, 10]])
+    ctx = model.context_cache(params, CFG, PROMPT)
+    _, prefix = model.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                              positions_bl=batch["positions"], return_cache=True, context=ctx)
+    fast = jax.jit(thought_rollout, static_argnums=(1, 5))(params, CFG, prefix, t_bk, jax.random.key(3), rlp.rollout)
+    slow = jax.jit(naive.naive_thought_rollout, static_argnums=(1, 5, 6))(
+        params, CFG, batch, t_bk, jax.random.key(3), rlp.rollout, PROMPT)
+    np.testing.assert_array_equal(fast.tokens, slow.tokens)
+    np.testing.assert_allclose(fast.logprobs, slow.logprobs, atol=1e-5)
+    unprompted = naive.naive_thought_rollout(params, CFG, batch, t_bk, jax.random.key(3), rlp.rollout)
+    assert float(jnp.abs(unprompted.logprobs - slow.logprobs).max()) > 1e-3
+
+
+@pytest.mark.parametrize("teacher_sees", [False, True])
+def test_prompted_objective_equals_naive(params, batch, teacher_sees):
+    rlp = _rlp(teacher_sees=teacher_sees, ntp_weight=0.5)
+    t_bk = jnp.array([[3, 9], [4, 10]])
+    state = train_step.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                  ema_params=jax.tree.map(lambda x: x * 0.95, params), opt_state=None)
+    ema_lp = train_step.teacher_logprobs(state.ema_params, CFG, batch, rlp)
+    plain_ema = train_step.teacher_logprobs(state.ema_params, CFG, batch)
+    assert (float(jnp.abs(ema_lp - plain_ema).max()) > 1e-3) == teacher_sees
+    ctx = model.context_cache(params, CFG, PROMPT)
+    _, prefix = model.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                              positions_bl=batch["positions"], return_cache=True, context=ctx)
+    thoughts = thought_rollout(params, CFG, prefix, t_bk, jax.random.key(4), rlp.rollout)
+    mask = jnp.ones(t_bk.shape, bool)
+    grad = lambda naive_path: jax.jit(jax.value_and_grad(functools.partial(
+        train_step.rlp_objective, naive_path=naive_path), has_aux=True), static_argnums=(1, 2))(
+        params, CFG, rlp, batch, thoughts, t_bk, mask, ema_lp)
+    (loss_f, (m_f, r_f, _)), g_f = grad(False)
+    (loss_n, (m_n, r_n, _)), g_n = grad(True)
+    np.testing.assert_allclose(r_f, r_n, atol=1e-5)
+    np.testing.assert_allclose(loss_f, loss_n, atol=1e-5)
+    np.testing.assert_allclose(m_f["reward/s_pred"], m_n["reward/s_pred"], atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_n), strict=True):
+        assert float(jnp.abs(a - b).max()) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
+    # The prompt changes S_pred (the policy reads it) but not the next-token term (plain text).
+    (_, (m_plain, _, _)), _ = jax.value_and_grad(train_step.rlp_objective, has_aux=True, argnums=0)(
+        params, CFG, dataclasses.replace(rlp, prompt=PromptConfig()), batch, thoughts, t_bk, mask, ema_lp)
+    assert abs(float(m_plain["reward/s_pred"] - m_f["reward/s_pred"])) > 1e-3
+    np.testing.assert_allclose(m_plain["loss/ntp"], m_f["loss/ntp"], atol=1e-6)
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def _chat_tokenizer(tmp_path, template=CHATML):
+    words = ["<|im_start|>", "<|im_end|>", "system", "user", "assistant", "\n", " ", "Think", "Continue", "the",
+             "text", ".", "<think>", "</think>", "a", "b"]
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="a"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"\s|\.|\w+"), behavior="isolated")
+    tok.add_special_tokens([tokenizers.AddedToken(w, special=True) for w in ("<|im_start|>", "<|im_end|>")])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return HFTokenizer(tmp_path, names={"eos_token": "<|im_end|>", "chat_template": template})
+
+
+def test_chat_prompt_renders_the_tokenizers_template(tmp_path):
+    tok = _chat_tokenizer(tmp_path)
+    cfg = PromptConfig(style="chat", system="Think {think_start} {think_end}.", user="Continue the text.")
+    assert prompt_text(cfg, tok) == ("<|im_start|>system\nThink <think> </think>.<|im_end|>\n"
+                                     "<|im_start|>user\nContinue the text.<|im_end|>\n<|im_start|>assistant\n")
+    ids = render_prompt(cfg, tok)
+    assert ids[0] == tok.tok.token_to_id("<|im_start|>") and tok.think_start_id in ids
+    assert render_prompt(PromptConfig(), tok) == ()
+    assert prompt_text(dataclasses.replace(cfg, style="text"), tok) == "Think <think> </think>.\n\n"
+
+
+def test_chat_prompt_without_template_is_a_one_line_error(tmp_path):
+    tok = _chat_tokenizer(tmp_path, template=None)
+    with pytest.raises(PromptError, match="style=text"):
+        render_prompt(PromptConfig(style="chat"), tok)
+    with pytest.raises(ValueError, match="rlp.prompt.style"):
+        PromptConfig(style="chatml")
