@@ -100,7 +100,7 @@ def format_table(results: dict[str, dict[str, dict]], avgs: dict[str, dict[str, 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rlp_jax.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="rlp_jax run directory or Hugging Face checkpoint dir")
+    p.add_argument("--checkpoint", required=True, help="rlp_jax run directory, Hugging Face checkpoint dir or .gguf file")
     p.add_argument("--tasks", required=True, help=f"comma-separated: {','.join(tasks.TASKS)}")
     p.add_argument("--data_dir", required=True, help="directory holding the task files (see rlp_jax.tasks)")
     p.add_argument("--modes", default="no_think,think", help="no_think, think or both")

@@ -250,7 +250,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None) -> int:
     p = _Parser(prog="python -m rlp_jax.export", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="rlp_jax run directory or Hugging Face checkpoint dir")
+    p.add_argument("--checkpoint", required=True, help="rlp_jax run directory, Hugging Face checkpoint dir or .gguf file")
     p.add_argument("--out", required=True, help="the Hugging Face directory to write")
     p.add_argument("--step", type=int, help="checkpoint step of a run directory (default: latest)")
     p.add_argument("--which", choices=("params", "ema"), default="params", help="policy or EMA teacher")

@@ -20,7 +20,7 @@ from rlp_jax.loading import LOAD_ERRORS, load_model
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rlp_jax.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="rlp_jax run directory or Hugging Face checkpoint dir")
+    p.add_argument("--checkpoint", required=True, help="rlp_jax run directory, Hugging Face checkpoint dir or .gguf file")
     p.add_argument("--prompt", required=True, help="the text to continue")
     p.add_argument("--think", action="store_true", help="write a <think> ... </think> thought first")
     p.add_argument("--max_new_tokens", type=int, default=64, help="answer token budget")
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
                                   banned_ids=(tok.think_start_id, *lm.think_banned_ids),
                                   min_new_tokens=1, **base)
         _emit(" <think>")
-        ids = ids + [tok.think_start_id]
+        ids = list(lm.think_prompt_ids) + ids + [tok.think_start_id]   # the run's prompt, if it trained with one
         thought = [t for t in _stream_text(lm, ids, rng_think, think_sc) if t != tok.think_end_id]
         _emit("</think>")
         ids = ids + thought + [tok.think_end_id]

@@ -46,8 +46,11 @@ def load_problems(heldout, limit: int | None = None) -> list[tasks.Item]:
 
 
 def answer_metrics(decoder: Decoder, problems: list[tasks.Item], *, think_tokens: int, thoughts: int = 4,
-                   seed: int = 0, think_banned_ids: tuple[int, ...] = ()) -> dict:
-    """Accuracy and answer NLL with and without a thought (see the module docstring). Floats."""
+                   seed: int = 0, think_banned_ids: tuple[int, ...] = (), think_prompt_ids: tuple[int, ...] = ()) -> dict:
+    """Accuracy and answer NLL with and without a thought (see the module docstring). Floats.
+
+    think_prompt_ids: the run's prompt (`rlp.prompt`, the prompted setting): thoughts are sampled and the
+    answer after them scored with it before the question, as in training; direct answers read none."""
     spec = tasks.TASKS["generated"]
     tok = decoder.tok
     enc = [encode_answer(tok, p.question, p.answer) for p in problems]
@@ -59,6 +62,7 @@ def answer_metrics(decoder: Decoder, problems: list[tasks.Item], *, think_tokens
     ok_direct = [tasks.score(spec, tok.decode(c.answer), p, think=False)[1] for c, p in zip(direct, problems)]
     lp_direct = decoder.logprob(prompts, answers)
     rep = lambda xs: [x for x in xs for _ in range(thoughts)]
+    prompts = [list(think_prompt_ids) + list(p) for p in prompts]
     thought_runs = decoder.complete(rep(prompts), "think", opts, jax.random.fold_in(rng, 1))
     ok_think = [tasks.score(spec, tok.decode(c.answer), p, think=True)[1]
                 for c, p in zip(thought_runs, rep(problems))]
@@ -79,7 +83,8 @@ def evaluate_run(run_dir, heldout, *, think_tokens: int, thoughts: int = 4, seed
     row = {"run": str(run_dir), "step": lm.step}
     row.update({k.split("/")[1]: last_eval(run_dir).get(k) for k in DOC_KEYS})
     row.update(answer_metrics(decoder, load_problems(heldout, limit), think_tokens=think_tokens,
-                              thoughts=thoughts, seed=seed, think_banned_ids=lm.think_banned_ids))
+                              thoughts=thoughts, seed=seed, think_banned_ids=lm.think_banned_ids,
+                              think_prompt_ids=lm.think_prompt_ids))
     return row
 
 
@@ -115,7 +120,7 @@ def sample_thoughts(run_dir, heldout, *, n: int, think_tokens: int, seed: int = 
     lm = load_model(run_dir)
     decoder = Decoder(lm.params, lm.cfg, lm.tokenizer, batch_size=64)
     problems = load_problems(heldout, n)
-    prompts = [lm.tokenizer.encode(p.question) for p in problems]
+    prompts = [list(lm.think_prompt_ids) + lm.tokenizer.encode(p.question) for p in problems]
     opts = DecodeOptions(max_new_tokens=8, think_tokens=think_tokens,
                          think_banned_ids=lm.think_banned_ids)
     out = decoder.complete(prompts, "think", opts, jax.random.key(seed))

@@ -49,6 +49,14 @@ class LoadedModel:
             return ()
         return tuple(self.run_config["run"].get("rlp", {}).get("rollout", {}).get("banned_ids") or ())
 
+    @property
+    def think_prompt_ids(self) -> tuple[int, ...]:
+        """The token ids of the prompt the run's policy thought after (rlp.prompt, the prompted setting):
+        evaluation reads it before a question when it thinks (() without a prompt, for pretrained files)."""
+        if not self.run_config:
+            return ()
+        return tuple(self.run_config["run"].get("rlp", {}).get("prompt", {}).get("ids") or ())
+
 
 def is_url(path) -> bool:
     return "://" in str(path)
@@ -211,7 +219,7 @@ def load_model(path, *, step: int | None = None, which: str = "params", mesh=Non
     if not is_url(path):
         path = Path(path)
         if not path.exists():
-            raise LoadError(f"checkpoint {path} does not exist; pass a run directory or a Hugging Face checkpoint dir")
+            raise LoadError(f"checkpoint {path} does not exist; pass a run directory, a Hugging Face checkpoint dir or a .gguf file")
     run = is_run_dir(path)   # for a URL, one look at the bucket
     if is_url(path) and not run:
         raise LoadError(f"{path}: no rlp_jax run there (its config.json is looked for in the local mirror "

@@ -31,9 +31,10 @@ class RolloutConfig:
       think_start_id, think_end_id: token ids of `<think>` and `</think>` (from the tokenizer).
       banned_ids: further token ids never sampled inside a thought (besides `<think>`, and `</think>`
         in the first slot).
-      ban_special_tokens: `rlp_jax.train` adds the tokenizer's eos, bos and pad ids to banned_ids, so
-        that no thought contains an end of document (off by default: the published replication ran
-        without it; see experiments/replication/REPORT.md).
+      ban_special_tokens: `rlp_jax.train` adds the tokenizer's special tokens other than the markers
+        (eos, bos, pad and chat-control tokens such as `<|im_start|>`) to banned_ids, so that no
+        thought contains an end of document or a chat turn (on by default; the published replication
+        of the small model ran without it and sets it off, see experiments/replication/REPORT.md).
     """
 
     group_size: int = 16
@@ -48,7 +49,7 @@ class RolloutConfig:
     think_start_id: int | None = None
     think_end_id: int | None = None
     banned_ids: tuple[int, ...] = ()
-    ban_special_tokens: bool = False
+    ban_special_tokens: bool = True
 
     def __post_init__(self):
         if self.group_size < 2:

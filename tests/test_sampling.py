@@ -205,12 +205,17 @@ def test_train_bans_the_tokenizers_special_ids_on_request():
     from rlp_jax.config import load_experiment
     from rlp_jax.train import with_markers
 
-    tok = SimpleNamespace(think_start_id=10, think_end_id=11, eos_id=2, bos_id=1, pad_id=2)
+    # special ids: bos, eos, the markers and a chat-control token (50, e.g. <|im_start|>)
+    tok = SimpleNamespace(think_start_id=10, think_end_id=11, eos_id=2, bos_id=1, pad_id=2, special_ids={1, 2, 10, 11, 50})
     cfg = load_experiment("smoke").config()
-    assert with_markers(cfg, tok).rlp.rollout.banned_ids == ()
-    on = dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, rollout=dataclasses.replace(
-        cfg.rlp.rollout, ban_special_tokens=True, banned_ids=(7,))))
-    assert with_markers(on, tok).rlp.rollout.banned_ids == (1, 2, 7)
+    assert cfg.rlp.rollout.ban_special_tokens   # the default
+    assert with_markers(cfg, tok).rlp.rollout.banned_ids == (1, 2, 50)
+    off = dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, rollout=dataclasses.replace(
+        cfg.rlp.rollout, ban_special_tokens=False, banned_ids=(7,))))
+    assert with_markers(off, tok).rlp.rollout.banned_ids == (7,)
+    on = dataclasses.replace(off, rlp=dataclasses.replace(off.rlp, rollout=dataclasses.replace(
+        off.rlp.rollout, ban_special_tokens=True)))
+    assert with_markers(on, tok).rlp.rollout.banned_ids == (1, 2, 7, 50)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -61,6 +61,9 @@ def matched_steps(rlp_cfg: RunConfig) -> dict[str, int]:
 
 def arms(rlp_cfg: RunConfig, seeds: list[int], ablations: bool) -> list[tuple[str, str, int, RunConfig]]:
     """(arm, run name, seed, config) of every run after stage 1."""
+    # The published runs sampled thoughts without banning special tokens (the default since): reproduce them.
+    rlp_cfg = dataclasses.replace(rlp_cfg, rlp=dataclasses.replace(rlp_cfg.rlp, rollout=dataclasses.replace(
+        rlp_cfg.rlp.rollout, ban_special_tokens=False)))
     steps = matched_steps(rlp_cfg)
     out = []
     for s in seeds:

@@ -1,8 +1,7 @@
-"""RLP on SmolLM2-135M-Instruct: step-0 probes, pilots and the replication against CPT. Resumable.
+"""RLP on SmolLM2-135M-Instruct: step-0 probes and pilots (the replication against CPT is not written yet). Resumable.
 
     python experiments/smollm2_rlp/run.py probe     --workdir runs/smollm2_rlp   # marker init x prompt, step 0
     python experiments/smollm2_rlp/run.py pilot     --workdir runs/smollm2_rlp   # short RLP runs per setting
-    python experiments/smollm2_rlp/run.py replicate --workdir runs/smollm2_rlp   # RLP vs CPT arms, 3 seeds
     python experiments/smollm2_rlp/run.py report    --workdir runs/smollm2_rlp   # tables from what finished
 
 Everything starts from the same model (`experiments/smollm2.py`: the GGUF of SmolLM2-135M-Instruct,
@@ -43,7 +42,11 @@ PROBES = (
     ("text/new_pieces", "text", ("<think>", "</think>"), "pieces"),
     ("chat/new_pieces/T16", "chat", ("<think>", "</think>"), "pieces", 16),
     ("chat/new_pieces/T8", "chat", ("<think>", "</think>"), "pieces", 8),
+    ("chat/new_pieces/T32", "chat", ("<think>", "</think>"), "pieces", 32),
 )
+# The first six probes were measured before the eval key became train.run_key(key, "eval", i) (as in
+# training's evals); the held-out positions they score differ from the later rows'. Compare within a group.
+PROBES_BEFORE_KEY_CHANGE = 6
 
 
 def base_config(workdir: Path) -> RunConfig:
@@ -103,7 +106,7 @@ PILOT_STEPS = 30
 PILOTS = (
     ("base", {}),
     ("lr3e-5", {"optim.lr": 3e-5}),
-    ("T64", {"rlp.rollout.thought_len": 64}),
+    ("T8", {"rlp.rollout.thought_len": 8}),
 )
 
 
