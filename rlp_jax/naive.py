@@ -38,11 +38,8 @@ def branch_sequences(batch, t_bn, branch_bns, prompt_ids=()):
     out_tok = jnp.where(in_doc, take(tokens), jnp.where(in_branch, branch, 0))
     out_seg = jnp.where(in_doc, take(seg), jnp.where(in_branch, seg_t, 0))
     out_pos = jnp.where(in_doc, take(pos), pos_t + idx - t)
-    flat = lambda x: x.reshape(b * n, length + s).astype(jnp.int32)
-    if not prompt_ids:
-        return flat(out_tok), flat(out_seg), flat(out_pos)
-    p = len(prompt_ids)
-    lead = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b, n, p))
+    p = len(prompt_ids)                                                          # 0 without a prompt
+    lead = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32).reshape(1, 1, -1), (b, n, p))
     out_tok = jnp.concatenate([lead(prompt_ids), out_tok], axis=2)
     out_seg = jnp.concatenate([jnp.broadcast_to(seg_t, (b, n, p)), out_seg], axis=2)
     out_pos = jnp.concatenate([lead(jnp.arange(p)), out_pos + p], axis=2)

@@ -129,6 +129,13 @@ def run_key(base_rng, use: str, index: int | None = None):
     return key if index is None else jax.random.fold_in(key, index)
 
 
+def evaluate_batches(eval_fn, params, batches, seed: int) -> dict:
+    """The held-out eval of `params`: `eval_fn` on each batch with its own fixed eval key (the same at
+    every step, so evals of a run compare like with like), averaged over the batches. Floats."""
+    ev = [jax.device_get(eval_fn(params, b, run_key(jax.random.key(seed), "eval", i))) for i, b in enumerate(batches)]
+    return {k: float(np.mean([e[k] for e in ev])) for k in ev[0]}
+
+
 def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
     """Train `cfg` in `workdir` (a local path or a gs:// URL, see `local_dirs`), resuming if it holds
     checkpoints. Returns the last logged metrics."""
@@ -268,9 +275,7 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
                                f"train.min_thought_len={tc.min_thought_len} at step {step} (thought collapse?)")
                     warned_len = True
             if eval_fn is not None and (step % tc.eval_every == 0 or step == tc.steps):
-                ev = [jax.device_get(eval_fn(state.params, b, run_key(jax.random.key(tc.seed), "eval", i)))
-                      for i, b in enumerate(eval_batches)]
-                ev = {k: float(np.mean([e[k] for e in ev])) for k in ev[0]}
+                ev = evaluate_batches(eval_fn, state.params, eval_batches, tc.seed)
                 writer.write(step, ev, split="eval")
                 tqdm.write(f"step {step} eval: " + ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in ev.items()))
                 last.update(ev)

@@ -124,17 +124,16 @@ def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Tho
         _, ref_prefix = model.forward(ref, cfg, batch["tokens"],
                                       segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"],
                                       return_cache=True, return_logits=False, context=prompt_context(ref, cfg, rlp))
-        ref_lp = forward_fn(jax.lax.stop_gradient(ref_params), cfg, ref_prefix, t_bk, thoughts,
-                            targets, rlp.rollout)[0].reshape(-1, t_max)
+        ref_lp = forward_fn(ref, cfg, ref_prefix, t_bk, thoughts, targets, rlp.rollout)[0].reshape(-1, t_max)
     new_flat, act = new_lp.reshape(-1, t_max), action.reshape(-1, t_max)
     # One update per rollout: the surrogate's old policy is the current one, so the importance ratio is
     # exactly 1 in value and its gradient is the policy gradient. The sampler's own log-probs differ from
     # these recomputed ones by numerics alone (token-by-token decoding vs whole branches: up to ~2% under
     # bfloat16); they serve only the policy/max_abs_ratio_minus_1 diagnostic.
-    loss_rlp, metrics = rlp_loss(new_flat, jax.lax.stop_gradient(new_flat), adv.reshape(-1), act,
-                                 (lc.eps_low, lc.eps_high), ref_logprobs=ref_lp, kl_beta=lc.kl_beta,
-                                 rewards=rewards.reshape(-1))
-    sampler_gap = jnp.abs(jnp.exp(jax.lax.stop_gradient(new_flat) - thoughts.logprobs.reshape(-1, t_max)) - 1.0)
+    old_flat = jax.lax.stop_gradient(new_flat)
+    loss_rlp, metrics = rlp_loss(new_flat, old_flat, adv.reshape(-1), act, (lc.eps_low, lc.eps_high),
+                                 ref_logprobs=ref_lp, kl_beta=lc.kl_beta, rewards=rewards.reshape(-1))
+    sampler_gap = jnp.abs(jnp.exp(old_flat - thoughts.logprobs.reshape(-1, t_max)) - 1.0)
     metrics["policy/max_abs_ratio_minus_1"] = jnp.max(jnp.where(act, sampler_gap, 0.0))
     if lc.ntp_weight > 0:
         ntp = shifted_ntp_loss(logits_doc, batch["tokens"], batch["segment_ids"])
@@ -375,16 +374,15 @@ def eval_metrics(params, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig):
     k_pos, k_roll = jax.random.split(rng)
     h = rlp.reward.horizon
     doc = dict(segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"])
-    logits, prefix = model.forward(params, cfg, batch["tokens"], return_cache=True, **doc)
+    ctx = prompt_context(params, cfg, rlp)
+    logits, prefix = model.forward(params, cfg, batch["tokens"], return_cache=ctx is None, **doc)
     lp = reward.shifted_token_logprobs(logits, batch["tokens"])                   # [B, L] plain text
     no_think_lp = lp
-    if rlp.prompt.ids:   # thoughts are sampled after the prompt; "no thought" reads it if the teacher does
-        _, prefix = model.forward(params, cfg, batch["tokens"], return_cache=True, return_logits=False,
-                                  context=prompt_context(params, cfg, rlp), **doc)
+    if ctx is not None:   # thoughts are sampled after the prompt; "no thought" reads it if the teacher does
+        prompted, prefix = model.forward(params, cfg, batch["tokens"], return_cache=True,
+                                         return_logits=rlp.prompt.teacher_sees, context=ctx, **doc)
         if rlp.prompt.teacher_sees:
-            no_think_lp = reward.shifted_token_logprobs(
-                model.forward(params, cfg, batch["tokens"], context=prompt_context(params, cfg, rlp), **doc)[0],
-                batch["tokens"])
+            no_think_lp = reward.shifted_token_logprobs(prompted, batch["tokens"])
     t_bk, t_mask = positions.select_positions(k_pos, batch["segment_ids"], batch["positions"], lp,
                                               rlp.rollout, h)
     thoughts = thought_rollout(params, cfg, prefix, t_bk, k_roll, rlp.rollout)

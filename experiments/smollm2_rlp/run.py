@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -73,17 +72,17 @@ def step0_metrics(cfg: RunConfig) -> dict:
     it = make_iterator(cfg.data, tokenizer, split="eval")
     batches = [sharding.global_batch(it.next(), mesh) for _ in range(cfg.train.eval_batches)]
     it.close()
-    params = jax.device_put(params)
-    fn = train_step.make_eval_step(mcfg, cfg.rlp)
-    ev = [jax.device_get(fn(params, b, train.run_key(jax.random.key(cfg.train.seed), "eval", i)))
-          for i, b in enumerate(batches)]
-    out = {k: float(np.mean([e[k] for e in ev])) for k in ev[0]}
+    out = train.evaluate_batches(train_step.make_eval_step(mcfg, cfg.rlp), jax.device_put(params), batches,
+                                 cfg.train.seed)
     out["prompt_tokens"] = len(cfg.rlp.prompt.ids)
     return out
 
 
+PROBE_FILE = HERE / "probe.json"   # committed: a fresh checkout skips the probes already measured
+
+
 def probe(workdir: Path) -> dict:
-    path = workdir / "probe.json"
+    path = PROBE_FILE
     results = json.loads(path.read_text()) if path.exists() else {}
     cfg = base_config(workdir)
     for name, style, markers, init, *length in PROBES:
@@ -129,7 +128,7 @@ def pilot(workdir: Path, names=None) -> None:
 def report(workdir: Path) -> str:
     lines = ["## Step-0 probe (held-out documents, untrained policy)", "",
              "| setting | prompt tokens | NLL no think | NLL think | info gain | thought len |", "|---|---|---|---|---|---|"]
-    probe_file = workdir / "probe.json"
+    probe_file = PROBE_FILE
     for name, r in (json.loads(probe_file.read_text()) if probe_file.exists() else {}).items():
         lines.append(f"| {name} | {r['prompt_tokens']} | {r['eval/nll_no_think']:.3f} | {r['eval/nll_think']:.3f} | "
                      f"{r['eval/info_gain']:.3f} | {r['eval/thought_len']:.1f} |")
