@@ -7,7 +7,7 @@ Two kinds of numbers per run:
   same held-out batches with the same positions and seed, so the rows are comparable.
 - answer metrics on held-out problems (`heldout.jsonl`, never in training): exact-match accuracy
   answering directly (`acc_no_think`, greedy) and after a sampled thought (`acc_think`, thought sampled
-  at temperature 1 like the RLP rollout, then a greedy answer; averaged over `thoughts` samples per
+  at the run's rollout temperature as in training, then a greedy answer; averaged over `thoughts` samples per
   problem), and the NLL of the answer tokens without and with the thought (`answer_nll_*`;
   `answer_gain` = their difference, positive when thinking helps).
 """
@@ -22,7 +22,7 @@ import numpy as np
 
 from rlp_jax import tasks
 from rlp_jax.decoding import Decoder, DecodeOptions, encode_answer
-from rlp_jax.loading import load_model
+from rlp_jax.loading import LoadedModel, load_model
 
 DOC_KEYS = ("eval/nll_tokens", "eval/nll_no_think", "eval/nll_think", "eval/info_gain")
 
@@ -46,7 +46,8 @@ def load_problems(heldout, limit: int | None = None) -> list[tasks.Item]:
 
 
 def answer_metrics(decoder: Decoder, problems: list[tasks.Item], *, think_tokens: int, thoughts: int = 4,
-                   seed: int = 0, think_banned_ids: tuple[int, ...] = (), think_prompt_ids: tuple[int, ...] = ()) -> dict:
+                   seed: int = 0, think_banned_ids: tuple[int, ...] = (), think_prompt_ids: tuple[int, ...] = (),
+                   think_temperature: float = 1.0) -> dict:
     """Accuracy and answer NLL with and without a thought (see the module docstring). Floats.
 
     think_prompt_ids: the run's prompt (`rlp.prompt`, the prompted setting): thoughts are sampled and the
@@ -57,7 +58,7 @@ def answer_metrics(decoder: Decoder, problems: list[tasks.Item], *, think_tokens
     prompts, answers = [e[0] for e in enc], [e[1] for e in enc]
     rng = jax.random.key(seed)
     opts = DecodeOptions(max_new_tokens=8, think_tokens=think_tokens, temperature=0.0,
-                         think_banned_ids=think_banned_ids)
+                         think_temperature=think_temperature, think_banned_ids=think_banned_ids)
     direct = decoder.complete(prompts, "no_think", opts, rng)
     ok_direct = [tasks.score(spec, tok.decode(c.answer), p, think=False)[1] for c, p in zip(direct, problems)]
     lp_direct = decoder.logprob(prompts, answers)
@@ -75,16 +76,24 @@ def answer_metrics(decoder: Decoder, problems: list[tasks.Item], *, think_tokens
             "answer_thought_len": float(np.mean([len(c.thought) for c in thought_runs]))}
 
 
+def model_answer_metrics(lm: LoadedModel, heldout, *, think_tokens: int, thoughts: int = 4, seed: int = 0,
+                         limit: int | None = None) -> dict:
+    """`answer_metrics` of a loaded model on the held-out problems in `heldout` (a heldout.jsonl path),
+    thinking as the run trained to (its banned ids, prompt and rollout temperature)."""
+    decoder = Decoder(lm.params, lm.cfg, lm.tokenizer, batch_size=64)
+    return answer_metrics(decoder, load_problems(heldout, limit), think_tokens=think_tokens, thoughts=thoughts,
+                          seed=seed, think_banned_ids=lm.think_banned_ids, think_prompt_ids=lm.think_prompt_ids,
+                          think_temperature=lm.think_temperature)
+
+
 def evaluate_run(run_dir, heldout, *, think_tokens: int, thoughts: int = 4, seed: int = 0,
                  limit: int | None = None) -> dict:
     """Document and answer metrics of one run directory's latest checkpoint."""
     lm = load_model(run_dir)
-    decoder = Decoder(lm.params, lm.cfg, lm.tokenizer, batch_size=64)
     row = {"run": str(run_dir), "step": lm.step}
     row.update({k.split("/")[1]: last_eval(run_dir).get(k) for k in DOC_KEYS})
-    row.update(answer_metrics(decoder, load_problems(heldout, limit), think_tokens=think_tokens,
-                              thoughts=thoughts, seed=seed, think_banned_ids=lm.think_banned_ids,
-                              think_prompt_ids=lm.think_prompt_ids))
+    row.update(model_answer_metrics(lm, heldout, think_tokens=think_tokens, thoughts=thoughts, seed=seed,
+                                    limit=limit))
     return row
 
 
@@ -115,13 +124,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def sample_thoughts(run_dir, heldout, *, n: int, think_tokens: int, seed: int = 0) -> list[str]:
-    """`question <think> thought </think> answer` strings for the first n held-out problems."""
-    lm = load_model(run_dir)
+def sample_thoughts(model, heldout, *, n: int, think_tokens: int, seed: int = 0) -> list[str]:
+    """`question <think> thought </think> answer` strings for the first n held-out problems, from a run
+    directory's latest checkpoint or a LoadedModel."""
+    lm = model if isinstance(model, LoadedModel) else load_model(model)
     decoder = Decoder(lm.params, lm.cfg, lm.tokenizer, batch_size=64)
     problems = load_problems(heldout, n)
     prompts = [list(lm.think_prompt_ids) + lm.tokenizer.encode(p.question) for p in problems]
-    opts = DecodeOptions(max_new_tokens=8, think_tokens=think_tokens,
+    opts = DecodeOptions(max_new_tokens=8, think_tokens=think_tokens, think_temperature=lm.think_temperature,
                          think_banned_ids=lm.think_banned_ids)
     out = decoder.complete(prompts, "think", opts, jax.random.key(seed))
     dec = lm.tokenizer.decode

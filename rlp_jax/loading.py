@@ -57,6 +57,13 @@ class LoadedModel:
             return ()
         return tuple(self.run_config["run"].get("rlp", {}).get("prompt", {}).get("ids") or ())
 
+    @property
+    def think_temperature(self) -> float:
+        """The rollout temperature the run sampled its thoughts at (1.0 for pretrained files and older runs)."""
+        if not self.run_config:
+            return 1.0
+        return float(self.run_config["run"].get("rlp", {}).get("rollout", {}).get("temperature", 1.0))
+
 
 def is_url(path) -> bool:
     return "://" in str(path)

@@ -172,13 +172,19 @@ def default_mesh(cfg: RunConfig, chips: int) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------
 
 def model_config(cfg: RunConfig) -> ModelConfig:
-    """The run's ModelConfig: the preset, or the architecture in `model.init_from`/config.json (no weights read)."""
+    """The run's ModelConfig: the preset, or the architecture in `model.init_from` (its config.json, or a GGUF
+    file's metadata; no weights read)."""
     ms = cfg.model
     extra = dict(param_dtype=ms.param_dtype, compute_dtype=ms.compute_dtype, remat=ms.remat)
     if ms.init_from is None:
         return ModelConfig.preset(ms.preset, **extra)
-    from rlp_jax import hf
+    from rlp_jax import gguf_io, hf
 
+    if gguf_io.is_gguf(ms.init_from):
+        try:
+            return gguf_io.config_from_gguf(gguf_io.open_gguf(ms.init_from), **extra)
+        except hf.CheckpointError as e:
+            raise ConfigError(str(e)) from None
     path = Path(ms.init_from) / "config.json"
     if not path.exists():
         raise ConfigError(f"model.init_from={ms.init_from}: no config.json there")

@@ -284,6 +284,7 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
             if preempt.any_host():
                 tqdm.write(f"SIGTERM: saving step {step} and exiting")
                 save(step, force=True)
+                last["preempted"] = True   # callers that run several jobs stop here too
                 break
         else:
             save(tc.steps, force=True)
@@ -362,6 +363,9 @@ def main(argv=None) -> int:
                 print(f"== stage {stage}: objective={stage_cfg.train.objective}, steps={stage_cfg.train.steps}")
             final = run(stage_cfg, workdir if stage is None else workdir / stage,
                         experiment=name if stage is None else f"{name}/{stage}")
+            if final.get("preempted"):
+                print(f"preempted: rerun the same command to resume from {workdir}")
+                return 0
         if hasattr(module, "report") and jax.process_index() == 0:
             module.report(cfg, workdir)
     except USER_ERRORS as e:

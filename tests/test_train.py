@@ -114,7 +114,8 @@ def test_sigterm_saves_a_checkpoint(tmp_path):
     proc.wait(timeout=300)
     out = (tmp_path / "stdout.log").read_text()
     assert proc.returncode == 0, out[-3000:]
-    assert "SIGTERM: saving step" in out
+    assert "SIGTERM: saving step" in out and "preempted: rerun the same command" in out
+    assert "final:" not in out   # a preempted run stops: no later stage, no final summary
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert saved and 0 < max(saved) < 400 and max(saved) % 100, saved  # an off-interval save
 

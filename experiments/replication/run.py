@@ -102,7 +102,7 @@ METRICS = ("nll_tokens", "nll_no_think", "nll_think", "info_gain", "acc_no_think
            "answer_nll_think", "answer_gain", "answer_thought_len")
 
 
-def summarise(rows: list[dict]) -> list[dict]:
+def summarise(rows: list[dict], metrics=METRICS) -> list[dict]:
     """Mean and sample std over seeds per arm (std 0 for single-seed arms)."""
     by_arm: dict[str, list[dict]] = {}
     for r in rows:
@@ -110,7 +110,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for arm, rs in by_arm.items():
         agg = {"arm": arm, "seeds": len(rs), "steps": rs[0]["train_steps"]}
-        for k in METRICS:
+        for k in metrics:
             vals = np.array([r[k] for r in rs if r.get(k) is not None], float)
             agg[k] = float(vals.mean()) if vals.size else None
             agg[k + "_std"] = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
@@ -118,14 +118,14 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
-def format_summary(summary: list[dict]) -> str:
-    cols = [("steps", "CPT/RLP steps")] + [(k, k) for k in METRICS]
+def format_summary(summary: list[dict], metrics=METRICS) -> str:
+    cols = [("steps", "CPT/RLP steps")] + [(k, k) for k in metrics]
     lines = ["| arm | seeds | " + " | ".join(c for _, c in cols) + " |", "|" + "---|" * (len(cols) + 2)]
     for a in summary:
         cells = [str(a["steps"])]
-        for k in METRICS:
+        for k in metrics:
             v, sd = a.get(k), a.get(k + "_std", 0.0)
-            scale, unit = (100, "%") if k.startswith("acc") else (1, "")
+            scale, unit = (100, "%") if "acc" in k else (1, "")
             cells.append("-" if v is None else f"{scale * v:.2f}{unit} ± {scale * sd:.2f}")
         lines.append(f"| {a['arm']} | {a['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -155,7 +155,7 @@ def format_paired(pairs: list[dict]) -> str:
         cells = []
         for k in keys:
             m, sd, n = p[k]
-            scale, unit = (100, " pt") if k.startswith("acc") else (1, "")
+            scale, unit = (100, " pt") if "acc" in k else (1, "")
             cells.append(f"{scale * m:+.3f}{unit} ± {scale * sd:.3f} (n={n})")
         lines.append(f"| {p['arm']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -231,11 +231,13 @@ def main(argv=None) -> int:
         (pre_name, pre_cfg), (_, rlp_cfg) = demo.stages(cfg, workdir)
         t0 = time.time()
         print(f"== {pre_name}: {pre_cfg.train.steps} NTP steps")
-        train.run(pre_cfg, workdir / pre_name, experiment=f"replication/{pre_name}")
+        if train.run(pre_cfg, workdir / pre_name, experiment=f"replication/{pre_name}").get("preempted"):
+            return 0
         plan_runs = arms(rlp_cfg, seeds, not args.no_ablations)
         for arm, name, seed, run_cfg in plan_runs:
             print(f"== {name}: objective={run_cfg.train.objective} steps={run_cfg.train.steps}")
-            train.run(run_cfg, workdir / name, experiment=f"replication/{name}")
+            if train.run(run_cfg, workdir / name, experiment=f"replication/{name}").get("preempted"):
+                return 0
         train_s = time.time() - t0
         think = rlp_cfg.rlp.rollout.thought_len
         rows = [{"arm": "ntp_stage1", "run": pre_name, "seed": None, "train_steps": 0,

@@ -1,15 +1,21 @@
-"""RLP on SmolLM2-135M-Instruct: step-0 probes and pilots (the replication against CPT is not written yet). Resumable.
+"""RLP on SmolLM2-135M-Instruct: step-0 probes, pilots, and the replication against CPT. Resumable.
 
-    python experiments/smollm2_rlp/run.py probe     --workdir runs/smollm2_rlp   # marker init x prompt, step 0
-    python experiments/smollm2_rlp/run.py pilot     --workdir runs/smollm2_rlp   # short RLP runs per setting
-    python experiments/smollm2_rlp/run.py report    --workdir runs/smollm2_rlp   # tables from what finished
+    python experiments/smollm2_rlp/run.py probe      --workdir runs/smollm2_rlp   # marker init x prompt, step 0
+    python experiments/smollm2_rlp/run.py replicate  --workdir runs/smollm2_rlp   # pilots, then RLP vs CPT
+    python experiments/smollm2_rlp/run.py report     --workdir runs/smollm2_rlp   # replication.md from what finished
 
 Everything starts from the same model (`experiments/smollm2.py`: the GGUF of SmolLM2-135M-Instruct,
-the generated corpus, the prompted setting). Every unit of work writes its result next to its run
-directory and is skipped when that result exists, and training runs resume from their checkpoints,
-so the driver can be stopped at any point and started again (in another session) with the same
-command. The evaluation is fixed here, before any run: held-out documents of the corpus's eval
-split (`train.eval_batches` batches; NLL with and without a thought, information gain).
+the generated corpus, the prompted setting). The work is cut into units (the start model's evaluation,
+each pilot, each arm x seed) that each finish inside one session; a finished unit writes one JSON file
+under experiments/smollm2_rlp/results/ (committed: curves, held-out metrics, sampled thoughts), and a
+rerun of the same command, in this or a later session, skips it. A unit stopped midway resumes from
+its checkpoint in WORKDIR/units if the machine still holds it, and restarts otherwise.
+
+The evaluation is fixed here, before any run: held-out documents of the corpus's eval split
+(`train.eval_batches` batches: NLL with and without a thought, information gain, next-token NLL), and
+answers to held-out problems that never occur in training, directly and after a sampled thought: the
+first EVAL_LIMIT of the corpus's held-out problems and the GSM8K-style problems written for this report
+(`fresh/heldout.jsonl`). The pilot rule (`choose_pilot`) uses training rewards only.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from rlp_jax import sharding, train, train_step  # noqa: E402
-from rlp_jax.config import RunConfig, load_experiment  # noqa: E402
+from rlp_jax.config import RunConfig, load_experiment, to_dict  # noqa: E402
 from rlp_jax.data import make_iterator  # noqa: E402
+from rlp_jax.loading import LoadedModel  # noqa: E402
 from rlp_jax.tokenizer import load_tokenizer  # noqa: E402
 
 # Step-0 probe: (name, prompt style, think tokens, new-token init[, thought length]).
@@ -63,17 +70,25 @@ def variant(cfg: RunConfig, *, style=None, think_tokens=None, init=None, **train
     return dataclasses.replace(cfg, model=model, rlp=rlp, train=dataclasses.replace(cfg.train, **train_kw))
 
 
-def step0_metrics(cfg: RunConfig) -> dict:
-    """The held-out eval metrics of the untrained policy under `cfg` (the eval `train.run` logs)."""
+def start_model(cfg: RunConfig) -> tuple[RunConfig, LoadedModel]:
+    """The policy every run of `cfg` starts from, built as `train.run` builds it (markers, prompt, bans)."""
     tokenizer = load_tokenizer(cfg.model.init_from, think_tokens=cfg.model.think_tokens)
     cfg = train.with_markers(cfg, tokenizer)
     mcfg, params = train.build_model(cfg, tokenizer, train.run_key(jax.random.key(cfg.train.seed), "build"))
+    return cfg, LoadedModel(mcfg, jax.device_put(params), tokenizer, "start", 0, cfg.model.init_from,
+                            run_config={"run": to_dict(cfg)})
+
+
+def step0_metrics(cfg: RunConfig, lm: LoadedModel | None = None) -> dict:
+    """The held-out eval metrics of the untrained policy under `cfg` (the eval `train.run` logs)."""
+    if lm is None:
+        cfg, lm = start_model(cfg)
+    tokenizer, mcfg, params = lm.tokenizer, lm.cfg, lm.params
     mesh = sharding.make_mesh(cfg.train.mesh)
     it = make_iterator(cfg.data, tokenizer, split="eval")
     batches = [sharding.global_batch(it.next(), mesh) for _ in range(cfg.train.eval_batches)]
     it.close()
-    out = train.evaluate_batches(train_step.make_eval_step(mcfg, cfg.rlp), jax.device_put(params), batches,
-                                 cfg.train.seed)
+    out = train.evaluate_batches(train_step.make_eval_step(mcfg, cfg.rlp), params, batches, cfg.train.seed)
     out["prompt_tokens"] = len(cfg.rlp.prompt.ids)
     return out
 
@@ -100,13 +115,31 @@ def probe(workdir: Path) -> dict:
     return results
 
 
-# Pilots: short RLP runs from the same start, one setting changed at a time from experiments/smollm2.py.
-PILOT_STEPS = 30
+# ------------------------------------------------------------------------------------------------
+# Pilots and the replication (all fixed on 2026-12-03, before any of these runs)
+#
+# Scale: the recipe's rows halved twice (4 rows of 128 tokens a step instead of 8 x 256) so that one RLP
+# run of 30 steps, its evaluation included, fits in ~15 minutes of 2 shared CPU cores: every unit of work
+# must finish inside one session, because a session's machine (and its checkpoints) does not survive it.
+# What survives is each unit's result file, committed under experiments/smollm2_rlp/results/.
+# ------------------------------------------------------------------------------------------------
+SCALE = {"data.batch_size": 4, "data.seq_len": 128, "train.steps": 30, "train.save_every": 30,
+         "train.eval_every": 30}
+# One setting changed at a time from the recipe (experiments/smollm2.py); pilots run at seed 0.
 PILOTS = (
-    ("base", {}),
-    ("lr3e-5", {"optim.lr": 3e-5}),
-    ("T8", {"rlp.rollout.thought_len": 8}),
+    ("lr1e-5", {}),
+    ("lr1e-4", {"optim.lr": 1e-4}),
 )
+PILOT_RULE_STEPS = 10   # the pilot with the highest mean training reward over its last 10 steps wins
+SEEDS = (0, 1, 2)
+MAIN_CPT = "cpt_paper"  # the paper's comparison: CPT for RLP's effective-token budget, every seed
+EVAL_LIMIT = 100        # generated held-out problems scored per run (the first 100 of 200), plus all fresh ones
+EVAL_THOUGHTS = 4       # thoughts sampled per problem for the with-thought accuracy
+SAMPLES = 6             # thoughts shown per run, on the first fresh problems
+FRESH = HERE / "fresh" / "heldout.jsonl"
+RESULTS = HERE / "results"   # committed: one JSON per finished unit; a rerun skips them
+CURVE_KEYS = ("reward/mean", "reward/s_pred", "reward/s_ema", "reward/frac_positive", "thought/mean_len",
+              "thought/ended_fraction", "loss/total", "train/grad_norm", "policy/entropy_estimate")
 
 
 def _override(cfg: RunConfig, changes: dict) -> RunConfig:
@@ -114,49 +147,213 @@ def _override(cfg: RunConfig, changes: dict) -> RunConfig:
     return apply_overrides(cfg, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in changes.items()])
 
 
-def pilot(workdir: Path, names=None) -> None:
-    cfg = base_config(workdir)
-    for name, changes in PILOTS:
-        if names and name not in names:
-            continue
-        run_cfg = dataclasses.replace(_override(cfg, changes), train=dataclasses.replace(
-            cfg.train, steps=PILOT_STEPS, save_every=10, eval_every=10))
-        print(f"== pilot {name} {changes}", flush=True)
-        train.run(run_cfg, workdir / "pilots" / name, experiment=f"smollm2_rlp/pilot/{name}")
+def scaled_config(workdir: Path) -> RunConfig:
+    return _override(base_config(workdir), SCALE)
+
+
+def choose_pilot(results: dict[str, dict]) -> str | None:
+    """The pilot rule (fixed before the pilots ran): highest mean `reward/mean` over the last
+    PILOT_RULE_STEPS training steps; None until every pilot has a result. Held-out data plays no part."""
+    if any(f"pilot-{name}" not in results for name, _ in PILOTS):
+        return None
+    def score(name):
+        curve = [r["reward/mean"] for r in results[f"pilot-{name}"]["curves"] if "reward/mean" in r]
+        return sum(curve[-PILOT_RULE_STEPS:]) / len(curve[-PILOT_RULE_STEPS:])
+    return max((name for name, _ in PILOTS), key=score)
+
+
+def units(cfg: RunConfig, results: dict[str, dict]) -> list[tuple[str, str, int, RunConfig]]:
+    """(unit name, arm, seed, config) in the order they run: the pilots, then per seed RLP with the chosen
+    setting and its matched CPT arms (cpt_flops at seed 0 only). Seed 0's RLP run is the chosen pilot."""
+    from replication.run import _ntp, _seeded, matched_steps
+
+    out = [(f"pilot-{name}", "pilot", 0, _seeded(_override(cfg, changes), 0)) for name, changes in PILOTS]
+    chosen = choose_pilot(results)
+    if chosen is None:
+        return out
+    rlp_cfg = _override(cfg, dict(PILOTS)[chosen])
+    steps = matched_steps(rlp_cfg)
+    for seed in SEEDS:
+        base = _seeded(rlp_cfg, seed)
+        if seed != 0:
+            out.append((f"rlp-s{seed}", "rlp", seed, base))
+        for arm in ("cpt_tokens", MAIN_CPT) + (("cpt_flops",) if seed == 0 else ()):
+            out.append((f"{arm}-s{seed}", arm, seed, _ntp(base, steps[arm])))
+    return out
+
+
+def load_results() -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))} if RESULTS.exists() else {}
+
+
+def _answers(lm: LoadedModel, generated: Path, think_tokens: int, seed: int) -> dict:
+    """Answer metrics on the generated held-out problems (`generated`, first EVAL_LIMIT) and on the fresh
+    ones, and a few sampled thoughts on the fresh problems."""
+    from rlp_jax import heldout
+
+    out = {name: heldout.model_answer_metrics(lm, path, think_tokens=think_tokens, thoughts=EVAL_THOUGHTS,
+                                              seed=seed, limit=limit)
+           for name, path, limit in (("generated", generated, EVAL_LIMIT), ("fresh", FRESH, None))}
+    out["thoughts"] = heldout.sample_thoughts(lm, FRESH, n=SAMPLES, think_tokens=think_tokens, seed=seed)
+    return out
+
+
+def _write(name: str, result: dict) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    tmp = RESULTS / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(RESULTS / f"{name}.json")
+    print(f"result {name} written", flush=True)
+
+
+def replicate(workdir: Path, max_units: int | None = None) -> None:
+    """Run every unit without a result file, in order; stops (resumably) on SIGTERM."""
+    from rlp_jax.loading import load_model
+
+    cfg = scaled_config(workdir)
+    generated = workdir / "data" / "heldout.jsonl"
+    think = cfg.rlp.rollout.thought_len
+    results = load_results()
+    if "start" not in results:
+        t0 = time.time()
+        run_cfg, lm = start_model(cfg)
+        row = {"name": "start", "arm": "start", "seed": None, "steps": 0, "eval": step0_metrics(run_cfg, lm),
+               **_answers(lm, generated, think, 0)}
+        row["seconds"] = round(time.time() - t0)
+        _write("start", row)
+        results["start"] = row
+    done = 0
+    while True:
+        todo = [u for u in units(cfg, results) if u[0] not in results]
+        if not todo or (max_units is not None and done >= max_units):
+            return
+        name, arm, seed, run_cfg = todo[0]
+        t0 = time.time()
+        print(f"== {name}: objective={run_cfg.train.objective} steps={run_cfg.train.steps}", flush=True)
+        run_dir = workdir / "units" / name
+        if train.run(run_cfg, run_dir, experiment=f"smollm2_rlp/{name}").get("preempted"):
+            return
+        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        lm = load_model(run_dir)
+        row = {"name": name, "arm": arm, "seed": seed, "steps": run_cfg.train.steps,
+               "lr": run_cfg.optim.lr, "thought_len": think,
+               "curves": [{"step": r["step"], **{k: r[k] for k in CURVE_KEYS if k in r}}
+                          for r in recs if r.get("split") == "train"],
+               "eval": next((r for r in reversed(recs) if r.get("split") == "eval"), {}),
+               **_answers(lm, generated, think, seed)}
+        row["seconds"] = round(time.time() - t0)
+        _write(name, row)
+        results[name] = row
+        done += 1
+
+
+DOC_METRICS = ("nll_tokens", "nll_no_think", "nll_think", "info_gain")
+ANSWER_METRICS = ("acc_no_think", "acc_think", "answer_nll_no_think", "answer_gain", "answer_thought_len")
+
+
+def flat_rows(results: dict[str, dict]) -> list[dict]:
+    """One row per finished run for the replication tables: document metrics, then the answer metrics
+    of both problem sets (`gen_*`, `fresh_*`); the chosen pilot is seed 0 of the arm `rlp`."""
+    chosen = choose_pilot(results)
+    rows = []
+    for name, r in results.items():
+        arm = r["arm"]
+        if arm == "pilot":
+            if name != f"pilot-{chosen}":
+                continue
+            arm = "rlp"
+        row = {"arm": arm, "run": name, "seed": r["seed"], "train_steps": r["steps"]}
+        row.update({k: r["eval"].get(f"eval/{k}") for k in DOC_METRICS})
+        for prefix, key in (("gen", "generated"), ("fresh", "fresh")):
+            row.update({f"{prefix}_{k}": r[key][k] for k in ANSWER_METRICS})
+        rows.append(row)
+    return rows
+
+
+def plot_curves(results: dict[str, dict], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(n, r) for n, r in results.items() if r["arm"] in ("pilot", "rlp")]
+    if not runs:
+        return None
+    keys = ("reward/mean", "reward/s_pred", "reward/s_ema", "reward/frac_positive", "thought/mean_len")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
+    for name, r in runs:
+        for ax, key in zip(axes, keys):
+            pts = [(c["step"], c[key]) for c in r["curves"] if key in c]
+            ax.plot(*zip(*pts), label=name, lw=1)
+            ax.set_title(key, fontsize=9)
+            ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def report(workdir: Path) -> str:
-    lines = ["## Step-0 probe (held-out documents, untrained policy)", "",
+    from replication.run import format_paired, format_summary, paired, summarise
+
+    lines = ["## Step-0 probe (held-out documents, untrained policy, recipe scale 8 x 256)", "",
              "| setting | prompt tokens | NLL no think | NLL think | info gain | thought len |", "|---|---|---|---|---|---|"]
-    probe_file = PROBE_FILE
-    for name, r in (json.loads(probe_file.read_text()) if probe_file.exists() else {}).items():
+    for name, r in (json.loads(PROBE_FILE.read_text()) if PROBE_FILE.exists() else {}).items():
         lines.append(f"| {name} | {r['prompt_tokens']} | {r['eval/nll_no_think']:.3f} | {r['eval/nll_think']:.3f} | "
                      f"{r['eval/info_gain']:.3f} | {r['eval/thought_len']:.1f} |")
-    lines += ["", "## Pilots (held-out documents, every eval the run logged)", "",
-              "| pilot | step | NLL no think | NLL think | info gain | next-token NLL |", "|---|---|---|---|---|---|"]
-    for run_dir in sorted((workdir / "pilots").glob("*")) if (workdir / "pilots").exists() else []:
-        f = run_dir / "metrics.jsonl"
-        for row in (json.loads(x) for x in f.read_text().splitlines()) if f.exists() else []:
-            if "eval/info_gain" in row:
-                lines.append(f"| {run_dir.name} | {row['step']} | {row['eval/nll_no_think']:.3f} | "
-                             f"{row['eval/nll_think']:.3f} | {row['eval/info_gain']:.3f} | {row['eval/nll_tokens']:.3f} |")
+    results = load_results()
+    lines += ["", f"## Pilots (seed 0, {SCALE['train.steps']} steps; rule: highest mean training reward over the "
+              f"last {PILOT_RULE_STEPS} steps)", "",
+              "| pilot | lr | reward, last 10 steps | held-out info gain | NLL no think | NLL think | chosen |",
+              "|---|---|---|---|---|---|---|"]
+    chosen = choose_pilot(results)
+    for name, _ in PILOTS:
+        r = results.get(f"pilot-{name}")
+        if r is None:
+            lines.append(f"| {name} | | not run yet | | | | |")
+            continue
+        rew = [c["reward/mean"] for c in r["curves"]][-PILOT_RULE_STEPS:]
+        e = r["eval"]
+        lines.append(f"| {name} | {r['lr']:g} | {sum(rew) / len(rew):.3f} | {e['eval/info_gain']:.3f} | "
+                     f"{e['eval/nll_no_think']:.3f} | {e['eval/nll_think']:.3f} | {'yes' if name == chosen else ''} |")
+    rows = flat_rows(results)
+    metrics = DOC_METRICS + tuple(f"{p}_{k}" for p in ("gen", "fresh") for k in ANSWER_METRICS)
+    if rows:
+        if "start" in results:
+            rows.insert(0, rows.pop([r["run"] for r in rows].index("start")))
+        lines += ["", "## Every finished run: mean ± sample std over seeds (nats; accuracies in %)", "",
+                  format_summary(summarise(rows, metrics), metrics)]
+        pairs = paired([r for r in rows if r["arm"] != "start"],
+                       metrics=("nll_tokens", "info_gain", "gen_acc_no_think", "gen_acc_think", "fresh_acc_no_think",
+                                "fresh_acc_think", "gen_answer_gain"))
+        if pairs:
+            lines += ["", "## RLP minus CPT, paired by seed: mean ± sample std of the differences (n seeds)", "",
+                      format_paired(pairs)]
+    for name in ("start", f"pilot-{chosen}" if chosen else None):
+        if name in results:
+            lines += ["", f"## Thoughts sampled by `{name}` (fresh problems)", ""]
+            lines += [f"- {t}" for t in results[name]["thoughts"]]
+    png = plot_curves(results, HERE / "curves.png")
+    if png:
+        lines += ["", f"Curves: `{png.relative_to(HERE.parent.parent)}`"]
     text = "\n".join(lines) + "\n"
-    (workdir / "results.md").write_text(text)
+    (HERE / "replication.md").write_text(text)
     return text
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("probe", "pilot", "report"))
+    p.add_argument("what", choices=("probe", "replicate", "report"))
     p.add_argument("--workdir", default="runs/smollm2_rlp")
-    p.add_argument("--only", help="comma-separated pilot names")
+    p.add_argument("--max-units", type=int, help="stop after this many units of the replication")
     args = p.parse_args(argv)
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if args.what == "probe":
         probe(workdir)
-    elif args.what == "pilot":
-        pilot(workdir, args.only.split(",") if args.only else None)
+    elif args.what == "replicate":
+        replicate(workdir, args.max_units)
     print(report(workdir))
     return 0
 
