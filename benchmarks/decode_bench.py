@@ -1,4 +1,4 @@
-"""Benchmark: decode throughput of `rlp_jax.generation.generate` vs transformers' `generate` (PyTorch, CPU).
+"""Benchmark: decode throughput of `rlp_jax.generate.generation.generate` vs transformers' `generate` (PyTorch, CPU).
 
 Usage (from the repository root):
 
@@ -10,7 +10,7 @@ The checkpoint: a random `Qwen3ForCausalLM` built with transformers from a `Qwen
 of our `ModelConfig.preset(NAME)` (tied embeddings, rope theta 1e4, qk-norm, float32; norm weights
 randomised around 1 as in tests/hf_models.py), saved with `save_pretrained` (safetensors) to a temporary
 directory. Both sides load that same directory: transformers with `from_pretrained`, ours with
-`rlp_jax.hf.from_hf`.
+`rlp_jax.model.hf.from_hf`.
 
     tiny:  vocab 512,  hidden 64,  intermediate 128, 2 layers, 4 heads, 2 kv heads, head_dim 16
     small: vocab 4096, hidden 256, intermediate 768, 4 layers, 8 heads, 4 kv heads, head_dim 32
@@ -73,10 +73,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from rlp_jax import model  # noqa: E402
-from rlp_jax.generation import SamplingConfig, generate, pad_prompts  # noqa: E402
-from rlp_jax.hf import from_hf  # noqa: E402
-from rlp_jax.model_config import ModelConfig  # noqa: E402
+from rlp_jax.generate.generation import SamplingConfig, generate, pad_prompts  # noqa: E402
+from rlp_jax.model import transformer as model  # noqa: E402
+from rlp_jax.model.config import ModelConfig  # noqa: E402
+from rlp_jax.model.hf import from_hf  # noqa: E402
 
 
 def log(msg):

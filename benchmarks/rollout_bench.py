@@ -75,11 +75,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from rlp_jax import model, naive, positions, train_step  # noqa: E402
-from rlp_jax.model_config import ModelConfig  # noqa: E402
-from rlp_jax.rlp_config import RLPConfig, RolloutConfig  # noqa: E402
-from rlp_jax.rollout import thought_rollout  # noqa: E402
-
+from rlp_jax.model import transformer as model  # noqa: E402
+from rlp_jax.model.config import ModelConfig  # noqa: E402
+from rlp_jax.rlp import positions  # noqa: E402
+from rlp_jax.rlp import reference as naive  # noqa: E402
+from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
+from rlp_jax.rlp.rollout import thought_rollout  # noqa: E402
+from rlp_jax.train import step as train_step  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # The two rollouts (the naive RLP step is train_step.make_rlp_train_step(..., naive_path=True))

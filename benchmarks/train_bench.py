@@ -38,13 +38,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
-from rlp_jax import model, plan, sharding, train_step  # noqa: E402
-from rlp_jax.config import ModelSection, OptimConfig, RunConfig, TrainSection  # noqa: E402
-from rlp_jax.data import DataConfig, SourceConfig  # noqa: E402
-from rlp_jax.optim import make_optimizer  # noqa: E402
-from rlp_jax.rlp_config import RLPConfig, RolloutConfig  # noqa: E402
+from rlp_jax import plan, sharding  # noqa: E402
+from rlp_jax.data.pipeline import DataConfig, SourceConfig  # noqa: E402
+from rlp_jax.model import transformer as model  # noqa: E402
+from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
+from rlp_jax.train import step as train_step  # noqa: E402
+from rlp_jax.train.config import ModelSection, OptimConfig, RunConfig, TrainSection  # noqa: E402
+from rlp_jax.train.optim import make_optimizer  # noqa: E402
 
 THINK_START, THINK_END = 1, 2
 

@@ -1,6 +1,6 @@
 """cpt_baseline: next-token continued pretraining on web_mix's data, compute-matched to its RLP run.
 
-The paper's effective token budget of RLP (RLP_METHOD.md), `rlp_jax.plan.effective_tokens`:
+The paper's effective token budget of RLP (docs/method.md), `rlp_jax.plan.effective_tokens`:
     T_flop = n_rollouts * l_seq * batch * iters + T_inp
 read as K*G rollouts per row of l_seq = L + T_think tokens (this reading reproduces the paper's
 "170M RLP input tokens ~ 6B CPT tokens"). CPT at `batch * seq_len` tokens per step then runs
@@ -14,7 +14,7 @@ import importlib.util
 from pathlib import Path
 
 from rlp_jax import plan
-from rlp_jax.config import OptimConfig, RunConfig
+from rlp_jax.train.config import OptimConfig, RunConfig
 
 _spec = importlib.util.spec_from_file_location("web_mix", Path(__file__).with_name("web_mix.py"))
 web_mix = importlib.util.module_from_spec(_spec)

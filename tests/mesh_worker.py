@@ -11,9 +11,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from rlp_jax import model, sharding, train_step  # noqa: E402
-from rlp_jax.model_config import ModelConfig  # noqa: E402
-from rlp_jax.rlp_config import RLPConfig, RolloutConfig  # noqa: E402
+from rlp_jax import sharding  # noqa: E402
+from rlp_jax.model import transformer as model  # noqa: E402
+from rlp_jax.model.config import ModelConfig  # noqa: E402
+from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
+from rlp_jax.train import step as train_step  # noqa: E402
 
 CFG = ModelConfig.preset("tiny", vocab_size=64)
 RLP = RLPConfig(rollout=RolloutConfig(group_size=2, positions_per_doc=2, thought_len=4, min_context=2,

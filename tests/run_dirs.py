@@ -9,13 +9,15 @@ from pathlib import Path
 
 import jax
 
-from rlp_jax import checkpoint, model, train_step
-from rlp_jax.config import apply_overrides, load_experiment, to_dict
-from rlp_jax.corpus import build_corpus, generate_documents
-from rlp_jax.model_config import ModelConfig
-from rlp_jax.optim import make_optimizer
-from rlp_jax.tokenizer import load_tokenizer, train_sentencepiece
-from rlp_jax.train import with_markers
+from rlp_jax.data.corpus import build_corpus, generate_documents
+from rlp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
+from rlp_jax.model import transformer as model
+from rlp_jax.model.config import ModelConfig
+from rlp_jax.train import checkpoint
+from rlp_jax.train import step as train_step
+from rlp_jax.train.config import apply_overrides, load_experiment, to_dict
+from rlp_jax.train.loop import with_markers
+from rlp_jax.train.optim import make_optimizer
 
 
 def make_run_dir(root: Path, *, num_problems: int = 5, seed: int = 0, step: int = 1) -> Path:

@@ -1,12 +1,13 @@
-"""Group / batch advantages against hand-computed cases and naive numpy loops (RLP_METHOD.md step 4)."""
+"""Group / batch advantages against hand-computed cases and naive numpy loops (docs/method.md step 4)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from rlp_jax.advantages import batch_advantages, group_advantages, zero_spread_fraction
+from rlp_jax.rlp.advantages import batch_advantages, group_advantages, zero_spread_fraction
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

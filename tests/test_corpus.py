@@ -1,11 +1,20 @@
-"""Tests for rlp_jax.corpus: determinism, held-out disjointness, correct answers, kinds, worked fraction, JSONL."""
+"""Tests for rlp_jax.data.corpus: determinism, held-out disjointness, correct answers, kinds, worked fraction, JSONL."""
 import json
 import re
 
 import pytest
 
-from rlp_jax.corpus import (EVAL_CUE, KINDS, PROBLEM_KINDS, build_corpus, canonical_key, generate_documents,
-                            generate_problems, generate_records, is_heldout_key)
+from rlp_jax.data.corpus import (
+    EVAL_CUE,
+    KINDS,
+    PROBLEM_KINDS,
+    build_corpus,
+    canonical_key,
+    generate_documents,
+    generate_problems,
+    generate_records,
+    is_heldout_key,
+)
 
 N_DOCS, N_EVAL = 1500, 120
 

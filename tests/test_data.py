@@ -1,4 +1,4 @@
-"""Tests for rlp_jax.data: formats, packing, bad records, mixture, host sharding, exact resume, eval split."""
+"""Tests for rlp_jax.data.pipeline: formats, packing, bad records, mixture, host sharding, exact resume, eval split."""
 import dataclasses
 import gzip
 import itertools
@@ -12,8 +12,8 @@ import pytest
 import zstandard
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from rlp_jax.data import DataConfig, DataError, SourceConfig, make_iterator
-from rlp_jax.tokenizer import load_tokenizer, train_sentencepiece
+from rlp_jax.data.pipeline import DataConfig, DataError, SourceConfig, make_iterator
+from rlp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 
 WORDS = ("the quick brown fox jumps over a lazy dog because therefore reason answer question alpha beta "
          "doc 0 1 2 3 4 5 6 7 8 9 , .").split()

@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from rlp_jax import loading, train
-from rlp_jax.config import apply_overrides, load_experiment
+from rlp_jax import train
+from rlp_jax.train import run_dir as loading
+from rlp_jax.train.config import apply_overrides, load_experiment
 
 TINY = ["model.preset=tiny", "data.seq_len=32", "data.batch_size=4", "data.shuffle_buffer=16",
         "rlp.rollout.group_size=2", "rlp.rollout.positions_per_doc=1", "rlp.rollout.thought_len=3",
@@ -40,7 +41,7 @@ def test_stages_chain_ntp_then_rlp(demo_run):
 
 def test_init_from_a_run_dir_starts_from_its_final_policy(demo_run):
     _, cfg, workdir, stages = demo_run
-    from rlp_jax.tokenizer import load_tokenizer
+    from rlp_jax.data.tokenizer import load_tokenizer
 
     rlp_cfg = stages[1][1]
     tok = load_tokenizer(rlp_cfg.train.tokenizer)

@@ -9,8 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlp_jax import evaluate, generate, model, tasks
-from rlp_jax.loading import LoadError, load_model
+from rlp_jax.evaluate import cli as evaluate
+from rlp_jax.evaluate import tasks
+from rlp_jax.generate import cli as generate
+from rlp_jax.model import transformer as model
+from rlp_jax.train.run_dir import LoadError, load_model
 from tests.run_dirs import make_run_dir
 
 BUDGET = 6
@@ -88,7 +91,7 @@ def test_evaluate_matches_naive_greedy_and_scores(run_dir, lm, tmp_path, capsys)
 def test_evaluate_fewshot_math_and_choice_with_pass_at_k(run_dir, tmp_path):
     """gsm8k and mmlu through the CLI: --limit slices the file but shots come from all of it, every
     recorded prediction is what `tasks.score` makes of its completion, pass@1 and pass@3 follow the counts."""
-    from rlp_jax.answers import pass_at_k
+    from rlp_jax.evaluate.answers import pass_at_k
 
     data = tmp_path / "data"
     data.mkdir()
@@ -186,7 +189,7 @@ def test_url_run_dirs_read_config_from_the_mirror_and_checkpoints_from_the_url(r
     training wrote, checkpoints from the URL (the bucket is stood in for by the local checkpoints)."""
     import shutil
 
-    from rlp_jax import loading
+    from rlp_jax.train import run_dir as loading
 
     monkeypatch.setenv("HOME", str(tmp_path))
     url = "gs://bucket/runs/x"
@@ -212,7 +215,7 @@ def test_thoughts_follow_the_runs_banned_ids(lm):
     """Think mode samples thoughts as the run's rollout did: its rlp.rollout.banned_ids never appear."""
     import dataclasses
 
-    from rlp_jax.decoding import Decoder, DecodeOptions
+    from rlp_jax.evaluate.decoder import DecodeOptions, Decoder
 
     # the run banned its tokenizer's special tokens (rollout.ban_special_tokens, the default)
     specials = {lm.tokenizer.eos_id, lm.tokenizer.bos_id, lm.tokenizer.pad_id}

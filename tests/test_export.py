@@ -13,11 +13,18 @@ import numpy as np
 import pytest
 
 from rlp_jax import export as export_mod
-from rlp_jax import hf, model
-from rlp_jax.corpus import generate_documents
+from rlp_jax.data.corpus import generate_documents
+from rlp_jax.data.tokenizer import (
+    THINK_TOKENS,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    load_tokenizer,
+    train_sentencepiece,
+)
 from rlp_jax.export import PROBES, export, main, sentencepiece_to_hf
-from rlp_jax.loading import load_model, load_run_params
-from rlp_jax.tokenizer import THINK_TOKENS, HFTokenizer, SentencePieceTokenizer, load_tokenizer, train_sentencepiece
+from rlp_jax.model import hf
+from rlp_jax.model import transformer as model
+from rlp_jax.train.run_dir import load_model, load_run_params
 from tests.hf_models import hf_logits, make_hf_model, torch, transformers
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,12 +6,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from rlp_jax import model
-from rlp_jax.generation import (SamplingConfig, _first_above, generate, next_token_logits, pad_prompts,
-                                sample_categorical, stream)
-from rlp_jax.model_config import ModelConfig
+from rlp_jax.generate.generation import (
+    SamplingConfig,
+    _first_above,
+    generate,
+    next_token_logits,
+    pad_prompts,
+    sample_categorical,
+    stream,
+)
+from rlp_jax.model import transformer as model
+from rlp_jax.model.config import ModelConfig
 
 V = 40
 CFG = ModelConfig.preset("tiny", vocab_size=V)

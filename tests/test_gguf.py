@@ -9,9 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlp_jax import fetch, gguf_io, loading, model
-from rlp_jax.hf import CheckpointError
-from rlp_jax.tokenizer import TokenizerError, load_tokenizer
+from rlp_jax import fetch
+from rlp_jax.data.tokenizer import TokenizerError, load_tokenizer
+from rlp_jax.model import gguf as gguf_io
+from rlp_jax.model import transformer as model
+from rlp_jax.model.hf import CheckpointError
+from rlp_jax.train import run_dir as loading
 from tests.gguf_files import SPECIALS, TEXT, bpe_vocab, tiny_hf_model, write_gguf
 
 pytest.importorskip("transformers")

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlp_jax import hf, model
+from rlp_jax.model import hf
+from rlp_jax.model import transformer as model
 from tests.hf_models import hf_logits, make_hf_model, torch
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -1,12 +1,13 @@
-"""rlp_loss / ntp_loss / shifted_ntp_loss against hand-computed cases and naive numpy (RLP_METHOD.md step 5)."""
+"""rlp_loss / ntp_loss / shifted_ntp_loss against hand-computed cases and naive numpy (docs/method.md step 5)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from rlp_jax.losses import ntp_loss, rlp_loss, shifted_ntp_loss
+from rlp_jax.rlp.losses import ntp_loss, rlp_loss, shifted_ntp_loss
 
 SETTINGS = settings(max_examples=40, deadline=None)
 M, T = 5, 4   # fixed shapes for the property tests: compile once

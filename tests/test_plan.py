@@ -10,9 +10,10 @@ from pathlib import Path
 import jax
 import pytest
 
-from rlp_jax import model, plan
-from rlp_jax.config import apply_overrides, load_experiment
-from rlp_jax.model_config import PRESETS, ModelConfig
+from rlp_jax import plan
+from rlp_jax.model import transformer as model
+from rlp_jax.model.config import PRESETS, ModelConfig
+from rlp_jax.train.config import apply_overrides, load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,12 +1,13 @@
-"""Choosing thinking positions (RLP_METHOD.md step 1) against hand cases and naive numpy loops."""
+"""Choosing thinking positions (docs/method.md step 1) against hand cases and naive numpy loops."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from rlp_jax.positions import choose_positions, select_positions, valid_positions
-from rlp_jax.rlp_config import RolloutConfig
+from rlp_jax.rlp.config import RolloutConfig
+from rlp_jax.rlp.positions import choose_positions, select_positions, valid_positions
 
 SETTINGS = settings(max_examples=40, deadline=None)
 B, L = 3, 16
@@ -240,7 +241,7 @@ def test_select_uniform_ignores_ema_and_respects_horizon():
 
 
 def test_window_rule_picks_k_consecutive_valid_positions():
-    from rlp_jax.positions import choose_window
+    from rlp_jax.rlp.positions import choose_window
 
     # Row 0: valid 2..9 (8 positions); row 1: valid runs of length 2 only -> no window of 3.
     valid = np.zeros((2, 12), bool)

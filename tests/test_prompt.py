@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 import tokenizers
 
-from rlp_jax import model, naive, train_step
-from rlp_jax.model_config import ModelConfig
-from rlp_jax.prompt import PromptError, prompt_text, render_prompt
-from rlp_jax.rlp_config import LossConfig, PromptConfig, RewardConfig, RLPConfig, RolloutConfig
-from rlp_jax.rollout import thought_rollout
-from rlp_jax.tokenizer import HFTokenizer
+from rlp_jax.data.tokenizer import HFTokenizer
+from rlp_jax.model import transformer as model
+from rlp_jax.model.config import ModelConfig
+from rlp_jax.rlp import reference as naive
+from rlp_jax.rlp.config import LossConfig, PromptConfig, RewardConfig, RLPConfig, RolloutConfig
+from rlp_jax.rlp.objective import rlp_objective
+from rlp_jax.rlp.prompt import PromptError, prompt_text, render_prompt
+from rlp_jax.rlp.rollout import thought_rollout
+from rlp_jax.rlp.teacher import teacher_logprobs
 
 CFG = ModelConfig.preset("tiny", vocab_size=48)
 START, END = 1, 2
@@ -92,9 +95,9 @@ def test_prompted_sampler_equals_naive_sampler(params, batch):
 
 def test_teacher_reads_the_prompt_only_when_asked(params, batch):
     ema = jax.tree.map(lambda x: x * 0.95, params)
-    plain = train_step.teacher_logprobs(ema, CFG, batch)
-    np.testing.assert_array_equal(train_step.teacher_logprobs(ema, CFG, batch, _rlp()), plain)
-    seen = train_step.teacher_logprobs(ema, CFG, batch, _rlp(teacher_sees=True))
+    plain = teacher_logprobs(ema, CFG, batch)
+    np.testing.assert_array_equal(teacher_logprobs(ema, CFG, batch, _rlp()), plain)
+    seen = teacher_logprobs(ema, CFG, batch, _rlp(teacher_sees=True))
     ctx = model.context_cache(ema, CFG, PROMPT)
     logits, _ = model.forward(ema, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                               positions_bl=batch["positions"], context=ctx)
@@ -106,14 +109,14 @@ def test_teacher_reads_the_prompt_only_when_asked(params, batch):
 def test_prompted_objective_equals_naive(params, batch):
     rlp = _rlp(ntp_weight=0.5)
     t_bk = jnp.array([[3, 9], [4, 10]])
-    ema_lp = train_step.teacher_logprobs(jax.tree.map(lambda x: x * 0.95, params), CFG, batch, rlp)
+    ema_lp = teacher_logprobs(jax.tree.map(lambda x: x * 0.95, params), CFG, batch, rlp)
     ctx = model.context_cache(params, CFG, PROMPT)
     _, prefix = model.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                               positions_bl=batch["positions"], return_cache=True, context=ctx)
     thoughts = thought_rollout(params, CFG, prefix, t_bk, jax.random.key(4), rlp.rollout)
     mask = jnp.ones(t_bk.shape, bool)
     grad = lambda naive_path: jax.jit(jax.value_and_grad(functools.partial(
-        train_step.rlp_objective, naive_path=naive_path), has_aux=True), static_argnums=(1, 2))(
+        rlp_objective, naive_path=naive_path), has_aux=True), static_argnums=(1, 2))(
         params, CFG, rlp, batch, thoughts, t_bk, mask, ema_lp)
     (loss_f, (m_f, r_f, _)), g_f = grad(False)
     (loss_n, (m_n, r_n, _)), g_n = grad(True)
@@ -123,7 +126,7 @@ def test_prompted_objective_equals_naive(params, batch):
     for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_n), strict=True):
         assert float(jnp.abs(a - b).max()) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
     # The prompt changes S_pred (the policy reads it) but not the next-token term (plain text).
-    (_, (m_plain, _, _)), _ = jax.value_and_grad(train_step.rlp_objective, has_aux=True, argnums=0)(
+    (_, (m_plain, _, _)), _ = jax.value_and_grad(rlp_objective, has_aux=True, argnums=0)(
         params, CFG, dataclasses.replace(rlp, prompt=PromptConfig()), batch, thoughts, t_bk, mask, ema_lp)
     assert abs(float(m_plain["reward/s_pred"] - m_f["reward/s_pred"])) > 1e-3
     np.testing.assert_allclose(m_plain["loss/ntp"], m_f["loss/ntp"], atol=1e-6)

@@ -1,5 +1,5 @@
 """Thought sampling: logit filters, marker masks, empirical distribution of the sampler, stopping,
-behaviour log-probs and the branch layout (RLP_METHOD.md step 2)."""
+behaviour log-probs and the branch layout (docs/method.md step 2)."""
 
 import dataclasses
 import functools
@@ -8,13 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
-from rlp_jax import model, naive
-from rlp_jax import rollout as rollout_lib
-from rlp_jax.model_config import ModelConfig
-from rlp_jax.rlp_config import RolloutConfig
-from rlp_jax.rollout import Thoughts, branch_tokens, filter_logits, thought_forward, thought_logits, thought_rollout
+from rlp_jax.model import transformer as model
+from rlp_jax.model.config import ModelConfig
+from rlp_jax.rlp import reference as naive
+from rlp_jax.rlp import rollout as rollout_lib
+from rlp_jax.rlp.config import RolloutConfig
+from rlp_jax.rlp.rollout import Thoughts, branch_tokens, filter_logits, thought_forward, thought_logits, thought_rollout
 
 SETTINGS = settings(max_examples=40, deadline=None)
 V = 32
@@ -202,8 +204,8 @@ def test_banned_ids_are_never_sampled(params, docs):
 def test_train_bans_the_tokenizers_special_ids_on_request():
     from types import SimpleNamespace
 
-    from rlp_jax.config import load_experiment
-    from rlp_jax.train import with_markers
+    from rlp_jax.train.config import load_experiment
+    from rlp_jax.train.loop import with_markers
 
     # special ids: bos, eos, the markers and a chat-control token (50, e.g. <|im_start|>)
     tok = SimpleNamespace(think_start_id=10, think_end_id=11, eos_id=2, bos_id=1, pad_id=2, special_ids={1, 2, 10, 11, 50})

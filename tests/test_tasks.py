@@ -1,4 +1,4 @@
-"""Tests for rlp_jax.answers and rlp_jax.tasks: readers on small files in the public layouts, malformed rows,
+"""Tests for rlp_jax.evaluate.answers and rlp_jax.evaluate.tasks: readers on small files in the public layouts, malformed rows,
 GPQA shuffling, few-shot sampling, prompts, scoring, extractors, math_equal and pass@k."""
 import itertools
 import json
@@ -12,11 +12,29 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rlp_jax.answers import (extract_boxed, extract_choice, extract_math, extract_number, math_equal,
-                             normalize_answer, pass_at_k)
-from rlp_jax.corpus import build_corpus
-from rlp_jax.tasks import (TASKS, Item, TaskError, answer_cue, build_prompt, fewshot_items, find_task_file,
-                           get_task, load_task, read_items, score)
+from rlp_jax.data.corpus import build_corpus
+from rlp_jax.evaluate.answers import (
+    extract_boxed,
+    extract_choice,
+    extract_math,
+    extract_number,
+    math_equal,
+    normalize_answer,
+    pass_at_k,
+)
+from rlp_jax.evaluate.tasks import (
+    TASKS,
+    Item,
+    TaskError,
+    answer_cue,
+    build_prompt,
+    fewshot_items,
+    find_task_file,
+    get_task,
+    load_task,
+    read_items,
+    score,
+)
 
 
 def write_jsonl(path, rows):

@@ -1,4 +1,4 @@
-"""Tests for rlp_jax.tokenizer against real sentencepiece / tokenizers / transformers behaviour."""
+"""Tests for rlp_jax.data.tokenizer against real sentencepiece / tokenizers / transformers behaviour."""
 import random
 
 import jax
@@ -8,8 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlp_jax.tokenizer import (HFTokenizer, SentencePieceTokenizer, TokenizerError, load_tokenizer,
-                               resize_embeddings, train_sentencepiece)
+from rlp_jax.data.tokenizer import (
+    HFTokenizer,
+    SentencePieceTokenizer,
+    TokenizerError,
+    load_tokenizer,
+    resize_embeddings,
+    train_sentencepiece,
+)
 
 WORDS = ("the quick brown fox jumps over a lazy dog because therefore reason answer question "
          "let us think step by step 12 345 6789 , . ! ? ; : ( ) - café naïve über 日本 语 λ ü é").split()

@@ -167,13 +167,13 @@ def test_show_config_lists_fields(capsys):
 
 def test_init_from_hf_grows_the_embedding_for_think_markers(tmp_path):
     """model.init_from + an HF tokenizer without <think>/</think>: the markers get new embedding rows."""
+    import jax
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    import jax
-
-    from rlp_jax import hf, train
-    from rlp_jax.config import ModelSection, load_experiment
-    from rlp_jax.tokenizer import load_tokenizer
+    from rlp_jax import train
+    from rlp_jax.data.tokenizer import load_tokenizer
+    from rlp_jax.model import hf
+    from rlp_jax.train.config import ModelSection, load_experiment
     from tests.hf_models import make_hf_model
 
     texts = [f"the number {i} follows {i - 1}" for i in range(200)]

@@ -14,7 +14,7 @@ Everything uses the `demo` recipe (generated corpus, `small` Qwen3-style model, 
 3. Ablations (seed 0): G = 2 and 8; EMA tau = 0.999 and a frozen teacher (tau = 1: the stage-1 model);
    and, every seed, `rlp_ban_special`: RLP with eos/bos/pad banned inside thoughts
    (rollout.ban_special_tokens, the diagnosis in REPORT.md).
-4. Evaluation (`rlp_jax.heldout`): held-out documents (NLL without/with a thought, info gain) and
+4. Evaluation (`rlp_jax.evaluate.heldout`): held-out documents (NLL without/with a thought, info gain) and
    held-out problems that never occur in training (accuracy answering directly and after a sampled
    thought; answer NLL). Writes WORKDIR/results.json, WORKDIR/results.md and WORKDIR/*.png.
 Runs that already finished are skipped (their evaluation is cached in RUN/heldout_eval.json), so an
@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rlp_jax import heldout, plan, train
-from rlp_jax.config import RunConfig, load_experiment
+from rlp_jax import plan, train
+from rlp_jax.evaluate import heldout
+from rlp_jax.train.config import RunConfig, load_experiment
 
 
 def _seeded(cfg: RunConfig, seed: int) -> RunConfig:
@@ -50,7 +51,7 @@ def matched_steps(rlp_cfg: RunConfig) -> dict[str, int]:
     """NTP steps (same batch and sequence length) matching the RLP run by tokens, effective tokens, FLOPs."""
     m = plan.model_config(dataclasses.replace(rlp_cfg, model=dataclasses.replace(rlp_cfg.model, init_from=None)))
     if rlp_cfg.train.tokenizer:   # the preset's vocabulary is replaced by the tokenizer's, as in training
-        from rlp_jax.tokenizer import load_tokenizer
+        from rlp_jax.data.tokenizer import load_tokenizer
         m = m.replace(vocab_size=load_tokenizer(rlp_cfg.train.tokenizer).vocab_size)
     b, length, steps = rlp_cfg.data.batch_size, rlp_cfg.data.seq_len, rlp_cfg.train.steps
     rlp_flops = sum(plan.rlp_step_flops(m, rlp_cfg.rlp, b, length).values())
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
         return 0
     demo = load_experiment("demo")
     try:
-        from rlp_jax.config import apply_overrides
+        from rlp_jax.train.config import apply_overrides
 
         cfg = demo.prepare(apply_overrides(demo.config(), args.set), workdir)
         (pre_name, pre_cfg), (_, rlp_cfg) = demo.stages(cfg, workdir)

@@ -32,11 +32,15 @@ import jax
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from rlp_jax import sharding, train, train_step  # noqa: E402
-from rlp_jax.config import RunConfig, load_experiment, to_dict  # noqa: E402
-from rlp_jax.data import make_iterator  # noqa: E402
-from rlp_jax.loading import LoadedModel  # noqa: E402
-from rlp_jax.tokenizer import load_tokenizer  # noqa: E402
+from rlp_jax import (
+    sharding,  # noqa: E402
+    train,  # noqa: E402
+)
+from rlp_jax.data.pipeline import make_iterator  # noqa: E402
+from rlp_jax.data.tokenizer import load_tokenizer  # noqa: E402
+from rlp_jax.train import step as train_step  # noqa: E402
+from rlp_jax.train.config import RunConfig, load_experiment, to_dict  # noqa: E402
+from rlp_jax.train.run_dir import LoadedModel  # noqa: E402
 
 # Step-0 probe: (name, prompt style, think tokens, new-token init[, thought length]).
 PROBES = (
@@ -143,7 +147,7 @@ CURVE_KEYS = ("reward/mean", "reward/s_pred", "reward/s_ema", "reward/frac_posit
 
 
 def _override(cfg: RunConfig, changes: dict) -> RunConfig:
-    from rlp_jax.config import apply_overrides
+    from rlp_jax.train.config import apply_overrides
     return apply_overrides(cfg, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in changes.items()])
 
 
@@ -189,7 +193,7 @@ def load_results() -> dict[str, dict]:
 def _answers(lm: LoadedModel, generated: Path, think_tokens: int, seed: int) -> dict:
     """Answer metrics on the generated held-out problems (`generated`, first EVAL_LIMIT) and on the fresh
     ones, and a few sampled thoughts on the fresh problems."""
-    from rlp_jax import heldout
+    from rlp_jax.evaluate import heldout
 
     out = {name: heldout.model_answer_metrics(lm, path, think_tokens=think_tokens, thoughts=EVAL_THOUGHTS,
                                               seed=seed, limit=limit)
@@ -208,7 +212,7 @@ def _write(name: str, result: dict) -> None:
 
 def replicate(workdir: Path, max_units: int | None = None) -> None:
     """Run every unit without a result file, in order; stops (resumably) on SIGTERM."""
-    from rlp_jax.loading import load_model
+    from rlp_jax.train.run_dir import load_model
 
     cfg = scaled_config(workdir)
     generated = workdir / "data" / "heldout.jsonl"

@@ -1,0 +1,8 @@
+"""Evaluation of checkpoints.
+
+decoder  batched prompted completion and answer log-prob scoring for one model
+tasks    benchmark readers, prompts and scoring (MMLU, GPQA, GSM8K, the generated problems)
+answers  answer extraction and equivalence, pass@k
+heldout  the generated corpus's before/after table (held-out documents and problems)
+cli      `python -m rlp_jax.evaluate`
+"""

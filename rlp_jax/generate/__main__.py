@@ -1,0 +1,5 @@
+import sys
+
+from rlp_jax.generate.cli import main
+
+sys.exit(main())

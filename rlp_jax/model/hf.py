@@ -1,0 +1,340 @@
+"""Hugging Face checkpoint interop: `from_hf` and `to_hf` for Qwen3, Qwen2 and Llama causal LMs.
+
+Only safetensors are read or written (pickled `.bin` files are refused: unpickling a downloaded file
+can run arbitrary code). Tensors are read one at a time from a memory map and written one at a time,
+so conversion never holds two copies of the model in host memory. transformers is not needed here;
+tests use it to check that the logits match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+from rlp_jax.model.config import ModelConfig
+
+ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
+              "I64": np.int64, "I32": np.int32}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A Hugging Face checkpoint that cannot be read or converted (message says what and how to fix)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors, read and written tensor by tensor
+# ----------------------------------------------------------------------------------------------
+
+def _read_header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path} is not a safetensors file (too short)")
+        (size,) = struct.unpack("<Q", raw)
+        if size > 100_000_000:
+            raise CheckpointError(f"{path} is not a safetensors file (bad header length)")
+        try:
+            header = json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is not a safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _tensor_index(directory: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file that holds it (single file or sharded index)."""
+    index = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: directory / fname for name, fname in weight_map.items()}
+    if single.exists():
+        return {name: single for name in _read_header(single)[0]}
+    if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
+        raise CheckpointError(
+            f"{directory} holds only pickled PyTorch weights (.bin/.pt), which rlp_jax refuses to unpickle; "
+            "convert them once with transformers: AutoModelForCausalLM.from_pretrained(DIR)"
+            ".save_pretrained(DIR, safe_serialization=True)")
+    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory}")
+
+
+class _Reader:
+    """Lazy access to the tensors of a checkpoint directory as numpy arrays (memory-mapped)."""
+
+    def __init__(self, directory: Path):
+        self.files = _tensor_index(directory)
+        self._headers: dict[Path, tuple[dict, int]] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.files:
+            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
+        path = self.files[name]
+        if path not in self._headers:
+            self._headers[path] = _read_header(path)
+        header, base = self._headers[path]
+        meta = header[name]
+        if meta["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"tensor {name!r} has unsupported dtype {meta['dtype']}")
+        start, end = meta["data_offsets"]
+        mm = np.memmap(path, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
+        return mm.view(_ST_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+
+
+def write_safetensors(path: Path, tensors: Iterator[tuple[str, np.ndarray]], shapes: dict[str, tuple],
+                      dtypes: dict[str, np.dtype]) -> None:
+    """Write tensors to one safetensors file, streaming: only one tensor is in memory at a time.
+
+    `shapes`/`dtypes` give every tensor's layout up front (the header precedes the data).
+    """
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        nbytes = int(np.prod(shape)) * np.dtype(dtypes[name]).itemsize
+        header[name] = {"dtype": _ST_NAMES[np.dtype(dtypes[name])], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for name, arr in tensors:
+            arr = np.ascontiguousarray(arr, dtype=dtypes[name])
+            if tuple(arr.shape) != tuple(shapes[name]):
+                raise ValueError(f"tensor {name} has shape {arr.shape}, header says {shapes[name]}")
+            f.write(arr.tobytes())
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+# ----------------------------------------------------------------------------------------------
+
+def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json dict (transformers 4 or 5 layout)."""
+    archs = hf.get("architectures") or []
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise CheckpointError(f"unsupported architecture {archs or hf.get('model_type')}; "
+                              f"supported: {', '.join(ARCHITECTURES)}")
+    family = ARCHITECTURES[arch]
+    if hf.get("mlp_bias"):
+        raise CheckpointError("mlp_bias=True is not supported (no Qwen3/Qwen2/Llama release uses it)")
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        raise CheckpointError(f"config.json lacks {', '.join(missing)}; is it a causal LM's config?")
+    heads = hf["num_attention_heads"]
+    kwargs = dict(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rope_theta=float(theta),
+        rope_scaling=scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=family == "qwen3",
+        attention_bias=True if family == "qwen2" else bool(hf.get("attention_bias", False)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", family != "llama")),
+    )
+    kwargs.update(overrides)
+    try:
+        return ModelConfig(**kwargs)
+    except ValueError as e:
+        raise CheckpointError(f"config.json describes a model rlp_jax cannot build: {e}") from None
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
+    """A config.json dict that transformers loads as Qwen3/Qwen2/Llama (chosen from the config switches)."""
+    if cfg.qk_norm:
+        arch, model_type = "Qwen3ForCausalLM", "qwen3"
+    elif cfg.attention_bias:
+        arch, model_type = "Qwen2ForCausalLM", "qwen2"
+    else:
+        arch, model_type = "LlamaForCausalLM", "llama"
+    out = {
+        "architectures": [arch], "model_type": model_type, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu", "max_position_embeddings": 32768, "torch_dtype": dtype, "dtype": dtype,
+    }
+    if cfg.rope_scaling is not None:
+        out["rope_scaling"] = dict(cfg.rope_scaling)
+    if model_type != "qwen2":
+        out["attention_bias"] = cfg.attention_bias
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensor names
+# ----------------------------------------------------------------------------------------------
+
+def _hf_names(cfg: ModelConfig) -> Iterator[tuple[tuple[str, ...], str, str]]:
+    """(path in our params, HF name with {i} for the layer, layout kind) for every parameter."""
+    yield ("embed",), "model.embed_tokens.weight", "copy"
+    yield ("final_norm",), "model.norm.weight", "copy"
+    if not cfg.tie_word_embeddings:
+        yield ("lm_head",), "lm_head.weight", "transpose"
+    p = "model.layers.{i}."
+    layer = [("attn_norm", "input_layernorm.weight", "copy"),
+             ("mlp_norm", "post_attention_layernorm.weight", "copy"),
+             ("q_proj", "self_attn.q_proj.weight", "in_heads"),
+             ("k_proj", "self_attn.k_proj.weight", "in_heads"),
+             ("v_proj", "self_attn.v_proj.weight", "in_heads"),
+             ("o_proj", "self_attn.o_proj.weight", "heads_out"),
+             ("gate_proj", "mlp.gate_proj.weight", "transpose"),
+             ("up_proj", "mlp.up_proj.weight", "transpose"),
+             ("down_proj", "mlp.down_proj.weight", "transpose")]
+    if cfg.attention_bias:
+        layer += [(f"{x}_bias", f"self_attn.{x}_proj.bias", "heads") for x in "qkv"]
+    if cfg.qk_norm:
+        layer += [("q_norm", "self_attn.q_norm.weight", "copy"), ("k_norm", "self_attn.k_norm.weight", "copy")]
+    for ours, theirs, kind in layer:
+        yield ("layers", ours), p + theirs, kind
+
+
+def _to_ours(arr: np.ndarray, kind: str, shape: tuple) -> np.ndarray:
+    """HF torch layout -> ours. shape is our per-layer shape (without the layers axis)."""
+    if kind == "copy":
+        return arr.reshape(shape)
+    if kind == "transpose":
+        return arr.T
+    if kind == "in_heads":  # [H*Dh, D] -> [D, H, Dh]
+        return arr.T.reshape(shape)
+    if kind == "heads_out":  # [D, H*Dh] -> [H, Dh, D]
+        return arr.T.reshape(shape)
+    if kind == "heads":  # [H*Dh] -> [H, Dh]
+        return arr.reshape(shape)
+    raise AssertionError(kind)
+
+
+def _to_theirs(arr: np.ndarray, kind: str) -> np.ndarray:
+    if kind in ("copy",):
+        return arr
+    if kind == "transpose":
+        return arr.T
+    if kind == "in_heads":  # [D, H, Dh] -> [H*Dh, D]
+        return arr.reshape(arr.shape[0], -1).T
+    if kind == "heads_out":  # [H, Dh, D] -> [D, H*Dh]
+        return arr.reshape(-1, arr.shape[-1]).T
+    if kind == "heads":
+        return arr.reshape(-1)
+    raise AssertionError(kind)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+def from_hf(path: str | os.PathLike, *, param_dtype: str | None = None, **config_overrides):
+    """Load a local Hugging Face checkpoint directory into (ModelConfig, params).
+
+    Args:
+      path: directory with config.json and model.safetensors (or a sharded safetensors index).
+      param_dtype: "float32"/"bfloat16" for the loaded params; default: the checkpoint's own dtype
+        (float16 checkpoints load as float32).
+      config_overrides: extra ModelConfig fields (e.g. compute_dtype, remat).
+    Returns:
+      (ModelConfig, params pytree of jax arrays, layers stacked on a leading axis).
+    """
+    import jax.numpy as jnp
+
+    from rlp_jax.model.transformer import param_shapes
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoint directory at {directory}: expected a Hugging Face model "
+                              "folder with config.json and *.safetensors")
+    cfg_file = directory / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face model directory?")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON ({e})") from None
+    if param_dtype is None:
+        declared = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        param_dtype = "bfloat16" if declared == "bfloat16" else "float32"
+    cfg = config_from_hf(hf, param_dtype=param_dtype, **config_overrides)
+    reader = _Reader(directory)
+    shapes = param_shapes(cfg)
+    target = cfg.jnp_param_dtype
+    params: dict = {"layers": {}}
+    for key, name, kind in _hf_names(cfg):
+        if key[0] == "layers":
+            shape = shapes["layers"][key[1]][1:]
+            stacked = np.empty((cfg.num_layers, *shape), dtype=target)
+            for i in range(cfg.num_layers):
+                arr = reader.get(name.format(i=i))
+                _check_shape(name.format(i=i), arr, kind, shape)
+                stacked[i] = _to_ours(arr, kind, shape).astype(target)
+            params["layers"][key[1]] = jnp.asarray(stacked)
+        else:
+            arr = reader.get(name)
+            _check_shape(name, arr, kind, shapes[key[0]])
+            params[key[0]] = jnp.asarray(_to_ours(arr, kind, shapes[key[0]]).astype(target))
+    return cfg, params
+
+
+def _check_shape(name: str, arr: np.ndarray, kind: str, ours: tuple) -> None:
+    expected = int(np.prod(ours))
+    if arr.size != expected:
+        raise CheckpointError(f"tensor {name} has shape {tuple(arr.shape)}, config.json implies {expected} "
+                              "elements; the checkpoint and its config.json disagree")
+
+
+def to_hf(params, cfg: ModelConfig, path: str | os.PathLike, *, dtype: str | None = None,
+          tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """Write params as a Hugging Face checkpoint directory that `transformers` loads.
+
+    Args:
+      params: our params pytree. cfg: its ModelConfig. path: output directory (created).
+      dtype: "float32" or "bfloat16" for the saved tensors (default: cfg.param_dtype).
+      tokenizer_dir: optional directory whose tokenizer files are copied alongside.
+    Returns: the output directory.
+    """
+    import shutil
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or cfg.param_dtype
+    np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+    entries = []
+    for key, name, kind in _hf_names(cfg):
+        if key[0] == "layers":
+            for i in range(cfg.num_layers):
+                entries.append((name.format(i=i), kind, key, i))
+        else:
+            entries.append((name, kind, key, None))
+
+    def host(key, i):
+        leaf = params[key[0]] if len(key) == 1 else params[key[0]][key[1]]
+        arr = leaf if i is None else leaf[i]
+        return np.asarray(arr.astype("float32") if hasattr(arr, "astype") else arr, dtype=np.float32)
+
+    shapes = {}
+    for name, kind, key, i in entries:
+        leaf = params[key[0]] if len(key) == 1 else params[key[0]][key[1]]
+        one = tuple(leaf.shape if i is None else leaf.shape[1:])
+        shapes[name] = tuple(_to_theirs(np.empty(one, np.int8), kind).shape)
+    tensors = ((name, _to_theirs(host(key, i), kind)) for name, kind, key, i in entries)
+    write_safetensors(out / "model.safetensors", tensors, shapes, {n: np_dtype for n in shapes})
+    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.json",
+                                                            "merges.txt") or f.suffix == ".model":
+                shutil.copy(f, out / f.name)
+    return out

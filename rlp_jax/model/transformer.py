@@ -1,0 +1,441 @@
+"""A Qwen3/Qwen2/Llama-family decoder as pure functions over a parameter pytree.
+
+Parameters are a nested dict of arrays (no module objects): `init_params` makes one, `rlp_jax.model.hf`
+converts Hugging Face checkpoints to and from it, and `param_logical_axes` names every axis for
+sharding. Per-layer parameters are stacked on a leading `layers` axis and the blocks run under
+`lax.scan` (one compiled block, fast compiles at any depth), optionally rematerialised.
+
+Three forward modes (all jit-compatible, static shapes):
+  * `forward`: causal pass over [B, L] with segment ids (packing/padding); returns float32 logits and,
+    on request, every layer's keys/values: the *prefix cache*.
+  * `branch_forward`: N branches per document; branch n of document b attends to that document's
+    prefix-cache positions < start[b, n] (same segment) plus its own tokens, with rotary positions
+    continuing from position[b, n]. The prefix keys are shared by all branches of a document (the
+    einsum broadcasts them; nothing is copied per branch). Used token by token with a `BranchCache`
+    (sampling) and for whole branches at once (the differentiable loss forward).
+  * decode: `prefill` + `decode_step`, incremental generation from right-padded prompts with a KV
+    cache per layer holding the prompt's keys/values and then the generated tokens' (`DecodeState`).
+
+Shapes: B batch, L length, N branches per document, S branch tokens, J branch-cache slots, V vocab,
+D width, H/Hk query/kv heads, Dh head width, Y layers.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from rlp_jax import sharding
+from rlp_jax.model import layers
+from rlp_jax.model.config import ModelConfig
+
+Params = dict
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------
+
+def param_shapes(cfg: ModelConfig) -> dict:
+    """Shapes of every parameter, as a pytree of tuples mirroring `init_params`."""
+    y, d, f, h, hk, dh, v = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                             cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    lay = {
+        "attn_norm": (y, d),
+        "q_proj": (y, d, h, dh),
+        "k_proj": (y, d, hk, dh),
+        "v_proj": (y, d, hk, dh),
+        "o_proj": (y, h, dh, d),
+        "mlp_norm": (y, d),
+        "gate_proj": (y, d, f),
+        "up_proj": (y, d, f),
+        "down_proj": (y, f, d),
+    }
+    if cfg.attention_bias:
+        lay.update(q_bias=(y, h, dh), k_bias=(y, hk, dh), v_bias=(y, hk, dh))
+    if cfg.qk_norm:
+        lay.update(q_norm=(y, dh), k_norm=(y, dh))
+    shapes = {"embed": (v, d), "layers": lay, "final_norm": (d,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (d, v)
+    return shapes
+
+
+def param_logical_axes(cfg: ModelConfig) -> dict:
+    """Logical axis names of every parameter (same structure as `init_params`), for sharding rules."""
+    names = {
+        "attn_norm": ("layers", "norm"), "mlp_norm": ("layers", "norm"),
+        "q_proj": ("layers", "embed", "heads", "head_dim"),
+        "k_proj": ("layers", "embed", "kv_heads", "head_dim"),
+        "v_proj": ("layers", "embed", "kv_heads", "head_dim"),
+        "o_proj": ("layers", "heads", "head_dim", "embed"),
+        "q_bias": ("layers", "heads", "head_dim"),
+        "k_bias": ("layers", "kv_heads", "head_dim"), "v_bias": ("layers", "kv_heads", "head_dim"),
+        "q_norm": ("layers", "head_dim"), "k_norm": ("layers", "head_dim"),
+        "gate_proj": ("layers", "embed", "mlp"), "up_proj": ("layers", "embed", "mlp"),
+        "down_proj": ("layers", "mlp", "embed"),
+    }
+    shapes = param_shapes(cfg)
+    axes = {"embed": ("vocab", "embed"), "final_norm": ("norm",),
+            "layers": {k: names[k] for k in shapes["layers"]}}
+    if "lm_head" in shapes:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
+    """Random parameters: normal(0, std) matrices, unit norm weights, zero biases; in cfg.param_dtype."""
+    shapes = param_shapes(cfg)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(rng, len(flat))
+    leaves = []
+    for (path, shape), key in zip(flat, keys):
+        name = path[-1].key
+        if name.endswith("norm"):
+            leaf = jnp.ones(shape, jnp.float32)
+        elif name.endswith("bias"):
+            leaf = jnp.zeros(shape, jnp.float32)
+        else:
+            leaf = std * jax.random.normal(key, shape, jnp.float32)
+        leaves.append(leaf.astype(cfg.jnp_param_dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# ----------------------------------------------------------------------------------------------
+# Caches
+# ----------------------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class ContextCache:
+    """Every layer's keys/values of a prompt that every document is read after (the prompted setting,
+    `rlp_jax.rlp.prompt`): k, v [Y, P, Hk, Dh] at rotary positions 0..P-1, shared by all rows and branches."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[1]
+
+
+def context_cache(params: Params, cfg: ModelConfig, prompt_ids_p) -> ContextCache:
+    """The ContextCache of a prompt (token ids [P]); differentiable in params."""
+    _, cache = forward(params, cfg, jnp.asarray(prompt_ids_p, jnp.int32)[None], return_cache=True,
+                       return_logits=False)
+    return ContextCache(k=cache.k[:, 0], v=cache.v[:, 0])
+
+
+@flax.struct.dataclass
+class PrefixCache:
+    """Every layer's keys/values of a teacher-forced pass, plus where each token sits.
+
+    k, v: [Y, B, L, Hk, Dh] (rotary already applied to k), compute dtype.
+    segment_ids: [B, L] int32 (0 = padding). positions: [B, L] int32 rotary positions (after a
+    context, shifted by its length P). context: the ContextCache the documents were read after, or None.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    positions: jax.Array
+    context: ContextCache | None = None
+
+
+@flax.struct.dataclass
+class BranchCache:
+    """Keys/values of branch tokens written so far: k, v [Y, B, N, J, Hk, Dh]."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+@flax.struct.dataclass
+class Branches:
+    """Where each branch hangs off its document's prefix (all [B, N] int32).
+
+    start: prefix indices < start are visible. segment: only prefix tokens of this segment are visible.
+    position: rotary position of the branch's first token (later tokens continue from it).
+    """
+
+    start: jax.Array
+    segment: jax.Array
+    position: jax.Array
+
+
+def branches_at(cache: PrefixCache, t_bn: jax.Array) -> Branches:
+    """Branches that replace token t of each document: they see x_<t of t's segment and take t's position.
+
+    t_bn: [B, N] int32 indices in [0, L). A branch at t reproduces a full forward over
+    [x_<t, branch tokens].
+    """
+    seg = jnp.take_along_axis(cache.segment_ids, t_bn, axis=1)
+    pos = jnp.take_along_axis(cache.positions, t_bn, axis=1)
+    return Branches(start=t_bn.astype(jnp.int32), segment=seg.astype(jnp.int32), position=pos.astype(jnp.int32))
+
+
+def init_branch_cache(cfg: ModelConfig, batch: int, branches: int, length: int) -> BranchCache:
+    """An empty branch cache with J = length slots per branch."""
+    shape = (cfg.num_layers, batch, branches, length, cfg.num_kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, cfg.jnp_compute_dtype)
+    return BranchCache(k=zeros, v=zeros)
+
+
+# ----------------------------------------------------------------------------------------------
+# The block, shared by all modes
+# ----------------------------------------------------------------------------------------------
+
+def _project_qkv(cfg: ModelConfig, lp: dict, h, positions, inv_freq):
+    """h [..., P, D] -> rotated q [..., P, H, Dh], k/v [..., P, Hk, Dh]."""
+    dt = h.dtype
+    q = jnp.einsum("...d,dhk->...hk", h, lp["q_proj"].astype(dt))
+    k = jnp.einsum("...d,dhk->...hk", h, lp["k_proj"].astype(dt))
+    v = jnp.einsum("...d,dhk->...hk", h, lp["v_proj"].astype(dt))
+    if cfg.attention_bias:
+        q, k, v = q + lp["q_bias"].astype(dt), k + lp["k_bias"].astype(dt), v + lp["v_bias"].astype(dt)
+    if cfg.qk_norm:
+        q = layers.rms_norm(q, lp["q_norm"], cfg.rms_norm_eps)
+        k = layers.rms_norm(k, lp["k_norm"], cfg.rms_norm_eps)
+    return layers.apply_rope(q, positions, inv_freq), layers.apply_rope(k, positions, inv_freq), v
+
+
+def _block(cfg: ModelConfig, attend, x, lp, extra):
+    """One pre-norm transformer block. `attend(q, k, v, extra) -> (attn_out, new_kv)`."""
+    with jax.named_scope("attention"):       # scopes name the ops in profiles (benchmarks/decode_profile.py)
+        h = layers.rms_norm(x, lp["attn_norm"], cfg.rms_norm_eps)
+        attn, new_kv = attend(lp, h, extra)
+        x = x + jnp.einsum("...hk,hkd->...d", attn, lp["o_proj"].astype(x.dtype))
+    with jax.named_scope("mlp"):
+        h = layers.rms_norm(x, lp["mlp_norm"], cfg.rms_norm_eps)
+        x = x + layers.swiglu(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"])
+    return x, new_kv
+
+
+def _run_blocks(cfg: ModelConfig, params: Params, x, attend, extras):
+    """Scan the blocks over the stacked `layers` params; extras is a per-layer pytree (leading Y axis)."""
+    names = ("batch", "length", "embed") if x.ndim == 3 else ("batch", "branch", "length", "embed")
+
+    def body(carry, xs):
+        lp, extra = xs
+        out, kv = _block(cfg, attend, carry, lp, extra)
+        return sharding.constrain(out, names), kv
+
+    if cfg.remat != "none":
+        policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots"
+                  else jax.checkpoint_policies.nothing_saveable)
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    return jax.lax.scan(body, sharding.constrain(x, names), (params["layers"], extras))
+
+
+def _embed(cfg: ModelConfig, params: Params, tokens):
+    return jnp.take(params["embed"], tokens, axis=0).astype(cfg.jnp_compute_dtype)
+
+
+def logits_from_hidden(cfg: ModelConfig, params: Params, x):
+    """Final norm and output projection: x [..., D] -> float32 logits [..., V]."""
+    with jax.named_scope("lm_head"):
+        x = layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+        w = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+        return jnp.einsum("...d,dv->...v", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mode 1: full causal forward
+# ----------------------------------------------------------------------------------------------
+
+def default_segments(tokens_bl, pad_id: int | None = None):
+    """Segment ids (1 for real tokens, 0 for `pad_id`) and positions 0..L-1 for unpacked rows."""
+    seg = jnp.ones_like(tokens_bl, jnp.int32) if pad_id is None else (tokens_bl != pad_id).astype(jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(tokens_bl.shape[1], dtype=jnp.int32), tokens_bl.shape)
+    return seg, pos
+
+
+def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None, positions_bl=None,
+            return_cache: bool = False, return_logits: bool = True, logits_at_b=None,
+            return_hidden: bool = False, context: ContextCache | None = None):
+    """Teacher-forced causal pass.
+
+    Args:
+      tokens_bl: [B, L] int32.
+      segment_ids_bl: [B, L] int32; a token attends to earlier tokens of its own segment; 0 marks
+        padding. Default: one segment per row.
+      positions_bl: [B, L] int32 rotary positions (restart at 0 per packed document). Default 0..L-1.
+      return_cache: also return the `PrefixCache` of every layer's keys/values.
+      return_logits: False skips the output projection (a prefix cache is all the caller needs).
+      logits_at_b: optional [B] int32 index of the one position per row whose logits are wanted
+        (e.g. a prompt's last token): the output projection then runs on B vectors, not B x L.
+      return_hidden: return the final hidden states [B, L, D] (before the final norm) in place of
+        the logits (for chunked projections, `scoring.shifted_token_logprobs_chunked`).
+      context: a ContextCache (a prompt) every token also attends to, in full; the row's rotary
+        positions are shifted by its length P, as if each document followed the prompt.
+    Returns:
+      (logits [B, L, V] float32 ([B, V] with logits_at_b; hidden [B, L, D] with return_hidden) or None,
+       PrefixCache or None).
+    """
+    seg_default, pos_default = default_segments(tokens_bl)
+    seg = seg_default if segment_ids_bl is None else segment_ids_bl.astype(jnp.int32)
+    pos = pos_default if positions_bl is None else positions_bl.astype(jnp.int32)
+    if context is not None:
+        pos = pos + context.length
+    length = tokens_bl.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    mask = causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)  # [B, Lq, Lk]
+    inv_freq = layers.rope_inv_freq(cfg)
+
+    def attend(lp, h, extra):
+        ck, cv = extra if extra is not None else (None, None)
+        q, k, v = _project_qkv(cfg, lp, h, pos, inv_freq)
+        out = layers.full_attention(q, k, v, mask, cfg.group_size, context_k=ck, context_v=cv)
+        return out, ((k, v) if return_cache else None)
+
+    extras = None if context is None else (context.k, context.v)
+    x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bl), attend, extras)
+    if logits_at_b is not None:
+        x = jnp.take_along_axis(x, logits_at_b.astype(jnp.int32)[:, None, None], axis=1)[:, 0]   # [B, D]
+    logits = x if return_hidden else (logits_from_hidden(cfg, params, x) if return_logits else None)
+    cache = (PrefixCache(k=kv[0], v=kv[1], segment_ids=seg, positions=pos, context=context)
+             if return_cache else None)
+    return logits, cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Mode 2: branches off a shared prefix
+# ----------------------------------------------------------------------------------------------
+
+def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branches: Branches,
+                   tokens_bns, *, cache: BranchCache | None = None, offset=0, return_hidden: bool = False):
+    """Forward of N branches per document over the shared prefix cache.
+
+    Args:
+      prefix: the documents' `PrefixCache` ([Y, B, L, Hk, Dh]).
+      branches: `Branches` ([B, N]) saying where each branch hangs off its document.
+      tokens_bns: [B, N, S] int32 branch tokens, at branch indices offset .. offset+S-1.
+      cache: optional `BranchCache` with J slots. Given: the S new keys/values are written at
+        `offset` and queries attend to slots < offset + their index + 1 (token-by-token sampling).
+        None: the S tokens attend to each other causally (a whole branch at once; differentiable).
+      offset: int (may be traced) index of the first token within the branch.
+      return_hidden: return the final hidden states [B, N, S, D] (before the final norm) instead of
+        the logits, for callers that project only some slots or in chunks (`logits_from_hidden`).
+    Returns:
+      (logits [B, N, S, V] float32 (or hidden [B, N, S, D]), updated BranchCache or None).
+    """
+    b, n, s = tokens_bns.shape
+    length = prefix.segment_ids.shape[1]
+    idx = jnp.arange(length)
+    prefix_mask = ((idx[None, None, :] < branches.start[:, :, None])
+                   & (prefix.segment_ids[:, None, :] == branches.segment[:, :, None]))  # [B, N, L]
+    step = offset + jnp.arange(s)                                                      # [S]
+    positions = branches.position[:, :, None] + step                                     # [B, N, S]
+    slots = s if cache is None else cache.k.shape[3]
+    self_mask = jnp.arange(slots)[None, :] <= step[:, None]                              # [S, J]
+    self_mask = jnp.broadcast_to(self_mask, (b, n, s, slots))
+    inv_freq = layers.rope_inv_freq(cfg)
+
+    def attend(lp, h, extra):
+        pk, pv, ck, cv, xk, xv = extra
+        q, k, v = _project_qkv(cfg, lp, h, positions, inv_freq)
+        if ck is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), offset, axis=2)
+            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), offset, axis=2)
+        out = layers.branch_attention(q, pk.astype(q.dtype), pv.astype(q.dtype), prefix_mask,
+                                      k.astype(q.dtype), v.astype(q.dtype), self_mask, cfg.group_size,
+                                      context_k=xk, context_v=xv)
+        return out, ((k, v) if ck is not None else None)
+
+    ctx = prefix.context
+    extras = (prefix.k, prefix.v, None if cache is None else cache.k, None if cache is None else cache.v,
+              None if ctx is None else ctx.k, None if ctx is None else ctx.v)
+    x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bns), attend, extras)
+    new_cache = None if cache is None else BranchCache(k=kv[0], v=kv[1])
+    return (x if return_hidden else logits_from_hidden(cfg, params, x)), new_cache
+
+
+# ----------------------------------------------------------------------------------------------
+# Mode 3: incremental decoding from prompts
+# ----------------------------------------------------------------------------------------------
+
+@flax.struct.dataclass
+class DecodeState:
+    """KV cache of B sequences for incremental decoding: each layer's prompt keys/values followed by
+    J slots for the generated tokens, in the layouts the single-query attention reads directly.
+
+    k: tuple of Y arrays [B, Hk, Dh, L + J] (keys transposed: q.k is a plain batched matmul).
+    v: tuple of Y arrays [B, Hk, L + J, Dh]. One array per layer (not stacked on a `layers` axis), so a
+    step writes one slot per layer in place and reads each layer's cache without slicing a copy out.
+    Slot t < L holds prompt token t (valid where t < prompt_lens); slot L + i generated token i.
+    prompt_lens: [B] int32. step: [] int32 tokens fed so far. prompt_width: L (static).
+    """
+
+    k: tuple
+    v: tuple
+    prompt_lens: jax.Array
+    step: jax.Array
+    prompt_width: int = flax.struct.field(pytree_node=False)
+
+
+def prefill(params: Params, cfg: ModelConfig, prompts_bl, prompt_lens_b, max_new_tokens: int):
+    """Encode right-padded prompts [B, L] with lengths [B] (>= 1).
+
+    Returns (logits of each prompt's last token [B, V] float32, DecodeState).
+    """
+    length = prompts_bl.shape[1]
+    seg = (jnp.arange(length)[None, :] < prompt_lens_b[:, None]).astype(jnp.int32)
+    last, prefix = forward(params, cfg, prompts_bl, segment_ids_bl=seg, return_cache=True,
+                           logits_at_b=prompt_lens_b - 1)
+    dt = cfg.jnp_compute_dtype
+    pad = lambda x, axis: jnp.pad(x.astype(dt), [(0, max_new_tokens if a == axis else 0) for a in range(4)])
+    ks = tuple(pad(jnp.transpose(prefix.k[i], (0, 2, 3, 1)), 3) for i in range(cfg.num_layers))  # [B, Hk, Dh, T]
+    vs = tuple(pad(jnp.transpose(prefix.v[i], (0, 2, 1, 3)), 2) for i in range(cfg.num_layers))  # [B, Hk, T, Dh]
+    state = DecodeState(k=ks, v=vs, prompt_lens=prompt_lens_b.astype(jnp.int32), step=jnp.zeros((), jnp.int32),
+                        prompt_width=length)
+    return last, state
+
+
+def split_layers(params: Params) -> Params:
+    """params with `layers` as a tuple of per-layer dicts instead of stacked arrays, for `decode_step`.
+
+    Split once outside a decode loop: slicing layer i out of the stacked arrays inside the loop copies
+    every weight at every step (XLA does not hoist the slices out of the while loop)."""
+    if isinstance(params["layers"], tuple):
+        return params
+    stacked = params["layers"]
+    n = next(iter(stacked.values())).shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(n))}
+
+
+def decode_step(params: Params, cfg: ModelConfig, state: DecodeState, tokens_b):
+    """Feed one token per sequence [B]; returns (next-token logits [B, V] float32, new DecodeState).
+
+    params: as `init_params`, or better `split_layers(params)` computed once outside the decode loop.
+    The layers are unrolled (a Python loop): with one cache array per layer every write is in place
+    and no layer's cache is sliced out of a stacked array (a full copy per layer and step on CPU).
+    """
+    slot = state.prompt_width + state.step
+    total = state.v[0].shape[2]
+    t = jnp.arange(total)
+    valid = ((t[None, :] < state.prompt_lens[:, None])                                      # [B, L + J]
+             | ((t[None, :] >= state.prompt_width) & (t[None, :] <= slot)))
+    positions = (state.prompt_lens + state.step)[:, None]                                  # [B, 1]
+    inv_freq = layers.rope_inv_freq(cfg)
+    x = _embed(cfg, params, tokens_b[:, None])                                              # [B, 1, D]
+    new_k, new_v = [], []
+    per_layer = split_layers(params)["layers"]
+    for i in range(cfg.num_layers):
+        lp = per_layer[i]
+        ck, cv = state.k[i], state.v[i]
+
+        def attend(lp, h, _):
+            with jax.named_scope("qkv_proj"):
+                q, k, v = _project_qkv(cfg, lp, h, positions, inv_freq)  # [B, 1, H, Dh], [B, 1, Hk, Dh]
+            with jax.named_scope("kv_write"):
+                k = jax.lax.dynamic_update_slice(ck, jnp.transpose(k, (0, 2, 3, 1)).astype(ck.dtype), (0, 0, 0, slot))
+                v = jax.lax.dynamic_update_slice(cv, jnp.transpose(v, (0, 2, 1, 3)).astype(cv.dtype), (0, 0, slot, 0))
+            with jax.named_scope("cache_read"):
+                out = layers.decode_attention(q[:, 0], k.astype(q.dtype), v.astype(q.dtype), valid, cfg.group_size)
+            return out[:, None], (k, v)
+
+        x, (k, v) = _block(cfg, attend, x, lp, None)
+        new_k.append(k)
+        new_v.append(v)
+    logits = logits_from_hidden(cfg, params, x[:, 0])
+    return logits, state.replace(k=tuple(new_k), v=tuple(new_v), step=state.step + 1)

@@ -1,0 +1,76 @@
+"""Choosing the positions t at which the policy thinks (docs/method.md step 1).
+
+Shapes: B documents, L tokens, K positions per document, H reward horizon.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlp_jax.rlp.config import RolloutConfig
+
+
+def valid_positions(segment_ids_bl, positions_bl, *, min_context: int, horizon: int = 1):
+    """bool [B, L]: t is a valid thinking position.
+
+    Valid when x_t is a real token with at least `min_context` tokens of its own document before it,
+    and x_t .. x_{t+H-1} all lie in the same document.
+    """
+    ok = (segment_ids_bl > 0) & (positions_bl >= min_context)
+    for h in range(1, horizon):
+        same = jnp.pad(segment_ids_bl[:, h:] == segment_ids_bl[:, :-h], ((0, 0), (0, h)))
+        ok &= same
+    return ok
+
+
+def choose_positions(rng, valid_bl, num_positions: int, *, score_bl=None):
+    """K distinct positions per document, uniform over `valid_bl` (Gumbel top-k without replacement).
+
+    Args:
+      rng: PRNG key. valid_bl: bool [B, L]. num_positions: K.
+      score_bl: optional extra bool mask [B, L] (e.g. an EMA-surprise band); used when a document has
+        at least K such positions, else the plain valid set is used for that document.
+    Returns:
+      (t_bk int32 [B, K] sorted ascending, mask_bk bool [B, K]: False where a document had fewer than
+      K valid positions; those slots hold an arbitrary index and must be ignored).
+    """
+    if score_bl is not None:
+        preferred = valid_bl & score_bl
+        enough = preferred.sum(axis=1, keepdims=True) >= num_positions
+        valid_bl = jnp.where(enough, preferred, valid_bl)
+    gumbel = jax.random.gumbel(rng, valid_bl.shape)
+    scores = jnp.where(valid_bl, gumbel, -jnp.inf)
+    top, t_bk = jax.lax.top_k(scores, num_positions)
+    mask_bk = jnp.isfinite(top)
+    order = jnp.argsort(jnp.where(mask_bk, t_bk, valid_bl.shape[1]), axis=1)
+    t_bk = jnp.take_along_axis(t_bk, order, axis=1)
+    mask_bk = jnp.take_along_axis(mask_bk, order, axis=1)
+    return jnp.where(mask_bk, t_bk, 0).astype(jnp.int32), mask_bk
+
+
+def choose_window(rng, valid_bl, num_positions: int):
+    """K consecutive valid positions t0 .. t0+K-1 per document, t0 uniform over the starts that allow it.
+
+    Returns (t_bk int32 [B, K], mask_bk bool [B, K]) as `choose_positions` (mask False for a document
+    without K consecutive valid positions).
+    """
+    k = num_positions
+    csum = jnp.pad(jnp.cumsum(valid_bl.astype(jnp.int32), axis=1), ((0, 0), (1, 0)))   # [B, L + 1]
+    run = csum[:, k:] - csum[:, :-k]                                                     # [B, L - K + 1]
+    starts = jnp.pad(run == k, ((0, 0), (0, k - 1)))                                     # [B, L]
+    t0, ok = choose_positions(rng, starts, 1)                                            # [B, 1]
+    mask_bk = jnp.broadcast_to(ok, (valid_bl.shape[0], k))
+    return jnp.where(mask_bk, t0 + jnp.arange(k), 0).astype(jnp.int32), mask_bk
+
+
+def select_positions(rng, segment_ids_bl, positions_bl, ema_logprobs_bl, rollout: RolloutConfig, horizon: int):
+    """Apply the configured rule (`rollout.position_rule`); returns (t_bk, mask_bk) as `choose_positions`."""
+    valid = valid_positions(segment_ids_bl, positions_bl, min_context=rollout.min_context, horizon=horizon)
+    band = None
+    if rollout.position_rule == "ema_band":
+        surprise = -ema_logprobs_bl
+        band = (surprise >= rollout.ema_band[0]) & (surprise <= rollout.ema_band[1])
+    if rollout.position_rule == "window":
+        return choose_window(rng, valid, rollout.positions_per_doc)
+    return choose_positions(rng, valid, rollout.positions_per_doc, score_bl=band)

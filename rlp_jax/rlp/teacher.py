@@ -1,0 +1,37 @@
+"""The no-think teacher: an exponential moving average of the policy weights (docs/method.md)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from rlp_jax.model import transformer as model
+from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.scoring import shifted_token_logprobs_chunked
+from rlp_jax.rlp.config import RLPConfig
+from rlp_jax.rlp.prompt import prompt_context
+
+
+def init_ema(params):
+    """EMA params initialised to theta (a copy, never aliasing it), in float32: (1 - tau) updates vanish in bf16."""
+    return jax.tree.map(lambda p: jnp.array(p, dtype=jnp.float32, copy=True), params)
+
+
+def ema_update(ema_params, params, decay: float):
+    """phi <- decay * phi + (1 - decay) * theta, leaf by leaf, in the EMA's dtype."""
+    return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype),
+                        ema_params, params)
+
+
+def _as_compute(params, cfg: ModelConfig):
+    return jax.tree.map(lambda p: p.astype(cfg.jnp_param_dtype), params)
+
+
+def teacher_logprobs(ema_params, cfg: ModelConfig, batch, rlp: RLPConfig | None = None) -> jax.Array:
+    """log p_ema(x_j | x_<j) for every token, from one teacher-forced pass: [B, L] float32, no gradient.
+    With `rlp` given, the teacher reads the prompt when `rlp.prompt.teacher_sees`."""
+    ema = _as_compute(jax.lax.stop_gradient(ema_params), cfg)
+    ctx = None if rlp is None else prompt_context(ema, cfg, rlp, teacher=True)
+    hidden, _ = model.forward(ema, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                              positions_bl=batch["positions"], return_hidden=True, context=ctx)
+    return shifted_token_logprobs_chunked(ema, cfg, hidden, batch["tokens"])

@@ -1,0 +1,5 @@
+import sys
+
+from rlp_jax.train.loop import main
+
+sys.exit(main())

@@ -1,0 +1,304 @@
+"""The run configuration: typed, frozen sections, strict `--set key=value` overrides, experiment registry.
+
+A run is a `RunConfig` with one section per concern: `model` (`ModelSection`), `data`
+(`rlp_jax.data.pipeline.DataConfig` + tokenizer), `rlp` (`RLPConfig`), `optim` (`OptimConfig`), `train`
+(`TrainSection`). Experiments are Python files in `experiments/` defining `config() -> RunConfig`
+(and optionally `prepare(cfg, workdir) -> RunConfig`, run before training to build data).
+
+Overrides: `--set rlp.rollout.group_size=8 --set optim.lr=1e-6`. Unknown keys, wrong types and a
+key set twice are one-line errors. Values are parsed by the field's type: int, float, bool
+(true/false), str, None (`none`), and JSON for tuples and nested structures (e.g.
+`--set 'data.sources=[{"path": "web/*.jsonl", "weight": 2}]'`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from rlp_jax.data.pipeline import DataConfig, SourceConfig
+from rlp_jax.model.config import PRESETS
+from rlp_jax.rlp.config import LossConfig, PromptConfig, RewardConfig, RLPConfig, RolloutConfig
+from rlp_jax.sharding import MeshConfig
+
+
+class ConfigError(ValueError):
+    """A bad experiment name, override or config value (one line, names the fix)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """Attributes:
+      preset: named size for random init (`ModelConfig.preset`): tiny, small, qwen3-0.6b, ...
+      init_from: a local Hugging Face checkpoint directory (Qwen3/Qwen2/Llama safetensors), a GGUF
+        file (`.gguf`, Llama/Qwen2/Qwen3, dequantized to float32; `python -m rlp_jax.fetch smollm2`
+        gets one) or an rlp_jax run directory (its latest policy params, e.g. an NTP stage before
+        RLP); when set, the architecture comes from it and `preset` is ignored.
+      param_dtype, compute_dtype: "float32" / "bfloat16". remat: "none" / "full" / "dots".
+      think_tokens: the strings of the two think markers. Tokens the vocabulary already has (e.g. an
+        unused special token of a pretrained tokenizer) are used as they are; others are added.
+      new_token_init: how embedding rows of added tokens start: "mean" (mean row + noise) or
+        "pieces" (the mean of the rows of the marker's own spelling in the original vocabulary).
+    """
+
+    preset: str = "tiny"
+    init_from: str | None = None
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"
+    think_tokens: tuple[str, str] = ("<think>", "</think>")
+    new_token_init: str = "mean"
+
+    def __post_init__(self):
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16"):
+                raise ConfigError(f"model.{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
+        if self.remat not in ("none", "full", "dots"):
+            raise ConfigError(f"model.remat must be none, full or dots, got {self.remat!r}")
+        if self.new_token_init not in ("mean", "pieces"):
+            raise ConfigError(f"model.new_token_init must be mean or pieces, got {self.new_token_init!r}")
+        if len(self.think_tokens) != 2 or len(set(self.think_tokens)) != 2 or not all(self.think_tokens):
+            raise ConfigError(f"model.think_tokens must be two different non-empty strings, got {self.think_tokens!r}")
+        if self.init_from is None and self.preset not in PRESETS:
+            raise ConfigError(f"model.preset {self.preset!r} is unknown; valid presets: {', '.join(PRESETS)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with warmup + (cosine | constant) schedule, global-norm clipping, no decay on norms/biases.
+
+    Attributes: lr (peak), warmup_steps, schedule, min_lr_ratio (cosine floor as a fraction of lr),
+    weight_decay, b1, b2, eps, clip_norm (0 = off).
+    """
+
+    lr: float = 1e-6
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ConfigError(f"optim.schedule must be constant or cosine, got {self.schedule!r}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.clip_norm < 0:
+            raise ConfigError("optim.lr must be > 0, optim.warmup_steps and optim.clip_norm >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSection:
+    """Attributes:
+      objective: "rlp" (the paper) or "ntp" (next-token continued pretraining, the CPT baseline).
+      steps: optimizer steps. seed: PRNG seed of positions and sampling.
+      log_every, eval_every (0 = off), eval_batches: periodic logging / held-out evaluation.
+      save_every, keep: checkpoint interval and how many to keep (a final one is always written).
+      max_nonfinite: stop after this many non-finite steps in a row (each is skipped and counted).
+      min_thought_len: warn when the mean thought length falls below this (thought collapse).
+      mesh: (data, fsdp, tensor) sizes. plot: write PNG curves at the end.
+      micro_batches: gradient accumulation: each step runs its data.batch_size rows as this many
+        micro-batches one after another (activation memory of batch_size / micro_batches rows; one
+        optimizer update per step; see `train_step.rlp_step`).
+      tokenizer: sentencepiece .model or Hugging Face tokenizer dir (default: model.init_from).
+    """
+
+    objective: str = "rlp"
+    steps: int = 100
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0
+    eval_batches: int = 2
+    save_every: int = 50
+    keep: int = 3
+    max_nonfinite: int = 5
+    min_thought_len: float = 2.0
+    mesh: MeshConfig = MeshConfig()
+    plot: bool = True
+    tokenizer: str | None = None
+    micro_batches: int = 1
+
+    def __post_init__(self):
+        if self.objective not in ("rlp", "ntp"):
+            raise ConfigError(f"train.objective must be rlp or ntp, got {self.objective!r}")
+        if min(self.steps, self.save_every, self.log_every, self.max_nonfinite, self.keep, self.eval_batches) < 1:
+            raise ConfigError("train.steps, save_every, log_every, max_nonfinite, keep and eval_batches must be >= 1")
+        if self.eval_every < 0:
+            raise ConfigError("train.eval_every must be >= 0 (0 = no evaluation)")
+        if self.micro_batches < 1:
+            raise ConfigError(f"train.micro_batches must be >= 1, got {self.micro_batches}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    model: ModelSection = ModelSection()
+    data: DataConfig
+    rlp: RLPConfig = RLPConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainSection = TrainSection()
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides
+# ----------------------------------------------------------------------------------------------
+
+_NESTED = {SourceConfig, DataConfig, RLPConfig, RolloutConfig, RewardConfig, LossConfig, PromptConfig, MeshConfig,
+           ModelSection, OptimConfig, TrainSection, RunConfig}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse(raw: str, typ, key: str):
+    """Parse a command-line string as `typ` (int, float, bool, str, optional, tuples, dataclasses)."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if raw.lower() in ("none", "null") and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _parse(raw, inner, key)
+    try:
+        if typ is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return raw.lower() in ("true", "1")
+        if typ in (int, float, str):
+            return typ(raw)
+        return _from_json(json.loads(raw), typ, key)
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ConfigError(f"--set {key}={raw}: expected {getattr(typ, '__name__', typ)}") from None
+
+
+def _from_json(value, typ, key: str):
+    """Build `typ` from a JSON value (tuples from lists, dataclasses from dicts)."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _from_json(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a JSON list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from_json(v, args[0], key) for v in value)
+        return tuple(_from_json(v, a, key) for v, a in zip(value, args, strict=True))
+    if typ in _NESTED:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a JSON object for {typ.__name__}")
+        hints = _field_types(typ)
+        unknown = set(value) - set(hints)
+        if unknown:
+            raise ConfigError(f"{key}: unknown field(s) {sorted(unknown)}; valid: {', '.join(hints)}")
+        return typ(**{k: _from_json(v, hints[k], f"{key}.{k}") for k, v in value.items()})
+    if typ is float and isinstance(value, int):
+        return float(value)
+    if typ in (int, float, str, bool) and not isinstance(value, typ):
+        raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _set(obj, path: list[str], raw: str, full_key: str):
+    hints = _field_types(type(obj))
+    name = path[0]
+    if name not in hints:
+        raise ConfigError(f"unknown config field {full_key!r}; valid fields here: {', '.join(hints)}")
+    if len(path) == 1:
+        value = _parse(raw, hints[name], full_key)
+    else:
+        child = getattr(obj, name)
+        if type(child) not in _NESTED:
+            raise ConfigError(f"{full_key!r}: {'.'.join(path[:1])} has no sub-fields")
+        value = _set(child, path[1:], raw, full_key)
+    return dataclasses.replace(obj, **{name: value})
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply `key=value` strings in order; rejects unknown keys, bad types and repeated keys."""
+    seen = set()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set optim.lr=1e-6")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key in seen:
+            raise ConfigError(f"--set {key} is given twice; keep one")
+        seen.add(key)
+        try:
+            cfg = _set(cfg, key.split("."), raw, key)
+        except ConfigError:
+            raise
+        except ValueError as e:  # a section's own validation
+            raise ConfigError(f"--set {key}={raw}: {e}") from None
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    """JSON-ready nested dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(d: dict) -> RunConfig:
+    """Inverse of `to_dict` (used to read a run's config.json)."""
+    return _from_json(d, RunConfig, "config")
+
+
+def describe_fields(cfg, prefix: str = "") -> list[str]:
+    """`key = default  (type)` lines for every leaf field, for --help."""
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if type(value) in _NESTED:
+            lines += describe_fields(value, key + ".")
+        else:
+            typ = _field_types(type(cfg))[f.name]
+            lines.append(f"  {key} = {json.dumps(to_dict_value(value))}  ({getattr(typ, '__name__', str(typ))})")
+    return lines
+
+
+def to_dict_value(value):
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, tuple):
+        return [to_dict_value(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Experiments
+# ----------------------------------------------------------------------------------------------
+
+EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
+
+
+def _experiment_dirs() -> list[Path]:
+    """experiments/ of the source tree (editable installs), then of the working directory (a
+    non-editable install ships only the package)."""
+    return [d for d in dict.fromkeys((EXPERIMENTS_DIR, Path.cwd() / "experiments")) if d.is_dir()]
+
+
+def experiment_names() -> list[str]:
+    return sorted({p.stem for d in _experiment_dirs() for p in d.glob("*.py") if not p.stem.startswith("_")})
+
+
+def load_experiment(name: str):
+    """The module of experiment `name` (a file in experiments/, or a path to a .py recipe)."""
+    found = [d / f"{name}.py" for d in _experiment_dirs() if (d / f"{name}.py").exists()]
+    path = Path(name) if name.endswith(".py") else (found[0] if found else EXPERIMENTS_DIR / f"{name}.py")
+    if not path.exists():
+        raise ConfigError(f"unknown experiment {name!r}; valid experiments: {', '.join(experiment_names())} "
+                          "(or a path to a recipe .py file)")
+    spec = importlib.util.spec_from_file_location(f"rlp_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+        raise ConfigError(f"experiment file {path} defines no config() function")
+    return module

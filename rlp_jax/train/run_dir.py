@@ -1,0 +1,265 @@
+"""Loading a trained model: from an rlp_jax run directory (Orbax checkpoint) or a Hugging Face directory.
+
+A run directory is what `python -m rlp_jax.train` writes: `config.json` (the model shape and the run
+config) and `checkpoints/<step>/`. A run trained with a URL workdir (`gs://bucket/runs/x`) is named by
+that URL: its checkpoints are read from the bucket, its config.json from the local mirror that
+training wrote (`local_dirs`). `load_model` restores the policy (or the EMA teacher) of its latest
+(or a chosen) step together with the tokenizer the run used; a Hugging Face directory is read with
+`hf.from_hf` and its own tokenizer. Used by `evaluate`, `generate`, `export` and as `model.init_from`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+
+from rlp_jax.data.tokenizer import THINK_TOKENS, Tokenizer, TokenizerError, load_tokenizer, resize_embeddings
+from rlp_jax.model import gguf as gguf_io
+from rlp_jax.model import hf
+from rlp_jax.model import transformer as model
+from rlp_jax.model.config import ModelConfig
+from rlp_jax.train import checkpoint
+from rlp_jax.train import step as train_step
+from rlp_jax.train.config import ConfigError, from_dict
+from rlp_jax.train.optim import make_optimizer
+
+
+class LoadError(ValueError):
+    """A path that is neither a readable run directory nor a Hugging Face checkpoint (one line, with the fix)."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """cfg: ModelConfig. params: the parameter pytree (device arrays). tokenizer: the run's tokenizer.
+    source: "run", "hf" or "gguf". step: the checkpoint step (None for Hugging Face). path: where it came from.
+    run_config: the run's saved config.json (None for Hugging Face)."""
+
+    cfg: ModelConfig
+    params: dict
+    tokenizer: Tokenizer
+    source: str
+    step: int | None
+    path: Path | str
+    run_config: dict | None = None
+
+    @property
+    def think_banned_ids(self) -> tuple[int, ...]:
+        """The rlp.rollout.banned_ids the run trained with: token ids that evaluation and generation never
+        sample in its thoughts, as its rollout did (() for Hugging Face checkpoints and older runs)."""
+        if not self.run_config:
+            return ()
+        return tuple(self.run_config["run"].get("rlp", {}).get("rollout", {}).get("banned_ids") or ())
+
+    @property
+    def think_prompt_ids(self) -> tuple[int, ...]:
+        """The token ids of the prompt the run's policy thought after (rlp.prompt, the prompted setting):
+        evaluation reads it before a question when it thinks (() without a prompt, for pretrained files)."""
+        if not self.run_config:
+            return ()
+        return tuple(self.run_config["run"].get("rlp", {}).get("prompt", {}).get("ids") or ())
+
+    @property
+    def think_temperature(self) -> float:
+        """The rollout temperature the run sampled its thoughts at (1.0 for pretrained files and older runs)."""
+        if not self.run_config:
+            return 1.0
+        return float(self.run_config["run"].get("rlp", {}).get("rollout", {}).get("temperature", 1.0))
+
+
+def is_url(path) -> bool:
+    return "://" in str(path)
+
+
+def local_dirs(workdir) -> tuple[Path, str]:
+    """(local run directory, checkpoint directory) of a workdir.
+
+    A local workdir holds everything. A URL workdir (gs://bucket/runs/x, an `etils.epath.Path` or str)
+    keeps the checkpoints there (Orbax writes to it directly, from every host) and the config,
+    metrics, TensorBoard events and plots in the local mirror ~/.cache/rlp_jax/runs/<bucket>/<path>.
+    """
+    text = str(workdir)
+    if not is_url(text):
+        return Path(workdir), str(Path(workdir) / "checkpoints")
+    mirror = Path.home() / ".cache" / "rlp_jax" / "runs" / text.split("://", 1)[1].strip("/")
+    return mirror, text.rstrip("/") + "/checkpoints"
+
+
+def _dir_exists(path: str) -> bool:
+    if not is_url(path):
+        return Path(path).is_dir()
+    from etils import epath
+    try:
+        return epath.Path(path).exists()
+    except Exception:   # no credentials, no such bucket, no gcsfs: not a run we can read
+        return False
+
+
+def is_run_dir(path) -> bool:
+    """True if `path` holds an rlp_jax run (config.json with a "run" section and a checkpoints dir);
+    a URL counts when its local mirror has the config and the bucket has the checkpoints."""
+    local, ckpt_dir = local_dirs(path)
+    if not (local / "config.json").is_file() or not _dir_exists(ckpt_dir):
+        return False
+    try:
+        return "run" in json.loads((local / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def read_run_config(path) -> dict:
+    """A run's config.json (from the local mirror for a URL run)."""
+    return json.loads((local_dirs(path)[0] / "config.json").read_text())
+
+
+def _resolve(p: str | None, run_dir: Path) -> str | None:
+    """A path recorded in a run's config: as recorded if it exists, else relative to the run's parent."""
+    if p is None or is_url(p) or Path(p).exists():
+        return p
+    for base in (run_dir, run_dir.parent):
+        if (base / p).exists():
+            return str(base / p)
+    return p
+
+
+def run_tokenizer_path(run_dir: Path, run_config: dict) -> str:
+    """The tokenizer a run trained with (train.tokenizer, else model.init_from)."""
+    run = run_config["run"]
+    path = run["train"].get("tokenizer") or run["model"].get("init_from")
+    if path is None:
+        raise LoadError(f"{run_dir}/config.json names no tokenizer (train.tokenizer / model.init_from)")
+    return _resolve(path, run_dir)
+
+
+def run_tokenizer(run_dir, run_config: dict) -> Tokenizer:
+    """The tokenizer a run trained with, with the think markers it used (model.think_tokens)."""
+    markers = tuple(run_config["run"]["model"].get("think_tokens") or THINK_TOKENS)
+    return load_tokenizer(run_tokenizer_path(local_dirs(run_dir)[0], run_config), think_tokens=markers)
+
+
+def is_pretrained(path) -> bool:
+    """A pretrained checkpoint rlp_jax reads: a Hugging Face directory (config.json) or a .gguf file."""
+    return gguf_io.is_gguf(path) or (not is_url(path) and (Path(path) / "config.json").is_file()
+                                     and not is_run_dir(path))
+
+
+def load_pretrained(path, *, param_dtype: str | None = None, **config_overrides):
+    """(ModelConfig, params) of a Hugging Face checkpoint directory or a GGUF file (`hf.from_hf`,
+    `gguf_io.from_gguf`); params may be host (numpy) arrays."""
+    if gguf_io.is_gguf(path):
+        return gguf_io.from_gguf(path, param_dtype=param_dtype, **config_overrides)
+    return hf.from_hf(path, param_dtype=param_dtype, **config_overrides)
+
+
+def fit_embeddings(mcfg: ModelConfig, params: dict, tokenizer: Tokenizer, rng, init: str = "mean"):
+    """Grow the embedding (and an untied lm_head) to the tokenizer's vocabulary when it added tokens
+    (the think markers), new rows by `init` (`tokenizer.resize_embeddings`). Returns (cfg, params)."""
+    if tokenizer.vocab_size <= mcfg.vocab_size:
+        return mcfg, params
+    k1, k2 = jax.random.split(rng)
+    grow = lambda table, key: resize_embeddings(table, tokenizer.vocab_size, key, init=init,
+                                                pieces=tokenizer.added_pieces)
+    params = dict(params, embed=grow(params["embed"], k1))
+    if "lm_head" in params:
+        params["lm_head"] = grow(params["lm_head"].T, k2).T
+    return mcfg.replace(vocab_size=tokenizer.vocab_size), params
+
+
+def load_run_params(run_dir, *, step: int | None = None, which: str = "params", mesh=None):
+    """Restore one parameter tree of a run's checkpoint.
+
+    Args:
+      run_dir: an rlp_jax run directory. step: checkpoint step (default: the latest restorable).
+      which: "params" (the policy theta) or "ema" (the teacher phi, float32).
+      mesh: optional `jax.sharding.Mesh`; params are restored sharded by the logical rules over it.
+    Returns:
+      (ModelConfig, params pytree, step, the run's config.json dict).
+    """
+    from rlp_jax import sharding
+
+    if which not in ("params", "ema"):
+        raise LoadError(f"which must be 'params' or 'ema', got {which!r}")
+    if not is_run_dir(run_dir):
+        raise LoadError(f"{run_dir} is not an rlp_jax run directory (no config.json + checkpoints/); pass a run "
+                        "directory written by `python -m rlp_jax.train` or a Hugging Face checkpoint dir")
+    ckpt_dir = local_dirs(run_dir)[1]
+    run_config = read_run_config(run_dir)
+    try:
+        mcfg = ModelConfig(**run_config["model_full"])
+        cfg = from_dict(run_config["run"])
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
+        raise LoadError(f"{run_dir}/config.json cannot be read as an rlp_jax run config ({e}); was it written "
+                        "by a different rlp_jax version?") from None
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    keep_ref = cfg.train.objective == "rlp" and cfg.rlp.loss.kl_beta > 0
+    abstract_p = jax.eval_shape(lambda k: model.init_params(mcfg, k), jax.random.key(0))
+    init_state = lambda p: train_step.init_train_state(p, optimizer, keep_reference=keep_ref)
+    abstract = jax.eval_shape(init_state, abstract_p)
+    if mesh is None:
+        mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
+    p_sh = sharding.tree_shardings(model.param_logical_axes(mcfg), abstract_p, mesh)
+    st_sh = sharding.state_shardings(abstract, p_sh, mesh)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, st_sh)
+    ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1)
+    try:
+        restored = ckpt.restore(abstract, config=run_config, step=step)
+    except FileNotFoundError as e:
+        raise LoadError(str(e)) from None
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise LoadError(f"{ckpt_dir} holds no checkpoint yet; train first or pass another run")
+    params = restored.state.params if which == "params" else restored.state.ema_params
+    if which == "ema":   # the teacher is kept in float32; serve it in the model's storage dtype
+        params = jax.tree.map(lambda p: p.astype(mcfg.jnp_param_dtype), params)
+    return mcfg, params, restored.step, run_config
+
+
+def load_model(path, *, step: int | None = None, which: str = "params", mesh=None,
+               compute_dtype: str | None = None) -> LoadedModel:
+    """Load a model and its tokenizer from a run directory, a Hugging Face checkpoint directory or a GGUF file.
+
+    For a pretrained checkpoint whose tokenizer gained the think markers, the embedding grows to match
+    (new rows drawn like `resize_embeddings`; a fixed seed, so repeated loads agree).
+    Raises LoadError / TokenizerError / hf.CheckpointError / checkpoint.CheckpointMismatch with one-line messages.
+    """
+    from rlp_jax import sharding
+
+    if not is_url(path):
+        path = Path(path)
+        if not path.exists():
+            raise LoadError(f"checkpoint {path} does not exist; pass a run directory, a Hugging Face checkpoint dir or a .gguf file")
+    run = is_run_dir(path)   # for a URL, one look at the bucket
+    if is_url(path) and not run:
+        raise LoadError(f"{path}: no rlp_jax run there (its config.json is looked for in the local mirror "
+                        f"{local_dirs(path)[0]}, its checkpoints at {local_dirs(path)[1]}); run from the host "
+                        "that trained it, or copy the run directory locally")
+    if run:
+        mcfg, params, got_step, run_config = load_run_params(path, step=step, which=which, mesh=mesh)
+        tokenizer = run_tokenizer(path, run_config)
+        source = "run"
+    elif is_pretrained(path):
+        if step is not None or which != "params":
+            raise LoadError(f"{path} is a pretrained checkpoint, not a run: --step and --which=ema apply to run "
+                            "directories only")
+        mcfg, params = load_pretrained(path)
+        tokenizer = load_tokenizer(path)
+        mcfg, params = fit_embeddings(mcfg, params, tokenizer, jax.random.key(0))
+        if mesh is None:
+            mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
+        # host arrays straight into their shards over the mesh (never the whole tree on one device)
+        params = jax.device_put(params, sharding.tree_shardings(model.param_logical_axes(mcfg), params, mesh))
+        got_step, run_config, source = None, None, "gguf" if gguf_io.is_gguf(path) else "hf"
+    else:
+        raise LoadError(f"{path} is neither an rlp_jax run directory (config.json + checkpoints/), a Hugging "
+                        "Face checkpoint (config.json + model.safetensors) nor a .gguf file")
+    if compute_dtype is not None:
+        mcfg = mcfg.replace(compute_dtype=compute_dtype)
+    return LoadedModel(cfg=mcfg, params=params, tokenizer=tokenizer, source=source, step=got_step, path=path,
+                       run_config=run_config)
+
+
+LOAD_ERRORS = (LoadError, TokenizerError, hf.CheckpointError, checkpoint.CheckpointMismatch,
+               checkpoint.CheckpointRestoreError, ConfigError)

@@ -1,0 +1,269 @@
+"""One RLP optimisation step, jit-compiled: positions -> rollout -> reward -> advantages -> loss -> update -> EMA
+(the math in `rlp_jax.rlp.objective`; here the train state, the update, micro-batching and the jit wrappers).
+
+The step is pure: `step(state, batch, rng) -> (state, metrics)`; the host loop owns data, logging and
+checkpoints. A batch is a dict of [B, L] int32 arrays: `tokens`, `segment_ids` (0 = padding, packed
+documents numbered 1, 2, ...) and `positions` (rotary positions, restarting per document).
+
+Shapes: B rows, L tokens, K positions per row, G thoughts per position, T thought slots, H horizon,
+M = B*K*G thoughts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from rlp_jax import sharding
+from rlp_jax.model import transformer as model
+from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.scoring import shifted_token_logprobs
+from rlp_jax.rlp import objective, positions, reward
+from rlp_jax.rlp.config import RLPConfig
+from rlp_jax.rlp.losses import next_token_mask, shifted_ntp_loss
+from rlp_jax.rlp.prompt import prompt_context
+from rlp_jax.rlp.rollout import thought_forward, thought_rollout
+from rlp_jax.rlp.teacher import ema_update, init_ema
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step: [] int32 steps taken (batches consumed, skipped non-finite steps included). params: the policy theta. ema_params: phi (float32).
+    opt_state: optax state. ref_params: frozen initial params for the KL penalty (None when beta = 0).
+    """
+
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    ref_params: Any = None
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation, *, keep_reference: bool = False) -> TrainState:
+    """A fresh state: EMA initialised to theta (the paper's lazy init at the first batch)."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=init_ema(params),
+                      opt_state=optimizer.init(params), ref_params=jax.tree.map(jnp.copy, params) if keep_reference else None)
+
+
+def _apply_update(state: TrainState, grads, loss, optimizer, ema_decay: float | None):
+    """Optimizer + EMA update; skipped (all but the step counter unchanged) if loss or grads are non-finite."""
+    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if ema_decay is not None:
+        new = new.replace(ema_params=ema_update(state.ema_params, params, ema_decay))
+    # A skipped step keeps params, EMA and optimizer state but still counts as a step (state.step is
+    # the number of batches consumed, which checkpoints and the data iterator agree on).
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state.replace(step=state.step + 1))
+    metrics = {"train/grad_norm": optax.tree.norm(grads), "train/skipped_nonfinite": (~finite).astype(jnp.int32)}
+    return new, metrics
+
+
+def split_micro_batches(x, m: int):
+    """[B, ...] -> [M, B/M, ...]. Micro-batch i takes rows i, i + M, i + 2M, ...: with rows sharded in
+    contiguous blocks over the mesh, every device holds its share of every micro-batch (no resharding)."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+
+
+def _merge_micro_batches(x):
+    """[M, B/M, ...] -> [B, ...] (row order irrelevant: used for metrics only)."""
+    return x.reshape(-1, *x.shape[2:])
+
+
+def _ntp_tokens(batch) -> jax.Array:
+    """[] float32: next-token targets of a packed batch (shifted_ntp_loss's denominator)."""
+    return next_token_mask(batch["segment_ids"]).sum().astype(jnp.float32)
+
+
+def _accumulated_grads(value_and_grad_fn, params, xs):
+    """Gradients summed over the leading (micro-batch) axis of the pytree `xs` under `lax.scan`, in
+    float32, returned in the params' dtypes; value_and_grad_fn(x) -> (value, grads).
+    Returns (grads, values stacked [M, ...])."""
+    def body(acc, x):
+        value, g = value_and_grad_fn(x)
+        return jax.tree.map(lambda a, gi: a + gi.astype(jnp.float32), acc, g), value
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    grads, values = jax.lax.scan(body, zeros, xs)
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), values
+
+
+def _combine_metrics(metrics_m: dict, weights_m) -> dict:
+    """Per-micro-batch metrics [M] -> one value: maxima and minima over micro-batches, everything else
+    weighted by `weights_m` [M] (the micro-batches' shares of the thoughts)."""
+    out = {}
+    for k, v in metrics_m.items():
+        if "max" in k:
+            out[k] = v.max()
+        elif "min" in k:
+            out[k] = v.min()
+        else:
+            out[k] = jnp.sum(v * weights_m)
+    return out
+
+
+def rlp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig,
+             optimizer: optax.GradientTransformation, naive_path: bool = False, micro_batches: int = 1):
+    """One RLP step (un-jitted; see `make_rlp_train_step`). Returns (new state, metrics of scalars).
+
+    naive_path: sample and score every thought as its own sequence (the reference; for benchmarks).
+    micro_batches: M > 1 splits the B rows into M micro-batches (`split_micro_batches`) processed one
+      after another under `lax.scan`, so activations are those of B/M rows. All rollouts come first
+      (micro-batch i samples with `fold_in(rng, i)`), then the gradients, each micro-batch's loss
+      weighted by its share of the batch's thoughts (RLP term) and tokens (next-token term): given the
+      same thoughts this is the gradient of the whole batch's loss (groups live inside a row, so
+      group advantages are unchanged; the `batch` baseline becomes per micro-batch).
+    """
+    grad_fn = jax.value_and_grad(functools.partial(objective.rlp_objective, naive_path=naive_path), has_aux=True)
+    roll = functools.partial(objective.rollout_phase, cfg=cfg, rlp=rlp, naive_path=naive_path)
+    if micro_batches == 1:
+        ema_lp, t_bk, t_mask, thoughts = roll(state, batch, rng)
+        (loss, (metrics, _, _)), grads = grad_fn(state.params, cfg, rlp, batch, thoughts, t_bk, t_mask, ema_lp,
+                                                 state.ref_params)
+        new_state, upd = _apply_update(state, grads, loss, optimizer, rlp.ema_decay)
+        return new_state, {**metrics, **objective.rollout_metrics(thoughts, t_mask), **upd}
+
+    mb = jax.tree.map(lambda x: split_micro_batches(x, micro_batches), batch)         # [M, B/M, L]
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(micro_batches))
+    _, (ema_lp, t_bk, t_mask, thoughts) = jax.lax.scan(
+        lambda c, xs: (c, roll(state, xs[0], xs[1])), None, (mb, keys))
+    n_th = jax.vmap(objective.thoughts_with_actions)(thoughts, t_mask)                          # [M]
+    n_tok = jax.vmap(_ntp_tokens)(mb)                                                  # [M]
+    w_rlp, w_ntp = n_th / jnp.maximum(n_th.sum(), 1.0), n_tok / jnp.maximum(n_tok.sum(), 1.0)
+
+    def value_and_grad(xs):
+        b, th, tb, tm, elp, wr, wn = xs
+        (loss, (metrics, _, _)), g = grad_fn(state.params, cfg, rlp, b, th, tb, tm, elp, state.ref_params,
+                                             rlp_scale=wr, ntp_scale=wn)
+        return (loss, metrics), g
+
+    grads, (losses, metrics_m) = _accumulated_grads(value_and_grad, state.params,
+                                                    (mb, thoughts, t_bk, t_mask, ema_lp, w_rlp, w_ntp))
+    loss = losses.sum()                                 # = the whole batch's loss
+    metrics = _combine_metrics(metrics_m, w_rlp)
+    metrics["loss/total"] = loss
+    if "loss/ntp" in metrics_m:
+        metrics["loss/ntp"] = jnp.sum(metrics_m["loss/ntp"] * w_ntp)
+    new_state, upd = _apply_update(state, grads, loss, optimizer, rlp.ema_decay)
+    flat = jax.tree.map(_merge_micro_batches, thoughts)
+    return new_state, {**metrics, **objective.rollout_metrics(flat, _merge_micro_batches(t_mask)), **upd,
+                       "train/micro_batches": jnp.asarray(micro_batches, jnp.int32)}
+
+
+def ntp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, optimizer: optax.GradientTransformation,
+             micro_batches: int = 1):
+    """One next-token (continued pretraining) step, for the compute-matched CPT baseline. With
+    micro_batches M > 1 the gradient is accumulated over M micro-batches, each weighted by its share of
+    the batch's target tokens (the whole batch's token-mean loss, exactly)."""
+    del rng
+
+    def loss_fn(p, b, scale=1.0):
+        logits, _ = model.forward(p, cfg, b["tokens"], segment_ids_bl=b["segment_ids"], positions_bl=b["positions"])
+        return scale * shifted_ntp_loss(logits, b["tokens"], b["segment_ids"])
+
+    if micro_batches == 1:
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+    else:
+        mb = jax.tree.map(lambda x: split_micro_batches(x, micro_batches), batch)
+        n_tok = jax.vmap(_ntp_tokens)(mb)
+        w = n_tok / jnp.maximum(n_tok.sum(), 1.0)
+
+        grads, losses = _accumulated_grads(lambda xs: jax.value_and_grad(loss_fn)(state.params, *xs),
+                                           state.params, (mb, w))
+        loss = losses.sum()
+    new_state, upd = _apply_update(state, grads, loss, optimizer, None)
+    return new_state, {"loss/total": loss, "loss/ntp": loss, **upd}
+
+
+def _with_activation_sharding(fn, mesh):
+    """fn(first, batch, rng) traced with the model's activation constraints active on `mesh`."""
+    def traced(first, batch, rng):
+        with sharding.activation_sharding(mesh):
+            return fn(first, batch, rng)
+    return traced
+
+
+def _jit_step(step_fn, mesh, state_shardings, micro_batches: int, **static):
+    """`step_fn(state, batch, rng, micro_batches=..., **static)` jitted with donation; on a mesh, batch rows
+    split over data x fsdp, the state as `state_shardings`. Refuses micro_batches < 1 before any compile."""
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    fn = functools.partial(step_fn, micro_batches=micro_batches, **static)
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=0)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(_with_activation_sharding(fn, mesh), donate_argnums=0,
+                   in_shardings=(state_shardings, sharding.batch_sharding(mesh), replicated),
+                   out_shardings=(state_shardings, replicated))
+
+
+def make_rlp_train_step(cfg: ModelConfig, rlp: RLPConfig, optimizer: optax.GradientTransformation, *,
+                        mesh=None, state_shardings=None, naive_path: bool = False, micro_batches: int = 1):
+    """`rlp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled.
+
+    With `mesh` (and the state's `state_shardings`, see `rlp_jax.sharding.state_shardings`) the step
+    runs SPMD over the mesh: batch rows over data x fsdp, activations constrained by logical names.
+    micro_batches: gradient accumulation over M micro-batches of B/M rows (see `rlp_step`); B/M must
+    still split over the mesh's data x fsdp.
+    """
+    rlp.rollout.markers()
+    return _jit_step(rlp_step, mesh, state_shardings, micro_batches, cfg=cfg, rlp=rlp, optimizer=optimizer,
+                     naive_path=naive_path)
+
+
+def make_ntp_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *, mesh=None,
+                        state_shardings=None, micro_batches: int = 1):
+    """`ntp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled (mesh and micro_batches as above)."""
+    return _jit_step(ntp_step, mesh, state_shardings, micro_batches, cfg=cfg, optimizer=optimizer)
+
+
+def eval_metrics(params, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig):
+    """Held-out metrics of the policy (no update), means over valid sampled positions:
+
+    eval/nll_no_think: -log p_theta(x_t | x_<t); eval/nll_think: -log p_theta(x_t | x_<t, thought),
+    averaged over G sampled thoughts; eval/info_gain: their difference (positive: thinking helps);
+    eval/nll_tokens: next-token NLL of every token of the batch; eval/thought_len: mean thought length.
+    """
+    k_pos, k_roll = jax.random.split(rng)
+    h = rlp.reward.horizon
+    doc = dict(segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"])
+    ctx = prompt_context(params, cfg, rlp)
+    logits, prefix = model.forward(params, cfg, batch["tokens"], return_cache=ctx is None, **doc)
+    lp = shifted_token_logprobs(logits, batch["tokens"])                   # [B, L] plain text
+    no_think_lp = lp
+    if ctx is not None:   # thoughts are sampled after the prompt; "no thought" reads it if the teacher does
+        prompted, prefix = model.forward(params, cfg, batch["tokens"], return_cache=True,
+                                         return_logits=rlp.prompt.teacher_sees, context=ctx, **doc)
+        if rlp.prompt.teacher_sees:
+            no_think_lp = shifted_token_logprobs(prompted, batch["tokens"])
+    t_bk, t_mask = positions.select_positions(k_pos, batch["segment_ids"], batch["positions"], lp,
+                                              rlp.rollout, h)
+    thoughts = thought_rollout(params, cfg, prefix, t_bk, k_roll, rlp.rollout)
+    targets = reward.gather_horizon(batch["tokens"], t_bk, h)
+    _, tgt_lp, _ = thought_forward(params, cfg, prefix, t_bk, thoughts, targets, rlp.rollout)
+    no_think = reward.gather_horizon(no_think_lp, t_bk, h).sum(-1)                # [B, K]
+    think = tgt_lp.sum(-1).mean(-1)                                               # [B, K]
+    n = jnp.maximum(t_mask.sum(), 1)
+    vmean = lambda x: jnp.sum(jnp.where(t_mask, x, 0.0)) / n
+    return {"eval/nll_no_think": -vmean(no_think), "eval/nll_think": -vmean(think),
+            "eval/info_gain": vmean(think - no_think),
+            "eval/nll_tokens": shifted_ntp_loss(logits, batch["tokens"], batch["segment_ids"]),
+            "eval/thought_len": vmean(thoughts.lengths.mean(-1).astype(jnp.float32))}
+
+
+def make_eval_step(cfg: ModelConfig, rlp: RLPConfig, *, mesh=None, param_shardings=None):
+    """`eval_step(params, batch, rng) -> metrics`, jit-compiled (sharded like training on a mesh)."""
+    fn = functools.partial(eval_metrics, cfg=cfg, rlp=rlp)
+    if mesh is None:
+        return jax.jit(fn)
+    replicated = NamedSharding(mesh, P())
+    return jax.jit(_with_activation_sharding(fn, mesh), in_shardings=(param_shardings, sharding.batch_sharding(mesh), replicated),
+                   out_shardings=replicated)
