@@ -9,14 +9,13 @@ Shapes: B sequences, L prompt length (right-padded), J = max_new_tokens, V vocab
 every sequence has stopped; `banned_ids` are never sampled; `min_new_tokens` bans the stop ids before
 that many tokens (the sampler of thoughts in training bans `</think>` in the first slot the same way).
 Temperature 0 is greedy decoding; otherwise logits are divided by the temperature, then restricted by
-top-k and top-p (`rollout.filter_logits`) before sampling (`sample_categorical`: one uniform per
-sequence and token, by inverting the CDF).
+top-k and top-p (`sampling.filter_logits`) before sampling (`sampling.sample_categorical`: one uniform
+per sequence and token, by inverting the CDF).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Iterator, Sequence
 
 import flax.struct
@@ -24,11 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlp_jax.generate.sampling import NEG, argmax, filter_logits, sample_categorical
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
-from rlp_jax.rlp.rollout import filter_logits
-
-_NEG = -1e30
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,57 +73,9 @@ def next_token_logits(logits_bv, step, sc: SamplingConfig):
     banned = jnp.isin(vocab, jnp.asarray(sc.banned_ids, jnp.int32)) if sc.banned_ids else jnp.zeros_like(vocab, bool)
     if sc.stop_ids and sc.min_new_tokens > 0:
         banned = banned | (jnp.isin(vocab, jnp.asarray(sc.stop_ids, jnp.int32)) & (step < sc.min_new_tokens))
-    logits = jnp.where(banned, _NEG, logits_bv.astype(jnp.float32) / max(sc.temperature, 1e-6) if sc.temperature
+    logits = jnp.where(banned, NEG, logits_bv.astype(jnp.float32) / max(sc.temperature, 1e-6) if sc.temperature
                        else logits_bv.astype(jnp.float32))
     return filter_logits(logits, sc.top_k, sc.top_p)
-
-
-def _argmax(x):
-    """jnp.argmax over the last axis (the first index of the maximum) as two plain reductions.
-
-    XLA:CPU runs jnp.argmax's (value, index) variadic reduce several times slower than a max and a
-    min: for [64, 4096] logits `jax.random.categorical` (Gumbel noise, then jnp.argmax) took ~8 ms per
-    token, the same Gumbel draw with this argmax ~3 ms. Used for greedy decoding."""
-    top = jnp.max(x, axis=-1, keepdims=True)
-    index = jnp.where(x == top, jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape[-1])
-    return jnp.minimum(jnp.min(index, axis=-1), x.shape[-1] - 1)
-
-
-def _first_above(cum, target, mass):
-    """[..., N] inclusive running sums `cum`, targets [...] -> the first index whose running sum exceeds
-    the target, clamped to the last index with positive `mass` (so rounding never picks a zero-mass
-    entry) [...] int32."""
-    n = cum.shape[-1]
-    first = jnp.sum((cum <= target[..., None]).astype(jnp.int32), axis=-1)
-    last = jnp.max(jnp.where(mass > 0, jnp.arange(n, dtype=jnp.int32), 0), axis=-1)
-    return jnp.minimum(first, last)
-
-
-def sample_categorical(rng, logits_bv):
-    """Draw one token per row from softmax(logits) [B, V] float32 by inverting the CDF with one uniform
-    per row; returns (tokens [B] int32, their log-probs [B] float32). Entries at -inf have probability 0.
-
-    Exactly the distribution of `jax.random.categorical` (not its draws: that takes a Gumbel per
-    vocabulary entry). The CDF is searched in two levels, blocks of ~sqrt(V) entries and then the chosen
-    block, so no cumulative sum runs over V: per token the cost is one exp and a few reductions over
-    [B, V] where the Gumbel-max draw hashes B x V random words (at [64, 4096] on the 2-core CPU of
-    benchmarks/decode_bench.py: 0.27 ms per draw against 1.9 ms for the Gumbel draw and log-softmax)."""
-    b, v = logits_bv.shape
-    block = 1 << max(4, math.ceil(math.log2(math.sqrt(v))))
-    blocks = -(-v // block)
-    top = jnp.max(logits_bv, axis=-1)                                                  # [B]
-    e = jnp.exp(logits_bv - top[:, None])                                              # [B, V]
-    e = jnp.pad(e, ((0, 0), (0, blocks * block - v))).reshape(b, blocks, block)        # [B, nb, block]
-    block_mass = jnp.sum(e, axis=-1)                                                   # [B, nb]
-    block_cum = jnp.cumsum(block_mass, axis=-1)
-    total = block_cum[:, -1]                                                           # [B]
-    target = jax.random.uniform(rng, (b,), jnp.float32) * total
-    blk = _first_above(block_cum, target, block_mass)                                  # [B]
-    at = lambda x, i: jnp.take_along_axis(x, i[:, None], axis=1)[:, 0]
-    inner = jnp.take_along_axis(e, blk[:, None, None], axis=1)[:, 0]                  # [B, block]
-    rest = target - (at(block_cum, blk) - at(block_mass, blk))
-    token = blk * block + _first_above(jnp.cumsum(inner, axis=-1), rest, inner)
-    return token, at(logits_bv, token) - top - jnp.log(total)
 
 
 def _pick(logits_bv, step, rng, sc: SamplingConfig):
@@ -135,7 +84,7 @@ def _pick(logits_bv, step, rng, sc: SamplingConfig):
         policy = next_token_logits(logits_bv, step, sc)
         if sc.temperature:
             return sample_categorical(rng, policy)
-        token = _argmax(policy)
+        token = argmax(policy)
         logp = jnp.take_along_axis(policy, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(policy, axis=-1)
         return token.astype(jnp.int32), logp
 

@@ -86,8 +86,8 @@ class ModelConfig:
         return _DTYPES[self.compute_dtype]
 
     @property
-    def group_size(self) -> int:
-        """R = H / Hk, query heads per key/value head."""
+    def q_per_kv(self) -> int:
+        """A = Q / E, query heads per key/value head."""
         return self.num_heads // self.num_kv_heads
 
     def replace(self, **changes) -> "ModelConfig":

@@ -1,7 +1,9 @@
 """Transformer building blocks as pure functions: RMSNorm, rotary embeddings, attention, SwiGLU.
 
-Shape vocabulary: B batch, L length (keys of the prefix), N branches per document, S branch length,
-H query heads, Hk key/value heads, R = H / Hk, Dh head width, D model width, F MLP width.
+Shapes (docs/method.md): B rows, L tokens (keys of the prefix), P prompt tokens, N branches per row,
+S branch tokens, C cache slots, Q query heads, E key/value heads, A = Q / E query heads per key/value
+head, W head width, D model width, F MLP width. In einsum specs of full attention, l and s are the query
+and key positions.
 Softmax and normalisation statistics are computed in float32 whatever the compute dtype.
 """
 
@@ -27,7 +29,7 @@ def rms_norm(x, weight, eps: float):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-    """Rotary inverse frequencies [Dh/2] float32, with optional Llama-3 frequency scaling."""
+    """Rotary inverse frequencies [W/2] float32, with optional Llama-3 frequency scaling."""
     dh = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
     scaling = cfg.rope_scaling
@@ -45,9 +47,9 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
 
 
 def apply_rope(x, positions, inv_freq):
-    """Rotate x [..., P, heads, Dh] by integer positions [..., P] (half-split layout, as Hugging Face)."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., P, Dh/2]
-    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[..., None, :]  # [..., P, 1, Dh]
+    """Rotate x [..., P, heads, W] by integer positions [..., P] (half-split layout, as Hugging Face)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., P, W/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[..., None, :]  # [..., P, 1, W]
     sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[..., None, :]
     x32 = x.astype(jnp.float32)
     half = x.shape[-1] // 2
@@ -73,75 +75,75 @@ def _softmax_combine(scores_list, values_list, out_specs, dtype):
     return out
 
 
-def _context_scores(q, context_k_pkd, spec: str, dh: int):
-    """Scores of queries against a prompt's keys [P, Hk, Dh] shared by every row (never copied per row)."""
-    return jnp.einsum(spec, q, context_k_pkd.astype(q.dtype), preferred_element_type=jnp.float32) / math.sqrt(dh)
+def _context_scores(q, context_k_pew, spec: str, dh: int):
+    """Scores of queries against a prompt's keys [P, E, W] shared by every row (never copied per row)."""
+    return jnp.einsum(spec, q, context_k_pew.astype(q.dtype), preferred_element_type=jnp.float32) / math.sqrt(dh)
 
 
-def full_attention(q_blhd, k_blkd, v_blkd, mask_bqs, group_size: int, context_k=None, context_v=None):
+def full_attention(q_blqw, k_blew, v_blew, mask_bls, q_per_kv: int, context_k=None, context_v=None):
     """Self-attention over one sequence batch, optionally after a shared context (a prompt).
 
-    q [B, L, H, Dh], k/v [B, L, Hk, Dh], mask [B, L_q, L_k] bool -> out [B, L, H, Dh].
-    context_k/v: [P, Hk, Dh] keys/values of a prompt every query sees in full (the prompted setting).
+    q [B, L, Q, W], k/v [B, L, E, W], mask [B, L_q, L_k] bool -> out [B, L, Q, W].
+    context_k/v: [P, E, W] keys/values of a prompt every query sees in full (the prompted setting).
     """
-    b, l, h, dh = q_blhd.shape
-    q = q_blhd.reshape(b, l, h // group_size, group_size, dh)  # [B, L, Hk, R, Dh]
-    scores = jnp.einsum("bqkrd,bskd->bkrqs", q, k_blkd, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask_bqs[:, None, None], scores / math.sqrt(dh), _MASKED)
-    blocks, values, specs = [scores], [v_blkd], ["bkrqs,bskd->bqkrd"]
+    b, l, h, dh = q_blqw.shape
+    q = q_blqw.reshape(b, l, h // q_per_kv, q_per_kv, dh)  # [B, L, E, A, W]
+    scores = jnp.einsum("bleaw,bsew->beals", q, k_blew, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_bls[:, None, None], scores / math.sqrt(dh), _MASKED)
+    blocks, values, specs = [scores], [v_blew], ["beals,bsew->bleaw"]
     if context_k is not None:
-        blocks.insert(0, _context_scores(q, context_k, "bqkrd,pkd->bkrqp", dh))
+        blocks.insert(0, _context_scores(q, context_k, "bleaw,pew->bealp", dh))
         values.insert(0, context_v.astype(q.dtype))
-        specs.insert(0, "bkrqp,pkd->bqkrd")
+        specs.insert(0, "bealp,pew->bleaw")
     out = _softmax_combine(blocks, values, specs, q.dtype)
     return out.reshape(b, l, h, dh)
 
 
-def decode_attention(q_bhd, k_bkdt, v_bktd, mask_bt, group_size: int, unrolled_scores: bool | None = None):
-    """One query per sequence over a KV cache: q [B, H, Dh], keys [B, Hk, Dh, T] (transposed),
-    values [B, Hk, T, Dh], mask [B, T] bool -> [B, H, Dh].
+def decode_attention(q_bqw, k_bewc, v_becw, mask_bc, q_per_kv: int, unrolled_scores: bool | None = None):
+    """One query per sequence over a KV cache: q [B, Q, W], keys [B, E, W, C] (transposed),
+    values [B, E, C, W], mask [B, C] bool -> [B, Q, W].
 
-    unrolled_scores: compute q.k as Dh multiply-adds instead of a dot; None = on the CPU backend only."""
-    b, h, dh = q_bhd.shape
-    q = q_bhd.reshape(b, h // group_size, group_size, dh)                     # [B, Hk, R, Dh]
+    unrolled_scores: compute q.k as W multiply-adds instead of a dot; None = on the CPU backend only."""
+    b, h, dh = q_bqw.shape
+    q = q_bqw.reshape(b, h // q_per_kv, q_per_kv, dh)                     # [B, E, A, W]
     if unrolled_scores is None:
         unrolled_scores = jax.default_backend() == "cpu"
     if unrolled_scores:
-        # q.k as Dh multiply-adds of [B, Hk, R, T] slices, one loop fusion that reads every key once.
-        # XLA:CPU runs the batched dot of R query rows (2 for Qwen3) against B x Hk key blocks at
+        # q.k as W multiply-adds of [B, E, A, C] slices, one loop fusion that reads every key once.
+        # XLA:CPU runs the batched dot of A query rows (2 for Qwen3) against B x E key blocks at
         # about 5 GB/s; this form ~9 GB/s, 9-15% off a whole decode step at batch 64 (small preset).
         q32 = q.astype(jnp.float32)
-        scores = q32[..., 0:1] * k_bkdt[:, :, None, 0].astype(jnp.float32)
+        scores = q32[..., 0:1] * k_bewc[:, :, None, 0].astype(jnp.float32)
         for d in range(1, dh):
-            scores = scores + q32[..., d:d + 1] * k_bkdt[:, :, None, d].astype(jnp.float32)
+            scores = scores + q32[..., d:d + 1] * k_bewc[:, :, None, d].astype(jnp.float32)
     else:
-        scores = jnp.einsum("bkrd,bkdt->bkrt", q, k_bkdt, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask_bt[:, None, None], scores / math.sqrt(dh), _MASKED)
-    out = _softmax_combine([scores], [v_bktd], ["bkrt,bktd->bkrd"], q.dtype)
+        scores = jnp.einsum("beaw,bewc->beac", q, k_bewc, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask_bc[:, None, None], scores / math.sqrt(dh), _MASKED)
+    out = _softmax_combine([scores], [v_becw], ["beac,becw->beaw"], q.dtype)
     return out.reshape(b, h, dh)
 
 
-def branch_attention(q_bnshd, prefix_k, prefix_v, prefix_mask_bnl, self_k, self_v, self_mask_bnsj,
-                     group_size: int, context_k=None, context_v=None):
+def branch_attention(q_bnsqw, prefix_k, prefix_v, prefix_mask_bnl, self_k, self_v, self_mask_bnsc,
+                     q_per_kv: int, context_k=None, context_v=None):
     """Attention of branch queries over the shared prefix plus the branch's own keys.
 
-    q [B, N, S, H, Dh]; prefix_k/v [B, L, Hk, Dh] (shared by the N branches of a document, never
-    copied); prefix_mask [B, N, L] bool; self_k/v [B, N, J, Hk, Dh]; self_mask [B, N, S, J] bool;
-    context_k/v: optional [P, Hk, Dh] prompt keys/values seen by every branch (shared by all rows).
-    Returns [B, N, S, H, Dh].
+    q [B, N, S, Q, W]; prefix_k/v [B, L, E, W] (shared by the N branches of a row, never copied);
+    prefix_mask [B, N, L] bool; self_k/v [B, N, C, E, W]; self_mask [B, N, S, C] bool;
+    context_k/v: optional [P, E, W] prompt keys/values seen by every branch (shared by all rows).
+    Returns [B, N, S, Q, W].
     """
-    b, n, s, h, dh = q_bnshd.shape
-    q = q_bnshd.reshape(b, n, s, h // group_size, group_size, dh)  # [B, N, S, Hk, R, Dh]
+    b, n, s, h, dh = q_bnsqw.shape
+    q = q_bnsqw.reshape(b, n, s, h // q_per_kv, q_per_kv, dh)  # [B, N, S, E, A, W]
     scale = 1.0 / math.sqrt(dh)
-    sp = jnp.einsum("bnskrd,blkd->bnkrsl", q, prefix_k, preferred_element_type=jnp.float32)
+    sp = jnp.einsum("bnseaw,blew->bneasl", q, prefix_k, preferred_element_type=jnp.float32)
     sp = jnp.where(prefix_mask_bnl[:, :, None, None, None, :], sp * scale, _MASKED)
-    ss = jnp.einsum("bnskrd,bnjkd->bnkrsj", q, self_k, preferred_element_type=jnp.float32)
-    ss = jnp.where(self_mask_bnsj[:, :, None, None], ss * scale, _MASKED)
+    ss = jnp.einsum("bnseaw,bncew->bneasc", q, self_k, preferred_element_type=jnp.float32)
+    ss = jnp.where(self_mask_bnsc[:, :, None, None], ss * scale, _MASKED)
     blocks, values = [sp, ss], [prefix_v, self_v]
-    specs = ["bnkrsl,blkd->bnskrd", "bnkrsj,bnjkd->bnskrd"]
+    specs = ["bneasl,blew->bnseaw", "bneasc,bncew->bnseaw"]
     if context_k is not None:
-        blocks.insert(0, _context_scores(q, context_k, "bnskrd,pkd->bnkrsp", dh))
+        blocks.insert(0, _context_scores(q, context_k, "bnseaw,pew->bneasp", dh))
         values.insert(0, context_v.astype(q.dtype))
-        specs.insert(0, "bnkrsp,pkd->bnskrd")
+        specs.insert(0, "bneasp,pew->bnseaw")
     out = _softmax_combine(blocks, values, specs, q.dtype)
     return out.reshape(b, n, s, h, dh)

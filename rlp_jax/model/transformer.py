@@ -16,8 +16,8 @@ Three forward modes (all jit-compatible, static shapes):
   * decode: `prefill` + `decode_step`, incremental generation from right-padded prompts with a KV
     cache per layer holding the prompt's keys/values and then the generated tokens' (`DecodeState`).
 
-Shapes: B batch, L length, N branches per document, S branch tokens, J branch-cache slots, V vocab,
-D width, H/Hk query/kv heads, Dh head width, Y layers.
+Shapes (docs/method.md): B rows, L tokens, P prompt tokens, N branches per row, S branch tokens,
+C cache slots, V vocabulary, D width, F MLP width, Q / E query / key-value heads, W head width, Y layers.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
 @flax.struct.dataclass
 class ContextCache:
     """Every layer's keys/values of a prompt that every document is read after (the prompted setting,
-    `rlp_jax.rlp.prompt`): k, v [Y, P, Hk, Dh] at rotary positions 0..P-1, shared by all rows and branches."""
+    `rlp_jax.rlp.prompt`): k, v [Y, P, E, W] at rotary positions 0..P-1, shared by all rows and branches."""
 
     k: jax.Array
     v: jax.Array
@@ -130,7 +130,7 @@ def context_cache(params: Params, cfg: ModelConfig, prompt_ids_p) -> ContextCach
 class PrefixCache:
     """Every layer's keys/values of a teacher-forced pass, plus where each token sits.
 
-    k, v: [Y, B, L, Hk, Dh] (rotary already applied to k), compute dtype.
+    k, v: [Y, B, L, E, W] (rotary already applied to k), compute dtype.
     segment_ids: [B, L] int32 (0 = padding). positions: [B, L] int32 rotary positions (after a
     context, shifted by its length P). context: the ContextCache the documents were read after, or None.
     """
@@ -144,7 +144,7 @@ class PrefixCache:
 
 @flax.struct.dataclass
 class BranchCache:
-    """Keys/values of branch tokens written so far: k, v [Y, B, N, J, Hk, Dh]."""
+    """Keys/values of branch tokens written so far: k, v [Y, B, N, C, E, W]."""
 
     k: jax.Array
     v: jax.Array
@@ -175,7 +175,7 @@ def branches_at(cache: PrefixCache, t_bn: jax.Array) -> Branches:
 
 
 def init_branch_cache(cfg: ModelConfig, batch: int, branches: int, length: int) -> BranchCache:
-    """An empty branch cache with J = length slots per branch."""
+    """An empty branch cache with C = length slots per branch."""
     shape = (cfg.num_layers, batch, branches, length, cfg.num_kv_heads, cfg.head_dim)
     zeros = jnp.zeros(shape, cfg.jnp_compute_dtype)
     return BranchCache(k=zeros, v=zeros)
@@ -186,7 +186,7 @@ def init_branch_cache(cfg: ModelConfig, batch: int, branches: int, length: int) 
 # ----------------------------------------------------------------------------------------------
 
 def _project_qkv(cfg: ModelConfig, lp: dict, h, positions, inv_freq):
-    """h [..., P, D] -> rotated q [..., P, H, Dh], k/v [..., P, Hk, Dh]."""
+    """h [..., P, D] -> rotated q [..., P, Q, W], k/v [..., P, E, W]."""
     dt = h.dtype
     q = jnp.einsum("...d,dhk->...hk", h, lp["q_proj"].astype(dt))
     k = jnp.einsum("...d,dhk->...hk", h, lp["k_proj"].astype(dt))
@@ -285,7 +285,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
     def attend(lp, h, extra):
         ck, cv = extra if extra is not None else (None, None)
         q, k, v = _project_qkv(cfg, lp, h, pos, inv_freq)
-        out = layers.full_attention(q, k, v, mask, cfg.group_size, context_k=ck, context_v=cv)
+        out = layers.full_attention(q, k, v, mask, cfg.q_per_kv, context_k=ck, context_v=cv)
         return out, ((k, v) if return_cache else None)
 
     extras = None if context is None else (context.k, context.v)
@@ -307,10 +307,10 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
     """Forward of N branches per document over the shared prefix cache.
 
     Args:
-      prefix: the documents' `PrefixCache` ([Y, B, L, Hk, Dh]).
+      prefix: the documents' `PrefixCache` ([Y, B, L, E, W]).
       branches: `Branches` ([B, N]) saying where each branch hangs off its document.
       tokens_bns: [B, N, S] int32 branch tokens, at branch indices offset .. offset+S-1.
-      cache: optional `BranchCache` with J slots. Given: the S new keys/values are written at
+      cache: optional `BranchCache` with C slots. Given: the S new keys/values are written at
         `offset` and queries attend to slots < offset + their index + 1 (token-by-token sampling).
         None: the S tokens attend to each other causally (a whole branch at once; differentiable).
       offset: int (may be traced) index of the first token within the branch.
@@ -327,7 +327,7 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
     step = offset + jnp.arange(s)                                                      # [S]
     positions = branches.position[:, :, None] + step                                     # [B, N, S]
     slots = s if cache is None else cache.k.shape[3]
-    self_mask = jnp.arange(slots)[None, :] <= step[:, None]                              # [S, J]
+    self_mask = jnp.arange(slots)[None, :] <= step[:, None]                              # [S, C]
     self_mask = jnp.broadcast_to(self_mask, (b, n, s, slots))
     inv_freq = layers.rope_inv_freq(cfg)
 
@@ -338,7 +338,7 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
             k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), offset, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), offset, axis=2)
         out = layers.branch_attention(q, pk.astype(q.dtype), pv.astype(q.dtype), prefix_mask,
-                                      k.astype(q.dtype), v.astype(q.dtype), self_mask, cfg.group_size,
+                                      k.astype(q.dtype), v.astype(q.dtype), self_mask, cfg.q_per_kv,
                                       context_k=xk, context_v=xv)
         return out, ((k, v) if ck is not None else None)
 
@@ -359,8 +359,8 @@ class DecodeState:
     """KV cache of B sequences for incremental decoding: each layer's prompt keys/values followed by
     J slots for the generated tokens, in the layouts the single-query attention reads directly.
 
-    k: tuple of Y arrays [B, Hk, Dh, L + J] (keys transposed: q.k is a plain batched matmul).
-    v: tuple of Y arrays [B, Hk, L + J, Dh]. One array per layer (not stacked on a `layers` axis), so a
+    k: tuple of Y arrays [B, E, W, L + J] (keys transposed: q.k is a plain batched matmul).
+    v: tuple of Y arrays [B, E, L + J, W]. One array per layer (not stacked on a `layers` axis), so a
     step writes one slot per layer in place and reads each layer's cache without slicing a copy out.
     Slot t < L holds prompt token t (valid where t < prompt_lens); slot L + i generated token i.
     prompt_lens: [B] int32. step: [] int32 tokens fed so far. prompt_width: L (static).
@@ -384,8 +384,8 @@ def prefill(params: Params, cfg: ModelConfig, prompts_bl, prompt_lens_b, max_new
                            logits_at_b=prompt_lens_b - 1)
     dt = cfg.jnp_compute_dtype
     pad = lambda x, axis: jnp.pad(x.astype(dt), [(0, max_new_tokens if a == axis else 0) for a in range(4)])
-    ks = tuple(pad(jnp.transpose(prefix.k[i], (0, 2, 3, 1)), 3) for i in range(cfg.num_layers))  # [B, Hk, Dh, T]
-    vs = tuple(pad(jnp.transpose(prefix.v[i], (0, 2, 1, 3)), 2) for i in range(cfg.num_layers))  # [B, Hk, T, Dh]
+    ks = tuple(pad(jnp.transpose(prefix.k[i], (0, 2, 3, 1)), 3) for i in range(cfg.num_layers))  # [B, E, W, L + J]
+    vs = tuple(pad(jnp.transpose(prefix.v[i], (0, 2, 1, 3)), 2) for i in range(cfg.num_layers))  # [B, E, L + J, W]
     state = DecodeState(k=ks, v=vs, prompt_lens=prompt_lens_b.astype(jnp.int32), step=jnp.zeros((), jnp.int32),
                         prompt_width=length)
     return last, state
@@ -426,12 +426,12 @@ def decode_step(params: Params, cfg: ModelConfig, state: DecodeState, tokens_b):
 
         def attend(lp, h, _):
             with jax.named_scope("qkv_proj"):
-                q, k, v = _project_qkv(cfg, lp, h, positions, inv_freq)  # [B, 1, H, Dh], [B, 1, Hk, Dh]
+                q, k, v = _project_qkv(cfg, lp, h, positions, inv_freq)  # [B, 1, Q, W], [B, 1, E, W]
             with jax.named_scope("kv_write"):
                 k = jax.lax.dynamic_update_slice(ck, jnp.transpose(k, (0, 2, 3, 1)).astype(ck.dtype), (0, 0, 0, slot))
                 v = jax.lax.dynamic_update_slice(cv, jnp.transpose(v, (0, 2, 1, 3)).astype(cv.dtype), (0, 0, slot, 0))
             with jax.named_scope("cache_read"):
-                out = layers.decode_attention(q[:, 0], k.astype(q.dtype), v.astype(q.dtype), valid, cfg.group_size)
+                out = layers.decode_attention(q[:, 0], k.astype(q.dtype), v.astype(q.dtype), valid, cfg.q_per_kv)
             return out[:, None], (k, v)
 
         x, (k, v) = _block(cfg, attend, x, lp, None)

@@ -1,5 +1,5 @@
 """Loss functions over arrays (docs/method.md step 5). They take log-probs, not models, so they compose
-with any model that can score tokens. Shapes: M thoughts, T thought slots, B rows, L tokens, V vocab.
+with any model that can score tokens. Shapes: R thoughts, T thought slots, B rows, L tokens, V vocabulary.
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ def rlp_loss(new_logprobs, old_logprobs, advantages, thought_mask, clip_eps=0.2,
              kl_beta: float = 0.0, rewards=None):
     """Clipped policy-gradient surrogate over thought tokens.
 
-    L = -1/M' sum_thoughts (1/|c|) sum_k min(rho_k A, clip(rho_k, 1 - eps_low, 1 + eps_high) A)
+    L = -1/R' sum_thoughts (1/|c|) sum_k min(rho_k A, clip(rho_k, 1 - eps_low, 1 + eps_high) A)
         + kl_beta * (same averaging of the per-token KL estimate to the reference)
-    with rho_k = exp(new - old), M' the thoughts with at least one action token.
+    with rho_k = exp(new - old), R' the thoughts with at least one action token.
 
     Args:
-      new_logprobs: [M, T] float32, log pi_theta of the sampled thought tokens (differentiable).
-      old_logprobs: [M, T] float32, behaviour log-probs log pi_old (constants).
-      advantages: [M] float32 (constants). thought_mask: [M, T] bool, action tokens.
+      new_logprobs: [R, T] float32, log pi_theta of the sampled thought tokens (differentiable).
+      old_logprobs: [R, T] float32, behaviour log-probs log pi_old (constants).
+      advantages: [R] float32 (constants). thought_mask: [R, T] bool, action tokens.
       clip_eps: float, or (eps_low, eps_high) for asymmetric clipping.
-      ref_logprobs: [M, T] log-probs of a reference policy, needed when kl_beta > 0 (k3 estimator
+      ref_logprobs: [R, T] log-probs of a reference policy, needed when kl_beta > 0 (k3 estimator
         exp(ref - new) - (ref - new) - 1, non-negative, unbiased for KL(pi_theta || pi_ref)).
-      rewards: optional [M] rewards, only for the metrics.
+      rewards: optional [R] rewards, only for the metrics.
     Returns:
       (loss scalar float32, metrics dict of scalars).
     """
@@ -43,7 +43,7 @@ def rlp_loss(new_logprobs, old_logprobs, advantages, thought_mask, clip_eps=0.2,
     ratio = jnp.exp(log_ratio)
     unclipped = ratio * adv
     clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
-    objective = jnp.minimum(unclipped, clipped)                              # [M, T]
+    objective = jnp.minimum(unclipped, clipped)                              # [R, T]
     per_token = -objective
     kl = jnp.zeros_like(per_token)
     if kl_beta > 0:
@@ -53,7 +53,7 @@ def rlp_loss(new_logprobs, old_logprobs, advantages, thought_mask, clip_eps=0.2,
         diff = jnp.where(thought_mask, jax.lax.stop_gradient(ref_logprobs) - new_logprobs, 0.0)
         kl = jnp.where(thought_mask, jnp.exp(diff) - diff - 1.0, 0.0)
         per_token = per_token + kl_beta * kl
-    lengths = mask.sum(-1)                                                   # [M]
+    lengths = mask.sum(-1)                                                   # [R]
     has = lengths > 0
     n_thoughts = jnp.maximum(has.sum(), 1)
 

@@ -143,6 +143,6 @@ def rollout_phase(state, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig, naive_
 
 
 def thoughts_with_actions(thoughts: Thoughts, t_mask_bk) -> jax.Array:
-    """[] float32: thoughts at valid positions with at least one action token (rlp_loss's M')."""
+    """[] float32: thoughts at valid positions with at least one action token (rlp_loss's R')."""
     action = thoughts.action_mask & t_mask_bk[:, :, None, None]
     return (action.sum(-1) > 0).sum().astype(jnp.float32)

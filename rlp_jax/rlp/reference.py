@@ -10,10 +10,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlp_jax.generate.sampling import filter_logits, sample_categorical
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
 from rlp_jax.rlp.config import RolloutConfig
-from rlp_jax.rlp.rollout import Thoughts, branch_tokens, filter_logits, score_branches, thought_logits
+from rlp_jax.rlp.rollout import Thoughts, branch_tokens, score_branches, thought_logits
 
 
 def branch_sequences(batch, t_bn, branch_bns, prompt_ids=()):
@@ -90,7 +91,7 @@ def naive_thought_rollout(params, cfg: ModelConfig, batch, positions_bk, rng, ro
         last, cache, tokens, logps, active, done, rng = carry
         policy = thought_logits(last, i, rollout).reshape(b, n, -1)
         rng, key = jax.random.split(rng)
-        token = jax.random.categorical(key, filter_logits(policy, rollout.top_k, rollout.top_p)).reshape(-1)
+        token = sample_categorical(key, filter_logits(policy, rollout.top_k, rollout.top_p))[0].reshape(-1)
         logp = jnp.take_along_axis(jax.nn.log_softmax(policy).reshape(b * n, -1), token[:, None], -1)[:, 0]
         live = ~done
         token = jnp.where(live, token, 0)

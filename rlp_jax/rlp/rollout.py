@@ -21,11 +21,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from rlp_jax.generate.sampling import NEG, filter_logits, sample_categorical
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
 from rlp_jax.rlp.config import RolloutConfig
 
-_NEG = -1e30
 THOUGHT_CHUNK = 32   # thought slots projected to the vocabulary at a time by `score_hidden`
 
 
@@ -58,28 +58,7 @@ def thought_logits(logits, slot, rollout: RolloutConfig):
     banned = (vocab == start) | ((vocab == end) & (jnp.asarray(slot)[..., None] == 0))
     if rollout.banned_ids:
         banned = banned | jnp.isin(vocab, jnp.asarray(rollout.banned_ids, jnp.int32))
-    return jnp.where(banned, _NEG, logits.astype(jnp.float32) / rollout.temperature)
-
-
-def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
-    """Restrict sampling to the top-k tokens and then to the nucleus of mass top_p ([..., V]).
-
-    The nucleus is the smallest set of most likely tokens whose probability reaches top_p (the most
-    likely token is always kept). Removed tokens get a logit of -1e30.
-    """
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, _NEG, logits)
-    if top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep_sorted = mass_before < top_p
-        keep = jnp.zeros_like(keep_sorted).at[
-            tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(keep_sorted)
-        logits = jnp.where(keep, logits, _NEG)
-    return logits
+    return jnp.where(banned, NEG, logits.astype(jnp.float32) / rollout.temperature)
 
 
 @flax.struct.dataclass
@@ -126,7 +105,7 @@ def thought_rollout(params, cfg: ModelConfig, prefix: model.PrefixCache, positio
                                              cache=s.cache, offset=s.step)
         policy = thought_logits(logits[:, :, 0], s.step, rollout)                 # [B, N, V]
         rng, key = jax.random.split(s.rng)
-        token = jax.random.categorical(key, filter_logits(policy, rollout.top_k, rollout.top_p))
+        token, _ = sample_categorical(key, filter_logits(policy, rollout.top_k, rollout.top_p))
         logp = jnp.take_along_axis(jax.nn.log_softmax(policy), token[..., None], axis=-1)[..., 0]
         live = ~s.done
         token = jnp.where(live, token, 0)

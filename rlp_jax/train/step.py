@@ -6,7 +6,7 @@ checkpoints. A batch is a dict of [B, L] int32 arrays: `tokens`, `segment_ids` (
 documents numbered 1, 2, ...) and `positions` (rotary positions, restarting per document).
 
 Shapes: B rows, L tokens, K positions per row, G thoughts per position, T thought slots, H horizon,
-M = B*K*G thoughts.
+R = B*K*G thoughts, M micro-batches.
 """
 
 from __future__ import annotations

@@ -11,12 +11,13 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from rlp_jax.generate.sampling import filter_logits
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
 from rlp_jax.rlp import reference as naive
 from rlp_jax.rlp import rollout as rollout_lib
 from rlp_jax.rlp.config import RolloutConfig
-from rlp_jax.rlp.rollout import Thoughts, branch_tokens, filter_logits, thought_forward, thought_logits, thought_rollout
+from rlp_jax.rlp.rollout import Thoughts, branch_tokens, thought_forward, thought_logits, thought_rollout
 
 SETTINGS = settings(max_examples=40, deadline=None)
 V = 32

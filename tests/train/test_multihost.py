@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.run_dirs import make_run_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

@@ -9,15 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlp_jax.generate.generation import (
-    SamplingConfig,
-    _first_above,
-    generate,
-    next_token_logits,
-    pad_prompts,
-    sample_categorical,
-    stream,
-)
+from rlp_jax.generate.generation import SamplingConfig, generate, next_token_logits, pad_prompts, stream
+from rlp_jax.generate.sampling import first_above, sample_categorical
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
 
@@ -145,8 +138,8 @@ def test_first_above_never_lands_on_zero_mass():
     """A target at (or, by rounding, past) the total picks the last entry that has mass."""
     cum = jnp.asarray([[1.0, 2.0, 2.0, 2.0], [0.5, 1.0, 3.0, 4.0]])
     mass = jnp.asarray([[1.0, 1.0, 0.0, 0.0], [0.5, 0.5, 2.0, 1.0]])
-    assert _first_above(cum, jnp.asarray([2.0, 0.7]), mass).tolist() == [1, 1]
-    assert _first_above(cum, jnp.asarray([0.0, 3.99]), mass).tolist() == [0, 3]
+    assert first_above(cum, jnp.asarray([2.0, 0.7]), mass).tolist() == [1, 1]
+    assert first_above(cum, jnp.asarray([0.0, 3.99]), mass).tolist() == [0, 3]
 
 
 def test_pad_prompts_rounds_shapes():

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Small and quick: 8 steps, checkpoints every 2, no plots. Overrides given to _train replace these.
 FAST = {"train.steps": "8", "train.save_every": "2", "train.plot": "false", "rlp.rollout.thought_len": "4",
         "rlp.rollout.group_size": "2"}

@@ -1,0 +1,54 @@
+"""Shared cases of the RLP tests: a tiny model, its params, a packed two-row batch, an RLP config."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from rlp_jax.model import transformer as model
+from rlp_jax.model.config import ModelConfig
+from rlp_jax.rlp.config import LossConfig, RewardConfig, RLPConfig, RolloutConfig
+from rlp_jax.rlp.objective import rlp_objective
+from rlp_jax.rlp.rollout import thought_rollout
+
+CFG = ModelConfig.preset("tiny", vocab_size=48)
+START, END = 1, 2
+
+
+def assert_grads_close(got, want, rel=1e-5):
+    """Every leaf within `rel` of its largest entry (at least 1): float32 sums in another order (the
+    CPU's, or another layout's) differ by about the leaf's scale times float32 eps."""
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert float(jnp.abs(a - b).max()) <= rel * max(1.0, float(jnp.abs(b).max()))
+
+
+def rlp_config(horizon=1, baseline="group", kl_beta=0.0, g=3, k=2, t=5, ntp_weight=0.0):
+    return RLPConfig(
+        rollout=RolloutConfig(group_size=g, positions_per_doc=k, thought_len=t, min_context=2, temperature=1.0,
+                              think_start_id=START, think_end_id=END),
+        reward=RewardConfig(horizon=horizon), loss=LossConfig(baseline=baseline, kl_beta=kl_beta, ntp_weight=ntp_weight))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return model.init_params(CFG, jax.random.key(0), std=0.3)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    toks = jax.random.randint(jax.random.key(1), (2, 14), 3, CFG.vocab_size)
+    seg = jnp.array([[1] * 14, [1] * 6 + [2] * 8])
+    pos = jnp.array([list(range(14)), list(range(6)) + list(range(8))])
+    return {"tokens": toks, "segment_ids": seg, "positions": pos}
+
+
+def sample(params, batch, rlp, t_bk, seed=5):
+    _, prefix = model.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                              positions_bl=batch["positions"], return_cache=True)
+    return jax.jit(thought_rollout, static_argnums=(1, 5))(params, CFG, prefix, t_bk, jax.random.key(seed),
+                                                            rlp.rollout)
+
+
+def objective(params, batch, rlp, thoughts, t_bk, ema_lp, ref=None, naive_path=False):
+    """rlp_objective, optionally with every thought run as its own sequence (the naive reference)."""
+    return rlp_objective(params, CFG, rlp, batch, thoughts, t_bk, jnp.ones(t_bk.shape, bool),
+                                    ema_lp, ref, naive_path=naive_path)
