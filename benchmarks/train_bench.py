@@ -43,7 +43,6 @@ from jax.sharding import PartitionSpec as P
 
 from rlp_jax import plan, sharding  # noqa: E402
 from rlp_jax.data.pipeline import DataConfig, SourceConfig  # noqa: E402
-from rlp_jax.model import transformer as model  # noqa: E402
 from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
 from rlp_jax.train import step as train_step  # noqa: E402
 from rlp_jax.train.config import ModelSection, OptimConfig, RunConfig, TrainSection  # noqa: E402
@@ -111,12 +110,9 @@ def bench_step(objective: str, args, mesh, rng) -> dict:
     mcfg = plan.model_config(cfg)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     k_init, k_data, k_step = jax.random.split(rng, 3)
-    p_abstract = jax.eval_shape(lambda k: model.init_params(mcfg, k), k_init)
-    p_sh = sharding.tree_shardings(model.param_logical_axes(mcfg), p_abstract, mesh)
-    init_state = lambda p: train_step.init_train_state(p, optimizer)              # noqa: E731
-    st_sh = sharding.state_shardings(jax.eval_shape(init_state, p_abstract), p_sh, mesh)
-    params = jax.jit(lambda k: model.init_params(mcfg, k), out_shardings=p_sh)(k_init)
-    state = jax.jit(init_state, out_shardings=st_sh)(params)
+    layout = train_step.state_layout(mcfg, optimizer, mesh)
+    st_sh = layout.shardings
+    state = layout.init(layout.init_params(k_init))
     batch = random_batch(k_data, mesh, args.batch, args.seq_len, mcfg.vocab_size)
     if objective == "rlp":
         step = train_step.make_rlp_train_step(mcfg, cfg.rlp, optimizer, mesh=mesh, state_shardings=st_sh)

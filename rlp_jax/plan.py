@@ -50,8 +50,7 @@ import jax
 from jax.sharding import AbstractMesh
 
 from rlp_jax import sharding
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.config import REMATS, ModelConfig
 from rlp_jax.model.scoring import TOKEN_CHUNK
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.rollout import THOUGHT_CHUNK
@@ -60,7 +59,6 @@ from rlp_jax.train.config import ConfigError, RunConfig, apply_overrides, load_e
 from rlp_jax.train.optim import make_optimizer
 
 GIB = 2 ** 30
-REMATS = ("none", "full", "dots")
 
 # Public spec sheets: HBM per chip (GiB; NVIDIA's "80GB" is 80 GiB as reported), dense bf16 peak per chip
 # (FLOP/s, no sparsity), HBM bandwidth (bytes/s), TensorCores per chip counted by the `-N` accelerator suffix.
@@ -208,12 +206,9 @@ def state_bytes(cfg: RunConfig, m: ModelConfig, mesh: dict[str, int]) -> dict[st
     `sharding.state_shardings` shards it on a (data, fsdp, tensor) mesh of these sizes.
     """
     amesh = AbstractMesh(tuple(mesh[a] for a in sharding.AXES), sharding.AXES)
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    keep_ref = cfg.train.objective == "rlp" and cfg.rlp.loss.kl_beta > 0
-    params = jax.eval_shape(lambda k: model.init_params(m, k), jax.random.key(0))
-    state = jax.eval_shape(lambda p: train_step.init_train_state(p, optimizer, keep_reference=keep_ref), params)
-    p_sh = sharding.tree_shardings(model.param_logical_axes(m), params, amesh)
-    st_sh = sharding.state_shardings(state, p_sh, amesh)
+    layout = train_step.state_layout(m, make_optimizer(cfg.optim, cfg.train.steps), amesh,
+                                     keep_reference=cfg.keeps_kl_reference)
+    state, st_sh = layout.abstract, layout.shardings
     out = {"params": 0.0, "opt_state": 0.0, "ema_params": 0.0, "ref_params": 0.0, "step": 0.0}
     for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(st_sh)):
         out[path[0].name] += math.prod(sh.shard_shape(leaf.shape)) * leaf.dtype.itemsize

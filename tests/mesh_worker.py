@@ -38,11 +38,10 @@ def run(mesh_shape, kind):
         batch = jax.tree.map(jnp.asarray, batch)
     else:
         mesh = sharding.make_mesh(sharding.MeshConfig(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2]))
-        p_sh = sharding.tree_shardings(model.param_logical_axes(CFG), params, mesh)
-        abstract = jax.eval_shape(lambda p: train_step.init_train_state(p, opt), params)
-        st_sh = sharding.state_shardings(abstract, p_sh, mesh)
-        state = jax.jit(lambda p: train_step.init_train_state(p, opt), out_shardings=st_sh)(params)
-        step = make(CFG, *extra, opt, mesh=mesh, state_shardings=st_sh)
+        layout = train_step.state_layout(CFG, opt, mesh)
+        p_sh = layout.param_shardings
+        state = layout.init(params)
+        step = make(CFG, *extra, opt, mesh=mesh, state_shardings=layout.shardings)
         batch = sharding.global_batch(batch, mesh)
         assert state.params["layers"]["q_proj"].sharding.spec == p_sh["layers"]["q_proj"].spec
     state, metrics = step(state, batch, jax.random.key(3))

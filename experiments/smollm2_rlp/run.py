@@ -39,7 +39,7 @@ from rlp_jax import (
 from rlp_jax.data.pipeline import make_iterator  # noqa: E402
 from rlp_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from rlp_jax.train import step as train_step  # noqa: E402
-from rlp_jax.train.config import RunConfig, load_experiment, to_dict  # noqa: E402
+from rlp_jax.train.config import RunConfig, load_experiment  # noqa: E402
 from rlp_jax.train.run_dir import LoadedModel  # noqa: E402
 
 # Step-0 probe: (name, prompt style, think tokens, new-token init[, thought length]).
@@ -79,8 +79,7 @@ def start_model(cfg: RunConfig) -> tuple[RunConfig, LoadedModel]:
     tokenizer = load_tokenizer(cfg.model.init_from, think_tokens=cfg.model.think_tokens)
     cfg = train.with_markers(cfg, tokenizer)
     mcfg, params = train.build_model(cfg, tokenizer, train.run_key(jax.random.key(cfg.train.seed), "build"))
-    return cfg, LoadedModel(mcfg, jax.device_put(params), tokenizer, "start", 0, cfg.model.init_from,
-                            run_config={"run": to_dict(cfg)})
+    return cfg, LoadedModel(mcfg, jax.device_put(params), tokenizer, "start", 0, cfg.model.init_from, run=cfg)
 
 
 def step0_metrics(cfg: RunConfig, lm: LoadedModel | None = None) -> dict:

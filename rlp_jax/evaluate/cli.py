@@ -109,7 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate the first N items of each task")
     p.add_argument("--samples", type=int, default=1, help="samples per item; pass@k is reported for k = samples")
     p.add_argument("--temperature", type=float, default=0.0, help="answer temperature (0 = greedy)")
-    p.add_argument("--think_temperature", type=float, default=1.0, help="thought sampling temperature")
+    p.add_argument("--think_temperature", type=float, default=None,
+                   help="thought sampling temperature (default: the run's rlp.rollout.temperature; 1.0 for "
+                        "pretrained files)")
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--max_new_tokens", type=int, help="answer budget (default: 256 math, 8 choice/generated)")
@@ -175,7 +177,8 @@ def main(argv=None) -> int:
                                         pool=all_items[spec.name])
             budget = args.max_new_tokens or DEFAULT_BUDGET["generated" if spec.name == "generated" else spec.kind]
             opts = DecodeOptions(max_new_tokens=budget, think_tokens=args.think_tokens, temperature=args.temperature,
-                                 think_temperature=args.think_temperature, top_k=args.top_k, top_p=args.top_p,
+                                 think_temperature=lm.think_temperature if args.think_temperature is None else args.think_temperature,
+                                 top_k=args.top_k, top_p=args.top_p,
                                  think_banned_ids=lm.think_banned_ids)
             for mode in modes:
                 t1 = time.time()

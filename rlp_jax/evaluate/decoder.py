@@ -25,8 +25,10 @@ from rlp_jax import sharding
 from rlp_jax.generate.generation import SamplingConfig, generate, pad_prompts
 from rlp_jax.model import transformer as model
 from rlp_jax.model.scoring import shifted_token_logprobs
+from rlp_jax.rlp.config import RolloutConfig
 
 MODES = ("no_think", "think")
+_ROLLOUT_TEMPERATURE = RolloutConfig.temperature   # one declaration of the thought temperature
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,7 +36,8 @@ class DecodeOptions:
     """Attributes:
       max_new_tokens: answer budget. think_tokens: thought budget (T_think).
       temperature: answer sampling temperature (0 = greedy). think_temperature: thought sampling
-        temperature (training samples thoughts at the rollout temperature, 1.0 by default).
+        temperature (default: training's, `RolloutConfig.temperature`; a run's own is
+        `LoadedModel.think_temperature`).
       top_k, top_p: sampling filters for both.
       think_banned_ids: token ids never sampled in a thought besides `<think>` (the run's
         rlp.rollout.banned_ids, so thoughts are sampled as in training; see `LoadedModel.think_banned_ids`).
@@ -43,7 +46,7 @@ class DecodeOptions:
     max_new_tokens: int = 32
     think_tokens: int = 32
     temperature: float = 0.0
-    think_temperature: float = 1.0
+    think_temperature: float = _ROLLOUT_TEMPERATURE
     top_k: int = 0
     top_p: float = 1.0
     think_banned_ids: tuple[int, ...] = ()

@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--think", action="store_true", help="write a <think> ... </think> thought first")
     p.add_argument("--max_new_tokens", type=int, default=64, help="answer token budget")
     p.add_argument("--think_tokens", type=int, default=32, help="thought token budget")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: the run's rlp.rollout.temperature; 1.0 for pretrained files)")
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -56,10 +57,11 @@ def _stream_text(lm, ids, rng, sc) -> list[int]:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    base = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     try:
-        SamplingConfig(max_new_tokens=min(args.max_new_tokens, args.think_tokens), **base)  # validate flags
         lm = load_model(args.checkpoint, step=args.step, which=args.which)
+        base = dict(temperature=lm.think_temperature if args.temperature is None else args.temperature,
+                    top_k=args.top_k, top_p=args.top_p)
+        SamplingConfig(max_new_tokens=min(args.max_new_tokens, args.think_tokens), **base)  # validate flags
     except (ValueError, *LOAD_ERRORS) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,8 +12,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_REMAT = ("none", "full", "dots")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = tuple(_DTYPES)                 # storage and compute dtypes (float16 needs loss scaling: not offered)
+REMATS = ("none", "full", "dots")       # rematerialisation of the blocks (`transformer`): none, all, keep matmuls
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -68,10 +69,10 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
         for name in ("param_dtype", "compute_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"model.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
-        if self.remat not in _REMAT:
-            raise ValueError(f"model.remat must be one of {_REMAT}, got {self.remat!r}")
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name} must be {' or '.join(DTYPES)}, got {getattr(self, name)!r}")
+        if self.remat not in REMATS:
+            raise ValueError(f"model.remat must be {', '.join(REMATS[:-1])} or {REMATS[-1]}, got {self.remat!r}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "default"):

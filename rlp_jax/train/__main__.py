@@ -1,5 +1,5 @@
 import sys
 
-from rlp_jax.train.loop import main
+from rlp_jax.train.cli import main
 
 sys.exit(main())

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rlp_jax.data.pipeline import DataConfig, SourceConfig
-from rlp_jax.model.config import PRESETS
+from rlp_jax.model.config import DTYPES, PRESETS, REMATS
 from rlp_jax.rlp.config import LossConfig, PromptConfig, RewardConfig, RLPConfig, RolloutConfig
 from rlp_jax.sharding import MeshConfig
 
@@ -56,10 +56,10 @@ class ModelSection:
 
     def __post_init__(self):
         for name in ("param_dtype", "compute_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16"):
-                raise ConfigError(f"model.{name} must be float32 or bfloat16, got {getattr(self, name)!r}")
-        if self.remat not in ("none", "full", "dots"):
-            raise ConfigError(f"model.remat must be none, full or dots, got {self.remat!r}")
+            if getattr(self, name) not in DTYPES:
+                raise ConfigError(f"model.{name} must be {' or '.join(DTYPES)}, got {getattr(self, name)!r}")
+        if self.remat not in REMATS:
+            raise ConfigError(f"model.remat must be {', '.join(REMATS[:-1])} or {REMATS[-1]}, got {self.remat!r}")
         if self.new_token_init not in ("mean", "pieces"):
             raise ConfigError(f"model.new_token_init must be mean or pieces, got {self.new_token_init!r}")
         if len(self.think_tokens) != 2 or len(set(self.think_tokens)) != 2 or not all(self.think_tokens):
@@ -142,6 +142,11 @@ class RunConfig:
     rlp: RLPConfig = RLPConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainSection = TrainSection()
+
+    @property
+    def keeps_kl_reference(self) -> bool:
+        """The train state holds the frozen initial params for the KL penalty (RLP with kl_beta > 0)."""
+        return self.train.objective == "rlp" and self.rlp.loss.kl_beta > 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,17 +1,13 @@
-"""The training command: `python -m rlp_jax.train --experiment=NAME [--set key=value ...] [--workdir DIR]`.
-
-The host loop around the jitted step (`rlp_jax.train.step`): builds the mesh, model, optimizer and
-Grain pipeline, resumes from the latest Orbax checkpoint in the workdir (params, EMA, optimizer,
-step, RNG and data-iterator state), runs the steps with a progress bar, writes metrics (JSONL +
-TensorBoard), evaluates on the held-out split, saves every N steps, on SIGTERM and at the end, and
-plots the curves. User mistakes end with a one-line `error: ...` and exit code 2.
-"""
+"""The host loop around the jitted step (`rlp_jax.train.step`): `run(cfg, workdir)` builds the mesh, model,
+optimizer and Grain pipeline, resumes from the latest Orbax checkpoint in the workdir (params, EMA,
+optimizer, step, RNG and data-iterator state), runs the steps with a progress bar, writes metrics (JSONL +
+TensorBoard), evaluates on the held-out split, saves every N steps, on SIGTERM and at the end, and plots
+the curves. The command line is `rlp_jax.train.cli`."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
+import functools
 import json
 import logging
 import signal
@@ -21,20 +17,18 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from etils import epath
 from tqdm import tqdm
 
 from rlp_jax import fetch, sharding
 from rlp_jax.data.pipeline import DataError, make_iterator
 from rlp_jax.data.tokenizer import TokenizerError, load_tokenizer
 from rlp_jax.model import hf
-from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
 from rlp_jax.rlp.prompt import PromptError, render_prompt
 from rlp_jax.train import checkpoint
 from rlp_jax.train import run_dir as loading
 from rlp_jax.train import step as train_step
-from rlp_jax.train.config import ConfigError, RunConfig, apply_overrides, describe_fields, load_experiment, to_dict
+from rlp_jax.train.config import ConfigError, RunConfig, to_dict
 from rlp_jax.train.metrics import MetricsWriter
 from rlp_jax.train.optim import learning_rate, make_optimizer
 
@@ -79,8 +73,13 @@ def with_markers(cfg: RunConfig, tokenizer) -> RunConfig:
     """Fill what the RLP config takes from the tokenizer: the think-marker ids, the prompt's token ids
     (`rlp.prompt`), and, with rollout.ban_special_tokens, its special tokens other than the markers
     (eos, bos, pad and chat-control tokens such as `<|im_start|>`) added to rollout.banned_ids."""
-    ro = dataclasses.replace(cfg.rlp.rollout, think_start_id=tokenizer.think_start_id,
-                             think_end_id=tokenizer.think_end_id)
+    ro = cfg.rlp.rollout
+    for name, got in (("think_start_id", tokenizer.think_start_id), ("think_end_id", tokenizer.think_end_id)):
+        if getattr(ro, name) is not None and getattr(ro, name) != got:
+            raise ConfigError(f"rlp.rollout.{name}={getattr(ro, name)} but the tokenizer's marker "
+                              f"{tokenizer.decode([got])!r} is id {got}: the ids come from the tokenizer; choose "
+                              "the markers with model.think_tokens and leave the ids unset")
+    ro = dataclasses.replace(ro, think_start_id=tokenizer.think_start_id, think_end_id=tokenizer.think_end_id)
     if ro.ban_special_tokens:
         markers = {tokenizer.think_start_id, tokenizer.think_end_id}
         special = ({tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id} | set(tokenizer.special_ids)) - {None} - markers
@@ -90,10 +89,6 @@ def with_markers(cfg: RunConfig, tokenizer) -> RunConfig:
     except PromptError as e:
         raise ConfigError(str(e)) from None
     return dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, rollout=ro, prompt=prompt))
-
-
-def _attach(abstract, shardings):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,24 +136,22 @@ def evaluate_batches(eval_fn, params, batches, seed: int) -> dict:
     return {k: float(np.mean([e[k] for e in ev])) for k in ev[0]}
 
 
-def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
-    """Train `cfg` in `workdir` (a local path or a gs:// URL, see `local_dirs`), resuming if it holds
-    checkpoints. Returns the last logged metrics."""
-    workdir, ckpt_dir = local_dirs(workdir)
-    if "://" in ckpt_dir:
-        print(f"checkpoints in {ckpt_dir}; config, metrics and plots in {workdir}")
-    workdir.mkdir(parents=True, exist_ok=True)
+def run_tokenizer(cfg: RunConfig):
+    """The tokenizer a run trains with: train.tokenizer, else model.init_from's (a run's own tokenizer when
+    it names a run directory), with the think markers of model.think_tokens."""
     tc = cfg.train
-    tok_path = tc.tokenizer or cfg.model.init_from
-    if tc.tokenizer is None and tok_path is not None and loading.is_run_dir(tok_path):
-        tok_path = loading.run_tokenizer_path(loading.local_dirs(tok_path)[0], loading.read_run_config(tok_path))
-    if tok_path is None:
+    path = tc.tokenizer or cfg.model.init_from
+    if tc.tokenizer is None and path is not None and loading.is_run_dir(path):
+        path = loading.run_tokenizer_path(loading.local_dirs(path)[0], loading.read_run_record(path).run)
+    if path is None:
         raise ConfigError("no tokenizer: set --set train.tokenizer=PATH (a sentencepiece .model, a .gguf file or a "
                           "Hugging Face tokenizer dir) or model.init_from")
-    tokenizer = load_tokenizer(tok_path, think_tokens=cfg.model.think_tokens)
-    cfg = with_markers(cfg, tokenizer)
-    base_rng = jax.random.key(tc.seed)
-    mcfg, host_params = build_model(cfg, tokenizer, run_key(base_rng, "build"))
+    return load_tokenizer(path, think_tokens=cfg.model.think_tokens)
+
+
+def run_mesh(cfg: RunConfig, mcfg: ModelConfig):
+    """The run's mesh, after the checks that need it (rows split over it and into micro-batches)."""
+    tc = cfg.train
     try:
         mesh = sharding.make_mesh(tc.mesh)
     except ValueError as e:
@@ -180,72 +173,119 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not split into train.micro_batches="
                           f"{tc.micro_batches} micro-batches of whole rows on each of the {rows} data x fsdp "
                           f"devices; use a batch size that is a multiple of {rows * tc.micro_batches}")
-    optimizer = make_optimizer(cfg.optim, tc.steps)
-    keep_ref = tc.objective == "rlp" and cfg.rlp.loss.kl_beta > 0
+    return mesh
 
-    p_abstract = jax.eval_shape(lambda k: model.init_params(mcfg, k), base_rng)
-    p_sh = sharding.tree_shardings(model.param_logical_axes(mcfg), p_abstract, mesh)
-    init_state = lambda p: train_step.init_train_state(p, optimizer, keep_reference=keep_ref)
-    st_sh = sharding.state_shardings(jax.eval_shape(init_state, p_abstract), p_sh, mesh)
-    if host_params is None:
-        params = jax.jit(lambda k: model.init_params(mcfg, k), out_shardings=p_sh)(run_key(base_rng, "init"))
-    else:
-        params = jax.device_put(host_params, p_sh)
-    state = jax.jit(init_state, out_shardings=st_sh)(params)
 
-    # "model" holds what must match to resume (shapes and storage dtype); remat and compute dtype may change.
+def run_record(cfg: RunConfig, mcfg: ModelConfig, experiment: str) -> dict:
+    """What config.json and every checkpoint hold (`run_dir.read_run_record` reads it back, typed). "model"
+    holds what must match to resume (shapes and storage dtype); remat and compute dtype may change."""
     shape_fields = {k: v for k, v in dataclasses.asdict(mcfg).items() if k not in ("remat", "compute_dtype")}
-    run_config = {"model": shape_fields, "model_full": dataclasses.asdict(mcfg), "run": to_dict(cfg),
-                  "experiment": experiment}
+    return {"model": shape_fields, "model_full": dataclasses.asdict(mcfg), "run": to_dict(cfg),
+            "experiment": experiment}
+
+
+def held_out(cfg: RunConfig, tokenizer, mcfg: ModelConfig, mesh, param_shardings):
+    """(eval_fn, the held-out batches) of a run, or (None, []) when train.eval_every is 0."""
+    tc = cfg.train
+    if tc.eval_every <= 0:
+        return None, []
+    if cfg.data.eval_fraction <= 0:
+        raise ConfigError("train.eval_every > 0 needs a held-out split: --set data.eval_fraction=0.05")
+    eval_iter = make_iterator(cfg.data, tokenizer, split="eval")
+    try:
+        batches = [sharding.global_batch(eval_iter.next(), mesh) for _ in range(tc.eval_batches)]
+    except StopIteration:
+        raise ConfigError(f"the held-out split has fewer than train.eval_batches={tc.eval_batches} batches; "
+                          "lower it or raise data.eval_fraction") from None
+    finally:
+        eval_iter.close()
+    return train_step.make_eval_step(mcfg, cfg.rlp, mesh=mesh, param_shardings=param_shardings), batches
+
+
+class _StepLog:
+    """The host side of logging: pulls a step's metrics off the device on log steps only, adds the
+    learning rate, throughput and data counters, writes JSONL/TensorBoard and the progress bar."""
+
+    def __init__(self, cfg: RunConfig, workdir: Path, start: int, experiment: str):
+        self.tc, self.lr_fn = cfg.train, learning_rate(cfg.optim, cfg.train.steps)
+        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        self.writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
+        self.bar = tqdm(total=self.tc.steps, initial=start, desc=experiment, dynamic_ncols=True,
+                        disable=jax.process_index() != 0, file=sys.stdout)
+        self.t_last, self.warned_len, self.last = time.time(), False, {}
+
+    def train(self, step: int, metrics, data_stats: dict) -> None:
+        tc = self.tc
+        if not (step % tc.log_every == 0 or step == tc.steps):
+            return
+        now = time.time()
+        host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        host["train/lr"] = float(self.lr_fn(step - 1))
+        host["perf/tokens_per_s"] = self.tokens_per_step * tc.log_every / max(now - self.t_last, 1e-9)
+        host.update({f"data/{k}": float(v) for k, v in data_stats.items() if "/" not in k})
+        self.t_last, self.last = now, host
+        self.writer.write(step, host)
+        self.bar.set_postfix(_postfix(host), refresh=False)
+        if tc.objective == "rlp" and host.get("thought/mean_len", 1e9) < tc.min_thought_len and not self.warned_len:
+            tqdm.write(f"warning: mean thought length {host['thought/mean_len']:.2f} < "
+                       f"train.min_thought_len={tc.min_thought_len} at step {step} (thought collapse?)")
+            self.warned_len = True
+
+    def eval(self, step: int, ev: dict) -> None:
+        self.writer.write(step, ev, split="eval")
+        tqdm.write(f"step {step} eval: " + ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in ev.items()))
+        self.last.update(ev)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+
+
+def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
+    """Train `cfg` in `workdir` (a local path or a gs:// URL, see `local_dirs`), resuming if it holds
+    checkpoints. Returns the last logged metrics (with "preempted": True after a SIGTERM)."""
+    workdir, ckpt_dir = local_dirs(workdir)
+    if "://" in ckpt_dir:
+        print(f"checkpoints in {ckpt_dir}; config, metrics and plots in {workdir}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    tc = cfg.train
+    tokenizer = run_tokenizer(cfg)
+    cfg = with_markers(cfg, tokenizer)
+    base_rng = jax.random.key(tc.seed)
+    mcfg, host_params = build_model(cfg, tokenizer, run_key(base_rng, "build"))
+    mesh = run_mesh(cfg, mcfg)
+    optimizer = make_optimizer(cfg.optim, tc.steps)
+    layout = train_step.state_layout(mcfg, optimizer, mesh, keep_reference=cfg.keeps_kl_reference)
+    record = run_record(cfg, mcfg, experiment)
     ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=tc.save_every, keep=tc.keep)
     train_iter = make_iterator(cfg.data, tokenizer, split="train")
-    start = 0
-    restored = ckpt.restore(_attach(jax.eval_shape(lambda: state), st_sh), config=run_config)
-    if restored is not None:
+    restored = ckpt.restore(layout.restore_target(), config=record)
+    if restored is None:   # a fresh state only when there is nothing to resume
+        params = (layout.init_params(run_key(base_rng, "init")) if host_params is None
+                  else jax.device_put(host_params, layout.param_shardings))
+        state, start = layout.init(params), 0
+    else:
         state, start, base_rng = restored.state, restored.step, restored.rng
         if restored.data_state is not None:
             train_iter.set_state(restored.data_state)
         print(f"resumed from {workdir} at step {start}")
+    del host_params
     if (workdir / "config.json").exists():  # keep the record of what earlier steps ran with
         (workdir / f"config.before-step{start}.json").write_text((workdir / "config.json").read_text())
-    (workdir / "config.json").write_text(json.dumps(run_config, indent=2))
+    (workdir / "config.json").write_text(json.dumps(record, indent=2))
     if start >= tc.steps:
         print(f"{workdir} is already at step {start} >= train.steps={tc.steps}; nothing to do")
         ckpt.close()
         train_iter.close()
         return {}
-
-    if tc.objective == "rlp":
-        step_fn = train_step.make_rlp_train_step(mcfg, cfg.rlp, optimizer, mesh=mesh, state_shardings=st_sh,
-                                                  micro_batches=tc.micro_batches)
-    else:
-        step_fn = train_step.make_ntp_train_step(mcfg, optimizer, mesh=mesh, state_shardings=st_sh,
-                                                  micro_batches=tc.micro_batches)
-    eval_batches, eval_fn = [], None
-    if tc.eval_every > 0:
-        if cfg.data.eval_fraction <= 0:
-            raise ConfigError("train.eval_every > 0 needs a held-out split: --set data.eval_fraction=0.05")
-        eval_iter = make_iterator(cfg.data, tokenizer, split="eval")
-        try:
-            eval_batches = [sharding.global_batch(eval_iter.next(), mesh) for _ in range(tc.eval_batches)]
-        except StopIteration:
-            raise ConfigError(f"the held-out split has fewer than train.eval_batches={tc.eval_batches} batches; "
-                              "lower it or raise data.eval_fraction") from None
-        finally:
-            eval_iter.close()
-        eval_fn = train_step.make_eval_step(mcfg, cfg.rlp, mesh=mesh, param_shardings=p_sh)
-
-    writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
-    preempt = _Preemption()
-    lr_fn = learning_rate(cfg.optim, tc.steps)
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    nonfinite_run, last, warned_len = 0, {}, False
-    bar = tqdm(total=tc.steps, initial=start, desc=experiment, dynamic_ncols=True,
-               disable=jax.process_index() != 0, file=sys.stdout)
+    make = (functools.partial(train_step.make_rlp_train_step, mcfg, cfg.rlp) if tc.objective == "rlp"
+            else functools.partial(train_step.make_ntp_train_step, mcfg))
+    step_fn = make(optimizer, mesh=mesh, state_shardings=layout.shardings, micro_batches=tc.micro_batches)
+    eval_fn, eval_batches = held_out(cfg, tokenizer, mcfg, mesh, layout.param_shardings)
+    logs, preempt, nonfinite_run = _StepLog(cfg, workdir, start, experiment), _Preemption(), 0
     save = lambda step, force=False: ckpt.save(step, state, data_state=train_iter.get_state(), rng=base_rng,
-                                               config=run_config, force=force)
+                                               config=record, force=force)
     try:
-        t_last = time.time()
         for step in range(start + 1, tc.steps + 1):
             try:
                 batch = sharding.global_batch(train_iter.next(), mesh)
@@ -256,55 +296,36 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
                     save(step - 1, force=True)
                 break
             state, metrics = step_fn(state, batch, run_key(base_rng, "steps", step))
-            skipped = int(metrics["train/skipped_nonfinite"])
-            nonfinite_run = nonfinite_run + 1 if skipped else 0
+            nonfinite_run = nonfinite_run + 1 if int(metrics["train/skipped_nonfinite"]) else 0
             if nonfinite_run:
                 log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite_run)
             if nonfinite_run >= tc.max_nonfinite:
                 save(step, force=True)  # skipped steps left the params at the last good state
                 raise TrainingStopped(f"{nonfinite_run} non-finite steps in a row at step {step}; the last good "
                                       "state was checkpointed. Lower optim.lr or check the data.")
-            if step % tc.log_every == 0 or step == tc.steps:
-                now = time.time()
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                host["train/lr"] = float(lr_fn(step - 1))
-                host["perf/tokens_per_s"] = tokens_per_step * tc.log_every / max(now - t_last, 1e-9)
-                host.update({f"data/{k}": float(v) for k, v in train_iter.stats().items() if "/" not in k})
-                t_last = now
-                writer.write(step, host)
-                last = host
-                bar.set_postfix(_postfix(host), refresh=False)
-                if (tc.objective == "rlp" and host.get("thought/mean_len", 1e9) < tc.min_thought_len
-                        and not warned_len):
-                    tqdm.write(f"warning: mean thought length {host['thought/mean_len']:.2f} < "
-                               f"train.min_thought_len={tc.min_thought_len} at step {step} (thought collapse?)")
-                    warned_len = True
+            logs.train(step, metrics, train_iter.stats())
             if eval_fn is not None and (step % tc.eval_every == 0 or step == tc.steps):
-                ev = evaluate_batches(eval_fn, state.params, eval_batches, tc.seed)
-                writer.write(step, ev, split="eval")
-                tqdm.write(f"step {step} eval: " + ", ".join(f"{k.split('/')[1]}={v:.4f}" for k, v in ev.items()))
-                last.update(ev)
-            bar.update(1)
+                logs.eval(step, evaluate_batches(eval_fn, state.params, eval_batches, tc.seed))
+            logs.bar.update(1)
             save(step)
             if preempt.any_host():
                 tqdm.write(f"SIGTERM: saving step {step} and exiting")
                 save(step, force=True)
-                last["preempted"] = True   # callers that run several jobs stop here too
+                logs.last["preempted"] = True   # callers that run several jobs stop here too
                 break
         else:
             save(tc.steps, force=True)
     finally:
-        bar.close()
         preempt.restore()
         try:
             ckpt.wait()
         finally:
             ckpt.close()
-            writer.close()
+            logs.close()
             train_iter.close()
     if tc.plot and jax.process_index() == 0:
         _plot(workdir)
-    return last
+    return logs.last
 
 
 def _postfix(m: dict) -> dict:
@@ -327,59 +348,3 @@ def _plot(workdir: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m rlp_jax.train",
-        description="Train with RLP (or the next-token CPT baseline) on a named experiment recipe.",
-        epilog="Config fields (show a recipe's values with --experiment=NAME --show-config).")
-    p.add_argument("--experiment", required=True, help="recipe name in experiments/ or a path to a .py recipe")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set rlp.rollout.group_size=8 (repeatable)")
-    p.add_argument("--workdir", help="run directory (default runs/<experiment>-<timestamp>); an existing one resumes")
-    p.add_argument("--show-config", action="store_true", help="print every field with its value and exit")
-    return p
-
-
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("absl", "jax._src", "orbax"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        module = load_experiment(args.experiment)
-        cfg = apply_overrides(module.config(), args.set)
-        if args.show_config:
-            print("\n".join(describe_fields(cfg)))
-            return 0
-        name = Path(args.experiment).stem
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        workdir = args.workdir or f"runs/{name}-{stamp}"
-        workdir = epath.Path(workdir) if "://" in workdir else Path(workdir)   # gs://... stays a URL
-        if hasattr(module, "prepare"):
-            cfg = module.prepare(cfg, workdir)
-        sharding.maybe_initialize_distributed()
-        print(f"experiment {name}: workdir {workdir}, devices {jax.devices()[0].platform} x {jax.device_count()}")
-        # A recipe with stages (e.g. demo: next-token pretraining, then RLP from it) runs each in
-        # WORKDIR/<stage>; a finished stage is a no-op on a rerun, so the whole recipe resumes.
-        stages = module.stages(cfg, workdir) if hasattr(module, "stages") else [(None, cfg)]
-        for stage, stage_cfg in stages:
-            if stage is not None:
-                print(f"== stage {stage}: objective={stage_cfg.train.objective}, steps={stage_cfg.train.steps}")
-            final = run(stage_cfg, workdir if stage is None else workdir / stage,
-                        experiment=name if stage is None else f"{name}/{stage}")
-            if final.get("preempted"):
-                print(f"preempted: rerun the same command to resume from {workdir}")
-                return 0
-        if hasattr(module, "report") and jax.process_index() == 0:
-            module.report(cfg, workdir)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return 3
-    keys = [k for k in ("loss/total", "reward/mean", "reward/frac_positive", "thought/mean_len",
-                        "eval/nll_no_think", "eval/nll_think", "eval/info_gain") if k in final]
-    print("final: " + ", ".join(f"{k}={final[k]:.4f}" for k in keys))
-    return 0

@@ -23,7 +23,7 @@ from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
 from rlp_jax.train import checkpoint
 from rlp_jax.train import step as train_step
-from rlp_jax.train.config import ConfigError, from_dict
+from rlp_jax.train.config import ConfigError, RunConfig, from_dict
 from rlp_jax.train.optim import make_optimizer
 
 
@@ -31,11 +31,25 @@ class LoadError(ValueError):
     """A path that is neither a readable run directory nor a Hugging Face checkpoint (one line, with the fix)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """A run directory's config.json, typed (`read_run_record`).
+
+    model: the ModelConfig it trained (architecture, dtypes). run: its RunConfig, as the run used it
+    (marker, prompt and banned ids filled from the tokenizer). experiment: the recipe's name.
+    raw: the file as written (the checkpoint's compatibility check compares its "model" part)."""
+
+    model: ModelConfig
+    run: RunConfig
+    experiment: str
+    raw: dict
+
+
 @dataclasses.dataclass
 class LoadedModel:
     """cfg: ModelConfig. params: the parameter pytree (device arrays). tokenizer: the run's tokenizer.
-    source: "run", "hf" or "gguf". step: the checkpoint step (None for Hugging Face). path: where it came from.
-    run_config: the run's saved config.json (None for Hugging Face)."""
+    source: "run", "hf", "gguf" (or a caller's own label). step: the checkpoint step (None for pretrained
+    files). path: where it came from. run: the RunConfig it trained with (None for pretrained files)."""
 
     cfg: ModelConfig
     params: dict
@@ -43,30 +57,24 @@ class LoadedModel:
     source: str
     step: int | None
     path: Path | str
-    run_config: dict | None = None
+    run: RunConfig | None = None
 
     @property
     def think_banned_ids(self) -> tuple[int, ...]:
         """The rlp.rollout.banned_ids the run trained with: token ids that evaluation and generation never
-        sample in its thoughts, as its rollout did (() for Hugging Face checkpoints and older runs)."""
-        if not self.run_config:
-            return ()
-        return tuple(self.run_config["run"].get("rlp", {}).get("rollout", {}).get("banned_ids") or ())
+        sample in its thoughts, as its rollout did (() for pretrained files)."""
+        return tuple(self.run.rlp.rollout.banned_ids) if self.run else ()
 
     @property
     def think_prompt_ids(self) -> tuple[int, ...]:
         """The token ids of the prompt the run's policy thought after (rlp.prompt, the prompted setting):
         evaluation reads it before a question when it thinks (() without a prompt, for pretrained files)."""
-        if not self.run_config:
-            return ()
-        return tuple(self.run_config["run"].get("rlp", {}).get("prompt", {}).get("ids") or ())
+        return tuple(self.run.rlp.prompt.ids) if self.run else ()
 
     @property
     def think_temperature(self) -> float:
-        """The rollout temperature the run sampled its thoughts at (1.0 for pretrained files and older runs)."""
-        if not self.run_config:
-            return 1.0
-        return float(self.run_config["run"].get("rlp", {}).get("rollout", {}).get("temperature", 1.0))
+        """The rollout temperature the run sampled its thoughts at (1.0 for pretrained files)."""
+        return float(self.run.rlp.rollout.temperature) if self.run else 1.0
 
 
 def is_url(path) -> bool:
@@ -110,8 +118,19 @@ def is_run_dir(path) -> bool:
 
 
 def read_run_config(path) -> dict:
-    """A run's config.json (from the local mirror for a URL run)."""
+    """A run's config.json as written (from the local mirror for a URL run)."""
     return json.loads((local_dirs(path)[0] / "config.json").read_text())
+
+
+def read_run_record(path) -> RunRecord:
+    """A run's config.json, typed; a one-line LoadError when it cannot be read as one."""
+    raw = read_run_config(path)
+    try:
+        return RunRecord(model=ModelConfig(**raw["model_full"]), run=from_dict(raw["run"]),
+                         experiment=raw.get("experiment", "custom"), raw=raw)
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
+        raise LoadError(f"{path}/config.json cannot be read as an rlp_jax run config ({e}); was it written "
+                        "by a different rlp_jax version?") from None
 
 
 def _resolve(p: str | None, run_dir: Path) -> str | None:
@@ -124,19 +143,18 @@ def _resolve(p: str | None, run_dir: Path) -> str | None:
     return p
 
 
-def run_tokenizer_path(run_dir: Path, run_config: dict) -> str:
+def run_tokenizer_path(run_dir: Path, run: RunConfig) -> str:
     """The tokenizer a run trained with (train.tokenizer, else model.init_from)."""
-    run = run_config["run"]
-    path = run["train"].get("tokenizer") or run["model"].get("init_from")
+    path = run.train.tokenizer or run.model.init_from
     if path is None:
         raise LoadError(f"{run_dir}/config.json names no tokenizer (train.tokenizer / model.init_from)")
     return _resolve(path, run_dir)
 
 
-def run_tokenizer(run_dir, run_config: dict) -> Tokenizer:
+def run_tokenizer(run_dir, run: RunConfig) -> Tokenizer:
     """The tokenizer a run trained with, with the think markers it used (model.think_tokens)."""
-    markers = tuple(run_config["run"]["model"].get("think_tokens") or THINK_TOKENS)
-    return load_tokenizer(run_tokenizer_path(local_dirs(run_dir)[0], run_config), think_tokens=markers)
+    markers = tuple(run.model.think_tokens or THINK_TOKENS)
+    return load_tokenizer(run_tokenizer_path(local_dirs(run_dir)[0], run), think_tokens=markers)
 
 
 def is_pretrained(path) -> bool:
@@ -175,7 +193,7 @@ def load_run_params(run_dir, *, step: int | None = None, which: str = "params", 
       which: "params" (the policy theta) or "ema" (the teacher phi, float32).
       mesh: optional `jax.sharding.Mesh`; params are restored sharded by the logical rules over it.
     Returns:
-      (ModelConfig, params pytree, step, the run's config.json dict).
+      (ModelConfig, params pytree, step, the run's RunRecord).
     """
     from rlp_jax import sharding
 
@@ -185,26 +203,16 @@ def load_run_params(run_dir, *, step: int | None = None, which: str = "params", 
         raise LoadError(f"{run_dir} is not an rlp_jax run directory (no config.json + checkpoints/); pass a run "
                         "directory written by `python -m rlp_jax.train` or a Hugging Face checkpoint dir")
     ckpt_dir = local_dirs(run_dir)[1]
-    run_config = read_run_config(run_dir)
-    try:
-        mcfg = ModelConfig(**run_config["model_full"])
-        cfg = from_dict(run_config["run"])
-    except (KeyError, TypeError, ValueError, ConfigError) as e:
-        raise LoadError(f"{run_dir}/config.json cannot be read as an rlp_jax run config ({e}); was it written "
-                        "by a different rlp_jax version?") from None
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    keep_ref = cfg.train.objective == "rlp" and cfg.rlp.loss.kl_beta > 0
-    abstract_p = jax.eval_shape(lambda k: model.init_params(mcfg, k), jax.random.key(0))
-    init_state = lambda p: train_step.init_train_state(p, optimizer, keep_reference=keep_ref)
-    abstract = jax.eval_shape(init_state, abstract_p)
+    record = read_run_record(run_dir)
+    mcfg, cfg = record.model, record.run
     if mesh is None:
         mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
-    p_sh = sharding.tree_shardings(model.param_logical_axes(mcfg), abstract_p, mesh)
-    st_sh = sharding.state_shardings(abstract, p_sh, mesh)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, st_sh)
+    layout = train_step.state_layout(mcfg, make_optimizer(cfg.optim, cfg.train.steps), mesh,
+                                     keep_reference=cfg.keeps_kl_reference)
+    abstract = layout.restore_target()
     ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1)
     try:
-        restored = ckpt.restore(abstract, config=run_config, step=step)
+        restored = ckpt.restore(abstract, config=record.raw, step=step)
     except FileNotFoundError as e:
         raise LoadError(str(e)) from None
     finally:
@@ -214,7 +222,7 @@ def load_run_params(run_dir, *, step: int | None = None, which: str = "params", 
     params = restored.state.params if which == "params" else restored.state.ema_params
     if which == "ema":   # the teacher is kept in float32; serve it in the model's storage dtype
         params = jax.tree.map(lambda p: p.astype(mcfg.jnp_param_dtype), params)
-    return mcfg, params, restored.step, run_config
+    return mcfg, params, restored.step, record
 
 
 def load_model(path, *, step: int | None = None, which: str = "params", mesh=None,
@@ -237,9 +245,8 @@ def load_model(path, *, step: int | None = None, which: str = "params", mesh=Non
                         f"{local_dirs(path)[0]}, its checkpoints at {local_dirs(path)[1]}); run from the host "
                         "that trained it, or copy the run directory locally")
     if run:
-        mcfg, params, got_step, run_config = load_run_params(path, step=step, which=which, mesh=mesh)
-        tokenizer = run_tokenizer(path, run_config)
-        source = "run"
+        mcfg, params, got_step, record = load_run_params(path, step=step, which=which, mesh=mesh)
+        tokenizer, run_cfg, source = run_tokenizer(path, record.run), record.run, "run"
     elif is_pretrained(path):
         if step is not None or which != "params":
             raise LoadError(f"{path} is a pretrained checkpoint, not a run: --step and --which=ema apply to run "
@@ -251,14 +258,14 @@ def load_model(path, *, step: int | None = None, which: str = "params", mesh=Non
             mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
         # host arrays straight into their shards over the mesh (never the whole tree on one device)
         params = jax.device_put(params, sharding.tree_shardings(model.param_logical_axes(mcfg), params, mesh))
-        got_step, run_config, source = None, None, "gguf" if gguf_io.is_gguf(path) else "hf"
+        got_step, run_cfg, source = None, None, "gguf" if gguf_io.is_gguf(path) else "hf"
     else:
         raise LoadError(f"{path} is neither an rlp_jax run directory (config.json + checkpoints/), a Hugging "
                         "Face checkpoint (config.json + model.safetensors) nor a .gguf file")
     if compute_dtype is not None:
         mcfg = mcfg.replace(compute_dtype=compute_dtype)
     return LoadedModel(cfg=mcfg, params=params, tokenizer=tokenizer, source=source, step=got_step, path=path,
-                       run_config=run_config)
+                       run=run_cfg)
 
 
 LOAD_ERRORS = (LoadError, TokenizerError, hf.CheckpointError, checkpoint.CheckpointMismatch,

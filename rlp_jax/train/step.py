@@ -11,6 +11,7 @@ R = B*K*G thoughts, M micro-batches.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -50,6 +51,48 @@ def init_train_state(params, optimizer: optax.GradientTransformation, *, keep_re
     """A fresh state: EMA initialised to theta (the paper's lazy init at the first batch)."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=init_ema(params),
                       opt_state=optimizer.init(params), ref_params=jax.tree.map(jnp.copy, params) if keep_reference else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """A run's train state before it exists: its abstract shapes and its shardings on a mesh.
+
+    params: abstract params ([ShapeDtypeStruct] pytree); param_shardings: theirs on the mesh.
+    abstract: the abstract TrainState; shardings: its shardings (params, EMA, optimizer moments sharded
+    like the params; scalars replicated)."""
+
+    cfg: ModelConfig
+    optimizer: optax.GradientTransformation
+    keep_reference: bool
+    params: Any
+    param_shardings: Any
+    abstract: TrainState
+    shardings: Any
+
+    def init(self, params) -> TrainState:
+        """The fresh state of `params`, placed as `shardings` say (one jitted init, nothing gathered)."""
+        return jax.jit(functools.partial(init_train_state, optimizer=self.optimizer,
+                                         keep_reference=self.keep_reference), out_shardings=self.shardings)(params)
+
+    def init_params(self, rng):
+        """Random params of the model, created sharded."""
+        return jax.jit(lambda k: model.init_params(self.cfg, k), out_shardings=self.param_shardings)(rng)
+
+    def restore_target(self) -> TrainState:
+        """The abstract state with its shardings attached: what Orbax restores into."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract,
+                            self.shardings)
+
+
+def state_layout(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh, *,
+                 keep_reference: bool = False) -> StateLayout:
+    """The one recipe for a sharded train state (training, loading a run, the planner, benchmarks).
+    `mesh` may be a `jax.sharding.AbstractMesh` (the planner's: no devices needed)."""
+    params = jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0))
+    p_sh = sharding.tree_shardings(model.param_logical_axes(cfg), params, mesh)
+    abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, keep_reference=keep_reference), params)
+    return StateLayout(cfg, optimizer, keep_reference, params, p_sh, abstract,
+                       sharding.state_shardings(abstract, p_sh, mesh))
 
 
 def _apply_update(state: TrainState, grads, loss, optimizer, ema_decay: float | None):

@@ -146,6 +146,7 @@ def test_nonfinite_steps_stop_the_run(tmp_path):
     (["--experiment=smoke", "--set", "rlp.rollout.min_context=64"], "no position of a 64-token row can be chosen"),
     (["--experiment=smoke", "--set", "train.micro_batches=0"], "train.micro_batches must be >= 1"),
     (["--experiment=smoke", "--set", "train.micro_batches=3"], "does not split into train.micro_batches=3"),
+    (["--experiment=smoke", "--set", "rlp.rollout.think_start_id=7"], "the ids come from the tokenizer"),
     (["--experiment=web_mix", "--set", "model.preset=tiny", "--set", "train.tokenizer=/nonexistent/tok.model"],
      "/nonexistent/tok.model"),
 ])

@@ -1,0 +1,79 @@
+"""The training command: `python -m rlp_jax.train --experiment=NAME [--set key=value ...] [--workdir DIR]`.
+
+Loads a recipe (`experiments/NAME.py`: `config()`, optionally `prepare`, `stages`, `report`), applies the
+`--set` overrides and runs each stage with `rlp_jax.train.loop.run`. User mistakes end with a one-line
+`error: ...` and exit code 2; a run stopped by non-finite steps exits 3; a SIGTERM-preempted run saves,
+says how to resume and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+from pathlib import Path
+
+import jax
+from etils import epath
+
+from rlp_jax import sharding
+from rlp_jax.train.config import apply_overrides, describe_fields, load_experiment
+from rlp_jax.train.loop import USER_ERRORS, TrainingStopped, run
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rlp_jax.train",
+        description="Train with RLP (or the next-token CPT baseline) on a named experiment recipe.",
+        epilog="Config fields (show a recipe's values with --experiment=NAME --show-config).")
+    p.add_argument("--experiment", required=True, help="recipe name in experiments/ or a path to a .py recipe")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set rlp.rollout.group_size=8 (repeatable)")
+    p.add_argument("--workdir", help="run directory (default runs/<experiment>-<timestamp>); an existing one resumes")
+    p.add_argument("--show-config", action="store_true", help="print every field with its value and exit")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        module = load_experiment(args.experiment)
+        cfg = apply_overrides(module.config(), args.set)
+        if args.show_config:
+            print("\n".join(describe_fields(cfg)))
+            return 0
+        name = Path(args.experiment).stem
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        workdir = args.workdir or f"runs/{name}-{stamp}"
+        workdir = epath.Path(workdir) if "://" in workdir else Path(workdir)   # gs://... stays a URL
+        if hasattr(module, "prepare"):
+            cfg = module.prepare(cfg, workdir)
+        sharding.maybe_initialize_distributed()
+        print(f"experiment {name}: workdir {workdir}, devices {jax.devices()[0].platform} x {jax.device_count()}")
+        # A recipe with stages (e.g. demo: next-token pretraining, then RLP from it) runs each in
+        # WORKDIR/<stage>; a finished stage is a no-op on a rerun, so the whole recipe resumes.
+        stages = module.stages(cfg, workdir) if hasattr(module, "stages") else [(None, cfg)]
+        for stage, stage_cfg in stages:
+            if stage is not None:
+                print(f"== stage {stage}: objective={stage_cfg.train.objective}, steps={stage_cfg.train.steps}")
+            final = run(stage_cfg, workdir if stage is None else workdir / stage,
+                        experiment=name if stage is None else f"{name}/{stage}")
+            if final.get("preempted"):
+                print(f"preempted: rerun the same command to resume from {workdir}")
+                return 0
+        if hasattr(module, "report") and jax.process_index() == 0:
+            module.report(cfg, workdir)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 3
+    keys = [k for k in ("loss/total", "reward/mean", "reward/frac_positive", "thought/mean_len",
+                        "eval/nll_no_think", "eval/nll_think", "eval/info_gain") if k in final]
+    print("final: " + ", ".join(f"{k}={final[k]:.4f}" for k in keys))
+    return 0
