@@ -50,7 +50,7 @@ def run(mesh_shape, kind):
     return {"loss": float(metrics["loss/total"]), "params": flat, "specs": specs}
 
 
-MESHES = {"rlp": [(8, 1, 1), (2, 4, 1), (2, 2, 2)], "ntp": [(2, 2, 2)]}
+MESHES = {"rlp": [(2, 4, 1), (2, 2, 2)], "ntp": [(2, 2, 2)]}   # data x fsdp, and all three axes
 
 if __name__ == "__main__":
     out = {"devices": jax.device_count()}
