@@ -34,6 +34,7 @@ import numpy as np
 
 from rlp_jax import plan, train
 from rlp_jax.evaluate import heldout
+from rlp_jax.train.cli import EXIT_PREEMPTED
 from rlp_jax.train.config import RunConfig, load_experiment
 
 
@@ -233,12 +234,12 @@ def main(argv=None) -> int:
         t0 = time.time()
         print(f"== {pre_name}: {pre_cfg.train.steps} NTP steps")
         if train.run(pre_cfg, workdir / pre_name, experiment=f"replication/{pre_name}").get("preempted"):
-            return 0
+            return EXIT_PREEMPTED
         plan_runs = arms(rlp_cfg, seeds, not args.no_ablations)
         for arm, name, seed, run_cfg in plan_runs:
             print(f"== {name}: objective={run_cfg.train.objective} steps={run_cfg.train.steps}")
             if train.run(run_cfg, workdir / name, experiment=f"replication/{name}").get("preempted"):
-                return 0
+                return EXIT_PREEMPTED
         train_s = time.time() - t0
         think = rlp_cfg.rlp.rollout.thought_len
         rows = [{"arm": "ntp_stage1", "run": pre_name, "seed": None, "train_steps": 0,

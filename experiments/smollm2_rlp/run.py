@@ -39,6 +39,7 @@ from rlp_jax import (
 from rlp_jax.data.pipeline import make_iterator  # noqa: E402
 from rlp_jax.data.tokenizer import load_tokenizer  # noqa: E402
 from rlp_jax.train import step as train_step  # noqa: E402
+from rlp_jax.train.cli import EXIT_PREEMPTED  # noqa: E402
 from rlp_jax.train.config import RunConfig, load_experiment  # noqa: E402
 from rlp_jax.train.run_dir import LoadedModel  # noqa: E402
 
@@ -209,8 +210,9 @@ def _write(name: str, result: dict) -> None:
     print(f"result {name} written", flush=True)
 
 
-def replicate(workdir: Path, max_units: int | None = None) -> None:
-    """Run every unit without a result file, in order; stops (resumably) on SIGTERM."""
+def replicate(workdir: Path, max_units: int | None = None) -> bool:
+    """Run every unit without a result file, in order; stops (resumably) on SIGTERM / Ctrl-C and then
+    returns True (preempted)."""
     from rlp_jax.train.run_dir import load_model
 
     cfg = scaled_config(workdir)
@@ -229,13 +231,13 @@ def replicate(workdir: Path, max_units: int | None = None) -> None:
     while True:
         todo = [u for u in units(cfg, results) if u[0] not in results]
         if not todo or (max_units is not None and done >= max_units):
-            return
+            return False
         name, arm, seed, run_cfg = todo[0]
         t0 = time.time()
         print(f"== {name}: objective={run_cfg.train.objective} steps={run_cfg.train.steps}", flush=True)
         run_dir = workdir / "units" / name
         if train.run(run_cfg, run_dir, experiment=f"smollm2_rlp/{name}").get("preempted"):
-            return
+            return True
         recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         lm = load_model(run_dir)
         row = {"name": name, "arm": arm, "seed": seed, "steps": run_cfg.train.steps,
@@ -355,8 +357,9 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if args.what == "probe":
         probe(workdir)
-    elif args.what == "replicate":
-        replicate(workdir, args.max_units)
+    elif args.what == "replicate" and replicate(workdir, args.max_units):
+        print(f"preempted: rerun the same command to resume ({RESULTS} holds the finished units)", file=sys.stderr)
+        return EXIT_PREEMPTED
     print(report(workdir))
     return 0
 

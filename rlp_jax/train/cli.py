@@ -3,7 +3,8 @@
 Loads a recipe (`experiments/NAME.py`: `config()`, optionally `prepare`, `stages`, `report`), applies the
 `--set` overrides and runs each stage with `rlp_jax.train.loop.run`. User mistakes end with a one-line
 `error: ...` and exit code 2; a run stopped by non-finite steps exits 3; a SIGTERM-preempted run saves,
-says how to resume and exits 0.
+says how to resume on stderr and exits 75 (EX_TEMPFAIL: requeue the same command); Ctrl-C saves the same
+way and exits 130 (a second Ctrl-C stops at once).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from etils import epath
 from rlp_jax import sharding
 from rlp_jax.train.config import apply_overrides, describe_fields, load_experiment
 from rlp_jax.train.loop import USER_ERRORS, TrainingStopped, run
+
+EXIT_PREEMPTED = 75      # SIGTERM: saved, not finished (EX_TEMPFAIL: a scheduler should requeue the same command)
+EXIT_INTERRUPTED = 130   # Ctrl-C (128 + SIGINT)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,9 +66,10 @@ def main(argv=None) -> int:
                 print(f"== stage {stage}: objective={stage_cfg.train.objective}, steps={stage_cfg.train.steps}")
             final = run(stage_cfg, workdir if stage is None else workdir / stage,
                         experiment=name if stage is None else f"{name}/{stage}")
-            if final.get("preempted"):
-                print(f"preempted: rerun the same command to resume from {workdir}")
-                return 0
+            if got := final.get("preempted"):
+                print(f"preempted by {got} at step {final['step']}, checkpoint saved: rerun the same command to "
+                      f"resume from {workdir}", file=sys.stderr)
+                return EXIT_PREEMPTED if got == "SIGTERM" else EXIT_INTERRUPTED
         if hasattr(module, "report") and jax.process_index() == 0:
             module.report(cfg, workdir)
     except USER_ERRORS as e:
@@ -73,6 +78,10 @@ def main(argv=None) -> int:
     except TrainingStopped as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:   # before the first step (or a second Ctrl-C): nothing new to save
+        print("interrupted: stopped without saving; the run directory holds its earlier checkpoints, if any",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     keys = [k for k in ("loss/total", "reward/mean", "reward/frac_positive", "thought/mean_len",
                         "eval/nll_no_think", "eval/nll_think", "eval/info_gain") if k in final]
     print("final: " + ", ".join(f"{k}={final[k]:.4f}" for k in keys))

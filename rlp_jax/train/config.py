@@ -176,9 +176,30 @@ def _parse(raw: str, typ, key: str):
             return raw.lower() in ("true", "1")
         if typ in (int, float, str):
             return typ(raw)
-        return _from_json(json.loads(raw), typ, key)
-    except (ValueError, TypeError, json.JSONDecodeError):
-        raise ConfigError(f"--set {key}={raw}: expected {getattr(typ, '__name__', typ)}") from None
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--set {key}={raw}: not valid JSON ({e.msg} at column {e.colno}); expected "
+                          f"{_describe(typ)}") from None
+    except (ValueError, TypeError):
+        raise ConfigError(f"--set {key}={raw}: expected {_describe(typ)}") from None
+    try:
+        return _from_json(value, typ, key)
+    except ConfigError as e:   # already names the field and the problem
+        raise ConfigError(f"--set {e}") from None
+    except (ValueError, TypeError) as e:   # a section's own validation (e.g. a negative mixture weight)
+        raise ConfigError(f"--set {key}: {e}") from None
+
+
+def _describe(typ) -> str:
+    """A type as a user writes it on the command line."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is tuple:
+        inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
+        what = f"{inner.__name__} objects" if inner in _NESTED else "values"
+        return f"a JSON list of {what}" + (f" (fields: {', '.join(_field_types(inner))})" if inner in _NESTED else "")
+    if typ in _NESTED:
+        return f"a JSON object with fields {', '.join(_field_types(typ))}"
+    return getattr(typ, "__name__", str(typ))
 
 
 def _from_json(value, typ, key: str):

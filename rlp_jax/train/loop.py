@@ -1,7 +1,7 @@
 """The host loop around the jitted step (`rlp_jax.train.step`): `run(cfg, workdir)` builds the mesh, model,
 optimizer and Grain pipeline, resumes from the latest Orbax checkpoint in the workdir (params, EMA,
 optimizer, step, RNG and data-iterator state), runs the steps with a progress bar, writes metrics (JSONL +
-TensorBoard), evaluates on the held-out split, saves every N steps, on SIGTERM and at the end, and plots
+TensorBoard), evaluates on the held-out split, saves every N steps, on SIGTERM / Ctrl-C and at the end, and plots
 the curves. The command line is `rlp_jax.train.cli`."""
 
 from __future__ import annotations
@@ -96,24 +96,34 @@ def with_markers(cfg: RunConfig, tokenizer) -> RunConfig:
 # ----------------------------------------------------------------------------------------------
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step (then it saves and exits)."""
+    """Turns SIGTERM (a scheduler's preemption) and a first Ctrl-C (SIGINT) into a flag the loop checks after
+    each step: it then saves and exits. A second Ctrl-C interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+        self.requested: str | None = None     # "SIGTERM" / "SIGINT" once asked
+        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if signum == signal.SIGINT and self.requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            tqdm.write("Ctrl-C: saving after this step (press again to stop at once, without saving)")
 
-    def any_host(self) -> bool:
-        """Whether any process got SIGTERM: every host must take the (collective) save at the same step."""
+    def any_host(self) -> str | None:
+        """The signal any process got (every host must take the collective save at the same step)."""
         if jax.process_count() == 1:
             return self.requested
         from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+        got = multihost_utils.process_allgather(np.asarray([self.requested == "SIGTERM", self.requested == "SIGINT"]))
+        return "SIGTERM" if np.any(got[..., 0]) else "SIGINT" if np.any(got[..., 1]) else None
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 local_dirs = loading.local_dirs   # re-exported: where a workdir keeps its files
@@ -243,7 +253,8 @@ class _StepLog:
 
 def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
     """Train `cfg` in `workdir` (a local path or a gs:// URL, see `local_dirs`), resuming if it holds
-    checkpoints. Returns the last logged metrics (with "preempted": True after a SIGTERM)."""
+    checkpoints. Returns the last logged metrics (with "preempted": "SIGTERM" or "SIGINT" when a signal
+    stopped it after a save)."""
     workdir, ckpt_dir = local_dirs(workdir)
     if "://" in ckpt_dir:
         print(f"checkpoints in {ckpt_dir}; config, metrics and plots in {workdir}")
@@ -308,10 +319,11 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
                 logs.eval(step, evaluate_batches(eval_fn, state.params, eval_batches, tc.seed))
             logs.bar.update(1)
             save(step)
-            if preempt.any_host():
-                tqdm.write(f"SIGTERM: saving step {step} and exiting")
+            if got := preempt.any_host():
+                tqdm.write(f"{got}: saving step {step} and exiting")
                 save(step, force=True)
-                logs.last["preempted"] = True   # callers that run several jobs stop here too
+                logs.last["preempted"] = got   # callers that run several jobs stop here too
+                logs.last["step"] = step
                 break
         else:
             save(tc.steps, force=True)

@@ -104,18 +104,22 @@ def test_resume_after_sigkill_is_exact(straight_run, tmp_path):
     _assert_trees_equal(_final_state(straight, 8), _final_state(tmp_path, 8))
 
 
-def test_sigterm_saves_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 75), (signal.SIGINT, 130)])
+def test_signal_saves_a_checkpoint_and_exits_with_its_code(tmp_path, sig, code):
+    """SIGTERM (preemption) and Ctrl-C both save at the next step boundary, say how to resume, and exit
+    non-zero (75 = requeue, 130 = interrupted) without a traceback or a `final:` summary."""
     proc = _train(tmp_path, "train.steps=400", "train.save_every=100", "train.eval_every=0",
                   wait=False)
     deadline = time.time() + 300
     while time.time() < deadline and not ((tmp_path / "metrics.jsonl").exists() and _metrics(tmp_path)):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     proc.wait(timeout=300)
     out = (tmp_path / "stdout.log").read_text()
-    assert proc.returncode == 0, out[-3000:]
-    assert "SIGTERM: saving step" in out and "preempted: rerun the same command" in out
-    assert "final:" not in out   # a preempted run stops: no later stage, no final summary
+    assert proc.returncode == code, out[-3000:]
+    name = signal.Signals(sig).name
+    assert f"{name}: saving step" in out and f"preempted by {name} at step" in out and "rerun the same command" in out
+    assert "final:" not in out and "Traceback" not in out
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert saved and 0 < max(saved) < 400 and max(saved) % 100, saved  # an off-interval save
 
@@ -147,6 +151,10 @@ def test_nonfinite_steps_stop_the_run(tmp_path):
     (["--experiment=smoke", "--set", "train.micro_batches=0"], "train.micro_batches must be >= 1"),
     (["--experiment=smoke", "--set", "train.micro_batches=3"], "does not split into train.micro_batches=3"),
     (["--experiment=smoke", "--set", "rlp.rollout.think_start_id=7"], "the ids come from the tokenizer"),
+    (["--experiment=smoke", "--set", 'data.sources=[{"path": "a.jsonl", "wieght": 1}]'], "unknown field(s) ['wieght']"),
+    (["--experiment=smoke", "--set", 'data.sources=[{"path": "a.jsonl", "weight": -1}]'], "weight must be a positive"),
+    (["--experiment=smoke", "--set", 'data.sources={"path": "a.jsonl"}'], "data.sources: expected a JSON list"),
+    (["--experiment=smoke", "--set", 'data.sources=[{"path": "a.jsonl"'], "not valid JSON (Expecting ','"),
     (["--experiment=web_mix", "--set", "model.preset=tiny", "--set", "train.tokenizer=/nonexistent/tok.model"],
      "/nonexistent/tok.model"),
 ])
