@@ -2,13 +2,18 @@
 
 Both resume into the same run: on restart from step S, JSONL lines after S (written by the killed
 process after its last checkpoint) are dropped, and TensorBoard events go to the same directory
-with `purge_step=S` so the curves continue instead of forking.
+with `purge_step=S` so the curves continue instead of forking. A run directory with metrics but no
+checkpoint (killed before its first save, or its checkpoints deleted) starts over from step 0: the
+earlier metrics.jsonl and tensorboard/ are moved aside (`*.before-restart-TIMESTAMP`), never appended to
+or deleted, and a warning says where they went.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from pathlib import Path
 
 from tensorboardX import SummaryWriter
@@ -22,7 +27,16 @@ class MetricsWriter:
         self.path = Path(run_dir) / "metrics.jsonl"
         if not enabled:
             return
-        if resume_step and self.path.exists():
+        if not resume_step and self.path.exists() and self.path.read_text().strip():
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            moved = [self.path.rename(self.path.with_name(f"metrics.before-restart-{stamp}.jsonl"))]
+            tb = Path(run_dir) / "tensorboard"
+            if tb.exists():
+                moved.append(tb.rename(tb.with_name(f"tensorboard.before-restart-{stamp}")))
+            logging.getLogger(__name__).warning(
+                "%s has metrics but no checkpoint to resume from: starting over at step 0; the earlier metrics "
+                "are kept in %s", run_dir, ", ".join(str(m) for m in moved))
+        elif resume_step and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and _step_of(line) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
