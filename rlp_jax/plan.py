@@ -55,7 +55,7 @@ from rlp_jax.model.scoring import TOKEN_CHUNK
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.rollout import THOUGHT_CHUNK
 from rlp_jax.train import step as train_step
-from rlp_jax.train.config import ConfigError, RunConfig, apply_overrides, load_experiment
+from rlp_jax.train.config import ConfigError, RunConfig, apply_overrides, load_experiment, recipe_config
 from rlp_jax.train.optim import make_optimizer
 
 GIB = 2 ** 30
@@ -575,7 +575,7 @@ def main(argv=None) -> int:
     try:
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
-        cfg = apply_overrides(load_experiment(args.experiment).config(), args.set)
+        cfg = apply_overrides(recipe_config(load_experiment(args.experiment)), args.set)
         devices = device_spec(args.devices)
         mesh = default_mesh(cfg, devices.chips) if args.mesh is None else parse_mesh(args.mesh, devices.chips)
         result = plan(cfg, devices, mesh)

@@ -19,8 +19,8 @@ import jax
 from etils import epath
 
 from rlp_jax import sharding
-from rlp_jax.train.config import apply_overrides, describe_fields, load_experiment
-from rlp_jax.train.loop import USER_ERRORS, TrainingStopped, run
+from rlp_jax.train.config import apply_overrides, describe_fields, load_experiment, recipe_config
+from rlp_jax.train.loop import USER_ERRORS, TrainingStopped, check_workdir, run
 
 EXIT_PREEMPTED = 75      # SIGTERM: saved, not finished (EX_TEMPFAIL: a scheduler should requeue the same command)
 EXIT_INTERRUPTED = 130   # Ctrl-C (128 + SIGINT)
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         module = load_experiment(args.experiment)
-        cfg = apply_overrides(module.config(), args.set)
+        cfg = apply_overrides(recipe_config(module), args.set)
         if args.show_config:
             print("\n".join(describe_fields(cfg)))
             return 0
@@ -54,6 +54,8 @@ def main(argv=None) -> int:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         workdir = args.workdir or f"runs/{name}-{stamp}"
         workdir = epath.Path(workdir) if "://" in workdir else Path(workdir)   # gs://... stays a URL
+        if isinstance(workdir, Path):   # a local run directory: refuse an unwritable one before any work
+            check_workdir(workdir)
         if hasattr(module, "prepare"):
             cfg = module.prepare(cfg, workdir)
         sharding.maybe_initialize_distributed()

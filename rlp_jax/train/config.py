@@ -324,7 +324,25 @@ def load_experiment(name: str):
                           "(or a path to a recipe .py file)")
     spec = importlib.util.spec_from_file_location(f"rlp_experiment_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "config"):
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"experiment file {path} has a syntax error at line {e.lineno}: {e.msg}; fix the "
+                          "recipe") from None
+    except ImportError as e:
+        raise ConfigError(f"experiment file {path} cannot be imported: {e}; fix its imports (rlp_jax's config "
+                          "classes live in rlp_jax.train.config, rlp_jax.rlp.config, rlp_jax.data.pipeline)") from None
+    if not callable(getattr(module, "config", None)):
         raise ConfigError(f"experiment file {path} defines no config() function")
     return module
+
+
+def recipe_config(module) -> RunConfig:
+    """`module.config()`, checked to be a RunConfig (a recipe's mistake is a one-line ConfigError)."""
+    try:
+        cfg = module.config()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"experiment {module.__file__}: config() failed: {e}") from None
+    if not isinstance(cfg, RunConfig):
+        raise ConfigError(f"experiment {module.__file__}: config() returned {type(cfg).__name__}, not a RunConfig")
+    return cfg

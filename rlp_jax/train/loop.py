@@ -146,6 +146,20 @@ def evaluate_batches(eval_fn, params, batches, seed: int) -> dict:
     return {k: float(np.mean([e[k] for e in ev])) for k in ev[0]}
 
 
+def check_workdir(workdir: Path) -> None:
+    """Create the (local) run directory, or a one-line ConfigError when it cannot be written there."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file, not a directory; choose another path")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".rlp_jax_write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir}: cannot write a run directory there ({e.strerror or e}); choose "
+                          "a writable directory path") from None
+
+
 def run_tokenizer(cfg: RunConfig):
     """The tokenizer a run trains with: train.tokenizer, else model.init_from's (a run's own tokenizer when
     it names a run directory), with the think markers of model.think_tokens."""
@@ -258,7 +272,7 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
     workdir, ckpt_dir = local_dirs(workdir)
     if "://" in ckpt_dir:
         print(f"checkpoints in {ckpt_dir}; config, metrics and plots in {workdir}")
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir(workdir)
     tc = cfg.train
     tokenizer = run_tokenizer(cfg)
     cfg = with_markers(cfg, tokenizer)

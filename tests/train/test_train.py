@@ -166,6 +166,35 @@ def test_cli_errors_are_one_line(args, message, capsys, tmp_path):
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+@pytest.mark.parametrize("recipe,message", [
+    ("def config(:\n", "has a syntax error at line 1"),
+    ("from rlp_jax.config import RunConfig\ndef config():\n    pass\n", "cannot be imported: No module named"),
+    ("def config():\n    return 3\n", "config() returned int, not a RunConfig"),
+    ("x = 1\n", "defines no config() function"),
+])
+def test_broken_recipes_are_one_line_errors(recipe, message, capsys, tmp_path):
+    from rlp_jax import train
+
+    (tmp_path / "recipe.py").write_text(recipe)
+    code = train.main([f"--experiment={tmp_path / 'recipe.py'}", f"--workdir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("where,message", [("file", "is a file, not a directory"),
+                                           ("file/sub", "cannot write a run directory there (Not a directory)"),
+                                           ("/proc/rlp_jax_run", "cannot write a run directory there")])
+def test_unusable_workdirs_are_one_line_errors(where, message, capsys, tmp_path):
+    from rlp_jax import train
+
+    (tmp_path / "file").write_text("not a run")
+    workdir = where if where.startswith("/") else str(tmp_path / where)
+    code = train.main(["--experiment=smoke", f"--workdir={workdir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert (tmp_path / "file").read_text() == "not a run"
+
+
 def test_show_config_lists_fields(capsys):
     from rlp_jax import train
 
