@@ -92,13 +92,18 @@ class Checkpointer:
       async_save: write in a background thread (True) or block in `save` (False).
     """
 
-    def __init__(self, directory, *, save_every: int, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory, *, save_every: int, keep: int = 3, async_save: bool = True,
+                 read_only: bool = False):
+        """read_only: a reader's view (evaluate, export, generate, init_from): it never creates, cleans up,
+        deletes or saves anything, so it cannot touch a running job's in-flight save or its older steps."""
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every and keep must be >= 1, got save_every={save_every}, keep={keep}")
         directory = str(directory)
         self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True,
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
+            cleanup_tmp_directories=not read_only, read_only=read_only,
             # Orbax's default also saves the first step of a run (InitialSavePolicy); we save on the interval only.
             save_decision_policy=_policies.AnySavePolicy(
                 [_policies.FixedIntervalPolicy(save_every), _policies.PreemptionCheckpointingPolicy()]))
@@ -121,6 +126,8 @@ class Checkpointer:
         flight. A step that already exists is never overwritten (e.g. a final forced save of an on-interval
         step returns False). Raises CheckpointSaveError if this save, or the previous asynchronous one, failed.
         """
+        if self.read_only:
+            raise CheckpointSaveError(f"{self.directory} was opened read-only; nothing is saved there")
         if not (force or self._mngr.should_save(step)) or step in self._mngr.all_steps():
             return False
         meta = {"data_state": _to_json(data_state, "data_state"), "rng_impl": str(jax.random.key_impl(rng))}
@@ -176,7 +183,7 @@ class Checkpointer:
           CheckpointMismatch: saved model config or state shapes/dtypes differ from this run's.
           CheckpointRestoreError: every candidate step was corrupt or failed verification.
         Corrupt or partial steps are logged (warning) and skipped; when an older step is restored, the newer
-        failed steps are deleted so that this run can save those step numbers again.
+        failed steps are deleted so that this run can save those step numbers again (never when read-only).
         """
         self.wait()
         self._mngr.reload()
@@ -197,7 +204,7 @@ class Checkpointer:
                             self.directory, s, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 failed.append((s, f"{type(e).__name__}: {e}"))
                 continue
-            for bad, _ in failed:
+            for bad, _ in failed if not self.read_only else ():   # a reader never deletes
                 log.warning("deleting unrestorable checkpoint step %d in %s", bad, self.directory)
                 try:
                     self._mngr.delete(bad)

@@ -210,7 +210,7 @@ def load_run_params(run_dir, *, step: int | None = None, which: str = "params", 
     layout = train_step.state_layout(mcfg, make_optimizer(cfg.optim, cfg.train.steps), mesh,
                                      keep_reference=cfg.keeps_kl_reference)
     abstract = layout.restore_target()
-    ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1)
+    ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1, read_only=True)
     try:
         restored = ckpt.restore(abstract, config=record.raw, step=step)
     except FileNotFoundError as e:

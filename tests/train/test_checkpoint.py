@@ -152,6 +152,26 @@ def test_corrupt_latest_falls_back(tmp_path, caplog):
     assert any("step 2 cannot be restored" in rec.getMessage() for rec in caplog.records)
 
 
+def test_a_reader_deletes_nothing(tmp_path):
+    """A read-only Checkpointer (evaluate, export, generate, init_from) falls back past a corrupt newer
+    step without deleting it, leaves another job's in-flight save alone, and refuses to save."""
+    with Checkpointer(tmp_path, save_every=1) as ckpt:
+        state1, _ = _save(ckpt, 1)
+        _save(ckpt, 2)
+    for f in (tmp_path / "2" / "state" / "ocdbt.process_0" / "d").iterdir():
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    in_flight = tmp_path / "3.orbax-checkpoint-tmp-1234"      # a training job's save in progress
+    in_flight.mkdir()
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with Checkpointer(tmp_path, save_every=1, read_only=True) as reader:
+        r = reader.restore(_abstract(), config=_config())
+        assert r.step == 1
+        _assert_trees_equal(r.state, state1)
+        with pytest.raises(CheckpointSaveError, match="read-only"):
+            _save(reader, 4)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
 @orbax_failure_noise
 def test_all_corrupt_raises(tmp_path, caplog):
     with Checkpointer(tmp_path, save_every=1) as ckpt:
