@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -89,7 +90,10 @@ class OptimConfig:
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(f"optim.schedule must be constant or cosine, got {self.schedule!r}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.clip_norm < 0:
+        for name in ("lr", "min_lr_ratio", "weight_decay", "b1", "b2", "eps", "clip_norm"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"optim.{name} must be a finite number, got {getattr(self, name)}")
+        if not self.lr > 0 or self.warmup_steps < 0 or self.clip_norm < 0:
             raise ConfigError("optim.lr must be > 0, optim.warmup_steps and optim.clip_norm >= 0")
 
 

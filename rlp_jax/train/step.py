@@ -96,10 +96,14 @@ def state_layout(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh
 
 
 def _apply_update(state: TrainState, grads, loss, optimizer, ema_decay: float | None):
-    """Optimizer + EMA update; skipped (all but the step counter unchanged) if loss or grads are non-finite."""
-    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    """Optimizer + EMA update; skipped (all but the step counter unchanged) if the loss, the gradients or the
+    updated params are non-finite."""
+    all_finite = lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # The update itself must be finite too: a finite gradient times a non-finite or overflowing step size
+    # would otherwise write NaN params into the "last good state".
+    finite = jnp.isfinite(loss) & all_finite(grads) & all_finite(params)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     if ema_decay is not None:
         new = new.replace(ema_params=ema_update(state.ema_params, params, ema_decay))

@@ -100,3 +100,15 @@ def test_nonfinite_gradient_skips_update(params, batch):
     new_state, m = train_step.make_rlp_train_step(CFG, rlp, opt)(state, batch, jax.random.key(0))
     assert int(m["train/skipped_nonfinite"]) == 1 and int(new_state.step) == 1
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new_state.params, expected)
+
+
+def test_a_non_finite_update_from_finite_gradients_is_skipped(params, batch):
+    """Finite loss and gradients but a non-finite step size (or an overflow in the optimizer): the update
+    would write NaN params into the checkpointed "last good state"; it is skipped instead."""
+    opt = optax.sgd(float("nan"))
+    expected = jax.tree.map(np.asarray, params)
+    state = train_step.init_train_state(jax.tree.map(jnp.copy, params), opt)
+    new_state, m = train_step.make_ntp_train_step(CFG, opt)(state, batch, jax.random.key(0))
+    assert np.isfinite(float(m["loss/total"])) and np.isfinite(float(m["train/grad_norm"]))
+    assert int(m["train/skipped_nonfinite"]) == 1 and int(new_state.step) == 1
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new_state.params, expected)

@@ -143,6 +143,7 @@ def test_nonfinite_steps_stop_the_run(tmp_path):
     (["--experiment=nope"], "unknown experiment 'nope'; valid experiments: cpt_baseline, "),
     (["--experiment=smoke", "--set", "rlp.rollout.gruop_size=2"], "unknown config field 'rlp.rollout.gruop_size'"),
     (["--experiment=smoke", "--set", "optim.lr=fast"], "--set optim.lr=fast: expected float"),
+    (["--experiment=smoke", "--set", "optim.lr=nan"], "optim.lr must be a finite number, got nan"),
     (["--experiment=smoke", "--set", "rlp.rollout.group_size=1"], "G) must be >= 2"),
     (["--experiment=smoke", "--set", "train.mesh.data=3"], "mesh data*fsdp*tensor = 3 but 1 devices"),
     (["--experiment=smoke", "--set", "model.remat=ful"], "model.remat must be none, full or dots"),
