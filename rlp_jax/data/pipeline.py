@@ -56,6 +56,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
 import weakref
 from typing import Callable
@@ -386,6 +387,14 @@ def _release(box: list) -> None:
     box.pop().close()
 
 
+def _relative_layout(files: list[str]) -> list[str]:
+    """A source's files relative to their common directory (just the name for a single file)."""
+    if len(files) == 1:
+        return [files[0].rsplit("/", 1)[-1]]
+    root = os.path.commonpath(files)
+    return [os.path.relpath(f, root) for f in files]
+
+
 def _default_name(path: str) -> str:
     parts = [p for p in path.rstrip("/").split("/") if p]
     parts = parts[:next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))] or ["data"]
@@ -422,9 +431,10 @@ def make_iterator(cfg: DataConfig, tokenizer, *, split: str = "train", process_i
     for s in cfg.sources:
         name = s.name or _default_name(s.path)
         names.append(name if name not in names else f"{name}_{len(names)}")
-    sources = []
+    sources, layouts = [], []
     for i, (s, name) in enumerate(zip(cfg.sources, names)):
         files, formats = resolve_files(s)
+        layouts.append(_relative_layout(files))
         by_file = len(files) >= process_count  # else: shard records
         src = _SourceDataset(
             index=i, name=name, path=s.path, text_field=s.text_field, tokenizer=tokenizer, cfg=cfg, split=split,
@@ -449,7 +459,12 @@ def make_iterator(cfg: DataConfig, tokenizer, *, split: str = "train", process_i
     if cfg.prefetch > 0:
         ds = gx.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=cfg.prefetch)
 
-    ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "prefetch"}
+    # What the saved state's positions refer to. Source paths enter only as each source's files relative to
+    # their common directory, so a run directory moved or copied with its data (or pointed at a copy of the
+    # data elsewhere) still resumes.
+    ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("prefetch", "sources")}
+    ident["sources"] = [{**{k: v for k, v in dataclasses.asdict(src).items() if k != "path"}, "files": layout}
+                        for src, layout in zip(cfg.sources, layouts)]
     ident.update(split=split, process_index=process_index, process_count=process_count, names=names)
     fingerprint = hashlib.blake2b(json.dumps(ident, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
     return DataIterator(ds, names=names, fingerprint=fingerprint)

@@ -4,6 +4,7 @@ import gzip
 import itertools
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -323,6 +324,28 @@ def test_state_from_another_config_is_refused(tok, resume_sources):
     other = make_iterator(cfg_for(resume_sources, seq_len=16), tok, process_index=0, process_count=1)
     with pytest.raises(DataError, match="different data config"):
         other.set_state(it.get_state())
+
+
+def test_state_resumes_after_the_data_moved(tok, resume_sources, tmp_path_factory):
+    """A run directory copied or moved with its data resumes: the state's fingerprint holds each source's
+    files relative to their directory, not absolute paths (a changed file layout is still refused)."""
+    import shutil
+
+    cfg = cfg_for(resume_sources, shuffle_buffer=5)
+    it = make_iterator(cfg, tok, process_index=0, process_count=1)
+    take(it, 3)
+    state, ref = it.get_state(), take(it, 4)
+    src_dir = Path(resume_sources[1].path).parent
+    moved = tmp_path_factory.mktemp("moved") / "data"
+    shutil.copytree(src_dir, moved)
+    at = lambda d: [dataclasses.replace(s, path=s.path.replace(str(src_dir), str(d))) for s in resume_sources]
+    new = make_iterator(cfg_for(at(moved), shuffle_buffer=5), tok, process_index=0, process_count=1)
+    new.set_state(state)
+    assert same(take(new, 4), ref)
+    (moved / "extra.jsonl").write_text(json.dumps({"text": "one more document here"}) + "\n")
+    grown = make_iterator(cfg_for(at(moved), shuffle_buffer=5), tok, process_index=0, process_count=1)
+    with pytest.raises(DataError, match="different data config"):
+        grown.set_state(state)
 
 
 # --- eval split ------------------------------------------------------------------------------------
