@@ -324,8 +324,9 @@ def _collate(rows: list[dict], *, n_rows: int, seq_len: int, pad_id: int, n_acct
 class DataIterator:
     """Batches of one host; `get_state`/`set_state` resume exactly, `stats` counts the consumed batches."""
 
-    def __init__(self, ds: grain.IterDataset, *, names: list[str], fingerprint: str):
+    def __init__(self, ds: grain.IterDataset, *, names: list[str], fingerprint: str, also_accepts: tuple = ()):
         self._ds, self.names, self._fingerprint = ds, names, fingerprint
+        self._accepts = {fingerprint, *also_accepts}   # states saved under an older fingerprint rule
         self._box = [iter(ds)]  # released at exit: Grain's prefetch iterator fails if freed during teardown
         weakref.finalize(self, _release, self._box)
         self._acct = np.zeros(len(names) * (1 + len(REASONS)), np.int64)
@@ -359,7 +360,7 @@ class DataIterator:
 
     def set_state(self, state: dict) -> None:
         """Continue exactly after the batch at which `state` was taken (also from its JSON round trip)."""
-        if state.get("version") != _STATE_VERSION or state.get("fingerprint") != self._fingerprint:
+        if state.get("version") != _STATE_VERSION or state.get("fingerprint") not in self._accepts:
             raise DataError("data iterator state was saved by a different data config, split or host layout "
                             f"(fingerprint {state.get('fingerprint')} != {self._fingerprint}): restore with the "
                             "same DataConfig (prefetch may differ) and process_index/process_count")
@@ -466,5 +467,8 @@ def make_iterator(cfg: DataConfig, tokenizer, *, split: str = "train", process_i
     ident["sources"] = [{**{k: v for k, v in dataclasses.asdict(src).items() if k != "path"}, "files": layout}
                         for src, layout in zip(cfg.sources, layouts)]
     ident.update(split=split, process_index=process_index, process_count=process_count, names=names)
-    fingerprint = hashlib.blake2b(json.dumps(ident, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
-    return DataIterator(ds, names=names, fingerprint=fingerprint)
+    digest = lambda d: hashlib.blake2b(json.dumps(d, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
+    # The rule before 2026-12-03 hashed the absolute source paths: states of runs saved then still resume here.
+    legacy = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "prefetch"}
+    legacy.update(split=split, process_index=process_index, process_count=process_count, names=names)
+    return DataIterator(ds, names=names, fingerprint=digest(ident), also_accepts=(digest(legacy),))
