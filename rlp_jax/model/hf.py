@@ -88,6 +88,10 @@ class _Reader:
         if meta["dtype"] not in _ST_DTYPES:
             raise CheckpointError(f"tensor {name!r} has unsupported dtype {meta['dtype']}")
         start, end = meta["data_offsets"]
+        size = path.stat().st_size
+        if base + end > size:
+            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte {base + end} but the file has "
+                                  f"{size} bytes; download or export the checkpoint again")
         mm = np.memmap(path, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
         return mm.view(_ST_DTYPES[meta["dtype"]]).reshape(meta["shape"])
 

@@ -126,3 +126,10 @@ def test_clear_errors(tmp_path):
     (tmp_path / "ok" / "config.json").write_text(json.dumps({**cfg_json, "num_hidden_layers": 3}))
     with pytest.raises(hf.CheckpointError, match="missing tensor 'model.layers.2"):
         hf.from_hf(tmp_path / "ok")
+
+    # A truncated weights file (an interrupted download) names the file and says what to do.
+    (tmp_path / "ok" / "config.json").write_text(json.dumps(cfg_json))
+    weights = tmp_path / "ok" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(hf.CheckpointError, match="model.safetensors is truncated: tensor .* download or export"):
+        hf.from_hf(tmp_path / "ok")
