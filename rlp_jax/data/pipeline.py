@@ -364,8 +364,13 @@ class DataIterator:
             raise DataError("data iterator state was saved by a different data config, split or host layout "
                             f"(fingerprint {state.get('fingerprint')} != {self._fingerprint}): restore with the "
                             "same DataConfig (prefetch may differ) and process_index/process_count")
+        acct, n = np.asarray(state["acct"], np.int64), len(self.names)
+        if acct.size != self._acct.size and acct.size % n == 0 and acct.size < self._acct.size:
+            # saved before a skip reason was added (bad_file): the new reasons start at 0
+            old, new = acct.size // n, self._acct.size // n
+            acct = np.concatenate([np.pad(block, (0, new - old)) for block in acct.reshape(n, old)])
         self._it.set_state(json.loads(json.dumps(state["grain"])))
-        self._acct[:] = state["acct"]
+        self._acct[:] = acct
         self._counts = {k: int(v) for k, v in state["counts"].items()}
 
     def stats(self) -> dict[str, int]:

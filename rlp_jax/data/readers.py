@@ -10,15 +10,20 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import logging
 import re
 from typing import Any, Callable
 
 from etils import epath
 
-REASONS = ("bad_json", "missing_text", "not_string", "too_short", "bad_utf8")
+REASONS = ("bad_json", "missing_text", "not_string", "too_short", "bad_utf8", "bad_file")
+PAST_THE_END = 1 << 62   # the record index a corrupt file reports: its remaining records are skipped
 FORMATS = ("jsonl", "json", "jsonl.gz", "jsonl.zst", "parquet", "txt", "array_record")
 _EXT_FORMAT = ((".jsonl.gz", "jsonl.gz"), (".jsonl.zst", "jsonl.zst"), (".jsonl", "jsonl"),
                (".json", "json"), (".parquet", "parquet"), (".txt", "txt"), (".array_record", "array_record"))
+
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -88,7 +93,31 @@ def _from_json(line: bytes, field: str) -> tuple[str | None, str | None]:
 
 
 def records(path: str, fmt: str, field: str, start: int, keep: Callable[[int], bool]):
-    """Yield (index, text, None) or (index, None, reason) for the kept records of one file from `start`."""
+    """Yield (index, text, None) or (index, None, reason) for the kept records of one file from `start`.
+
+    A file that turns out corrupt or truncated (a bad gzip/zstd stream, an unreadable Parquet file) yields
+    its good records up to the damage, then one (PAST_THE_END, None, "bad_file"): the rest of the file is
+    skipped and counted once as `data/bad_file`, and a resume past it does not read it again. Other files
+    go on; a source whose every file is bad has no readable documents (a one-line DataError)."""
+    if start >= PAST_THE_END:
+        return
+    try:
+        yield from _file_records(path, fmt, field, start, keep)
+    except _CORRUPT as e:
+        log.warning("skipping the rest of %s: it is corrupt or truncated (%s: %s)", path, type(e).__name__,
+                    " ".join(str(e).split())[:200])
+        yield PAST_THE_END, None, "bad_file"
+
+
+def _corrupt_errors() -> tuple[type[BaseException], ...]:
+    import zlib
+
+    import pyarrow
+    import zstandard
+    return (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError, pyarrow.ArrowException, OSError)
+
+
+def _file_records(path: str, fmt: str, field: str, start: int, keep: Callable[[int], bool]):
     if fmt == "array_record":
         yield from _array_record_records(path, field, start, keep)
         return
@@ -154,3 +183,6 @@ def _array_record_records(path: str, field: str, start: int, keep: Callable[[int
                 yield i, *(_from_json(rec, field) if as_json else _decode(rec))
     finally:
         reader.close()
+
+
+_CORRUPT = _corrupt_errors()

@@ -264,6 +264,29 @@ def test_hosts_read_disjoint_documents(tok, tmp_path, n_files):
         make_iterator(cfg_for([tmp_path]), tok, process_index=0, process_count=3)
 
 
+def test_corrupt_files_are_skipped_and_counted(tok, tmp_path):
+    """A truncated .gz, a corrupt .zst and a non-Parquet .parquet among good files: their good records (up
+    to the damage) are read, the rest of each is skipped and counted once as bad_file, the run goes on;
+    a source with nothing but corrupt files is a one-line DataError."""
+    good, gz_docs = make_docs(12, "good"), make_docs(40, "gz", seed=1)
+    write_jsonl(tmp_path / "a.jsonl", good)
+    whole = gzip.compress("".join(json.dumps({"text": d}) + "\n" for d in gz_docs).encode())
+    (tmp_path / "b.jsonl.gz").write_bytes(whole[: len(whole) * 2 // 3])          # an interrupted download
+    (tmp_path / "c.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"garbage" * 20)   # zstd magic, then noise
+    (tmp_path / "d.parquet").write_bytes(b"not a parquet file at all")
+    late = make_docs(5, "late", seed=2)
+    write_jsonl(tmp_path / "e.jsonl", late)   # skips are counted on the next document (files in order here)
+    got, it = read_all(tok, [tmp_path], shuffle_buffer=0)
+    st = it.stats()
+    assert set(good + late) <= set(got) and st["bad_file"] == 3 and st["docs"] == len(got)
+    assert set(got) - set(good + late) <= set(gz_docs)   # what the truncated gzip held before the damage
+    bad_only = tmp_path / "bad_only"
+    bad_only.mkdir()
+    (bad_only / "x.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="no readable documents.*bad_file=1"):
+        read_all(tok, [bad_only])
+
+
 # --- exact resume ----------------------------------------------------------------------------------
 
 @pytest.fixture
