@@ -102,7 +102,8 @@ class Checkpointer:
         self.directory = directory if "://" in directory else os.path.abspath(directory)
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
+            max_to_keep=None if read_only else keep, save_interval_steps=0 if read_only else 1,
+            enable_async_checkpointing=async_save, create=not read_only,
             cleanup_tmp_directories=not read_only, read_only=read_only,
             # Orbax's default also saves the first step of a run (InitialSavePolicy); we save on the interval only.
             save_decision_policy=_policies.AnySavePolicy(
