@@ -198,7 +198,7 @@ def export(path, out, *, step: int | None = None, which: str = "params", dtype: 
       path: an rlp_jax run directory or a Hugging Face checkpoint dir. step: checkpoint step of a run
       (default: latest). which: "params" (policy) or "ema" (the EMA teacher). dtype: "float32" or
       "bfloat16" for the saved weights (default: the model's storage dtype). force: replace a non-empty `out`.
-    Returns: `out`. Raises ExportError or one of `loading.LOAD_ERRORS` (one-line messages); on error
+    Returns: `out`. Raises ExportError or one of `rlp_jax.train.run_dir.LOAD_ERRORS` (one-line messages); on error
     `out` is left as it was.
     """
     path, out = (path if is_url(path) else Path(path)), Path(out)

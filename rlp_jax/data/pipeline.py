@@ -468,12 +468,11 @@ def make_iterator(cfg: DataConfig, tokenizer, *, split: str = "train", process_i
     # What the saved state's positions refer to. Source paths enter only as each source's files relative to
     # their common directory, so a run directory moved or copied with its data (or pointed at a copy of the
     # data elsewhere) still resumes.
-    ident = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("prefetch", "sources")}
-    ident["sources"] = [{**{k: v for k, v in dataclasses.asdict(src).items() if k != "path"}, "files": layout}
-                        for src, layout in zip(cfg.sources, layouts)]
-    ident.update(split=split, process_index=process_index, process_count=process_count, names=names)
     digest = lambda d: hashlib.blake2b(json.dumps(d, sort_keys=True, default=str).encode(), digest_size=8).hexdigest()
-    # The rule before 2026-12-03 hashed the absolute source paths: states of runs saved then still resume here.
-    legacy = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "prefetch"}
-    legacy.update(split=split, process_index=process_index, process_count=process_count, names=names)
-    return DataIterator(ds, names=names, fingerprint=digest(ident), also_accepts=(digest(legacy),))
+    base = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "prefetch"}
+    base.update(split=split, process_index=process_index, process_count=process_count, names=names)
+    layout_ids = [{**{k: v for k, v in dataclasses.asdict(src).items() if k != "path"}, "files": layout}
+                  for src, layout in zip(cfg.sources, layouts)]
+    # `base` alone is the rule before 2026-12-03 (absolute source paths): states saved then still resume.
+    return DataIterator(ds, names=names, fingerprint=digest({**base, "sources": layout_ids}),
+                        also_accepts=(digest(base),))

@@ -7,6 +7,7 @@ Formats (by extension, or `SourceConfig.format`): `.jsonl`, `.jsonl.gz`, `.jsonl
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import json
@@ -103,13 +104,17 @@ def records(path: str, fmt: str, field: str, start: int, keep: Callable[[int], b
         return
     try:
         yield from _file_records(path, fmt, field, start, keep)
-    except _CORRUPT as e:
+    except Exception as e:
+        if not isinstance(e, _corrupt_errors()):
+            raise
         log.warning("skipping the rest of %s: it is corrupt or truncated (%s: %s)", path, type(e).__name__,
                     " ".join(str(e).split())[:200])
         yield PAST_THE_END, None, "bad_file"
 
 
+@functools.cache
 def _corrupt_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged file raises (imported on first need: pyarrow and zstandard are not light)."""
     import zlib
 
     import pyarrow
@@ -183,6 +188,3 @@ def _array_record_records(path: str, field: str, start: int, keep: Callable[[int
                 yield i, *(_from_json(rec, field) if as_json else _decode(rec))
     finally:
         reader.close()
-
-
-_CORRUPT = _corrupt_errors()

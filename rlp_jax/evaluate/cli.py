@@ -6,9 +6,9 @@
 Task files are the user's (nothing is downloaded): see `rlp_jax.evaluate.tasks` for the file names and row
 formats of GSM8K, MATH500, Minerva Math, AIME, AMC, MMLU, MMLU-Pro, GPQA and our generated held-out set.
 Per task and mode: few-shot prompts (`tasks.build_prompt`), batched jit-compiled decoding with the KV
-cache over the device mesh (`decoding.Decoder`), answer extraction and exact-match / math-equivalence
+cache over the device mesh (`decoder.Decoder`), answer extraction and exact-match / math-equivalence
 scoring (`tasks.score`), pass@1 (mean over samples) and pass@k when K > 1 samples are drawn.
-`think` mode writes `<think> ... </think>` at the answer position first (`decoding`).
+`think` mode writes `<think> ... </think>` at the answer position first (`rlp_jax.evaluate.decoder`).
 
 Prints a table and the paper's averages (math: AIME, MATH500, GSM8K, AMC, Minerva; science: MMLU,
 MMLU-Pro, GPQA; overall: all of those present; `generated` is reported apart), and writes every

@@ -26,9 +26,10 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from rlp_jax.train.step import all_finite
 
 log = logging.getLogger(__name__)
 _policies = ocp.checkpoint_managers
@@ -70,10 +71,7 @@ def _host_value(x):
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
-@jax.jit
-def _all_finite(tree):
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+_all_finite = jax.jit(all_finite)
 
 
 def _shapes(tree) -> dict[str, tuple]:

@@ -95,10 +95,15 @@ def state_layout(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh
                        sharding.state_shardings(abstract, p_sh, mesh))
 
 
+def all_finite(tree) -> jax.Array:
+    """[] bool: every floating-point leaf of `tree` is finite (integer leaves, e.g. step counters, skipped)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
+
+
 def _apply_update(state: TrainState, grads, loss, optimizer, ema_decay: float | None):
     """Optimizer + EMA update; skipped (all but the step counter unchanged) if the loss, the gradients or the
     updated params are non-finite."""
-    all_finite = lambda tree: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # The update itself must be finite too: a finite gradient times a non-finite or overflowing step size
