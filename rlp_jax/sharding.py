@@ -5,19 +5,19 @@ EMA and optimizer state sharded), `tensor` (heads / MLP / vocab split inside a l
 axis has a logical name (`rlp_jax.model.transformer.param_logical_axes`); `RULES` maps names to mesh axes. A
 logical axis whose size does not divide by its mesh axes is replicated instead (a tiny model on a big
 mesh still runs). Activations are constrained by name inside the model through `constrain`, a no-op
-unless `activation_sharding(mesh)` is active (the train step turns it on).
+unless JAX's abstract mesh is set while tracing (`jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`
+inside the jitted function, or `jax.set_mesh(mesh)` around the call; the train step does the former).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
@@ -95,7 +95,7 @@ def maybe_initialize_distributed() -> bool:
     return True
 
 
-def logical_to_spec(names, shape, mesh: Mesh) -> P:
+def logical_to_spec(names, shape, mesh: Mesh | AbstractMesh) -> P:
     """PartitionSpec for an array with logical axis `names`; non-divisible or reused mesh axes replicate."""
     used: set[str] = set()
     spec = []
@@ -156,22 +156,9 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
 # Activation constraints inside the model
 # ----------------------------------------------------------------------------------------------
 
-_ACTIVE_MESH: list[Mesh] = []
-
-
-@contextlib.contextmanager
-def activation_sharding(mesh: Mesh):
-    """While active (at trace time), `constrain` pins activations to the logical rules on `mesh`."""
-    _ACTIVE_MESH.append(mesh)
-    try:
-        yield
-    finally:
-        _ACTIVE_MESH.pop()
-
-
 def constrain(x, names: tuple[str | None, ...]):
-    """with_sharding_constraint by logical names; identity when no activation mesh is active."""
-    if not _ACTIVE_MESH:
+    """with_sharding_constraint by logical names over JAX's current abstract mesh; identity when none is set."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
         return x
-    mesh = _ACTIVE_MESH[-1]
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)))

@@ -44,10 +44,13 @@ def run(mesh_shape, kind):
         step = make(CFG, *extra, opt, mesh=mesh, state_shardings=layout.shardings)
         batch = sharding.global_batch(batch, mesh)
         assert state.params["layers"]["q_proj"].sharding.spec == p_sh["layers"]["q_proj"].spec
+    # the model's activation constraints (`sharding.constrain`) reach the program only on a mesh
+    hlo = step.lower(state, batch, jax.random.key(3)).as_text()
+    constraints = sum("sharding_constraint" in line and "@empty_mesh" not in line for line in hlo.splitlines())
     state, metrics = step(state, batch, jax.random.key(3))
     flat = {jax.tree_util.keystr(k): np.asarray(v).tolist() for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
     specs = {jax.tree_util.keystr(k): str(getattr(v.sharding, "spec", "")) for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
-    return {"loss": float(metrics["loss/total"]), "params": flat, "specs": specs}
+    return {"loss": float(metrics["loss/total"]), "params": flat, "specs": specs, "constraints": constraints}
 
 
 MESHES = {"rlp": [(2, 4, 1), (2, 2, 2)], "ntp": [(2, 2, 2)]}   # data x fsdp, and all three axes

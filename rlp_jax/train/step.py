@@ -238,7 +238,7 @@ def ntp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, optimizer: opta
 def _with_activation_sharding(fn, mesh):
     """fn(first, batch, rng) traced with the model's activation constraints active on `mesh`."""
     def traced(first, batch, rng):
-        with sharding.activation_sharding(mesh):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return fn(first, batch, rng)
     return traced
 

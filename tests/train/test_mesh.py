@@ -22,7 +22,9 @@ def test_mesh_step_equals_single_device():
     assert set(result) == {"rlp", "ntp"}
     for kind, out in result.items():
         single = out.pop("single")
+        assert single["constraints"] == 0, kind
         for shape, res in out.items():
+            assert res["constraints"] > 0, (kind, shape)
             assert abs(res["loss"] - single["loss"]) <= 1e-5 * max(1, abs(single["loss"])), (kind, shape)
             for name, value in res["params"].items():
                 np.testing.assert_allclose(value, single["params"][name], atol=1e-5, err_msg=f"{kind} {shape} {name}")
