@@ -43,10 +43,12 @@ from jax.sharding import PartitionSpec as P
 
 from rlp_jax import plan, sharding  # noqa: E402
 from rlp_jax.data.pipeline import DataConfig, SourceConfig  # noqa: E402
+from rlp_jax.model.config import REMATS  # noqa: E402
 from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
 from rlp_jax.train import step as train_step  # noqa: E402
 from rlp_jax.train.config import ModelSection, OptimConfig, RunConfig, TrainSection  # noqa: E402
 from rlp_jax.train.optim import make_optimizer  # noqa: E402
+from rlp_jax.train.run_dir import model_config  # noqa: E402
 
 THINK_START, THINK_END = 1, 2
 
@@ -107,7 +109,7 @@ def xla_bytes(compiled) -> float | None:
 def bench_step(objective: str, args, mesh, rng) -> dict:
     """Compile and time one objective's jitted step; returns timings, metrics and the plan of its config."""
     cfg = run_config(args, objective)
-    mcfg = plan.model_config(cfg)
+    mcfg = model_config(cfg.model)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     k_init, k_data, k_step = jax.random.split(rng, 3)
     layout = train_step.state_layout(mcfg, optimizer, mesh)
@@ -152,7 +154,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per objective (median reported)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="compute dtype (auto: float32 on CPU, bfloat16 on accelerators); params stay float32")
-    p.add_argument("--remat", default="none", choices=plan.REMATS)
+    p.add_argument("--remat", default="none", choices=REMATS)
     p.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1", help="mesh axis sizes over all devices")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the peak matmul (default 1024 CPU, 8192 else)")
     p.add_argument("--matmul-iters", type=int, default=10)

@@ -56,14 +56,12 @@ def config() -> RunConfig:
 def prepare(cfg: RunConfig, workdir: Path) -> RunConfig:
     """The model file (fetched once) and the corpus under WORKDIR/data (built once; reruns reuse them)."""
     from rlp_jax.data.corpus import build_corpus
-    from rlp_jax.fetch import MODELS, fetch
+    from rlp_jax.train.run_dir import resolve_model_name
 
     workdir = Path(workdir).resolve()
     data_dir = workdir / "data"
     if not (data_dir / "train.jsonl").exists():
         build_corpus(data_dir, num_train_docs=NUM_TRAIN_DOCS, num_eval_problems=NUM_HELDOUT, seed=0)
-    model = cfg.model
-    if model.init_from in MODELS:
-        model = dataclasses.replace(model, init_from=str(fetch(model.init_from)))
+    model = dataclasses.replace(cfg.model, init_from=resolve_model_name(cfg.model.init_from))
     sources = tuple(dataclasses.replace(s, path=s.path.replace("WORKDIR", str(workdir))) for s in cfg.data.sources)
     return dataclasses.replace(cfg, model=model, data=dataclasses.replace(cfg.data, sources=sources))

@@ -10,10 +10,16 @@ from pathlib import Path
 import jax
 import pytest
 
-from rlp_jax import plan
+from rlp_jax import plan, sharding
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import PRESETS, ModelConfig
-from rlp_jax.train.config import apply_overrides, load_experiment
+from rlp_jax.train.config import (
+    ConfigError,
+    ModelSection,
+    apply_overrides,
+    load_experiment,
+)
+from rlp_jax.train.run_dir import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,7 +76,7 @@ def test_num_params_matches_hugging_face(name):
 
 def test_params_per_device_halve_when_fsdp_doubles():
     cfg = _run_config("model.preset=qwen3-0.6b")
-    m = plan.model_config(cfg)
+    m = model_config(cfg.model)
     four = plan.state_bytes(cfg, m, {"data": 1, "fsdp": 4, "tensor": 1})
     eight = plan.state_bytes(cfg, m, {"data": 1, "fsdp": 8, "tensor": 1})
     for key in ("params", "optimizer", "ema", "gradients"):
@@ -78,7 +84,7 @@ def test_params_per_device_halve_when_fsdp_doubles():
         assert eight[key] > four[key] / 2          # norm weights are replicated, not divided
     # Rules, not a blanket divide: tiny's width 64 does not divide by 128, so every leaf replicates.
     cfg = _run_config()
-    m = plan.model_config(cfg)
+    m = model_config(cfg.model)
     one = plan.state_bytes(cfg, m, {"data": 1, "fsdp": 1, "tensor": 1})
     many = plan.state_bytes(cfg, m, {"data": 1, "fsdp": 128, "tensor": 1})
     assert many["params"] == one["params"]
@@ -95,7 +101,7 @@ TINY_PARAMS, TINY_NORMS, TINY_N = 106880, 384, 106496
 
 def test_tiny_by_hand():
     cfg = _run_config()                 # smoke: tiny, float32, B=8, L=64, K=2, G=4, T=8, H=1
-    m = plan.model_config(cfg)
+    m = model_config(cfg.model)
     assert m.num_params() == TINY_PARAMS
     p1 = plan.plan(cfg, plan.device_spec("cpu"), {"data": 1, "fsdp": 1, "tensor": 1})
     assert p1.state["params"] == 4 * TINY_PARAMS
@@ -127,7 +133,7 @@ def test_micro_batches_plan_the_activations_of_fewer_rows():
     one = plan.plan(cfg, plan.device_spec("cpu"), {"data": 1, "fsdp": 1, "tensor": 1})
     four = plan.plan(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batches=4)),
                      plan.device_spec("cpu"), {"data": 1, "fsdp": 1, "tensor": 1})
-    m = plan.model_config(cfg)
+    m = model_config(cfg.model)
     by_rows = lambda r: plan.activation_bytes(m, cfg.rlp, rows=r, seq_len=512, tp=1, objective="rlp")
     assert one.activations == by_rows(8) and four.activations == by_rows(2)   # 8 rows, 4 micro-batches of 2
     assert four.activations["loss"] < one.activations["loss"] / 3
@@ -168,7 +174,7 @@ def test_device_spec_rejects(text):
 # ---- (4), (5) the command line ---------------------------------------------------------------------
 
 def test_cli_warns_when_it_does_not_fit(monkeypatch, capsys):
-    monkeypatch.setattr(plan, "_host_ram", lambda: 32.0 * plan.GIB)    # the same verdict on any host
+    monkeypatch.setattr(plan.devices, "host_ram", lambda: 32.0 * plan.GIB)    # the same verdict on any host
     assert plan.main(["--experiment=smoke", "--set", "model.preset=qwen3-8b", "--devices=cpu"]) == 0
     out = capsys.readouterr().out
     assert "WARNING: does not fit" in out and "hint:" in out
@@ -202,5 +208,28 @@ def test_default_mesh_takes_train_mesh_when_it_fits():
     cfg = _run_config()                                   # smoke: mesh data=-1, batch 8
     assert plan.default_mesh(cfg, 4) == {"data": 4, "fsdp": 1, "tensor": 1}
     assert plan.default_mesh(cfg, 16) == {"data": 1, "fsdp": 16, "tensor": 1}   # 8 rows do not split over 16
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mesh=plan.sharding.MeshConfig(data=3)))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mesh=sharding.MeshConfig(data=3)))
     assert plan.default_mesh(cfg, 4) == {"data": 1, "fsdp": 4, "tensor": 1}
+
+
+def test_model_config_reads_every_kind_of_init_from(tmp_path):
+    """The planner's architecture comes from whatever model.init_from names, without its weights: an
+    rlp_jax run directory (the NTP stage before RLP), a Hugging Face directory; a wrong path is one line."""
+    from rlp_jax.train.run_dir import read_run_record
+    from tests.hf_models import make_hf_model
+    from tests.run_dirs import make_run_dir
+
+    run = make_run_dir(tmp_path / "run")
+    got = model_config(ModelSection(init_from=str(run), remat="full"))
+    assert got == read_run_record(run).model.replace(remat="full")
+
+    hf_model = make_hf_model("llama")
+    hf_model.save_pretrained(tmp_path / "hf")
+    got = model_config(ModelSection(init_from=str(tmp_path / "hf"), compute_dtype="bfloat16"))
+    assert (got.num_layers, got.hidden_size, got.vocab_size, got.compute_dtype) == (
+        hf_model.config.num_hidden_layers, hf_model.config.hidden_size, hf_model.config.vocab_size, "bfloat16")
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no config.json there") as e:
+        model_config(ModelSection(init_from=str(tmp_path / "empty")))
+    assert "\n" not in str(e.value)

@@ -36,6 +36,7 @@ from rlp_jax import plan, train
 from rlp_jax.evaluate import heldout
 from rlp_jax.train.cli import EXIT_PREEMPTED
 from rlp_jax.train.config import RunConfig, load_experiment
+from rlp_jax.train.run_dir import model_config
 
 
 def _seeded(cfg: RunConfig, seed: int) -> RunConfig:
@@ -50,7 +51,7 @@ def _ntp(cfg: RunConfig, steps: int) -> RunConfig:
 
 def matched_steps(rlp_cfg: RunConfig) -> dict[str, int]:
     """NTP steps (same batch and sequence length) matching the RLP run by tokens, effective tokens, FLOPs."""
-    m = plan.model_config(dataclasses.replace(rlp_cfg, model=dataclasses.replace(rlp_cfg.model, init_from=None)))
+    m = model_config(dataclasses.replace(rlp_cfg.model, init_from=None))
     if rlp_cfg.train.tokenizer:   # the preset's vocabulary is replaced by the tokenizer's, as in training
         from rlp_jax.data.tokenizer import load_tokenizer
         m = m.replace(vocab_size=load_tokenizer(rlp_cfg.train.tokenizer).vocab_size)

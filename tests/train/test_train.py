@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rlp_jax.train.run_dir import load_run_state
+
 ROOT = Path(__file__).resolve().parents[2]
 # Small and quick: 8 steps, checkpoints every 2, no plots. Overrides given to _train replace these.
 FAST = {"train.steps": "8", "train.save_every": "2", "train.plot": "false", "rlp.rollout.thought_len": "4",
@@ -42,10 +44,7 @@ def _metrics(workdir, split="train"):
 
 
 def _final_state(workdir, step):
-    import orbax.checkpoint as ocp
-
-    tree = ocp.PyTreeCheckpointer().restore(Path(workdir) / "checkpoints" / str(step) / "state")
-    return tree
+    return load_run_state(workdir, step=step)[0].state
 
 
 def _assert_trees_equal(a, b):

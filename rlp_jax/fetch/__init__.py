@@ -122,6 +122,3 @@ def main(argv=None) -> int:
     print(path)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

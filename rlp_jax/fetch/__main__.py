@@ -1,0 +1,5 @@
+import sys
+
+from rlp_jax.fetch import main
+
+sys.exit(main())

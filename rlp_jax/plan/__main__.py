@@ -1,0 +1,5 @@
+import sys
+
+from rlp_jax.plan.cli import main
+
+sys.exit(main())

@@ -1,0 +1,167 @@
+"""Per-device memory and per-step FLOPs of a run's pieces (the accounting the package docstring describes)."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+from jax.sharding import AbstractMesh
+
+from rlp_jax import sharding
+from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.scoring import TOKEN_CHUNK
+from rlp_jax.rlp.config import RLPConfig
+from rlp_jax.rlp.rollout import THOUGHT_CHUNK
+from rlp_jax.train import step as train_step
+from rlp_jax.train.config import RunConfig
+from rlp_jax.train.optim import make_optimizer
+
+
+def dtype_bytes(name: str) -> int:
+    return 4 if name == "float32" else 2
+
+
+def state_bytes(cfg: RunConfig, m: ModelConfig, mesh: dict[str, int]) -> dict[str, float]:
+    """Bytes per device of params, optimizer state, EMA, reference (kl_beta > 0) and gradients.
+
+    Shapes come from `jax.eval_shape` of the real `TrainState`; each leaf is divided as
+    `sharding.state_shardings` shards it on a (data, fsdp, tensor) mesh of these sizes.
+    """
+    amesh = AbstractMesh(tuple(mesh[a] for a in sharding.AXES), sharding.AXES)
+    layout = train_step.state_layout(m, make_optimizer(cfg.optim, cfg.train.steps), amesh,
+                                     keep_reference=cfg.keeps_kl_reference)
+    state, st_sh = layout.abstract, layout.shardings
+    out = {"params": 0.0, "opt_state": 0.0, "ema_params": 0.0, "ref_params": 0.0, "step": 0.0}
+    for (path, leaf), sh in zip(jax.tree_util.tree_leaves_with_path(state), jax.tree.leaves(st_sh)):
+        out[path[0].name] += math.prod(sh.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    return {"params": out["params"], "optimizer": out["opt_state"] + out["step"], "ema": out["ema_params"],
+            "reference": out["ref_params"], "gradients": out["params"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations (see the module docstring)
+# ----------------------------------------------------------------------------------------------
+
+def _per_layer(m: ModelConfig, remat: str, tp: int) -> tuple[float, float]:
+    """(bytes per token, bytes per dense attention pair) one layer keeps for the backward under `remat`."""
+    c, d, f, h, hk, dh = (dtype_bytes(m.compute_dtype), m.hidden_size, m.intermediate_size, m.num_heads,
+                          m.num_kv_heads, m.head_dim)
+    if remat == "full":      # the layer input only
+        return c * d, 0.0
+    if remat == "dots":      # weight-matmul outputs (q, k, v, o, gate, up, down) and the layer input
+        return c * (3 * d + ((h + 2 * hk) * dh + 2 * f) / tp), 0.0
+    # none: norm inputs/outputs, q/k/v before and after qk-norm/rotary, attention output, 4 MLP-wide
+    # tensors (compute dtype), float32 norm statistics; per pair the float32 probabilities + their cast.
+    qk32 = 4 * (h + hk) * dh / tp if m.qk_norm else 0.0
+    return c * (4 * d + (3 * (h + hk) * dh + 4 * f) / tp) + 8 * d + qk32, h * (4 + c) / tp
+
+
+def _transient(m: ModelConfig, tokens: float, pairs: float, tp: int) -> float:
+    """One layer's forward working set (recomputed or not): activations + float32 scores, probabilities."""
+    tok, _ = _per_layer(m, "none", tp)
+    return tok * tokens + pairs * m.num_heads * (8 + dtype_bytes(m.compute_dtype)) / tp
+
+
+def _gathered(m: ModelConfig, tp: int) -> float:
+    """Weights gathered for compute: two layers (the current and the prefetched) and the output head."""
+    c = dtype_bytes(m.compute_dtype)
+    emb = m.vocab_size * m.hidden_size
+    layer = (m.num_params() - emb * (1 if m.tie_word_embeddings else 2) - m.hidden_size) / m.num_layers
+    return c * (2 * layer + emb) / tp
+
+
+def activation_bytes(m: ModelConfig, rlp: RLPConfig, *, rows: int, seq_len: int, tp: int,
+                     objective: str = "rlp", param_copy: float = 0.0) -> dict[str, float]:
+    """Peak activation bytes per device of each phase of a step on `rows` local documents of `seq_len`.
+
+    Returns {"teacher", "rollout", "loss"} for objective "rlp" ({"loss"} for "ntp"). param_copy: bytes
+    of the param-dtype copy of the EMA the teacher pass makes (0 when params are float32).
+    """
+    c, y, hk, dh, v = dtype_bytes(m.compute_dtype), m.num_layers, m.num_kv_heads, m.head_dim, m.vocab_size
+    b, length = rows, seq_len
+    tok, pair = _per_layer(m, m.remat, tp)
+    gathered = _gathered(m, tp)
+    doc_tokens, doc_pairs = b * length, b * length * length
+    doc_transient = _transient(m, doc_tokens, doc_pairs, tp)
+    if objective == "ntp":
+        saved = y * (tok * doc_tokens + pair * doc_pairs)
+        return {"loss": saved + 3 * 4 * b * length * v / tp + doc_transient + gathered}
+    ro = rlp.rollout
+    n, t = ro.positions_per_doc * ro.group_size, ro.thought_len
+    s = t + 1 + rlp.reward.horizon
+    kv = lambda slots: 2 * y * slots * hk * dh * c / tp                              # noqa: E731
+    teacher = param_copy + 2 * 4 * b * min(length, TOKEN_CHUNK) * v / tp + doc_transient + gathered
+    decode = (kv(b * n * t) + 4 * 4 * b * n * v / tp
+              + _transient(m, b * n, b * n * (length + t), tp) + gathered)
+    rollout = kv(b * length) + max(doc_transient + gathered, decode)
+    br_tokens, br_pairs = b * n * s, b * n * s * (length + s)
+    vocab_slots = min(THOUGHT_CHUNK, t) + rlp.reward.horizon   # one chunk of thought slots + the targets
+    loss = (y * (tok * (doc_tokens + br_tokens) + pair * (doc_pairs + br_pairs)) + kv(b * length)
+            + 4 * 4 * b * n * vocab_slots * v / tp + max(doc_transient, _transient(m, br_tokens, br_pairs, tp)) + gathered)
+    if rlp.loss.ntp_weight > 0:
+        loss += 3 * 4 * b * length * v / tp
+    if rlp.loss.kl_beta > 0:   # the reference forward runs while the policy's residuals are kept
+        loss += kv(b * length) + 3 * 4 * b * n * vocab_slots * v / tp
+    return {"teacher": teacher, "rollout": rollout, "loss": loss}
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs (see the module docstring)
+# ----------------------------------------------------------------------------------------------
+
+def matmul_weights(m: ModelConfig) -> int:
+    """Weights of the matmuls one token passes through in a transformer layer stack (no norms, biases, head)."""
+    d, f, h, hk, dh = m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads, m.head_dim
+    return m.num_layers * (2 * d * h * dh + 2 * d * hk * dh + 3 * d * f)
+
+
+def forward_flops(m: ModelConfig, tokens: float, pairs: float, head_tokens: float) -> float:
+    """2 x matmul weights per token + 4 Y H Dh per attended pair + 2 D V per token with logits."""
+    return (2 * matmul_weights(m) * tokens + 4 * m.num_layers * m.num_heads * m.head_dim * pairs
+            + 2 * m.hidden_size * m.vocab_size * head_tokens)
+
+
+def mean_position(rlp: RLPConfig, seq_len: int) -> float:
+    """Expected thinking position t: the middle of the valid range [min_context, L - H] of one-document rows."""
+    return (rlp.rollout.min_context + seq_len - rlp.reward.horizon) / 2
+
+
+def ntp_step_flops(m: ModelConfig, batch: int, seq_len: int) -> float:
+    """Next-token step: forward + backward (3 x forward) over batch x seq_len tokens, causal."""
+    return 3 * forward_flops(m, batch * seq_len, batch * seq_len * (seq_len + 1) / 2, batch * seq_len)
+
+
+def rlp_step_flops(m: ModelConfig, rlp: RLPConfig, batch: int, seq_len: int) -> dict[str, float]:
+    """Model FLOPs of one RLP step by part (all documents of the global batch).
+
+    rollout: the prefix forward (no logits) + sampling T tokens for each of the K*G branches per row.
+    reward: the EMA teacher's no-think forward over the documents. (S_pred comes out of the loss
+      forward, which also gives the thought log-probs; it is counted once, under update.)
+    update: the loss forward (documents + K*G branches of S = T + 1 + H tokens) and its backward (x3).
+    reference: forward of the frozen reference for the KL term (0 when kl_beta = 0).
+    """
+    ro = rlp.rollout
+    b, length = batch, seq_len
+    n, t = b * ro.positions_per_doc * ro.group_size, ro.thought_len
+    s = t + 1 + rlp.reward.horizon
+    tbar = mean_position(rlp, seq_len)
+    causal = b * length * (length + 1) / 2
+    branch_pairs = lambda steps: n * (steps * tbar + steps * (steps + 1) / 2)   # noqa: E731
+    doc_head = b * length if rlp.loss.ntp_weight > 0 else 0
+    loss_fwd = forward_flops(m, b * length, causal, doc_head) + forward_flops(m, n * s, branch_pairs(s), n * s)
+    ref = 0.0
+    if rlp.loss.kl_beta > 0:
+        ref = forward_flops(m, b * length, causal, 0) + forward_flops(m, n * s, branch_pairs(s), n * s)
+    return {
+        "rollout": forward_flops(m, b * length, causal, 0) + forward_flops(m, n * t, branch_pairs(t), n * t),
+        "reward": forward_flops(m, b * length, causal, b * length),
+        "update": 3 * loss_fwd,
+        "reference": ref,
+    }
+
+
+def effective_tokens(rlp: RLPConfig, batch: int, seq_len: int) -> float:
+    """The paper's per-step token budget n_rollouts * l_seq * batch + input tokens, with n_rollouts = K*G per
+    row and l_seq = L + T_think (this reading reproduces its "170M RLP tokens ~ 6B CPT tokens")."""
+    ro = rlp.rollout
+    return ro.positions_per_doc * ro.group_size * (seq_len + ro.thought_len) * batch + batch * seq_len
