@@ -1,6 +1,6 @@
 """A Qwen3/Qwen2/Llama-family decoder as pure functions over a parameter pytree.
 
-Parameters are a nested dict of arrays (no module objects): `init_params` makes one, `rlp_jax.model.hf`
+Parameters are a nested dict of arrays (no module objects, `rlp_jax.model.weights`): `init_params` makes one, `rlp_jax.model.hf`
 converts Hugging Face checkpoints to and from it, and `param_logical_axes` names every axis for
 sharding. Per-layer parameters are stacked on a leading `layers` axis and the blocks run under
 `lax.scan` (one compiled block, fast compiles at any depth), optionally rematerialised.
@@ -29,77 +29,12 @@ import jax.numpy as jnp
 from rlp_jax import sharding
 from rlp_jax.model import layers
 from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.weights import Params, init_params, param_logical_axes, param_shapes
 
-Params = dict
-
-
-# ----------------------------------------------------------------------------------------------
-# Parameters
-# ----------------------------------------------------------------------------------------------
-
-def param_shapes(cfg: ModelConfig) -> dict:
-    """Shapes of every parameter, as a pytree of tuples mirroring `init_params`."""
-    y, d, f, h, hk, dh, v = (cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
-                             cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
-    lay = {
-        "attn_norm": (y, d),
-        "q_proj": (y, d, h, dh),
-        "k_proj": (y, d, hk, dh),
-        "v_proj": (y, d, hk, dh),
-        "o_proj": (y, h, dh, d),
-        "mlp_norm": (y, d),
-        "gate_proj": (y, d, f),
-        "up_proj": (y, d, f),
-        "down_proj": (y, f, d),
-    }
-    if cfg.attention_bias:
-        lay.update(q_bias=(y, h, dh), k_bias=(y, hk, dh), v_bias=(y, hk, dh))
-    if cfg.qk_norm:
-        lay.update(q_norm=(y, dh), k_norm=(y, dh))
-    shapes = {"embed": (v, d), "layers": lay, "final_norm": (d,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head"] = (d, v)
-    return shapes
-
-
-def param_logical_axes(cfg: ModelConfig) -> dict:
-    """Logical axis names of every parameter (same structure as `init_params`), for sharding rules."""
-    names = {
-        "attn_norm": ("layers", "norm"), "mlp_norm": ("layers", "norm"),
-        "q_proj": ("layers", "embed", "heads", "head_dim"),
-        "k_proj": ("layers", "embed", "kv_heads", "head_dim"),
-        "v_proj": ("layers", "embed", "kv_heads", "head_dim"),
-        "o_proj": ("layers", "heads", "head_dim", "embed"),
-        "q_bias": ("layers", "heads", "head_dim"),
-        "k_bias": ("layers", "kv_heads", "head_dim"), "v_bias": ("layers", "kv_heads", "head_dim"),
-        "q_norm": ("layers", "head_dim"), "k_norm": ("layers", "head_dim"),
-        "gate_proj": ("layers", "embed", "mlp"), "up_proj": ("layers", "embed", "mlp"),
-        "down_proj": ("layers", "mlp", "embed"),
-    }
-    shapes = param_shapes(cfg)
-    axes = {"embed": ("vocab", "embed"), "final_norm": ("norm",),
-            "layers": {k: names[k] for k in shapes["layers"]}}
-    if "lm_head" in shapes:
-        axes["lm_head"] = ("embed", "vocab")
-    return axes
-
-
-def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
-    """Random parameters: normal(0, std) matrices, unit norm weights, zero biases; in cfg.param_dtype."""
-    shapes = param_shapes(cfg)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
-    keys = jax.random.split(rng, len(flat))
-    leaves = []
-    for (path, shape), key in zip(flat, keys):
-        name = path[-1].key
-        if name.endswith("norm"):
-            leaf = jnp.ones(shape, jnp.float32)
-        elif name.endswith("bias"):
-            leaf = jnp.zeros(shape, jnp.float32)
-        else:
-            leaf = std * jax.random.normal(key, shape, jnp.float32)
-        leaves.append(leaf.astype(cfg.jnp_param_dtype))
-    return jax.tree_util.tree_unflatten(treedef, leaves)
+__all__ = ["Params", "init_params", "param_logical_axes", "param_shapes",   # the parameter pytree (model.weights)
+           "ContextCache", "context_cache", "PrefixCache", "BranchCache", "Branches", "branches_at",
+           "init_branch_cache", "logits_from_hidden", "default_segments", "forward", "branch_forward",
+           "DecodeState", "prefill", "split_layers", "decode_step"]
 
 
 # ----------------------------------------------------------------------------------------------
