@@ -43,3 +43,14 @@ def make_run_dir(root: Path, *, num_problems: int = 5, seed: int = 0, step: int 
     with checkpoint.Checkpointer(root / "checkpoints", save_every=1) as ck:
         ck.save(step, state, data_state=None, rng=jax.random.key(0), config=run_config, force=True)
     return root
+
+
+def add_step(root: Path, step: int) -> None:
+    """Save the run's latest state again as a later checkpoint `step` (same params; a second step to fall
+    back from)."""
+    from rlp_jax.train.run_dir import load_run_state
+
+    restored, record = load_run_state(root)
+    state = restored.state.replace(step=jax.numpy.asarray(step, jax.numpy.int32))
+    with checkpoint.Checkpointer(Path(root) / "checkpoints", save_every=1) as ck:
+        ck.save(step, state, data_state=restored.data_state, rng=restored.rng, config=record.raw, force=True)

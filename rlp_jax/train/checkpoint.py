@@ -33,6 +33,19 @@ from rlp_jax.train.step import all_finite
 
 log = logging.getLogger(__name__)
 _policies = ocp.checkpoint_managers
+# Orbax warns "Given directory is read only" for every read-only manager; a reader asks for exactly that.
+logging.getLogger("absl").addFilter(lambda record: record.msg != "Given directory is read only=%s")
+
+
+def _one_line_orbax_errors(record: logging.LogRecord) -> bool:
+    """Orbax's background save threads log each failure with its traceback; `Checkpointer` raises the
+    failure itself as one CheckpointSaveError line, so keep Orbax's lines but drop their tracebacks."""
+    if record.exc_info and "orbax" in record.pathname:
+        record.exc_info, record.exc_text = None, None
+    return True
+
+
+logging.getLogger("absl").addFilter(_one_line_orbax_errors)
 
 
 class CheckpointMismatch(ValueError):
@@ -64,6 +77,41 @@ def _to_json(x, what: str):
         return json.loads(json.dumps(x))
     except (TypeError, ValueError) as e:
         raise TypeError(f"checkpoint {what} must be JSON-serialisable: {e}") from e
+
+
+def _reason(e: BaseException) -> str:
+    """One line naming why a step failed to restore: the exception's first line, without TensorStore's
+    multi-line spec dump."""
+    first = (str(e).splitlines() or [""])[0].split(" See full TensorStore details")[0].strip().rstrip(".")
+    if len(first) > 240:   # keep the start (what was written) and the end (the OS error)
+        first = f"{first[:120]} ... {first[-110:]}"
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _quiet_orbax_leftovers() -> None:
+    """Drop two kinds of leftovers of a failed Orbax read or write from sys.unraisablehook, and only those.
+    The failure itself is reported once, as one line (CheckpointRestoreError / CheckpointSaveError):
+      * a failed restore leaves Orbax's other reads of that step as coroutines that are never awaited;
+        garbage-collected, each prints its traceback ('Exception ignored in: <coroutine ...>', thousands
+        of lines for one damaged step);
+      * after a failed asynchronous save, TensorStore still completes that save's write futures and calls
+        back into the event loop Orbax has closed: 'RuntimeError: Event loop is closed', about a hundred."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_rlp_jax_quiet", False):
+        return
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and "orbax" in code.co_filename:
+            return
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._rlp_jax_quiet = True
+    sys.unraisablehook = hook
 
 
 def _host_value(x):
@@ -110,6 +158,7 @@ class Checkpointer:
             "state": ocp.StandardCheckpointHandler(), "rng": ocp.StandardCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
         self._pending: int | None = None   # step of the last async save not yet waited for
+        _quiet_orbax_leftovers()
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -127,6 +176,7 @@ class Checkpointer:
         """
         if self.read_only:
             raise CheckpointSaveError(f"{self.directory} was opened read-only; nothing is saved there")
+        self._check_background()
         if not (force or self._mngr.should_save(step)) or step in self._mngr.all_steps():
             return False
         meta = {"data_state": _to_json(data_state, "data_state"), "rng_impl": str(jax.random.key_impl(rng))}
@@ -138,8 +188,7 @@ class Checkpointer:
         try:
             saved = self._mngr.save(step, args=args, force=True)   # due: decided above
         except Exception as e:
-            raise CheckpointSaveError(f"saving checkpoint step {step} to {self.directory} failed: "
-                                      f"{type(e).__name__}: {e}") from e
+            raise CheckpointSaveError(self._save_failed(step, e)) from e
         if saved:
             self._pending = step
         return saved
@@ -150,13 +199,38 @@ class Checkpointer:
         try:
             self._mngr.wait_until_finished()
         except Exception as e:
-            raise CheckpointSaveError(f"asynchronous save of checkpoint step {step} to {self.directory} failed: "
-                                      f"{type(e).__name__}: {e}") from e
+            raise CheckpointSaveError(self._save_failed(step, e)) from e
         if step is not None:
             self._mngr.reload()                       # trust the directory, not Orbax's in-memory list
             if step not in self._mngr.all_steps():
-                raise CheckpointSaveError(f"checkpoint step {step} was not finalized in {self.directory} "
-                                          "(see the Orbax errors logged above)")
+                raise CheckpointSaveError(self._save_failed(step, None))
+
+    def _check_background(self) -> None:
+        """Raise CheckpointSaveError as soon as the asynchronous save in flight has failed (a local check,
+        no waiting), rather than at the next due save."""
+        if self._pending is None:
+            return
+        try:
+            self._mngr.check_for_errors()
+        except Exception as e:
+            step, self._pending = self._pending, None
+            raise CheckpointSaveError(self._save_failed(step, e)) from e
+
+    def _save_failed(self, step, e: BaseException | None) -> str:
+        """One line: which step failed and why, the step a rerun resumes from, and the fix."""
+        why = _reason(e) if e is not None else "it was not finalized; see the Orbax errors logged above"
+        full = e is not None and any(m in str(e) for m in (
+            "No space left on device", "RESOURCE_EXHAUSTED", "File too large", "Disk quota exceeded"))
+        try:
+            self._mngr.reload()
+            done = [s for s in self._mngr.all_steps() if s != step]
+        except Exception:
+            done = []
+        resume = f"rerun the same command to resume from step {max(done)}" if done else \
+            "no earlier checkpoint exists, so a rerun starts from step 0"
+        fix = "free space there (or raise the quota / file-size limit) or lower train.keep, then " if full \
+            else "fix the storage, then "
+        return f"checkpoint step {step} could not be written to {self.directory} ({why}); {fix}{resume}"
 
     def close(self) -> None:
         """Waits for pending saves (raising if one failed) and releases Orbax's threads."""
@@ -199,9 +273,9 @@ class Checkpointer:
             except CheckpointMismatch:
                 raise
             except Exception as e:  # corrupt, partial or unverifiable: try the previous step
-                log.warning("checkpoint at %s step %d cannot be restored (%s: %s); trying the previous step",
-                            self.directory, s, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                failed.append((s, f"{type(e).__name__}: {e}"))
+                log.warning("checkpoint at %s step %d cannot be restored (%s); trying the previous step",
+                            self.directory, s, _reason(e))
+                failed.append((s, _reason(e)))
                 continue
             for bad, _ in failed if not self.read_only else ():   # a reader never deletes
                 log.warning("deleting unrestorable checkpoint step %d in %s", bad, self.directory)
@@ -212,8 +286,10 @@ class Checkpointer:
             return restored
         if not failed:
             return None
-        raise CheckpointRestoreError(f"no checkpoint in {self.directory} could be restored: " +
-                                     "; ".join(f"step {s}: {err[:300]}" for s, err in failed))
+        raise CheckpointRestoreError(
+            f"no checkpoint in {self.directory} could be restored ({'; '.join(f'step {s}: {err}' for s, err in failed)}): "
+            "the files are damaged; delete those step folders to start over from step 0 (earlier metrics are kept "
+            "aside), or use a new --workdir")
 
     def _restore_step(self, s: int, abstract_state, want_model) -> Restored:
         small = self._mngr.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore(),

@@ -40,7 +40,8 @@ from rlp_jax.train.optim import learning_rate, make_optimizer
 log = logging.getLogger("rlp_jax.train")
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, hf.CheckpointError, checkpoint.CheckpointMismatch,
-               checkpoint.CheckpointRestoreError, loading.LoadError, fetch.FetchError)
+               checkpoint.CheckpointRestoreError, checkpoint.CheckpointSaveError, loading.LoadError,
+               fetch.FetchError)
 
 
 class TrainingStopped(RuntimeError):

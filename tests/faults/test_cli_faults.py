@@ -1,0 +1,134 @@
+"""Faults and careless input through the real command lines, each in its own process as a user meets it
+(the cases of the fault review that used to end in tracebacks): every one ends in a single `error:` line
+naming the problem and the fix, or is absorbed, with no traceback on the screen and nothing already written
+changed. Runs are the smallest there are (the `tiny` model, the `smoke` recipe, a few steps)."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.run_dirs import add_step, make_run_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+NOISE = ("Traceback", "Exception ignored", "Event loop is closed")
+
+
+def cli(module: str, *args, max_file_kib: int | None = None) -> subprocess.CompletedProcess:
+    """`python -m rlp_jax.MODULE ARGS`; with max_file_kib, a write past that size in any one file fails with
+    EFBIG, as on a full disk (the shell's `ulimit -f`, SIGXFSZ ignored so the write fails, not the process)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", f"rlp_jax.{module}", *map(str, args)]
+    if max_file_kib is not None:
+        cmd = ["bash", "-c", f"ulimit -f {max_file_kib}; trap '' XFSZ; exec \"$@\"", "bash", *cmd]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def output(proc) -> str:
+    return proc.stdout + proc.stderr
+
+
+def assert_no_traceback(proc) -> None:
+    text = output(proc)
+    found = [n for n in NOISE if n in text]
+    assert not found, f"{found} in the output:\n{text[-4000:]}"
+
+
+def assert_one_error_line(proc, *fragments) -> str:
+    """Exit code 2, no traceback, exactly one `error:` line, holding every fragment; returns the line."""
+    assert_no_traceback(proc)
+    assert proc.returncode == 2, output(proc)[-3000:]
+    errors = [line for line in output(proc).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output(proc)[-3000:]
+    for f in fragments:
+        assert f in errors[0], errors[0]
+    return errors[0]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under root, with the hash of its bytes (what "nothing already written changed" compares)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def damage(run: Path, step: int) -> None:
+    """Truncate the largest array file of a checkpoint step to a third (a half-written or bit-rotted step)."""
+    files = sorted((run / "checkpoints" / str(step) / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    os.truncate(files[-1], files[-1].stat().st_size // 3)
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory) -> Path:
+    """A run directory with checkpoint steps 1 and 2."""
+    run = make_run_dir(tmp_path_factory.mktemp("faults") / "run")
+    add_step(run, 2)
+    return run
+
+
+@pytest.fixture(scope="module")
+def latest_damaged(two_steps, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("latest") / "run"
+    subprocess.run(["cp", "-a", str(two_steps), str(run)], check=True)
+    damage(run, 2)
+    return run
+
+
+@pytest.fixture(scope="module")
+def all_damaged(latest_damaged, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("all") / "run"
+    subprocess.run(["cp", "-a", str(latest_damaged), str(run)], check=True)
+    damage(run, 1)
+    return run
+
+
+def test_a_reader_falls_back_from_a_damaged_step_and_changes_nothing(latest_damaged):
+    before = snapshot(latest_damaged)
+    proc = cli("generate", "--checkpoint", latest_damaged, "--prompt", "a", "--max_new_tokens", 2)
+    assert_no_traceback(proc)
+    assert proc.returncode == 0, output(proc)[-3000:]
+    assert "step 2 cannot be restored" in proc.stderr
+    assert snapshot(latest_damaged) == before      # step 2 is still there: a reader deletes nothing
+
+
+@pytest.mark.parametrize("command", ["generate", "export", "train"])
+def test_every_step_damaged_is_one_line_with_the_fix(all_damaged, tmp_path, command):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier export")
+    args = {"generate": ("--checkpoint", all_damaged, "--prompt", "a", "--max_new_tokens", 2),
+            "export": ("--checkpoint", all_damaged, "--out", out, "--force"),
+            "train": ("--experiment=smoke", f"--workdir={all_damaged}", "--set", "train.steps=4",
+                      "--set", "train.plot=false")}[command]
+    before = snapshot(all_damaged)
+    assert_one_error_line(cli(command, *args), "could be restored", "step 2", "step 1", "new --workdir")
+    after = snapshot(all_damaged)
+    after.pop(".lock", None)                  # the training's workdir lock: the only new file
+    assert after == before
+    assert (out / "keep.txt").read_text() == "an earlier export"
+
+
+def test_a_failed_save_stops_in_one_line_and_the_rerun_resumes(tmp_path):
+    work = tmp_path / "run"
+    fast = ["--experiment=smoke", f"--workdir={work}", "--set", "train.save_every=2", "--set", "train.plot=false",
+            "--set", "train.eval_every=0", "--set", "rlp.rollout.thought_len=4", "--set", "rlp.rollout.group_size=2"]
+    first = cli("train", *fast, "--set", "train.steps=4")
+    assert first.returncode == 0, output(first)[-3000:]
+    before = {k: v for k, v in snapshot(work).items() if k.startswith("checkpoints/4/")}
+    largest = max(p.stat().st_size for p in (work / "checkpoints" / "4").rglob("*") if p.is_file())
+
+    full = cli("train", *fast, "--set", "train.steps=8", max_file_kib=largest // 2048)
+    line = assert_one_error_line(full, "checkpoint step 6 could not be written", "resume from step 4")
+    assert "rerun the same command" in line
+    assert {k: v for k, v in snapshot(work).items() if k.startswith("checkpoints/4/")} == before
+
+    again = cli("train", *fast, "--set", "train.steps=8")
+    assert_no_traceback(again)
+    assert again.returncode == 0, output(again)[-3000:]
+    assert "resumed from" in again.stdout and "at step 4" in again.stdout
+    steps = [json.loads(r)["step"] for r in (work / "metrics.jsonl").read_text().splitlines()
+             if json.loads(r)["split"] == "train"]
+    assert sorted(steps) == list(range(1, 9))   # steps 5 and 6 of the failed run are not logged twice
