@@ -6,16 +6,11 @@ the curves. The command line is `rlp_jax.train.cli`."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
-import fcntl
 import functools
 import json
 import logging
-import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -30,7 +25,7 @@ from rlp_jax.data.tokenizer import TokenizerError, load_tokenizer
 from rlp_jax.model import hf
 from rlp_jax.model.config import ModelConfig
 from rlp_jax.rlp.prompt import PromptError, render_prompt
-from rlp_jax.train import checkpoint
+from rlp_jax.train import checkpoint, lock
 from rlp_jax.train import run_dir as loading
 from rlp_jax.train import step as train_step
 from rlp_jax.train.config import ConfigError, RunConfig, to_dict
@@ -280,36 +275,8 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
     if "://" in ckpt_dir:
         print(f"checkpoints in {ckpt_dir}; config, metrics and plots in {workdir}")
     check_workdir(workdir)
-    with workdir_lock(workdir):
+    with lock.hold_workdir(workdir, ckpt_dir, process_index=jax.process_index()):
         return _run(cfg, workdir, ckpt_dir, experiment)
-
-
-@contextlib.contextmanager
-def workdir_lock(workdir: Path):
-    """Hold WORKDIR/.lock (an exclusive `flock`, taken by process 0) for the whole run: a second training
-    into the same run directory is refused in one line naming the holder, instead of interleaving
-    checkpoints and metrics. The lock goes with the process (also after kill -9); the file stays."""
-    if jax.process_index() != 0:
-        yield
-        return
-    path = workdir / ".lock"
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise ConfigError(f"{workdir} is in use by another training ({holder}); wait for it to finish, stop it, "
-                          "or use another --workdir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.datetime.now():%Y-%m-%d %H:%M:%S}")
-    f.flush()
-    try:
-        yield
-    finally:
-        f.close()   # releases the lock
 
 
 def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:

@@ -199,14 +199,14 @@ def test_a_second_training_in_the_same_workdir_is_refused(capsys, tmp_path):
     """While a training holds WORKDIR/.lock, another one into the same directory stops in one line that
     names the holder, and writes no checkpoint or metrics there."""
     from rlp_jax import train
-    from rlp_jax.train.loop import workdir_lock
+    from rlp_jax.train.lock import local_lock
 
-    with workdir_lock(tmp_path):
+    with local_lock(tmp_path):
         code = train.main(["--experiment=smoke", f"--workdir={tmp_path}", "--set", "train.steps=1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "is in use by another training (pid" in err[0], err
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
-    with workdir_lock(tmp_path):   # released when its holder ends
+    with local_lock(tmp_path):   # released when its holder ends
         pass
 
 
