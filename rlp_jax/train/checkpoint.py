@@ -4,8 +4,11 @@ One Orbax step `<directory>/<step>/` holds everything a resumed run needs, writt
 they can never disagree (MaxText #416, Grain #1179):
   * `state`:  the `TrainState` pytree: step, params, EMA params, optimizer state, and ref_params when
               not None (arrays, OCDBT/tensorstore; restored onto the caller's shardings).
-  * `rng`:    the run's typed PRNG key, as `jax.random.key_data` (uint32 array).
-  * `meta`:   JSON {"data_state": the data iterator's state dict (or null), "rng_impl": the PRNG impl}.
+  * `meta`:   JSON {"data_states": every process's data-iterator state (a dict, or null), in process
+              order; "rng_impl" and "rng_key_data": the run's typed PRNG key (the same on every host)}.
+              Orbax writes it from the primary process, so `save` gathers the states first; each process
+              restores its own. (Steps written before 2026-12-04 hold one "data_state" and the key as an
+              array item `rng`; they still restore.)
   * `config`: the run config as JSON (the caller also writes `config.json` in the run dir).
 
 Saves are asynchronous by default: `save` returns after the device-to-host copy (so the train step may
@@ -114,6 +117,21 @@ def _quiet_orbax_leftovers() -> None:
     sys.unraisablehook = hook
 
 
+def _gather_json(obj) -> list:
+    """[obj of process 0, obj of process 1, ...]: a JSON value from every process (a collective when
+    there are several; each process calls it at the same save)."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int32))).reshape(-1)
+    buf = np.zeros(int(sizes.max()), np.uint8)
+    buf[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), -1)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
+
+
 def _host_value(x):
     """A (replicated) scalar as a numpy value; works for arrays spanning several hosts."""
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
@@ -179,12 +197,16 @@ class Checkpointer:
         self._check_background()
         if not (force or self._mngr.should_save(step)) or step in self._mngr.all_steps():
             return False
-        meta = {"data_state": _to_json(data_state, "data_state"), "rng_impl": str(jax.random.key_impl(rng))}
+        # Every process's data state (each host reads its own shard), gathered into the one JSON file that
+        # Orbax writes from the primary process; the RNG key as its key data (a host-local array cannot be
+        # saved as an array from several processes, and it is the same on every host).
+        meta = {"data_states": _gather_json(_to_json(data_state, "data_state")),
+                "rng_impl": str(jax.random.key_impl(rng)),
+                "rng_key_data": np.asarray(jax.random.key_data(rng)).tolist()}
         config = _to_json(config, "config")
         self.wait()                                   # surface a failed previous save under its own step
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  rng=ocp.args.StandardSave({"key_data": jax.random.key_data(rng)}),
-                                  meta=ocp.args.JsonSave(meta), config=ocp.args.JsonSave(config))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+                                  config=ocp.args.JsonSave(config))
         try:
             saved = self._mngr.save(step, args=args, force=True)   # due: decided above
         except Exception as e:
@@ -295,23 +317,34 @@ class Checkpointer:
         small = self._mngr.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                               meta=ocp.args.JsonRestore()))
         self._check_compatible(s, small.config.get("model"), want_model, abstract_state)
-        impl = small.meta["rng_impl"]
-        rng_abstract = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl)))
-        mesh_shardings = [x.sharding for x in jax.tree.leaves(abstract_state)
-                          if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)]
-        if mesh_shardings:   # the key is replicated over the state's mesh
-            replicated = jax.sharding.NamedSharding(mesh_shardings[0].mesh, jax.sharding.PartitionSpec())
-            rng_abstract = jax.ShapeDtypeStruct(rng_abstract.shape, rng_abstract.dtype, sharding=replicated)
-        big = self._mngr.restore(s, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            rng=ocp.args.StandardRestore({"key_data": rng_abstract})))
+        meta, impl = small.meta, small.meta["rng_impl"]
+        data_state = self._own_data_state(s, meta)
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        if "rng_key_data" not in meta:   # written before 2026-12-04: the key as an array item
+            rng_abstract = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl)))
+            items["rng"] = ocp.args.StandardRestore({"key_data": rng_abstract})
+        big = self._mngr.restore(s, args=ocp.args.Composite(**items))
+        key_data = np.asarray(meta["rng_key_data"], np.uint32) if "rng_key_data" in meta else \
+            np.asarray(big.rng["key_data"])
         state = big.state
         if hasattr(state, "step") and int(_host_value(state.step)) != s:
             raise ValueError(f"restored state.step={int(_host_value(state.step))} != checkpoint step {s}")
         if not bool(_host_value(_all_finite(state))):
             raise ValueError("restored state has non-finite values")
-        return Restored(step=s, state=state, data_state=small.meta["data_state"],
-                        rng=jax.random.wrap_key_data(big.rng["key_data"], impl=impl), config=small.config)
+        return Restored(step=s, state=state, data_state=data_state,
+                        rng=jax.random.wrap_key_data(key_data, impl=impl), config=small.config)
+
+    def _own_data_state(self, s: int, meta: dict) -> dict | None:
+        """This process's data-iterator state in a step's meta (one per process, in process order)."""
+        if "data_states" not in meta:   # written before 2026-12-04, by one process
+            states = [meta.get("data_state")]
+        else:
+            states = meta["data_states"]
+        if len(states) != jax.process_count():
+            raise CheckpointMismatch(f"checkpoint at {self.directory} step {s} was written by {len(states)} "
+                                     f"process(es), this run has {jax.process_count()}: resume with the same "
+                                     "number of hosts, or use a new --workdir")
+        return states[jax.process_index()]
 
     def _check_compatible(self, s: int, saved_model, want_model, abstract_state) -> None:
         where = f"checkpoint at {self.directory} step {s} was written with"

@@ -258,3 +258,40 @@ def test_save_failure_is_surfaced(tmp_path, async_save):
 def test_non_json_data_state_fails_fast(tmp_path):
     with Checkpointer(tmp_path, save_every=1) as ckpt, pytest.raises(TypeError, match="data_state"):
         ckpt.save(1, _state(1), data_state={"x": object()}, rng=jax.random.key(0), config=_config())
+
+
+def test_steps_in_the_earlier_layout_still_restore(tmp_path):
+    """Before 2026-12-04 a step held the RNG key as an array item `rng` and one `data_state` in meta."""
+    import orbax.checkpoint as ocp
+
+    state, rng = _state(4), jax.random.key(7)
+    with ocp.CheckpointManager(str(tmp_path), item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "rng": ocp.StandardCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}) as mngr:
+        mngr.save(4, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), rng=ocp.args.StandardSave({"key_data": jax.random.key_data(rng)}),
+            meta=ocp.args.JsonSave({"data_state": {"epoch": 3}, "rng_impl": str(jax.random.key_impl(rng))}),
+            config=ocp.args.JsonSave(_config())))
+    with Checkpointer(tmp_path, save_every=1) as ckpt:
+        got = ckpt.restore(_abstract(), config=_config())
+    assert got.step == 4 and got.data_state == {"epoch": 3}
+    _assert_trees_equal(got.state, state)
+    np.testing.assert_array_equal(jax.random.key_data(got.rng), jax.random.key_data(rng))
+
+
+def test_a_step_of_another_host_count_is_refused(tmp_path):
+    """A step written by two processes (two data states) does not resume in one."""
+    import orbax.checkpoint as ocp
+
+    rng = jax.random.key(7)
+    with ocp.CheckpointManager(str(tmp_path), item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler()}) as mngr:
+        mngr.save(4, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(_state(4)), config=ocp.args.JsonSave(_config()),
+            meta=ocp.args.JsonSave({"data_states": [{"epoch": 0}, {"epoch": 1}],
+                                    "rng_impl": str(jax.random.key_impl(rng)),
+                                    "rng_key_data": np.asarray(jax.random.key_data(rng)).tolist()})))
+    with Checkpointer(tmp_path, save_every=1, read_only=True) as ckpt, \
+            pytest.raises(CheckpointMismatch, match="written by 2 process.*this run has 1.*same number of hosts"):
+        ckpt.restore(_abstract(), config=_config())

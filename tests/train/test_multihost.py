@@ -1,12 +1,20 @@
-"""Multi-host evaluation: `python -m rlp_jax.evaluate` in two CPU processes joined by jax.distributed
-(the JAX_COORDINATOR_ADDRESS variables `tpu_scripts/gpu_launch.sh` sets) decodes exactly what one
-process with the same two devices decodes; process 0 alone prints and writes the results."""
+"""Multi-host runs: two CPU processes joined by jax.distributed (the JAX_COORDINATOR_ADDRESS variables
+`tpu_scripts/gpu_launch.sh` sets; gloo collectives).
+  * `python -m rlp_jax.evaluate` decodes exactly what one process with the same two devices decodes;
+    process 0 alone prints and writes the results.
+  * `python -m rlp_jax.train` saves from both processes, and after both are killed with SIGKILL mid-run a
+    relaunch of the same command resumes each process at its own data position and finishes with exactly
+    the losses and rewards of an uninterrupted two-process run. (One process with two devices is not the
+    reference here: each host reads its own shard of the files, so the global batches hold other rows.)
+"""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.run_dirs import make_run_dir
@@ -49,3 +57,59 @@ def test_two_processes_decode_what_one_process_with_two_devices_decodes(tmp_path
     assert samples(multi) == samples(ref) and len(samples(ref)) == 12
     assert all(len(s[2]) >= 1 for s in samples(ref) if s[0] == "think")
     assert multi["results"] == ref["results"]
+
+
+def _base_env() -> dict:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_", "RLP_JAX"))}
+    base.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    base.pop("XLA_FLAGS", None)
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:   # the suite's shared compilation cache
+        for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
+            base[k] = os.environ[k]
+    return base
+
+
+def _two_process_train(workdir: Path, tag: str) -> list[subprocess.Popen]:
+    args = [sys.executable, "-m", "rlp_jax.train", "--experiment=smoke", f"--workdir={workdir}",
+            "--set", "train.steps=6", "--set", "train.save_every=2", "--set", "train.plot=false",
+            "--set", "train.eval_every=0", "--set", "rlp.rollout.thought_len=4", "--set", "rlp.rollout.group_size=2"]
+    port, procs = _free_port(), []
+    for i in range(2):
+        log = open(workdir.parent / f"{workdir.name}-{tag}-p{i}.log", "w")
+        procs.append(subprocess.Popen(args, cwd=ROOT, text=True, stdout=log, stderr=subprocess.STDOUT, env={
+            **_base_env(), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+            "JAX_PROCESS_ID": str(i)}))
+    return procs
+
+
+def _finish(procs, workdir: Path, tag: str) -> list[str]:
+    for p in procs:
+        p.wait(timeout=600)
+    logs = [(workdir.parent / f"{workdir.name}-{tag}-p{i}.log").read_text() for i in range(2)]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(x[-3000:] for x in logs)
+    return logs
+
+
+def _curve(workdir: Path) -> dict[int, tuple]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss/total"], r["reward/mean"], r["data/tokens"]) for r in rows if r["split"] == "train"}
+
+
+def test_two_process_training_resumes_after_sigkill_exactly(tmp_path):
+    straight = tmp_path / "straight"
+    _finish(_two_process_train(straight, "run"), straight, "run")
+    assert sorted(os.listdir(straight / "checkpoints")) == ["2", "4", "6"]
+
+    killed = tmp_path / "killed"
+    procs = _two_process_train(killed, "first")
+    deadline = time.time() + 600
+    while not (killed / "checkpoints" / "2" / "commit_success.txt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert not (killed / "checkpoints" / "6").exists()   # killed mid-run
+    logs = _finish(_two_process_train(killed, "again"), killed, "again")
+    assert "resumed from" in logs[0], logs[0][-2000:]
+    assert _curve(killed) == _curve(straight) and sorted(_curve(straight)) == [1, 2, 3, 4, 5, 6]
