@@ -10,7 +10,9 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -96,14 +98,22 @@ def with_markers(cfg: RunConfig, tokenizer) -> RunConfig:
 # ----------------------------------------------------------------------------------------------
 
 class _Preemption:
-    """Turns SIGTERM (a scheduler's preemption) and a first Ctrl-C (SIGINT) into a flag the loop checks after
-    each step: it then saves and exits. A second Ctrl-C interrupts at once."""
+    """Turns SIGTERM (a scheduler's preemption) and a first Ctrl-C (SIGINT) into a stop the loop takes after a
+    step: it then saves and exits. A second Ctrl-C interrupts at once.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    With several processes the save is collective, so every host must stop at the same step. SIGTERM is
+    then left to JAX's preemption service (`jax.distributed` installs its notifier): any host's notice
+    reaches all, and `multihost_utils.reached_preemption_sync_point(step)` turns true at the same step on
+    every host, a host-side check through the coordination service, with no device work or all-gather per
+    step. A Ctrl-C on a host is fed to that service as a SIGTERM of its own. (Should the service be
+    disabled, `jax_enable_preemption_service=False`, the hosts all-gather their flags each step instead.)"""
 
     def __init__(self):
-        self.requested: str | None = None     # "SIGTERM" / "SIGINT" once asked
-        self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        self.requested: str | None = None     # "SIGTERM" / "SIGINT" once asked on this host
+        self.multi = jax.process_count() > 1
+        self.service = self.multi and bool(jax.config.jax_enable_preemption_service)
+        signals = (signal.SIGINT,) if self.service else (signal.SIGTERM, signal.SIGINT)
+        self._old = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.requested:
@@ -112,12 +122,17 @@ class _Preemption:
         self.requested = signal.Signals(signum).name
         if signum == signal.SIGINT:
             tqdm.write("Ctrl-C: saving after this step (press again to stop at once, without saving)")
+            if self.service:
+                signal.raise_signal(signal.SIGTERM)   # to JAX's preemption notifier: every host stops
 
-    def any_host(self) -> str | None:
-        """The signal any process got (every host must take the collective save at the same step)."""
-        if jax.process_count() == 1:
+    def stop_at(self, step: int) -> str | None:
+        """The signal to stop for after `step` ("SIGTERM" / "SIGINT"), the same on every host, or None.
+        Call it after every step, on every host."""
+        if not self.multi:
             return self.requested
         from jax.experimental import multihost_utils
+        if self.service:
+            return (self.requested or "SIGTERM") if multihost_utils.reached_preemption_sync_point(step) else None
         got = multihost_utils.process_allgather(np.asarray([self.requested == "SIGTERM", self.requested == "SIGINT"]))
         return "SIGTERM" if np.any(got[..., 0]) else "SIGINT" if np.any(got[..., 1]) else None
 
@@ -152,7 +167,7 @@ def check_workdir(workdir: Path) -> None:
         raise ConfigError(f"--workdir {workdir} is a file, not a directory; choose another path")
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".rlp_jax_write_test"
+        probe = workdir / f".rlp_jax_write_test.{socket.gethostname()}.{os.getpid()}"   # one per process
         probe.write_text("")
         probe.unlink()
     except OSError as e:
@@ -340,7 +355,7 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
                 logs.eval(step, evaluate_batches(eval_fn, state.params, eval_batches, tc.seed))
             logs.bar.update(1)
             save(step)
-            if got := preempt.any_host():
+            if got := preempt.stop_at(step):
                 tqdm.write(f"{got}: saving step {step} and exiting")
                 save(step, force=True)
                 logs.last["preempted"] = got   # callers that run several jobs stop here too

@@ -70,9 +70,12 @@ def _base_env() -> dict:
     return base
 
 
+STEPS = 16   # long enough that a signal sent at the first save lands mid-run
+
+
 def _two_process_train(workdir: Path, tag: str) -> list[subprocess.Popen]:
     args = [sys.executable, "-m", "rlp_jax.train", "--experiment=smoke", f"--workdir={workdir}",
-            "--set", "train.steps=6", "--set", "train.save_every=2", "--set", "train.plot=false",
+            "--set", f"train.steps={STEPS}", "--set", "train.save_every=2", "--set", "train.plot=false",
             "--set", "train.eval_every=0", "--set", "rlp.rollout.thought_len=4", "--set", "rlp.rollout.group_size=2"]
     port, procs = _free_port(), []
     for i in range(2):
@@ -96,20 +99,37 @@ def _curve(workdir: Path) -> dict[int, tuple]:
     return {r["step"]: (r["loss/total"], r["reward/mean"], r["data/tokens"]) for r in rows if r["split"] == "train"}
 
 
-def test_two_process_training_resumes_after_sigkill_exactly(tmp_path):
+def _wait_for_step(workdir: Path, step: int) -> None:
+    deadline = time.time() + 600
+    while not (workdir / "checkpoints" / str(step) / "commit_success.txt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+
+
+def test_two_process_training_survives_preemption_and_sigkill_exactly(tmp_path):
+    """SIGTERM to one host: both save the same step and exit 75; relaunch; SIGKILL both mid-run;
+    relaunch: the curve is that of an uninterrupted run, and each host resumed its own data position (a
+    host restoring another's state would stop: the data fingerprint holds the process index)."""
     straight = tmp_path / "straight"
     _finish(_two_process_train(straight, "run"), straight, "run")
-    assert sorted(os.listdir(straight / "checkpoints")) == ["2", "4", "6"]
+    assert sorted(os.listdir(straight / "checkpoints"), key=int) == ["12", "14", "16"]   # train.keep=3
 
-    killed = tmp_path / "killed"
-    procs = _two_process_train(killed, "first")
-    deadline = time.time() + 600
-    while not (killed / "checkpoints" / "2" / "commit_success.txt").exists() and time.time() < deadline:
-        time.sleep(0.2)
+    stopped = tmp_path / "stopped"
+    procs = _two_process_train(stopped, "first")
+    _wait_for_step(stopped, 2)
+    procs[1].send_signal(signal.SIGTERM)                 # the scheduler preempts one host
+    for p in procs:
+        p.wait(timeout=600)
+    logs = [(tmp_path / f"stopped-first-p{i}.log").read_text() for i in range(2)]
+    assert [p.returncode for p in procs] == [75, 75], "\n".join(x[-3000:] for x in logs)
+    saved = sorted(int(d) for d in os.listdir(stopped / "checkpoints") if d.isdigit())
+    assert 2 in saved and saved[-1] < STEPS, saved          # both saved the same step, before the end
+
+    procs = _two_process_train(stopped, "second")
+    _wait_for_step(stopped, saved[-1] + 2 - saved[-1] % 2)
     for p in procs:
         p.send_signal(signal.SIGKILL)
         p.wait()
-    assert not (killed / "checkpoints" / "6").exists()   # killed mid-run
-    logs = _finish(_two_process_train(killed, "again"), killed, "again")
+    assert not (stopped / "checkpoints" / str(STEPS)).exists()   # killed mid-run
+    logs = _finish(_two_process_train(stopped, "third"), stopped, "third")
     assert "resumed from" in logs[0], logs[0][-2000:]
-    assert _curve(killed) == _curve(straight) and sorted(_curve(straight)) == [1, 2, 3, 4, 5, 6]
+    assert _curve(stopped) == _curve(straight) and sorted(_curve(straight)) == list(range(1, STEPS + 1))
