@@ -251,11 +251,11 @@ def from_hf(path: str | os.PathLike, *, param_dtype: str | None = None, **config
         (float16 checkpoints load as float32).
       config_overrides: extra ModelConfig fields (e.g. compute_dtype, remat).
     Returns:
-      (ModelConfig, params pytree of jax arrays, layers stacked on a leading axis).
+      (ModelConfig, params pytree of host numpy arrays, layers stacked on a leading axis). Nothing is put
+      on a device: place them with the shardings you want (`jax.device_put(params, shardings)`, as
+      `rlp_jax.train` does over its mesh), so that no device ever holds the whole model.
     """
-    import jax.numpy as jnp
-
-    from rlp_jax.model.transformer import param_shapes
+    from rlp_jax.model.weights import param_shapes
 
     directory = Path(path)
     if not directory.is_dir():
@@ -284,11 +284,11 @@ def from_hf(path: str | os.PathLike, *, param_dtype: str | None = None, **config
                 arr = reader.get(name.format(i=i))
                 _check_shape(name.format(i=i), arr, kind, shape)
                 stacked[i] = _to_ours(arr, kind, shape).astype(target)
-            params["layers"][key[1]] = jnp.asarray(stacked)
+            params["layers"][key[1]] = stacked
         else:
             arr = reader.get(name)
             _check_shape(name, arr, kind, shapes[key[0]])
-            params[key[0]] = jnp.asarray(_to_ours(arr, kind, shapes[key[0]]).astype(target))
+            params[key[0]] = np.ascontiguousarray(_to_ours(arr, kind, shapes[key[0]]).astype(target))
     return cfg, params
 
 

@@ -172,8 +172,10 @@ class Checkpointer:
             # Orbax's default also saves the first step of a run (InitialSavePolicy); we save on the interval only.
             save_decision_policy=_policies.AnySavePolicy(
                 [_policies.FixedIntervalPolicy(save_every), _policies.PreemptionCheckpointingPolicy()]))
+        # A reader reads the state through the PyTree handler (the same files), which can restore a part of it.
+        state_handler = ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler()
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            "state": ocp.StandardCheckpointHandler(), "rng": ocp.StandardCheckpointHandler(),
+            "state": state_handler, "rng": ocp.StandardCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
         self._pending: int | None = None   # step of the last async save not yet waited for
         _quiet_orbax_leftovers()
@@ -267,6 +269,16 @@ class Checkpointer:
     def __exit__(self, *exc):
         self.close()
 
+    def restore_part(self, abstract_state, part: str, *, config: dict, step: int | None = None) -> Restored | None:
+        """A reader's restore of one field of the state (`part`: "params" or "ema_params"), read alone, so
+        that evaluating or exporting needs the memory of the weights, not of the whole train state (AdamW
+        moments, EMA). Same fallback, checks and errors as `restore`; the Restored.state is
+        {"step": ..., part: tree}. Only on a read-only Checkpointer."""
+        if not self.read_only:
+            raise ValueError("restore_part needs a read-only Checkpointer (a reader's)")
+        target = {"step": abstract_state.step, part: getattr(abstract_state, part)}
+        return self.restore(target, config=config, step=step)
+
     def restore(self, abstract_state, *, config: dict, step: int | None = None) -> Restored | None:
         """Restores the latest restorable step (or exactly `step`); None if the directory has no checkpoint.
 
@@ -319,7 +331,15 @@ class Checkpointer:
         self._check_compatible(s, small.config.get("model"), want_model, abstract_state)
         meta, impl = small.meta, small.meta["rng_impl"]
         data_state = self._own_data_state(s, meta)
-        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        if self.read_only:   # the PyTree handler: the target may be a part of the saved state
+            restore_args = jax.tree.map(   # as StandardRestore: onto a leaf's sharding, else as numpy
+                lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+                if getattr(x, "sharding", None) is not None else ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype),
+                abstract_state)
+            items = dict(state=ocp.args.PyTreeRestore(item=abstract_state, restore_args=restore_args,
+                                                      partial_restore=isinstance(abstract_state, dict)))
+        else:
+            items = dict(state=ocp.args.StandardRestore(abstract_state))
         if "rng_key_data" not in meta:   # written before 2026-12-04: the key as an array item
             rng_abstract = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=impl)))
             items["rng"] = ocp.args.StandardRestore({"key_data": rng_abstract})
@@ -327,8 +347,9 @@ class Checkpointer:
         key_data = np.asarray(meta["rng_key_data"], np.uint32) if "rng_key_data" in meta else \
             np.asarray(big.rng["key_data"])
         state = big.state
-        if hasattr(state, "step") and int(_host_value(state.step)) != s:
-            raise ValueError(f"restored state.step={int(_host_value(state.step))} != checkpoint step {s}")
+        saved_step = state["step"] if isinstance(state, dict) else getattr(state, "step", None)
+        if saved_step is not None and int(_host_value(saved_step)) != s:
+            raise ValueError(f"restored state.step={int(_host_value(saved_step))} != checkpoint step {s}")
         if not bool(_host_value(_all_finite(state))):
             raise ValueError("restored state has non-finite values")
         return Restored(step=s, state=state, data_state=data_state,
@@ -355,6 +376,8 @@ class Checkpointer:
         if diffs:
             raise CheckpointMismatch(f"{where} {'; '.join(diffs)}; {fix}")
         saved, want = _shapes(self._mngr.item_metadata(s)["state"].tree), _shapes(abstract_state)
+        if isinstance(abstract_state, dict):   # a part (restore_part): compare only the fields read
+            saved = {k: v for k, v in saved.items() if k.split(".", 1)[0] in abstract_state}
         fmt = lambda v: "<absent>" if v is None else f"{v[1]}{list(v[0])}"
         diffs = [f"state.{k}={fmt(saved.get(k))}, this run has {fmt(want.get(k))}"
                  for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]

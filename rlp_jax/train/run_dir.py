@@ -222,11 +222,14 @@ def fit_embeddings(mcfg: ModelConfig, params: dict, tokenizer: Tokenizer, rng, i
     return mcfg.replace(vocab_size=tokenizer.vocab_size), params
 
 
-def load_run_state(run_dir, *, step: int | None = None, mesh=None) -> tuple[checkpoint.Restored, RunRecord]:
-    """Restore the whole train state of a run's checkpoint (read-only: a running job's files are not touched).
+def load_run_state(run_dir, *, step: int | None = None, mesh=None,
+                   part: str | None = None) -> tuple[checkpoint.Restored, RunRecord]:
+    """Restore the train state of a run's checkpoint (read-only: a running job's files are not touched).
 
     step: checkpoint step (default: the latest restorable). mesh: a `jax.sharding.Mesh` to restore onto
-    (default: all local devices on the data axis). Returns (checkpoint.Restored, the run's RunRecord).
+    (default: all local devices on the data axis). part: "params" or "ema_params" to read only that field
+    (`Restored.state` is then {"step", part}); None reads the whole state.
+    Returns (checkpoint.Restored, the run's RunRecord).
     """
     from rlp_jax import sharding
 
@@ -242,7 +245,8 @@ def load_run_state(run_dir, *, step: int | None = None, mesh=None) -> tuple[chec
                                      keep_reference=cfg.keeps_kl_reference)
     ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1, read_only=True)
     try:
-        restored = ckpt.restore(layout.restore_target(), config=record.raw, step=step)
+        restored = (ckpt.restore(layout.restore_target(), config=record.raw, step=step) if part is None else
+                    ckpt.restore_part(layout.restore_target(), part, config=record.raw, step=step))
     except FileNotFoundError as e:
         raise LoadError(str(e)) from None
     finally:
@@ -264,9 +268,10 @@ def load_run_params(run_dir, *, step: int | None = None, which: str = "params", 
     """
     if which not in ("params", "ema"):
         raise LoadError(f"which must be 'params' or 'ema', got {which!r}")
-    restored, record = load_run_state(run_dir, step=step, mesh=mesh)
+    part = "params" if which == "params" else "ema_params"
+    restored, record = load_run_state(run_dir, step=step, mesh=mesh, part=part)   # the weights alone
     mcfg = record.model
-    params = restored.state.params if which == "params" else restored.state.ema_params
+    params = restored.state[part]
     if which == "ema":   # the teacher is kept in float32; serve it in the model's storage dtype
         params = jax.tree.map(lambda p: p.astype(mcfg.jnp_param_dtype), params)
     return mcfg, params, restored.step, record

@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -35,6 +36,7 @@ def test_logits_match_transformers(tmp_path, family, tied, extra):
     ref_model = make_hf_model(family, tied=tied, **extra)
     ref_model.save_pretrained(tmp_path)
     cfg, params = hf.from_hf(tmp_path)
+    assert all(type(leaf) is np.ndarray for leaf in jax.tree.leaves(params))   # host arrays: no device holds it all
     assert cfg.tie_word_embeddings == tied
     assert cfg.qk_norm == (family == "qwen3") and cfg.attention_bias == (family == "qwen2")
     tokens, mask = _padded_batch(cfg.vocab_size)

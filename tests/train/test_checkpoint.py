@@ -17,7 +17,11 @@ import pytest
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
 from rlp_jax.train import step as train_step
-from rlp_jax.train.checkpoint import Checkpointer, CheckpointMismatch, CheckpointSaveError
+from rlp_jax.train.checkpoint import (
+    Checkpointer,
+    CheckpointMismatch,
+    CheckpointSaveError,
+)
 
 CFG = ModelConfig.preset("tiny")
 OPT = optax.adamw(1e-3)
@@ -170,6 +174,23 @@ def test_a_reader_deletes_nothing(tmp_path):
         with pytest.raises(CheckpointSaveError, match="read-only"):
             _save(reader, 4)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("part", ["params", "ema_params"])
+def test_a_reader_restores_one_part_alone(tmp_path, part):
+    """restore_part reads one field (the weights a reader needs) and returns exactly what a full restore
+    holds there; a mismatching model is still refused; writers cannot use it."""
+    with Checkpointer(tmp_path, save_every=1) as ckpt:
+        state, _ = _save(ckpt, 3)
+        with pytest.raises(ValueError, match="read-only"):
+            ckpt.restore_part(_abstract(), part, config=_config())
+    with Checkpointer(tmp_path, save_every=1, read_only=True) as reader:
+        got = reader.restore_part(_abstract(), part, config=_config())
+        assert got.step == 3 and sorted(got.state) == sorted(["step", part]) and got.data_state is not None
+        _assert_trees_equal(got.state[part], getattr(state, part))
+        other = dataclasses.replace(CFG, hidden_size=2 * CFG.hidden_size)
+        with pytest.raises(CheckpointMismatch, match="hidden_size"):
+            reader.restore_part(_abstract(other), part, config=_config(other))
 
 
 @orbax_failure_noise
