@@ -93,6 +93,9 @@ def _from_json(line: bytes, field: str) -> tuple[str | None, str | None]:
     return _from_value(obj.get(field)) if isinstance(obj, dict) else (None, "missing_text")
 
 
+_WARNED: set[str] = set()   # corrupt files already reported in this process
+
+
 def records(path: str, fmt: str, field: str, start: int, keep: Callable[[int], bool]):
     """Yield (index, text, None) or (index, None, reason) for the kept records of one file from `start`.
 
@@ -107,8 +110,10 @@ def records(path: str, fmt: str, field: str, start: int, keep: Callable[[int], b
     except Exception as e:
         if not isinstance(e, _corrupt_errors()):
             raise
-        log.warning("skipping the rest of %s: it is corrupt or truncated (%s: %s)", path, type(e).__name__,
-                    " ".join(str(e).split())[:200])
+        if path not in _WARNED:   # once per file, not once per epoch (it is counted as bad_file each time)
+            _WARNED.add(path)
+            log.warning("skipping the rest of %s: it is corrupt or truncated (%s: %s); later epochs skip it "
+                        "without a word", path, type(e).__name__, " ".join(str(e).split())[:200])
         yield PAST_THE_END, None, "bad_file"
 
 

@@ -251,7 +251,7 @@ class Checkpointer:
         except Exception:
             done = []
         resume = f"rerun the same command to resume from step {max(done)}" if done else \
-            "no earlier checkpoint exists, so a rerun starts from step 0"
+            "rerun the same command (there is no earlier checkpoint: it starts from step 0)"
         fix = "free space there (or raise the quota / file-size limit) or lower train.keep, then " if full \
             else "fix the storage, then "
         return f"checkpoint step {step} could not be written to {self.directory} ({why}); {fix}{resume}"
@@ -293,8 +293,7 @@ class Checkpointer:
         failed steps are deleted so that this run can save those step numbers again (never when read-only).
         """
         self.wait()
-        self._mngr.reload()
-        steps = sorted(self._mngr.all_steps(), reverse=True)
+        steps = self._list_steps()
         if step is not None:
             if step not in steps:
                 raise FileNotFoundError(f"no checkpoint step {step} in {self.directory} (steps: {sorted(steps)})")
@@ -307,6 +306,11 @@ class Checkpointer:
             except CheckpointMismatch:
                 raise
             except Exception as e:  # corrupt, partial or unverifiable: try the previous step
+                if self.read_only and not self._still_there(s):
+                    # the training that owns the directory deleted this step (its retention) while we read
+                    log.info("checkpoint step %d of %s went away while reading; trying the previous step", s,
+                             self.directory)
+                    continue
                 log.warning("checkpoint at %s step %d cannot be restored (%s); trying the previous step",
                             self.directory, s, _reason(e))
                 failed.append((s, _reason(e)))
@@ -324,6 +328,24 @@ class Checkpointer:
             f"no checkpoint in {self.directory} could be restored ({'; '.join(f'step {s}: {err}' for s, err in failed)}): "
             "the files are damaged; delete those step folders to start over from step 0 (earlier metrics are kept "
             "aside), or use a new --workdir")
+
+    def _list_steps(self, tries: int = 3) -> list[int]:
+        """The steps in the directory, newest first. A reader may list while the training that owns the
+        directory deletes an old step (its retention): Orbax then fails on the vanished folder; list again."""
+        for attempt in range(tries):
+            try:
+                self._mngr.reload()
+                return sorted(self._mngr.all_steps(), reverse=True)
+            except FileNotFoundError:
+                if attempt == tries - 1:
+                    raise
+        return []
+
+    def _still_there(self, s: int) -> bool:
+        try:
+            return s in self._list_steps()
+        except FileNotFoundError:
+            return False
 
     def _restore_step(self, s: int, abstract_state, want_model) -> Restored:
         small = self._mngr.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore(),

@@ -304,18 +304,23 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
     optimizer = make_optimizer(cfg.optim, tc.steps)
     layout = train_step.state_layout(mcfg, optimizer, mesh, keep_reference=cfg.keeps_kl_reference)
     record = run_record(cfg, mcfg, experiment)
-    ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=tc.save_every, keep=tc.keep)
     train_iter = make_iterator(cfg.data, tokenizer, split="train")
-    restored = ckpt.restore(layout.restore_target(), config=record)
-    if restored is None:   # a fresh state only when there is nothing to resume
-        params = (layout.init_params(run_key(base_rng, "init")) if host_params is None
-                  else jax.device_put(host_params, layout.param_shardings))
-        state, start = layout.init(params), 0
-    else:
-        state, start, base_rng = restored.state, restored.step, restored.rng
-        if restored.data_state is not None:
-            train_iter.set_state(restored.data_state)
-        print(f"resumed from {workdir} at step {start}")
+    ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=tc.save_every, keep=tc.keep)
+    try:
+        restored = ckpt.restore(layout.restore_target(), config=record)
+        if restored is None:   # a fresh state only when there is nothing to resume
+            params = (layout.init_params(run_key(base_rng, "init")) if host_params is None
+                      else jax.device_put(host_params, layout.param_shardings))
+            state, start = layout.init(params), 0
+        else:
+            state, start, base_rng = restored.state, restored.step, restored.rng
+            if restored.data_state is not None:
+                train_iter.set_state(restored.data_state)
+            print(f"resumed from {workdir} at step {start}")
+    except BaseException:   # nothing to save yet: release Orbax's and Grain's threads before the error
+        ckpt.close()
+        train_iter.close()
+        raise
     del host_params
     if (workdir / "config.json").exists():  # keep the record of what earlier steps ran with
         (workdir / f"config.before-step{start}.json").write_text((workdir / "config.json").read_text())
@@ -346,11 +351,11 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
             nonfinite_run = nonfinite_run + 1 if int(metrics["train/skipped_nonfinite"]) else 0
             if nonfinite_run:
                 log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite_run)
+            logs.train(step, metrics, train_iter.stats())
             if nonfinite_run >= tc.max_nonfinite:
                 save(step, force=True)  # skipped steps left the params at the last good state
                 raise TrainingStopped(f"{nonfinite_run} non-finite steps in a row at step {step}; the last good "
                                       "state was checkpointed. Lower optim.lr or check the data.")
-            logs.train(step, metrics, train_iter.stats())
             if eval_fn is not None and (step % tc.eval_every == 0 or step == tc.steps):
                 logs.eval(step, evaluate_batches(eval_fn, state.params, eval_batches, tc.seed))
             logs.bar.update(1)

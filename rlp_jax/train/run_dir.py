@@ -243,17 +243,28 @@ def load_run_state(run_dir, *, step: int | None = None, mesh=None,
         mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
     layout = train_step.state_layout(mcfg, make_optimizer(cfg.optim, cfg.train.steps), mesh,
                                      keep_reference=cfg.keeps_kl_reference)
-    ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1, read_only=True)
+    for attempt in range(3):   # a training that owns the run may delete an old step while we open it
+        try:
+            ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1, read_only=True)
+            break
+        except FileNotFoundError as e:
+            if attempt == 2:
+                raise LoadError(_vanished(ckpt_dir, e)) from None
     try:
         restored = (ckpt.restore(layout.restore_target(), config=record.raw, step=step) if part is None else
                     ckpt.restore_part(layout.restore_target(), part, config=record.raw, step=step))
     except FileNotFoundError as e:
-        raise LoadError(str(e)) from None
+        raise LoadError(str(e) if e.errno is None else _vanished(ckpt_dir, e)) from None
     finally:
         ckpt.close()
     if restored is None:
         raise LoadError(f"{ckpt_dir} holds no checkpoint yet; train first or pass another run")
     return restored, record
+
+
+def _vanished(ckpt_dir, e: OSError) -> str:
+    return (f"{ckpt_dir}: {e.filename} went away while reading ({e.strerror}): the training that owns the run "
+            "is deleting old steps as it saves; run the command again")
 
 
 def load_run_params(run_dir, *, step: int | None = None, which: str = "params", mesh=None):
