@@ -101,7 +101,7 @@ def test_install():
     cmd = _remote(line)
     assert 'python3 -m uv venv --allow-existing --python 3.11 "$HOME"/rlp_venv' in cmd
     assert ('python3 -m uv pip install --python "$HOME"/rlp_venv/bin/python "jax[tpu]==0.10.2" '
-            '-e "$HOME"/rlp_jax') in cmd
+            '-e "$HOME"/rlp_jax\'[gcs]\'') in cmd   # gs:// workdirs need gcsfs
 
 
 def test_sync(tmp_path):

@@ -203,7 +203,7 @@ case $COMMAND in
   install)
     # uv provides Python $PYTHON_VERSION (the TPU images' python3 is 3.10) and installs fast.
     uv="python3 -m uv"
-    on_workers "${WORKER:-all}" "{ python3 -m pip install --user --upgrade uv || python3 -m pip install --user --upgrade --break-system-packages uv; } && $uv venv --allow-existing --python $(q "$PYTHON_VERSION") $HOME_Q/$(q "$VENV") && $uv pip install --python $PY $(q "jax[tpu]==$JAX_VERSION") -e $HOME_Q/$(q "$REMOTE_DIR")" ;;
+    on_workers "${WORKER:-all}" "{ python3 -m pip install --user --upgrade uv || python3 -m pip install --user --upgrade --break-system-packages uv; } && $uv venv --allow-existing --python $(q "$PYTHON_VERSION") $HOME_Q/$(q "$VENV") && $uv pip install --python $PY $(q "jax[tpu]==$JAX_VERSION") -e $HOME_Q/$(q "$REMOTE_DIR")'[gcs]'" ;;
 
   sync)
     if [[ -d $REPO ]]; then

@@ -102,31 +102,69 @@ def local_dirs(workdir) -> tuple[Path, str]:
     return mirror, text.rstrip("/") + "/checkpoints"
 
 
+def _url_path(url: str):
+    """`etils.epath.Path(url)`; a one-line LoadError when the filesystem package it needs is missing."""
+    from etils import epath
+    try:
+        path = epath.Path(url)
+        path.exists()
+        return path
+    except ImportError as e:   # e.g. "Please install gcsfs to access Google Storage"
+        raise LoadError(f"{url}: {e}; for gs:// run directories: pip install 'rlp_jax[gcs]'") from None
+
+
 def _dir_exists(path: str) -> bool:
     if not is_url(path):
         return Path(path).is_dir()
-    from etils import epath
     try:
-        return epath.Path(path).exists()
-    except Exception:   # no credentials, no such bucket, no gcsfs: not a run we can read
+        return _url_path(path).exists()
+    except LoadError:
+        raise
+    except Exception:   # no credentials, no such bucket: not a run we can read
         return False
+
+
+def config_from_checkpoints(ckpt_dir) -> dict | None:
+    """The run config saved in the newest checkpoint step of `ckpt_dir` (every step holds the config.json
+    its run wrote), or None. Lets any machine read a gs:// run from the bucket alone, without the local
+    mirror of the machine that trained it."""
+    root = _url_path(str(ckpt_dir)) if is_url(str(ckpt_dir)) else Path(ckpt_dir)
+    try:
+        steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
+        for s in steps:
+            item = root / str(s) / "config" / "metadata"
+            if item.exists():
+                return json.loads(item.read_text())
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def is_run_dir(path) -> bool:
     """True if `path` holds an rlp_jax run (config.json with a "run" section and a checkpoints dir);
-    a URL counts when its local mirror has the config and the bucket has the checkpoints."""
+    a URL counts when the bucket has the checkpoints (the config from the local mirror, else from the
+    newest step)."""
     local, ckpt_dir = local_dirs(path)
-    if not (local / "config.json").is_file() or not _dir_exists(ckpt_dir):
+    if not _dir_exists(ckpt_dir):
         return False
     try:
-        return "run" in json.loads((local / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = read_run_config(path)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
+    return isinstance(raw, dict) and "run" in raw
 
 
 def read_run_config(path) -> dict:
-    """A run's config.json as written (from the local mirror for a URL run)."""
-    return json.loads((local_dirs(path)[0] / "config.json").read_text())
+    """A run's config.json as written. A URL run's comes from the local mirror of the machine that trained
+    it, and on any other machine from the newest checkpoint step in the bucket."""
+    local, ckpt_dir = local_dirs(path)
+    if (local / "config.json").is_file() or not is_url(str(path)):
+        return json.loads((local / "config.json").read_text())
+    raw = config_from_checkpoints(ckpt_dir)
+    if raw is None:
+        raise FileNotFoundError(f"{path}: no config.json in the local mirror {local} and no checkpoint step "
+                                f"in {ckpt_dir} holding one")
+    return raw
 
 
 def read_run_record(path) -> RunRecord:

@@ -253,3 +253,21 @@ def test_data_running_out_stops_cleanly_with_a_checkpoint(tmp_path):
     last = max(_metrics(tmp_path))
     saved = [int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
     assert 0 < max(saved) < 1000 and max(saved) >= last
+
+
+def test_every_checkpoint_carries_the_run_config(straight_run):
+    """What lets another machine read a gs:// run from the bucket alone: the newest step holds config.json."""
+    from rlp_jax.train.run_dir import config_from_checkpoints
+
+    workdir, _ = straight_run
+    assert config_from_checkpoints(workdir / "checkpoints") == json.loads((workdir / "config.json").read_text())
+    assert config_from_checkpoints(workdir / "no-such-dir") is None
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("gcsfs") is not None, reason="gcsfs is installed")
+def test_a_gs_run_without_gcsfs_names_the_extra(capsys):
+    from rlp_jax.generate import cli as generate
+
+    code = generate.main(["--checkpoint", "gs://some-bucket/runs/x", "--prompt", "a"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pip install 'rlp_jax[gcs]'" in err[0], err
