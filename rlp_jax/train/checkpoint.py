@@ -49,6 +49,10 @@ def _one_line_orbax_errors(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("absl").addFilter(_one_line_orbax_errors)
+# ... and asyncio reports the same failure once more for each of Orbax's write tasks ("Task exception was
+# never retrieved", with a traceback).
+logging.getLogger("asyncio").addFilter(
+    lambda record: not (str(record.msg).startswith("Task exception was never retrieved") and "orbax" in record.getMessage()))
 
 
 class CheckpointMismatch(ValueError):
@@ -384,6 +388,8 @@ class Checkpointer:
         else:
             states = meta["data_states"]
         if len(states) != jax.process_count():
+            if self.read_only:   # a reader (evaluate, export, ...) on any number of hosts needs no data position
+                return None
             raise CheckpointMismatch(f"checkpoint at {self.directory} step {s} was written by {len(states)} "
                                      f"process(es), this run has {jax.process_count()}: resume with the same "
                                      "number of hosts, or use a new --workdir")
