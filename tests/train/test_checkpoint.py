@@ -319,3 +319,23 @@ def test_a_step_of_another_host_count_is_refused(tmp_path):
     with Checkpointer(tmp_path, save_every=1, read_only=True) as reader:   # a reader needs no data position
         got = reader.restore(_abstract(), config=_config())
         assert got.step == 4 and got.data_state is None
+
+
+def test_a_reader_follows_a_training_that_deletes_old_steps(tmp_path):
+    """A reader opened before the training's retention deleted a step lists again at restore and reads
+    what is there (the fault review's r01: a bare FileNotFoundError before)."""
+    import shutil
+
+    with Checkpointer(tmp_path, save_every=1) as ckpt:
+        _save(ckpt, 1)
+        state2, _ = _save(ckpt, 2)
+    reader = Checkpointer(tmp_path, save_every=1, read_only=True)   # sees steps 1 and 2
+    shutil.rmtree(tmp_path / "1")                                   # the training's retention
+    with Checkpointer(tmp_path, save_every=1) as ckpt:
+        state3, _ = _save(ckpt, 3)
+    try:
+        got = reader.restore(_abstract(), config=_config())
+    finally:
+        reader.close()
+    assert got.step == 3
+    _assert_trees_equal(got.state, state3)
