@@ -315,10 +315,14 @@ def to_dict_value(value):
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[2] / "experiments"
 
 
+PACKAGED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"   # experiments/*.py inside a wheel (setup.py)
+
+
 def _experiment_dirs() -> list[Path]:
-    """experiments/ of the source tree (editable installs), then of the working directory (a
-    non-editable install ships only the package)."""
-    return [d for d in dict.fromkeys((EXPERIMENTS_DIR, Path.cwd() / "experiments")) if d.is_dir()]
+    """experiments/ of the source tree (editable installs), the recipes a wheel carries
+    (`rlp_jax/recipes`), then experiments/ of the working directory (your own recipes)."""
+    dirs = (EXPERIMENTS_DIR, PACKAGED_RECIPES, Path.cwd() / "experiments")
+    return [d for d in dict.fromkeys(dirs) if d.is_dir()]
 
 
 def experiment_names() -> list[str]:
