@@ -1,4 +1,5 @@
-"""The training command: `python -m rlp_jax.train --experiment=NAME [--set key=value ...] [--workdir DIR]`.
+"""The training command: `python -m rlp_jax.train --experiment=NAME [--set key=value ...] [--workdir DIR]`,
+or `--from-run RUN_DIR` to run again what a run ran (its config.json, with `--set` on top).
 
 Loads a recipe (`experiments/NAME.py`: `config()`, optionally `prepare`, `stages`, `report`), applies the
 `--set` overrides and runs each stage with `rlp_jax.train.loop.run`. User mistakes end with a one-line
@@ -21,6 +22,7 @@ from etils import epath
 from rlp_jax import sharding
 from rlp_jax.train.config import apply_overrides, describe_fields, load_experiment, recipe_config
 from rlp_jax.train.loop import USER_ERRORS, TrainingStopped, check_workdir, run
+from rlp_jax.train.run_dir import read_run_record
 
 EXIT_PREEMPTED = 75      # SIGTERM: saved, not finished (EX_TEMPFAIL: a scheduler should requeue the same command)
 EXIT_INTERRUPTED = 130   # Ctrl-C (128 + SIGINT)
@@ -31,7 +33,11 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m rlp_jax.train",
         description="Train with RLP (or the next-token CPT baseline) on a named experiment recipe.",
         epilog="Config fields (show a recipe's values with --experiment=NAME --show-config).")
-    p.add_argument("--experiment", required=True, help="recipe name in experiments/ or a path to a .py recipe")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--experiment", help="recipe name in experiments/ or a path to a .py recipe")
+    what.add_argument("--from-run", metavar="RUN_DIR",
+                      help="run again what an earlier run ran: its config.json (data paths, tokenizer and model as "
+                           "resolved then), with --set overrides on top; a new --workdir starts a fresh run")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set rlp.rollout.group_size=8 (repeatable)")
     p.add_argument("--workdir", help="run directory (default runs/<experiment>-<timestamp>); an existing one resumes")
@@ -45,24 +51,28 @@ def main(argv=None) -> int:
     for noisy in ("absl", "jax._src", "orbax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        module = load_experiment(args.experiment)
-        cfg = apply_overrides(recipe_config(module), args.set)
+        if args.from_run:
+            record = read_run_record(args.from_run)
+            module, name = None, record.experiment.replace("/", "-")
+            cfg = apply_overrides(record.run, args.set)
+        else:
+            module, name = load_experiment(args.experiment), Path(args.experiment).stem
+            cfg = apply_overrides(recipe_config(module), args.set)
         if args.show_config:
             print("\n".join(describe_fields(cfg)))
             return 0
-        name = Path(args.experiment).stem
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         workdir = args.workdir or f"runs/{name}-{stamp}"
         workdir = epath.Path(workdir) if "://" in workdir else Path(workdir)   # gs://... stays a URL
         if isinstance(workdir, Path):   # a local run directory: refuse an unwritable one before any work
             check_workdir(workdir)
-        if hasattr(module, "prepare"):
+        if module is not None and hasattr(module, "prepare"):
             cfg = module.prepare(cfg, workdir)
         sharding.maybe_initialize_distributed()
         print(f"experiment {name}: workdir {workdir}, devices {jax.devices()[0].platform} x {jax.device_count()}")
         # A recipe with stages (e.g. demo: next-token pretraining, then RLP from it) runs each in
         # WORKDIR/<stage>; a finished stage is a no-op on a rerun, so the whole recipe resumes.
-        stages = module.stages(cfg, workdir) if hasattr(module, "stages") else [(None, cfg)]
+        stages = module.stages(cfg, workdir) if module is not None and hasattr(module, "stages") else [(None, cfg)]
         for stage, stage_cfg in stages:
             if stage is not None:
                 print(f"== stage {stage}: objective={stage_cfg.train.objective}, steps={stage_cfg.train.steps}")
@@ -72,7 +82,7 @@ def main(argv=None) -> int:
                 print(f"preempted by {got} at step {final['step']}, checkpoint saved: rerun the same command to "
                       f"resume from {workdir}", file=sys.stderr)
                 return EXIT_PREEMPTED if got == "SIGTERM" else EXIT_INTERRUPTED
-        if hasattr(module, "report") and jax.process_index() == 0:
+        if module is not None and hasattr(module, "report") and jax.process_index() == 0:
             module.report(cfg, workdir)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)

@@ -169,7 +169,11 @@ def read_run_config(path) -> dict:
 
 def read_run_record(path) -> RunRecord:
     """A run's config.json, typed; a one-line LoadError when it cannot be read as one."""
-    raw = read_run_config(path)
+    try:
+        raw = read_run_config(path)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LoadError(f"{path}: no readable rlp_jax run config there ({e}); pass a run directory written by "
+                        "`python -m rlp_jax.train`") from None
     try:
         return RunRecord(model=ModelConfig(**raw["model_full"]), run=from_dict(raw["run"]),
                          experiment=raw.get("experiment", "custom"), raw=raw)

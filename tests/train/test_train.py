@@ -271,3 +271,24 @@ def test_a_gs_run_without_gcsfs_names_the_extra(capsys):
     code = generate.main(["--checkpoint", "gs://some-bucket/runs/x", "--prompt", "a"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "pip install 'rlp_jax[gcs]'" in err[0], err
+
+
+def test_from_run_reruns_a_run_exactly(straight_run, tmp_path, capsys):
+    """`--from-run RUN_DIR` runs what RUN_DIR ran (its config.json) in a new workdir: the same config and,
+    on CPU, the same losses and rewards step for step. A path that is no run is a one-line error."""
+    workdir, _ = straight_run
+    again = tmp_path / "again"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "rlp_jax.train", f"--from-run={workdir}", f"--workdir={again}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    before, after = (json.loads((d / "config.json").read_text()) for d in (workdir, again))
+    assert after["run"] == before["run"] and after["model_full"] == before["model_full"]
+    keys = ("loss/total", "reward/mean", "train/grad_norm")
+    curve = lambda d: {s: [r[k] for k in keys] for s, r in _metrics(d).items()}
+    assert curve(again) == curve(workdir) and len(curve(workdir)) == 8
+
+    from rlp_jax import train
+    assert train.main([f"--from-run={tmp_path / 'nothing'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no readable rlp_jax run config" in err[0], err
