@@ -34,20 +34,15 @@ class CheckpointError(ValueError):
 # safetensors, read and written tensor by tensor
 # ----------------------------------------------------------------------------------------------
 
-def _read_header(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise CheckpointError(f"{path} is not a safetensors file (too short)")
-        (size,) = struct.unpack("<Q", raw)
-        if size > 100_000_000:
-            raise CheckpointError(f"{path} is not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(size))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} is not a safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    return header, 8 + size
+def _open(path: Path):
+    """`safetensors.safe_open` (numpy, bf16 through ml_dtypes); a damaged file is a one-line CheckpointError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="np")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} cannot be read as safetensors ({e}); it is truncated or not a safetensors "
+                              "file: download or export the checkpoint again") from None
 
 
 def _tensor_index(directory: Path) -> dict[str, Path]:
@@ -58,7 +53,8 @@ def _tensor_index(directory: Path) -> dict[str, Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
         return {name: directory / fname for name, fname in weight_map.items()}
     if single.exists():
-        return {name: single for name in _read_header(single)[0]}
+        with _open(single) as f:
+            return {name: single for name in f.keys()}
     if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
         raise CheckpointError(
             f"{directory} holds only pickled PyTorch weights (.bin/.pt), which rlp_jax refuses to unpickle; "
@@ -68,32 +64,28 @@ def _tensor_index(directory: Path) -> dict[str, Path]:
 
 
 class _Reader:
-    """Lazy access to the tensors of a checkpoint directory as numpy arrays (memory-mapped)."""
+    """The tensors of a checkpoint directory, read one at a time through the safetensors library."""
 
     def __init__(self, directory: Path):
         self.files = _tensor_index(directory)
-        self._headers: dict[Path, tuple[dict, int]] = {}
+        self._open: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
     def get(self, name: str) -> np.ndarray:
+        from safetensors import SafetensorError
+
         if name not in self.files:
             raise CheckpointError(f"checkpoint is missing tensor {name!r}")
         path = self.files[name]
-        if path not in self._headers:
-            self._headers[path] = _read_header(path)
-        header, base = self._headers[path]
-        meta = header[name]
-        if meta["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"tensor {name!r} has unsupported dtype {meta['dtype']}")
-        start, end = meta["data_offsets"]
-        size = path.stat().st_size
-        if base + end > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name!r} ends at byte {base + end} but the file has "
-                                  f"{size} bytes; download or export the checkpoint again")
-        mm = np.memmap(path, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
-        return mm.view(_ST_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+        if path not in self._open:
+            self._open[path] = _open(path)
+        try:
+            return self._open[path].get_tensor(name)
+        except (SafetensorError, OSError, TypeError, ValueError) as e:
+            raise CheckpointError(f"tensor {name!r} of {path} cannot be read ({e}); download or export the "
+                                  "checkpoint again") from None
 
 
 def write_safetensors(path: Path, tensors: Iterator[tuple[str, np.ndarray]], shapes: dict[str, tuple],
