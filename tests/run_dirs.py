@@ -36,8 +36,7 @@ def make_run_dir(root: Path, *, num_problems: int = 5, seed: int = 0, step: int 
     params = jax.tree.map(lambda p: p * 3.0 if p.ndim > 1 else p, params)   # a peakier next-token softmax
     opt = make_optimizer(cfg.optim, cfg.train.steps)
     state = train_step.init_train_state(params, opt).replace(step=jax.numpy.asarray(step, jax.numpy.int32))
-    shape_fields = {k: v for k, v in dataclasses.asdict(mcfg).items() if k not in ("remat", "compute_dtype")}
-    run_config = {"model": shape_fields, "model_full": dataclasses.asdict(mcfg), "run": to_dict(cfg),
+    run_config = {"model": mcfg.stored_fields(), "model_full": dataclasses.asdict(mcfg), "run": to_dict(cfg),
                   "experiment": "test"}
     (root / "config.json").write_text(json.dumps(run_config, indent=2))
     with checkpoint.Checkpointer(root / "checkpoints", save_every=1) as ck:

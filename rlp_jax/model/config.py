@@ -39,6 +39,8 @@ class ModelConfig:
       compute_dtype: dtype of activations and matmuls; log-probabilities are always float32.
       remat: per-layer rematerialisation: "none", "full" (save only layer inputs) or "dots"
         (save matmul outputs without batch dimensions).
+      max_position_embeddings: the context length the checkpoint declares (carried from Hugging Face /
+        GGUF into exports; attention itself has no length limit).
     """
 
     vocab_size: int
@@ -57,6 +59,14 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"
+    max_position_embeddings: int = 32768
+
+    # Fields a checkpoint may be resumed with a different value of (how it runs, not what it stores).
+    RESUMABLE_WITH_OTHER = ("remat", "compute_dtype", "max_position_embeddings")
+
+    def stored_fields(self) -> dict[str, Any]:
+        """The fields that must match to resume a checkpoint: shapes and storage dtype."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESUMABLE_WITH_OTHER}
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",

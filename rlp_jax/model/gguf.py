@@ -115,7 +115,8 @@ def config_from_gguf(reader, **overrides) -> ModelConfig:
         rope_theta=float(get("rope.freq_base", 10000.0)),
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
         qk_norm=arch == "qwen3", attention_bias="blk.0.attn_q.bias" in names,
-        tie_word_embeddings="output.weight" not in names)
+        tie_word_embeddings="output.weight" not in names,
+        max_position_embeddings=int(get("context_length") or 32768))
     kwargs.update(overrides)
     try:
         return ModelConfig(**kwargs)

@@ -142,6 +142,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         rope_scaling=scaling, rms_norm_eps=hf.get("rms_norm_eps", 1e-6), qk_norm=family == "qwen3",
         attention_bias=True if family == "qwen2" else bool(hf.get("attention_bias", False)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", family != "llama")),
+        max_position_embeddings=int(hf.get("max_position_embeddings") or 32768),
     )
     kwargs.update(overrides)
     try:
@@ -164,7 +165,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta,
         "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "hidden_act": "silu", "max_position_embeddings": 32768, "torch_dtype": dtype, "dtype": dtype,
+        "hidden_act": "silu", "max_position_embeddings": cfg.max_position_embeddings, "torch_dtype": dtype, "dtype": dtype,
     }
     if cfg.rope_scaling is not None:
         out["rope_scaling"] = dict(cfg.rope_scaling)

@@ -218,8 +218,7 @@ def run_mesh(cfg: RunConfig, mcfg: ModelConfig):
 def run_record(cfg: RunConfig, mcfg: ModelConfig, experiment: str) -> dict:
     """What config.json and every checkpoint hold (`run_dir.read_run_record` reads it back, typed). "model"
     holds what must match to resume (shapes and storage dtype); remat and compute dtype may change."""
-    shape_fields = {k: v for k, v in dataclasses.asdict(mcfg).items() if k not in ("remat", "compute_dtype")}
-    return {"model": shape_fields, "model_full": dataclasses.asdict(mcfg), "run": to_dict(cfg),
+    return {"model": mcfg.stored_fields(), "model_full": dataclasses.asdict(mcfg), "run": to_dict(cfg),
             "experiment": experiment}
 
 

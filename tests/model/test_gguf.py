@@ -109,6 +109,7 @@ def test_load_model_and_export_match_transformers(tmp_path, vocab):
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.encode("a<think>b", add_special_tokens=False)[1] == lm.tokenizer.think_start_id
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"].startswith("{% for")
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 512   # the GGUF's context_length
 
 
 def test_bad_gguf_files_are_one_line_errors(tmp_path, vocab):

@@ -56,6 +56,8 @@ def test_to_hf_round_trip_loads_in_transformers(tmp_path):
                                rtol=0, atol=1e-6)
     cfg2, params2 = hf.from_hf(tmp_path / "out")
     assert cfg2 == cfg
+    source, out = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("in", "out"))
+    assert out["max_position_embeddings"] == source["max_position_embeddings"] == cfg.max_position_embeddings
     for a, b in zip(*(map(np.asarray, __import__("jax").tree.leaves(p)) for p in (params, params2))):
         np.testing.assert_array_equal(a, b)
 
