@@ -333,7 +333,7 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
             else functools.partial(train_step.make_ntp_train_step, mcfg))
     step_fn = make(optimizer, mesh=mesh, state_shardings=layout.shardings, micro_batches=tc.micro_batches)
     eval_fn, eval_batches = held_out(cfg, tokenizer, mcfg, mesh, layout.param_shardings)
-    logs, preempt, nonfinite_run = _StepLog(cfg, workdir, start, experiment), _Preemption(), 0
+    logs, preempt, nonfinite_run, previous = _StepLog(cfg, workdir, start, experiment), _Preemption(), 0, None
     save = lambda step, force=False: ckpt.save(step, state, data_state=train_iter.get_state(), rng=base_rng,
                                                config=record, force=force)
     try:
@@ -347,14 +347,18 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
                     save(step - 1, force=True)
                 break
             state, metrics = step_fn(state, batch, run_key(base_rng, "steps", step))
-            nonfinite_run = nonfinite_run + 1 if int(metrics["train/skipped_nonfinite"]) else 0
-            if nonfinite_run:
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, nonfinite_run)
+            if previous is not None:   # the step before's skip flag: read once this step is queued, so the
+                prev_step, prev_skipped = previous   # host never waits for the device here
+                nonfinite_run = nonfinite_run + 1 if int(prev_skipped) else 0
+                if nonfinite_run:
+                    log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", prev_step,
+                                nonfinite_run)
+                if nonfinite_run >= tc.max_nonfinite:
+                    save(step, force=True)  # skipped updates leave the params at the last good state
+                    raise TrainingStopped(f"{nonfinite_run} non-finite steps in a row at step {prev_step}; the last "
+                                          "good state was checkpointed. Lower optim.lr or check the data.")
+            previous = (step, metrics["train/skipped_nonfinite"])
             logs.train(step, metrics, train_iter.stats())
-            if nonfinite_run >= tc.max_nonfinite:
-                save(step, force=True)  # skipped steps left the params at the last good state
-                raise TrainingStopped(f"{nonfinite_run} non-finite steps in a row at step {step}; the last good "
-                                      "state was checkpointed. Lower optim.lr or check the data.")
             if eval_fn is not None and (step % tc.eval_every == 0 or step == tc.steps):
                 logs.eval(step, evaluate_batches(eval_fn, state.params, eval_batches, tc.seed))
             logs.bar.update(1)
