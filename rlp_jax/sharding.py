@@ -48,6 +48,28 @@ class MeshConfig:
             raise ValueError(f"mesh sizes must be positive with at most one -1, got data={self.data} "
                              f"fsdp={self.fsdp} tensor={self.tensor}")
 
+    @classmethod
+    def parse(cls, text: str) -> "MeshConfig":
+        """The one `--mesh` syntax of every command: `data=2,fsdp=4` (axes data, fsdp, tensor; -1 = the rest).
+        Omitted axes are 1, except that when no axis is -1 the first omitted of data, fsdp takes the rest
+        (`fsdp=4` on 8 devices is data=2 x fsdp=4; `data=2` is data=2 x fsdp=4). ValueError (one line)
+        on anything else."""
+        sizes: dict[str, int] = {}
+        for item in filter(None, (t.strip() for t in text.split(","))):
+            key, sep, value = (x.strip() for x in item.partition("="))
+            if not sep or key not in AXES or not value.lstrip("-").isdigit() or key in sizes:
+                raise ValueError(f"--mesh {text!r}: expected axis=size with axes {', '.join(AXES)} each at most "
+                                 "once, e.g. data=2,fsdp=4 (-1: the rest)")
+            sizes[key] = int(value)
+        if -1 not in sizes.values():
+            rest = next((a for a in ("data", "fsdp") if a not in sizes), None)
+            if rest is not None:
+                sizes[rest] = -1
+        try:
+            return cls(**{a: sizes.get(a, 1) for a in AXES})
+        except ValueError as e:
+            raise ValueError(f"--mesh {text!r}: {e}") from None
+
     def resolve(self, num_devices: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
         known = int(np.prod([s for s in sizes if s != -1]))

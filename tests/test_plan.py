@@ -233,3 +233,19 @@ def test_model_config_reads_every_kind_of_init_from(tmp_path):
     with pytest.raises(ConfigError, match="no config.json there") as e:
         model_config(ModelSection(init_from=str(tmp_path / "empty")))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text,chips,sizes", [
+    ("fsdp=4", 8, (2, 4, 1)), ("data=2", 8, (2, 4, 1)), ("data=2,fsdp=4", 8, (2, 4, 1)),
+    ("tensor=2", 8, (4, 1, 2)), ("data=-1", 8, (8, 1, 1)), ("fsdp=-1,tensor=2", 8, (1, 4, 2)),
+])
+def test_one_mesh_syntax_for_every_command(text, chips, sizes):
+    """`sharding.MeshConfig.parse` is what train --mesh, evaluate --mesh and plan --mesh read."""
+    assert sharding.MeshConfig.parse(text).resolve(chips) == sizes
+    assert tuple(plan.parse_mesh(text, chips).values()) == sizes
+
+
+@pytest.mark.parametrize("text", ["fsdp", "fsdp=x", "pipe=2", "data=2,data=4", "data=-1,fsdp=-1", "data=0"])
+def test_bad_mesh_text_is_one_line(text):
+    with pytest.raises(ValueError, match=r"^--mesh "):
+        sharding.MeshConfig.parse(text)

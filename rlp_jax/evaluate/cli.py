@@ -120,17 +120,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, help="checkpoint step of a run directory (default: latest)")
     p.add_argument("--which", choices=("params", "ema"), default="params", help="policy or EMA teacher")
-    p.add_argument("--mesh", default="data=-1", help="mesh axes, e.g. data=2,fsdp=4 (-1: the rest)")
+    p.add_argument("--mesh", default="data=-1", help="mesh axes, e.g. data=2,fsdp=4 (-1: the rest; the syntax of "
+                   "every command, `sharding.MeshConfig.parse`)")
     p.add_argument("--out", help="predictions JSON (default: RUN_DIR/eval/eval-<time>.json or ./eval-<time>.json)")
     return p
 
 
 def _mesh(text: str):
-    try:
-        kv = dict(part.split("=") for part in text.split(",") if part)
-        return sharding.make_mesh(sharding.MeshConfig(**{k.strip(): int(v) for k, v in kv.items()}))
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"--mesh {text!r}: {e}; expected e.g. data=2,fsdp=4") from None
+    return sharding.make_mesh(sharding.MeshConfig.parse(text))
 
 
 def main(argv=None) -> int:

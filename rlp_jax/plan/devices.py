@@ -90,21 +90,11 @@ def kind_of_jax_device(device_kind: str) -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 def parse_mesh(text: str, chips: int) -> dict[str, int]:
-    """`data=2,fsdp=-1,tensor=1` (omitted axes: data=1, fsdp=-1 if no -1 is given, tensor=1) -> sizes."""
-    sizes = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        if key.strip() not in sharding.AXES or not re.fullmatch(r"-?\d+", value.strip()):
-            raise ConfigError(f"--mesh {text!r}: expected axis=size for axes {', '.join(sharding.AXES)}, "
-                              "e.g. data=1,fsdp=-1,tensor=1")
-        sizes[key.strip()] = int(value)
-    sizes = {"data": 1, "fsdp": 1, "tensor": 1, **sizes}
-    if -1 not in sizes.values() and "fsdp" not in text:
-        sizes["fsdp"] = -1
+    """`--mesh` text (`sharding.MeshConfig.parse`, the syntax of every command) resolved on `chips` -> sizes."""
     try:
-        data, fsdp, tensor = sharding.MeshConfig(**sizes).resolve(chips)
+        data, fsdp, tensor = sharding.MeshConfig.parse(text).resolve(chips)
     except ValueError as e:
-        raise ConfigError(f"--mesh {text!r}: {e}") from None
+        raise ConfigError(str(e) if str(e).startswith("--mesh") else f"--mesh {text!r}: {e}") from None
     return {"data": data, "fsdp": fsdp, "tensor": tensor}
 
 

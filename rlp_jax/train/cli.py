@@ -11,6 +11,7 @@ way and exits 130 (a second Ctrl-C stops at once).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import sys
@@ -20,7 +21,13 @@ import jax
 from etils import epath
 
 from rlp_jax import sharding
-from rlp_jax.train.config import apply_overrides, describe_fields, load_experiment, recipe_config
+from rlp_jax.train.config import (
+    ConfigError,
+    apply_overrides,
+    describe_fields,
+    load_experiment,
+    recipe_config,
+)
 from rlp_jax.train.loop import USER_ERRORS, TrainingStopped, check_workdir, run
 from rlp_jax.train.run_dir import read_run_record
 
@@ -41,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set rlp.rollout.group_size=8 (repeatable)")
     p.add_argument("--workdir", help="run directory (default runs/<experiment>-<timestamp>); an existing one resumes")
+    p.add_argument("--mesh", help="mesh axes, e.g. data=2,fsdp=4 (-1: the rest): the same syntax as evaluate and "
+                   "plan; short for --set train.mesh.data=2 --set train.mesh.fsdp=4 ...")
     p.add_argument("--show-config", action="store_true", help="print every field with its value and exit")
     return p
 
@@ -58,6 +67,14 @@ def main(argv=None) -> int:
         else:
             module, name = load_experiment(args.experiment), Path(args.experiment).stem
             cfg = apply_overrides(recipe_config(module), args.set)
+        if args.mesh is not None:
+            if any(o.startswith("train.mesh") for o in args.set):
+                raise ConfigError("give the mesh once: --mesh or --set train.mesh.*, not both")
+            try:
+                mesh = sharding.MeshConfig.parse(args.mesh)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mesh=mesh))
         if args.show_config:
             print("\n".join(describe_fields(cfg)))
             return 0
