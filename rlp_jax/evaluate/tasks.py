@@ -25,8 +25,10 @@ A row's `id` (or `unique_id`, `Record ID`) becomes `Item.id`; otherwise "{task}-
 Groups follow the paper's evaluation suite (arXiv 2510.01265): math = AIME25, MATH500, GSM8K, AMC23,
 Minerva Math; science = MMLU, MMLU-Pro, GPQA (so MMLU is science, not "general"). `generated` (our
 synthetic held-out set) is in the math group; report it apart from the paper's averages.
-`TaskSpec.default_shots` (8 gsm8k; 4 MATH/Minerva/AIME/AMC; 5 MMLU/MMLU-Pro/GPQA; 0 generated) follow
-the usual lm-eval-style settings; the paper does not state its shot counts.
+`TaskSpec.default_shots` (5 gsm8k, as lm-eval's `gsm8k` task; 4 MATH/Minerva/AIME/AMC; 5
+MMLU/MMLU-Pro/GPQA; 0 generated) follow the usual lm-eval-style settings; the paper does not state its
+shot counts. (MMLU and GPQA are scored generatively here, lm-eval scores them by log-likelihood: the
+numbers are not comparable.)
 
 Prompts (the model is a base LM: plain text, no chat template). Math exemplar:
     "Question: {question}\\nAnswer: {solution} The answer is {answer}.\\n\\n"
@@ -203,7 +205,7 @@ def _read_generated(row: Row, task: str, rid: str, seed: int) -> Item:
 
 
 TASKS: dict[str, TaskSpec] = {s.name: s for s in (
-    TaskSpec(name="gsm8k", kind="math", group="math", reader=_read_gsm8k, default_shots=8),
+    TaskSpec(name="gsm8k", kind="math", group="math", reader=_read_gsm8k, default_shots=5),
     TaskSpec(name="math500", kind="math", group="math", reader=_read_math, default_shots=4),
     TaskSpec(name="minerva_math", kind="math", group="math", reader=_read_math, default_shots=4),
     TaskSpec(name="aime", kind="math", group="math", reader=_read_short, default_shots=4),
@@ -321,7 +323,8 @@ def fewshot_items(name: str, data_dir: str | Path, items: list[Item], k: int, se
             others = [x for x in pool if x.question != item.question]
             shots = rng.sample(others, min(k, len(others)))
         if len(shots) < k:
-            raise TaskError(f"task {name!r}: {k} shots asked but only {len(shots)} other items to draw from")
+            raise TaskError(f"task {name!r}: {k} shots asked but only {len(shots)} other items to draw from; pass "
+                            f"--shots {len(shots)} or fewer, or put exemplars in a {name}.train.* file")
         out.append(shots)
     return out
 
