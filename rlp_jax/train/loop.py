@@ -175,9 +175,9 @@ def check_workdir(workdir: Path) -> None:
                           "a writable directory path") from None
 
 
-def run_tokenizer(cfg: RunConfig):
-    """The tokenizer a run trains with: train.tokenizer, else model.init_from's (a run's own tokenizer when
-    it names a run directory), with the think markers of model.think_tokens."""
+def tokenizer_source(cfg: RunConfig) -> str:
+    """Where a run's tokenizer is read from: train.tokenizer, else model.init_from's (a run's own tokenizer
+    when it names a run directory)."""
     tc = cfg.train
     path = tc.tokenizer or cfg.model.init_from
     if tc.tokenizer is None and path is not None and loading.is_run_dir(path):
@@ -185,7 +185,12 @@ def run_tokenizer(cfg: RunConfig):
     if path is None:
         raise ConfigError("no tokenizer: set --set train.tokenizer=PATH (a sentencepiece .model, a .gguf file or a "
                           "Hugging Face tokenizer dir) or model.init_from")
-    return load_tokenizer(path, think_tokens=cfg.model.think_tokens)
+    return path
+
+
+def run_tokenizer(cfg: RunConfig):
+    """The tokenizer a run trains with (`tokenizer_source`), with the think markers of model.think_tokens."""
+    return load_tokenizer(tokenizer_source(cfg), think_tokens=cfg.model.think_tokens)
 
 
 def run_mesh(cfg: RunConfig, mcfg: ModelConfig):
@@ -303,6 +308,11 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
     optimizer = make_optimizer(cfg.optim, tc.steps)
     layout = train_step.state_layout(mcfg, optimizer, mesh, keep_reference=cfg.keeps_kl_reference)
     record = run_record(cfg, mcfg, experiment)
+    if "://" in ckpt_dir and jax.process_index() == 0:   # any machine can then read the run from the bucket
+        try:
+            loading.store_tokenizer(tokenizer_source(cfg), ckpt_dir.rsplit("/checkpoints", 1)[0])
+        except Exception as e:   # readers elsewhere then need the recorded path; training is unaffected
+            log.warning("could not store the tokenizer next to the checkpoints: %s", e)
     train_iter = make_iterator(cfg.data, tokenizer, split="train")
     ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=tc.save_every, keep=tc.keep)
     try:

@@ -201,9 +201,47 @@ def run_tokenizer_path(run_dir: Path, run: RunConfig) -> str:
 
 
 def run_tokenizer(run_dir, run: RunConfig) -> Tokenizer:
-    """The tokenizer a run trained with, with the think markers it used (model.think_tokens)."""
+    """The tokenizer a run trained with, with the think markers it used (model.think_tokens). For a URL run
+    whose recorded tokenizer path is not on this machine, the copy the training stored next to its
+    checkpoints (`store_tokenizer`) is fetched into the local mirror."""
     markers = tuple(run.model.think_tokens or THINK_TOKENS)
-    return load_tokenizer(run_tokenizer_path(local_dirs(run_dir)[0], run), think_tokens=markers)
+    local = local_dirs(run_dir)[0]
+    path = run_tokenizer_path(local, run)
+    if is_url(str(run_dir)) and not Path(path).exists():
+        copy_tokenizer(str(run_dir).rstrip("/") + "/tokenizer", local / "tokenizer")
+        path = str(local / "tokenizer" / Path(path).name) if Path(path).suffix == ".model" else str(local / "tokenizer")
+    return load_tokenizer(path, think_tokens=markers)
+
+
+# The files of a tokenizer: a sentencepiece model, or those of a Hugging Face tokenizer directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def copy_tokenizer(src, dest) -> list[str]:
+    """Copy a tokenizer (a sentencepiece `.model` file, or the tokenizer files of a directory) into the
+    directory `dest`; either side may be a URL (`etils.epath`). Returns the names copied."""
+    def path(p):
+        return _url_path(str(p)) if is_url(str(p)) else Path(p)
+    src, dest = path(src), path(dest)
+    files = [src] if src.is_file() else [src / n for n in TOKENIZER_FILES if (src / n).exists()]
+    if not files:
+        raise LoadError(f"{src}: no tokenizer files there ({', '.join(TOKENIZER_FILES)})")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (dest / f.name).write_bytes(f.read_bytes())
+    return [f.name for f in files]
+
+
+def store_tokenizer(tokenizer_path: str, workdir_url: str) -> None:
+    """Keep a copy of a URL run's tokenizer next to its checkpoints (`<workdir>/tokenizer/`), so that any
+    machine can read the run from the bucket alone. A GGUF file's tokenizer is inside the file (it is not
+    copied: another machine needs that file)."""
+    if gguf_io.is_gguf(tokenizer_path):
+        return
+    dest = workdir_url.rstrip("/") + "/tokenizer"
+    if not _url_path(dest).exists():
+        copy_tokenizer(tokenizer_path, dest)
 
 
 def is_pretrained(path) -> bool:

@@ -212,6 +212,31 @@ def test_url_run_dirs_read_config_from_the_mirror_or_the_bucket(run_dir, lm, tmp
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_url_run_brings_its_tokenizer(run_dir, lm, tmp_path, monkeypatch):
+    """On a machine without the tokenizer path a URL run recorded, readers fetch the copy training stored
+    next to the checkpoints (`store_tokenizer`; the bucket is stood in for by a local folder)."""
+    from rlp_jax.train import run_dir as loading
+
+    bucket = tmp_path / "bucket"
+    loading.copy_tokenizer(run_dir / "data" / "tokenizer.model", bucket / "tokenizer")   # what training stores
+    assert sorted(p.name for p in (bucket / "tokenizer").iterdir()) == ["tokenizer.model"]
+    with pytest.raises(LoadError, match="no tokenizer files"):
+        loading.copy_tokenizer(tmp_path / "no-tokenizer-here", tmp_path / "x")
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    url = "gs://bucket/runs/y"
+    record = json.loads((run_dir / "config.json").read_text())
+    record["run"]["train"]["tokenizer"] = "/machine/that/trained/tokenizer.model"   # not on this machine
+    real_url_path = loading._url_path
+    monkeypatch.setattr(loading, "_url_path", lambda u: Path(str(u).replace("gs://bucket/runs/y", str(bucket)))
+                        if str(u).startswith(url) else real_url_path(u))
+    from rlp_jax.train.config import from_dict
+
+    tok = loading.run_tokenizer(url, from_dict(record["run"]))
+    assert tok.encode("1 + 2 = 3") == lm.tokenizer.encode("1 + 2 = 3")
+    assert (loading.local_dirs(url)[0] / "tokenizer" / "tokenizer.model").is_file()
+
+
 def test_thoughts_follow_the_runs_banned_ids(lm):
     """Think mode samples thoughts as the run's rollout did: its rlp.rollout.banned_ids never appear."""
     import dataclasses
