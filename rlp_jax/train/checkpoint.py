@@ -121,6 +121,17 @@ def _quiet_orbax_leftovers() -> None:
     sys.unraisablehook = hook
 
 
+def _retry_vanished(list_dir, tries: int = 3):
+    """`list_dir()`, again when it fails on a step folder that vanished: a reader lists while the training
+    that owns the directory deletes an old step (its retention). FileNotFoundError after `tries`."""
+    for _ in range(tries - 1):
+        try:
+            return list_dir()
+        except FileNotFoundError:
+            pass
+    return list_dir()
+
+
 def _gather_json(obj) -> list:
     """[obj of process 0, obj of process 1, ...]: a JSON value from every process (a collective when
     there are several; each process calls it at the same save)."""
@@ -178,9 +189,9 @@ class Checkpointer:
                 [_policies.FixedIntervalPolicy(save_every), _policies.PreemptionCheckpointingPolicy()]))
         # A reader reads the state through the PyTree handler (the same files), which can restore a part of it.
         state_handler = ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler()
-        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+        self._mngr = _retry_vanished(lambda: ocp.CheckpointManager(self.directory, options=options, item_handlers={
             "state": state_handler, "rng": ocp.StandardCheckpointHandler(),
-            "meta": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
+            "meta": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}))
         self._pending: int | None = None   # step of the last async save not yet waited for
         _quiet_orbax_leftovers()
 
@@ -333,17 +344,12 @@ class Checkpointer:
             "the files are damaged; delete those step folders to start over from step 0 (earlier metrics are kept "
             "aside), or use a new --workdir")
 
-    def _list_steps(self, tries: int = 3) -> list[int]:
-        """The steps in the directory, newest first. A reader may list while the training that owns the
-        directory deletes an old step (its retention): Orbax then fails on the vanished folder; list again."""
-        for attempt in range(tries):
-            try:
-                self._mngr.reload()
-                return sorted(self._mngr.all_steps(), reverse=True)
-            except FileNotFoundError:
-                if attempt == tries - 1:
-                    raise
-        return []
+    def _list_steps(self) -> list[int]:
+        """The steps in the directory, newest first (listed again if a step vanishes meanwhile)."""
+        def listing():
+            self._mngr.reload()
+            return sorted(self._mngr.all_steps(), reverse=True)
+        return _retry_vanished(listing)
 
     def _still_there(self, s: int) -> bool:
         try:

@@ -1,7 +1,7 @@
 """One training per run directory: a lock on a local workdir, a lease on an object-store one.
 
 A second training into a run directory that is in use would interleave its checkpoints and metrics with
-the first's. `hold_workdir(local, ckpt_dir)` refuses it in one line that names the holder:
+the first's. `hold_workdir(local, remote)` refuses it in one line that names the holder:
   * local run directory: an exclusive `flock` on WORKDIR/.lock. The kernel releases it with the process
     (also after kill -9); the file stays, holding the last holder's description.
   * checkpoints in an object store (gs://...): jobs on other machines cannot see a local lock, so the run
@@ -153,13 +153,14 @@ def held_lease(url: str, *, renew_s: float = RENEW_S, **lease_kw):
 
 
 @contextlib.contextmanager
-def hold_workdir(workdir: Path, ckpt_dir: str, *, process_index: int = 0):
-    """The lock (and, for checkpoints in an object store, the lease) of a run directory, on process 0."""
+def hold_workdir(workdir: Path, remote: str | None = None, *, process_index: int = 0):
+    """The lock of a run directory (and, when its checkpoints are in an object store, the lease
+    `<remote>/.lease` of that URL workdir), on process 0."""
     if process_index != 0:
         yield
         return
     with contextlib.ExitStack() as stack:
         stack.enter_context(local_lock(workdir))
-        if "://" in ckpt_dir:
-            stack.enter_context(held_lease(ckpt_dir.rsplit("/checkpoints", 1)[0] + "/.lease"))
+        if remote is not None:
+            stack.enter_context(held_lease(remote.rstrip("/") + "/.lease"))
         yield

@@ -294,7 +294,7 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
     if "://" in ckpt_dir:
         print(f"checkpoints in {ckpt_dir}; config, metrics and plots in {workdir}")
     check_workdir(workdir)
-    with lock.hold_workdir(workdir, ckpt_dir, process_index=jax.process_index()):
+    with lock.hold_workdir(workdir, loading.remote_workdir(ckpt_dir), process_index=jax.process_index()):
         return _run(cfg, workdir, ckpt_dir, experiment)
 
 
@@ -308,9 +308,9 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
     optimizer = make_optimizer(cfg.optim, tc.steps)
     layout = train_step.state_layout(mcfg, optimizer, mesh, keep_reference=cfg.keeps_kl_reference)
     record = run_record(cfg, mcfg, experiment)
-    if "://" in ckpt_dir and jax.process_index() == 0:   # any machine can then read the run from the bucket
+    if (remote := loading.remote_workdir(ckpt_dir)) and jax.process_index() == 0:   # readable from the bucket alone
         try:
-            loading.store_tokenizer(tokenizer_source(cfg), ckpt_dir.rsplit("/checkpoints", 1)[0])
+            loading.store_tokenizer(tokenizer_source(cfg), remote)
         except Exception as e:   # readers elsewhere then need the recorded path; training is unaffected
             log.warning("could not store the tokenizer next to the checkpoints: %s", e)
     train_iter = make_iterator(cfg.data, tokenizer, split="train")

@@ -11,6 +11,7 @@ training wrote (`local_dirs`). `load_model` restores the policy (or the EMA teac
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -102,22 +103,32 @@ def local_dirs(workdir) -> tuple[Path, str]:
     return mirror, text.rstrip("/") + "/checkpoints"
 
 
-def _url_path(url: str):
-    """`etils.epath.Path(url)`; a one-line LoadError when the filesystem package it needs is missing."""
+def remote_workdir(ckpt_dir: str) -> str | None:
+    """The URL workdir whose checkpoints are `ckpt_dir` (from `local_dirs`); None for a local run."""
+    return ckpt_dir[: -len("/checkpoints")] if is_url(ckpt_dir) else None
+
+
+# The fsspec package etils.epath needs per URL scheme (it fails lazily, at the first I/O), and its install.
+_FS_PACKAGES = {"gs": ("gcsfs", "pip install 'rlp_jax[gcs]'"), "s3": ("s3fs", "pip install s3fs")}
+
+
+def _any_path(path):
+    """A local `Path`, or `etils.epath.Path(url)`; LoadError (checked before any I/O) if its package is missing."""
+    text = str(path)
+    if not is_url(text):
+        return Path(path)
+    package, fix = _FS_PACKAGES.get(text.split("://", 1)[0], (None, None))
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise LoadError(f"{text}: reading it needs the {package} package: {fix}")
     from etils import epath
-    try:
-        path = epath.Path(url)
-        path.exists()
-        return path
-    except ImportError as e:   # e.g. "Please install gcsfs to access Google Storage"
-        raise LoadError(f"{url}: {e}; for gs:// run directories: pip install 'rlp_jax[gcs]'") from None
+    return epath.Path(text)
 
 
 def _dir_exists(path: str) -> bool:
     if not is_url(path):
         return Path(path).is_dir()
     try:
-        return _url_path(path).exists()
+        return _any_path(path).exists()
     except LoadError:
         raise
     except Exception:   # no credentials, no such bucket: not a run we can read
@@ -128,7 +139,7 @@ def config_from_checkpoints(ckpt_dir) -> dict | None:
     """The run config saved in the newest checkpoint step of `ckpt_dir` (every step holds the config.json
     its run wrote), or None. Lets any machine read a gs:// run from the bucket alone, without the local
     mirror of the machine that trained it."""
-    root = _url_path(str(ckpt_dir)) if is_url(str(ckpt_dir)) else Path(ckpt_dir)
+    root = _any_path(ckpt_dir)
     try:
         steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit()), reverse=True)
         for s in steps:
@@ -201,9 +212,8 @@ def run_tokenizer_path(run_dir: Path, run: RunConfig) -> str:
 
 
 def run_tokenizer(run_dir, run: RunConfig) -> Tokenizer:
-    """The tokenizer a run trained with, with the think markers it used (model.think_tokens). For a URL run
-    whose recorded tokenizer path is not on this machine, the copy the training stored next to its
-    checkpoints (`store_tokenizer`) is fetched into the local mirror."""
+    """The tokenizer a run trained with, with its think markers. A URL run whose recorded tokenizer is not on
+    this machine fetches the copy training stored in the bucket (`store_tokenizer`) into its local mirror."""
     markers = tuple(run.model.think_tokens or THINK_TOKENS)
     local = local_dirs(run_dir)[0]
     path = run_tokenizer_path(local, run)
@@ -221,9 +231,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def copy_tokenizer(src, dest) -> list[str]:
     """Copy a tokenizer (a sentencepiece `.model` file, or the tokenizer files of a directory) into the
     directory `dest`; either side may be a URL (`etils.epath`). Returns the names copied."""
-    def path(p):
-        return _url_path(str(p)) if is_url(str(p)) else Path(p)
-    src, dest = path(src), path(dest)
+    src, dest = _any_path(src), _any_path(dest)
     files = [src] if src.is_file() else [src / n for n in TOKENIZER_FILES if (src / n).exists()]
     if not files:
         raise LoadError(f"{src}: no tokenizer files there ({', '.join(TOKENIZER_FILES)})")
@@ -234,13 +242,12 @@ def copy_tokenizer(src, dest) -> list[str]:
 
 
 def store_tokenizer(tokenizer_path: str, workdir_url: str) -> None:
-    """Keep a copy of a URL run's tokenizer next to its checkpoints (`<workdir>/tokenizer/`), so that any
-    machine can read the run from the bucket alone. A GGUF file's tokenizer is inside the file (it is not
-    copied: another machine needs that file)."""
+    """Keep a copy of a URL run's tokenizer in `<workdir>/tokenizer/`, so any machine can read the run from the
+    bucket alone (a GGUF tokenizer lives in its GGUF file: not copied)."""
     if gguf_io.is_gguf(tokenizer_path):
         return
     dest = workdir_url.rstrip("/") + "/tokenizer"
-    if not _url_path(dest).exists():
+    if not _any_path(dest).exists():
         copy_tokenizer(tokenizer_path, dest)
 
 
@@ -323,13 +330,10 @@ def load_run_state(run_dir, *, step: int | None = None, mesh=None,
         mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
     layout = train_step.state_layout(mcfg, make_optimizer(cfg.optim, cfg.train.steps), mesh,
                                      keep_reference=cfg.keeps_kl_reference)
-    for attempt in range(3):   # a training that owns the run may delete an old step while we open it
-        try:
-            ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1, read_only=True)
-            break
-        except FileNotFoundError as e:
-            if attempt == 2:
-                raise LoadError(_vanished(ckpt_dir, e)) from None
+    try:   # the Checkpointer lists again when the training that owns the run deletes a step meanwhile
+        ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=1, read_only=True)
+    except FileNotFoundError as e:
+        raise LoadError(_vanished(ckpt_dir, e)) from None
     try:
         restored = (ckpt.restore(layout.restore_target(), config=record.raw, step=step) if part is None else
                     ckpt.restore_part(layout.restore_target(), part, config=record.raw, step=step))

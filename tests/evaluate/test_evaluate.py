@@ -227,9 +227,9 @@ def test_a_url_run_brings_its_tokenizer(run_dir, lm, tmp_path, monkeypatch):
     url = "gs://bucket/runs/y"
     record = json.loads((run_dir / "config.json").read_text())
     record["run"]["train"]["tokenizer"] = "/machine/that/trained/tokenizer.model"   # not on this machine
-    real_url_path = loading._url_path
-    monkeypatch.setattr(loading, "_url_path", lambda u: Path(str(u).replace("gs://bucket/runs/y", str(bucket)))
-                        if str(u).startswith(url) else real_url_path(u))
+    real_any_path = loading._any_path
+    monkeypatch.setattr(loading, "_any_path", lambda u: Path(str(u).replace("gs://bucket/runs/y", str(bucket)))
+                        if str(u).startswith(url) else real_any_path(u))
     from rlp_jax.train.config import from_dict
 
     tok = loading.run_tokenizer(url, from_dict(record["run"]))

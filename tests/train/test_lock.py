@@ -58,9 +58,9 @@ def test_a_held_lease_is_renewed_and_released(tmp_path):
 
 
 def test_local_workdirs_take_the_lock_and_no_lease(tmp_path):
-    with hold_workdir(tmp_path, str(tmp_path / "checkpoints")):
+    with hold_workdir(tmp_path):
         with pytest.raises(ConfigError, match="is in use by another training"), local_lock(tmp_path):
             pass
     assert not (tmp_path / ".lease").exists()
-    with hold_workdir(tmp_path, str(tmp_path / "checkpoints"), process_index=1), local_lock(tmp_path):
+    with hold_workdir(tmp_path, process_index=1), local_lock(tmp_path):
         pass                                             # only process 0 locks
