@@ -17,6 +17,7 @@ import dataclasses
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -139,17 +140,23 @@ class Decoder:
 
     def logprob(self, prefixes: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]) -> np.ndarray:
         """log p(continuation | prefix) summed over the continuation's tokens, by teacher forcing: [N] float64."""
+        return np.asarray([lp.sum() for lp, _ in self.token_scores(prefixes, continuations)], np.float64)
+
+    def token_scores(self, prefixes: Sequence[Sequence[int]],
+                     continuations: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per continuation: (log p(c_j | prefix, c_<j) [len(c)] float32, greedy [len(c)] bool: c_j is the
+        argmax of the model's next-token distribution), by teacher forcing `prefix + continuation`."""
         seqs = [list(p) + list(c) for p, c in zip(prefixes, continuations)]
-        out = np.zeros(len(seqs))
+        out: list[tuple[np.ndarray, np.ndarray]] = []
         bs = self._bs()
         for i in range(0, len(seqs), bs):
             chunk = seqs[i:i + bs]
             x, n = pad_prompts(chunk, pad_id=0, multiple=64, batch_multiple=bs)
             seg = (np.arange(x.shape[1])[None] < n[:, None]).astype(np.int32)
-            lp = np.asarray(jax.device_get(self._lp_fn()(self.params, _global(x, self._row_sh),
-                                                         _global(seg, self._row_sh))))   # lp[:, j] = log p(x_j | x_<j)
-            for j, (p, c) in enumerate(zip(prefixes[i:i + bs], continuations[i:i + bs])):
-                out[i + j] = lp[j, len(p): len(p) + len(c)].sum()
+            lp, greedy = jax.device_get(self._lp_fn()(self.params, _global(x, self._row_sh), _global(seg, self._row_sh)))
+            for j, (p, c) in enumerate(zip(prefixes[i:i + bs], continuations[i:i + bs])):   # [:, k]: token k
+                span = slice(len(p), len(p) + len(c))
+                out.append((np.asarray(lp[j, span]), np.asarray(greedy[j, span])))
         return out
 
     def _bs(self) -> int:
@@ -182,7 +189,8 @@ def _compiled(kind: str, cfg, mesh, p_sh, sc):
         else:
             def fn(p, x_bl, seg_bl):
                 logits, _ = model.forward(p, cfg, x_bl, segment_ids_bl=seg_bl)
-                return shifted_token_logprobs(logits, x_bl)                   # [B, L] float32
+                greedy = jnp.pad(jnp.argmax(logits[:, :-1], axis=-1) == x_bl[:, 1:], ((0, 0), (1, 0)))
+                return shifted_token_logprobs(logits, x_bl), greedy            # [B, L] float32, [B, L] bool
             _JITTED[key] = jax.jit(fn, in_shardings=(p_sh, rows, rows), out_shardings=replicated)
     return _JITTED[key]
 
