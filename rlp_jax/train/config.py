@@ -103,6 +103,27 @@ class OptimConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class WandbConfig:
+    """Weights & Biases logging, off unless `project` is set (`pip install 'rlp_jax[wandb]'`): the metrics that
+    go to TensorBoard, from process 0 only, into one W&B run per run directory (a resumed run continues it).
+
+    Attributes: project, entity, group, tags; name: the run's display name (default: the workdir's name);
+      mode: "online", "offline" or "disabled" (None: wandb's own default, e.g. from WANDB_MODE).
+    """
+
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+    mode: str | None = None
+
+    def __post_init__(self):
+        if self.mode not in (None, "online", "offline", "disabled"):
+            raise ConfigError(f"train.wandb.mode must be online, offline or disabled, got {self.mode!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainSection:
     """Attributes:
       objective: "rlp" (the paper) or "ntp" (next-token continued pretraining, the CPT baseline).
@@ -116,6 +137,7 @@ class TrainSection:
         micro-batches one after another (activation memory of batch_size / micro_batches rows; one
         optimizer update per step; see `rlp_jax.train.step.rlp_step`).
       tokenizer: sentencepiece .model or Hugging Face tokenizer dir (default: model.init_from).
+      wandb: Weights & Biases logging (`WandbConfig`; off by default).
     """
 
     objective: str = "rlp"
@@ -132,6 +154,7 @@ class TrainSection:
     plot: bool = True
     tokenizer: str | None = None
     micro_batches: int = 1
+    wandb: WandbConfig = WandbConfig()
 
     def __post_init__(self):
         if self.objective not in ("rlp", "ntp"):

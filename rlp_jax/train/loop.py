@@ -252,7 +252,8 @@ class _StepLog:
     def __init__(self, cfg: RunConfig, workdir: Path, start: int, experiment: str):
         self.tc, self.lr_fn = cfg.train, learning_rate(cfg.optim, cfg.train.steps)
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        self.writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0)
+        self.writer = MetricsWriter(workdir, resume_step=start, enabled=jax.process_index() == 0,
+                                    wandb=cfg.train.wandb, config=to_dict(cfg))
         self.bar = tqdm(total=self.tc.steps, initial=start, desc=experiment, dynamic_ncols=True,
                         disable=jax.process_index() != 0, file=sys.stdout)
         self.t_last, self.warned_len, self.last = time.time(), False, {}
@@ -343,10 +344,11 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
             else functools.partial(train_step.make_ntp_train_step, mcfg))
     step_fn = make(optimizer, mesh=mesh, state_shardings=layout.shardings, micro_batches=tc.micro_batches)
     eval_fn, eval_batches = held_out(cfg, tokenizer, mcfg, mesh, layout.param_shardings)
-    logs, preempt, nonfinite_run, previous = _StepLog(cfg, workdir, start, experiment), _Preemption(), 0, None
+    logs, preempt, nonfinite_run, previous = None, _Preemption(), 0, None
     save = lambda step, force=False: ckpt.save(step, state, data_state=train_iter.get_state(), rng=base_rng,
                                                config=record, force=force)
     try:
+        logs = _StepLog(cfg, workdir, start, experiment)
         for step in range(start + 1, tc.steps + 1):
             try:
                 batch = sharding.global_batch(train_iter.next(), mesh)
@@ -387,8 +389,9 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
             ckpt.wait()
         finally:
             ckpt.close()
-            logs.close()
             train_iter.close()
+            if logs is not None:
+                logs.close()
     if tc.plot and jax.process_index() == 0:
         _plot(workdir)
     return logs.last
