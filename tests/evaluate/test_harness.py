@@ -79,10 +79,25 @@ def evaluate(model, tasks_dir, tasks=TASKS, **model_args):
     return responses(results["samples"])
 
 
+def lm_eval_cli(module: str, model_args: str, tasks_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`python -m MODULE [--model ...] --model_args ... --tasks ... --batch_size 8 --log_samples`, as the README
+    writes it."""
+    cmd = [sys.executable, "-m", module, *extra, "--model_args", model_args, "--tasks", ",".join(TASKS),
+           "--include_path", str(tasks_dir), "--batch_size", "8", "--log_samples", "--output_path", str(out)]
+    proc = subprocess.run(cmd, cwd=out.parent, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "toy_mc" in proc.stdout and "word_perplexity" in proc.stdout   # lm-eval's own results table
+    return proc
+
+
 @pytest.fixture(scope="module")
-def hf_backend(setup):
+def hf_backend(setup, tmp_path_factory):
+    """lm-eval's `hf` backend on the export, by the README's command."""
     _, exported, tasks_dir = setup
-    return evaluate("hf", tasks_dir, pretrained=str(exported), dtype="float32")
+    out = tmp_path_factory.mktemp("hf_backend") / "out"
+    lm_eval_cli("lm_eval", f"pretrained={exported},dtype=float32", tasks_dir, out, "--model", "hf", "--device", "cpu")
+    return responses_from_files(out)
 
 
 def assert_scores_match(ours: dict, ref: dict, *, generations: bool):
@@ -103,14 +118,8 @@ def test_cli_on_a_run_dir_scores_as_the_hf_backend_on_its_export(setup, hf_backe
     strings are compared on the Hugging Face folder below: this run's sentencepiece tokenizer renders a
     random model's stray UTF-8 bytes differently from the export's tokenizer.json (same token ids)."""
     run, _, tasks_dir = setup
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "rlp_jax.lm_eval", "--model_args", f"checkpoint={run}", "--tasks", ",".join(TASKS),
-           "--include_path", str(tasks_dir), "--batch_size", "8", "--log_samples", "--output_path", str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "toy_mc" in proc.stdout and "word_perplexity" in proc.stdout   # lm-eval's own results table
-    assert_scores_match(responses_from_files(out), hf_backend, generations=False)
+    lm_eval_cli("rlp_jax.lm_eval", f"checkpoint={run}", tasks_dir, tmp_path / "out")
+    assert_scores_match(responses_from_files(tmp_path / "out"), hf_backend, generations=False)
 
 
 def test_hf_folder_generations_and_scores_equal_the_hf_backend(setup, hf_backend):
