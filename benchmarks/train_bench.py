@@ -5,15 +5,20 @@ Usage (from the repository root; defaults are CPU-sized):
     python benchmarks/train_bench.py                                   # small preset, ~1-2 min on CPU
     python benchmarks/train_bench.py --preset qwen3-0.6b --batch 8 --seq-len 1024 --group-size 8 \\
         --positions 1 --thought-len 128 --dtype bfloat16 --remat full --steps 5    # one 80 GB GPU
+    python benchmarks/train_bench.py --checkpoint smollm2 --batch 1 --seq-len 2048 --group-size 8 \\
+        --thought-len 128 --attention dense,blockwise    # a real checkpoint, both attentions side by side
 
 What it does, on every visible device (mesh: all on fsdp unless --mesh):
   1. Measures the matmul peak of the devices in the compute dtype: a jitted loop of `--matmul-iters`
      [n, n] x [n, n] matmuls per device (2 n^3 FLOPs each), best of `--matmul-repeats` runs.
-  2. Builds the model (random init, float32 params, `--dtype` compute) and the train state exactly as
-     `rlp_jax.train` does (same optimizer, shardings and jitted steps), on random documents of
+  2. Builds the model (the preset with random init, or `--checkpoint`'s architecture and weights: an HF
+     folder, a .gguf file or a model name; float32 params, `--dtype` compute) and the train state exactly
+     as `rlp_jax.train` does (same optimizer, shardings and jitted steps), on random documents of
      `--seq-len` tokens (one document per row; think markers are ids 1 and 2).
-  3. Compiles the RLP step and the NTP step (`.lower().compile()`, timed apart), runs one warm-up
-     step, then times `--steps` steps under `jax.block_until_ready`; reports the median.
+  3. For each `--attention` (dense, blockwise, auto: `ModelConfig.attention`), compiles the RLP step and
+     the NTP step (`.lower().compile()`, timed apart), runs one warm-up step, then times `--steps` steps
+     under `jax.block_until_ready`; reports the median, and the time and XLA memory of each attention
+     relative to the first one listed (the same run, so the ratio is not the machine's noise).
 
 Model FLOPs come from `rlp_jax.plan` (`rlp_step_flops`, `ntp_step_flops`: causal attention, thoughts of
 the full T slots, positions at their mean), so the numbers agree with the planner. MFU = (model
@@ -48,7 +53,7 @@ from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
 from rlp_jax.train import step as train_step  # noqa: E402
 from rlp_jax.train.config import ModelSection, OptimConfig, RunConfig, TrainSection  # noqa: E402
 from rlp_jax.train.optim import make_optimizer  # noqa: E402
-from rlp_jax.train.run_dir import model_config  # noqa: E402
+from rlp_jax.train.run_dir import load_pretrained, model_config, resolve_model_name  # noqa: E402
 
 THINK_START, THINK_END = 1, 2
 
@@ -78,13 +83,15 @@ def matmul_peak(devices, dtype, n: int, iters: int, repeats: int) -> float:
     return 2 * n ** 3 * iters / best
 
 
-def run_config(args, objective: str) -> RunConfig:
+def run_config(args, objective: str, attention: str = "auto") -> RunConfig:
     """The RunConfig these flags describe (data paths are unused: batches are generated)."""
     rollout = RolloutConfig(group_size=args.group_size, positions_per_doc=args.positions,
                             thought_len=args.thought_len, temperature=1.0, min_context=args.min_context,
                             think_start_id=THINK_START, think_end_id=THINK_END)
     return RunConfig(
-        model=ModelSection(preset=args.preset, param_dtype="float32", compute_dtype=args.dtype, remat=args.remat),
+        model=ModelSection(preset=args.preset, init_from=args.checkpoint, param_dtype="float32",
+                           compute_dtype=args.dtype, remat=args.remat, attention=attention,
+                           attention_block=args.attention_block),
         data=DataConfig(sources=(SourceConfig(path="unused"),), seq_len=args.seq_len, batch_size=args.batch),
         rlp=RLPConfig(rollout=rollout), optim=OptimConfig(lr=1e-5),
         train=TrainSection(objective=objective, steps=args.steps + 1))
@@ -106,25 +113,28 @@ def xla_bytes(compiled) -> float | None:
         return None
 
 
-def bench_step(objective: str, args, mesh, rng) -> dict:
-    """Compile and time one objective's jitted step; returns timings, metrics and the plan of its config."""
-    cfg = run_config(args, objective)
+def bench_step(objective: str, args, mesh, rng, attention: str = "auto", weights=None) -> dict:
+    """Compile and time one objective's jitted step; returns timings, metrics and the plan of its config.
+    weights: host params of --checkpoint (None: random init)."""
+    cfg = run_config(args, objective, attention)
     mcfg = model_config(cfg.model)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     k_init, k_data, k_step = jax.random.split(rng, 3)
     layout = train_step.state_layout(mcfg, optimizer, mesh)
     st_sh = layout.shardings
-    state = layout.init(layout.init_params(k_init))
+    params = layout.init_params(k_init) if weights is None else jax.device_put(weights, layout.param_shardings)
+    state = layout.init(params)
     batch = random_batch(k_data, mesh, args.batch, args.seq_len, mcfg.vocab_size)
     if objective == "rlp":
         step = train_step.make_rlp_train_step(mcfg, cfg.rlp, optimizer, mesh=mesh, state_shardings=st_sh)
     else:
         step = train_step.make_ntp_train_step(mcfg, optimizer, mesh=mesh, state_shardings=st_sh)
-    log(f"[{objective}] compiling ...")
+    tag = f"{objective} {attention}"
+    log(f"[{tag}] compiling ...")
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, k_step).compile()
     compile_s = time.perf_counter() - t0
-    log(f"[{objective}] compiled in {compile_s:.1f}s; warm-up step ...")
+    log(f"[{tag}] compiled in {compile_s:.1f}s; warm-up step ...")
     state, metrics = compiled(state, batch, jax.random.fold_in(k_step, 0))
     jax.block_until_ready((state, metrics))
     times = []
@@ -133,7 +143,7 @@ def bench_step(objective: str, args, mesh, rng) -> dict:
         state, metrics = compiled(state, batch, jax.random.fold_in(k_step, i))
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
-        log(f"[{objective}] step {i}: {times[-1]:.3f}s")
+        log(f"[{tag}] step {i}: {times[-1]:.3f}s")
     n = math.prod(mesh.shape.values())
     spec = plan.device_spec(f"{args.kind or 'cpu'}x{n}")
     pl = plan.plan(cfg, spec, dict(mesh.shape))
@@ -145,6 +155,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--preset", default="small", help="ModelConfig preset (default small)")
+    p.add_argument("--checkpoint", default=None, help="a real model instead of the preset: HF folder, .gguf or name")
+    p.add_argument("--attention", default="auto", help="comma-separated: auto, dense, blockwise (side by side)")
+    p.add_argument("--attention-block", type=int, default=512, help="key block of blockwise attention")
     p.add_argument("--batch", type=int, default=4, help="B, documents per step (global)")
     p.add_argument("--seq-len", type=int, default=256, help="L, tokens per document")
     p.add_argument("--group-size", type=int, default=4, help="G, thoughts per position")
@@ -178,24 +191,34 @@ def main(argv=None) -> None:
     log(f"matmul peak: {peak / 1e12:.3f} TFLOP/s per device")
 
     rng = jax.random.key(0)
-    results = {obj: bench_step(obj, args, mesh, rng) for obj in ("rlp", "ntp")}
+    attentions = [a for a in args.attention.split(",") if a]
+    weights = None
+    if args.checkpoint:
+        weights = load_pretrained(resolve_model_name(args.checkpoint))[1]
+        args.preset = f"{args.checkpoint} (weights)"
+    results = {(obj, a): bench_step(obj, args, mesh, rng, a, weights) for obj in ("rlp", "ntp") for a in attentions}
 
     ndev = len(devices)
-    header = ["step", "compile s", "step s (median)", "input tokens/s", "effective tokens/s", "model TFLOP/step",
-              "achieved TFLOP/s", "MFU (measured peak)", "MFU (spec peak)", "XLA GiB/device", "plan GiB/device"]
+    header = ["step", "attention", "compile s", "step s (median)", f"time / {attentions[0]}", "input tokens/s",
+              "effective tokens/s", "model TFLOP/step", "achieved TFLOP/s", "MFU (measured peak)", "MFU (spec peak)",
+              "XLA GiB/device", f"XLA GiB / {attentions[0]}", "plan GiB/device"]
     rows = []
-    for obj, r in results.items():
+    for (obj, att), r in results.items():
+        base = results[(obj, attentions[0])]
         pl = r["plan"]
         flops = pl.step_flops
         achieved = flops / r["step_s"]
         spec_mfu = "-" if spec_peak is None else f"{100 * achieved / (ndev * spec_peak):.1f}%"
         eff = pl.effective_tokens if obj == "rlp" else pl.input_tokens
         xla = "-" if r["xla_bytes"] is None else f"{r['xla_bytes'] / plan.GIB:.3f}"
-        rows.append([obj.upper(), f"{r['compile_s']:.1f}", f"{r['step_s']:.3f}", f"{pl.input_tokens / r['step_s']:.4g}",
+        mem_ratio = ("-" if r["xla_bytes"] is None or not base["xla_bytes"]
+                     else f"{r['xla_bytes'] / base['xla_bytes']:.2f}")
+        rows.append([obj.upper(), att, f"{r['compile_s']:.1f}", f"{r['step_s']:.3f}",
+                     f"{r['step_s'] / base['step_s']:.2f}", f"{pl.input_tokens / r['step_s']:.4g}",
                      f"{eff / r['step_s']:.4g}", f"{flops / 1e12:.4g}", f"{achieved / 1e12:.4g}",
-                     f"{100 * achieved / (ndev * peak):.1f}%", spec_mfu, xla, f"{pl.total / plan.GIB:.3f}"])
-    m = results["rlp"]["plan"].model
-    met = results["rlp"]["metrics"]
+                     f"{100 * achieved / (ndev * peak):.1f}%", spec_mfu, xla, mem_ratio, f"{pl.total / plan.GIB:.3f}"])
+    m = results[("rlp", attentions[0])]["plan"].model
+    met = results[("rlp", attentions[0])]["metrics"]
     lines = [f"Preset `{args.preset}` ({m.num_params() / 1e6:.2f}M params, compute {args.dtype}, remat {args.remat}), "
              f"B={args.batch}, L={args.seq_len}, K={args.positions}, G={args.group_size}, T_think={args.thought_len}; "
              f"{ndev} x {devices[0].device_kind} ({platform}), mesh {mesh_sizes}; {args.steps} timed steps after "
@@ -208,7 +231,7 @@ def main(argv=None) -> None:
               f"{args.matmul_iters} per loop, best of {args.matmul_repeats}); spec sheet: {spec_txt}.",
               f"- RLP thoughts: mean length {float(met['thought/mean_len']):.1f} of T={args.thought_len} "
               f"(the FLOP model assumes T); RLP / NTP model FLOPs per step: "
-              f"{results['rlp']['plan'].step_flops / results['ntp']['plan'].step_flops:.2f}x.",
+              f"{results[('rlp', attentions[0])]['plan'].step_flops / results[('ntp', attentions[0])]['plan'].step_flops:.2f}x.",
               f"- wall time {time.perf_counter() - t_wall:.0f}s; 1-min load average {os.getloadavg()[0]:.1f} on "
               f"{os.cpu_count()} CPUs."]
     table = "\n".join(lines)

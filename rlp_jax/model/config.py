@@ -15,6 +15,7 @@ import jax.numpy as jnp
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DTYPES = tuple(_DTYPES)                 # storage and compute dtypes (float16 needs loss scaling: not offered)
 REMATS = ("none", "full", "dots")       # rematerialisation of the blocks (`transformer`): none, all, keep matmuls
+ATTENTIONS = ("auto", "dense", "blockwise")   # full/branch attention: see ModelConfig.attention
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,6 +42,9 @@ class ModelConfig:
         (save matmul outputs without batch dimensions).
       max_position_embeddings: the context length the checkpoint declares (carried from Hugging Face /
         GGUF into exports; attention itself has no length limit).
+      attention: how full and branch attention read their keys: "dense" (one score array), "blockwise"
+        (online softmax over key blocks of `attention_block`, `rlp_jax.model.blockwise`) or "auto"
+        (blockwise where the keys are longer than one block). Single-query decoding is dense always.
     """
 
     vocab_size: int
@@ -60,9 +64,11 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: str = "none"
     max_position_embeddings: int = 32768
+    attention: str = "auto"
+    attention_block: int = 512
 
     # Fields a checkpoint may be resumed with a different value of (how it runs, not what it stores).
-    RESUMABLE_WITH_OTHER = ("remat", "compute_dtype", "max_position_embeddings")
+    RESUMABLE_WITH_OTHER = ("remat", "compute_dtype", "max_position_embeddings", "attention", "attention_block")
 
     def stored_fields(self) -> dict[str, Any]:
         """The fields that must match to resume a checkpoint: shapes and storage dtype."""
@@ -83,6 +89,9 @@ class ModelConfig:
                 raise ValueError(f"model.{name} must be {' or '.join(DTYPES)}, got {getattr(self, name)!r}")
         if self.remat not in REMATS:
             raise ValueError(f"model.remat must be {', '.join(REMATS[:-1])} or {REMATS[-1]}, got {self.remat!r}")
+        if self.attention not in ATTENTIONS or self.attention_block < 1:
+            raise ValueError(f"model.attention must be {', '.join(ATTENTIONS)} and model.attention_block >= 1, got "
+                             f"{self.attention!r}, {self.attention_block}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "default"):
@@ -95,6 +104,10 @@ class ModelConfig:
     @property
     def jnp_compute_dtype(self):
         return _DTYPES[self.compute_dtype]
+
+    def blockwise_for(self, num_keys: int) -> bool:
+        """Whether attention over `num_keys` keys runs blockwise (see `attention`)."""
+        return self.attention == "blockwise" or (self.attention == "auto" and num_keys > self.attention_block)
 
     @property
     def q_per_kv(self) -> int:

@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from rlp_jax.model import blockwise
 from rlp_jax.model.config import ModelConfig
 
 # Finite "minus infinity" for masked scores: a fully masked row (a padding query) gives a uniform
@@ -147,3 +148,45 @@ def branch_attention(q_bnsqw, prefix_k, prefix_v, prefix_mask_bnl, self_k, self_
         specs.insert(0, "bneasp,pew->bnseaw")
     out = _softmax_combine(blocks, values, specs, q.dtype)
     return out.reshape(b, n, s, h, dh)
+
+
+
+def full_attention_blockwise(q_blqw, k_blew, v_blew, seg_bl, q_per_kv: int, context_k=None, context_v=None, *,
+                             block: int = blockwise.DEFAULT_BLOCK):
+    """`full_attention` for causal attention within segments (seg [B, L] int32, 0 = padding), key block by
+    key block (`rlp_jax.model.blockwise`): no [B, L, L] mask or scores. Same arguments otherwise."""
+    b, l, h, dh = q_blqw.shape
+    q = q_blqw.reshape(b, l, h // q_per_kv, q_per_kv, dh)  # [B, L, E, A, W]
+    seg = seg_bl.astype(jnp.int32)
+    lim = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))    # causal: key index <= query index
+    parts = [blockwise.attend_blocks(q, k_blew, v_blew, seg, lim, seg, block)]
+    if context_k is not None:
+        scores = _context_scores(q, context_k, "bleaw,pew->bealp", dh)
+        parts.insert(0, blockwise.dense_part(scores, context_v.astype(q.dtype), "bealp,pew->bleaw"))
+    return blockwise.merge(parts).reshape(b, l, h, dh)
+
+
+def branch_attention_blockwise(q_bnsqw, prefix_k, prefix_v, prefix_seg_bl, branch_seg_bn, branch_start_bn,
+                               self_k, self_v, self_mask_bnsc, q_per_kv: int, context_k=None, context_v=None, *,
+                               block: int = blockwise.DEFAULT_BLOCK):
+    """`branch_attention` with the prefix read key block by key block: a branch's S queries see the prefix
+    keys l < branch_start of the branch's segment (prefix_seg [B, L], branch_seg/start [B, N] int32), and
+    no [B, N, S, heads, L] scores exist; the branch's own keys [B, N, C, E, W] and a prompt's are scored
+    densely (C and P are short) and merged by log-sum-exp. Returns [B, N, S, Q, W]."""
+    b, n, s, h, dh = q_bnsqw.shape
+    e, a = h // q_per_kv, q_per_kv
+    q = q_bnsqw.reshape(b, n * s, e, a, dh)                               # a row's N x S queries: M = N S
+    seg_q = jnp.repeat(branch_seg_bn.astype(jnp.int32), s, axis=1)       # [B, M]
+    lim_q = jnp.repeat(branch_start_bn.astype(jnp.int32) - 1, s, axis=1)
+    parts = [blockwise.attend_blocks(q, prefix_k, prefix_v, seg_q, lim_q, prefix_seg_bl.astype(jnp.int32), block)]
+    ss = jnp.einsum("bnseaw,bncew->beansc", q.reshape(b, n, s, e, a, dh), self_k,
+                    preferred_element_type=jnp.float32) / math.sqrt(dh)
+    ss = jnp.where(self_mask_bnsc[:, None, None], ss, _MASKED)           # [B, E, A, N, S, C]
+    lse = jax.nn.logsumexp(ss, axis=-1)
+    probs = jnp.exp(ss - lse[..., None]).astype(q.dtype)
+    own = jnp.einsum("beansc,bncew->bnseaw", probs, self_v).reshape(b, n * s, e, a, dh)
+    parts.append((own, lse.reshape(b, e, a, n * s)))
+    if context_k is not None:
+        scores = _context_scores(q, context_k, "bmeaw,pew->beamp", dh)
+        parts.insert(0, blockwise.dense_part(scores, context_v.astype(q.dtype), "beamp,pew->bmeaw"))
+    return blockwise.merge(parts).reshape(b, n, s, h, dh)

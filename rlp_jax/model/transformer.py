@@ -213,14 +213,20 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
     if context is not None:
         pos = pos + context.length
     length = tokens_bl.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    mask = causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)  # [B, Lq, Lk]
+    blockwise = cfg.blockwise_for(length)
+    if not blockwise:
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        mask = causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)  # [B, Lq, Lk]
     inv_freq = layers.rope_inv_freq(cfg)
 
     def attend(lp, h, extra):
         ck, cv = extra if extra is not None else (None, None)
         q, k, v = _project_qkv(cfg, lp, h, pos, inv_freq)
-        out = layers.full_attention(q, k, v, mask, cfg.q_per_kv, context_k=ck, context_v=cv)
+        if blockwise:
+            out = layers.full_attention_blockwise(q, k, v, seg, cfg.q_per_kv, context_k=ck, context_v=cv,
+                                                  block=cfg.attention_block)
+        else:
+            out = layers.full_attention(q, k, v, mask, cfg.q_per_kv, context_k=ck, context_v=cv)
         return out, ((k, v) if return_cache else None)
 
     extras = None if context is None else (context.k, context.v)
@@ -272,9 +278,15 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
         if ck is not None:
             k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), offset, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), offset, axis=2)
-        out = layers.branch_attention(q, pk.astype(q.dtype), pv.astype(q.dtype), prefix_mask,
-                                      k.astype(q.dtype), v.astype(q.dtype), self_mask, cfg.q_per_kv,
-                                      context_k=xk, context_v=xv)
+        if cfg.blockwise_for(length):
+            out = layers.branch_attention_blockwise(
+                q, pk.astype(q.dtype), pv.astype(q.dtype), prefix.segment_ids, branches.segment, branches.start,
+                k.astype(q.dtype), v.astype(q.dtype), self_mask, cfg.q_per_kv, context_k=xk, context_v=xv,
+                block=cfg.attention_block)
+        else:
+            out = layers.branch_attention(q, pk.astype(q.dtype), pv.astype(q.dtype), prefix_mask,
+                                          k.astype(q.dtype), v.astype(q.dtype), self_mask, cfg.q_per_kv,
+                                          context_k=xk, context_v=xv)
         return out, ((k, v) if ck is not None else None)
 
     ctx = prefix.context

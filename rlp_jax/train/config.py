@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rlp_jax.data.pipeline import DataConfig
-from rlp_jax.model.config import DTYPES, PRESETS, REMATS
+from rlp_jax.model.config import ATTENTIONS, DTYPES, PRESETS, REMATS
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.sharding import MeshConfig
 
@@ -41,6 +41,7 @@ class ModelSection:
         (`smollm2`: fetched from PyPI on first use) or an rlp_jax run directory (its latest policy params, e.g. an NTP stage before
         RLP); when set, the architecture comes from it and `preset` is ignored.
       param_dtype, compute_dtype: "float32" / "bfloat16". remat: "none" / "full" / "dots".
+      attention, attention_block: "auto" / "dense" / "blockwise" and its key block (`ModelConfig.attention`).
       think_tokens: the strings of the two think markers. Tokens the vocabulary already has (e.g. an
         unused special token of a pretrained tokenizer) are used as they are; others are added.
       new_token_init: how embedding rows of added tokens start: "mean" (mean row + noise) or
@@ -52,6 +53,8 @@ class ModelSection:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
+    attention_block: int = 512
     think_tokens: tuple[str, str] = ("<think>", "</think>")
     new_token_init: str = "mean"
 
@@ -61,6 +64,9 @@ class ModelSection:
                 raise ConfigError(f"model.{name} must be {' or '.join(DTYPES)}, got {getattr(self, name)!r}")
         if self.remat not in REMATS:
             raise ConfigError(f"model.remat must be {', '.join(REMATS[:-1])} or {REMATS[-1]}, got {self.remat!r}")
+        if self.attention not in ATTENTIONS or self.attention_block < 1:
+            raise ConfigError(f"model.attention must be {', '.join(ATTENTIONS)} and model.attention_block >= 1, got "
+                              f"{self.attention!r}, {self.attention_block}")
         if self.new_token_init not in ("mean", "pieces"):
             raise ConfigError(f"model.new_token_init must be mean or pieces, got {self.new_token_init!r}")
         if len(self.think_tokens) != 2 or len(set(self.think_tokens)) != 2 or not all(self.think_tokens):
@@ -71,7 +77,8 @@ class ModelSection:
     @property
     def overrides(self) -> dict[str, str]:
         """The ModelConfig fields this section sets on whatever architecture it names (preset or init_from)."""
-        return dict(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype, remat=self.remat)
+        return dict(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype, remat=self.remat,
+                    attention=self.attention, attention_block=self.attention_block)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

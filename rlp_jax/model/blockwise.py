@@ -1,0 +1,142 @@
+"""Blockwise (flash-style) attention in pure JAX: an online softmax over key blocks, with a custom VJP that
+recomputes each block's probabilities in the backward pass, so neither pass holds more than one key
+block of scores: [B, M, E, A, block] instead of [B, M, E, A, L].
+
+The one mask every mode needs is written from per-position descriptors, never as an [M, L] array:
+query m may read key l iff  seg_k[l] > 0,  seg_q[m] == seg_k[l]  and  l <= lim_q[m].
+- full (causal, packed) attention: seg = the segment ids, lim_q = the query's own index;
+- branch queries over their document's prefix: seg_q = the branch's segment, lim_q = its start - 1.
+
+`attend_blocks` returns the normalised output and the log-sum-exp of each query's scores, so that a
+caller merges it with other key sets (a prompt's keys, a branch's own keys) by `merge`: the result is
+the joint softmax over all of them, as `layers._softmax_combine` computes it densely.
+
+Shapes (docs/method.md): B rows, M queries, L keys, E key/value heads, A query heads per key/value head,
+W head width. Scores, the running max and sums are float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+MASKED = -1e30   # as layers._MASKED: a fully masked query gets a uniform softmax, not NaN
+DEFAULT_BLOCK = 512
+
+
+def _blocks(x, block: int, axis: int = 1):
+    """[B, L, ...] -> [L/block, B, block, ...] (L padded with zeros to a multiple of block)."""
+    pad = -x.shape[axis] % block
+    if pad:
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, pad)
+        x = jnp.pad(x, widths)
+    shape = x.shape[:axis] + (x.shape[axis] // block, block) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _mask(seg_q, lim_q, seg_kb, idx_kb):
+    """[B, M, block] bool from seg_q/lim_q [B, M], seg_kb [B, block], idx_kb [block]."""
+    return ((seg_kb[:, None, :] > 0) & (seg_q[:, :, None] == seg_kb[:, None, :])
+            & (idx_kb[None, None, :] <= lim_q[:, :, None]))
+
+
+def _scores(q, kb, mask, idx_kb, length, scale):
+    """q [B, M, E, A, W] . kb [B, blk, E, W] -> [B, E, A, M, blk] float32, masked. Keys past `length` (the
+    padding of the last block) score below MASKED, so a fully masked query averages the L real values
+    only, exactly as the dense path does."""
+    s = jnp.einsum("bmeaw,bkew->beamk", q, kb, preferred_element_type=jnp.float32) * scale
+    return jnp.where(mask[:, None, None], s, jnp.where(idx_kb < length, MASKED, 2 * MASKED))
+
+
+def _forward(q, k, v, seg_q, lim_q, seg_k, block):
+    b, m, e, a, w = q.shape
+    scale = 1.0 / math.sqrt(w)
+    kb, vb, sb = _blocks(k, block), _blocks(v, block), _blocks(seg_k, block)
+    idx = jnp.arange(kb.shape[0] * block).reshape(kb.shape[0], block)
+
+    def body(carry, xs):
+        mx, den, acc = carry                                   # [B, E, A, M] x2, [B, E, A, M, W]
+        k_i, v_i, s_i, idx_i = xs
+        s = _scores(q, k_i, _mask(seg_q, lim_q, s_i, idx_i), idx_i, k.shape[1], scale)
+        new_mx = jnp.maximum(mx, s.max(-1))
+        p = jnp.exp(s - new_mx[..., None])
+        fix = jnp.exp(mx - new_mx)
+        acc = acc * fix[..., None] + jnp.einsum("beamk,bkew->beamw", p.astype(v.dtype), v_i,
+                                                preferred_element_type=jnp.float32)
+        return (new_mx, den * fix + p.sum(-1), acc), None
+
+    init = (jnp.full((b, e, a, m), MASKED, jnp.float32), jnp.zeros((b, e, a, m), jnp.float32),
+            jnp.zeros((b, e, a, m, w), jnp.float32))
+    (mx, den, acc), _ = jax.lax.scan(body, init, (kb, vb, sb, idx))
+    out = (acc / den[..., None]).transpose(0, 3, 1, 2, 4)      # [B, M, E, A, W] float32
+    return out.astype(q.dtype), mx + jnp.log(den), (mx, den)    # lse [B, E, A, M]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def attend_blocks(q, k, v, seg_q, lim_q, seg_k, block: int = DEFAULT_BLOCK):
+    """Attention of queries q [B, M, E, A, W] over keys/values k, v [B, L, E, W] under the descriptor mask
+    (module docstring; seg_q, lim_q [B, M] int32, seg_k [B, L] int32), key block by key block.
+    Returns (out [B, M, E, A, W] in q's dtype, lse [B, E, A, M] float32)."""
+    return _forward(q, k, v, seg_q, lim_q, seg_k, block)[:2]
+
+
+def _fwd(q, k, v, seg_q, lim_q, seg_k, block):
+    out, lse, (mx, den) = _forward(q, k, v, seg_q, lim_q, seg_k, block)
+    return (out, lse), (q, k, v, seg_q, lim_q, seg_k, out, mx, den)
+
+
+def _bwd(block, res, cts):
+    # The probabilities are recomputed as exp(s - max) / sum, not exp(s - lse): for a fully masked query
+    # lse = MASKED + log(L) rounds to MASKED in float32, and the dense path's 1/L would become 1.
+    q, k, v, seg_q, lim_q, seg_k, out, mx, den = res
+    d_out, d_lse = cts
+    length, w = k.shape[1], q.shape[-1]
+    scale = 1.0 / math.sqrt(w)
+    do = d_out.astype(jnp.float32)
+    # d/ds_j of (out, lse) = p_j (do.v_j - (do.out - d_lse))
+    delta = jnp.einsum("bmeaw,bmeaw->beam", do, out.astype(jnp.float32)) - d_lse.astype(jnp.float32)
+    kb, vb, sb = _blocks(k, block), _blocks(v, block), _blocks(seg_k, block)
+    idx = jnp.arange(kb.shape[0] * block).reshape(kb.shape[0], block)
+
+    def body(dq, xs):
+        k_i, v_i, s_i, idx_i = xs
+        mask = _mask(seg_q, lim_q, s_i, idx_i)
+        p = jnp.exp(_scores(q, k_i, mask, idx_i, length, scale) - mx[..., None]) / den[..., None]   # [B,E,A,M,blk]
+        dv = jnp.einsum("beamk,bmeaw->bkew", p, do)
+        dp = jnp.einsum("bmeaw,bkew->beamk", do, v_i.astype(jnp.float32))
+        ds = jnp.where(mask[:, None, None], p * (dp - delta[..., None]), 0.0) * scale
+        dq = dq + jnp.einsum("beamk,bkew->bmeaw", ds, k_i.astype(jnp.float32))
+        dk = jnp.einsum("beamk,bmeaw->bkew", ds, q.astype(jnp.float32))
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), (kb, vb, sb, idx))
+    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :length]
+    zero = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)                            # integer inputs
+    return (dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype),
+            zero(seg_q), zero(lim_q), zero(seg_k))
+
+
+attend_blocks.defvjp(_fwd, _bwd)
+
+
+def dense_part(scores, v, spec: str):
+    """A key set scored densely (a prompt's keys, a branch's own keys) in `attend_blocks`' output form:
+    scores [..., keys] float32 (masked), `spec` the einsum of probabilities and v giving [B, M, E, A, W]
+    (e.g. "beamp,pew->bmeaw"). Returns (out, lse [B, E, A, M])."""
+    lse = jax.nn.logsumexp(scores, axis=-1)
+    probs = jnp.exp(scores - lse[..., None]).astype(v.dtype)
+    return jnp.einsum(spec, probs, v), lse
+
+
+def merge(parts):
+    """The joint softmax over several key sets from their (out [B, M, E, A, W], lse [B, E, A, M]) parts."""
+    lse = functools.reduce(jnp.logaddexp, [p[1] for p in parts])
+    total = 0
+    for out, part_lse in parts:
+        weight = jnp.exp(part_lse - lse).transpose(0, 3, 1, 2)[..., None]        # [B, M, E, A, 1]
+        total = total + weight * out.astype(jnp.float32)
+    return total.astype(parts[0][0].dtype)

@@ -1,0 +1,116 @@
+"""Blockwise attention (`rlp_jax.model.blockwise`, `model.attention=blockwise`) equals the dense path: the
+layers (outputs and gradients, with and without a prompt, packed and padded rows, a last block that is
+partly padding), the model's logits and parameter gradients under every remat mode, and the RLP step's
+rollout, rewards, loss and gradients."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlp_jax.model import layers
+from rlp_jax.model import transformer as model
+from rlp_jax.model.config import REMATS
+from rlp_jax.rlp.objective import rlp_objective
+from rlp_jax.rlp.rollout import thought_rollout
+from tests.rlp_cases import CFG, assert_grads_close, batch, params, rlp_config  # noqa: F401
+
+B, L, E, A, W, P = 2, 37, 2, 2, 8, 5   # L = 4 blocks of 8 and a partial one
+BLOCK = 8
+
+
+def _normal(rng, *shape):
+    return jnp.asarray(rng.normal(size=shape), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def qkv():
+    r = np.random.default_rng(0)
+    seg = np.ones((B, L), np.int32)
+    seg[0, 20:] = 2   # row 0: two packed documents; row 1: padding after 30
+    seg[1, 30:] = 0
+    return dict(q=_normal(r, B, L, E * A, W), k=_normal(r, B, L, E, W), v=_normal(r, B, L, E, W),
+                ck=_normal(r, P, E, W), cv=_normal(r, P, E, W), seg=jnp.asarray(seg), r=r)
+
+
+def _max_diff(a, b):
+    return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+@pytest.mark.parametrize("with_prompt", [False, True])
+def test_full_attention_equals_dense(qkv, with_prompt):
+    q, k, v, seg = qkv["q"], qkv["k"], qkv["v"], qkv["seg"]
+    ctx = dict(context_k=qkv["ck"], context_v=qkv["cv"]) if with_prompt else {}
+    mask = jnp.tril(jnp.ones((L, L), bool))[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+    ct = _normal(qkv["r"], *q.shape)
+    dense = lambda q, k, v: (layers.full_attention(q, k, v, mask, A, **ctx) * ct).sum()
+    blocks = lambda q, k, v: (layers.full_attention_blockwise(q, k, v, seg, A, **ctx, block=BLOCK) * ct).sum()
+    assert _max_diff(layers.full_attention(q, k, v, mask, A, **ctx),
+                     layers.full_attention_blockwise(q, k, v, seg, A, **ctx, block=BLOCK)) < 1e-5
+    assert _max_diff(jax.grad(dense, (0, 1, 2))(q, k, v), jax.grad(blocks, (0, 1, 2))(q, k, v)) < 1e-5
+
+
+@pytest.mark.parametrize("with_prompt", [False, True])
+def test_branch_attention_equals_dense(qkv, with_prompt):
+    k, v, seg, r = qkv["k"], qkv["v"], qkv["seg"], qkv["r"]
+    n, s, c = 3, 4, 4
+    q = _normal(r, B, n, s, E * A, W)
+    self_k, self_v = _normal(r, B, n, c, E, W), _normal(r, B, n, c, E, W)
+    start = jnp.asarray([[5, 19, 33], [0, 12, 29]], jnp.int32)   # a branch at 0 sees no prefix key
+    bseg = jnp.asarray([[1, 1, 2], [1, 1, 1]], jnp.int32)
+    prefix_mask = (jnp.arange(L)[None, None] < start[:, :, None]) & (seg[:, None, :] == bseg[:, :, None])
+    self_mask = jnp.broadcast_to(jnp.arange(c)[None] <= jnp.arange(s)[:, None], (B, n, s, c))
+    ctx = dict(context_k=qkv["ck"], context_v=qkv["cv"]) if with_prompt else {}
+    ct = _normal(r, *q.shape)
+    dense = lambda *a: layers.branch_attention(a[0], a[1], a[2], prefix_mask, a[3], a[4], self_mask, A, **ctx)
+    blocks = lambda *a: layers.branch_attention_blockwise(a[0], a[1], a[2], seg, bseg, start, a[3], a[4], self_mask,
+                                                          A, **ctx, block=BLOCK)
+    args = (q, k, v, self_k, self_v)
+    assert _max_diff(dense(*args), blocks(*args)) < 1e-5
+    grad = lambda f: jax.grad(lambda *a: (f(*a) * ct).sum(), argnums=tuple(range(5)))(*args)
+    assert _max_diff(grad(dense), grad(blocks)) < 1e-5
+
+
+@pytest.mark.parametrize("remat", REMATS)
+def test_model_logits_and_gradients_equal_dense(params, batch, remat):  # noqa: F811
+    dense, blocks = CFG.replace(attention="dense", remat=remat), CFG.replace(attention="blockwise",
+                                                                                attention_block=4, remat=remat)
+    context = model.context_cache(params, dense, jnp.asarray([5, 6, 7]))
+
+    def loss(p, cfg):
+        logits, _ = model.forward(p, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                                  positions_bl=batch["positions"], context=context)
+        lp = jax.nn.log_softmax(logits[:, :-1], -1)
+        return -jnp.take_along_axis(lp, batch["tokens"][:, 1:, None], -1).mean(), logits
+
+    (l_d, logits_d), g_d = jax.value_and_grad(loss, has_aux=True)(params, dense)
+    (l_b, logits_b), g_b = jax.value_and_grad(loss, has_aux=True)(params, blocks)
+    np.testing.assert_allclose(logits_b, logits_d, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(l_b, l_d, atol=1e-6)
+    assert_grads_close(g_b, g_d)
+
+
+def test_rlp_step_equals_dense(params, batch):  # noqa: F811
+    rlp = rlp_config(horizon=2, ntp_weight=0.3)
+    t_bk = jnp.array([[3, 9], [4, 10]])
+    dense, blocks = CFG.replace(attention="dense"), CFG.replace(attention="blockwise", attention_block=4)
+    ema_lp = jax.random.normal(jax.random.key(7), batch["tokens"].shape) - 3.0
+
+    def rollout(cfg):
+        _, prefix = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                                  positions_bl=batch["positions"], return_cache=True)
+        return jax.jit(thought_rollout, static_argnums=(1, 5))(params, cfg, prefix, t_bk, jax.random.key(5),
+                                                                rlp.rollout)
+
+    thoughts_d, thoughts_b = rollout(dense), rollout(blocks)
+    np.testing.assert_array_equal(thoughts_b.tokens, thoughts_d.tokens)   # the same sampled thoughts
+    grad = lambda cfg: jax.jit(jax.value_and_grad(functools.partial(rlp_objective, cfg=cfg, rlp=rlp), has_aux=True))(
+        params, batch=batch, thoughts=thoughts_d, t_bk=t_bk, t_mask_bk=jnp.ones(t_bk.shape, bool), ema_lp_bl=ema_lp)
+    (loss_d, (_, rewards_d, _)), g_d = grad(dense)
+    (loss_b, (_, rewards_b, _)), g_b = grad(blocks)
+    np.testing.assert_allclose(rewards_b, rewards_d, atol=1e-5)
+    np.testing.assert_allclose(loss_b, loss_d, atol=1e-5)
+    assert float(jnp.abs(loss_d)) > 0.1
+    assert_grads_close(g_b, g_d)
