@@ -249,3 +249,28 @@ def test_one_mesh_syntax_for_every_command(text, chips, sizes):
 def test_bad_mesh_text_is_one_line(text):
     with pytest.raises(ValueError, match=r"^--mesh "):
         sharding.MeshConfig.parse(text)
+
+
+@pytest.mark.parametrize("attention", ["dense", "blockwise"])
+def test_plan_agrees_with_xla_memory_analysis(attention):
+    """The planner's per-device total for an RLP step against XLA's own account of the compiled step
+    (temporaries + arguments), for dense and blockwise attention at a scaled-down shape."""
+    from rlp_jax.train import step as train_step
+    from rlp_jax.train.optim import make_optimizer
+
+    cfg = apply_overrides(load_experiment("smoke").config(), [
+        "model.preset=small", f"model.attention={attention}", "model.attention_block=64", "model.remat=none",
+        "data.seq_len=256", "data.batch_size=1", "rlp.rollout.positions_per_doc=1", "rlp.rollout.group_size=4",
+        "rlp.rollout.thought_len=16", "rlp.rollout.think_start_id=1", "rlp.rollout.think_end_id=2",
+        "rlp.loss.ntp_weight=0", "rlp.loss.kl_beta=0"])
+    m = model_config(cfg.model)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+    layout = train_step.state_layout(m, optimizer, mesh)
+    step = train_step.make_rlp_train_step(m, cfg.rlp, optimizer, mesh=mesh, state_shardings=layout.shardings)
+    rows = jax.ShapeDtypeStruct((1, 256), jax.numpy.int32)
+    batch = {"tokens": rows, "segment_ids": rows, "positions": rows}
+    analysis = step.lower(layout.abstract, batch, jax.random.key(0)).compile().memory_analysis()
+    xla = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+    planned = plan.plan(cfg, plan.device_spec("cpux1"), {"data": 1, "fsdp": 1, "tensor": 1}).total
+    assert 0.8 <= planned / xla <= 1.2, (planned / 2 ** 20, xla / 2 ** 20)

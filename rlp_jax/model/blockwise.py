@@ -52,34 +52,61 @@ def _scores(q, kb, mask, idx_kb, length, scale):
     return jnp.where(mask[:, None, None], s, jnp.where(idx_kb < length, MASKED, 2 * MASKED))
 
 
-def _forward(q, k, v, seg_q, lim_q, seg_k, block):
-    b, m, e, a, w = q.shape
-    scale = 1.0 / math.sqrt(w)
+def _key_blocks(k, v, seg_k, block):
     kb, vb, sb = _blocks(k, block), _blocks(v, block), _blocks(seg_k, block)
-    idx = jnp.arange(kb.shape[0] * block).reshape(kb.shape[0], block)
+    return kb, vb, sb, jnp.arange(kb.shape[0] * block).reshape(kb.shape[0], block)
+
+
+def _query_chunks(x, block: int):
+    """[B, M, ...] -> [M/block, B, block, ...] (zero padded; a padded query has segment 0: fully masked)."""
+    return _blocks(x, block)
+
+
+def _unchunk(x, length: int, axis: int = 1):
+    """Inverse of `_blocks` along `axis` of the un-blocked array: [n, B, blk, ...] -> [B, n * blk, ...][:, :length]
+    (axis 1), or for a chunk axis placed last ([n, B, E, A, blk]) -> [B, E, A, n * blk][..., :length]."""
+    if axis == 1:
+        return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :length]
+    return jnp.moveaxis(x, 0, -2).reshape(*x.shape[1:-1], -1)[..., :length]
+
+
+def _forward_chunk(q, seg_q, lim_q, keys, length, scale):
+    """One chunk of queries q [B, m, E, A, W] over every key block: (out [B, m, E, A, W] float32,
+    running max and sum [B, E, A, m])."""
+    b, m, e, a, w = q.shape
 
     def body(carry, xs):
-        mx, den, acc = carry                                   # [B, E, A, M] x2, [B, E, A, M, W]
+        mx, den, acc = carry                                   # [B, E, A, m] x2, [B, E, A, m, W]
         k_i, v_i, s_i, idx_i = xs
-        s = _scores(q, k_i, _mask(seg_q, lim_q, s_i, idx_i), idx_i, k.shape[1], scale)
+        s = _scores(q, k_i, _mask(seg_q, lim_q, s_i, idx_i), idx_i, length, scale)
         new_mx = jnp.maximum(mx, s.max(-1))
         p = jnp.exp(s - new_mx[..., None])
         fix = jnp.exp(mx - new_mx)
-        acc = acc * fix[..., None] + jnp.einsum("beamk,bkew->beamw", p.astype(v.dtype), v_i,
+        acc = acc * fix[..., None] + jnp.einsum("beamk,bkew->beamw", p.astype(v_i.dtype), v_i,
                                                 preferred_element_type=jnp.float32)
         return (new_mx, den * fix + p.sum(-1), acc), None
 
     init = (jnp.full((b, e, a, m), MASKED, jnp.float32), jnp.zeros((b, e, a, m), jnp.float32),
             jnp.zeros((b, e, a, m, w), jnp.float32))
-    (mx, den, acc), _ = jax.lax.scan(body, init, (kb, vb, sb, idx))
-    out = (acc / den[..., None]).transpose(0, 3, 1, 2, 4)      # [B, M, E, A, W] float32
-    return out.astype(q.dtype), mx + jnp.log(den), (mx, den)    # lse [B, E, A, M]
+    (mx, den, acc), _ = jax.lax.scan(body, init, keys)
+    return (acc / den[..., None]).transpose(0, 3, 1, 2, 4), mx, den
+
+
+def _forward(q, k, v, seg_q, lim_q, seg_k, block):
+    """Query chunks of `block` (one at a time, `lax.map`), each over all key blocks."""
+    m, scale = q.shape[1], 1.0 / math.sqrt(q.shape[-1])
+    keys = _key_blocks(k, v, seg_k, block)
+    chunk = lambda xs: _forward_chunk(*xs, keys, k.shape[1], scale)                  # noqa: E731
+    out, mx, den = jax.lax.map(chunk, tuple(_query_chunks(x, block) for x in (q, seg_q, lim_q)))
+    out, mx, den = _unchunk(out, m), _unchunk(mx, m, axis=-1), _unchunk(den, m, axis=-1)
+    return out.astype(q.dtype), mx + jnp.log(den), (mx, den)    # out [B, M, E, A, W], lse [B, E, A, M]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def attend_blocks(q, k, v, seg_q, lim_q, seg_k, block: int = DEFAULT_BLOCK):
     """Attention of queries q [B, M, E, A, W] over keys/values k, v [B, L, E, W] under the descriptor mask
-    (module docstring; seg_q, lim_q [B, M] int32, seg_k [B, L] int32), key block by key block.
+    (module docstring; seg_q, lim_q [B, M] int32, seg_k [B, L] int32), in chunks of `block` queries by
+    blocks of `block` keys: at most [B, E, A, block, block] scores exist at once.
     Returns (out [B, M, E, A, W] in q's dtype, lse [B, E, A, M] float32)."""
     return _forward(q, k, v, seg_q, lim_q, seg_k, block)[:2]
 
@@ -94,29 +121,36 @@ def _bwd(block, res, cts):
     # lse = MASKED + log(L) rounds to MASKED in float32, and the dense path's 1/L would become 1.
     q, k, v, seg_q, lim_q, seg_k, out, mx, den = res
     d_out, d_lse = cts
-    length, w = k.shape[1], q.shape[-1]
-    scale = 1.0 / math.sqrt(w)
+    m, length, scale = q.shape[1], k.shape[1], 1.0 / math.sqrt(q.shape[-1])
     do = d_out.astype(jnp.float32)
     # d/ds_j of (out, lse) = p_j (do.v_j - (do.out - d_lse))
     delta = jnp.einsum("bmeaw,bmeaw->beam", do, out.astype(jnp.float32)) - d_lse.astype(jnp.float32)
-    kb, vb, sb = _blocks(k, block), _blocks(v, block), _blocks(seg_k, block)
-    idx = jnp.arange(kb.shape[0] * block).reshape(kb.shape[0], block)
+    kb, vb, sb, idx = _key_blocks(k, v, seg_k, block)
+    per_query = [_query_chunks(x, block) for x in (q, seg_q, lim_q, do)]
+    per_stat = [_query_chunks(jnp.moveaxis(x, -1, 1), block) for x in (mx, den, delta)]   # [n, B, blk, E, A]
 
-    def body(dq, xs):
-        k_i, v_i, s_i, idx_i = xs
-        mask = _mask(seg_q, lim_q, s_i, idx_i)
-        p = jnp.exp(_scores(q, k_i, mask, idx_i, length, scale) - mx[..., None]) / den[..., None]   # [B,E,A,M,blk]
-        dv = jnp.einsum("beamk,bmeaw->bkew", p, do)
-        dp = jnp.einsum("bmeaw,bkew->beamk", do, v_i.astype(jnp.float32))
-        ds = jnp.where(mask[:, None, None], p * (dp - delta[..., None]), 0.0) * scale
-        dq = dq + jnp.einsum("beamk,bkew->bmeaw", ds, k_i.astype(jnp.float32))
-        dk = jnp.einsum("beamk,bmeaw->bkew", ds, q.astype(jnp.float32))
-        return dq, (dk, dv)
+    def chunk(dkv, xs):                       # one query chunk against every key block
+        q_c, sq_c, lq_c, do_c, mx_c, den_c, delta_c = xs
+        mx_c, den_c, delta_c = (jnp.moveaxis(x, 1, -1) for x in (mx_c, den_c, delta_c))   # [B, E, A, blk]
+        den_c = jnp.where(den_c > 0, den_c, 1.0)   # padded queries (sum 0): p = 0, not 0 / 0
 
-    dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32), (kb, vb, sb, idx))
-    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :length]
-    zero = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)                            # integer inputs
-    return (dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype),
+        def body(dq, ys):
+            k_i, v_i, s_i, idx_i = ys
+            mask = _mask(sq_c, lq_c, s_i, idx_i)
+            p = jnp.exp(_scores(q_c, k_i, mask, idx_i, length, scale) - mx_c[..., None]) / den_c[..., None]
+            dv = jnp.einsum("beamk,bmeaw->bkew", p, do_c)
+            dp = jnp.einsum("bmeaw,bkew->beamk", do_c, v_i.astype(jnp.float32))
+            ds = jnp.where(mask[:, None, None], p * (dp - delta_c[..., None]), 0.0) * scale
+            dq = dq + jnp.einsum("beamk,bkew->bmeaw", ds, k_i.astype(jnp.float32))
+            return dq, (jnp.einsum("beamk,bmeaw->bkew", ds, q_c.astype(jnp.float32)), dv)
+
+        dq_c, (dk, dv) = jax.lax.scan(body, jnp.zeros(q_c.shape, jnp.float32), (kb, vb, sb, idx))
+        return (dkv[0] + dk, dkv[1] + dv), dq_c
+
+    zeros = jnp.zeros(kb.shape, jnp.float32)
+    (dk, dv), dq = jax.lax.scan(chunk, (zeros, zeros), (*per_query, *per_stat))
+    zero = lambda x: jnp.zeros(x.shape, jax.dtypes.float0)                            # noqa: E731 (integer inputs)
+    return (_unchunk(dq, m).astype(q.dtype), _unchunk(dk, length).astype(k.dtype), _unchunk(dv, length).astype(v.dtype),
             zero(seg_q), zero(lim_q), zero(seg_k))
 
 

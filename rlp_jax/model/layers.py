@@ -167,24 +167,44 @@ def full_attention_blockwise(q_blqw, k_blew, v_blew, seg_bl, q_per_kv: int, cont
 
 
 def branch_attention_blockwise(q_bnsqw, prefix_k, prefix_v, prefix_seg_bl, branch_seg_bn, branch_start_bn,
-                               self_k, self_v, self_mask_bnsc, q_per_kv: int, context_k=None, context_v=None, *,
-                               block: int = blockwise.DEFAULT_BLOCK):
-    """`branch_attention` with the prefix read key block by key block: a branch's S queries see the prefix
-    keys l < branch_start of the branch's segment (prefix_seg [B, L], branch_seg/start [B, N] int32), and
-    no [B, N, S, heads, L] scores exist; the branch's own keys [B, N, C, E, W] and a prompt's are scored
-    densely (C and P are short) and merged by log-sum-exp. Returns [B, N, S, Q, W]."""
+                               self_k, self_v, self_lim_s, q_per_kv: int, context_k=None, context_v=None, *,
+                               block: int = blockwise.DEFAULT_BLOCK, prefix_blocks: bool = True,
+                               own_blocks: bool | None = None):
+    """`branch_attention` with descriptor masks, key block by key block: a branch's S queries see the prefix
+    keys l < branch_start of the branch's segment (prefix_seg [B, L], branch_seg/start [B, N] int32) and
+    their own keys [B, N, C, E, W] at slots c <= self_lim_s[i] ([S] int32: causal, or a cache's filled
+    slots). The prefix is read blockwise when `prefix_blocks`, the own keys when `own_blocks` (default:
+    C > block, the paper's long thoughts), otherwise densely; a prompt's keys densely; all merged by
+    log-sum-exp.
+    Returns [B, N, S, Q, W]."""
     b, n, s, h, dh = q_bnsqw.shape
-    e, a = h // q_per_kv, q_per_kv
+    c, e, a = self_k.shape[2], h // q_per_kv, q_per_kv
     q = q_bnsqw.reshape(b, n * s, e, a, dh)                               # a row's N x S queries: M = N S
     seg_q = jnp.repeat(branch_seg_bn.astype(jnp.int32), s, axis=1)       # [B, M]
     lim_q = jnp.repeat(branch_start_bn.astype(jnp.int32) - 1, s, axis=1)
-    parts = [blockwise.attend_blocks(q, prefix_k, prefix_v, seg_q, lim_q, prefix_seg_bl.astype(jnp.int32), block)]
-    ss = jnp.einsum("bnseaw,bncew->beansc", q.reshape(b, n, s, e, a, dh), self_k,
-                    preferred_element_type=jnp.float32) / math.sqrt(dh)
-    ss = jnp.where(self_mask_bnsc[:, None, None], ss, _MASKED)           # [B, E, A, N, S, C]
-    lse = jax.nn.logsumexp(ss, axis=-1)
-    probs = jnp.exp(ss - lse[..., None]).astype(q.dtype)
-    own = jnp.einsum("beansc,bncew->bnseaw", probs, self_v).reshape(b, n * s, e, a, dh)
+    prefix_seg = prefix_seg_bl.astype(jnp.int32)
+    if prefix_blocks:
+        parts = [blockwise.attend_blocks(q, prefix_k, prefix_v, seg_q, lim_q, prefix_seg, block)]
+    else:
+        idx = jnp.arange(prefix_k.shape[1])
+        mask = ((idx[None, None] <= lim_q[:, :, None]) & (prefix_seg[:, None, :] == seg_q[:, :, None])
+                & (prefix_seg[:, None, :] > 0))
+        scores = jnp.einsum("bmeaw,blew->beaml", q, prefix_k, preferred_element_type=jnp.float32) / math.sqrt(dh)
+        parts = [blockwise.dense_part(jnp.where(mask[:, None, None], scores, _MASKED), prefix_v, "beaml,blew->bmeaw")]
+    lim = jnp.broadcast_to(self_lim_s.astype(jnp.int32), (b * n, s))
+    if c > block if own_blocks is None else own_blocks:   # each branch its own row: [B N, S] over [B N, C]
+        ones_q, ones_k = jnp.ones((b * n, s), jnp.int32), jnp.ones((b * n, c), jnp.int32)
+        own, lse = blockwise.attend_blocks(q.reshape(b * n, s, e, a, dh), self_k.reshape(b * n, c, e, dh),
+                                           self_v.reshape(b * n, c, e, dh), ones_q, lim, ones_k, block)
+        own, lse = own.reshape(b, n * s, e, a, dh), lse.reshape(b, n, e, a, s).transpose(0, 2, 3, 1, 4)
+    else:
+        ss = jnp.einsum("bnseaw,bncew->beansc", q.reshape(b, n, s, e, a, dh), self_k,
+                        preferred_element_type=jnp.float32) / math.sqrt(dh)
+        own_mask = jnp.arange(c)[None, :] <= self_lim_s[:, None]              # [S, C]
+        ss = jnp.where(own_mask, ss, _MASKED)                                  # [B, E, A, N, S, C]
+        lse = jax.nn.logsumexp(ss, axis=-1)
+        probs = jnp.exp(ss - lse[..., None]).astype(q.dtype)
+        own = jnp.einsum("beansc,bncew->bnseaw", probs, self_v).reshape(b, n * s, e, a, dh)
     parts.append((own, lse.reshape(b, e, a, n * s)))
     if context_k is not None:
         scores = _context_scores(q, context_k, "bmeaw,pew->beamp", dh)

@@ -278,11 +278,11 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
         if ck is not None:
             k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), offset, axis=2)
             v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), offset, axis=2)
-        if cfg.blockwise_for(length):
+        if cfg.blockwise_for(length) or cfg.blockwise_for(slots):
             out = layers.branch_attention_blockwise(
                 q, pk.astype(q.dtype), pv.astype(q.dtype), prefix.segment_ids, branches.segment, branches.start,
-                k.astype(q.dtype), v.astype(q.dtype), self_mask, cfg.q_per_kv, context_k=xk, context_v=xv,
-                block=cfg.attention_block)
+                k.astype(q.dtype), v.astype(q.dtype), step, cfg.q_per_kv, context_k=xk, context_v=xv,
+                block=cfg.attention_block, prefix_blocks=cfg.blockwise_for(length), own_blocks=cfg.blockwise_for(slots))
         else:
             out = layers.branch_attention(q, pk.astype(q.dtype), pv.astype(q.dtype), prefix_mask,
                                           k.astype(q.dtype), v.astype(q.dtype), self_mask, cfg.q_per_kv,

@@ -62,6 +62,31 @@ def _transient(m: ModelConfig, tokens: float, pairs: float, tp: int) -> float:
     return tok * tokens + pairs * m.num_heads * (8 + dtype_bytes(m.compute_dtype)) / tp
 
 
+def _attended(m: ModelConfig, queries: float, keys: float, rows: float, own_keys: float = 0.0,
+              own_rows: float = 0.0) -> tuple[float, float]:
+    """(pairs held at once, pairs kept for the backward) of `queries` (spread over `rows` rows) over `keys`
+    keys, plus `own_keys` keys of each of `own_rows` rows (a branch's own). A key set read blockwise
+    (`ModelConfig.attention`) holds one chunk of `attention_block` queries by one block of keys per row at a
+    time and keeps no probabilities: its backward recomputes them from per-query statistics."""
+    held = saved = 0.0
+    for n_keys, n_rows in ((keys, rows), (own_keys, own_rows)):
+        if n_keys and m.blockwise_for(int(n_keys)):
+            held += n_rows * m.attention_block ** 2
+        else:
+            held, saved = held + queries * n_keys, saved + queries * n_keys
+    return held, saved
+
+
+def _blockwise_extra(m: ModelConfig, queries: float, keys: float, tp: int, rows: float = 1.0) -> float:
+    """Per layer, blockwise attention's working arrays beyond the scores of one block (zero when dense): the
+    float32 output, max and sum per query; in the backward, dq per query, a block's dp and ds per row, and
+    the key-blocked copies of k, v and their float32 gradients (dk, dv) for each of `rows` rows."""
+    if not m.blockwise_for(int(keys)):
+        return 0.0
+    h, hk, dh, c, blk = m.num_heads, m.num_kv_heads, m.head_dim, dtype_bytes(m.compute_dtype), m.attention_block
+    return (4 * h * (queries * (2 * dh + 2) + rows * 2 * blk * blk) + rows * keys * 2 * hk * dh * (4 + c)) / tp
+
+
 def _gathered(m: ModelConfig, tp: int) -> float:
     """Weights gathered for compute: two layers (the current and the prefetched) and the output head."""
     c = dtype_bytes(m.compute_dtype)
@@ -81,8 +106,9 @@ def activation_bytes(m: ModelConfig, rlp: RLPConfig, *, rows: int, seq_len: int,
     b, length = rows, seq_len
     tok, pair = _per_layer(m, m.remat, tp)
     gathered = _gathered(m, tp)
-    doc_tokens, doc_pairs = b * length, b * length * length
-    doc_transient = _transient(m, doc_tokens, doc_pairs, tp)
+    doc_tokens = b * length
+    doc_held, doc_pairs = _attended(m, doc_tokens, length, b)
+    doc_transient = _transient(m, doc_tokens, doc_held, tp) + _blockwise_extra(m, doc_tokens, length, tp, b)
     if objective == "ntp":
         saved = y * (tok * doc_tokens + pair * doc_pairs)
         return {"loss": saved + 3 * 4 * b * length * v / tp + doc_transient + gathered}
@@ -91,13 +117,16 @@ def activation_bytes(m: ModelConfig, rlp: RLPConfig, *, rows: int, seq_len: int,
     s = t + 1 + rlp.reward.horizon
     kv = lambda slots: 2 * y * slots * hk * dh * c / tp                              # noqa: E731
     teacher = param_copy + 2 * 4 * b * min(length, TOKEN_CHUNK) * v / tp + doc_transient + gathered
-    decode = (kv(b * n * t) + 4 * 4 * b * n * v / tp
-              + _transient(m, b * n, b * n * (length + t), tp) + gathered)
+    decode = (kv(b * n * t) + 4 * 4 * b * n * v / tp + _transient(m, b * n, _attended(m, b * n, length, b, t, b * n)[0], tp)
+              + _blockwise_extra(m, b * n, length, tp, b) + _blockwise_extra(m, b * n, t, tp, b * n) + gathered)
     rollout = kv(b * length) + max(doc_transient + gathered, decode)
-    br_tokens, br_pairs = b * n * s, b * n * s * (length + s)
+    br_tokens = b * n * s
+    br_held, br_pairs = _attended(m, br_tokens, length, b, s, b * n)
+    br_transient = (_transient(m, br_tokens, br_held, tp) + _blockwise_extra(m, br_tokens, length, tp, b)
+                    + _blockwise_extra(m, br_tokens, s, tp, b * n))
     vocab_slots = min(THOUGHT_CHUNK, t) + rlp.reward.horizon   # one chunk of thought slots + the targets
     loss = (y * (tok * (doc_tokens + br_tokens) + pair * (doc_pairs + br_pairs)) + kv(b * length)
-            + 4 * 4 * b * n * vocab_slots * v / tp + max(doc_transient, _transient(m, br_tokens, br_pairs, tp)) + gathered)
+            + 4 * 4 * b * n * vocab_slots * v / tp + max(doc_transient, br_transient) + gathered)
     if rlp.loss.ntp_weight > 0:
         loss += 3 * 4 * b * length * v / tp
     if rlp.loss.kl_beta > 0:   # the reference forward runs while the policy's residuals are kept

@@ -36,7 +36,8 @@ def qkv():
 
 
 def _max_diff(a, b):
-    return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    """The largest |a - b| over all leaves (NaN if any leaf has one: np.max propagates it, Python's max may not)."""
+    return float(np.max([jnp.abs(x - y).max() for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]))
 
 
 @pytest.mark.parametrize("with_prompt", [False, True])
@@ -52,21 +53,22 @@ def test_full_attention_equals_dense(qkv, with_prompt):
     assert _max_diff(jax.grad(dense, (0, 1, 2))(q, k, v), jax.grad(blocks, (0, 1, 2))(q, k, v)) < 1e-5
 
 
-@pytest.mark.parametrize("with_prompt", [False, True])
-def test_branch_attention_equals_dense(qkv, with_prompt):
+@pytest.mark.parametrize("with_prompt,own_blocks", [(False, False), (True, False), (False, True)])
+def test_branch_attention_equals_dense(qkv, with_prompt, own_blocks):
+    """Prefix blockwise; the branch's own keys dense, or blockwise too (long thoughts: 12 slots, blocks of 8)."""
     k, v, seg, r = qkv["k"], qkv["v"], qkv["seg"], qkv["r"]
-    n, s, c = 3, 4, 4
+    n, s, c = (3, 4, 4) if not own_blocks else (2, 12, 12)
     q = _normal(r, B, n, s, E * A, W)
     self_k, self_v = _normal(r, B, n, c, E, W), _normal(r, B, n, c, E, W)
-    start = jnp.asarray([[5, 19, 33], [0, 12, 29]], jnp.int32)   # a branch at 0 sees no prefix key
-    bseg = jnp.asarray([[1, 1, 2], [1, 1, 1]], jnp.int32)
+    start = jnp.asarray([[5, 19, 33], [0, 12, 29]], jnp.int32)[:, :n]   # a branch at 0 sees no prefix key
+    bseg = jnp.asarray([[1, 1, 2], [1, 1, 1]], jnp.int32)[:, :n]
     prefix_mask = (jnp.arange(L)[None, None] < start[:, :, None]) & (seg[:, None, :] == bseg[:, :, None])
     self_mask = jnp.broadcast_to(jnp.arange(c)[None] <= jnp.arange(s)[:, None], (B, n, s, c))
     ctx = dict(context_k=qkv["ck"], context_v=qkv["cv"]) if with_prompt else {}
     ct = _normal(r, *q.shape)
     dense = lambda *a: layers.branch_attention(a[0], a[1], a[2], prefix_mask, a[3], a[4], self_mask, A, **ctx)
-    blocks = lambda *a: layers.branch_attention_blockwise(a[0], a[1], a[2], seg, bseg, start, a[3], a[4], self_mask,
-                                                          A, **ctx, block=BLOCK)
+    blocks = lambda *a: layers.branch_attention_blockwise(a[0], a[1], a[2], seg, bseg, start, a[3], a[4],
+                                                          jnp.arange(s), A, **ctx, block=BLOCK, own_blocks=own_blocks)
     args = (q, k, v, self_k, self_v)
     assert _max_diff(dense(*args), blocks(*args)) < 1e-5
     grad = lambda f: jax.grad(lambda *a: (f(*a) * ct).sum(), argnums=tuple(range(5)))(*args)
