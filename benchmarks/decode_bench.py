@@ -58,6 +58,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -108,6 +109,22 @@ def save_checkpoint(preset: str, directory: str, seed: int) -> transformers.Qwen
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
     m.to(torch.float32).save_pretrained(directory, safe_serialization=True)
     return hf_cfg
+
+
+def load_real(name: str):
+    """(transformers model, (ModelConfig, params)) of one real checkpoint, both float32: a Hugging Face
+    folder, or a .gguf file that transformers dequantizes with its own GGUF loader."""
+    from rlp_jax.model import gguf as gguf_io
+    from rlp_jax.train.run_dir import load_pretrained, resolve_model_name
+
+    path = Path(resolve_model_name(name))
+    if gguf_io.is_gguf(path):
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                     dtype=torch.float32)
+    else:
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    cfg, params = load_pretrained(path)
+    return hf_model.eval(), (cfg, jax.tree.map(jnp.asarray, params))
 
 
 def describe(hf_cfg) -> str:
@@ -196,6 +213,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="small", help="comma-separated presets: tiny, small (default: small)")
+    p.add_argument("--checkpoint", default=None,
+                   help="a real model instead of the presets: HF folder, .gguf file or model name (smollm2); "
+                        "transformers loads the same file (GGUF through its own loader)")
     p.add_argument("--batches", default="16,64", help="comma-separated batch sizes (default: 16,64)")
     p.add_argument("--prompt-len", type=int, default=128, help="P, prompt tokens (all prompts this long)")
     p.add_argument("--new-tokens", type=int, default=128, help="J, new tokens per sequence")
@@ -223,13 +243,17 @@ def main(argv=None):
 
     rows, notes = [], []
     rng = np.random.RandomState(args.seed)
-    for preset in presets:
-        with tempfile.TemporaryDirectory(prefix=f"decode_bench_{preset}_") as ckpt:
-            hf_cfg = save_checkpoint(preset, ckpt, args.seed)
-            hf_model = transformers.Qwen3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-            cfg, params = from_hf(ckpt)
+    for preset in ([args.checkpoint] if args.checkpoint else presets):
+        if args.checkpoint:
+            hf_model, (cfg, params) = load_real(args.checkpoint)
+            hf_cfg = hf_model.config
+        else:
+            with tempfile.TemporaryDirectory(prefix=f"decode_bench_{preset}_") as ckpt:
+                hf_cfg = save_checkpoint(preset, ckpt, args.seed)
+                hf_model = transformers.Qwen3ForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+                cfg, params = from_hf(ckpt)
         ours = Ours(cfg, params)
-        notes.append(f"`{preset}`: Qwen3ForCausalLM, {describe(hf_cfg)}; {cfg.num_params() / 1e6:.2f}M params; "
+        notes.append(f"`{preset}`: {type(hf_model).__name__}, {describe(hf_cfg)}; {cfg.num_params() / 1e6:.2f}M params; "
                      f"transformers attention {hf_model.config._attn_implementation}")
         log(f"[{preset}] {notes[-1]}")
         check = greedy_check(ours, hf_model, cfg.vocab_size, args.prompt_len, rng)

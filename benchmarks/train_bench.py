@@ -134,6 +134,12 @@ def bench_step(objective: str, args, mesh, rng, attention: str = "auto", weights
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, k_step).compile()
     compile_s = time.perf_counter() - t0
+    n = math.prod(mesh.shape.values())
+    pl = plan.plan(cfg, plan.device_spec(f"{args.kind or 'cpu'}x{n}"), dict(mesh.shape))
+    need = xla_bytes(compiled)
+    if need is not None and need > args.max_mem_gb * plan.GIB:
+        log(f"[{tag}] compiled in {compile_s:.1f}s; needs {need / plan.GIB:.1f} GiB > {args.max_mem_gb:.1f} GiB: skipped")
+        return {"compile_s": compile_s, "step_s": None, "metrics": None, "xla_bytes": need, "plan": pl}
     log(f"[{tag}] compiled in {compile_s:.1f}s; warm-up step ...")
     state, metrics = compiled(state, batch, jax.random.fold_in(k_step, 0))
     jax.block_until_ready((state, metrics))
@@ -144,11 +150,8 @@ def bench_step(objective: str, args, mesh, rng, attention: str = "auto", weights
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t0)
         log(f"[{tag}] step {i}: {times[-1]:.3f}s")
-    n = math.prod(mesh.shape.values())
-    spec = plan.device_spec(f"{args.kind or 'cpu'}x{n}")
-    pl = plan.plan(cfg, spec, dict(mesh.shape))
     return {"compile_s": compile_s, "step_s": statistics.median(times), "metrics": jax.device_get(metrics),
-            "xla_bytes": xla_bytes(compiled), "plan": pl}
+            "xla_bytes": need, "plan": pl}
 
 
 def main(argv=None) -> None:
@@ -173,10 +176,16 @@ def main(argv=None) -> None:
     p.add_argument("--matmul-iters", type=int, default=10)
     p.add_argument("--matmul-repeats", type=int, default=5)
     p.add_argument("--output", default=None, help="also write the Markdown table to this file")
+    p.add_argument("--max-mem-gb", type=float, default=None,
+                   help="skip a step whose XLA memory (temporaries + arguments) exceeds this (default: 80%% of RAM "
+                        "on CPU, no limit elsewhere)")
     args = p.parse_args(argv)
 
     devices = jax.devices()
     platform = devices[0].platform
+    if args.max_mem_gb is None:
+        args.max_mem_gb = (0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / plan.GIB
+                           if platform == "cpu" else math.inf)
     if args.dtype == "auto":
         args.dtype = "float32" if platform == "cpu" else "bfloat16"
     args.kind = plan.kind_of_jax_device(devices[0].device_kind)
@@ -206,6 +215,11 @@ def main(argv=None) -> None:
     for (obj, att), r in results.items():
         base = results[(obj, attentions[0])]
         pl = r["plan"]
+        if r["step_s"] is None:
+            rows.append([obj.upper(), att, f"{r['compile_s']:.1f}", "does not fit"] + ["-"] * 7
+                        + [f"{r['xla_bytes'] / plan.GIB:.3f}", "-", f"{pl.total / plan.GIB:.3f}"])
+            continue
+        time_ratio = "-" if base["step_s"] is None else f"{r['step_s'] / base['step_s']:.2f}"
         flops = pl.step_flops
         achieved = flops / r["step_s"]
         spec_mfu = "-" if spec_peak is None else f"{100 * achieved / (ndev * spec_peak):.1f}%"
@@ -214,11 +228,12 @@ def main(argv=None) -> None:
         mem_ratio = ("-" if r["xla_bytes"] is None or not base["xla_bytes"]
                      else f"{r['xla_bytes'] / base['xla_bytes']:.2f}")
         rows.append([obj.upper(), att, f"{r['compile_s']:.1f}", f"{r['step_s']:.3f}",
-                     f"{r['step_s'] / base['step_s']:.2f}", f"{pl.input_tokens / r['step_s']:.4g}",
+                     time_ratio, f"{pl.input_tokens / r['step_s']:.4g}",
                      f"{eff / r['step_s']:.4g}", f"{flops / 1e12:.4g}", f"{achieved / 1e12:.4g}",
                      f"{100 * achieved / (ndev * peak):.1f}%", spec_mfu, xla, mem_ratio, f"{pl.total / plan.GIB:.3f}"])
     m = results[("rlp", attentions[0])]["plan"].model
-    met = results[("rlp", attentions[0])]["metrics"]
+    met = next((r["metrics"] for (o, _), r in results.items() if o == "rlp" and r["metrics"] is not None),
+               {"thought/mean_len": float("nan")})
     lines = [f"Preset `{args.preset}` ({m.num_params() / 1e6:.2f}M params, compute {args.dtype}, remat {args.remat}), "
              f"B={args.batch}, L={args.seq_len}, K={args.positions}, G={args.group_size}, T_think={args.thought_len}; "
              f"{ndev} x {devices[0].device_kind} ({platform}), mesh {mesh_sizes}; {args.steps} timed steps after "

@@ -92,12 +92,17 @@ def _forward_chunk(q, seg_q, lim_q, keys, length, scale):
     return (acc / den[..., None]).transpose(0, 3, 1, 2, 4), mx, den
 
 
+def _q_block(m: int, block: int) -> int:
+    """Queries per chunk: `block`, or all M when fewer (a decode step's few queries are not padded to a block)."""
+    return min(m, block)
+
+
 def _forward(q, k, v, seg_q, lim_q, seg_k, block):
     """Query chunks of `block` (one at a time, `lax.map`), each over all key blocks."""
     m, scale = q.shape[1], 1.0 / math.sqrt(q.shape[-1])
     keys = _key_blocks(k, v, seg_k, block)
     chunk = lambda xs: _forward_chunk(*xs, keys, k.shape[1], scale)                  # noqa: E731
-    out, mx, den = jax.lax.map(chunk, tuple(_query_chunks(x, block) for x in (q, seg_q, lim_q)))
+    out, mx, den = jax.lax.map(chunk, tuple(_query_chunks(x, _q_block(m, block)) for x in (q, seg_q, lim_q)))
     out, mx, den = _unchunk(out, m), _unchunk(mx, m, axis=-1), _unchunk(den, m, axis=-1)
     return out.astype(q.dtype), mx + jnp.log(den), (mx, den)    # out [B, M, E, A, W], lse [B, E, A, M]
 
@@ -126,8 +131,9 @@ def _bwd(block, res, cts):
     # d/ds_j of (out, lse) = p_j (do.v_j - (do.out - d_lse))
     delta = jnp.einsum("bmeaw,bmeaw->beam", do, out.astype(jnp.float32)) - d_lse.astype(jnp.float32)
     kb, vb, sb, idx = _key_blocks(k, v, seg_k, block)
-    per_query = [_query_chunks(x, block) for x in (q, seg_q, lim_q, do)]
-    per_stat = [_query_chunks(jnp.moveaxis(x, -1, 1), block) for x in (mx, den, delta)]   # [n, B, blk, E, A]
+    qb = _q_block(m, block)
+    per_query = [_query_chunks(x, qb) for x in (q, seg_q, lim_q, do)]
+    per_stat = [_query_chunks(jnp.moveaxis(x, -1, 1), qb) for x in (mx, den, delta)]   # [n, B, qb, E, A]
 
     def chunk(dkv, xs):                       # one query chunk against every key block
         q_c, sq_c, lq_c, do_c, mx_c, den_c, delta_c = xs

@@ -66,12 +66,12 @@ def _attended(m: ModelConfig, queries: float, keys: float, rows: float, own_keys
               own_rows: float = 0.0) -> tuple[float, float]:
     """(pairs held at once, pairs kept for the backward) of `queries` (spread over `rows` rows) over `keys`
     keys, plus `own_keys` keys of each of `own_rows` rows (a branch's own). A key set read blockwise
-    (`ModelConfig.attention`) holds one chunk of `attention_block` queries by one block of keys per row at a
-    time and keeps no probabilities: its backward recomputes them from per-query statistics."""
+    (`ModelConfig.attention`) holds one chunk of `attention_block` queries (or all, if fewer) by one block
+    of keys per row at a time and keeps no probabilities: its backward recomputes them from per-query statistics."""
     held = saved = 0.0
     for n_keys, n_rows in ((keys, rows), (own_keys, own_rows)):
         if n_keys and m.blockwise_for(int(n_keys)):
-            held += n_rows * m.attention_block ** 2
+            held += n_rows * min(queries / n_rows, m.attention_block) * m.attention_block   # a chunk of queries
         else:
             held, saved = held + queries * n_keys, saved + queries * n_keys
     return held, saved
