@@ -135,6 +135,18 @@ PILOTS = (
     ("lr1e-4", {"optim.lr": 1e-4}),
 )
 PILOT_RULE_STEPS = 10   # the pilot with the highest mean training reward over its last 10 steps wins
+# Second pilots (fixed on 2026-12-04, after the replication and before any of these runs): the settings the
+# issue lists that the first pilots did not try, one change each from the chosen pilot (lr 1e-5), seed 0.
+# They do not change the replication's arms; they ask whether any of them makes the held-out info gain
+# rise, so they evaluate every 10 steps (the held-out info-gain curve, same eval batches and key as every
+# other unit) and report the training reward over the last 10 steps as the first pilots did.
+PILOTS_EXTRA = (
+    ("ntp1", {"rlp.loss.ntp_weight": 1.0}),
+    ("uniform", {"rlp.rollout.position_rule": "uniform"}),
+    ("G8", {"rlp.rollout.group_size": 8}),
+    ("T64", {"rlp.rollout.thought_len": 64}),
+)
+PILOT_EXTRA_EVAL_EVERY = 10
 SEEDS = (0, 1, 2)
 MAIN_CPT = "cpt_paper"  # the paper's comparison: CPT for RLP's effective-token budget, every seed
 EVAL_LIMIT = 100        # generated held-out problems scored per run (the first 100 of 200), plus all fresh ones
@@ -183,6 +195,9 @@ def units(cfg: RunConfig, results: dict[str, dict]) -> list[tuple[str, str, int,
             out.append((f"rlp-s{seed}", "rlp", seed, base))
         for arm in ("cpt_tokens", MAIN_CPT) + (("cpt_flops",) if seed == 0 else ()):
             out.append((f"{arm}-s{seed}", arm, seed, _ntp(base, steps[arm])))
+    for name, changes in PILOTS_EXTRA:
+        extra = _override(rlp_cfg, {**changes, "train.eval_every": PILOT_EXTRA_EVAL_EVERY})
+        out.append((f"pilot2-{name}", "pilot2", 0, _seeded(extra, 0)))
     return out
 
 
@@ -241,11 +256,12 @@ def replicate(workdir: Path, max_units: int | None = None) -> bool:
         recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         lm = load_model(run_dir)
         row = {"name": name, "arm": arm, "seed": seed, "steps": run_cfg.train.steps,
-               "lr": run_cfg.optim.lr, "thought_len": think,
+               "lr": run_cfg.optim.lr, "thought_len": run_cfg.rlp.rollout.thought_len,
+               "eval_curve": [r for r in recs if r.get("split") == "eval"],
                "curves": [{"step": r["step"], **{k: r[k] for k in CURVE_KEYS if k in r}}
                           for r in recs if r.get("split") == "train"],
                "eval": next((r for r in reversed(recs) if r.get("split") == "eval"), {}),
-               **_answers(lm, generated, think, seed)}
+               **_answers(lm, generated, run_cfg.rlp.rollout.thought_len, seed)}
         row["seconds"] = round(time.time() - t0)
         _write(name, row)
         results[name] = row
