@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from rlp_jax.model.config import ModelConfig
-from rlp_jax.model.hf import CheckpointError, _check_shape, _hf_names, _to_ours
+from rlp_jax.model.hf import CheckpointError, leaf_reader
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -145,41 +145,51 @@ def _dequantized(reader, tensors: dict, name: str) -> np.ndarray:
     return np.asarray(arr, np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
 
 
-def from_gguf(path: str | os.PathLike, *, param_dtype: str | None = None, **config_overrides):
+def from_gguf(path: str | os.PathLike, *, param_dtype: str | None = None, mesh=None, **config_overrides):
     """Load a Llama / Qwen2 / Qwen3 GGUF file into (ModelConfig, params), tensors dequantized on the host.
 
     Args:
       path: a .gguf file. param_dtype: "float32" (default) or "bfloat16" for the loaded params.
+      mesh: a `jax.sharding.Mesh` to load onto: every parameter becomes a global `jax.Array` with its
+        `param_logical_axes` sharding and this process keeps only its own devices' slices
+        (`weights.assemble`); a block-quantized tensor is dequantized whole, one parameter's tensors at
+        a time. None: whole host numpy arrays.
       config_overrides: extra ModelConfig fields (e.g. compute_dtype, remat).
-    Returns: (ModelConfig, params pytree of numpy arrays, layers stacked on a leading axis); put them on
-      the mesh with `jax.device_put` and the shardings of `model.param_logical_axes`.
+    Returns: (ModelConfig, params pytree, layers stacked on a leading axis).
     """
-    from rlp_jax.model.transformer import param_shapes
+    from functools import lru_cache
+
+    from rlp_jax.model.weights import assemble
 
     reader = open_gguf(path)
     cfg = config_from_gguf(reader, param_dtype=param_dtype or "float32", **config_overrides)
     arch = metadata(reader, "general.architecture")
     tensors = {t.name: t for t in reader.tensors}
-    shapes, target = param_shapes(cfg), cfg.jnp_param_dtype
-    params: dict = {"layers": {}}
-    for key, hf_name, kind in _hf_names(cfg):
-        if key[0] != "layers":
-            arr = _dequantized(reader, tensors, _GGUF_NAMES[hf_name])
-            _check_shape(_GGUF_NAMES[hf_name], arr, kind, shapes[key[0]])
-            params[key[0]] = _to_ours(arr, kind, shapes[key[0]]).astype(target)
-            continue
-        suffix = hf_name.removeprefix("model.layers.{i}.")
-        shape = shapes["layers"][key[1]][1:]
-        stacked = np.empty((cfg.num_layers, *shape), dtype=target)
-        for i in range(cfg.num_layers):
-            name = f"blk.{i}.{_GGUF_NAMES[suffix]}"
-            arr = _dequantized(reader, tensors, name)
-            if arch == "llama" and key[1] in ("q_proj", "k_proj", "q_bias", "k_bias"):
-                arr = _unpermute_rows(arr, cfg.num_heads if key[1][0] == "q" else cfg.num_kv_heads)
-            _check_shape(name, arr, kind, shape)
-            stacked[i] = _to_ours(arr, kind, shape)
-        params["layers"][key[1]] = stacked
-    return cfg, params
+    permuted = {"self_attn.q_proj.weight": cfg.num_heads, "self_attn.k_proj.weight": cfg.num_kv_heads,
+                "self_attn.q_proj.bias": cfg.num_heads, "self_attn.k_proj.bias": cfg.num_kv_heads}
+
+    def gguf_name(hf_name: str) -> tuple[str, str]:
+        suffix = hf_name.split(".", 3)[-1] if hf_name.startswith("model.layers.") else hf_name
+        if suffix == hf_name:
+            return _GGUF_NAMES[hf_name], suffix
+        return f"blk.{hf_name.split('.')[2]}.{_GGUF_NAMES[suffix]}", suffix
+
+    @lru_cache(maxsize=cfg.num_layers)   # one parameter's tensors (every layer): each device's slice reuses them
+    def tensor(hf_name: str) -> np.ndarray:
+        name, suffix = gguf_name(hf_name)
+        arr = _dequantized(reader, tensors, name)
+        if arch == "llama" and suffix in permuted:
+            arr = _unpermute_rows(arr, permuted[suffix])
+        return arr
+
+    def shape_of(hf_name: str) -> tuple:
+        name, _ = gguf_name(hf_name)
+        if name not in tensors:
+            raise CheckpointError(f"GGUF file is missing tensor {name!r}")
+        return tuple(int(d) for d in reversed(tensors[name].shape))
+
+    get = lambda hf_name, index: tensor(hf_name) if index is None else tensor(hf_name)[index]
+    return cfg, assemble(cfg, leaf_reader(cfg, get, shape_of), mesh)
 
 
 def gguf_tokenizer(path: str | os.PathLike):

@@ -73,7 +73,8 @@ class _Reader:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def get(self, name: str) -> np.ndarray:
+    def get(self, name: str, index: tuple | None = None) -> np.ndarray:
+        """Tensor `name`, or only its part `index` (a tuple of slices: just those bytes are read)."""
         from safetensors import SafetensorError
 
         if name not in self.files:
@@ -82,10 +83,20 @@ class _Reader:
         if path not in self._open:
             self._open[path] = _open(path)
         try:
-            return self._open[path].get_tensor(name)
+            if index is None:
+                return self._open[path].get_tensor(name)
+            return np.asarray(self._open[path].get_slice(name)[index])
         except (SafetensorError, OSError, TypeError, ValueError) as e:
             raise CheckpointError(f"tensor {name!r} of {path} cannot be read ({e}); download or export the "
                                   "checkpoint again") from None
+
+    def shape(self, name: str) -> tuple:
+        if name not in self.files:
+            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = _open(path)
+        return tuple(self._open[path].get_slice(name).get_shape())
 
 
 def write_safetensors(path: Path, tensors: Iterator[tuple[str, np.ndarray]], shapes: dict[str, tuple],
@@ -217,6 +228,51 @@ def _to_ours(arr: np.ndarray, kind: str, shape: tuple) -> np.ndarray:
     raise AssertionError(kind)
 
 
+def _ours_slice(get, kind: str, shape: tuple, index: tuple, theirs: tuple) -> np.ndarray:
+    """Part `index` (slices with explicit bounds over our per-layer `shape`) of a tensor in our layout,
+    read from its HF-layout source through `get(their_index)`, which is asked only for the rows and
+    columns the part covers (whole heads: a head-width slice reads its heads and cuts after)."""
+    if kind == "copy" and tuple(theirs) == tuple(shape):
+        return get(index)
+    if kind == "transpose":
+        return get((index[1], index[0])).T
+    heads = index[0] if kind in ("heads", "heads_out") else index[1]
+    width = shape[1] if kind in ("heads", "heads_out") else shape[2]
+    rows = slice(heads.start * width, heads.stop * width)
+    if kind == "heads":    # [H*Dh] -> [H, Dh]
+        return get((rows,)).reshape(-1, width)[:, index[1]]
+    if kind == "in_heads":    # [H*Dh, D] -> [D, H, Dh]
+        return get((rows, index[0])).T.reshape(index[0].stop - index[0].start, -1, width)[:, :, index[2]]
+    if kind == "heads_out":   # [D, H*Dh] -> [H, Dh, D]
+        return get((index[2], rows)).T.reshape(-1, width, index[2].stop - index[2].start)[:, index[1], :]
+    return _to_ours(get(None), kind, shape)[index]
+
+
+def leaf_reader(cfg: ModelConfig, get, shape_of):
+    """`weights.assemble`'s reader over a checkpoint in HF names and layout: get(name, their_index or None)
+    -> np.ndarray, shape_of(name) -> their shape (checked against the config before anything is read)."""
+    from rlp_jax.model.weights import param_shapes
+
+    shapes = param_shapes(cfg)
+    names = {key: (name, kind) for key, name, kind in _hf_names(cfg)}
+
+    def read(path: tuple, index: tuple) -> np.ndarray:
+        name, kind = names[path]
+        if path[0] != "layers":
+            theirs = shape_of(name)
+            _check_shape(name, theirs, shapes[path[0]])
+            return _ours_slice(lambda i: get(name, i), kind, shapes[path[0]], index, theirs)
+        shape, parts = shapes["layers"][path[1]][1:], []
+        for i in range(index[0].start, index[0].stop):
+            layer = name.format(i=i)
+            theirs = shape_of(layer)
+            _check_shape(layer, theirs, shape)
+            parts.append(_ours_slice(lambda j: get(layer, j), kind, shape, index[1:], theirs))
+        return np.stack(parts)
+
+    return read
+
+
 def _to_theirs(arr: np.ndarray, kind: str) -> np.ndarray:
     if kind in ("copy",):
         return arr
@@ -235,20 +291,21 @@ def _to_theirs(arr: np.ndarray, kind: str) -> np.ndarray:
 # Public API
 # ----------------------------------------------------------------------------------------------
 
-def from_hf(path: str | os.PathLike, *, param_dtype: str | None = None, **config_overrides):
+def from_hf(path: str | os.PathLike, *, param_dtype: str | None = None, mesh=None, **config_overrides):
     """Load a local Hugging Face checkpoint directory into (ModelConfig, params).
 
     Args:
       path: directory with config.json and model.safetensors (or a sharded safetensors index).
       param_dtype: "float32"/"bfloat16" for the loaded params; default: the checkpoint's own dtype
         (float16 checkpoints load as float32).
+      mesh: a `jax.sharding.Mesh` to load onto: every parameter becomes a global `jax.Array` with its
+        `param_logical_axes` sharding, and this process reads from the files only the slices its own
+        devices hold (`weights.assemble`). None: whole host numpy arrays, nothing on a device.
       config_overrides: extra ModelConfig fields (e.g. compute_dtype, remat).
     Returns:
-      (ModelConfig, params pytree of host numpy arrays, layers stacked on a leading axis). Nothing is put
-      on a device: place them with the shardings you want (`jax.device_put(params, shardings)`, as
-      `rlp_jax.train` does over its mesh), so that no device ever holds the whole model.
+      (ModelConfig, params pytree, layers stacked on a leading axis).
     """
-    from rlp_jax.model.weights import param_shapes
+    from rlp_jax.model.weights import assemble
 
     directory = Path(path)
     if not directory.is_dir():
@@ -266,29 +323,12 @@ def from_hf(path: str | os.PathLike, *, param_dtype: str | None = None, **config
         param_dtype = "bfloat16" if declared == "bfloat16" else "float32"
     cfg = config_from_hf(hf, param_dtype=param_dtype, **config_overrides)
     reader = _Reader(directory)
-    shapes = param_shapes(cfg)
-    target = cfg.jnp_param_dtype
-    params: dict = {"layers": {}}
-    for key, name, kind in _hf_names(cfg):
-        if key[0] == "layers":
-            shape = shapes["layers"][key[1]][1:]
-            stacked = np.empty((cfg.num_layers, *shape), dtype=target)
-            for i in range(cfg.num_layers):
-                arr = reader.get(name.format(i=i))
-                _check_shape(name.format(i=i), arr, kind, shape)
-                stacked[i] = _to_ours(arr, kind, shape).astype(target)
-            params["layers"][key[1]] = stacked
-        else:
-            arr = reader.get(name)
-            _check_shape(name, arr, kind, shapes[key[0]])
-            params[key[0]] = np.ascontiguousarray(_to_ours(arr, kind, shapes[key[0]]).astype(target))
-    return cfg, params
+    return cfg, assemble(cfg, leaf_reader(cfg, reader.get, reader.shape), mesh)
 
 
-def _check_shape(name: str, arr: np.ndarray, kind: str, ours: tuple) -> None:
-    expected = int(np.prod(ours))
-    if arr.size != expected:
-        raise CheckpointError(f"tensor {name} has shape {tuple(arr.shape)}, config.json implies {expected} "
+def _check_shape(name: str, theirs: tuple, ours: tuple) -> None:
+    if int(np.prod(theirs)) != int(np.prod(ours)):
+        raise CheckpointError(f"tensor {name} has shape {tuple(theirs)}, config.json implies {int(np.prod(ours))} "
                               "elements; the checkpoint and its config.json disagree")
 
 

@@ -9,9 +9,13 @@ V vocabulary.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from rlp_jax import sharding
 from rlp_jax.model.config import ModelConfig
 
 Params = dict
@@ -80,3 +84,37 @@ def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
             leaf = std * jax.random.normal(key, shape, jnp.float32)
         leaves.append(leaf.astype(cfg.jnp_param_dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# read(path, index) -> the numpy values of params[path][index]: path as ("embed",) or ("layers", "q_proj"),
+# index a tuple of slice(start, stop) over the parameter's whole shape (layers axis included).
+LeafReader = Callable[[tuple, tuple], np.ndarray]
+
+
+def assemble(cfg: ModelConfig, read: LeafReader, mesh: jax.sharding.Mesh | None = None) -> Params:
+    """The params pytree of a checkpoint, one parameter at a time, from `read` (our layout).
+
+    mesh None: whole host numpy arrays in cfg.param_dtype. With a mesh: every parameter is a global
+    `jax.Array` with its `param_logical_axes` sharding, built by `jax.make_array_from_callback`, so this
+    process asks `read` only for the slices its own devices hold (each distinct slice once), and no host
+    or device ever holds a parameter it does not serve."""
+    shapes, axes, dtype = param_shapes(cfg), param_logical_axes(cfg), cfg.jnp_param_dtype
+
+    def leaf(path: tuple, shape: tuple, names: tuple):
+        if mesh is None:
+            return np.ascontiguousarray(read(path, tuple(slice(0, n) for n in shape)).astype(dtype))
+        done: dict[tuple, np.ndarray] = {}   # a replicated slice is read once, however many devices hold it
+
+        def shard(index: tuple) -> np.ndarray:
+            key = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+            bounds = tuple((s.start, s.stop) for s in key)
+            if bounds not in done:
+                done[bounds] = np.ascontiguousarray(read(path, key).astype(dtype))
+            return done[bounds]
+
+        spec = sharding.logical_to_spec(names, shape, mesh)
+        return jax.make_array_from_callback(shape, jax.sharding.NamedSharding(mesh, spec), shard)
+
+    params: Params = {k: leaf((k,), shapes[k], axes[k]) for k in shapes if k != "layers"}
+    params["layers"] = {k: leaf(("layers", k), shapes["layers"][k], axes["layers"][k]) for k in shapes["layers"]}
+    return params

@@ -49,9 +49,11 @@ class TrainingStopped(RuntimeError):
 # Building the pieces
 # ----------------------------------------------------------------------------------------------
 
-def build_model(cfg: RunConfig, tokenizer, rng) -> tuple[ModelConfig, dict | None]:
-    """ModelConfig and params: from a Hugging Face checkpoint or an rlp_jax run directory (its latest
-    policy params), or None for a random init (done later on the mesh). Embeddings grow when the tokenizer added tokens (the think markers)."""
+def build_model(cfg: RunConfig, tokenizer, rng, mesh=None) -> tuple[ModelConfig, dict | None]:
+    """ModelConfig and params: from a Hugging Face checkpoint or GGUF file (onto `mesh` when given: each
+    process reads only its devices' slices) or an rlp_jax run directory (its latest policy params), or
+    None for a random init (done later on the mesh). Embeddings grow when the tokenizer added tokens (the
+    think markers)."""
     m = cfg.model
     if m.init_from is None:
         return loading.model_config(m).replace(vocab_size=tokenizer.vocab_size), None
@@ -64,7 +66,7 @@ def build_model(cfg: RunConfig, tokenizer, rng) -> tuple[ModelConfig, dict | Non
             raise ConfigError(f"model.init_from={m.init_from} has vocab_size {mcfg.vocab_size} but the tokenizer has "
                               f"{tokenizer.vocab_size}; use the tokenizer that run trained with")
         return mcfg, params
-    mcfg, params = loading.load_pretrained(m.init_from, **m.overrides)
+    mcfg, params = loading.load_pretrained(m.init_from, mesh=mesh, **m.overrides)
     if tokenizer.vocab_size > mcfg.vocab_size:
         log.info("growing the embedding from %d to %d rows for added tokens (%s init)", mcfg.vocab_size,
                  tokenizer.vocab_size, m.new_token_init)
@@ -304,8 +306,8 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
     tokenizer = run_tokenizer(cfg)
     cfg = with_markers(cfg, tokenizer)
     base_rng = jax.random.key(tc.seed)
-    mcfg, host_params = build_model(cfg, tokenizer, run_key(base_rng, "build"))
-    mesh = run_mesh(cfg, mcfg)
+    mesh = run_mesh(cfg, loading.model_config(cfg.model))
+    mcfg, start_params = build_model(cfg, tokenizer, run_key(base_rng, "build"), mesh)
     optimizer = make_optimizer(cfg.optim, tc.steps)
     layout = train_step.state_layout(mcfg, optimizer, mesh, keep_reference=cfg.keeps_kl_reference)
     record = run_record(cfg, mcfg, experiment)
@@ -319,8 +321,8 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
     try:
         restored = ckpt.restore(layout.restore_target(), config=record)
         if restored is None:   # a fresh state only when there is nothing to resume
-            params = (layout.init_params(run_key(base_rng, "init")) if host_params is None
-                      else jax.device_put(host_params, layout.param_shardings))
+            params = (layout.init_params(run_key(base_rng, "init")) if start_params is None
+                      else jax.device_put(start_params, layout.param_shardings))
             state, start = layout.init(params), 0
         else:
             state, start, base_rng = restored.state, restored.step, restored.rng
@@ -331,7 +333,7 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
         ckpt.close()
         train_iter.close()
         raise
-    del host_params
+    del start_params
     if (workdir / "config.json").exists():  # keep the record of what earlier steps ran with
         (workdir / f"config.before-step{start}.json").write_text((workdir / "config.json").read_text())
     (workdir / "config.json").write_text(json.dumps(record, indent=2))

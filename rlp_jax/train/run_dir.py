@@ -257,12 +257,13 @@ def is_pretrained(path) -> bool:
                                      and not is_run_dir(path))
 
 
-def load_pretrained(path, *, param_dtype: str | None = None, **config_overrides):
+def load_pretrained(path, *, param_dtype: str | None = None, mesh=None, **config_overrides):
     """(ModelConfig, params) of a Hugging Face checkpoint directory or a GGUF file (`hf.from_hf`,
-    `gguf_io.from_gguf`); params may be host (numpy) arrays."""
+    `gguf_io.from_gguf`): with a mesh, global arrays of which each process read only its devices'
+    slices; without, whole host (numpy) arrays."""
     if gguf_io.is_gguf(path):
-        return gguf_io.from_gguf(path, param_dtype=param_dtype, **config_overrides)
-    return hf.from_hf(path, param_dtype=param_dtype, **config_overrides)
+        return gguf_io.from_gguf(path, param_dtype=param_dtype, mesh=mesh, **config_overrides)
+    return hf.from_hf(path, param_dtype=param_dtype, mesh=mesh, **config_overrides)
 
 
 def resolve_model_name(path):
@@ -397,12 +398,11 @@ def load_model(path, *, step: int | None = None, which: str = "params", mesh=Non
         if step is not None or which != "params":
             raise LoadError(f"{path} is a pretrained checkpoint, not a run: --step and --which=ema apply to run "
                             "directories only")
-        mcfg, params = load_pretrained(path)
-        tokenizer = load_tokenizer(path)
-        mcfg, params = fit_embeddings(mcfg, params, tokenizer, jax.random.key(0))
         if mesh is None:
             mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
-        # host arrays straight into their shards over the mesh (never the whole tree on one device)
+        mcfg, params = load_pretrained(path, mesh=mesh)   # each process reads only its devices' slices
+        tokenizer = load_tokenizer(path)
+        mcfg, params = fit_embeddings(mcfg, params, tokenizer, jax.random.key(0))
         params = jax.device_put(params, sharding.tree_shardings(model.param_logical_axes(mcfg), params, mesh))
         got_step, run_cfg, source = None, None, "gguf" if gguf_io.is_gguf(path) else "hf"
     else:
