@@ -200,7 +200,13 @@ def export(path, out, *, step: int | None = None, which: str = "params", dtype: 
       "bfloat16" for the saved weights (default: the model's storage dtype). force: replace a non-empty `out`.
     Returns: `out`. Raises ExportError or one of `rlp_jax.train.run_dir.LOAD_ERRORS` (one-line messages); on error
     `out` is left as it was.
+
+    Multi-host (every process runs the same command): each process loads its own slices, every tensor is
+    gathered one at a time, and process 0 alone writes `out`.
     """
+    import jax
+    from jax.experimental import multihost_utils
+
     path, out = (path if is_url(path) else Path(path)), Path(out)
     if dtype is not None and dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -211,6 +217,10 @@ def export(path, out, *, step: int | None = None, which: str = "params", dtype: 
     if rows != cfg.vocab_size or tok.vocab_size > cfg.vocab_size:
         raise ExportError(f"{path}: embedding has {rows} rows, config says vocab_size {cfg.vocab_size}, the "
                           f"tokenizer has {tok.vocab_size} ids; the checkpoint and its tokenizer disagree")
+    if jax.process_index() != 0:
+        hf.to_hf(lm.params, cfg, out, dtype=dtype)   # joins the gathers; writes nothing
+        multihost_utils.sync_global_devices("rlp_jax.export done")
+        return out
     tmp = out.parent / f".{out.name}.export-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -239,6 +249,8 @@ def export(path, out, *, step: int | None = None, which: str = "params", dtype: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("rlp_jax.export done")
     return out
 
 
@@ -257,6 +269,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", help=f"weights dtype: {' or '.join(DTYPES)} (default: the model's)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     args = p.parse_args(argv)
+    from rlp_jax import sharding
+
+    sharding.maybe_initialize_distributed()
     try:
         out = export(args.checkpoint, args.out, step=args.step, which=args.which, dtype=args.dtype, force=args.force)
     except (ExportError, *LOAD_ERRORS) as e:
@@ -265,7 +280,10 @@ def main(argv=None) -> int:
     except OSError as e:
         print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
         return 2
-    print(f"exported {args.checkpoint} ({args.which}) to {out}")
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"exported {args.checkpoint} ({args.which}) to {out}")
     return 0
 
 

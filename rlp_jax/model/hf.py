@@ -341,11 +341,16 @@ def to_hf(params, cfg: ModelConfig, path: str | os.PathLike, *, dtype: str | Non
       dtype: "float32" or "bfloat16" for the saved tensors (default: cfg.param_dtype).
       tokenizer_dir: optional directory whose tokenizer files are copied alongside.
     Returns: the output directory.
+
+    Multi-host: every process must call it (each tensor is gathered from the hosts that hold it, one at a
+    time, with `process_allgather`); process 0 alone writes.
     """
     import shutil
 
+    import jax
+    from jax.experimental import multihost_utils
+
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
     dtype = dtype or cfg.param_dtype
     np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
     entries = []
@@ -359,6 +364,8 @@ def to_hf(params, cfg: ModelConfig, path: str | os.PathLike, *, dtype: str | Non
     def host(key, i):
         leaf = params[key[0]] if len(key) == 1 else params[key[0]][key[1]]
         arr = leaf if i is None else leaf[i]
+        if isinstance(arr, jax.Array) and not arr.is_fully_addressable:
+            arr = multihost_utils.process_allgather(arr, tiled=True)
         return np.asarray(arr.astype("float32") if hasattr(arr, "astype") else arr, dtype=np.float32)
 
     shapes = {}
@@ -367,6 +374,11 @@ def to_hf(params, cfg: ModelConfig, path: str | os.PathLike, *, dtype: str | Non
         one = tuple(leaf.shape if i is None else leaf.shape[1:])
         shapes[name] = tuple(_to_theirs(np.empty(one, np.int8), kind).shape)
     tensors = ((name, _to_theirs(host(key, i), kind)) for name, kind, key, i in entries)
+    if jax.process_index() != 0:
+        for _ in tensors:   # join every gather, write nothing
+            pass
+        return out
+    out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / "model.safetensors", tensors, shapes, {n: np_dtype for n in shapes})
     (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
     if tokenizer_dir is not None:

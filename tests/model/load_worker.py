@@ -38,6 +38,12 @@ def main(hf_dir: str, gguf_path: str, out: str) -> None:
                 np.array_equal(np.asarray(s.data), want[s.index]) for s in got.addressable_shards)
             bad += [] if ok else [jax.tree_util.keystr(path)]
         res[name] = {"mismatched": bad, "sharded": sum(not leaf.is_fully_replicated for leaf in jax.tree.leaves(placed))}
+        # and back out: every process joins the gathers of the sharded params, process 0 writes
+        cfg, _ = load(None)
+        written = hf.to_hf(placed, cfg, Path(f"{out}.{name}-export"))
+        if jax.process_index() == 0:
+            ref = hf.to_hf(whole, cfg, Path(f"{out}.{name}-ref"))
+            res[name]["export_equal"] = (written / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
     # What the loader asks a safetensors file for, counted at the file: only the slices of this process's devices.
     f = safe_open(str(Path(hf_dir) / "model.safetensors"), framework="np")
     asked = []

@@ -1,7 +1,8 @@
 """Pretrained weights load straight into their shards: two CPU processes joined by jax.distributed, each
 with two devices, load a Hugging Face folder and a GGUF file onto a (fsdp 2, tensor 2) mesh; every device
 slice equals the whole host load, and each process reads from the safetensors file only the slices its
-own devices hold (each once), less than the whole checkpoint."""
+own devices hold (each once), less than the whole checkpoint; `to_hf` of the sharded params (every process
+joins the gathers, process 0 writes) writes what `to_hf` of the whole load writes."""
 
 import json
 import subprocess
@@ -31,4 +32,5 @@ def test_two_processes_load_only_their_own_slices(tmp_path):
         for kind in ("hf", "gguf"):
             assert r[kind]["mismatched"] == [] and r[kind]["sharded"] >= 8, r
         assert r["read"] == r["held"] < r["total"], r   # its own slices, each once; never the whole model
+    assert results[0]["hf"]["export_equal"] and results[0]["gguf"]["export_equal"]   # to_hf of sharded params
     assert sum(r["held"] for r in results) >= results[0]["total"]

@@ -2,6 +2,7 @@
 `tpu_scripts/gpu_launch.sh` sets; gloo collectives).
   * `python -m rlp_jax.evaluate` decodes exactly what one process with the same two devices decodes;
     process 0 alone prints and writes the results.
+  * `python -m rlp_jax.export` writes from two processes what one process writes (process 0 alone).
   * `python -m rlp_jax.train` saves from both processes, and after both are killed with SIGKILL mid-run a
     relaunch of the same command resumes each process at its own data position and finishes with exactly
     the losses and rewards of an uninterrupted two-process run. (One process with two devices is not the
@@ -57,6 +58,29 @@ def test_two_processes_decode_what_one_process_with_two_devices_decodes(tmp_path
     assert samples(multi) == samples(ref) and len(samples(ref)) == 12
     assert all(len(s[2]) >= 1 for s in samples(ref) if s[0] == "think")
     assert multi["results"] == ref["results"]
+
+
+def test_two_processes_export_what_one_process_exports(tmp_path):
+    """Multi-host export: each process loads its slices, every tensor is gathered, process 0 alone writes."""
+    run = make_run_dir(tmp_path / "run", num_problems=2)
+    args = [sys.executable, "-m", "rlp_jax.export", f"--checkpoint={run}"]
+    procs = {"ref": subprocess.Popen(args + [f"--out={tmp_path / 'one'}"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=_base_env())}
+    port = _free_port()
+    for i in range(2):
+        procs[i] = subprocess.Popen(args + [f"--out={tmp_path / 'two'}"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, env={
+                                        **_base_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                        "JAX_PROCESS_ID": str(i)})
+    out = {k: p.communicate(timeout=600)[0] for k, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), out
+    assert "exported" in out[0] and "exported" not in out[1]
+    one, two = sorted(f.name for f in (tmp_path / "one").iterdir()), sorted(f.name for f in (tmp_path / "two").iterdir())
+    assert one == two and "model.safetensors" in one
+    for name in one:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert not [f for f in tmp_path.iterdir() if f.name.startswith(".two")]   # no leftover temporary folder
 
 
 def _base_env() -> dict:
