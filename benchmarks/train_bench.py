@@ -159,7 +159,7 @@ def main(argv=None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--preset", default="small", help="ModelConfig preset (default small)")
     p.add_argument("--checkpoint", default=None, help="a real model instead of the preset: HF folder, .gguf or name")
-    p.add_argument("--attention", default="auto", help="comma-separated: auto, dense, blockwise (side by side)")
+    p.add_argument("--attention", default="auto", help="comma-separated: auto, dense, blockwise, kernel (side by side)")
     p.add_argument("--attention-block", type=int, default=512, help="key block of blockwise attention")
     p.add_argument("--batch", type=int, default=4, help="B, documents per step (global)")
     p.add_argument("--seq-len", type=int, default=256, help="L, tokens per document")

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DTYPES = tuple(_DTYPES)                 # storage and compute dtypes (float16 needs loss scaling: not offered)
 REMATS = ("none", "full", "dots")       # rematerialisation of the blocks (`transformer`): none, all, keep matmuls
-ATTENTIONS = ("auto", "dense", "blockwise")   # full/branch attention: see ModelConfig.attention
+ATTENTIONS = ("auto", "dense", "blockwise", "kernel")   # full/branch attention: see ModelConfig.attention
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,6 +45,9 @@ class ModelConfig:
       attention: how full and branch attention read their keys: "dense" (one score array), "blockwise"
         (online softmax over key blocks of `attention_block`, `rlp_jax.model.blockwise`) or "auto"
         (blockwise where the keys are longer than one block). Single-query decoding is dense always.
+        "kernel": full attention through the accelerator's kernel (`rlp_jax.model.kernels`: splash on TPU,
+        cuDNN on GPU, XLA's attention elsewhere) where it applies, "auto" wherever it does not (branch
+        attention, a prompt context, lengths or dtypes the kernel refuses).
     """
 
     vocab_size: int
@@ -107,7 +110,7 @@ class ModelConfig:
 
     def blockwise_for(self, num_keys: int) -> bool:
         """Whether attention over `num_keys` keys runs blockwise (see `attention`)."""
-        return self.attention == "blockwise" or (self.attention == "auto" and num_keys > self.attention_block)
+        return self.attention == "blockwise" or (self.attention in ("auto", "kernel") and num_keys > self.attention_block)
 
     @property
     def q_per_kv(self) -> int:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from rlp_jax import sharding
-from rlp_jax.model import layers
+from rlp_jax.model import kernels, layers
 from rlp_jax.model.config import ModelConfig
 from rlp_jax.model.weights import Params, init_params, param_logical_axes, param_shapes
 
@@ -213,8 +213,12 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
     if context is not None:
         pos = pos + context.length
     length = tokens_bl.shape[1]
-    blockwise = cfg.blockwise_for(length)
-    if not blockwise:
+    refused = kernels.supported(length, cfg.jnp_compute_dtype) if cfg.attention == "kernel" else None
+    if refused:
+        kernels.warn_once(f"model.attention=kernel: {refused}; the pure-JAX attention runs instead")
+    kernel = cfg.attention == "kernel" and context is None and refused is None
+    blockwise = not kernel and cfg.blockwise_for(length)
+    if not blockwise and not kernel:
         causal = jnp.tril(jnp.ones((length, length), bool))
         mask = causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)  # [B, Lq, Lk]
     inv_freq = layers.rope_inv_freq(cfg)
@@ -222,7 +226,9 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
     def attend(lp, h, extra):
         ck, cv = extra if extra is not None else (None, None)
         q, k, v = _project_qkv(cfg, lp, h, pos, inv_freq)
-        if blockwise:
+        if kernel:
+            out = kernels.full_attention(q, k, v, seg, cfg.q_per_kv)
+        elif blockwise:
             out = layers.full_attention_blockwise(q, k, v, seg, cfg.q_per_kv, context_k=ck, context_v=cv,
                                                   block=cfg.attention_block)
         else:
