@@ -63,7 +63,7 @@ def _tensor_index(directory: Path) -> dict[str, Path]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory}")
 
 
-class _Reader:
+class SafetensorsReader:
     """The tensors of a checkpoint directory, read one at a time through the safetensors library."""
 
     def __init__(self, directory: Path):
@@ -322,7 +322,7 @@ def from_hf(path: str | os.PathLike, *, param_dtype: str | None = None, mesh=Non
         declared = hf.get("dtype") or hf.get("torch_dtype") or "float32"
         param_dtype = "bfloat16" if declared == "bfloat16" else "float32"
     cfg = config_from_hf(hf, param_dtype=param_dtype, **config_overrides)
-    reader = _Reader(directory)
+    reader = SafetensorsReader(directory)
     return cfg, assemble(cfg, leaf_reader(cfg, reader.get, reader.shape), mesh)
 
 

@@ -1,0 +1,236 @@
+"""NVIDIA Nemotron-H, the hybrid Mamba-2 / attention decoder, as pure functions; checkpoints from Hugging Face.
+
+The model is a stack of blocks named by config.json's `layers_block_type`; each block is RMSNorm -> one mixer ->
+residual add. Mixers: "linear_attention" (Mamba-2, `rlp_jax.model.mamba2`), "full_attention" (causal
+grouped-query attention without rotary embeddings: Nemotron-H has no position encoding besides the Mamba
+layers' order) and "mlp" (up -> relu^2 -> down). Matches transformers' `NemotronHForCausalLM` in float32.
+
+Supported: `config_from_hf` (layers_block_type or the older hybrid_override_pattern, and the older
+mamba_* field names), `from_hf` (a safetensors folder with model.* or backbone.* tensor names) and the
+teacher-forced `forward` with a padding mask. Not supported: MoE blocks (Nemotron-3 Nano / Super), multi-token
+prediction layers, attention biases (transformers ignores `attention_bias` too), packed segments, caches and
+decoding of the whole model (`mamba2.mamba2_step` is the Mamba half of that). Math is float32 throughout.
+
+Shapes: B rows, L tokens, D model width, V vocabulary, Q query heads, E key/value heads, W head width,
+F MLP width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlp_jax.model import mamba2
+from rlp_jax.model.hf import CheckpointError, SafetensorsReader
+from rlp_jax.model.layers import full_attention, rms_norm
+
+MAMBA, ATTENTION, MLP = "linear_attention", "full_attention", "mlp"
+BLOCK_TYPES = (MAMBA, ATTENTION, MLP)
+_LEGACY_TYPES = {"mamba": MAMBA, "attention": ATTENTION}
+_PATTERN = {"M": MAMBA, "*": ATTENTION, "-": MLP, "E": "moe"}
+# older config.json names -> current ones (transformers' NemotronHConfig accepts both)
+_ALIASES = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_chunk_size": "chunk_size",
+            "mamba_dt_limit": "time_step_limit", "mamba_conv_bias": "use_conv_bias"}
+Params = dict
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HybridConfig:
+    """Shape of a Nemotron-H model.
+
+    block_types: one of BLOCK_TYPES per layer. use_bias: biases on the Mamba in/out projections;
+    use_conv_bias: on the Mamba conv; mlp_bias: on the MLP projections."""
+
+    vocab_size: int                     # V
+    hidden_size: int                    # D
+    block_types: tuple[str, ...]
+    num_heads: int                      # Q
+    num_kv_heads: int                   # E
+    head_dim: int                       # W
+    intermediate_size: int              # F
+    mamba: mamba2.Mamba2Config
+    eps: float = 1e-5                   # every RMSNorm (layer_norm_epsilon)
+    tie_word_embeddings: bool = False
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    mlp_bias: bool = False
+
+    def __post_init__(self):
+        bad = sorted(set(self.block_types) - set(BLOCK_TYPES))
+        if "moe" in bad:
+            raise ValueError("Nemotron-H MoE variants (a 'moe' block) are not supported; use a dense Nemotron-H "
+                             "(blocks linear_attention / full_attention / mlp)")
+        if bad:
+            raise ValueError(f"unsupported Nemotron-H block types {bad}; supported: {list(BLOCK_TYPES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads "
+                             f"{self.num_kv_heads}; fix the config")
+
+
+def _block_types(hf: dict) -> tuple[str, ...]:
+    if hf.get("layers_block_type"):
+        return tuple(_LEGACY_TYPES.get(t, t) for t in hf["layers_block_type"])
+    if hf.get("hybrid_override_pattern"):
+        unknown = sorted(set(hf["hybrid_override_pattern"]) - set(_PATTERN))
+        if unknown:
+            raise ValueError(f"hybrid_override_pattern has unknown symbols {unknown}; expected {sorted(_PATTERN)}")
+        return tuple(_PATTERN[ch] for ch in hf["hybrid_override_pattern"])
+    raise ValueError("config.json has neither layers_block_type nor hybrid_override_pattern: it is not a "
+                     "Nemotron-H config")
+
+
+def _number(v) -> float:
+    """A config.json number; transformers writes infinity as {"__float__": "Infinity"}, older files Infinity."""
+    return float(v["__float__"] if isinstance(v, dict) else v)
+
+
+def config_from_hf(hf: dict) -> HybridConfig:
+    """HybridConfig from a Nemotron-H config.json dict (transformers' defaults where a field is absent)."""
+    hf = {_ALIASES.get(k, k): v for k, v in hf.items()}
+    if hf.get("model_type", "nemotron_h") != "nemotron_h":
+        raise ValueError(f"model_type {hf['model_type']!r} is not nemotron_h; load it with rlp_jax.model.hf")
+    for key, want in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
+        if hf.get(key, want) != want:
+            raise ValueError(f"{key}={hf[key]!r} is not supported (only {want!r})")
+    if hf.get("attention_bias"):
+        raise ValueError("attention_bias=true is not supported (transformers' Nemotron-H has no attention "
+                         "biases either); set it to false")
+    if hf.get("num_nextn_predict_layers"):
+        raise ValueError("multi-token prediction layers are not supported; set num_nextn_predict_layers to 0")
+    heads = hf.get("num_attention_heads", 32)
+    limit = tuple(_number(v) for v in hf.get("time_step_limit", (0.0, math.inf)))
+    mamba = mamba2.Mamba2Config(
+        num_heads=hf.get("mamba_num_heads", 128), head_dim=hf.get("mamba_head_dim", 64),
+        n_groups=hf.get("n_groups", 8), state_size=hf.get("ssm_state_size", 128),
+        conv_kernel=hf.get("conv_kernel", 4), chunk_size=hf.get("chunk_size", 128),
+        eps=hf.get("layer_norm_epsilon", 1e-5), dt_limit=limit)
+    return HybridConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], block_types=_block_types(hf),
+        num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf.get("attention_head_dim") or 128,
+        intermediate_size=hf.get("intermediate_size", 21504), mamba=mamba,
+        eps=hf.get("layer_norm_epsilon", 1e-5), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        use_bias=bool(hf.get("use_bias", False)), use_conv_bias=bool(hf.get("use_conv_bias", True)),
+        mlp_bias=bool(hf.get("mlp_bias", False)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading a transformers checkpoint
+# ----------------------------------------------------------------------------------------------
+
+def _get(reader: SafetensorsReader, name: str, shape: tuple) -> np.ndarray:
+    if name not in reader:
+        raise CheckpointError(f"checkpoint is missing tensor {name!r} that config.json implies; the config.json "
+                              "does not belong to these weights, or the download is incomplete")
+    arr = reader.get(name)
+    if tuple(arr.shape) != tuple(shape):
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(arr.shape)}, the config implies {tuple(shape)}; "
+                              "the config.json does not belong to these weights")
+    return arr
+
+
+def _mamba_params(reader: SafetensorsReader, cfg: HybridConfig, pre: str) -> Params:
+    m, d = cfg.mamba, cfg.hidden_size
+    width = m.inner + m.conv_dim + m.num_heads
+    p = {"in_proj": _get(reader, pre + "in_proj.weight", (width, d)).T,
+         "conv_w": _get(reader, pre + "conv1d.weight", (m.conv_dim, 1, m.conv_kernel))[:, 0].T,
+         "norm": _get(reader, pre + "norm.weight", (m.inner,)),
+         "out_proj": _get(reader, pre + "out_proj.weight", (d, m.inner)).T}
+    p |= {k: _get(reader, pre + k, (m.num_heads,)) for k in ("dt_bias", "A_log", "D")}
+    if cfg.use_conv_bias:
+        p["conv_b"] = _get(reader, pre + "conv1d.bias", (m.conv_dim,))
+    if cfg.use_bias:
+        p["in_proj_b"] = _get(reader, pre + "in_proj.bias", (width,))
+        p["out_proj_b"] = _get(reader, pre + "out_proj.bias", (d,))
+    return p
+
+
+def _attention_params(reader: SafetensorsReader, cfg: HybridConfig, pre: str) -> Params:
+    d, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return {"q": _get(reader, pre + "q_proj.weight", (q, d)).T, "k": _get(reader, pre + "k_proj.weight", (kv, d)).T,
+            "v": _get(reader, pre + "v_proj.weight", (kv, d)).T, "o": _get(reader, pre + "o_proj.weight", (d, q)).T}
+
+
+def _mlp_params(reader: SafetensorsReader, cfg: HybridConfig, pre: str) -> Params:
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    p = {"up": _get(reader, pre + "up_proj.weight", (f, d)).T, "down": _get(reader, pre + "down_proj.weight", (d, f)).T}
+    if cfg.mlp_bias:
+        p |= {"up_b": _get(reader, pre + "up_proj.bias", (f,)), "down_b": _get(reader, pre + "down_proj.bias", (d,))}
+    return p
+
+
+_LOADERS = {MAMBA: _mamba_params, ATTENTION: _attention_params, MLP: _mlp_params}
+
+
+def from_hf(path) -> tuple[HybridConfig, Params]:
+    """(config, params) of a saved `NemotronHForCausalLM` folder (config.json + safetensors); params are host
+    numpy arrays in the checkpoint's dtype, linear weights as [in, out]."""
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"no config.json in {path}; pass the folder save_pretrained wrote")
+    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    reader = SafetensorsReader(path)
+    root = "model." if "model.embeddings.weight" in reader else "backbone."
+    d, v = cfg.hidden_size, cfg.vocab_size
+    params = {"embed": _get(reader, root + "embeddings.weight", (v, d)),
+              "blocks": [{"norm": _get(reader, f"{root}layers.{i}.norm.weight", (d,)),
+                          "mixer": _LOADERS[kind](reader, cfg, f"{root}layers.{i}.mixer.")}
+                         for i, kind in enumerate(cfg.block_types)],
+              "final_norm": _get(reader, root + "norm_f.weight", (d,))}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = _get(reader, "lm_head.weight", (v, d)).T
+    return cfg, params
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward pass
+# ----------------------------------------------------------------------------------------------
+
+def _f32(a):
+    return jnp.asarray(a, jnp.float32)
+
+
+def attention_mixer(p: Params, cfg: HybridConfig, h_bld, mask_bls):
+    """Causal GQA without position encoding: h [B, L, D], mask [B, L_q, L_k] bool -> [B, L, D]."""
+    b, l, _ = h_bld.shape
+    q = jnp.einsum("bld,dk->blk", h_bld, _f32(p["q"])).reshape(b, l, cfg.num_heads, cfg.head_dim)
+    k = jnp.einsum("bld,dk->blk", h_bld, _f32(p["k"])).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+    v = jnp.einsum("bld,dk->blk", h_bld, _f32(p["v"])).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+    out = full_attention(q, k, v, mask_bls, cfg.num_heads // cfg.num_kv_heads)
+    return jnp.einsum("blk,kd->bld", out.reshape(b, l, -1), _f32(p["o"]))
+
+
+def mlp_mixer(p: Params, h_bld):
+    """down(relu(up(h))^2): h [B, L, D] -> [B, L, D]."""
+    u = jnp.einsum("bld,df->blf", h_bld, _f32(p["up"]))
+    u = u if "up_b" not in p else u + _f32(p["up_b"])
+    out = jnp.einsum("blf,fd->bld", jnp.square(jax.nn.relu(u)), _f32(p["down"]))
+    return out if "down_b" not in p else out + _f32(p["down_b"])
+
+
+def forward(params: Params, cfg: HybridConfig, tokens_bl, attention_mask_bl=None):
+    """Teacher-forced logits [B, L, V] float32 of tokens [B, L]; attention_mask [B, L] (nonzero = real token,
+    None = all real) as transformers takes it: padded keys are never attended, padded inputs to the Mamba
+    mixers are zeroed. Logits at padded positions are meaningless. jit with cfg static."""
+    b, l = tokens_bl.shape
+    real_bl = jnp.ones((b, l), bool) if attention_mask_bl is None else jnp.asarray(attention_mask_bl) != 0
+    mask_bls = jnp.tril(jnp.ones((l, l), bool))[None] & real_bl[:, None, :]
+    x = _f32(jnp.take(params["embed"], tokens_bl, axis=0))
+    for kind, block in zip(cfg.block_types, params["blocks"]):
+        h = rms_norm(x, _f32(block["norm"]), cfg.eps)
+        if kind == MAMBA:
+            out, _ = mamba2.mamba2_forward(block["mixer"], cfg.mamba, h, real_bl)
+        elif kind == ATTENTION:
+            out = attention_mixer(block["mixer"], cfg, h, mask_bls)
+        else:
+            out = mlp_mixer(block["mixer"], h)
+        x = x + out
+    x = rms_norm(x, _f32(params["final_norm"]), cfg.eps)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("bld,dv->blv", x, _f32(head))

@@ -1,0 +1,149 @@
+"""Nemotron-H (hybrid Mamba-2 / attention): our logits and Mamba-2 mixer equal transformers'; the recurrent
+step equals the chunked scan; states read at positions equal the states stepping reaches."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlp_jax.model import hybrid, mamba2
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+BLOCKS = ["linear_attention", "full_attention", "mlp", "linear_attention", "mlp"]
+L = 21            # not a multiple of the chunk size 8: a partial last chunk
+
+
+def _hf_model(seed=0):
+    """A tiny random NemotronHForCausalLM with randomised norms, dt bias, A, D and conv bias (float32, eval)."""
+    torch.manual_seed(seed)
+    cfg = transformers.NemotronHConfig(
+        vocab_size=128, hidden_size=64, layers_block_type=BLOCKS, mamba_num_heads=4, mamba_head_dim=16,
+        n_groups=2, ssm_state_size=16, chunk_size=8, conv_kernel=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=96, use_mamba_kernels=False)
+    model = transformers.NemotronHForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("A_log"):        # A in (-1, -0.05): slow decay, so state carried across chunks matters
+                p.copy_(torch.log(0.05 + 0.95 * torch.rand_like(p)))
+            elif name.endswith("dt_bias"):
+                p.copy_(0.5 * torch.randn_like(p) - 1.0)
+            elif name.endswith(".D") or name.endswith("conv1d.bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+    return model.float().eval()
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    ref = _hf_model()
+    path = tmp_path_factory.mktemp("nemotron_h")
+    ref.save_pretrained(path)
+    cfg, params = hybrid.from_hf(path)
+    return ref, cfg, params, path
+
+
+def _batch(vocab, seed=0):
+    """Tokens [3, L] and their mask: a full row, a right-padded row (13 real) and a left-padded row (6 pads)."""
+    tokens = np.random.RandomState(seed).randint(0, vocab, size=(3, L)).astype(np.int32)
+    mask = np.ones((3, L), np.int32)
+    mask[1, 13:] = 0
+    mask[2, :6] = 0
+    return tokens, mask
+
+
+def _rel_err(ours, ref, mask):
+    sel = np.asarray(mask).astype(bool)
+    return float(np.abs(np.asarray(ours)[sel] - ref[sel]).max() / np.abs(ref[sel]).max())
+
+
+def test_logits_match_transformers(loaded):
+    ref, cfg, params, _ = loaded
+    assert cfg.block_types == tuple(BLOCKS) and cfg.mamba.chunk_size == 8
+    assert all(type(leaf) is np.ndarray for leaf in jax.tree.leaves(params))
+    tokens, mask = _batch(cfg.vocab_size)
+    with torch.no_grad():
+        want = ref(torch.as_tensor(tokens, dtype=torch.long), attention_mask=torch.as_tensor(mask)).logits.numpy()
+    ours = jax.jit(hybrid.forward, static_argnums=1)(params, cfg, jnp.asarray(tokens), jnp.asarray(mask))
+    assert ours.dtype == jnp.float32 and ours.shape == (3, L, cfg.vocab_size)
+    err = _rel_err(ours, want, mask)
+    print(f"logits max relative error {err:.2e}")
+    assert err <= 1e-4
+    # the full-length row alone, no mask: the same logits
+    alone = hybrid.forward(params, cfg, jnp.asarray(tokens[:1]))
+    assert _rel_err(alone, want[:1], mask[:1]) <= 1e-4
+
+
+def test_mamba_mixer_matches_transformers(loaded):
+    """The mixer alone on rows full, right-padded and left-padded, compared at every position (transformers
+    zeroes padded positions' inputs and conv outputs; left padding shows whether that reaches the state)."""
+    ref, cfg, params, _ = loaded
+    x = np.random.RandomState(1).randn(3, L, cfg.hidden_size).astype(np.float32)
+    _, mask = _batch(cfg.vocab_size)
+    with torch.no_grad():
+        want = ref.model.layers[0].mixer(torch.as_tensor(x), attention_mask=torch.as_tensor(mask)).numpy()
+    ours, _ = mamba2.mamba2_forward(params["blocks"][0]["mixer"], cfg.mamba, jnp.asarray(x), jnp.asarray(mask))
+    err = _rel_err(ours, want, np.ones_like(mask))
+    print(f"mamba mixer max relative error {err:.2e}")
+    assert err <= 1e-5
+    unmasked, _ = mamba2.mamba2_forward(params["blocks"][0]["mixer"], cfg.mamba, jnp.asarray(x))
+    assert _rel_err(unmasked[2:], want[2:], mask[2:]) > 1e-3      # the left padding does matter
+
+
+def _step_through(p, mcfg, x_bld):
+    """Outputs [B, L, D] and the states before each token and after the last (L+1 of them), by mamba2_step."""
+    step = jax.jit(mamba2.mamba2_step, static_argnums=1)
+    state, outs, states = mamba2.init_state(mcfg, x_bld.shape[0]), [], []
+    for i in range(x_bld.shape[1]):
+        states.append(state)
+        y, state = step(p, mcfg, x_bld[:, i], state)
+        outs.append(y)
+    states.append(state)
+    return jnp.stack(outs, axis=1), states
+
+
+def test_recurrent_step_equals_chunked_forward_and_states_at_positions(loaded):
+    _, cfg, params, _ = loaded
+    p, mcfg = params["blocks"][3]["mixer"], cfg.mamba
+    x = jnp.asarray(np.random.RandomState(2).randn(2, L, cfg.hidden_size).astype(np.float32))
+    positions = jnp.asarray([[0, 1, 7, 8, 9, 16, 20, 21], [21, 3, 8, 15, 16, 17, 2, 0]], jnp.int32)
+    full, at = jax.jit(lambda a, b: mamba2.mamba2_forward(p, mcfg, a, positions_bm=b))(x, positions)
+    stepped, states = _step_through(p, mcfg, x)
+    err = float(jnp.abs(stepped - full).max())
+    print(f"step vs chunked forward max abs error {err:.2e}")
+    assert err <= 1e-5
+    ssm_err = conv_err = 0.0
+    for row in range(2):
+        for m, t in enumerate(np.asarray(positions[row])):
+            want = states[t]
+            ssm_err = max(ssm_err, float(jnp.abs(at.ssm[row, m] - want.ssm[row]).max()))
+            conv_err = max(conv_err, float(jnp.abs(at.conv[row, m] - want.conv[row]).max()))
+    print(f"state at positions max abs error: ssm {ssm_err:.2e}, conv {conv_err:.2e}")
+    assert ssm_err <= 1e-5 and conv_err == 0.0
+    # continuing from a state read at t equals the uninterrupted forward from t on (a branch at t)
+    t = 11
+    _, split = mamba2.mamba2_forward(p, mcfg, x[:, :t], positions_bm=jnp.full((2, 1), t))
+    start = jax.tree.map(lambda a: a[:, 0], split)
+    rest, _ = mamba2.mamba2_forward(p, mcfg, x[:, t:], state=start)
+    assert float(jnp.abs(rest - full[:, t:]).max()) <= 1e-5
+    first, _ = mamba2.mamba2_step(p, mcfg, x[:, t], start)
+    assert float(jnp.abs(first - full[:, t]).max()) <= 1e-5
+
+
+def test_unsupported_configs_say_what_to_do(loaded, tmp_path):
+    _, _, _, path = loaded
+    base = json.loads((path / "config.json").read_text())
+    with pytest.raises(ValueError, match="MoE variants .* not supported"):
+        hybrid.config_from_hf(base | {"layers_block_type": ["linear_attention", "moe"]})
+    with pytest.raises(ValueError, match="unsupported Nemotron-H block types"):
+        hybrid.config_from_hf(base | {"layers_block_type": ["sliding_attention"]})
+    legacy = {k: v for k, v in base.items() if k != "layers_block_type"} | {"hybrid_override_pattern": "M*-M-"}
+    assert hybrid.config_from_hf(legacy) == hybrid.config_from_hf(base)
+    (tmp_path / "config.json").write_text(json.dumps(base | {"layers_block_type": BLOCKS + ["mlp"]}))
+    (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensor '(model|backbone)\.layers\.5\.norm\.weight'"):
+        hybrid.from_hf(tmp_path)
