@@ -9,6 +9,7 @@ gguf         GGUF files in (dequantized with the `gguf` package) and their token
 kernels      accelerator attention kernels (splash on TPU, cuDNN on GPU) behind model.attention=kernel
 mamba2       the Mamba-2 mixer: chunked SSD scan, the state after any position, the recurrent step
 hybrid       NVIDIA Nemotron-H (Mamba-2 / attention / MLP blocks): config, HF weights in, forward
+hybrid_branch  thoughts branched off a Nemotron-H prefix: SSM states at t, attention keys shared, decode
 
 Imports flow one way: `rlp_jax.model` never imports `rlp`, `train` or `evaluate`.
 """

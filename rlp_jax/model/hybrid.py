@@ -8,8 +8,9 @@ layers' order) and "mlp" (up -> relu^2 -> down). Matches transformers' `Nemotron
 Supported: `config_from_hf` (layers_block_type or the older hybrid_override_pattern, and the older
 mamba_* field names), `from_hf` (a safetensors folder with model.* or backbone.* tensor names) and the
 teacher-forced `forward` with a padding mask. Not supported: MoE blocks (Nemotron-3 Nano / Super), multi-token
-prediction layers, attention biases (transformers ignores `attention_bias` too), packed segments, caches and
-decoding of the whole model (`mamba2.mamba2_step` is the Mamba half of that). Math is float32 throughout.
+prediction layers, attention biases (transformers ignores `attention_bias` too), packed segments. Thoughts
+branched off a teacher-forced prefix (whole, or decoded token by token) are `rlp_jax.model.hybrid_branch`'s;
+`run_blocks` returns the prefix caches they start from. Math is float32 throughout.
 
 Shapes: B rows, L tokens, D model width, V vocabulary, Q query heads, E key/value heads, W head width,
 F MLP width.
@@ -196,22 +197,66 @@ def _f32(a):
     return jnp.asarray(a, jnp.float32)
 
 
+def embed(params: Params, tokens):
+    """Token embeddings [..., D] float32 of token ids [...]."""
+    return _f32(jnp.take(params["embed"], tokens, axis=0))
+
+
+def logits_from_hidden(params: Params, cfg: HybridConfig, x):
+    """Final RMSNorm and output projection: hidden [..., D] -> logits [..., V] float32."""
+    x = rms_norm(x, _f32(params["final_norm"]), cfg.eps)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("...d,dv->...v", x, _f32(head))
+
+
+def attention_qkv(p: Params, cfg: HybridConfig, h):
+    """Projections of h [..., D] -> q [..., Q, W], k and v [..., E, W] (no position encoding)."""
+    proj = lambda w, heads: jnp.einsum("...d,dk->...k", h, _f32(w)).reshape(*h.shape[:-1], heads, cfg.head_dim)
+    return proj(p["q"], cfg.num_heads), proj(p["k"], cfg.num_kv_heads), proj(p["v"], cfg.num_kv_heads)
+
+
+def attention_out(p: Params, attn):
+    """o_proj of the attention output [..., Q, W] -> [..., D]."""
+    return jnp.einsum("...k,kd->...d", attn.reshape(*attn.shape[:-2], -1), _f32(p["o"]))
+
+
 def attention_mixer(p: Params, cfg: HybridConfig, h_bld, mask_bls):
-    """Causal GQA without position encoding: h [B, L, D], mask [B, L_q, L_k] bool -> [B, L, D]."""
-    b, l, _ = h_bld.shape
-    q = jnp.einsum("bld,dk->blk", h_bld, _f32(p["q"])).reshape(b, l, cfg.num_heads, cfg.head_dim)
-    k = jnp.einsum("bld,dk->blk", h_bld, _f32(p["k"])).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
-    v = jnp.einsum("bld,dk->blk", h_bld, _f32(p["v"])).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+    """Causal GQA without position encoding: h [B, L, D], mask [B, L_q, L_k] bool -> (out [B, L, D],
+    (k, v) [B, L, E, W])."""
+    q, k, v = attention_qkv(p, cfg, h_bld)
     out = full_attention(q, k, v, mask_bls, cfg.num_heads // cfg.num_kv_heads)
-    return jnp.einsum("blk,kd->bld", out.reshape(b, l, -1), _f32(p["o"]))
+    return attention_out(p, out), (k, v)
 
 
-def mlp_mixer(p: Params, h_bld):
-    """down(relu(up(h))^2): h [B, L, D] -> [B, L, D]."""
-    u = jnp.einsum("bld,df->blf", h_bld, _f32(p["up"]))
+def mlp_mixer(p: Params, h):
+    """down(relu(up(h))^2): h [..., D] -> [..., D]."""
+    u = jnp.einsum("...d,df->...f", h, _f32(p["up"]))
     u = u if "up_b" not in p else u + _f32(p["up_b"])
-    out = jnp.einsum("blf,fd->bld", jnp.square(jax.nn.relu(u)), _f32(p["down"]))
+    out = jnp.einsum("...f,fd->...d", jnp.square(jax.nn.relu(u)), _f32(p["down"]))
     return out if "down_b" not in p else out + _f32(p["down_b"])
+
+
+def run_blocks(params: Params, cfg: HybridConfig, tokens_bl, real_bl, positions_bm=None):
+    """The blocks over tokens [B, L] with real [B, L] bool (False = padding) -> (hidden [B, L, D] before the final
+    norm, per-block caches or None).
+
+    positions [B, M] int (0 <= t <= L): also return, for each block, what a continuation of each row after its
+    tokens < t needs (`rlp_jax.model.hybrid_branch`): attention (k, v) [B, L, E, W] of every token, Mamba the
+    `mamba2.Mamba2State` [B, M, ...] after tokens < t, MLP None. None: caches is None."""
+    l = tokens_bl.shape[1]
+    mask_bls = jnp.tril(jnp.ones((l, l), bool))[None] & real_bl[:, None, :]
+    x, caches = embed(params, tokens_bl), []
+    for kind, block in zip(cfg.block_types, params["blocks"]):
+        h = rms_norm(x, _f32(block["norm"]), cfg.eps)
+        if kind == MAMBA:
+            out, cache = mamba2.mamba2_forward(block["mixer"], cfg.mamba, h, real_bl, positions_bm=positions_bm)
+        elif kind == ATTENTION:
+            out, cache = attention_mixer(block["mixer"], cfg, h, mask_bls)
+        else:
+            out, cache = mlp_mixer(block["mixer"], h), None
+        caches.append(cache)
+        x = x + out
+    return x, (None if positions_bm is None else tuple(caches))
 
 
 def forward(params: Params, cfg: HybridConfig, tokens_bl, attention_mask_bl=None):
@@ -220,17 +265,5 @@ def forward(params: Params, cfg: HybridConfig, tokens_bl, attention_mask_bl=None
     mixers are zeroed. Logits at padded positions are meaningless. jit with cfg static."""
     b, l = tokens_bl.shape
     real_bl = jnp.ones((b, l), bool) if attention_mask_bl is None else jnp.asarray(attention_mask_bl) != 0
-    mask_bls = jnp.tril(jnp.ones((l, l), bool))[None] & real_bl[:, None, :]
-    x = _f32(jnp.take(params["embed"], tokens_bl, axis=0))
-    for kind, block in zip(cfg.block_types, params["blocks"]):
-        h = rms_norm(x, _f32(block["norm"]), cfg.eps)
-        if kind == MAMBA:
-            out, _ = mamba2.mamba2_forward(block["mixer"], cfg.mamba, h, real_bl)
-        elif kind == ATTENTION:
-            out = attention_mixer(block["mixer"], cfg, h, mask_bls)
-        else:
-            out = mlp_mixer(block["mixer"], h)
-        x = x + out
-    x = rms_norm(x, _f32(params["final_norm"]), cfg.eps)
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("bld,dv->blv", x, _f32(head))
+    x, _ = run_blocks(params, cfg, tokens_bl, real_bl)
+    return logits_from_hidden(params, cfg, x)

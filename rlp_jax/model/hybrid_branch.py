@@ -1,0 +1,194 @@
+"""Thoughts branched off a Nemotron-H prefix: one teacher-forced pass over the documents, then short continuations
+("thoughts") at chosen positions t, each computed as if it followed its document's tokens x_<t, with nothing of
+the prefix copied per thought.
+
+  `prefix_forward`     the pass over the documents [B, L]; keeps what branches at positions t [B, K] start from:
+                       each attention block's keys/values of the whole documents [B, L, E, W] (shared by all
+                       branches of a row; a branch sees the indices < t) and each Mamba block's state after x_<t
+                       per (row, position) [B, K, ...] (read from the chunk-start states, `mamba2.mamba2_forward`).
+  `branch_forward`     whole thoughts [B, K, S, T] at once -> logits [B, K, S, T, V]: Mamba blocks run the chunked
+                       scan over the thought from its position's state, attention blocks attend to the prefix keys
+                       < t plus the thought's own earlier tokens. Differentiable end to end, prefix pass included.
+  `init_branch_cache` + `decode_step`
+                       the same one token at a time for sampling: per-branch Mamba states (`mamba2.mamba2_step`) and
+                       per-branch key/value slots after the shared prefix keys.
+Equal to running each thought as its own sequence x_<t + thought through `hybrid.forward`
+(tests/model/test_hybrid_branch.py). Documents may be right-padded (t <= a row's real length); packed segments
+are not supported (nor by the Mamba mixer). Math is float32.
+
+Shapes: B rows, L document tokens, K branch positions per row, S thoughts per position, N = K S branches per
+row (branch n = k S + s), T thought tokens, C slots of a decode cache, V vocabulary, D width, Q / E query /
+key-value heads, W head width. (`mamba2` uses K, T and N for other things; its states appear here only as
+`Mamba2State`s with their leading axes named.)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlp_jax.model import hybrid, layers, mamba2
+from rlp_jax.model.hybrid import ATTENTION, MAMBA, HybridConfig, Params
+
+
+class HybridPrefix(NamedTuple):
+    """What branches at positions t start from, per block: attention (k, v) [B, L, E, W] of the documents;
+    Mamba a `Mamba2State` [B, K, ...] after the tokens < t; MLP None."""
+
+    blocks: tuple
+    real: jax.Array     # [B, L] bool, False = padding
+    t: jax.Array        # [B, K] int32 branch positions: a branch sees document tokens < t
+
+
+class BranchCache(NamedTuple):
+    """Decoding state of N = K S branches per row, per block: attention (k, v) [B, N, C, E, W] of the tokens fed
+    so far (slots >= step unused); Mamba a `Mamba2State` [B, N, ...] after them; MLP None."""
+
+    blocks: tuple
+    step: jax.Array     # [] int32 tokens fed so far
+
+
+def prefix_forward(params: Params, cfg: HybridConfig, tokens_bl, t_bk, attention_mask_bl=None, *,
+                   return_logits: bool = False):
+    """The teacher-forced pass over documents [B, L] (attention_mask [B, L] nonzero = real; None = all real)
+    keeping what branches at positions t [B, K] (0 <= t <= the row's real length) need.
+
+    Returns (logits [B, L, V] float32 of the documents if return_logits else None, `HybridPrefix`).
+    Differentiable in params; jit with cfg static."""
+    tokens_bl, t_bk = jnp.asarray(tokens_bl), jnp.asarray(t_bk, jnp.int32)
+    if tokens_bl.ndim != 2 or t_bk.ndim != 2 or t_bk.shape[0] != tokens_bl.shape[0]:
+        raise ValueError(f"tokens must be [B, L] and t [B, K] with the same B; got {tokens_bl.shape} and "
+                         f"{t_bk.shape}")
+    if attention_mask_bl is None:
+        real_bl = jnp.ones(tokens_bl.shape, bool)
+    elif jnp.shape(attention_mask_bl) != tokens_bl.shape:
+        raise ValueError(f"attention_mask has shape {jnp.shape(attention_mask_bl)}, tokens {tokens_bl.shape}")
+    else:
+        real_bl = jnp.asarray(attention_mask_bl) != 0
+    x, caches = hybrid.run_blocks(params, cfg, tokens_bl, real_bl, positions_bm=t_bk)
+    logits = hybrid.logits_from_hidden(params, cfg, x) if return_logits else None
+    return logits, HybridPrefix(caches, real_bl, t_bk)
+
+
+def _per_branch(state_bk: mamba2.Mamba2State, s: int) -> mamba2.Mamba2State:
+    """A state per (row, position) [B, K, ...] -> one per branch [B, N, ...] (each position's to its S thoughts)."""
+    def spread(a):
+        b, k = a.shape[:2]
+        return jnp.broadcast_to(a[:, :, None], (b, k, s, *a.shape[2:])).reshape(b, k * s, *a.shape[2:])
+    return jax.tree.map(spread, state_bk)
+
+
+def _flat(tree, b: int, n: int):
+    """[B, N, ...] leaves -> [B N, ...]."""
+    return jax.tree.map(lambda a: a.reshape(b * n, *a.shape[2:]), tree)
+
+
+def _unflat(tree, b: int, n: int):
+    """[B N, ...] leaves -> [B, N, ...]."""
+    return jax.tree.map(lambda a: a.reshape(b, n, *a.shape[1:]), tree)
+
+
+def _prefix_mask(prefix: HybridPrefix, s: int):
+    """[B, N, L] bool: branch n sees the real document tokens before its position."""
+    t_bn = jnp.repeat(prefix.t, s, axis=1)
+    idx = jnp.arange(prefix.real.shape[1])
+    return (idx[None, None, :] < t_bn[:, :, None]) & prefix.real[:, None, :]
+
+
+def _attend(p: Params, cfg: HybridConfig, q, prefix_kv, prefix_mask_bnl, self_k, self_v, self_mask):
+    """Branch queries q [B, N, S', Q, W] over the prefix keys and their own keys [B, N, C, E, W] -> [B, N, S', D]."""
+    pk, pv = prefix_kv
+    out = layers.branch_attention(q, pk, pv, prefix_mask_bnl, self_k, self_v, self_mask,
+                                  cfg.num_heads // cfg.num_kv_heads)
+    return hybrid.attention_out(p, out)
+
+
+def _check_prefix(cfg: HybridConfig, prefix: HybridPrefix):
+    if len(prefix.blocks) != len(cfg.block_types):
+        raise ValueError(f"prefix has {len(prefix.blocks)} blocks, the config {len(cfg.block_types)}: it was made "
+                         "with another model")
+
+
+def branch_forward(params: Params, cfg: HybridConfig, prefix: HybridPrefix, thought_tokens_bkst):
+    """Logits [B, K, S, T, V] float32 of S thoughts [B, K, S, T] at each of the prefix's positions t [B, K]: slot i
+    of a thought predicts its token i+1 (the last slot: the token after the thought), each thought continuing its
+    own document after x_<t. Differentiable in params through the prefix too; jit with cfg static."""
+    _check_prefix(cfg, prefix)
+    thoughts = jnp.asarray(thought_tokens_bkst)
+    if thoughts.ndim != 4 or thoughts.shape[:2] != prefix.t.shape:
+        raise ValueError(f"thought tokens must be [B, K, S, T] with [B, K] = {tuple(prefix.t.shape)} (the prefix's "
+                         f"positions); got {thoughts.shape}")
+    b, k, s, t = thoughts.shape
+    n = k * s
+    prefix_mask = _prefix_mask(prefix, s)                                          # [B, N, L]
+    self_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, n, t, t))   # causal within the thought
+    x = hybrid.embed(params, thoughts.reshape(b, n, t))                            # [B, N, T, D]
+    for kind, block, cache in zip(cfg.block_types, params["blocks"], prefix.blocks):
+        p = block["mixer"]
+        h = layers.rms_norm(x, jnp.asarray(block["norm"], jnp.float32), cfg.eps)
+        if kind == MAMBA:
+            start = _flat(_per_branch(cache, s), b, n)
+            out, _ = mamba2.mamba2_forward(p, cfg.mamba, h.reshape(b * n, t, -1), state=start)
+            out = out.reshape(b, n, t, -1)
+        elif kind == ATTENTION:
+            q, kk, v = hybrid.attention_qkv(p, cfg, h)
+            out = _attend(p, cfg, q, cache, prefix_mask, kk, v, self_mask)
+        else:
+            out = hybrid.mlp_mixer(p, h)
+        x = x + out
+    return hybrid.logits_from_hidden(params, cfg, x).reshape(b, k, s, t, -1)
+
+
+def init_branch_cache(cfg: HybridConfig, prefix: HybridPrefix, thoughts: int, length: int) -> BranchCache:
+    """An empty `BranchCache` for `thoughts` (S) branches at each of the prefix's positions, `length` (C) slots
+    each: Mamba states start from their position's state, attention slots are empty."""
+    _check_prefix(cfg, prefix)
+    if thoughts < 1 or length < 1:
+        raise ValueError(f"thoughts ({thoughts}) and length ({length}) must be >= 1")
+    b, k = prefix.t.shape
+    blocks = []
+    for kind, cache in zip(cfg.block_types, prefix.blocks):
+        if kind == MAMBA:
+            blocks.append(_per_branch(cache, thoughts))
+        elif kind == ATTENTION:
+            zeros = jnp.zeros((b, k * thoughts, length, cfg.num_kv_heads, cfg.head_dim), jnp.float32)
+            blocks.append((zeros, zeros))
+        else:
+            blocks.append(None)
+    return BranchCache(tuple(blocks), jnp.zeros((), jnp.int32))
+
+
+def decode_step(params: Params, cfg: HybridConfig, prefix: HybridPrefix, cache: BranchCache, token_bn):
+    """Feed one token per branch [B, N] (N = K S, branch n = k S + s) -> (logits [B, N, V] float32 of the next
+    token, the cache after it). Token i of a branch gets the logits `branch_forward` gives its slot i; feeding
+    more tokens than the cache's C slots is not checked (jit with cfg static)."""
+    _check_prefix(cfg, prefix)
+    token_bn = jnp.asarray(token_bn)
+    b, k = prefix.t.shape
+    n = jax.tree.leaves(cache.blocks)[0].shape[1] if jax.tree.leaves(cache.blocks) else k
+    if token_bn.shape != (b, n) or n % k:
+        raise ValueError(f"tokens must be [B, N] = {(b, n)} (the cache's branches, a multiple of K = {k}); "
+                         f"got {token_bn.shape}")
+    s, step = n // k, cache.step
+    prefix_mask = _prefix_mask(prefix, s)                                          # [B, N, L]
+    x = hybrid.embed(params, token_bn[:, :, None])                                 # [B, N, 1, D]
+    blocks = []
+    for kind, block, pre, own in zip(cfg.block_types, params["blocks"], prefix.blocks, cache.blocks):
+        p = block["mixer"]
+        h = layers.rms_norm(x, jnp.asarray(block["norm"], jnp.float32), cfg.eps)
+        if kind == MAMBA:
+            y, state = mamba2.mamba2_step(p, cfg.mamba, h.reshape(b * n, -1), _flat(own, b, n))
+            out, own = y.reshape(b, n, 1, -1), _unflat(state, b, n)
+        elif kind == ATTENTION:
+            q, kk, v = hybrid.attention_qkv(p, cfg, h)                             # kk, v [B, N, 1, E, W]
+            own = tuple(jax.lax.dynamic_update_slice_in_dim(c, new, step, axis=2) for c, new in zip(own, (kk, v)))
+            slots = own[0].shape[2]
+            self_mask = jnp.broadcast_to(jnp.arange(slots) <= step, (b, n, 1, slots))
+            out = _attend(p, cfg, q, pre, prefix_mask, *own, self_mask)
+        else:
+            out = hybrid.mlp_mixer(p, h)
+        blocks.append(own)
+        x = x + out
+    return hybrid.logits_from_hidden(params, cfg, x[:, :, 0]), BranchCache(tuple(blocks), step + 1)
