@@ -279,6 +279,8 @@ def flat_rows(results: dict[str, dict]) -> list[dict]:
     rows = []
     for name, r in results.items():
         arm = r["arm"]
+        if arm == "pilot2":   # the second pilots have their own table (`report`)
+            continue
         if arm == "pilot":
             if name != f"pilot-{chosen}":
                 continue
@@ -297,7 +299,7 @@ def plot_curves(results: dict[str, dict], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(n, r) for n, r in results.items() if r["arm"] in ("pilot", "rlp")]
+    runs = [(n, r) for n, r in results.items() if r["arm"] in ("pilot", "rlp", "pilot2")]
     if not runs:
         return None
     keys = ("reward/mean", "reward/s_pred", "reward/s_ema", "reward/frac_positive", "thought/mean_len")
@@ -313,6 +315,34 @@ def plot_curves(results: dict[str, dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def pilot2_table(results: dict[str, dict]) -> list[str]:
+    """The second pilots against the chosen first pilot (seed 0, lr 1e-5): training reward over the first and
+    last PILOT_RULE_STEPS steps, the held-out info gain at each evaluation, next-token NLL and accuracies."""
+    base = results.get(f"pilot-{choose_pilot(results)}")
+    lines = ["", f"## Second pilots (seed 0, {SCALE['train.steps']} steps, one change each from the chosen pilot; "
+             "held-out eval every 10 steps)", "",
+             "| pilot | change | reward, steps 1-10 | reward, last 10 | held-out info gain (step 10 / 20 / 30) | "
+             "next-token NLL | acc generated (direct / think) | acc fresh | thought len |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    rows = [("chosen pilot", "-", base)] if base else []
+    rows += [(name, ", ".join(f"{k}={v}" for k, v in changes.items()), results.get(f"pilot2-{name}"))
+             for name, changes in PILOTS_EXTRA]
+    for name, change, r in rows:
+        if r is None:
+            lines.append(f"| {name} | {change} | not run yet | | | | | | |")
+            continue
+        rew = [c["reward/mean"] for c in r["curves"]]
+        evals = r.get("eval_curve") or [r["eval"]]
+        gains = " / ".join(f"{e['eval/info_gain']:.2f}" for e in evals)
+        g, f = r["generated"], r["fresh"]
+        lines.append(f"| {name} | {change} | {sum(rew[:PILOT_RULE_STEPS]) / PILOT_RULE_STEPS:.2f} | "
+                     f"{sum(rew[-PILOT_RULE_STEPS:]) / PILOT_RULE_STEPS:.2f} | {gains} | {r['eval']['eval/nll_tokens']:.3f} | "
+                     f"{100 * g['acc_no_think']:.1f}% / {100 * g['acc_think']:.1f}% | "
+                     f"{100 * f['acc_no_think']:.1f}% / {100 * f['acc_think']:.1f}% | "
+                     f"{r['eval']['eval/thought_len']:.1f} |")
+    return lines
 
 
 def report(workdir: Path) -> str:
@@ -338,6 +368,7 @@ def report(workdir: Path) -> str:
         e = r["eval"]
         lines.append(f"| {name} | {r['lr']:g} | {sum(rew) / len(rew):.3f} | {e['eval/info_gain']:.3f} | "
                      f"{e['eval/nll_no_think']:.3f} | {e['eval/nll_think']:.3f} | {'yes' if name == chosen else ''} |")
+    lines += pilot2_table(results)
     rows = flat_rows(results)
     metrics = DOC_METRICS + tuple(f"{p}_{k}" for p in ("gen", "fresh") for k in ANSWER_METRICS)
     if rows:
