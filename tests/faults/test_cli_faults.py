@@ -6,6 +6,7 @@ changed. Runs are the smallest there are (the `tiny` model, the `smoke` recipe, 
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -124,14 +125,16 @@ def test_a_failed_save_stops_in_one_line_and_the_rerun_resumes(tmp_path):
     largest = max(p.stat().st_size for p in (work / "checkpoints" / "4").rglob("*") if p.is_file())
 
     full = cli("train", *fast, "--set", "train.steps=8", max_file_kib=largest // 2048)
-    line = assert_one_error_line(full, "checkpoint step 6 could not be written", "resume from step 4")
-    assert "rerun the same command" in line
+    line = assert_one_error_line(full, "could not be written", "rerun the same command")
+    # OCDBT packs arrays into files unpredictably, so the first save that outgrows the limit is step 6 or 8
+    failed = int(re.search(r"checkpoint step (\d+) could not be written", line).group(1))
+    assert failed in (6, 8) and f"resume from step {failed - 2}" in line, line
     assert {k: v for k, v in snapshot(work).items() if k.startswith("checkpoints/4/")} == before
 
     again = cli("train", *fast, "--set", "train.steps=8")
     assert_no_traceback(again)
     assert again.returncode == 0, output(again)[-3000:]
-    assert "resumed from" in again.stdout and "at step 4" in again.stdout
+    assert "resumed from" in again.stdout and f"at step {failed - 2}" in again.stdout
     steps = [json.loads(r)["step"] for r in (work / "metrics.jsonl").read_text().splitlines()
              if json.loads(r)["split"] == "train"]
     assert sorted(steps) == list(range(1, 9))   # steps 5 and 6 of the failed run are not logged twice
