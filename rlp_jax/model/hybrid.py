@@ -125,7 +125,16 @@ def config_from_hf(hf: dict) -> HybridConfig:
 # Loading a transformers checkpoint
 # ----------------------------------------------------------------------------------------------
 
-def _get(reader: SafetensorsReader, name: str, shape: tuple) -> np.ndarray:
+class _Shapes:
+    """A reader that holds every tensor the config implies, as zero-size-in-memory arrays of their shape."""
+
+    def __contains__(self, name: str) -> bool:
+        return True
+
+
+def _get(reader: SafetensorsReader | _Shapes, name: str, shape: tuple) -> np.ndarray:
+    if isinstance(reader, _Shapes):
+        return np.broadcast_to(np.zeros((), np.float32), shape)
     if name not in reader:
         raise CheckpointError(f"checkpoint is missing tensor {name!r} that config.json implies; the config.json "
                               "does not belong to these weights, or the download is incomplete")
@@ -169,6 +178,44 @@ def _mlp_params(reader: SafetensorsReader, cfg: HybridConfig, pre: str) -> Param
 _LOADERS = {MAMBA: _mamba_params, ATTENTION: _attention_params, MLP: _mlp_params}
 
 
+def _params(reader, cfg: HybridConfig, root: str) -> Params:
+    d, v = cfg.hidden_size, cfg.vocab_size
+    params = {"embed": _get(reader, root + "embeddings.weight", (v, d)),
+              "blocks": [{"norm": _get(reader, f"{root}layers.{i}.norm.weight", (d,)),
+                          "mixer": _LOADERS[kind](reader, cfg, f"{root}layers.{i}.mixer.")}
+                         for i, kind in enumerate(cfg.block_types)],
+              "final_norm": _get(reader, root + "norm_f.weight", (d,))}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = _get(reader, "lm_head.weight", (v, d)).T
+    return params
+
+
+def param_shapes(cfg: HybridConfig) -> Params:
+    """The params pytree's shapes (tuples), as `from_hf` would load them."""
+    return jax.tree.map(lambda a: tuple(a.shape), _params(_Shapes(), cfg, "model."))
+
+
+def num_params(cfg: HybridConfig) -> int:
+    return sum(math.prod(s) for s in jax.tree.leaves(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)))
+
+
+# The public shape of NVIDIA-Nemotron-Nano-12B-v2-Base (the paper's hybrid model), as config.json fields:
+# 62 blocks (28 Mamba-2, 28 MLP, 6 attention), width 5120, untied 131,072-token vocabulary.
+PRESETS = {
+    "nemotron-nano-12b-v2": dict(
+        vocab_size=131072, hidden_size=5120, intermediate_size=20480, num_attention_heads=40,
+        num_key_value_heads=8, head_dim=128, mamba_num_heads=128, mamba_head_dim=80, n_groups=8,
+        ssm_state_size=128, conv_kernel=4, chunk_size=128, layer_norm_epsilon=1e-5, tie_word_embeddings=False,
+        hybrid_override_pattern="M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"),
+}
+
+
+def preset(name: str) -> HybridConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown Nemotron-H preset {name!r}; known: {', '.join(PRESETS)}")
+    return config_from_hf(PRESETS[name])
+
+
 def from_hf(path) -> tuple[HybridConfig, Params]:
     """(config, params) of a saved `NemotronHForCausalLM` folder (config.json + safetensors); params are host
     numpy arrays in the checkpoint's dtype, linear weights as [in, out]."""
@@ -178,15 +225,7 @@ def from_hf(path) -> tuple[HybridConfig, Params]:
     cfg = config_from_hf(json.loads((path / "config.json").read_text()))
     reader = SafetensorsReader(path)
     root = "model." if "model.embeddings.weight" in reader else "backbone."
-    d, v = cfg.hidden_size, cfg.vocab_size
-    params = {"embed": _get(reader, root + "embeddings.weight", (v, d)),
-              "blocks": [{"norm": _get(reader, f"{root}layers.{i}.norm.weight", (d,)),
-                          "mixer": _LOADERS[kind](reader, cfg, f"{root}layers.{i}.mixer.")}
-                         for i, kind in enumerate(cfg.block_types)],
-              "final_norm": _get(reader, root + "norm_f.weight", (d,))}
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = _get(reader, "lm_head.weight", (v, d)).T
-    return cfg, params
+    return cfg, _params(reader, cfg, root)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -147,3 +147,19 @@ def test_unsupported_configs_say_what_to_do(loaded, tmp_path):
     (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing tensor '(model|backbone)\.layers\.5\.norm\.weight'"):
         hybrid.from_hf(tmp_path)
+
+
+def test_nemotron_nano_12b_preset_has_transformers_parameter_count():
+    """The paper's hybrid model's public shape: our count equals transformers' for the same config (built
+    on the meta device: no memory), and the block mix is 28 Mamba-2, 28 MLP, 6 attention."""
+    import torch
+    import transformers
+
+    cfg = hybrid.preset("nemotron-nano-12b-v2")
+    assert [cfg.block_types.count(k) for k in hybrid.BLOCK_TYPES] == [28, 6, 28]
+    fields = {k: v for k, v in hybrid.PRESETS["nemotron-nano-12b-v2"].items() if k != "hybrid_override_pattern"}
+    hf_cfg = transformers.NemotronHConfig(**fields, layers_block_type=list(cfg.block_types))
+    with torch.device("meta"):
+        theirs = sum(p.numel() for p in transformers.NemotronHForCausalLM(hf_cfg).parameters())
+    assert hybrid.num_params(cfg) == theirs
+    assert 12.0e9 < theirs < 12.6e9
