@@ -131,6 +131,9 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json dict (transformers 4 or 5 layout)."""
     archs = hf.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None and hf.get("model_type") == "nemotron_h":
+        raise CheckpointError("Nemotron-H (hybrid Mamba-2) checkpoints are not trainable yet: rlp_jax.model.hybrid "
+                              f"loads and runs them as a library; train/evaluate/export take {', '.join(ARCHITECTURES)}")
     if arch is None:
         raise CheckpointError(f"unsupported architecture {archs or hf.get('model_type')}; "
                               f"supported: {', '.join(ARCHITECTURES)}")

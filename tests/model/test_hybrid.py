@@ -163,3 +163,17 @@ def test_nemotron_nano_12b_preset_has_transformers_parameter_count():
         theirs = sum(p.numel() for p in transformers.NemotronHForCausalLM(hf_cfg).parameters())
     assert hybrid.num_params(cfg) == theirs
     assert 12.0e9 < theirs < 12.6e9
+
+
+def test_training_on_a_nemotron_h_checkpoint_is_refused_in_one_line(loaded, tmp_path):
+    """Not yet a training path: train names what exists instead of a traceback."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder = loaded[3]
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-m", "rlp_jax.train", "--experiment=smoke", f"--workdir={tmp_path / 'w'}",
+                          "--set", f"model.init_from={folder}"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "Nemotron-H" in res.stderr and "not trainable yet" in res.stderr
