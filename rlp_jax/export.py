@@ -27,6 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers
 
@@ -217,13 +218,16 @@ def export(path, out, *, step: int | None = None, which: str = "params", dtype: 
     if rows != cfg.vocab_size or tok.vocab_size > cfg.vocab_size:
         raise ExportError(f"{path}: embedding has {rows} rows, config says vocab_size {cfg.vocab_size}, the "
                           f"tokenizer has {tok.vocab_size} ids; the checkpoint and its tokenizer disagree")
+    # Several hosts: every process joins each tensor's gather, process 0 alone writes, and all of them end with
+    # process 0's outcome (a failed write on process 0 must not leave the others waiting at a collective).
+    agreed = lambda ok: bool(multihost_utils.broadcast_one_to_all(np.int32(ok))) if jax.process_count() > 1 else ok
     if jax.process_index() != 0:
         hf.to_hf(lm.params, cfg, out, dtype=dtype)   # joins the gathers; writes nothing
-        multihost_utils.sync_global_devices("rlp_jax.export done")
+        if not agreed(True):
+            raise ExportError(f"process 0 could not write {out}; its error line says why")
         return out
     tmp = out.parent / f".{out.name}.export-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
         hf.to_hf(lm.params, cfg, tmp, dtype=dtype)
         ids = {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id),
@@ -248,9 +252,9 @@ def export(path, out, *, step: int | None = None, which: str = "params", dtype: 
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        agreed(False)
         raise
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("rlp_jax.export done")
+    agreed(True)
     return out
 
 

@@ -91,12 +91,18 @@ class SafetensorsReader:
                                   "checkpoint again") from None
 
     def shape(self, name: str) -> tuple:
+        from safetensors import SafetensorError
+
         if name not in self.files:
             raise CheckpointError(f"checkpoint is missing tensor {name!r}")
         path = self.files[name]
         if path not in self._open:
             self._open[path] = _open(path)
-        return tuple(self._open[path].get_slice(name).get_shape())
+        try:
+            return tuple(self._open[path].get_slice(name).get_shape())
+        except (SafetensorError, OSError, TypeError, ValueError) as e:
+            raise CheckpointError(f"tensor {name!r} of {path} cannot be read ({e}); download or export the "
+                                  "checkpoint again") from None
 
 
 def write_safetensors(path: Path, tensors: Iterator[tuple[str, np.ndarray]], shapes: dict[str, tuple],
@@ -265,13 +271,16 @@ def leaf_reader(cfg: ModelConfig, get, shape_of):
             theirs = shape_of(name)
             _check_shape(name, theirs, shapes[path[0]])
             return _ours_slice(lambda i: get(name, i), kind, shapes[path[0]], index, theirs)
-        shape, parts = shapes["layers"][path[1]][1:], []
-        for i in range(index[0].start, index[0].stop):
+        shape, out = shapes["layers"][path[1]][1:], None
+        for n, i in enumerate(range(index[0].start, index[0].stop)):   # into one array, a layer at a time
             layer = name.format(i=i)
             theirs = shape_of(layer)
             _check_shape(layer, theirs, shape)
-            parts.append(_ours_slice(lambda j: get(layer, j), kind, shape, index[1:], theirs))
-        return np.stack(parts)
+            part = _ours_slice(lambda j: get(layer, j), kind, shape, index[1:], theirs)
+            if out is None:
+                out = np.empty((index[0].stop - index[0].start, *part.shape), part.dtype)
+            out[n] = part
+        return out
 
     return read
 
@@ -381,8 +390,12 @@ def to_hf(params, cfg: ModelConfig, path: str | os.PathLike, *, dtype: str | Non
         for _ in tensors:   # join every gather, write nothing
             pass
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out / "model.safetensors", tensors, shapes, {n: np_dtype for n in shapes})
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_safetensors(out / "model.safetensors", tensors, shapes, {n: np_dtype for n in shapes})
+    finally:
+        for _ in tensors:   # after a failed write too: the other hosts' gathers must complete
+            pass
     (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():

@@ -8,8 +8,9 @@
   `shard_map` over the current mesh (rows on data x fsdp, key/value heads on tensor) because a Mosaic
   kernel is not partitioned by GSPMD. Sequences must be a multiple of 128 tokens.
 - GPU: cuDNN flash attention through `jax.nn.dot_product_attention(implementation="cudnn")`. Packed
-  segments reach cuDNN as a [B, 1, L, L] boolean mask (jax.nn exposes no segment ids for cuDNN), which
-  costs L^2 bytes a row but no [B, heads, L, L] scores; float16 / bfloat16 only.
+  segments reach cuDNN as a [B, 1, L, L] mask (jax.nn exposes no segment ids for cuDNN), which jax turns
+  into a bias in the compute dtype, with a bias gradient of that size in the backward: about 4 L^2 bytes
+  a row (bf16) but no [B, heads, L, L] scores; float16 / bfloat16 only.
 - Elsewhere (CPU): `jax.nn.dot_product_attention(implementation="xla")` with the same mask: the same
   call, XLA's dense attention.
 
@@ -45,6 +46,9 @@ def supported(length: int, compute_dtype, on: str | None = None) -> str | None:
     on = on or platform()
     if on == "tpu" and length % SPLASH_BLOCKS[-1]:
         return f"splash attention needs a multiple of {SPLASH_BLOCKS[-1]} tokens, not {length}"
+    if on == "tpu" and jax.sharding.get_abstract_mesh().empty and jax.device_count() > 1:
+        return ("splash attention runs under a mesh (jax.sharding.use_abstract_mesh, as the train step sets): "
+                f"without one, XLA cannot partition it over {jax.device_count()} devices")
     if on == "gpu" and jnp.dtype(compute_dtype) not in (jnp.bfloat16, jnp.float16):
         return "cuDNN attention needs model.compute_dtype=bfloat16 or float16"
     return None

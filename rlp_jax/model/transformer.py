@@ -213,7 +213,8 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
     if context is not None:
         pos = pos + context.length
     length = tokens_bl.shape[1]
-    refused = kernels.supported(length, cfg.jnp_compute_dtype) if cfg.attention == "kernel" else None
+    refused = (kernels.supported(length, cfg.jnp_compute_dtype)
+               if cfg.attention == "kernel" and context is None else None)   # a prompt context: never the kernel
     if refused:
         kernels.warn_once(f"model.attention=kernel: {refused}; the pure-JAX attention runs instead")
     kernel = cfg.attention == "kernel" and context is None and refused is None

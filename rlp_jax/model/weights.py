@@ -102,14 +102,14 @@ def assemble(cfg: ModelConfig, read: LeafReader, mesh: jax.sharding.Mesh | None 
 
     def leaf(path: tuple, shape: tuple, names: tuple):
         if mesh is None:
-            return np.ascontiguousarray(read(path, tuple(slice(0, n) for n in shape)).astype(dtype))
+            return np.ascontiguousarray(read(path, tuple(slice(0, n) for n in shape)).astype(dtype, copy=False))
         done: dict[tuple, np.ndarray] = {}   # a replicated slice is read once, however many devices hold it
 
         def shard(index: tuple) -> np.ndarray:
             key = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
             bounds = tuple((s.start, s.stop) for s in key)
             if bounds not in done:
-                done[bounds] = np.ascontiguousarray(read(path, key).astype(dtype))
+                done[bounds] = np.ascontiguousarray(read(path, key).astype(dtype, copy=False))
             return done[bounds]
 
         spec = sharding.logical_to_spec(names, shape, mesh)

@@ -50,10 +50,9 @@ class TrainingStopped(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 def build_model(cfg: RunConfig, tokenizer, rng, mesh=None) -> tuple[ModelConfig, dict | None]:
-    """ModelConfig and params: from a Hugging Face checkpoint or GGUF file (onto `mesh` when given: each
-    process reads only its devices' slices) or an rlp_jax run directory (its latest policy params), or
-    None for a random init (done later on the mesh). Embeddings grow when the tokenizer added tokens (the
-    think markers)."""
+    """ModelConfig and params: from a Hugging Face checkpoint or GGUF file (onto `mesh` when given: each process
+    reads only its devices' slices) or an rlp_jax run directory (its latest policy params), or None for a random
+    init (done later on the mesh). Embeddings grow when the tokenizer added tokens (the think markers)."""
     m = cfg.model
     if m.init_from is None:
         return loading.model_config(m).replace(vocab_size=tokenizer.vocab_size), None
@@ -319,8 +318,12 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
     train_iter = make_iterator(cfg.data, tokenizer, split="train")
     ckpt = checkpoint.Checkpointer(ckpt_dir, save_every=tc.save_every, keep=tc.keep)
     try:
+        if ckpt.latest_step() is not None:   # resuming: free the pretrained weights before the state comes in
+            start_params = None
         restored = ckpt.restore(layout.restore_target(), config=record)
         if restored is None:   # a fresh state only when there is nothing to resume
+            if start_params is None and cfg.model.init_from is not None:
+                start_params = build_model(cfg, tokenizer, run_key(base_rng, "build"), mesh)[1]
             params = (layout.init_params(run_key(base_rng, "init")) if start_params is None
                       else jax.device_put(start_params, layout.param_shardings))
             state, start = layout.init(params), 0

@@ -11,13 +11,17 @@ import numpy as np  # noqa: E402
 
 from rlp_jax import sharding  # noqa: E402
 from rlp_jax.model import kernels  # noqa: E402
-from tests.model.test_kernels import A, _case, _dense  # noqa: E402
+from tests.model.test_kernels import A, L, _case, _dense  # noqa: E402
 
 
 def main():
     q, k, v, seg, ct = _case()
     ct = ct * (seg > 0)[:, :, None, None]
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, tensor=2))
+    # without the step's mesh, splash is refused on several devices (XLA cannot partition it); with it, allowed
+    assert "mesh" in kernels.supported(L, jnp.float32, on="tpu")
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        assert kernels.supported(L, jnp.float32, on="tpu") is None
 
     def splash(q, k, v, seg):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):

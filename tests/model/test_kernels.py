@@ -109,3 +109,13 @@ def test_splash_under_a_mesh_equals_dense():
     res = subprocess.run([sys.executable, "-m", "tests.model.kernel_worker"], cwd=root, env=env, text=True,
                          capture_output=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stdout + res.stderr
+
+
+@pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="cuDNN attention needs a GPU")
+def test_cudnn_attention_equals_dense_on_a_gpu():
+    """bf16 cuDNN against the float32 dense reference (bf16 rounding: 3e-2)."""
+    q, k, v, seg, _ = _case()
+    bf = lambda x: x.astype(jnp.bfloat16)
+    got = kernels.full_attention(bf(q), bf(k), bf(v), seg, A, on="gpu").astype(jnp.float32)
+    real = np.asarray(seg > 0)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(_dense(q, k, v, seg))[real], atol=3e-2)

@@ -82,6 +82,20 @@ def test_two_processes_export_what_one_process_exports(tmp_path):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".two")]   # no leftover temporary folder
 
+    # process 0 cannot write (a file-size limit on it alone): both processes end with one error line, none waits
+    port = _free_port()
+    limit = ["bash", "-c", "ulimit -f 8; trap '' XFSZ; exec \"$@\"", "bash"]
+    procs = [subprocess.Popen((limit if i == 0 else []) + args + [f"--out={tmp_path / 'three'}"], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={
+                                  **_base_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                  "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                  "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], logs
+    assert all("Traceback" not in log and sum(line.startswith("error:") for line in log.splitlines()) == 1
+               for log in logs), logs
+    assert "process 0 could not write" in logs[1] and not (tmp_path / "three").exists()
+
 
 def _base_env() -> dict:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_", "RLP_JAX"))}
