@@ -268,6 +268,38 @@ def replicate(workdir: Path, max_units: int | None = None) -> bool:
         done += 1
 
 
+def paired(workdir: Path, unit: str, batches: int) -> dict:
+    """The held-out info gain of a finished unit's final policy against the start model on the SAME held-out
+    positions and thought keys: `batches` eval batches (the unit's position rule and eval keys), each scored
+    by both; the paired per-batch differences give the noise. Written to results/paired-UNIT.json."""
+    from rlp_jax.train.run_dir import load_model
+
+    cfg = scaled_config(workdir)
+    run_cfg = next(u[3] for u in units(cfg, load_results()) if u[0] == unit)
+    run_cfg, start = start_model(_override(run_cfg, {"train.eval_batches": batches}))
+    trained = load_model(workdir / "units" / unit)
+    mesh = sharding.make_mesh(run_cfg.train.mesh)
+    it = make_iterator(run_cfg.data, start.tokenizer, split="eval")
+    data = [sharding.global_batch(it.next(), mesh) for _ in range(batches)]
+    it.close()
+    step = train_step.make_eval_step(start.cfg, run_cfg.rlp)
+    import numpy as np
+
+    keys = [train.run_key(jax.random.key(run_cfg.train.seed), "eval", i) for i in range(batches)]   # as training's evals
+    per = {name: [jax.device_get(step(lm.params, b, k)) for b, k in zip(data, keys)]
+           for name, lm in (("start", start), ("trained", trained))}
+
+    out = {"unit": unit, "batches": batches, "rows_per_batch": run_cfg.data.batch_size,
+           "position_rule": run_cfg.rlp.rollout.position_rule}
+    for key in ("eval/info_gain", "eval/nll_think", "eval/nll_no_think", "eval/nll_tokens"):
+        a, b = (np.array([e[key] for e in per[n]]) for n in ("start", "trained"))
+        d = b - a
+        out[key] = {"start": float(a.mean()), "trained": float(b.mean()), "diff": float(d.mean()),
+                    "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
+    _write(f"paired-{unit}", out)
+    return out
+
+
 DOC_METRICS = ("nll_tokens", "nll_no_think", "nll_think", "info_gain")
 ANSWER_METRICS = ("acc_no_think", "acc_think", "answer_nll_no_think", "answer_gain", "answer_thought_len")
 
@@ -396,7 +428,9 @@ def report(workdir: Path) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=("probe", "replicate", "report"))
+    p.add_argument("what", choices=("probe", "replicate", "report", "paired"))
+    p.add_argument("--unit", help="paired: a finished unit to compare with the start model (e.g. pilot2-uniform)")
+    p.add_argument("--batches", type=int, default=32, help="paired: held-out eval batches")
     p.add_argument("--workdir", default="runs/smollm2_rlp")
     p.add_argument("--max-units", type=int, help="stop after this many units of the replication")
     args = p.parse_args(argv)
@@ -404,6 +438,9 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if args.what == "probe":
         probe(workdir)
+    elif args.what == "paired":
+        print(json.dumps(paired(workdir, args.unit, args.batches), indent=1))
+        return 0
     elif args.what == "replicate" and replicate(workdir, args.max_units):
         print(f"preempted: rerun the same command to resume ({RESULTS} holds the finished units)", file=sys.stderr)
         return EXIT_PREEMPTED
