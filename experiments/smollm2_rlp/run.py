@@ -147,6 +147,11 @@ PILOTS_EXTRA = (
     ("T64", {"rlp.rollout.thought_len": 64}),
 )
 PILOT_EXTRA_EVAL_EVERY = 10
+# Confirmation (fixed on 2026-12-04 after pilot2-uniform's paired result, before these runs): the uniform
+# pilot again at seeds 1 and 2, each followed by the same paired evaluation against the start model
+# (PAIRED_BATCHES batches), so that training-seed noise is measured too, not only evaluation noise.
+CONFIRM = ("uniform", (1, 2))
+PAIRED_BATCHES = 32
 SEEDS = (0, 1, 2)
 MAIN_CPT = "cpt_paper"  # the paper's comparison: CPT for RLP's effective-token budget, every seed
 EVAL_LIMIT = 100        # generated held-out problems scored per run (the first 100 of 200), plus all fresh ones
@@ -198,11 +203,16 @@ def units(cfg: RunConfig, results: dict[str, dict]) -> list[tuple[str, str, int,
     for name, changes in PILOTS_EXTRA:
         extra = _override(rlp_cfg, {**changes, "train.eval_every": PILOT_EXTRA_EVAL_EVERY})
         out.append((f"pilot2-{name}", "pilot2", 0, _seeded(extra, 0)))
+    name, seeds = CONFIRM
+    confirm = _override(rlp_cfg, {**dict(PILOTS_EXTRA)[name], "train.eval_every": PILOT_EXTRA_EVAL_EVERY})
+    out += [(f"confirm-{name}-s{seed}", "confirm", seed, _seeded(confirm, seed)) for seed in seeds]
     return out
 
 
-def load_results() -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))} if RESULTS.exists() else {}
+def load_results(prefix: str = "") -> dict[str, dict]:
+    """The finished units (prefix ""), or the paired comparisons (prefix "paired-"), by name."""
+    files = sorted(RESULTS.glob(f"{prefix}*.json")) if RESULTS.exists() else []
+    return {p.stem: json.loads(p.read_text()) for p in files if prefix or not p.stem.startswith("paired-")}
 
 
 def _answers(lm: LoadedModel, generated: Path, think_tokens: int, seed: int) -> dict:
@@ -265,6 +275,8 @@ def replicate(workdir: Path, max_units: int | None = None) -> bool:
         row["seconds"] = round(time.time() - t0)
         _write(name, row)
         results[name] = row
+        if arm == "confirm":
+            paired(workdir, name, PAIRED_BATCHES)
         done += 1
 
 
@@ -311,7 +323,7 @@ def flat_rows(results: dict[str, dict]) -> list[dict]:
     rows = []
     for name, r in results.items():
         arm = r["arm"]
-        if arm == "pilot2":   # the second pilots have their own table (`report`)
+        if arm in ("pilot2", "confirm"):   # their own tables (`report`)
             continue
         if arm == "pilot":
             if name != f"pilot-{chosen}":
@@ -401,6 +413,18 @@ def report(workdir: Path) -> str:
         lines.append(f"| {name} | {r['lr']:g} | {sum(rew) / len(rew):.3f} | {e['eval/info_gain']:.3f} | "
                      f"{e['eval/nll_no_think']:.3f} | {e['eval/nll_think']:.3f} | {'yes' if name == chosen else ''} |")
     lines += pilot2_table(results)
+    pairs_run = load_results("paired-")
+    if pairs_run:
+        lines += ["", "## Paired against the start model (`run.py paired`: the same held-out positions and thought "
+                  "keys scored by both; trained minus start, mean ± standard error over batches)", "",
+                  "| unit | batches x rows | position rule | info gain, start -> trained | info gain diff | "
+                  "NLL think diff | NLL no think diff | next-token NLL diff |", "|---|---|---|---|---|---|---|---|"]
+        for r in pairs_run.values():
+            f = lambda k: f"{r[k]['diff']:+.3f} ± {r[k]['se']:.3f}"
+            g = r["eval/info_gain"]
+            lines.append(f"| {r['unit']} | {r['batches']} x {r['rows_per_batch']} | {r['position_rule']} | "
+                         f"{g['start']:.3f} -> {g['trained']:.3f} | {f('eval/info_gain')} | {f('eval/nll_think')} | "
+                         f"{f('eval/nll_no_think')} | {f('eval/nll_tokens')} |")
     rows = flat_rows(results)
     metrics = DOC_METRICS + tuple(f"{p}_{k}" for p in ("gen", "fresh") for k in ANSWER_METRICS)
     if rows:
