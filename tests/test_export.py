@@ -167,7 +167,8 @@ def test_errors_are_one_line_and_leave_out_intact(run_dir, tmp_path, capsys, mon
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and message in err, (args, err)
 
-    def fail(*args, **kwargs):  # fails halfway through writing
+    def fail(*args, **kwargs):  # fails halfway through writing (to_hf creates its folder)
+        Path(args[2]).mkdir(parents=True, exist_ok=True)
         Path(args[2], "model.safetensors").write_bytes(b"partial")
         raise OSError("disk full")
 
