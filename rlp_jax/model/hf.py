@@ -75,22 +75,13 @@ class SafetensorsReader:
 
     def get(self, name: str, index: tuple | None = None) -> np.ndarray:
         """Tensor `name`, or only its part `index` (a tuple of slices: just those bytes are read)."""
-        from safetensors import SafetensorError
-
-        if name not in self.files:
-            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
-        path = self.files[name]
-        if path not in self._open:
-            self._open[path] = _open(path)
-        try:
-            if index is None:
-                return self._open[path].get_tensor(name)
-            return np.asarray(self._open[path].get_slice(name)[index])
-        except (SafetensorError, OSError, TypeError, ValueError) as e:
-            raise CheckpointError(f"tensor {name!r} of {path} cannot be read ({e}); download or export the "
-                                  "checkpoint again") from None
+        return self._read(name, lambda f: f.get_tensor(name) if index is None else np.asarray(f.get_slice(name)[index]))
 
     def shape(self, name: str) -> tuple:
+        return self._read(name, lambda f: tuple(f.get_slice(name).get_shape()))
+
+    def _read(self, name: str, what):
+        """`what(open file)` for the file holding `name`; a damaged file is a one-line CheckpointError."""
         from safetensors import SafetensorError
 
         if name not in self.files:
@@ -99,7 +90,7 @@ class SafetensorsReader:
         if path not in self._open:
             self._open[path] = _open(path)
         try:
-            return tuple(self._open[path].get_slice(name).get_shape())
+            return what(self._open[path])
         except (SafetensorError, OSError, TypeError, ValueError) as e:
             raise CheckpointError(f"tensor {name!r} of {path} cannot be read ({e}); download or export the "
                                   "checkpoint again") from None
