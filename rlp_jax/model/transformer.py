@@ -213,11 +213,11 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
     if context is not None:
         pos = pos + context.length
     length = tokens_bl.shape[1]
-    refused = (kernels.supported(length, cfg.jnp_compute_dtype)
-               if cfg.attention == "kernel" and context is None else None)   # a prompt context: never the kernel
+    kernel = cfg.attention == "kernel" and context is None   # a prompt context: never the kernel
+    refused = kernels.supported(length, cfg.jnp_compute_dtype) if kernel else None
     if refused:
         kernels.warn_once(f"model.attention=kernel: {refused}; the pure-JAX attention runs instead")
-    kernel = cfg.attention == "kernel" and context is None and refused is None
+        kernel = False
     blockwise = not kernel and cfg.blockwise_for(length)
     if not blockwise and not kernel:
         causal = jnp.tril(jnp.ones((length, length), bool))
