@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face checkpoints that tests build and save themselves (no downloads)."""
+"""Tiny random Hugging Face checkpoints that tests build and save themselves (no downloads): the dense
+families (`make_hf_model`) and Nemotron-H (`tiny_nemotron_h`)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,34 @@ def make_hf_model(family: str, *, tied: bool = False, dtype=None, seed: int = 0,
                 p.copy_(0.1 * torch.randn_like(p))
     model = model.to(dtype or torch.float32).eval()
     return model
+
+
+NEMOTRON_H_BLOCKS = ("linear_attention", "full_attention", "mlp", "linear_attention", "mlp")
+
+
+def tiny_nemotron_h(seed: int = 0, *, tied: bool = False, blocks=NEMOTRON_H_BLOCKS, **extra):
+    """A tiny random NemotronHForCausalLM (float32, eval; Mamba chunk size 8) with randomised norms, dt bias,
+    A, D and biases, so a swapped or ignored parameter shows up in the logits. tied: config.json says
+    tie_word_embeddings and the head holds a copy of the embedding."""
+    torch.manual_seed(seed)
+    cfg = transformers.NemotronHConfig(
+        vocab_size=128, hidden_size=64, layers_block_type=list(blocks), mamba_num_heads=4, mamba_head_dim=16,
+        n_groups=2, ssm_state_size=16, chunk_size=8, conv_kernel=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=96, use_mamba_kernels=False, tie_word_embeddings=tied, **extra)
+    model = transformers.NemotronHForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("A_log"):        # A in (-1, -0.05): slow decay, so state carried across chunks matters
+                p.copy_(torch.log(0.05 + 0.95 * torch.rand_like(p)))
+            elif name.endswith("dt_bias"):
+                p.copy_(0.5 * torch.randn_like(p) - 1.0)
+            elif name.endswith(".D") or name.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+        if tied:   # transformers never ties Nemotron-H's head (_tied_weights_keys is empty): make it the embedding
+            model.lm_head.weight.copy_(model.model.embeddings.weight)
+    return model.float().eval()
 
 
 def hf_logits(model, tokens, attention_mask=None):

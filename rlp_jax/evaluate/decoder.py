@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from rlp_jax import sharding
 from rlp_jax.generate.generation import SamplingConfig, generate, pad_prompts
-from rlp_jax.model import transformer as model
+from rlp_jax.model import family as model
 from rlp_jax.model.scoring import shifted_token_logprobs
 from rlp_jax.rlp.config import RolloutConfig
 

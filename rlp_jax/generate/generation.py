@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlp_jax.generate.sampling import NEG, argmax, filter_logits, sample_categorical
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model import family as model
+from rlp_jax.model.family import Config
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,11 +96,11 @@ class _GenState:
     tokens: jax.Array      # [B, J] int32
     logprobs: jax.Array    # [B, J] float32
     done: jax.Array        # [B] bool
-    decode: model.DecodeState
+    decode: object         # the model family's decode state (`model.prefill`)
     rng: jax.Array
 
 
-def generate(params, cfg: ModelConfig, prompts_bl, prompt_lens_b, rng, sc: SamplingConfig) -> Generated:
+def generate(params, cfg: Config, prompts_bl, prompt_lens_b, rng, sc: SamplingConfig) -> Generated:
     """Sample up to J tokens after each right-padded prompt.
 
     Args:
@@ -155,7 +155,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, multiple: 
     return out, np.asarray([len(p) for p in rows], np.int32)
 
 
-def stream(params, cfg: ModelConfig, prompt: Sequence[int], rng, sc: SamplingConfig) -> Iterator[int]:
+def stream(params, cfg: Config, prompt: Sequence[int], rng, sc: SamplingConfig) -> Iterator[int]:
     """Yield the sampled tokens of one prompt one at a time (for interactive use); the same sampling
     rules as `generate`, with one jitted decode step per token."""
     prompts, lens = pad_prompts([prompt])

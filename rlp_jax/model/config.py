@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -19,7 +20,72 @@ ATTENTIONS = ("auto", "dense", "blockwise", "kernel")   # full/branch attention:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class Numerics:
+    """How a model stores and runs, for both families (`ModelConfig`, `hybrid.HybridConfig`).
+
+    Attributes:
+      param_dtype: storage dtype of parameters ("float32" or "bfloat16").
+      compute_dtype: dtype of activations and matmuls; log-probabilities are always float32.
+      remat: per-layer rematerialisation: "none", "full" (save only layer inputs) or "dots"
+        (save matmul outputs without batch dimensions).
+      attention: how full and branch attention read their keys: "dense" (one score array), "blockwise"
+        (online softmax over key blocks of `attention_block`, `rlp_jax.model.blockwise`) or "auto"
+        (blockwise where the keys are longer than one block). Single-query decoding is dense always.
+        "kernel": full attention through the accelerator's kernel (`rlp_jax.model.kernels`: splash on TPU,
+        cuDNN on GPU, XLA's attention elsewhere) where it applies, "auto" wherever it does not (branch
+        attention, a prompt context, lengths or dtypes the kernel refuses).
+    """
+
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"
+    attention: str = "auto"
+    attention_block: int = 512
+
+    # Fields a checkpoint may be resumed with a different value of (how it runs, not what it stores).
+    RESUMABLE_WITH_OTHER = ("remat", "compute_dtype", "max_position_embeddings", "attention", "attention_block")
+
+    def stored_fields(self) -> dict[str, Any]:
+        """The fields that must match to resume a checkpoint: shapes and storage dtype."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESUMABLE_WITH_OTHER}
+
+    def check_numerics(self) -> None:
+        """ValueError (one line) for an unknown dtype, remat or attention."""
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name} must be {' or '.join(DTYPES)}, got {getattr(self, name)!r}")
+        if self.remat not in REMATS:
+            raise ValueError(f"model.remat must be {', '.join(REMATS[:-1])} or {REMATS[-1]}, got {self.remat!r}")
+        if self.attention not in ATTENTIONS or self.attention_block < 1:
+            raise ValueError(f"model.attention must be {', '.join(ATTENTIONS)} and model.attention_block >= 1, got "
+                             f"{self.attention!r}, {self.attention_block}")
+
+    @property
+    def jnp_param_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    @property
+    def jnp_compute_dtype(self):
+        return _DTYPES[self.compute_dtype]
+
+    def blockwise_for(self, num_keys: int) -> bool:
+        """Whether attention over `num_keys` keys runs blockwise (see `attention`)."""
+        return self.attention == "blockwise" or (self.attention in ("auto", "kernel") and num_keys > self.attention_block)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def checkpointed(self, block_fn):
+        """block_fn rematerialised as `remat` says (the backward recomputes what it does not save)."""
+        if self.remat == "none":
+            return block_fn
+        policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "dots"
+                  else jax.checkpoint_policies.nothing_saveable)
+        return jax.checkpoint(block_fn, policy=policy, prevent_cse=False)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig(Numerics):
     """Shape and numerics of a decoder-only transformer.
 
     Attributes:
@@ -36,18 +102,9 @@ class ModelConfig:
       qk_norm: per-head RMSNorm on queries and keys before rotary (Qwen3: True; Qwen2/Llama: False).
       attention_bias: bias on the q/k/v projections (Qwen2: True).
       tie_word_embeddings: the output projection is the transposed embedding matrix.
-      param_dtype: storage dtype of parameters ("float32" or "bfloat16").
-      compute_dtype: dtype of activations and matmuls; log-probabilities are always float32.
-      remat: per-layer rematerialisation: "none", "full" (save only layer inputs) or "dots"
-        (save matmul outputs without batch dimensions).
       max_position_embeddings: the context length the checkpoint declares (carried from Hugging Face /
         GGUF into exports; attention itself has no length limit).
-      attention: how full and branch attention read their keys: "dense" (one score array), "blockwise"
-        (online softmax over key blocks of `attention_block`, `rlp_jax.model.blockwise`) or "auto"
-        (blockwise where the keys are longer than one block). Single-query decoding is dense always.
-        "kernel": full attention through the accelerator's kernel (`rlp_jax.model.kernels`: splash on TPU,
-        cuDNN on GPU, XLA's attention elsewhere) where it applies, "auto" wherever it does not (branch
-        attention, a prompt context, lengths or dtypes the kernel refuses).
+      param_dtype, compute_dtype, remat, attention, attention_block: `Numerics`.
     """
 
     vocab_size: int
@@ -63,19 +120,7 @@ class ModelConfig:
     qk_norm: bool = True
     attention_bias: bool = False
     tie_word_embeddings: bool = True
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    remat: str = "none"
     max_position_embeddings: int = 32768
-    attention: str = "auto"
-    attention_block: int = 512
-
-    # Fields a checkpoint may be resumed with a different value of (how it runs, not what it stores).
-    RESUMABLE_WITH_OTHER = ("remat", "compute_dtype", "max_position_embeddings", "attention", "attention_block")
-
-    def stored_fields(self) -> dict[str, Any]:
-        """The fields that must match to resume a checkpoint: shapes and storage dtype."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESUMABLE_WITH_OTHER}
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -87,38 +132,16 @@ class ModelConfig:
                              f"model.num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"model.head_dim must be even for rotary embeddings, got {self.head_dim}")
-        for name in ("param_dtype", "compute_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"model.{name} must be {' or '.join(DTYPES)}, got {getattr(self, name)!r}")
-        if self.remat not in REMATS:
-            raise ValueError(f"model.remat must be {', '.join(REMATS[:-1])} or {REMATS[-1]}, got {self.remat!r}")
-        if self.attention not in ATTENTIONS or self.attention_block < 1:
-            raise ValueError(f"model.attention must be {', '.join(ATTENTIONS)} and model.attention_block >= 1, got "
-                             f"{self.attention!r}, {self.attention_block}")
+        self.check_numerics()
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ("llama3", "default"):
                 raise ValueError(f"model.rope_scaling type {kind!r} is not supported (supported: llama3, default)")
 
     @property
-    def jnp_param_dtype(self):
-        return _DTYPES[self.param_dtype]
-
-    @property
-    def jnp_compute_dtype(self):
-        return _DTYPES[self.compute_dtype]
-
-    def blockwise_for(self, num_keys: int) -> bool:
-        """Whether attention over `num_keys` keys runs blockwise (see `attention`)."""
-        return self.attention == "blockwise" or (self.attention in ("auto", "kernel") and num_keys > self.attention_block)
-
-    @property
     def q_per_kv(self) -> int:
         """A = Q / E, query heads per key/value head."""
         return self.num_heads // self.num_kv_heads
-
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
 
     def num_params(self) -> int:
         """Exact parameter count of `init_params(self, ...)`."""

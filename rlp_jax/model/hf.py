@@ -129,8 +129,8 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     archs = hf.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None and hf.get("model_type") == "nemotron_h":
-        raise CheckpointError("Nemotron-H (hybrid Mamba-2) checkpoints are not trainable yet: rlp_jax.model.hybrid "
-                              f"loads and runs them as a library; train/evaluate/export take {', '.join(ARCHITECTURES)}")
+        raise CheckpointError("a Nemotron-H (hybrid Mamba-2) checkpoint: read it with rlp_jax.model.family.from_hf "
+                              "(rlp_jax.model.hybrid); this module reads the dense families")
     if arch is None:
         raise CheckpointError(f"unsupported architecture {archs or hf.get('model_type')}; "
                               f"supported: {', '.join(ARCHITECTURES)}")

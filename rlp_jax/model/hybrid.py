@@ -19,6 +19,7 @@ F MLP width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlp_jax.model import mamba2
+from rlp_jax.model.config import Numerics
 from rlp_jax.model.hf import CheckpointError, SafetensorsReader
 from rlp_jax.model.layers import full_attention, rms_norm
 
@@ -42,11 +44,12 @@ Params = dict
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class HybridConfig:
-    """Shape of a Nemotron-H model.
+class HybridConfig(Numerics):
+    """Shape of a Nemotron-H model, and how it stores and runs (`Numerics`).
 
     block_types: one of BLOCK_TYPES per layer. use_bias: biases on the Mamba in/out projections;
-    use_conv_bias: on the Mamba conv; mlp_bias: on the MLP projections."""
+    use_conv_bias: on the Mamba conv; mlp_bias: on the MLP projections. Of `Numerics`, param_dtype (storage)
+    and remat (per block) apply; the math runs in float32 whatever compute_dtype says, and attention is dense."""
 
     vocab_size: int                     # V
     hidden_size: int                    # D
@@ -72,6 +75,15 @@ class HybridConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_attention_heads {self.num_heads} is not a multiple of num_key_value_heads "
                              f"{self.num_kv_heads}; fix the config")
+        self.check_numerics()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.block_types)
+
+    def num_params(self) -> int:
+        """Exact parameter count (`num_params`)."""
+        return num_params(self)
 
 
 def _block_types(hf: dict) -> tuple[str, ...]:
@@ -91,8 +103,9 @@ def _number(v) -> float:
     return float(v["__float__"] if isinstance(v, dict) else v)
 
 
-def config_from_hf(hf: dict) -> HybridConfig:
-    """HybridConfig from a Nemotron-H config.json dict (transformers' defaults where a field is absent)."""
+def config_from_hf(hf: dict, **numerics) -> HybridConfig:
+    """HybridConfig from a Nemotron-H config.json dict (transformers' defaults where a field is absent), with
+    `Numerics` fields (param_dtype, remat, ...) from `numerics`."""
     hf = {_ALIASES.get(k, k): v for k, v in hf.items()}
     if hf.get("model_type", "nemotron_h") != "nemotron_h":
         raise ValueError(f"model_type {hf['model_type']!r} is not nemotron_h; load it with rlp_jax.model.hf")
@@ -118,7 +131,7 @@ def config_from_hf(hf: dict) -> HybridConfig:
         intermediate_size=hf.get("intermediate_size", 21504), mamba=mamba,
         eps=hf.get("layer_norm_epsilon", 1e-5), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         use_bias=bool(hf.get("use_bias", False)), use_conv_bias=bool(hf.get("use_conv_bias", True)),
-        mlp_bias=bool(hf.get("mlp_bias", False)))
+        mlp_bias=bool(hf.get("mlp_bias", False)), **numerics)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,13 +220,58 @@ PRESETS = {
         num_key_value_heads=8, head_dim=128, mamba_num_heads=128, mamba_head_dim=80, n_groups=8,
         ssm_state_size=128, conv_kernel=4, chunk_size=128, layer_norm_epsilon=1e-5, tie_word_embeddings=False,
         hybrid_override_pattern="M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M*-M-M-M-M-"),
+    # A CPU-sized hybrid with every block kind, for tests and demos (random init).
+    "nemotron-h-tiny": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, mamba_num_heads=4, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4,
+        chunk_size=16, layer_norm_epsilon=1e-5, tie_word_embeddings=True, hybrid_override_pattern="M-*M-"),
 }
 
 
-def preset(name: str) -> HybridConfig:
+def preset(name: str, **numerics) -> HybridConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown Nemotron-H preset {name!r}; known: {', '.join(PRESETS)}")
-    return config_from_hf(PRESETS[name])
+    return config_from_hf(PRESETS[name], **numerics)
+
+
+_AXES = {"embed": ("vocab", "embed"), "lm_head": ("embed", "vocab"), "final_norm": ("norm",), "norm": ("norm",),
+         # Mamba-2: fsdp splits the model width; the fused in_proj output (gate | x B C | dt) stays whole
+         "in_proj": ("embed", None), "in_proj_b": (None,), "conv_w": (None, None), "conv_b": (None,),
+         "dt_bias": (None,), "A_log": (None,), "D": (None,), "out_proj": (None, "embed"), "out_proj_b": ("embed",),
+         # attention (heads flattened with their width) and the MLP
+         "q": ("embed", "heads"), "k": ("embed", "kv_heads"), "v": ("embed", "kv_heads"), "o": ("heads", "embed"),
+         "up": ("embed", "mlp"), "down": ("mlp", "embed"), "up_b": ("mlp",), "down_b": ("embed",)}
+
+
+def param_logical_axes(cfg: HybridConfig) -> Params:
+    """Logical axis names of every parameter (the structure of `param_shapes`), for `rlp_jax.sharding`'s rules."""
+    def names(path, shape):
+        key = path[-1].key
+        return _AXES["norm" if key == "norm" else key]
+    return jax.tree_util.tree_map_with_path(names, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def init_params(cfg: HybridConfig, rng, std: float = 0.02) -> Params:
+    """Random parameters in cfg.param_dtype: normal(0, std) matrices and conv weights, unit norms, zero biases; the
+    Mamba decays as transformers initialises them (A = 1 .. H, dt between 1e-3 and 0.1 through dt_bias, D = 1)."""
+    shapes = param_shapes(cfg)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(rng, len(flat))
+    h = cfg.mamba.num_heads
+
+    def leaf(name, shape, key):
+        if name.endswith("norm") or name == "D":
+            return jnp.ones(shape, jnp.float32)
+        if name == "A_log":
+            return jnp.log(jnp.arange(1, h + 1, dtype=jnp.float32))
+        if name == "dt_bias":   # softplus^-1 of dt log-uniform in [1e-3, 0.1]
+            dt = jnp.exp(jax.random.uniform(key, shape) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            return dt + jnp.log(-jnp.expm1(-dt))
+        if name.endswith("_b"):
+            return jnp.zeros(shape, jnp.float32)
+        return std * jax.random.normal(key, shape, jnp.float32)
+    leaves = [leaf(path[-1].key, shape, key).astype(cfg.jnp_param_dtype) for (path, shape), key in zip(flat, keys)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def from_hf(path) -> tuple[HybridConfig, Params]:
@@ -284,8 +342,8 @@ def run_blocks(params: Params, cfg: HybridConfig, tokens_bl, real_bl, positions_
     `mamba2.Mamba2State` [B, M, ...] after tokens < t, MLP None. None: caches is None."""
     l = tokens_bl.shape[1]
     mask_bls = jnp.tril(jnp.ones((l, l), bool))[None] & real_bl[:, None, :]
-    x, caches = embed(params, tokens_bl), []
-    for kind, block in zip(cfg.block_types, params["blocks"]):
+
+    def block_fn(kind, block, x):
         h = rms_norm(x, _f32(block["norm"]), cfg.eps)
         if kind == MAMBA:
             out, cache = mamba2.mamba2_forward(block["mixer"], cfg.mamba, h, real_bl, positions_bm=positions_bm)
@@ -293,8 +351,12 @@ def run_blocks(params: Params, cfg: HybridConfig, tokens_bl, real_bl, positions_
             out, cache = attention_mixer(block["mixer"], cfg, h, mask_bls)
         else:
             out, cache = mlp_mixer(block["mixer"], h), None
+        return x + out, cache
+
+    x, caches = embed(params, tokens_bl), []
+    for kind, block in zip(cfg.block_types, params["blocks"]):
+        x, cache = cfg.checkpointed(functools.partial(block_fn, kind))(block, x)
         caches.append(cache)
-        x = x + out
     return x, (None if positions_bm is None else tuple(caches))
 
 

@@ -24,6 +24,7 @@ key-value heads, W head width. (`mamba2` uses K, T and N for other things; its s
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -111,10 +112,12 @@ def _check_prefix(cfg: HybridConfig, prefix: HybridPrefix):
                          "with another model")
 
 
-def branch_forward(params: Params, cfg: HybridConfig, prefix: HybridPrefix, thought_tokens_bkst):
+def branch_forward(params: Params, cfg: HybridConfig, prefix: HybridPrefix, thought_tokens_bkst, *,
+                   return_hidden: bool = False):
     """Logits [B, K, S, T, V] float32 of S thoughts [B, K, S, T] at each of the prefix's positions t [B, K]: slot i
     of a thought predicts its token i+1 (the last slot: the token after the thought), each thought continuing its
-    own document after x_<t. Differentiable in params through the prefix too; jit with cfg static."""
+    own document after x_<t. return_hidden: the final hidden states [B, K, S, T, D] (before the final norm)
+    instead. Differentiable in params through the prefix too; jit with cfg static."""
     _check_prefix(cfg, prefix)
     thoughts = jnp.asarray(thought_tokens_bkst)
     if thoughts.ndim != 4 or thoughts.shape[:2] != prefix.t.shape:
@@ -124,8 +127,8 @@ def branch_forward(params: Params, cfg: HybridConfig, prefix: HybridPrefix, thou
     n = k * s
     prefix_mask = _prefix_mask(prefix, s)                                          # [B, N, L]
     self_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, n, t, t))   # causal within the thought
-    x = hybrid.embed(params, thoughts.reshape(b, n, t))                            # [B, N, T, D]
-    for kind, block, cache in zip(cfg.block_types, params["blocks"], prefix.blocks):
+
+    def block_fn(kind, block, cache, x):
         p = block["mixer"]
         h = layers.rms_norm(x, jnp.asarray(block["norm"], jnp.float32), cfg.eps)
         if kind == MAMBA:
@@ -137,7 +140,13 @@ def branch_forward(params: Params, cfg: HybridConfig, prefix: HybridPrefix, thou
             out = _attend(p, cfg, q, cache, prefix_mask, kk, v, self_mask)
         else:
             out = hybrid.mlp_mixer(p, h)
-        x = x + out
+        return x + out
+
+    x = hybrid.embed(params, thoughts.reshape(b, n, t))                            # [B, N, T, D]
+    for kind, block, cache in zip(cfg.block_types, params["blocks"], prefix.blocks):
+        x = cfg.checkpointed(functools.partial(block_fn, kind))(block, cache, x)
+    if return_hidden:
+        return x.reshape(b, k, s, t, -1)
     return hybrid.logits_from_hidden(params, cfg, x).reshape(b, k, s, t, -1)
 
 

@@ -155,11 +155,7 @@ def _run_blocks(cfg: ModelConfig, params: Params, x, attend, extras):
         out, kv = _block(cfg, attend, carry, lp, extra)
         return sharding.constrain(out, names), kv
 
-    if cfg.remat != "none":
-        policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots"
-                  else jax.checkpoint_policies.nothing_saveable)
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    return jax.lax.scan(body, sharding.constrain(x, names), (params["layers"], extras))
+    return jax.lax.scan(cfg.checkpointed(body), sharding.constrain(x, names), (params["layers"], extras))
 
 
 def _embed(cfg: ModelConfig, params: Params, tokens):

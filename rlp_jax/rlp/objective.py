@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model import family as model
+from rlp_jax.model.family import Config
 from rlp_jax.rlp import advantages as adv_lib
 from rlp_jax.rlp import positions, reward
 from rlp_jax.rlp import reference as naive
@@ -34,7 +34,7 @@ def _branch_forward_fn(naive_path: bool, batch, prompt_ids=()):
                                                                              prompt_ids=prompt_ids)
 
 
-def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Thoughts, t_bk, t_mask_bk,
+def rlp_objective(params, cfg: Config, rlp: RLPConfig, batch, thoughts: Thoughts, t_bk, t_mask_bk,
                   ema_lp_bl, ref_params=None, *, naive_path: bool = False, rlp_scale=1.0, ntp_scale=1.0):
     """The RLP loss of given thoughts, differentiable in params (the loss forward of docs/method.md).
 
@@ -58,7 +58,8 @@ def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Tho
     ctx = prompt_context(params, cfg, rlp)
     logits_doc, prefix = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                        positions_bl=batch["positions"], return_cache=True,
-                                       return_logits=lc.ntp_weight > 0 and ctx is None, context=ctx)
+                                       return_logits=lc.ntp_weight > 0 and ctx is None, context=ctx,
+                                       branch_positions_bk=t_bk)
     if lc.ntp_weight > 0 and ctx is not None:
         logits_doc, _ = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                       positions_bl=batch["positions"])
@@ -80,7 +81,8 @@ def rlp_objective(params, cfg: ModelConfig, rlp: RLPConfig, batch, thoughts: Tho
         ref = jax.lax.stop_gradient(ref_params)
         _, ref_prefix = model.forward(ref, cfg, batch["tokens"],
                                       segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"],
-                                      return_cache=True, return_logits=False, context=prompt_context(ref, cfg, rlp))
+                                      return_cache=True, return_logits=False, context=prompt_context(ref, cfg, rlp),
+                                      branch_positions_bk=t_bk)
         ref_lp = forward_fn(ref, cfg, ref_prefix, t_bk, thoughts, targets, rlp.rollout)[0].reshape(-1, t_max)
     new_flat, act = new_lp.reshape(-1, t_max), action.reshape(-1, t_max)
     # One update per rollout: the surrogate's old policy is the current one, so the importance ratio is
@@ -124,7 +126,7 @@ def rollout_metrics(thoughts: Thoughts, t_mask_bk):
     }
 
 
-def rollout_phase(state, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig, naive_path: bool):
+def rollout_phase(state, batch, rng, *, cfg: Config, rlp: RLPConfig, naive_path: bool):
     """Teacher log-probs [B, L], positions [B, K] (+ mask) and sampled thoughts [B, K, G, T] of one
     (micro-)batch; nothing here is differentiated."""
     k_pos, k_roll = jax.random.split(rng)
@@ -137,7 +139,7 @@ def rollout_phase(state, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig, naive_
     else:
         policy = jax.lax.stop_gradient(state.params)
         _, prefix = model.forward(policy, cfg, tokens, segment_ids_bl=seg, positions_bl=pos, return_cache=True,
-                                  return_logits=False, context=prompt_context(policy, cfg, rlp))
+                                  return_logits=False, context=prompt_context(policy, cfg, rlp), branch_positions_bk=t_bk)
         thoughts = thought_rollout(state.params, cfg, prefix, t_bk, k_roll, rlp.rollout)
     return ema_lp, t_bk, t_mask, thoughts
 

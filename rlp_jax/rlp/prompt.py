@@ -15,8 +15,8 @@ the naive path with the prompt prepended to every sequence.
 from __future__ import annotations
 
 from rlp_jax.data.tokenizer import Tokenizer
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model import family as model
+from rlp_jax.model.family import Config
 from rlp_jax.rlp.config import PromptConfig, RLPConfig
 
 
@@ -60,7 +60,7 @@ def render_prompt(prompt: PromptConfig, tokenizer: Tokenizer) -> tuple[int, ...]
     return tuple(tokenizer.encode(text)) if text else ()
 
 
-def prompt_context(params, cfg: ModelConfig, rlp: RLPConfig, *, teacher: bool = False):
+def prompt_context(params, cfg: Config, rlp: RLPConfig, *, teacher: bool = False):
     """The ContextCache of the run's prompt (`rlp.prompt`) under `params`, or None: no prompt, or the
     teacher when `rlp.prompt.teacher_sees` is off."""
     if not rlp.prompt.ids or (teacher and not rlp.prompt.teacher_sees):

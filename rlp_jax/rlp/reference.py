@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from rlp_jax.generate.sampling import filter_logits, sample_categorical
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model import family as model
+from rlp_jax.model.transformer import Branches
+from rlp_jax.model.family import Config
 from rlp_jax.rlp.config import RolloutConfig
 from rlp_jax.rlp.rollout import Thoughts, branch_tokens, score_branches, thought_logits
 
@@ -48,7 +49,7 @@ def branch_sequences(batch, t_bn, branch_bns, prompt_ids=()):
     return flat(out_tok), flat(out_seg), flat(out_pos)
 
 
-def naive_thought_forward(params, cfg: ModelConfig, batch, positions_bk, thoughts: Thoughts, targets_bkh,
+def naive_thought_forward(params, cfg: Config, batch, positions_bk, thoughts: Thoughts, targets_bkh,
                           rollout: RolloutConfig, prompt_ids=()):
     """Same outputs as `rollout.thought_forward`, each thought run as its own full sequence (after its own
     copy of the prompt, if any)."""
@@ -63,7 +64,7 @@ def naive_thought_forward(params, cfg: ModelConfig, batch, positions_bk, thought
     return score_branches(rows, pred_idx, thoughts, targets_bkh, rollout)
 
 
-def naive_thought_rollout(params, cfg: ModelConfig, batch, positions_bk, rng, rollout: RolloutConfig,
+def naive_thought_rollout(params, cfg: Config, batch, positions_bk, rng, rollout: RolloutConfig,
                           prompt_ids=()) -> Thoughts:
     """Same sampling as `rollout.thought_rollout` (same rng -> same thoughts), but every branch is its
     own prompt `[prompt] x_<t <think>` prefilled separately and decoded with a per-sequence KV cache."""
@@ -76,12 +77,13 @@ def naive_thought_rollout(params, cfg: ModelConfig, batch, positions_bk, rng, ro
     first = jnp.full((b, n, 1), start, jnp.int32)
     toks, seg, pos = branch_sequences(batch, t_bn, first, prompt_ids)            # prompts [B*N, P+L+1]
     # The decode state of prompt rows; a branch hangs off the end of its row's own prompt.
-    logits, prefix = model.forward(params, cfg, toks, segment_ids_bl=seg, positions_bl=pos, return_cache=True)
     t_flat = t_bn.reshape(-1) + len(prompt_ids)
+    logits, prefix = model.forward(params, cfg, toks, segment_ids_bl=seg, positions_bl=pos, return_cache=True,
+                                   branch_positions_bk=(t_flat + 1)[:, None])
     last = logits[jnp.arange(b * n), t_flat]                                     # logits after <think>
-    branches = model.Branches(start=(t_flat + 1)[:, None], segment=seg[jnp.arange(b * n), t_flat][:, None],
-                              position=(pos[jnp.arange(b * n), t_flat] + 1)[:, None])
-    cache = model.init_branch_cache(cfg, b * n, 1, t_max)
+    branches = Branches(start=(t_flat + 1)[:, None], segment=seg[jnp.arange(b * n), t_flat][:, None],
+                        position=(pos[jnp.arange(b * n), t_flat] + 1)[:, None])
+    cache = model.init_branch_cache(cfg, prefix, branches, t_max)
     tokens = jnp.zeros((b * n, t_max), jnp.int32)
     logps = jnp.zeros((b * n, t_max), jnp.float32)
     active = jnp.zeros((b * n, t_max), bool)

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from rlp_jax.generate.sampling import NEG, filter_logits, sample_categorical
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model import family as model
+from rlp_jax.model.family import Config
 from rlp_jax.rlp.config import RolloutConfig
 
 THOUGHT_CHUNK = 32   # thought slots projected to the vocabulary at a time by `score_hidden`
@@ -69,16 +69,16 @@ class _SampleState:
     logprobs: jax.Array     # [B, N, T]
     active: jax.Array       # [B, N, T] bool (action mask)
     done: jax.Array         # [B, N] bool
-    cache: model.BranchCache
+    cache: object          # the model family's branch cache (`model.init_branch_cache`)
     rng: jax.Array
 
 
-def thought_rollout(params, cfg: ModelConfig, prefix: model.PrefixCache, positions_bk, rng,
+def thought_rollout(params, cfg: Config, prefix, positions_bk, rng,
                     rollout: RolloutConfig) -> Thoughts:
     """Sample G thoughts at each of K positions per document from the policy (no gradients).
 
     Args:
-      params: policy params. cfg: ModelConfig. prefix: the documents' PrefixCache (policy params).
+      params: policy params. cfg: Config. prefix: the documents' PrefixCache (policy params).
       positions_bk: [B, K] int32 indices t of the tokens to predict (the thought sees x_<t).
       rng: PRNG key. rollout: RolloutConfig (G, T_think, temperature, top-k/top-p, marker ids).
     Returns:
@@ -95,7 +95,7 @@ def thought_rollout(params, cfg: ModelConfig, prefix: model.PrefixCache, positio
         step=jnp.zeros((), jnp.int32), last=jnp.full((b, n), start, jnp.int32),
         tokens=jnp.zeros((b, n, t_max), jnp.int32), logprobs=jnp.zeros((b, n, t_max), jnp.float32),
         active=jnp.zeros((b, n, t_max), bool), done=jnp.zeros((b, n), bool),
-        cache=model.init_branch_cache(cfg, b, n, t_max), rng=rng)
+        cache=model.init_branch_cache(cfg, prefix, branches, t_max), rng=rng)
 
     def cond(s: _SampleState):
         return (s.step < t_max) & ~jnp.all(s.done)
@@ -147,7 +147,7 @@ def branch_tokens(thoughts: Thoughts, targets_bkh, rollout: RolloutConfig):
     return seq.astype(jnp.int32), (n_len + 1 + jnp.arange(h)).astype(jnp.int32)
 
 
-def thought_forward(params, cfg: ModelConfig, prefix: model.PrefixCache, positions_bk, thoughts: Thoughts,
+def thought_forward(params, cfg: Config, prefix, positions_bk, thoughts: Thoughts,
                     targets_bkh, rollout: RolloutConfig):
     """The differentiable forward of every thought as a branch of the shared prefix.
 
@@ -165,7 +165,7 @@ def thought_forward(params, cfg: ModelConfig, prefix: model.PrefixCache, positio
     return score_hidden(params, cfg, hidden, pred_idx, thoughts, targets_bkh, rollout)
 
 
-def score_hidden(params, cfg: ModelConfig, hidden_bnsd, pred_idx_bnh, thoughts: Thoughts, targets_bkh,
+def score_hidden(params, cfg: Config, hidden_bnsd, pred_idx_bnh, thoughts: Thoughts, targets_bkh,
                  rollout: RolloutConfig, *, chunk: int = THOUGHT_CHUNK):
     """`score_branches` from final hidden states, without the [B, N, S, V] logits.
 

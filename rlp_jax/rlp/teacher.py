@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model import family as model
+from rlp_jax.model.family import Config
 from rlp_jax.model.scoring import shifted_token_logprobs_chunked
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.prompt import prompt_context
@@ -23,11 +23,11 @@ def ema_update(ema_params, params, decay: float):
                         ema_params, params)
 
 
-def _as_compute(params, cfg: ModelConfig):
+def _as_compute(params, cfg: Config):
     return jax.tree.map(lambda p: p.astype(cfg.jnp_param_dtype), params)
 
 
-def teacher_logprobs(ema_params, cfg: ModelConfig, batch, rlp: RLPConfig | None = None) -> jax.Array:
+def teacher_logprobs(ema_params, cfg: Config, batch, rlp: RLPConfig | None = None) -> jax.Array:
     """log p_ema(x_j | x_<j) for every token, from one teacher-forced pass: [B, L] float32, no gradient.
     With `rlp` given, the teacher reads the prompt when `rlp.prompt.teacher_sees`."""
     ema = _as_compute(jax.lax.stop_gradient(ema_params), cfg)

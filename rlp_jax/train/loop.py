@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -25,9 +24,11 @@ from rlp_jax import fetch, sharding
 from rlp_jax.data.pipeline import DataError, make_iterator
 from rlp_jax.data.tokenizer import TokenizerError, load_tokenizer
 from rlp_jax.model import hf
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model import family
+from rlp_jax.model.family import Config
 from rlp_jax.rlp.prompt import PromptError, render_prompt
 from rlp_jax.train import checkpoint, lock
+from rlp_jax.train.preemption import Preemption
 from rlp_jax.train import run_dir as loading
 from rlp_jax.train import step as train_step
 from rlp_jax.train.config import ConfigError, RunConfig, to_dict
@@ -49,8 +50,8 @@ class TrainingStopped(RuntimeError):
 # Building the pieces
 # ----------------------------------------------------------------------------------------------
 
-def build_model(cfg: RunConfig, tokenizer, rng, mesh=None) -> tuple[ModelConfig, dict | None]:
-    """ModelConfig and params: from a Hugging Face checkpoint or GGUF file (onto `mesh` when given: each process
+def build_model(cfg: RunConfig, tokenizer, rng, mesh=None) -> tuple[Config, dict | None]:
+    """Model config and params: from a Hugging Face checkpoint or GGUF file (onto `mesh` when given: each process
     reads only its devices' slices) or an rlp_jax run directory (its latest policy params), or None for a random
     init (done later on the mesh). Embeddings grow when the tokenizer added tokens (the think markers)."""
     m = cfg.model
@@ -97,50 +98,6 @@ def with_markers(cfg: RunConfig, tokenizer) -> RunConfig:
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
-
-class _Preemption:
-    """Turns SIGTERM (a scheduler's preemption) and a first Ctrl-C (SIGINT) into a stop the loop takes after a
-    step: it then saves and exits. A second Ctrl-C interrupts at once.
-
-    With several processes the save is collective, so every host must stop at the same step. SIGTERM is
-    then left to JAX's preemption service (`jax.distributed` installs its notifier): any host's notice
-    reaches all, and `multihost_utils.reached_preemption_sync_point(step)` turns true at the same step on
-    every host, a host-side check through the coordination service, with no device work or all-gather per
-    step. A Ctrl-C on a host is fed to that service as a SIGTERM of its own. (Should the service be
-    disabled, `jax_enable_preemption_service=False`, the hosts all-gather their flags each step instead.)"""
-
-    def __init__(self):
-        self.requested: str | None = None     # "SIGTERM" / "SIGINT" once asked on this host
-        self.multi = jax.process_count() > 1
-        self.service = self.multi and bool(jax.config.jax_enable_preemption_service)
-        signals = (signal.SIGINT,) if self.service else (signal.SIGTERM, signal.SIGINT)
-        self._old = {s: signal.signal(s, self._handle) for s in signals}
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.requested:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        if signum == signal.SIGINT:
-            tqdm.write("Ctrl-C: saving after this step (press again to stop at once, without saving)")
-            if self.service:
-                signal.raise_signal(signal.SIGTERM)   # to JAX's preemption notifier: every host stops
-
-    def stop_at(self, step: int) -> str | None:
-        """The signal to stop for after `step` ("SIGTERM" / "SIGINT"), the same on every host, or None.
-        Call it after every step, on every host."""
-        if not self.multi:
-            return self.requested
-        from jax.experimental import multihost_utils
-        if self.service:
-            return (self.requested or "SIGTERM") if multihost_utils.reached_preemption_sync_point(step) else None
-        got = multihost_utils.process_allgather(np.asarray([self.requested == "SIGTERM", self.requested == "SIGINT"]))
-        return "SIGTERM" if np.any(got[..., 0]) else "SIGINT" if np.any(got[..., 1]) else None
-
-    def restore(self):
-        for s, old in self._old.items():
-            signal.signal(s, old)
-
 
 local_dirs = loading.local_dirs   # re-exported: where a workdir keeps its files
 
@@ -194,7 +151,7 @@ def run_tokenizer(cfg: RunConfig):
     return load_tokenizer(tokenizer_source(cfg), think_tokens=cfg.model.think_tokens)
 
 
-def run_mesh(cfg: RunConfig, mcfg: ModelConfig):
+def run_mesh(cfg: RunConfig, mcfg: Config):
     """The run's mesh, after the checks that need it (rows split over it and into micro-batches)."""
     tc = cfg.train
     try:
@@ -206,6 +163,12 @@ def run_mesh(cfg: RunConfig, mcfg: ModelConfig):
         raise ConfigError(f"no position of a {seq_len}-token row can be chosen: rlp.rollout.min_context "
                           f"({ro.min_context}) + reward.horizon must be <= data.seq_len and "
                           f"rollout.positions_per_doc ({ro.positions_per_doc}) <= data.seq_len")
+    if family.is_hybrid(mcfg) and (cfg.data.packing == "pack" or cfg.rlp.prompt.style != "none"):
+        raise ConfigError("a Nemotron-H model reads one document per row without a prompt: set data.packing=window "
+                          "and leave rlp.prompt.style=none (packed rows and prompts are supported for transformers)")
+    if family.is_hybrid(mcfg) and mcfg.compute_dtype != "float32":
+        log.warning("model.compute_dtype=%s: a Nemotron-H model computes in float32 (its bfloat16 path is not built "
+                    "yet); only param_dtype applies", mcfg.compute_dtype)
     if mcfg.param_dtype == "bfloat16" and cfg.optim.lr < 1e-4:
         log.warning("model.param_dtype=bfloat16 keeps no float32 master weights: updates of lr=%g are below bf16 "
                     "resolution for most weights; prefer param_dtype=float32 with compute_dtype=bfloat16",
@@ -221,14 +184,14 @@ def run_mesh(cfg: RunConfig, mcfg: ModelConfig):
     return mesh
 
 
-def run_record(cfg: RunConfig, mcfg: ModelConfig, experiment: str) -> dict:
+def run_record(cfg: RunConfig, mcfg: Config, experiment: str) -> dict:
     """What config.json and every checkpoint hold (`run_dir.read_run_record` reads it back, typed). "model"
     holds what must match to resume (shapes and storage dtype); remat and compute dtype may change."""
     return {"model": mcfg.stored_fields(), "model_full": dataclasses.asdict(mcfg), "run": to_dict(cfg),
             "experiment": experiment}
 
 
-def held_out(cfg: RunConfig, tokenizer, mcfg: ModelConfig, mesh, param_shardings):
+def held_out(cfg: RunConfig, tokenizer, mcfg: Config, mesh, param_shardings):
     """(eval_fn, the held-out batches) of a run, or (None, []) when train.eval_every is 0."""
     tc = cfg.train
     if tc.eval_every <= 0:
@@ -349,7 +312,7 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
             else functools.partial(train_step.make_ntp_train_step, mcfg))
     step_fn = make(optimizer, mesh=mesh, state_shardings=layout.shardings, micro_batches=tc.micro_batches)
     eval_fn, eval_batches = held_out(cfg, tokenizer, mcfg, mesh, layout.param_shardings)
-    logs, preempt, nonfinite_run, previous = None, _Preemption(), 0, None
+    logs, preempt, nonfinite_run, previous = None, Preemption(), 0, None
     save = lambda step, force=False: ckpt.save(step, state, data_state=train_iter.get_state(), rng=base_rng,
                                                config=record, force=force)
     try:

@@ -20,10 +20,11 @@ def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """True for weight matrices; False for norm weights and biases (never decayed)."""
+    """True for weight matrices; False for norm weights, biases (`*bias`, `*_b`) and a Mamba-2 mixer's decay
+    parameters A_log and D (never decayed, as mamba_ssm leaves them)."""
     def keep(path, leaf):
         name = str(getattr(path[-1], "key", path[-1]))
-        return not (name.endswith("norm") or name.endswith("bias"))
+        return not (name.endswith(("norm", "bias", "_b")) or name in ("A_log", "D"))
     return jax.tree_util.tree_map_with_path(keep, params)
 
 

@@ -27,8 +27,8 @@ from rlp_jax.data.tokenizer import (
 )
 from rlp_jax.model import gguf as gguf_io
 from rlp_jax.model import hf
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model import family as model
+from rlp_jax.model.family import Config
 from rlp_jax.train import checkpoint
 from rlp_jax.train import step as train_step
 from rlp_jax.train.config import ConfigError, ModelSection, RunConfig, from_dict
@@ -47,7 +47,7 @@ class RunRecord:
     (marker, prompt and banned ids filled from the tokenizer). experiment: the recipe's name.
     raw: the file as written (the checkpoint's compatibility check compares its "model" part)."""
 
-    model: ModelConfig
+    model: Config
     run: RunConfig
     experiment: str
     raw: dict
@@ -59,7 +59,7 @@ class LoadedModel:
     source: "run", "hf", "gguf" (or a caller's own label). step: the checkpoint step (None for pretrained
     files). path: where it came from. run: the RunConfig it trained with (None for pretrained files)."""
 
-    cfg: ModelConfig
+    cfg: Config
     params: dict
     tokenizer: Tokenizer
     source: str
@@ -186,7 +186,7 @@ def read_run_record(path) -> RunRecord:
         raise LoadError(f"{path}: no readable rlp_jax run config there ({e}); pass a run directory written by "
                         "`python -m rlp_jax.train`") from None
     try:
-        return RunRecord(model=ModelConfig(**raw["model_full"]), run=from_dict(raw["run"]),
+        return RunRecord(model=model.config_from_dict(raw["model_full"]), run=from_dict(raw["run"]),
                          experiment=raw.get("experiment", "custom"), raw=raw)
     except (KeyError, TypeError, ValueError, ConfigError) as e:
         raise LoadError(f"{path}/config.json cannot be read as an rlp_jax run config ({e}); was it written "
@@ -263,7 +263,7 @@ def load_pretrained(path, *, param_dtype: str | None = None, mesh=None, **config
     slices; without, whole host (numpy) arrays."""
     if gguf_io.is_gguf(path):
         return gguf_io.from_gguf(path, param_dtype=param_dtype, mesh=mesh, **config_overrides)
-    return hf.from_hf(path, param_dtype=param_dtype, mesh=mesh, **config_overrides)
+    return model.from_hf(path, param_dtype=param_dtype, mesh=mesh, **config_overrides)
 
 
 def resolve_model_name(path):
@@ -271,13 +271,13 @@ def resolve_model_name(path):
     return fetch.resolve(path)
 
 
-def model_config(section: ModelSection) -> ModelConfig:
+def model_config(section: ModelSection) -> Config:
     """The architecture a run's `model` section names, read without weights: the preset, or what
     `init_from` holds (an rlp_jax run's saved model, a GGUF file's metadata, a Hugging Face config.json),
     with the section's dtypes and remat. The vocabulary is the checkpoint's own (before added markers).
     Raises ConfigError (one line) when init_from cannot be read."""
     if section.init_from is None:
-        return ModelConfig.preset(section.preset, **section.overrides)
+        return model.preset(section.preset, **section.overrides)
     src = section.init_from
     try:
         src = resolve_model_name(src)
@@ -289,12 +289,12 @@ def model_config(section: ModelSection) -> ModelConfig:
         if is_url(src) or not path.is_file():
             raise ConfigError(f"model.init_from={src}: neither an rlp_jax run directory, a .gguf file nor a Hugging "
                               "Face checkpoint directory (no config.json there)")
-        return hf.config_from_hf(json.loads(path.read_text()), **section.overrides)
+        return model.config_from_hf(json.loads(path.read_text()), **section.overrides)
     except (hf.CheckpointError, LoadError, json.JSONDecodeError, fetch.FetchError) as e:
         raise ConfigError(f"model.init_from={src}: {e}") from None
 
 
-def fit_embeddings(mcfg: ModelConfig, params: dict, tokenizer: Tokenizer, rng, init: str = "mean"):
+def fit_embeddings(mcfg: Config, params: dict, tokenizer: Tokenizer, rng, init: str = "mean"):
     """Grow the embedding (and an untied lm_head) to the tokenizer's vocabulary when it added tokens
     (the think markers), new rows by `init` (`tokenizer.resize_embeddings`). Returns (cfg, params)."""
     if tokenizer.vocab_size <= mcfg.vocab_size:

@@ -23,8 +23,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rlp_jax import sharding
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model import family as model
+from rlp_jax.model.family import Config
 from rlp_jax.model.scoring import shifted_token_logprobs
 from rlp_jax.rlp import objective, positions, reward
 from rlp_jax.rlp.config import RLPConfig
@@ -61,7 +61,7 @@ class StateLayout:
     abstract: the abstract TrainState; shardings: its shardings (params, EMA, optimizer moments sharded
     like the params; scalars replicated)."""
 
-    cfg: ModelConfig
+    cfg: Config
     optimizer: optax.GradientTransformation
     keep_reference: bool
     params: Any
@@ -84,7 +84,7 @@ class StateLayout:
                             self.shardings)
 
 
-def state_layout(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh, *,
+def state_layout(cfg: Config, optimizer: optax.GradientTransformation, mesh, *,
                  keep_reference: bool = False) -> StateLayout:
     """The one recipe for a sharded train state (training, loading a run, the planner, benchmarks).
     `mesh` may be a `jax.sharding.AbstractMesh` (the planner's: no devices needed)."""
@@ -162,7 +162,7 @@ def _combine_metrics(metrics_m: dict, weights_m) -> dict:
     return out
 
 
-def rlp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig,
+def rlp_step(state: TrainState, batch, rng, *, cfg: Config, rlp: RLPConfig,
              optimizer: optax.GradientTransformation, naive_path: bool = False, micro_batches: int = 1):
     """One RLP step (un-jitted; see `make_rlp_train_step`). Returns (new state, metrics of scalars).
 
@@ -210,7 +210,7 @@ def rlp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig,
                        "train/micro_batches": jnp.asarray(micro_batches, jnp.int32)}
 
 
-def ntp_step(state: TrainState, batch, rng, *, cfg: ModelConfig, optimizer: optax.GradientTransformation,
+def ntp_step(state: TrainState, batch, rng, *, cfg: Config, optimizer: optax.GradientTransformation,
              micro_batches: int = 1):
     """One next-token (continued pretraining) step, for the compute-matched CPT baseline. With
     micro_batches M > 1 the gradient is accumulated over M micro-batches, each weighted by its share of
@@ -257,7 +257,7 @@ def _jit_step(step_fn, mesh, state_shardings, micro_batches: int, **static):
                    out_shardings=(state_shardings, replicated))
 
 
-def make_rlp_train_step(cfg: ModelConfig, rlp: RLPConfig, optimizer: optax.GradientTransformation, *,
+def make_rlp_train_step(cfg: Config, rlp: RLPConfig, optimizer: optax.GradientTransformation, *,
                         mesh=None, state_shardings=None, naive_path: bool = False, micro_batches: int = 1):
     """`rlp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled.
 
@@ -271,13 +271,13 @@ def make_rlp_train_step(cfg: ModelConfig, rlp: RLPConfig, optimizer: optax.Gradi
                      naive_path=naive_path)
 
 
-def make_ntp_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, *, mesh=None,
+def make_ntp_train_step(cfg: Config, optimizer: optax.GradientTransformation, *, mesh=None,
                         state_shardings=None, micro_batches: int = 1):
     """`ntp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled (mesh and micro_batches as above)."""
     return _jit_step(ntp_step, mesh, state_shardings, micro_batches, cfg=cfg, optimizer=optimizer)
 
 
-def eval_metrics(params, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig):
+def eval_metrics(params, batch, rng, *, cfg: Config, rlp: RLPConfig):
     """Held-out metrics of the policy (no update), means over valid sampled positions:
 
     eval/nll_no_think: -log p_theta(x_t | x_<t); eval/nll_think: -log p_theta(x_t | x_<t, thought),
@@ -288,7 +288,8 @@ def eval_metrics(params, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig):
     h = rlp.reward.horizon
     doc = dict(segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"])
     ctx = prompt_context(params, cfg, rlp)
-    logits, prefix = model.forward(params, cfg, batch["tokens"], return_cache=ctx is None, **doc)
+    logits, prefix = model.forward(params, cfg, batch["tokens"], return_cache=ctx is None and not model.is_hybrid(cfg),
+                                   **doc)
     lp = shifted_token_logprobs(logits, batch["tokens"])                   # [B, L] plain text
     no_think_lp = lp
     if ctx is not None:   # thoughts are sampled after the prompt; "no thought" reads it if the teacher does
@@ -298,6 +299,9 @@ def eval_metrics(params, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig):
             no_think_lp = shifted_token_logprobs(prompted, batch["tokens"])
     t_bk, t_mask = positions.select_positions(k_pos, batch["segment_ids"], batch["positions"], lp,
                                               rlp.rollout, h)
+    if prefix is None:   # a hybrid's prefix holds the Mamba states at the chosen positions
+        _, prefix = model.forward(params, cfg, batch["tokens"], return_cache=True, return_logits=False,
+                                  branch_positions_bk=t_bk, **doc)
     thoughts = thought_rollout(params, cfg, prefix, t_bk, k_roll, rlp.rollout)
     targets = reward.gather_horizon(batch["tokens"], t_bk, h)
     _, tgt_lp, _ = thought_forward(params, cfg, prefix, t_bk, thoughts, targets, rlp.rollout)
@@ -311,7 +315,7 @@ def eval_metrics(params, batch, rng, *, cfg: ModelConfig, rlp: RLPConfig):
             "eval/thought_len": vmean(thoughts.lengths.mean(-1).astype(jnp.float32))}
 
 
-def make_eval_step(cfg: ModelConfig, rlp: RLPConfig, *, mesh=None, param_shardings=None):
+def make_eval_step(cfg: Config, rlp: RLPConfig, *, mesh=None, param_shardings=None):
     """`eval_step(params, batch, rng) -> metrics`, jit-compiled (sharded like training on a mesh)."""
     fn = functools.partial(eval_metrics, cfg=cfg, rlp=rlp)
     if mesh is None:

@@ -9,38 +9,19 @@ import numpy as np
 import pytest
 
 from rlp_jax.model import hybrid, mamba2
+from tests.hf_models import NEMOTRON_H_BLOCKS, tiny_nemotron_h
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-BLOCKS = ["linear_attention", "full_attention", "mlp", "linear_attention", "mlp"]
+BLOCKS = list(NEMOTRON_H_BLOCKS)
 L = 21            # not a multiple of the chunk size 8: a partial last chunk
-
-
-def _hf_model(seed=0):
-    """A tiny random NemotronHForCausalLM with randomised norms, dt bias, A, D and conv bias (float32, eval)."""
-    torch.manual_seed(seed)
-    cfg = transformers.NemotronHConfig(
-        vocab_size=128, hidden_size=64, layers_block_type=BLOCKS, mamba_num_heads=4, mamba_head_dim=16,
-        n_groups=2, ssm_state_size=16, chunk_size=8, conv_kernel=4, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, intermediate_size=96, use_mamba_kernels=False)
-    model = transformers.NemotronHForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("A_log"):        # A in (-1, -0.05): slow decay, so state carried across chunks matters
-                p.copy_(torch.log(0.05 + 0.95 * torch.rand_like(p)))
-            elif name.endswith("dt_bias"):
-                p.copy_(0.5 * torch.randn_like(p) - 1.0)
-            elif name.endswith(".D") or name.endswith("conv1d.bias"):
-                p.copy_(0.5 * torch.randn_like(p))
-    return model.float().eval()
+_hf_model = tiny_nemotron_h   # the name tests/model/test_hybrid_branch.py imports
 
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    ref = _hf_model()
+    ref = tiny_nemotron_h()
     path = tmp_path_factory.mktemp("nemotron_h")
     ref.save_pretrained(path)
     cfg, params = hybrid.from_hf(path)
@@ -163,17 +144,3 @@ def test_nemotron_nano_12b_preset_has_transformers_parameter_count():
         theirs = sum(p.numel() for p in transformers.NemotronHForCausalLM(hf_cfg).parameters())
     assert hybrid.num_params(cfg) == theirs
     assert 12.0e9 < theirs < 12.6e9
-
-
-def test_training_on_a_nemotron_h_checkpoint_is_refused_in_one_line(loaded, tmp_path):
-    """Not yet a training path: train names what exists instead of a traceback."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    folder = loaded[3]
-    root = Path(__file__).resolve().parents[2]
-    res = subprocess.run([sys.executable, "-m", "rlp_jax.train", "--experiment=smoke", f"--workdir={tmp_path / 'w'}",
-                          "--set", f"model.init_from={folder}"], cwd=root, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
-    assert "Nemotron-H" in res.stderr and "not trainable yet" in res.stderr

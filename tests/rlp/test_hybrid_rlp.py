@@ -1,0 +1,163 @@
+"""The RLP step on a Nemotron-H hybrid (through `rlp_jax.model.family`): thoughts branched off the Mamba states at
+their positions and the shared attention keys equal the naive path (every thought its own sequence) for the
+sampled thoughts, rewards, advantages, the loss and every parameter's gradient; the EMA teacher's log-probs equal
+the plain forward's; and `--experiment=web_mix` trains and resumes from a saved transformers NemotronH checkpoint."""
+
+import functools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlp_jax.model import family, hybrid
+from rlp_jax.model.scoring import shifted_token_logprobs
+from rlp_jax.rlp import reference as naive
+from rlp_jax.rlp.objective import rlp_objective
+from rlp_jax.rlp.rollout import thought_rollout
+from rlp_jax.rlp.teacher import teacher_logprobs
+from tests.hf_models import tiny_nemotron_h
+from tests.rlp_cases import assert_grads_close, rlp_config
+
+L = 14
+REAL = 10                                     # row 1 is right-padded after 10 real tokens
+T_BK = jnp.array([[3, 9], [4, 8]])            # Mamba chunk 8: positions on both sides of a chunk boundary
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nemotron_h_rlp")
+    tiny_nemotron_h(seed=4).save_pretrained(path)
+    cfg, params = family.from_hf(path)
+    assert family.is_hybrid(cfg) and {hybrid.MAMBA, hybrid.ATTENTION, hybrid.MLP} <= set(cfg.block_types)
+    return cfg, jax.tree.map(jnp.asarray, params)
+
+
+@pytest.fixture(scope="module")
+def batch(model):
+    cfg = model[0]
+    toks = jax.random.randint(jax.random.key(1), (2, L), 3, cfg.vocab_size)
+    seg = jnp.array([[1] * L, [1] * REAL + [0] * (L - REAL)])
+    toks = jnp.where(seg > 0, toks, 0)
+    pos = jnp.where(seg > 0, jnp.arange(L), 0)
+    return {"tokens": toks, "segment_ids": seg, "positions": pos}
+
+
+def _sample(cfg, params, batch, rlp, seed=5):
+    _, prefix = family.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"], return_cache=True,
+                               branch_positions_bk=T_BK)
+    return jax.jit(thought_rollout, static_argnums=(1, 5))(params, cfg, prefix, T_BK, jax.random.key(seed),
+                                                            rlp.rollout)
+
+
+def test_branched_rlp_step_equals_the_naive_one(model, batch):
+    """Horizon 2, a KL term to a reference and the next-token term: every branch of the objective runs."""
+    cfg, params = model
+    rlp = rlp_config(horizon=2, kl_beta=0.1, ntp_weight=0.3)
+    thoughts = _sample(cfg, params, batch, rlp)
+    ema_lp = jax.random.normal(jax.random.key(7), batch["tokens"].shape) - 3.0
+    ref = jax.tree.map(lambda x: x * 0.9, params)
+
+    def objective(p, naive_path):
+        return rlp_objective(p, cfg, rlp, batch, thoughts, T_BK, jnp.ones(T_BK.shape, bool), ema_lp, ref,
+                             naive_path=naive_path)
+
+    grad = lambda naive_path: jax.jit(jax.value_and_grad(functools.partial(objective, naive_path=naive_path),
+                                                         has_aux=True))(params)
+    (loss_f, (m_f, r_f, a_f)), g_f = grad(False)
+    (loss_n, (m_n, r_n, a_n)), g_n = grad(True)
+    np.testing.assert_allclose(r_f, r_n, atol=1e-5)
+    np.testing.assert_allclose(a_f, a_n, atol=1e-5)
+    np.testing.assert_allclose(loss_f, loss_n, atol=1e-5)
+    np.testing.assert_allclose(m_f["policy/entropy_estimate"], m_n["policy/entropy_estimate"], atol=1e-5)
+    assert float(jnp.abs(r_f).max()) > 0.01 and float(jnp.abs(loss_f)) > 0.1
+    assert float(m_f["policy/entropy_estimate"]) > 0.1
+    assert_grads_close(g_f, g_n)
+    mixers = [g_f["blocks"][i]["mixer"] for i, kind in enumerate(cfg.block_types) if kind == hybrid.MAMBA]
+    assert all(float(jnp.abs(m["A_log"]).max()) > 1e-6 for m in mixers)   # the loss reaches the SSM decays
+
+
+def test_sampler_equals_the_naive_sampler(model, batch):
+    cfg, params = model
+    rlp = rlp_config(t=6)
+    fast = _sample(cfg, params, batch, rlp, seed=11)
+    slow = jax.jit(naive.naive_thought_rollout, static_argnums=(1, 5))(params, cfg, batch, T_BK,
+                                                                        jax.random.key(11), rlp.rollout)
+    np.testing.assert_array_equal(fast.tokens, slow.tokens)
+    np.testing.assert_array_equal(fast.action_mask, slow.action_mask)
+    np.testing.assert_allclose(fast.logprobs, slow.logprobs, atol=1e-5)
+    assert int(fast.action_mask.sum()) > 2 * 2 * 3   # more than one token per thought
+
+
+def test_teacher_logprobs_equal_the_plain_forward(model, batch):
+    cfg, params = model
+    got = teacher_logprobs(params, cfg, batch)
+    want = shifted_token_logprobs(hybrid.forward(params, cfg, batch["tokens"], batch["segment_ids"]), batch["tokens"])
+    real = np.asarray(batch["segment_ids"] > 0)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+
+
+def test_packed_rows_and_prompts_are_refused_in_one_line(model, batch):
+    cfg, params = model
+    with pytest.raises(ValueError, match="branch_positions_bk"):
+        family.forward(params, cfg, batch["tokens"], return_cache=True)
+    with pytest.raises(ValueError, match="prompt"):
+        family.context_cache(params, cfg, [5, 6])
+
+
+def _tokenizer(folder: Path, texts, vocab: int):
+    """A byte-pair tokenizer of exactly `vocab` tokens (the think markers come on top) saved into folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<|endoftext|>"]))
+    assert tok.get_vocab_size() == vocab
+    tok.save(str(folder / "tokenizer.json"))
+
+
+def test_web_mix_trains_and_resumes_from_a_nemotron_h_checkpoint(tmp_path):
+    """The user's command: `--experiment=web_mix --set model.init_from=<NemotronH folder>`, shrunk to CPU size."""
+    folder, data, work = tmp_path / "nemotron_h", tmp_path / "data", tmp_path / "run"
+    folder.mkdir()
+    data.mkdir()
+    texts = [f"the number {i} follows {i - 1} and comes before {i + 1} in the list" for i in range(300)]
+    _tokenizer(folder, texts, 128)
+    tiny_nemotron_h(seed=2).save_pretrained(folder)
+    (data / "web.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    root = Path(__file__).resolve().parents[2]
+    sources = json.dumps([{"path": str(data / "web.jsonl"), "weight": 1.0}])
+
+    def train(steps: int):
+        args = [sys.executable, "-m", "rlp_jax.train", "--experiment=web_mix", f"--workdir={work}",
+                "--set", f"model.init_from={folder}", "--set", f"data.sources={sources}",
+                "--set", "data.seq_len=32", "--set", "data.batch_size=2", "--set", "data.eval_fraction=0.2",
+                "--set", "rlp.rollout.group_size=2", "--set", "rlp.rollout.thought_len=4",
+                "--set", "rlp.rollout.min_context=8", "--set", f"train.steps={steps}", "--set", "train.save_every=1",
+                "--set", "train.eval_batches=1", "--set", "optim.lr=1e-3"]
+        res = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+        return res
+
+    train(2)
+    res = train(3)
+    assert "resumed from" in res.stdout and "at step 2" in res.stdout
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss/total" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all(np.isfinite(r["loss/total"]) and r["thought/mean_len"] > 0 for r in steps)
+    assert any("eval/info_gain" in r and np.isfinite(r["eval/info_gain"]) for r in rows)
+    record = json.loads((work / "config.json").read_text())
+    assert record["model_full"]["block_types"][:2] == ["linear_attention", "full_attention"]
+    from rlp_jax.train.run_dir import load_run_params
+
+    cfg, trained, step, _ = load_run_params(work)
+    _, start = family.from_hf(folder)
+    assert family.is_hybrid(cfg) and step == 3 and cfg.vocab_size == 130     # 128 + the two think markers
+    moved = [float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(start))
+             if a.shape == b.shape]
+    assert max(moved) > 1e-4   # RLP updated the pretrained weights
