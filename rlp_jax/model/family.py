@@ -9,8 +9,7 @@ for, so `forward(..., return_cache=True)` of a hybrid needs `branch_positions_bk
 that prefix must be `branches_at(prefix, repeat(branch_positions_bk, G, axis=1))`: G per position, in order
 (branch n = k G + g). A transformer's prefix serves branches at any position and ignores branch_positions_bk.
 Decoding from prompts (`prefill` / `decode_step`) runs a hybrid as one branch per prompt, off the prompt's end.
-Not supported for a hybrid: several documents packed into one row (the Mamba state would flow across them;
-rows hold one document, right-padded), a prompt context.
+Not supported for a hybrid: a prompt context (`rlp.prompt`).
 
 Shapes: B rows, L tokens, K branch positions per row, N branches per row, S branch tokens, C cache slots,
 V vocabulary, D width.
@@ -126,9 +125,9 @@ def context_cache(params: dict, cfg: Config, prompt_ids_p):
 def forward(params: dict, cfg: Config, tokens_bl, *, segment_ids_bl=None, positions_bl=None,
             return_cache: bool = False, return_logits: bool = True, logits_at_b=None, return_hidden: bool = False,
             context=None, branch_positions_bk=None):
-    """`transformer.forward` for either family. For a hybrid: segment ids only mark padding (0), positions are
-    unused (Nemotron-H has no position encoding), and return_cache needs branch_positions_bk [B, K] (the prefix
-    then holds the Mamba states after x_<t at those t: `hybrid_branch.HybridPrefix`)."""
+    """`transformer.forward` for either family. For a hybrid: positions are unused (Nemotron-H has no position
+    encoding; each packed segment's Mamba state starts from zero), and return_cache needs branch_positions_bk
+    [B, K] (the prefix then holds the Mamba states after x_<t at those t: `hybrid_branch.HybridPrefix`)."""
     if not is_hybrid(cfg):
         return transformer.forward(params, cfg, tokens_bl, segment_ids_bl=segment_ids_bl, positions_bl=positions_bl,
                                    return_cache=return_cache, return_logits=return_logits, logits_at_b=logits_at_b,
@@ -137,13 +136,13 @@ def forward(params: dict, cfg: Config, tokens_bl, *, segment_ids_bl=None, positi
         context_cache(params, cfg, ())   # the one-line refusal
     if return_cache and branch_positions_bk is None:
         raise ValueError("a Nemotron-H prefix is built for given branch positions: pass branch_positions_bk [B, K]")
-    real_bl = jnp.ones(tokens_bl.shape, bool) if segment_ids_bl is None else segment_ids_bl > 0
+    seg_bl = jnp.ones(tokens_bl.shape, jnp.int32) if segment_ids_bl is None else segment_ids_bl.astype(jnp.int32)
     t_bk = jnp.asarray(branch_positions_bk, jnp.int32) if return_cache else None
-    x, caches = hybrid.run_blocks(params, cfg, tokens_bl, real_bl, positions_bm=t_bk)
+    x, caches = hybrid.run_blocks(params, cfg, tokens_bl, seg_bl, positions_bm=t_bk)
     if logits_at_b is not None:
         x = jnp.take_along_axis(x, logits_at_b.astype(jnp.int32)[:, None, None], axis=1)[:, 0]   # [B, D]
     out = x if return_hidden else (hybrid.logits_from_hidden(params, cfg, x) if return_logits else None)
-    return out, (hybrid_branch.HybridPrefix(caches, real_bl, t_bk) if return_cache else None)
+    return out, (hybrid_branch.HybridPrefix(caches, seg_bl, t_bk) if return_cache else None)
 
 
 def branches_at(prefix, t_bn) -> transformer.Branches:

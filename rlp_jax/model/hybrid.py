@@ -7,8 +7,8 @@ layers' order) and "mlp" (up -> relu^2 -> down). Matches transformers' `Nemotron
 
 Supported: `config_from_hf` (layers_block_type or the older hybrid_override_pattern, and the older
 mamba_* field names), `from_hf` (a safetensors folder with model.* or backbone.* tensor names) and the
-teacher-forced `forward` with a padding mask. Not supported: MoE blocks (Nemotron-3 Nano / Super), multi-token
-prediction layers, attention biases (transformers ignores `attention_bias` too), packed segments. Thoughts
+teacher-forced `forward` with a padding mask or packed segments. Not supported: MoE blocks (Nemotron-3 Nano /
+Super), multi-token prediction layers, attention biases (transformers ignores `attention_bias` too). Thoughts
 branched off a teacher-forced prefix (whole, or decoded token by token) are `rlp_jax.model.hybrid_branch`'s;
 `run_blocks` returns the prefix caches they start from. Math is float32 throughout.
 
@@ -333,20 +333,22 @@ def mlp_mixer(p: Params, h):
     return out if "down_b" not in p else out + _f32(p["down_b"])
 
 
-def run_blocks(params: Params, cfg: HybridConfig, tokens_bl, real_bl, positions_bm=None):
-    """The blocks over tokens [B, L] with real [B, L] bool (False = padding) -> (hidden [B, L, D] before the final
-    norm, per-block caches or None).
+def run_blocks(params: Params, cfg: HybridConfig, tokens_bl, segment_ids_bl, positions_bm=None):
+    """The blocks over tokens [B, L] with segment ids [B, L] int (0 = padding; a token sees the earlier tokens of
+    its own segment: packed sequences, each from a zero state; 1/0 is a padding mask) -> (hidden [B, L, D] before
+    the final norm, per-block caches or None).
 
     positions [B, M] int (0 <= t <= L): also return, for each block, what a continuation of each row after its
     tokens < t needs (`rlp_jax.model.hybrid_branch`): attention (k, v) [B, L, E, W] of every token, Mamba the
-    `mamba2.Mamba2State` [B, M, ...] after tokens < t, MLP None. None: caches is None."""
+    `mamba2.Mamba2State` [B, M, ...] after the tokens < t of t's segment, MLP None. None: caches is None."""
     l = tokens_bl.shape[1]
-    mask_bls = jnp.tril(jnp.ones((l, l), bool))[None] & real_bl[:, None, :]
+    seg = jnp.asarray(segment_ids_bl).astype(jnp.int32)
+    mask_bls = jnp.tril(jnp.ones((l, l), bool))[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
 
     def block_fn(kind, block, x):
         h = rms_norm(x, _f32(block["norm"]), cfg.eps)
         if kind == MAMBA:
-            out, cache = mamba2.mamba2_forward(block["mixer"], cfg.mamba, h, real_bl, positions_bm=positions_bm)
+            out, cache = mamba2.mamba2_forward(block["mixer"], cfg.mamba, h, seg, positions_bm=positions_bm)
         elif kind == ATTENTION:
             out, cache = attention_mixer(block["mixer"], cfg, h, mask_bls)
         else:
@@ -361,10 +363,10 @@ def run_blocks(params: Params, cfg: HybridConfig, tokens_bl, real_bl, positions_
 
 
 def forward(params: Params, cfg: HybridConfig, tokens_bl, attention_mask_bl=None):
-    """Teacher-forced logits [B, L, V] float32 of tokens [B, L]; attention_mask [B, L] (nonzero = real token,
-    None = all real) as transformers takes it: padded keys are never attended, padded inputs to the Mamba
-    mixers are zeroed. Logits at padded positions are meaningless. jit with cfg static."""
-    b, l = tokens_bl.shape
-    real_bl = jnp.ones((b, l), bool) if attention_mask_bl is None else jnp.asarray(attention_mask_bl) != 0
-    x, _ = run_blocks(params, cfg, tokens_bl, real_bl)
+    """Teacher-forced logits [B, L, V] float32 of tokens [B, L]; attention_mask [B, L] (None = all real) as
+    transformers takes it (1 = real token, 0 = padding: padded keys are never attended, padded inputs to the
+    Mamba mixers are zeroed), or segment ids (0 = padding) of sequences packed into a row. Logits at padded
+    positions are meaningless. jit with cfg static."""
+    seg = jnp.ones(tokens_bl.shape, jnp.int32) if attention_mask_bl is None else attention_mask_bl
+    x, _ = run_blocks(params, cfg, tokens_bl, seg)
     return logits_from_hidden(params, cfg, x)

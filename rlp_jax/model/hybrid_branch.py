@@ -13,8 +13,8 @@ the prefix copied per thought.
                        the same one token at a time for sampling: per-branch Mamba states (`mamba2.mamba2_step`) and
                        per-branch key/value slots after the shared prefix keys.
 Equal to running each thought as its own sequence x_<t + thought through `hybrid.forward`
-(tests/model/test_hybrid_branch.py). Documents may be right-padded (t <= a row's real length); packed segments
-are not supported (nor by the Mamba mixer). Math is float32.
+(tests/model/test_hybrid_branch.py). Documents may be right-padded (t <= a row's real length) or packed several to
+a row (segment ids): a branch at t continues t's own document. Math is float32.
 
 Shapes: B rows, L document tokens, K branch positions per row, S thoughts per position, N = K S branches per
 row (branch n = k S + s), T thought tokens, C slots of a decode cache, V vocabulary, D width, Q / E query /
@@ -39,8 +39,8 @@ class HybridPrefix(NamedTuple):
     Mamba a `Mamba2State` [B, K, ...] after the tokens < t; MLP None."""
 
     blocks: tuple
-    real: jax.Array     # [B, L] bool, False = padding
-    t: jax.Array        # [B, K] int32 branch positions: a branch sees document tokens < t
+    segment_ids: jax.Array   # [B, L] int32, 0 = padding
+    t: jax.Array             # [B, K] int32 branch positions: a branch sees the tokens < t of t's segment
 
 
 class BranchCache(NamedTuple):
@@ -53,8 +53,9 @@ class BranchCache(NamedTuple):
 
 def prefix_forward(params: Params, cfg: HybridConfig, tokens_bl, t_bk, attention_mask_bl=None, *,
                    return_logits: bool = False):
-    """The teacher-forced pass over documents [B, L] (attention_mask [B, L] nonzero = real; None = all real)
-    keeping what branches at positions t [B, K] (0 <= t <= the row's real length) need.
+    """The teacher-forced pass over documents [B, L] (attention_mask [B, L]: 1/0 real/padding, or segment ids with
+    0 = padding; None = all real) keeping what branches at positions t [B, K] (0 <= t <= the row's real length)
+    need.
 
     Returns (logits [B, L, V] float32 of the documents if return_logits else None, `HybridPrefix`).
     Differentiable in params; jit with cfg static."""
@@ -63,14 +64,14 @@ def prefix_forward(params: Params, cfg: HybridConfig, tokens_bl, t_bk, attention
         raise ValueError(f"tokens must be [B, L] and t [B, K] with the same B; got {tokens_bl.shape} and "
                          f"{t_bk.shape}")
     if attention_mask_bl is None:
-        real_bl = jnp.ones(tokens_bl.shape, bool)
+        seg_bl = jnp.ones(tokens_bl.shape, jnp.int32)
     elif jnp.shape(attention_mask_bl) != tokens_bl.shape:
         raise ValueError(f"attention_mask has shape {jnp.shape(attention_mask_bl)}, tokens {tokens_bl.shape}")
     else:
-        real_bl = jnp.asarray(attention_mask_bl) != 0
-    x, caches = hybrid.run_blocks(params, cfg, tokens_bl, real_bl, positions_bm=t_bk)
+        seg_bl = jnp.asarray(attention_mask_bl).astype(jnp.int32)
+    x, caches = hybrid.run_blocks(params, cfg, tokens_bl, seg_bl, positions_bm=t_bk)
     logits = hybrid.logits_from_hidden(params, cfg, x) if return_logits else None
-    return logits, HybridPrefix(caches, real_bl, t_bk)
+    return logits, HybridPrefix(caches, seg_bl, t_bk)
 
 
 def _per_branch(state_bk: mamba2.Mamba2State, s: int) -> mamba2.Mamba2State:
@@ -92,10 +93,12 @@ def _unflat(tree, b: int, n: int):
 
 
 def _prefix_mask(prefix: HybridPrefix, s: int):
-    """[B, N, L] bool: branch n sees the real document tokens before its position."""
+    """[B, N, L] bool: branch n sees the tokens of its segment (`mamba2.branch_segments`) before its position."""
+    seg = prefix.segment_ids
     t_bn = jnp.repeat(prefix.t, s, axis=1)
-    idx = jnp.arange(prefix.real.shape[1])
-    return (idx[None, None, :] < t_bn[:, :, None]) & prefix.real[:, None, :]
+    own_bn = jnp.repeat(mamba2.branch_segments(seg, prefix.t), s, axis=1)
+    idx = jnp.arange(seg.shape[1])
+    return (idx[None, None, :] < t_bn[:, :, None]) & (seg[:, None, :] == own_bn[:, :, None]) & (seg[:, None, :] > 0)
 
 
 def _attend(p: Params, cfg: HybridConfig, q, prefix_kv, prefix_mask_bnl, self_k, self_v, self_mask):

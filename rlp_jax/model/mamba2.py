@@ -13,10 +13,13 @@ Supported:
                     positions t (from the chunk-start states plus the recurrence inside t's chunk: no per-token
                     states are stored).
   `mamba2_step`     the recurrent one-token update for decoding (conv state + SSM state).
-  A padding mask as transformers applies it: padded positions' mixer input and conv output are zeroed (their
-  dt still decays the state, as in transformers; right and left padding leave real tokens exact).
-Not supported: packed segments (several sequences in one row: the state flows across them), CUDA kernels'
-fused path, activations other than SiLU. All the math is float32 whatever the parameters' dtype.
+  Segment ids [B, L] (0 = padding): several sequences packed into a row, each read from a zero state. Where
+  the id changes the conv reads no earlier input and the SSM state is reset (the token's decay is exp(-inf) =
+  0, summed without differences of cumulative sums, so no inf - inf); padded positions' mixer input and conv
+  output are zeroed. A transformers attention mask (1 = real) is the one-segment case: right and left padding
+  leave real tokens exact, as in transformers.
+Not supported: CUDA kernels' fused path, activations other than SiLU. All the math is float32 whatever the
+parameters' dtype.
 """
 
 from __future__ import annotations
@@ -91,13 +94,24 @@ def _project(params: Params, cfg: Mamba2Config, x):
     return proj[..., :i], proj[..., i:i + c], proj[..., i + c:]
 
 
-def causal_conv(xbc_blx, conv_w_kx, conv_b_x, prev_bkx):
+def _extended_segments(seg_bl, k: int):
+    """Segment ids of the conv's extended input [B, K-1+L]: the K-1 earlier inputs count as the first token's."""
+    return jnp.concatenate([jnp.repeat(seg_bl[:, :1], k - 1, axis=1), seg_bl], axis=1)
+
+
+def causal_conv(xbc_blx, conv_w_kx, conv_b_x, prev_bkx, seg_bl=None):
     """SiLU of the depthwise causal conv of xbc [B, L, X] preceded by the K-1 earlier inputs prev [B, K-1, X]
-    -> [B, L, X]: out[t] = sum_k w[k] in[t - (K-1) + k] (+ bias)."""
+    -> [B, L, X]: out[t] = sum_k w[k] in[t - (K-1) + k] (+ bias), with segment ids [B, L] (None: one segment)
+    only over inputs of t's own segment."""
     k, l = conv_w_kx.shape[0], xbc_blx.shape[1]
     ext = jnp.concatenate([_f32(prev_bkx), xbc_blx], axis=1)           # [B, L+K-1, X]
     w = _f32(conv_w_kx)
-    out = sum(ext[:, j:j + l] * w[j] for j in range(k))
+    if seg_bl is not None:
+        seg_ext = _extended_segments(seg_bl, k)
+        ext_of = lambda j: jnp.where((seg_ext[:, j:j + l] == seg_bl)[..., None], ext[:, j:j + l], 0.0)
+    else:
+        ext_of = lambda j: ext[:, j:j + l]
+    out = sum(ext_of(j) * w[j] for j in range(k))
     return jax.nn.silu(out if conv_b_x is None else out + _f32(conv_b_x))
 
 
@@ -156,25 +170,30 @@ class _Chunks(NamedTuple):
     starts: jax.Array   # [B, Z, G, R, P, N] the state entering each chunk
 
 
-def ssd_scan(cfg: Mamba2Config, x_blhp, dt_blh, a_h, b_blgn, c_blgn, ssm0_bhpn):
+def ssd_scan(cfg: Mamba2Config, x_blhp, dt_blh, a_h, b_blgn, c_blgn, ssm0_bhpn, resets_bl=None):
     """y_t = C_t . S_t with S_t = exp(dt_t A) S_{t-1} + dt_t x_t B_t^T, chunk by chunk: within a chunk as
     masked attention-like products, across chunks by a scan over the Z chunk-start states.
 
-    x [B, L, H, P], dt [B, L, H], A [H] (negative), B/C [B, L, G, N], the starting state [B, H, P, N] ->
-    y [B, L, H, P] (without the D skip), the final state [B, H, P, N] and the chunk pieces (`_Chunks`)."""
+    x [B, L, H, P], dt [B, L, H], A [H] (negative), B/C [B, L, G, N], the starting state [B, H, P, N], resets
+    [B, L] bool (True: S_{t-1} is dropped, the first token of a packed sequence; None: none) -> y [B, L, H, P]
+    (without the D skip), the final state [B, H, P, N] and the chunk pieces (`_Chunks`)."""
     bsz, l, h, p = x_blhp.shape
     g, t = cfg.n_groups, cfg.chunk_size
     r = h // g
+    log_decay = dt_blh * a_h                                                          # [B, L, H]
+    if resets_bl is not None:
+        log_decay = jnp.where(resets_bl[..., None], -jnp.inf, log_decay)
     xdt = _chunked((x_blhp * dt_blh[..., None]).reshape(bsz, l, g, r, p), t)        # [B, Z, T, G, R, P]
-    a = _chunked((dt_blh * a_h).reshape(bsz, l, g, r), t).transpose(0, 1, 3, 4, 2)   # [B, Z, G, R, T]
+    a = _chunked(log_decay.reshape(bsz, l, g, r), t).transpose(0, 1, 3, 4, 2)        # [B, Z, G, R, T]
     bc, cc = _chunked(b_blgn, t), _chunked(c_blgn, t)                                # [B, Z, T, G, N]
-    cum = jnp.cumsum(a, axis=-1)
+    cum = jnp.cumsum(a, axis=-1)      # sums from the chunk start only (-inf after a reset): never differenced
     # 1. within each chunk: y[l] = sum_{s <= l} (C_l . B_s) exp(a[s+1] + ... + a[l]) dt_s x_s
     scores = jnp.einsum("bzlgn,bzsgn->bzgls", cc, bc, precision=_HI)
-    mix = scores[:, :, :, None] * jnp.exp(_segsum(a))                                # [B, Z, G, R, T, T]
+    decay = jnp.exp(_segsum(a))                                                       # [B, Z, G, R, T, T]
+    mix = scores[:, :, :, None] * decay
     y_diag = jnp.einsum("bzgrls,bzsgrp->bzlgrp", mix, xdt, precision=_HI)
-    # 2. each chunk's own contribution to the state at its end
-    to_end = jnp.exp(cum[..., -1:] - cum)                                             # [B, Z, G, R, T]
+    # 2. each chunk's own contribution to the state at its end: exp(a[s+1] + ... + a[T-1])
+    to_end = decay[..., -1, :]                                                        # [B, Z, G, R, T]
     own = jnp.einsum("bzsgn,bzgrs,bzsgrp->bzgrpn", bc, to_end, xdt, precision=_HI)
     # 3. the chunk-start states, chunk after chunk
     def carry(state, inputs):
@@ -201,10 +220,12 @@ def _ssm_states_at(cfg: Mamba2Config, chunks: _Chunks, t_bm):
     z = jnp.maximum(t_bm - 1, 0) // t
     j = t_bm - z * t                                                        # tokens of chunk z seen, 0..T
     a, xdt, b, start = (_take_rows(arr, z) for arr in chunks)               # [B, M, ...]
-    cum = jnp.cumsum(a, axis=-1)                                            # [B, M, G, R, T]
-    seen = (jnp.arange(t) < j[..., None])[:, :, None, None]                 # [B, M, 1, 1, T]
+    idx = jnp.arange(t)
+    seen = (idx < j[..., None])[:, :, None, None]                           # [B, M, 1, 1, T]
     log_start = jnp.sum(jnp.where(seen, a, 0.0), axis=-1)                  # a[0] + ... + a[j-1]: [B, M, G, R]
-    weights = jnp.exp(jnp.where(seen, log_start[..., None] - cum, -jnp.inf))   # exp(a[s+1] + ... + a[j-1])
+    # exp(a[s+1] + ... + a[j-1]) for s < j, summed term by term (a reset's -inf is never differenced)
+    after = (idx[None, :] > idx[:, None]) & seen[..., None, :]               # [B, M, 1, 1, T(s), T(m)]: s < m < j
+    weights = jnp.exp(jnp.where(seen, jnp.sum(jnp.where(after, a[..., None, :], 0.0), axis=-1), -jnp.inf))
     state = (jnp.exp(log_start)[..., None, None] * start
              + jnp.einsum("bmgrs,bmsgrp,bmsgn->bmgrpn", weights, xdt, b, precision=_HI))
     return state.reshape(*t_bm.shape, cfg.num_heads, cfg.head_dim, cfg.state_size)
@@ -214,34 +235,55 @@ def _ssm_states_at(cfg: Mamba2Config, chunks: _Chunks, t_bm):
 # The mixer: whole sequences and one token
 # ----------------------------------------------------------------------------------------------
 
+def branch_segments(seg_bl, t_bm):
+    """The segment a continuation at t [B, M] (0 <= t <= L) joins, [B, M]: t's own (a branch replaces token t),
+    or the last token's before it where t is padding or L (continuing the sequence: generation)."""
+    l = seg_bl.shape[1]
+    take = lambda i: jnp.take_along_axis(seg_bl, jnp.clip(i, 0, l - 1), axis=1)
+    at = take(t_bm)
+    return jnp.where((t_bm < l) & (at != 0), at, take(t_bm - 1))
+
+
 def mamba2_forward(params: Params, cfg: Mamba2Config, x_bld, mask_bl=None, *, state: Mamba2State | None = None,
                    positions_bm=None):
     """The mixer over whole sequences x [B, L, D] -> (y [B, L, D] float32, states or None).
 
-    mask [B, L] (nonzero = real token; None = all real): padded positions' input and conv output are zeroed,
-    as transformers does. state: a `Mamba2State` [B, ...] the sequences continue from (None = from scratch).
-    positions [B, M] int (0 <= t <= L): also return the `Mamba2State` [B, M, ...] after the tokens < t of each
-    row, the state a continuation branched at t starts from (t = L: the final state); else None."""
+    mask [B, L] int (None = one sequence, all real): segment ids, 0 = padding (a transformers attention mask is
+    the one-segment case); each segment is read from a zero state, padded positions' input and conv output are
+    zeroed. state: a `Mamba2State` [B, ...] the sequences continue from (None = from scratch; with a mask, it
+    belongs to the first token's segment). positions [B, M] int (0 <= t <= L): also return the `Mamba2State`
+    [B, M, ...] after the tokens < t of t's segment (`branch_segments`), the state a continuation branched at t
+    starts from (t = L: the final state); else None."""
     bsz, l, _ = x_bld.shape
-    real = None if mask_bl is None else (mask_bl != 0)[..., None]
+    seg = None if mask_bl is None else jnp.asarray(mask_bl).astype(jnp.int32)
+    real = None if seg is None else (seg != 0)[..., None]
     if real is not None:
         x_bld = jnp.where(real, x_bld, 0)
     state = init_state(cfg, bsz) if state is None else state
     gate, xbc, dt_raw = _project(params, cfg, x_bld)
-    conv = causal_conv(xbc, params["conv_w"], params.get("conv_b"), state.conv)
+    conv = causal_conv(xbc, params["conv_w"], params.get("conv_b"), state.conv, seg)
     if real is not None:
         conv = jnp.where(real, conv, 0.0)
     x, b, c, dt = _ssm_inputs(params, cfg, conv, dt_raw)
     a_h = -jnp.exp(_f32(params["A_log"]))
-    y, _, chunks = ssd_scan(cfg, x, dt, a_h, b, c, state.ssm)
+    resets = None if seg is None else jnp.pad(seg[:, 1:] != seg[:, :-1], ((0, 0), (1, 0)))
+    y, _, chunks = ssd_scan(cfg, x, dt, a_h, b, c, state.ssm, resets)
     out = _output(params, cfg, y, x, gate)
     if positions_bm is None:
         return out, None
     positions_bm = jnp.asarray(positions_bm, jnp.int32)
     ext = jnp.concatenate([_f32(state.conv), xbc], axis=1)                     # [B, K-1+L, X]
     window = positions_bm[..., None] + jnp.arange(cfg.conv_kernel - 1)        # ext rows t .. t+K-2
-    conv_at = jax.vmap(lambda row, idx: row[idx])(ext, window)                # [B, M, K-1, X]
-    return out, Mamba2State(conv_at, _ssm_states_at(cfg, chunks, positions_bm))
+    gather = jax.vmap(lambda row, idx: row[idx])
+    conv_at = gather(ext, window)                                             # [B, M, K-1, X]
+    ssm_at = _ssm_states_at(cfg, chunks, positions_bm)                        # [B, M, H, P, N]
+    if seg is not None:   # only t's own segment: inputs of another, and a state a reset has not cleared
+        seg_t = branch_segments(seg, positions_bm)                            # [B, M]
+        own = gather(_extended_segments(seg, cfg.conv_kernel), window) == seg_t[..., None]
+        conv_at = jnp.where(own[..., None], conv_at, 0.0)
+        last = jnp.take_along_axis(seg, jnp.clip(positions_bm - 1, 0, l - 1), axis=1)
+        ssm_at = jnp.where(((positions_bm > 0) & (last == seg_t))[..., None, None, None], ssm_at, 0.0)
+    return out, Mamba2State(conv_at, ssm_at)
 
 
 def mamba2_step(params: Params, cfg: Mamba2Config, x_bd, state: Mamba2State):

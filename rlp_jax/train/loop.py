@@ -163,9 +163,9 @@ def run_mesh(cfg: RunConfig, mcfg: Config):
         raise ConfigError(f"no position of a {seq_len}-token row can be chosen: rlp.rollout.min_context "
                           f"({ro.min_context}) + reward.horizon must be <= data.seq_len and "
                           f"rollout.positions_per_doc ({ro.positions_per_doc}) <= data.seq_len")
-    if family.is_hybrid(mcfg) and (cfg.data.packing == "pack" or cfg.rlp.prompt.style != "none"):
-        raise ConfigError("a Nemotron-H model reads one document per row without a prompt: set data.packing=window "
-                          "and leave rlp.prompt.style=none (packed rows and prompts are supported for transformers)")
+    if family.is_hybrid(mcfg) and cfg.rlp.prompt.style != "none":
+        raise ConfigError("a Nemotron-H model reads documents without a prompt: leave rlp.prompt.style=none (prompts "
+                          "are supported for the transformer families)")
     if family.is_hybrid(mcfg) and mcfg.compute_dtype != "float32":
         log.warning("model.compute_dtype=%s: a Nemotron-H model computes in float32 (its bfloat16 path is not built "
                     "yet); only param_dtype applies", mcfg.compute_dtype)

@@ -144,3 +144,36 @@ def test_nemotron_nano_12b_preset_has_transformers_parameter_count():
         theirs = sum(p.numel() for p in transformers.NemotronHForCausalLM(hf_cfg).parameters())
     assert hybrid.num_params(cfg) == theirs
     assert 12.0e9 < theirs < 12.6e9
+
+
+def test_packed_documents_equal_each_document_alone(loaded):
+    """Segment ids: every packed document reads from a zero state (conv and SSM reset where the id changes; chunk 8,
+    so the resets fall inside chunks and a document spans a chunk boundary) and attends only to itself. Its logits,
+    and the Mamba states after x_<t read at positions t inside it, equal the document run alone; at a document's
+    first token the state is empty."""
+    ref, cfg, params, _ = loaded
+    lens = (7, 9, 3)                                      # then 2 pads: 21 = L
+    seg = np.repeat(np.arange(1, 4), lens)
+    seg = np.concatenate([seg, np.zeros(L - seg.size, int)]).astype(np.int32)[None]
+    tokens = np.random.RandomState(5).randint(0, cfg.vocab_size, size=(1, L)).astype(np.int32)
+    starts = np.cumsum((0,) + lens)
+    t_bm = jnp.asarray([[9, 12, 16, 7, 19]], jnp.int32)   # inside doc 2 (x2), doc 3's and doc 2's first tokens, L-2
+    packed, caches = hybrid.run_blocks(params, cfg, tokens, seg, positions_bm=t_bm)
+    logits = hybrid.logits_from_hidden(params, cfg, packed)[0]
+    for d, n in enumerate(lens):
+        doc = tokens[:, starts[d]:starts[d] + n]
+        alone = hybrid.forward(params, cfg, doc)[0]
+        with torch.no_grad():
+            theirs = ref(torch.as_tensor(doc, dtype=torch.long)).logits.numpy()[0]
+        np.testing.assert_allclose(logits[starts[d]:starts[d] + n], alone, atol=1e-5 * float(np.abs(alone).max()))
+        assert _rel_err(logits[starts[d]:starts[d] + n], theirs, np.ones(n)) <= 1e-4
+    doc2 = tokens[:, starts[1]:starts[2]]
+    _, alone = hybrid.run_blocks(params, cfg, doc2, np.ones_like(doc2), positions_bm=jnp.asarray([[2, 5]]))
+    doc3 = tokens[:, starts[2]:starts[3]]
+    _, end3 = hybrid.run_blocks(params, cfg, doc3, np.ones_like(doc3), positions_bm=jnp.asarray([[3]]))
+    mambas = [i for i, kind in enumerate(cfg.block_types) if kind == hybrid.MAMBA]
+    for i in mambas:
+        for got, want in ((caches[i].ssm[0, :2], alone[i].ssm[0]), (caches[i].conv[0, :2], alone[i].conv[0]),
+                          (caches[i].ssm[0, 4], end3[i].ssm[0, 0]), (caches[i].conv[0, 4], end3[i].conv[0, 0])):
+            np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+        assert float(jnp.abs(caches[i].ssm[0, 2:4]).max()) == 0.0 and float(jnp.abs(caches[i].conv[0, 2:4]).max()) == 0.0

@@ -1,7 +1,8 @@
 """The RLP step on a Nemotron-H hybrid (through `rlp_jax.model.family`): thoughts branched off the Mamba states at
 their positions and the shared attention keys equal the naive path (every thought its own sequence) for the
 sampled thoughts, rewards, advantages, the loss and every parameter's gradient; the EMA teacher's log-probs equal
-the plain forward's; and `--experiment=web_mix` trains and resumes from a saved transformers NemotronH checkpoint."""
+the plain forward's; and `--experiment=web_mix` trains and resumes from a saved transformers NemotronH checkpoint.
+The batch packs two documents into one row: each thought continues its own document only."""
 
 import functools
 import json
@@ -24,8 +25,8 @@ from tests.hf_models import tiny_nemotron_h
 from tests.rlp_cases import assert_grads_close, rlp_config
 
 L = 14
-REAL = 10                                     # row 1 is right-padded after 10 real tokens
-T_BK = jnp.array([[3, 9], [4, 8]])            # Mamba chunk 8: positions on both sides of a chunk boundary
+SEG_1 = [1] * 6 + [2] * 5 + [0] * 3           # row 1: two packed documents (the second across the chunk boundary
+T_BK = jnp.array([[3, 9], [4, 9]])            # at 8), then padding; one position in each of them
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def model(tmp_path_factory):
 def batch(model):
     cfg = model[0]
     toks = jax.random.randint(jax.random.key(1), (2, L), 3, cfg.vocab_size)
-    seg = jnp.array([[1] * L, [1] * REAL + [0] * (L - REAL)])
+    seg = jnp.array([[1] * L, SEG_1])
     toks = jnp.where(seg > 0, toks, 0)
     pos = jnp.where(seg > 0, jnp.arange(L), 0)
     return {"tokens": toks, "segment_ids": seg, "positions": pos}
@@ -101,7 +102,7 @@ def test_teacher_logprobs_equal_the_plain_forward(model, batch):
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
 
 
-def test_packed_rows_and_prompts_are_refused_in_one_line(model, batch):
+def test_missing_branch_positions_and_prompts_are_refused_in_one_line(model, batch):
     cfg, params = model
     with pytest.raises(ValueError, match="branch_positions_bk"):
         family.forward(params, cfg, batch["tokens"], return_cache=True)
