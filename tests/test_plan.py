@@ -274,3 +274,138 @@ def test_plan_agrees_with_xla_memory_analysis(attention):
     xla = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
     planned = plan.plan(cfg, plan.device_spec("cpux1"), {"data": 1, "fsdp": 1, "tensor": 1}).total
     assert 0.8 <= planned / xla <= 1.2, (planned / 2 ** 20, xla / 2 ** 20)
+
+
+# ---- Nemotron-H (the hybrid family) ----------------------------------------------------------------
+
+def _hybrid(pattern: str, **fields):
+    """A Nemotron-H shape from config.json fields (`hybrid.config_from_hf`), tiny unless told."""
+    from rlp_jax.model import hybrid
+
+    base = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=32, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=32, conv_kernel=4,
+                chunk_size=32, tie_word_embeddings=True)
+    return hybrid.config_from_hf(base | fields | {"hybrid_override_pattern": pattern})
+
+
+def test_hybrid_preset_count_and_state():
+    """The 12B preset's count is the model's own (`hybrid.num_params`, equal to transformers' in
+    tests/model/test_hybrid.py); its state is sharded by the logical axes."""
+    from rlp_jax.model import hybrid
+
+    cfg = load_experiment("web_mix").config()
+    h = hybrid.preset("nemotron-nano-12b-v2")
+    one = plan.plan(cfg, plan.device_spec("h200"), {"data": 1, "fsdp": 1, "tensor": 1}, model=h)
+    assert one.num_params == hybrid.num_params(h) == 12_310_001_152
+    assert one.state["params"] == one.state["ema"] == one.state["gradients"] == 4 * 12_310_001_152   # float32
+    assert one.state["optimizer"] == 2 * 4 * 12_310_001_152 + 3 * 4          # AdamW mu, nu + three counters
+    eight = plan.plan(cfg, plan.device_spec("h200x8"), {"data": 1, "fsdp": 8, "tensor": 1}, model=h)
+    # fsdp splits the model width (embed) axis of every matrix; norms, the Mamba conv (kernel 4 x 12288 + bias),
+    # dt_bias / A_log / D (3 x 128) and the gated norm (10240) stay whole: R values replicated
+    replicated = 28 * (5 * 12288 + 3 * 128 + 10240) + 63 * 5120
+    assert eight.state["params"] == 4 * (12_310_001_152 - replicated) / 8 + 4 * replicated
+
+
+def test_hybrid_forward_flops_by_hand():
+    """One Mamba-2, one attention and one MLP block: V=32, D=8, Mamba H=2 P=4 (I=8) G=1 N=4 K=4 (X=16) chunk 4,
+    attention Q=2 E=1 W=4, F=16; one row of L=6 tokens (8 as the chunked scan runs it), one branch position.
+    Matmul weights per token: Mamba in_proj 8*(8+16+2) + conv 4*16 + out_proj 8*8 = 336; attention
+    q 64 + k 32 + v 32 + o 64 = 192; MLP 2*8*16 = 256: 784 -> 2*784*6 = 9408.
+    Scan per padded token 2*4*(1*4 + 8) + 4*8*4 = 224 -> 224*8 = 1792; the state at one position 2*4*8*4 = 256.
+    Attention 4*Q*W per causal pair: 4*2*4*21 = 672. Logits 2*D*V per token: 2*8*32*6 = 3072. Total 15200."""
+    from rlp_jax.plan import hybrid_costs
+
+    h = _hybrid("M*-", vocab_size=32, hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1,
+                head_dim=4, mamba_num_heads=2, mamba_head_dim=4, n_groups=1, ssm_state_size=4, chunk_size=4)
+    assert hybrid_costs.matmul_weights(h) == 784
+    assert hybrid_costs.forward_flops(h, seqs=1, length=6, pairs=21, head_tokens=6, states=1) == 15200
+
+
+def test_hybrid_forward_flops_match_xla_cost_analysis():
+    """Against XLA's own FLOP count of the jitted `hybrid.forward` (its masked attention runs all L x L pairs, so
+    the planner is asked for those); XLA also counts elementwise work, hence the 5% window."""
+    from rlp_jax.model import hybrid
+    from rlp_jax.plan import hybrid_costs
+
+    h = _hybrid("M-M*-", hidden_size=512, intermediate_size=1024, num_attention_heads=8, head_dim=64,
+                mamba_num_heads=16, mamba_head_dim=32)
+    b, length = 2, 100
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jax.numpy.float32), hybrid.param_shapes(h),
+                          is_leaf=lambda x: isinstance(x, tuple))
+    tokens = jax.ShapeDtypeStruct((b, length), jax.numpy.int32)
+    xla = jax.jit(lambda p, t: hybrid.forward(p, h, t)).lower(params, tokens).compile().cost_analysis()["flops"]
+    ours = hybrid_costs.forward_flops(h, seqs=b, length=length, pairs=b * length * length, head_tokens=b * length)
+    assert 0.95 <= ours / xla <= 1.05, (ours, xla)
+
+
+def test_hybrid_branch_state_is_what_the_code_allocates():
+    """Per branch: the Mamba states (H P N + (K-1) X floats per Mamba block) and keys/values of the attention
+    blocks only; per (row, position): the prefix. Checked against the arrays `hybrid_branch` builds for the 12B
+    preset (shapes only, `jax.eval_shape`)."""
+    from rlp_jax.model import hybrid, hybrid_branch
+    from rlp_jax.plan import hybrid_costs
+
+    h = hybrid.preset("nemotron-nano-12b-v2")
+    assert hybrid_costs.mamba_state_bytes(h) == 28 * 4 * (128 * 80 * 128 + 3 * (10240 + 2 * 8 * 128))
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jax.numpy.float32), hybrid.param_shapes(h),
+                          is_leaf=lambda x: isinstance(x, tuple))
+    rows, length, positions, thoughts, slots = 2, 64, 3, 4, 16
+    _, prefix = jax.eval_shape(lambda p: hybrid_branch.prefix_forward(
+        p, h, jax.numpy.zeros((rows, length), jax.numpy.int32), jax.numpy.ones((rows, positions), jax.numpy.int32)),
+        params)
+    cache = jax.eval_shape(lambda pre: hybrid_branch.init_branch_cache(h, pre, thoughts, slots), prefix)
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))   # noqa: E731
+    assert nbytes(prefix.blocks) == hybrid_costs.prefix_cache_bytes(h, rows=rows, seq_len=length, positions=positions)
+    assert nbytes(cache.blocks) == hybrid_costs.branch_cache_bytes(h, branches=rows * positions * thoughts,
+                                                                   slots=slots)
+
+
+@pytest.mark.parametrize("shape", ["documents", "branches"])
+def test_hybrid_memory_agrees_with_xla_memory_analysis(shape):
+    """The planner's bytes for the differentiable pass the hybrid's loss runs (remat none, what `hybrid` does
+    today) + params + gradients, against XLA's account (temporaries + arguments + outputs) of jax.grad of:
+    documents: `hybrid.forward`; branches: `hybrid_branch.prefix_forward` then `branch_forward` of G thoughts at K
+    positions per row. The RLP step of the hybrid as a whole is not compiled here (its wiring is separate work);
+    these are the passes its loss phase is made of. Each loss reads its logits through a log-softmax: logits,
+    log-probabilities and their cotangent, 3 float32 arrays of V per scored token."""
+    from rlp_jax.model import hybrid, hybrid_branch
+    from rlp_jax.plan import hybrid_costs
+
+    h = _hybrid("M-M*-M-")
+    rows, length, k, g, t = (2, 128, 0, 0, 0) if shape == "documents" else (1, 256, 2, 4, 40)
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jax.numpy.float32), hybrid.param_shapes(h),
+                          is_leaf=lambda x: isinstance(x, tuple))
+    tokens = jax.ShapeDtypeStruct((rows, length), jax.numpy.int32)
+    score = lambda logits, ids: jax.numpy.sum(jax.numpy.take_along_axis(   # noqa: E731
+        jax.nn.log_softmax(logits), ids[..., None], -1))
+    if shape == "documents":
+        loss, args, scored = lambda p, x: score(hybrid.forward(p, h, x), x), (params, tokens), rows * length
+    else:
+        def loss(p, x, t_bk, th):
+            _, prefix = hybrid_branch.prefix_forward(p, h, x, t_bk)
+            return score(hybrid_branch.branch_forward(p, h, prefix, th), th)
+        args = (params, tokens, jax.ShapeDtypeStruct((rows, k), jax.numpy.int32),
+                jax.ShapeDtypeStruct((rows, k, g, t), jax.numpy.int32))
+        scored = rows * k * g * t
+    analysis = jax.jit(jax.grad(loss)).lower(*args).compile().memory_analysis()
+    xla = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+    m = hybrid_costs.HybridModel(shape=h)
+    planned = (2 * 4 * m.num_params() + 3 * 4 * scored * h.vocab_size
+               + hybrid_costs.loss_pass_bytes(m, rows=rows, seq_len=length, positions=k, branches=k * g, branch_len=t))
+    assert 0.8 <= planned / xla <= 1.2, (planned / 2 ** 20, xla / 2 ** 20)
+
+
+def test_cli_plans_the_12b_hybrid(capsys):
+    from rlp_jax.model import hybrid
+    from rlp_jax.plan import hybrid_costs
+
+    argv = ["--experiment=web_mix", "--set", "model.preset=nemotron-nano-12b-v2", "--devices=h100x64"]
+    assert plan.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(12,310,001,152)" in out
+    assert "Nemotron-H, 28 Mamba-2 + 6 attention + 28 MLP blocks" in out and "RLP step" in out
+    cfg = load_experiment("web_mix").config()
+    m = hybrid_costs.HybridModel(shape=hybrid.preset("nemotron-nano-12b-v2"), remat=cfg.model.remat)
+    total = sum(hybrid_costs.rlp_step_flops(m, cfg.rlp, cfg.data.batch_size, cfg.data.seq_len).values())
+    (line,) = [x for x in out.splitlines() if x.strip().startswith("RLP step")]
+    assert line.split()[-1] == f"{total / 1e15:.3g}P"

@@ -1,4 +1,6 @@
-"""The plan of one run on given devices: memory per device against HBM, FLOPs, tokens, step time, hints."""
+"""The plan of one run on given devices: memory per device against HBM, FLOPs, tokens, step time, hints.
+
+The dense family's costs are `costs`', Nemotron-H's `hybrid_costs`' (same phases and parts)."""
 
 from __future__ import annotations
 
@@ -6,15 +8,11 @@ import dataclasses
 import math
 
 from rlp_jax.model.config import REMATS, ModelConfig
-from rlp_jax.plan.costs import (
-    activation_bytes,
-    dtype_bytes,
-    effective_tokens,
-    ntp_step_flops,
-    rlp_step_flops,
-    state_bytes,
-)
+from rlp_jax.model.hybrid import HybridConfig
+from rlp_jax.plan import costs, hybrid_costs
+from rlp_jax.plan.costs import dtype_bytes, effective_tokens
 from rlp_jax.plan.devices import GIB, DeviceSpec
+from rlp_jax.plan.hybrid_costs import HybridModel
 from rlp_jax.train.config import ConfigError, RunConfig
 from rlp_jax.train.run_dir import model_config
 
@@ -28,7 +26,7 @@ class Plan:
     phase (gradients count with the loss phase). rlp_flops: rollout / reward / update / reference.
     """
 
-    model: ModelConfig
+    model: ModelConfig | HybridModel
     devices: DeviceSpec
     mesh: dict[str, int]
     objective: str
@@ -83,11 +81,18 @@ def _with_accumulator(state: dict[str, float], micro_batches: int) -> dict[str, 
     return state | {"gradients": state["gradients"] + state["ema"]}
 
 
-def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
-    """Memory per device, FLOPs and tokens per step of `cfg` on `devices` with mesh sizes `mesh`."""
+def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int], *,
+         model: ModelConfig | HybridConfig | None = None) -> Plan:
+    """Memory per device, FLOPs and tokens per step of `cfg` on `devices` with mesh sizes `mesh`.
+
+    model: the architecture, instead of the one cfg.model names; a Nemotron-H shape (`hybrid.HybridConfig`)
+    is planned with cfg.model's param_dtype and remat."""
     if math.prod(mesh.values()) != devices.chips:
         raise ConfigError(f"mesh {mesh} has {math.prod(mesh.values())} devices but {devices.chips} are planned")
-    m = model_config(cfg.model)
+    m = model_config(cfg.model) if model is None else model
+    if isinstance(m, HybridConfig):
+        m = HybridModel(shape=m, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    family = hybrid_costs if isinstance(m, HybridModel) else costs
     rlp, objective = cfg.rlp, cfg.train.objective
     batch, length = cfg.data.batch_size, cfg.data.seq_len
     split, tp = mesh["data"] * mesh["fsdp"], mesh["tensor"]
@@ -103,11 +108,11 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
     if objective == "rlp" and rlp.rollout.min_context + rlp.reward.horizon > length:
         warnings.append(f"no valid thinking position: rollout.min_context + reward.horizon > data.seq_len={length}")
 
-    base_state = state_bytes(cfg, m, mesh)
+    base_state = family.state_bytes(cfg, m, mesh)
     state = _with_accumulator(base_state, micro)
     copy = 0.0 if m.param_dtype == "float32" else state["ema"] * dtype_bytes(m.param_dtype) / 4
     mb_rows = -(-rows // micro)
-    act = lambda mc, r=mb_rows: activation_bytes(mc, rlp, rows=r, seq_len=length, tp=tp,  # noqa: E731
+    act = lambda mc, r=mb_rows: family.activation_bytes(mc, rlp, rows=r, seq_len=length, tp=tp,  # noqa: E731
                                                  objective=objective, param_copy=copy)
     phases = act(m)
     loss_by_remat = {r: act(m.replace(remat=r))["loss"] for r in REMATS}
@@ -115,7 +120,11 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
 
     ro = rlp.rollout
     decode_floor = None
-    if objective == "rlp" and devices.bandwidth:
+    if objective == "rlp" and devices.bandwidth and isinstance(m, HybridModel):
+        read = hybrid_costs.decode_step_bytes(m, rows=mb_rows, seq_len=length, branches=ro.positions_per_doc *
+                                              ro.group_size, thought_len=ro.thought_len, tp=tp)
+        decode_floor = micro * ro.thought_len * read / devices.bandwidth
+    elif objective == "rlp" and devices.bandwidth:
         c = dtype_bytes(m.compute_dtype)
         n = mb_rows * ro.positions_per_doc * ro.group_size
         kv = 2 * m.num_layers * (mb_rows * length + n * ro.thought_len) * m.num_kv_heads * m.head_dim * c / tp
@@ -144,7 +153,7 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
                          "(--mesh tensor=..)")
     return Plan(model=m, devices=devices, mesh=dict(mesh), objective=objective, batch=batch, rows_per_device=rows,
                 seq_len=length, micro_batches=micro, num_params=m.num_params(), state=state, activations=phases,
-                loss_by_remat=loss_by_remat, total=total, rlp_flops=rlp_step_flops(m, rlp, batch, length),
-                ntp_flops=ntp_step_flops(m, batch, length), input_tokens=float(batch * length),
+                loss_by_remat=loss_by_remat, total=total, rlp_flops=family.rlp_step_flops(m, rlp, batch, length),
+                ntp_flops=family.ntp_step_flops(m, batch, length), input_tokens=float(batch * length),
                 effective_tokens=effective_tokens(rlp, batch, length), decode_floor_s=decode_floor,
                 warnings=tuple(warnings), hints=tuple(hints))
