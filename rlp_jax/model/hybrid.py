@@ -10,7 +10,8 @@ mamba_* field names), `from_hf` (a safetensors folder with model.* or backbone.*
 teacher-forced `forward` with a padding mask or packed segments. Not supported: MoE blocks (Nemotron-3 Nano /
 Super), multi-token prediction layers, attention biases (transformers ignores `attention_bias` too). Thoughts
 branched off a teacher-forced prefix (whole, or decoded token by token) are `rlp_jax.model.hybrid_branch`'s;
-`run_blocks` returns the prefix caches they start from. Math is float32 throughout.
+`run_blocks` returns the prefix caches they start from. Dtypes: the residual stream, attention and every
+projection run in cfg.compute_dtype; norms' statistics, the Mamba conv and scan, and the logits in float32.
 
 Shapes: B rows, L tokens, D model width, V vocabulary, Q query heads, E key/value heads, W head width,
 F MLP width.
@@ -49,7 +50,7 @@ class HybridConfig(Numerics):
 
     block_types: one of BLOCK_TYPES per layer. use_bias: biases on the Mamba in/out projections;
     use_conv_bias: on the Mamba conv; mlp_bias: on the MLP projections. Of `Numerics`, param_dtype (storage)
-    and remat (per block) apply; the math runs in float32 whatever compute_dtype says, and attention is dense."""
+    compute_dtype and remat (per block) apply; attention is dense (no blockwise or kernel path)."""
 
     vocab_size: int                     # V
     hidden_size: int                    # D
@@ -290,31 +291,32 @@ def from_hf(path) -> tuple[HybridConfig, Params]:
 # The forward pass
 # ----------------------------------------------------------------------------------------------
 
-def _f32(a):
-    return jnp.asarray(a, jnp.float32)
+def _w(a, x):
+    """A weight in x's dtype."""
+    return jnp.asarray(a).astype(x.dtype)
 
 
-def embed(params: Params, tokens):
-    """Token embeddings [..., D] float32 of token ids [...]."""
-    return _f32(jnp.take(params["embed"], tokens, axis=0))
+def embed(params: Params, cfg: HybridConfig, tokens):
+    """Token embeddings [..., D] in cfg.compute_dtype of token ids [...]."""
+    return jnp.take(params["embed"], tokens, axis=0).astype(cfg.jnp_compute_dtype)
 
 
 def logits_from_hidden(params: Params, cfg: HybridConfig, x):
     """Final RMSNorm and output projection: hidden [..., D] -> logits [..., V] float32."""
-    x = rms_norm(x, _f32(params["final_norm"]), cfg.eps)
+    x = rms_norm(x, params["final_norm"], cfg.eps)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("...d,dv->...v", x, _f32(head))
+    return jnp.einsum("...d,dv->...v", x, _w(head, x), preferred_element_type=jnp.float32)
 
 
 def attention_qkv(p: Params, cfg: HybridConfig, h):
-    """Projections of h [..., D] -> q [..., Q, W], k and v [..., E, W] (no position encoding)."""
-    proj = lambda w, heads: jnp.einsum("...d,dk->...k", h, _f32(w)).reshape(*h.shape[:-1], heads, cfg.head_dim)
+    """Projections of h [..., D] -> q [..., Q, W], k and v [..., E, W] in h's dtype (no position encoding)."""
+    proj = lambda w, heads: jnp.einsum("...d,dk->...k", h, _w(w, h)).reshape(*h.shape[:-1], heads, cfg.head_dim)
     return proj(p["q"], cfg.num_heads), proj(p["k"], cfg.num_kv_heads), proj(p["v"], cfg.num_kv_heads)
 
 
 def attention_out(p: Params, attn):
-    """o_proj of the attention output [..., Q, W] -> [..., D]."""
-    return jnp.einsum("...k,kd->...d", attn.reshape(*attn.shape[:-2], -1), _f32(p["o"]))
+    """o_proj of the attention output [..., Q, W] -> [..., D], in its dtype."""
+    return jnp.einsum("...k,kd->...d", attn.reshape(*attn.shape[:-2], -1), _w(p["o"], attn))
 
 
 def attention_mixer(p: Params, cfg: HybridConfig, h_bld, mask_bls):
@@ -326,11 +328,11 @@ def attention_mixer(p: Params, cfg: HybridConfig, h_bld, mask_bls):
 
 
 def mlp_mixer(p: Params, h):
-    """down(relu(up(h))^2): h [..., D] -> [..., D]."""
-    u = jnp.einsum("...d,df->...f", h, _f32(p["up"]))
-    u = u if "up_b" not in p else u + _f32(p["up_b"])
-    out = jnp.einsum("...f,fd->...d", jnp.square(jax.nn.relu(u)), _f32(p["down"]))
-    return out if "down_b" not in p else out + _f32(p["down_b"])
+    """down(relu(up(h))^2): h [..., D] -> [..., D], in h's dtype."""
+    u = jnp.einsum("...d,df->...f", h, _w(p["up"], h))
+    u = u if "up_b" not in p else u + _w(p["up_b"], h)
+    out = jnp.einsum("...f,fd->...d", jnp.square(jax.nn.relu(u)), _w(p["down"], h))
+    return out if "down_b" not in p else out + _w(p["down_b"], h)
 
 
 def run_blocks(params: Params, cfg: HybridConfig, tokens_bl, segment_ids_bl, positions_bm=None):
@@ -346,7 +348,7 @@ def run_blocks(params: Params, cfg: HybridConfig, tokens_bl, segment_ids_bl, pos
     mask_bls = jnp.tril(jnp.ones((l, l), bool))[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
 
     def block_fn(kind, block, x):
-        h = rms_norm(x, _f32(block["norm"]), cfg.eps)
+        h = rms_norm(x, block["norm"], cfg.eps)
         if kind == MAMBA:
             out, cache = mamba2.mamba2_forward(block["mixer"], cfg.mamba, h, seg, positions_bm=positions_bm)
         elif kind == ATTENTION:
@@ -355,7 +357,7 @@ def run_blocks(params: Params, cfg: HybridConfig, tokens_bl, segment_ids_bl, pos
             out, cache = mlp_mixer(block["mixer"], h), None
         return x + out, cache
 
-    x, caches = embed(params, tokens_bl), []
+    x, caches = embed(params, cfg, tokens_bl), []
     for kind, block in zip(cfg.block_types, params["blocks"]):
         x, cache = cfg.checkpointed(functools.partial(block_fn, kind))(block, x)
         caches.append(cache)

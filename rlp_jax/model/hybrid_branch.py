@@ -14,7 +14,7 @@ the prefix copied per thought.
                        per-branch key/value slots after the shared prefix keys.
 Equal to running each thought as its own sequence x_<t + thought through `hybrid.forward`
 (tests/model/test_hybrid_branch.py). Documents may be right-padded (t <= a row's real length) or packed several to
-a row (segment ids): a branch at t continues t's own document. Math is float32.
+a row (segment ids): a branch at t continues t's own document. Dtypes as `hybrid`'s.
 
 Shapes: B rows, L document tokens, K branch positions per row, S thoughts per position, N = K S branches per
 row (branch n = k S + s), T thought tokens, C slots of a decode cache, V vocabulary, D width, Q / E query /
@@ -133,7 +133,7 @@ def branch_forward(params: Params, cfg: HybridConfig, prefix: HybridPrefix, thou
 
     def block_fn(kind, block, cache, x):
         p = block["mixer"]
-        h = layers.rms_norm(x, jnp.asarray(block["norm"], jnp.float32), cfg.eps)
+        h = layers.rms_norm(x, block["norm"], cfg.eps)
         if kind == MAMBA:
             start = _flat(_per_branch(cache, s), b, n)
             out, _ = mamba2.mamba2_forward(p, cfg.mamba, h.reshape(b * n, t, -1), state=start)
@@ -145,7 +145,7 @@ def branch_forward(params: Params, cfg: HybridConfig, prefix: HybridPrefix, thou
             out = hybrid.mlp_mixer(p, h)
         return x + out
 
-    x = hybrid.embed(params, thoughts.reshape(b, n, t))                            # [B, N, T, D]
+    x = hybrid.embed(params, cfg, thoughts.reshape(b, n, t))                            # [B, N, T, D]
     for kind, block, cache in zip(cfg.block_types, params["blocks"], prefix.blocks):
         x = cfg.checkpointed(functools.partial(block_fn, kind))(block, cache, x)
     if return_hidden:
@@ -165,7 +165,7 @@ def init_branch_cache(cfg: HybridConfig, prefix: HybridPrefix, thoughts: int, le
         if kind == MAMBA:
             blocks.append(_per_branch(cache, thoughts))
         elif kind == ATTENTION:
-            zeros = jnp.zeros((b, k * thoughts, length, cfg.num_kv_heads, cfg.head_dim), jnp.float32)
+            zeros = jnp.zeros((b, k * thoughts, length, cfg.num_kv_heads, cfg.head_dim), cfg.jnp_compute_dtype)
             blocks.append((zeros, zeros))
         else:
             blocks.append(None)
@@ -185,11 +185,11 @@ def decode_step(params: Params, cfg: HybridConfig, prefix: HybridPrefix, cache: 
                          f"got {token_bn.shape}")
     s, step = n // k, cache.step
     prefix_mask = _prefix_mask(prefix, s)                                          # [B, N, L]
-    x = hybrid.embed(params, token_bn[:, :, None])                                 # [B, N, 1, D]
+    x = hybrid.embed(params, cfg, token_bn[:, :, None])                                 # [B, N, 1, D]
     blocks = []
     for kind, block, pre, own in zip(cfg.block_types, params["blocks"], prefix.blocks, cache.blocks):
         p = block["mixer"]
-        h = layers.rms_norm(x, jnp.asarray(block["norm"], jnp.float32), cfg.eps)
+        h = layers.rms_norm(x, block["norm"], cfg.eps)
         if kind == MAMBA:
             y, state = mamba2.mamba2_step(p, cfg.mamba, h.reshape(b * n, -1), _flat(own, b, n))
             out, own = y.reshape(b, n, 1, -1), _unflat(state, b, n)

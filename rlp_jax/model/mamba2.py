@@ -18,8 +18,9 @@ Supported:
   0, summed without differences of cumulative sums, so no inf - inf); padded positions' mixer input and conv
   output are zeroed. A transformers attention mask (1 = real) is the one-segment case: right and left padding
   leave real tokens exact, as in transformers.
-Not supported: CUDA kernels' fused path, activations other than SiLU. All the math is float32 whatever the
-parameters' dtype.
+Dtypes: the in/out projections run in the input's dtype (the model's compute dtype, e.g. bfloat16); the conv,
+the scan, the states and the gated norm in float32 whatever the parameters' dtype. Not supported: CUDA kernels'
+fused path, activations other than SiLU.
 """
 
 from __future__ import annotations
@@ -83,13 +84,14 @@ def _f32(a):
 
 
 def _linear(x, w, b=None):
-    y = jnp.einsum("...i,io->...o", x, _f32(w))
-    return y if b is None else y + _f32(b)
+    """x [..., I] @ w [I, O] (+ b) in x's dtype."""
+    y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype))
+    return y if b is None else y + b.astype(x.dtype)
 
 
 def _project(params: Params, cfg: Mamba2Config, x):
-    """in_proj of x [..., D] -> gate [..., I], conv input xbc [..., X], raw dt [..., H]."""
-    proj = _linear(_f32(x), params["in_proj"], params.get("in_proj_b"))
+    """in_proj of x [..., D] (in x's dtype) -> gate [..., I], conv input xbc [..., X], raw dt [..., H], float32."""
+    proj = _f32(_linear(x, params["in_proj"], params.get("in_proj_b")))
     i, c = cfg.inner, cfg.conv_dim
     return proj[..., :i], proj[..., i:i + c], proj[..., i + c:]
 
@@ -133,11 +135,11 @@ def gated_rms_norm(y, gate, weight, groups: int, eps: float):
     return _f32(weight) * hg.reshape(h.shape)
 
 
-def _output(params: Params, cfg: Mamba2Config, y_hp, x_hp, gate):
-    """Scan output y [..., H, P] + D skip of x, gated norm with the gate [..., I], out_proj -> [..., D]."""
+def _output(params: Params, cfg: Mamba2Config, y_hp, x_hp, gate, dtype):
+    """Scan output y [..., H, P] + D skip of x, gated norm with the gate [..., I], out_proj in dtype -> [..., D]."""
     y = y_hp + _f32(params["D"])[:, None] * x_hp
     y = gated_rms_norm(y.reshape(*y.shape[:-2], cfg.inner), gate, params["norm"], cfg.n_groups, cfg.eps)
-    return _linear(y, params["out_proj"], params.get("out_proj_b"))
+    return _linear(y.astype(dtype), params["out_proj"], params.get("out_proj_b"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +248,7 @@ def branch_segments(seg_bl, t_bm):
 
 def mamba2_forward(params: Params, cfg: Mamba2Config, x_bld, mask_bl=None, *, state: Mamba2State | None = None,
                    positions_bm=None):
-    """The mixer over whole sequences x [B, L, D] -> (y [B, L, D] float32, states or None).
+    """The mixer over whole sequences x [B, L, D] -> (y [B, L, D] in x's dtype, states or None).
 
     mask [B, L] int (None = one sequence, all real): segment ids, 0 = padding (a transformers attention mask is
     the one-segment case); each segment is read from a zero state, padded positions' input and conv output are
@@ -268,7 +270,7 @@ def mamba2_forward(params: Params, cfg: Mamba2Config, x_bld, mask_bl=None, *, st
     a_h = -jnp.exp(_f32(params["A_log"]))
     resets = None if seg is None else jnp.pad(seg[:, 1:] != seg[:, :-1], ((0, 0), (1, 0)))
     y, _, chunks = ssd_scan(cfg, x, dt, a_h, b, c, state.ssm, resets)
-    out = _output(params, cfg, y, x, gate)
+    out = _output(params, cfg, y, x, gate, x_bld.dtype)
     if positions_bm is None:
         return out, None
     positions_bm = jnp.asarray(positions_bm, jnp.int32)
@@ -287,7 +289,7 @@ def mamba2_forward(params: Params, cfg: Mamba2Config, x_bld, mask_bl=None, *, st
 
 
 def mamba2_step(params: Params, cfg: Mamba2Config, x_bd, state: Mamba2State):
-    """One decoding token per row: x [B, D], state [B, ...] -> (y [B, D] float32, the state after it)."""
+    """One decoding token per row: x [B, D], state [B, ...] -> (y [B, D] in x's dtype, the state after it)."""
     gate, xbc, dt_raw = _project(params, cfg, x_bd)
     conv = causal_conv(xbc[:, None], params["conv_w"], params.get("conv_b"), state.conv)[:, 0]
     x, b, c, dt = _ssm_inputs(params, cfg, conv, dt_raw)                      # x [B, H, P], b/c [B, G, N]
@@ -298,4 +300,4 @@ def mamba2_step(params: Params, cfg: Mamba2Config, x_bd, state: Mamba2State):
            + (dt[..., None] * x)[..., None] * b_h[:, :, None, :])              # [B, H, P, N]
     y = jnp.einsum("bhpn,bhn->bhp", ssm, c_h, precision=_HI)
     new_conv = jnp.concatenate([_f32(state.conv), xbc[:, None]], axis=1)[:, 1:]
-    return _output(params, cfg, y, x, gate), Mamba2State(new_conv, ssm)
+    return _output(params, cfg, y, x, gate, x_bd.dtype), Mamba2State(new_conv, ssm)

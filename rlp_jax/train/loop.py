@@ -166,9 +166,6 @@ def run_mesh(cfg: RunConfig, mcfg: Config):
     if family.is_hybrid(mcfg) and cfg.rlp.prompt.style != "none":
         raise ConfigError("a Nemotron-H model reads documents without a prompt: leave rlp.prompt.style=none (prompts "
                           "are supported for the transformer families)")
-    if family.is_hybrid(mcfg) and mcfg.compute_dtype != "float32":
-        log.warning("model.compute_dtype=%s: a Nemotron-H model computes in float32 (its bfloat16 path is not built "
-                    "yet); only param_dtype applies", mcfg.compute_dtype)
     if mcfg.param_dtype == "bfloat16" and cfg.optim.lr < 1e-4:
         log.warning("model.param_dtype=bfloat16 keeps no float32 master weights: updates of lr=%g are below bf16 "
                     "resolution for most weights; prefer param_dtype=float32 with compute_dtype=bfloat16",

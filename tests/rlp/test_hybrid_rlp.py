@@ -82,6 +82,31 @@ def test_branched_rlp_step_equals_the_naive_one(model, batch):
     assert all(float(jnp.abs(m["A_log"]).max()) > 1e-6 for m in mixers)   # the loss reaches the SSM decays
 
 
+def test_bfloat16_compute_keeps_the_step_within_bfloat16_error(model, batch):
+    """model.compute_dtype=bfloat16: the residual stream and projections run in bfloat16 (hidden states come out
+    bfloat16, logits float32), the Mamba scan in float32; the branched step's rewards and gradient stay within
+    bfloat16 error of float32's (the same thoughts)."""
+    cfg, params = model
+    bf = cfg.replace(compute_dtype="bfloat16")
+    rlp = rlp_config(ntp_weight=0.3)
+    thoughts = _sample(cfg, params, batch, rlp)
+    ema_lp = jax.random.normal(jax.random.key(7), batch["tokens"].shape) - 3.0
+    hidden, _ = family.forward(params, bf, batch["tokens"], segment_ids_bl=batch["segment_ids"], return_hidden=True)
+    assert hidden.dtype == jnp.bfloat16
+    assert family.forward(params, bf, batch["tokens"])[0].dtype == jnp.float32
+
+    def step(c):
+        fn = lambda p: rlp_objective(p, c, rlp, batch, thoughts, T_BK, jnp.ones(T_BK.shape, bool), ema_lp)
+        return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+
+    (_, (_, r32, _)), g32 = step(cfg)
+    (_, (_, r16, _)), g16 = step(bf)
+    np.testing.assert_allclose(r16, r32, atol=0.1)
+    flat = lambda g: jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)])
+    cos = float(flat(g16) @ flat(g32) / (jnp.linalg.norm(flat(g16)) * jnp.linalg.norm(flat(g32))))
+    assert cos > 0.99, cos
+
+
 def test_sampler_equals_the_naive_sampler(model, batch):
     cfg, params = model
     rlp = rlp_config(t=6)
