@@ -65,6 +65,7 @@ class HybridConfig(Numerics):
     use_bias: bool = False
     use_conv_bias: bool = True
     mlp_bias: bool = False
+    max_position_embeddings: int = 4096   # the context length config.json declares (no position encoding limits it)
 
     def __post_init__(self):
         bad = sorted(set(self.block_types) - set(BLOCK_TYPES))
@@ -132,7 +133,8 @@ def config_from_hf(hf: dict, **numerics) -> HybridConfig:
         intermediate_size=hf.get("intermediate_size", 21504), mamba=mamba,
         eps=hf.get("layer_norm_epsilon", 1e-5), tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         use_bias=bool(hf.get("use_bias", False)), use_conv_bias=bool(hf.get("use_conv_bias", True)),
-        mlp_bias=bool(hf.get("mlp_bias", False)), **numerics)
+        mlp_bias=bool(hf.get("mlp_bias", False)), max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        **numerics)
 
 
 # ----------------------------------------------------------------------------------------------
