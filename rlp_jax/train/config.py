@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rlp_jax.data.pipeline import DataConfig
-from rlp_jax.model.config import ATTENTIONS, DTYPES, REMATS
+from rlp_jax.model.config import Numerics
 from rlp_jax.model.family import PRESET_NAMES
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.sharding import MeshConfig
@@ -61,14 +61,10 @@ class ModelSection:
     new_token_init: str = "mean"
 
     def __post_init__(self):
-        for name in ("param_dtype", "compute_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ConfigError(f"model.{name} must be {' or '.join(DTYPES)}, got {getattr(self, name)!r}")
-        if self.remat not in REMATS:
-            raise ConfigError(f"model.remat must be {', '.join(REMATS[:-1])} or {REMATS[-1]}, got {self.remat!r}")
-        if self.attention not in ATTENTIONS or self.attention_block < 1:
-            raise ConfigError(f"model.attention must be {', '.join(ATTENTIONS)} and model.attention_block >= 1, got "
-                              f"{self.attention!r}, {self.attention_block}")
+        try:
+            Numerics(**self.overrides).check_numerics()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.new_token_init not in ("mean", "pieces"):
             raise ConfigError(f"model.new_token_init must be mean or pieces, got {self.new_token_init!r}")
         if len(self.think_tokens) != 2 or len(set(self.think_tokens)) != 2 or not all(self.think_tokens):
