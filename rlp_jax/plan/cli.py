@@ -1,8 +1,5 @@
-"""`python -m rlp_jax.plan`: print the plan of a recipe on given devices.
-
-Models are named as the recipe's model section names them (`--set model.preset=qwen3-8b`); a Nemotron-H preset
-(`--set model.preset=nemotron-nano-12b-v2`, `rlp_jax.model.hybrid.PRESETS`) is planned as that hybrid with the
-recipe's model.param_dtype and model.remat."""
+"""`python -m rlp_jax.plan`: print the plan of a recipe on given devices (the model as the recipe's model section
+names it: `--set model.preset=qwen3-8b`, `--set model.preset=nemotron-nano-12b-v2`, `--set model.init_from=DIR`)."""
 
 from __future__ import annotations
 
@@ -10,10 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from rlp_jax.model import hybrid
+from rlp_jax.model.hybrid import ATTENTION, MAMBA, MLP, HybridConfig
 from rlp_jax.plan.devices import GIB, default_mesh, device_spec, parse_mesh
 from rlp_jax.plan.estimate import Plan, plan
-from rlp_jax.plan.hybrid_costs import HybridModel, block_counts
 from rlp_jax.train.config import (
     ConfigError,
     apply_overrides,
@@ -38,10 +34,10 @@ def format_plan(p: Plan, *, name: str = "", mfu: float = 0.4) -> str:
     lines.append(f"mesh data={p.mesh['data']} fsdp={p.mesh['fsdp']} tensor={p.mesh['tensor']}; objective "
                  f"{p.objective}; batch {p.batch} rows x {p.seq_len} tokens, {p.rows_per_device} per device"
                  + (f" in {p.micro_batches} micro-batches" if p.micro_batches > 1 else ""))
-    if isinstance(m, HybridModel):
-        n = block_counts(m.shape)
-        lines.append(f"model: Nemotron-H, {n[hybrid.MAMBA]} Mamba-2 + {n[hybrid.ATTENTION]} attention + "
-                     f"{n[hybrid.MLP]} MLP blocks; params {m.param_dtype}, math float32 (the hybrid's), remat {m.remat}")
+    if isinstance(m, HybridConfig):
+        n = {kind: m.block_types.count(kind) for kind in (MAMBA, ATTENTION, MLP)}
+        lines.append(f"model: Nemotron-H, {n[MAMBA]} Mamba-2 + {n[ATTENTION]} attention + {n[MLP]} MLP blocks; params "
+                     f"{m.param_dtype}, compute {m.compute_dtype}, remat {m.remat}")
     else:
         lines.append(f"model: params {m.param_dtype}, compute {m.compute_dtype}, remat {m.remat}")
     row = lambda label, b: f"  {label:<44s}{b / GIB:>10.3f}"   # noqa: E731
@@ -52,7 +48,7 @@ def format_plan(p: Plan, *, name: str = "", mfu: float = 0.4) -> str:
     if p.state["reference"]:
         lines.append(row("KL reference params", p.state["reference"]))
     lines.append(row("gradients", p.state["gradients"]))
-    caches = "Mamba states, KV caches" if isinstance(m, HybridModel) else "KV caches"
+    caches = "Mamba states + KV caches" if isinstance(m, HybridConfig) else "KV caches"
     labels = {"teacher": "activations: EMA teacher forward", "rollout": f"activations: rollout ({caches})",
               "loss": f"activations: loss fwd+bwd (remat {m.remat})"}
     for k, v in p.activations.items():
@@ -99,16 +95,6 @@ def format_plan(p: Plan, *, name: str = "", mfu: float = 0.4) -> str:
     return "\n".join(lines)
 
 
-def split_hybrid_preset(overrides: list[str]) -> tuple[list[str], hybrid.HybridConfig | None]:
-    """(the other overrides, the Nemotron-H shape) when one `model.preset=NAME` names a hybrid preset; else
-    (overrides, None)."""
-    picked = [o for o in overrides if o.split("=", 1)[0].strip() == "model.preset"
-              and o.split("=", 1)[-1].strip() in hybrid.PRESETS]
-    if not picked:
-        return overrides, None
-    return [o for o in overrides if o not in picked], hybrid.preset(picked[-1].split("=", 1)[1].strip())
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {message}", file=sys.stderr)
@@ -129,11 +115,10 @@ def main(argv=None) -> int:
     try:
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
-        overrides, model = split_hybrid_preset(args.set)
-        cfg = apply_overrides(recipe_config(load_experiment(args.experiment)), overrides)
+        cfg = apply_overrides(recipe_config(load_experiment(args.experiment)), args.set)
         devices = device_spec(args.devices)
         mesh = default_mesh(cfg, devices.chips) if args.mesh is None else parse_mesh(args.mesh, devices.chips)
-        result = plan(cfg, devices, mesh, model=model)
+        result = plan(cfg, devices, mesh)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,18 +1,19 @@
 """The plan of one run on given devices: memory per device against HBM, FLOPs, tokens, step time, hints.
 
-The dense family's costs are `costs`', Nemotron-H's `hybrid_costs`' (same phases and parts)."""
+State is `costs.state_bytes` for both model families; activations and FLOPs are `costs`' for the dense family
+and `hybrid_costs`' for Nemotron-H (the same phases and parts)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 
-from rlp_jax.model.config import REMATS, ModelConfig
+from rlp_jax.model.config import REMATS
+from rlp_jax.model.family import Config
 from rlp_jax.model.hybrid import HybridConfig
 from rlp_jax.plan import costs, hybrid_costs
-from rlp_jax.plan.costs import dtype_bytes, effective_tokens
+from rlp_jax.plan.costs import dtype_bytes, effective_tokens, state_bytes
 from rlp_jax.plan.devices import GIB, DeviceSpec
-from rlp_jax.plan.hybrid_costs import HybridModel
 from rlp_jax.train.config import ConfigError, RunConfig
 from rlp_jax.train.run_dir import model_config
 
@@ -26,7 +27,7 @@ class Plan:
     phase (gradients count with the loss phase). rlp_flops: rollout / reward / update / reference.
     """
 
-    model: ModelConfig | HybridModel
+    model: Config
     devices: DeviceSpec
     mesh: dict[str, int]
     objective: str
@@ -81,18 +82,12 @@ def _with_accumulator(state: dict[str, float], micro_batches: int) -> dict[str, 
     return state | {"gradients": state["gradients"] + state["ema"]}
 
 
-def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int], *,
-         model: ModelConfig | HybridConfig | None = None) -> Plan:
-    """Memory per device, FLOPs and tokens per step of `cfg` on `devices` with mesh sizes `mesh`.
-
-    model: the architecture, instead of the one cfg.model names; a Nemotron-H shape (`hybrid.HybridConfig`)
-    is planned with cfg.model's param_dtype and remat."""
+def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
+    """Memory per device, FLOPs and tokens per step of `cfg` on `devices` with mesh sizes `mesh`."""
     if math.prod(mesh.values()) != devices.chips:
         raise ConfigError(f"mesh {mesh} has {math.prod(mesh.values())} devices but {devices.chips} are planned")
-    m = model_config(cfg.model) if model is None else model
-    if isinstance(m, HybridConfig):
-        m = HybridModel(shape=m, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
-    family = hybrid_costs if isinstance(m, HybridModel) else costs
+    m = model_config(cfg.model)
+    family = hybrid_costs if isinstance(m, HybridConfig) else costs
     rlp, objective = cfg.rlp, cfg.train.objective
     batch, length = cfg.data.batch_size, cfg.data.seq_len
     split, tp = mesh["data"] * mesh["fsdp"], mesh["tensor"]
@@ -108,7 +103,7 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int], *,
     if objective == "rlp" and rlp.rollout.min_context + rlp.reward.horizon > length:
         warnings.append(f"no valid thinking position: rollout.min_context + reward.horizon > data.seq_len={length}")
 
-    base_state = family.state_bytes(cfg, m, mesh)
+    base_state = state_bytes(cfg, m, mesh)
     state = _with_accumulator(base_state, micro)
     copy = 0.0 if m.param_dtype == "float32" else state["ema"] * dtype_bytes(m.param_dtype) / 4
     mb_rows = -(-rows // micro)
@@ -120,7 +115,7 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int], *,
 
     ro = rlp.rollout
     decode_floor = None
-    if objective == "rlp" and devices.bandwidth and isinstance(m, HybridModel):
+    if objective == "rlp" and devices.bandwidth and isinstance(m, HybridConfig):
         read = hybrid_costs.decode_step_bytes(m, rows=mb_rows, seq_len=length, branches=ro.positions_per_doc *
                                               ro.group_size, thought_len=ro.thought_len, tp=tp)
         decode_floor = micro * ro.thought_len * read / devices.bandwidth

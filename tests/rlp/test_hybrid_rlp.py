@@ -4,7 +4,6 @@ sampled thoughts, rewards, advantages, the loss and every parameter's gradient; 
 the plain forward's; and `--experiment=web_mix` trains and resumes from a saved transformers NemotronH checkpoint.
 The batch packs two documents into one row: each thought continues its own document only."""
 
-import functools
 import json
 import subprocess
 import sys
@@ -55,22 +54,31 @@ def _sample(cfg, params, batch, rlp, seed=5):
                                                             rlp.rollout)
 
 
-def test_branched_rlp_step_equals_the_naive_one(model, batch):
-    """Horizon 2, a KL term to a reference and the next-token term: every branch of the objective runs."""
-    cfg, params = model
-    rlp = rlp_config(horizon=2, kl_beta=0.1, ntp_weight=0.3)
-    thoughts = _sample(cfg, params, batch, rlp)
+RLP = rlp_config(horizon=2, kl_beta=0.1, ntp_weight=0.3)   # every branch of the objective runs
+
+
+def _step(cfg, params, batch, thoughts, *, naive_path=False):
+    """(loss, (metrics, rewards, advantages)), grads of the RLP objective on given thoughts."""
     ema_lp = jax.random.normal(jax.random.key(7), batch["tokens"].shape) - 3.0
     ref = jax.tree.map(lambda x: x * 0.9, params)
+    fn = lambda p: rlp_objective(p, cfg, RLP, batch, thoughts, T_BK, jnp.ones(T_BK.shape, bool), ema_lp, ref,
+                                 naive_path=naive_path)
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
 
-    def objective(p, naive_path):
-        return rlp_objective(p, cfg, rlp, batch, thoughts, T_BK, jnp.ones(T_BK.shape, bool), ema_lp, ref,
-                             naive_path=naive_path)
 
-    grad = lambda naive_path: jax.jit(jax.value_and_grad(functools.partial(objective, naive_path=naive_path),
-                                                         has_aux=True))(params)
-    (loss_f, (m_f, r_f, a_f)), g_f = grad(False)
-    (loss_n, (m_n, r_n, a_n)), g_n = grad(True)
+@pytest.fixture(scope="module")
+def fast_step(model, batch):
+    """The thoughts sampled for `RLP` and the branched float32 step on them (shared by two tests)."""
+    cfg, params = model
+    thoughts = _sample(cfg, params, batch, RLP)
+    return thoughts, _step(cfg, params, batch, thoughts)
+
+
+def test_branched_rlp_step_equals_the_naive_one(model, batch, fast_step):
+    """Horizon 2, a KL term to a reference and the next-token term."""
+    cfg, params = model
+    thoughts, ((loss_f, (m_f, r_f, a_f)), g_f) = fast_step
+    (loss_n, (m_n, r_n, a_n)), g_n = _step(cfg, params, batch, thoughts, naive_path=True)
     np.testing.assert_allclose(r_f, r_n, atol=1e-5)
     np.testing.assert_allclose(a_f, a_n, atol=1e-5)
     np.testing.assert_allclose(loss_f, loss_n, atol=1e-5)
@@ -82,25 +90,17 @@ def test_branched_rlp_step_equals_the_naive_one(model, batch):
     assert all(float(jnp.abs(m["A_log"]).max()) > 1e-6 for m in mixers)   # the loss reaches the SSM decays
 
 
-def test_bfloat16_compute_keeps_the_step_within_bfloat16_error(model, batch):
+def test_bfloat16_compute_keeps_the_step_within_bfloat16_error(model, batch, fast_step):
     """model.compute_dtype=bfloat16: the residual stream and projections run in bfloat16 (hidden states come out
     bfloat16, logits float32), the Mamba scan in float32; the branched step's rewards and gradient stay within
     bfloat16 error of float32's (the same thoughts)."""
     cfg, params = model
     bf = cfg.replace(compute_dtype="bfloat16")
-    rlp = rlp_config(ntp_weight=0.3)
-    thoughts = _sample(cfg, params, batch, rlp)
-    ema_lp = jax.random.normal(jax.random.key(7), batch["tokens"].shape) - 3.0
     hidden, _ = family.forward(params, bf, batch["tokens"], segment_ids_bl=batch["segment_ids"], return_hidden=True)
     assert hidden.dtype == jnp.bfloat16
     assert family.forward(params, bf, batch["tokens"])[0].dtype == jnp.float32
-
-    def step(c):
-        fn = lambda p: rlp_objective(p, c, rlp, batch, thoughts, T_BK, jnp.ones(T_BK.shape, bool), ema_lp)
-        return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
-
-    (_, (_, r32, _)), g32 = step(cfg)
-    (_, (_, r16, _)), g16 = step(bf)
+    thoughts, ((_, (_, r32, _)), g32) = fast_step
+    (_, (_, r16, _)), g16 = _step(bf, params, batch, thoughts)
     np.testing.assert_allclose(r16, r32, atol=0.1)
     flat = lambda g: jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)])
     cos = float(flat(g16) @ flat(g32) / (jnp.linalg.norm(flat(g16)) * jnp.linalg.norm(flat(g32))))
