@@ -1,0 +1,277 @@
+"""Per-device activations and per-step FLOPs of a Nemotron-H run (`rlp_jax.model.hybrid`, `hybrid_branch`).
+
+The accounting follows the dense family's (`rlp_jax.plan.costs`, the package docstring): the same phases, state
+(`costs.state_bytes`: the hybrid's `TrainState` sharded by `hybrid.param_logical_axes`), vocabulary chunks and
+conventions, with each block's terms replaced. What differs:
+
+  * Dtypes as `hybrid` runs them: the residual stream, attention, the MLP, the projections and the attention
+    keys/values in model.compute_dtype (c bytes); the Mamba conv, scan, gated norm and states, attention scores
+    and logits in float32. Attention is dense and masked, like the dense family's "dense" mode.
+  * A branch at position t starts from each Mamba block's state after x_<t: num_heads x head_dim x state_size
+    floats + (conv_kernel-1) x conv_dim conv inputs per block (`mamba2.Mamba2State`), instead of keys/values.
+    Only the attention blocks keep keys/values (of the documents, and of the thought tokens while sampling).
+  * FLOPs of a Mamba-2 block (chunk length C): the in_proj/out_proj matmuls and the depthwise conv (2 x weights
+    per token), then the chunked scan as `mamba2.ssd_scan` runs it: per chunk the full C x C scores C.B (per
+    group) and their product with x (per head), the last chunk padded; 2 x H P N per token for the state each
+    chunk adds and 2 x H P N for the start state it reads; 2 C H P N per state read at a branch position. A
+    sampled token (`mamba2.mamba2_step`): 4 H P N for the state update and read-out.
+  * Activations a block keeps for the backward, per token (remat "none"; bytes = c x the compute-dtype values
+    + 4 x the float32 ones):
+      Mamba-2   c (3 D + I) + 4 (9 I + (K + 5) X + 2.5 H C + 0.5 H N + 2.5 I N / C): the norm, in_proj's outputs
+                (gate, x B C, dt), the K conv taps and the conv's activations, x dt, the per-chunk C x C decay and
+                mixing arrays, the chunk-start states, the gated norm and out_proj's input. Read from JAX's saved
+                residuals and fitted to XLA's buffer assignment in float32 (11 shapes, each block within 3% on
+                CPU; tests/test_plan.py checks whole passes).
+      attention c (2 D + 2 Q W + 2 E W) per token + Q (4 + c) per (query, key) pair (float32 probabilities and
+                their cast: the dense masked scores).
+      MLP       c (2 D + 2 F) (the relu input and its square).
+    with I = H P the Mamba inner width, X = I + 2 G N its conv channels, K the conv kernel, N the state size;
+    Q/E/W the attention heads/key-value heads/head width; F the MLP width. "full" keeps the block input (D),
+    "dots" the block input and the weight matmuls' outputs, as `Numerics.checkpointed` does per block. Head,
+    channel and vocabulary widths are divided by the tensor axis.
+
+Shapes: B rows per device, L tokens, K positions per row, G thoughts per position, T thought tokens, H horizon.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+
+from rlp_jax.model import hybrid
+from rlp_jax.model.hybrid import ATTENTION, MAMBA, MLP, HybridConfig
+from rlp_jax.model.scoring import TOKEN_CHUNK
+from rlp_jax.plan.costs import dtype_bytes, mean_position
+from rlp_jax.rlp.config import RLPConfig
+from rlp_jax.rlp.rollout import THOUGHT_CHUNK
+
+F32 = 4
+
+
+def block_counts(h: HybridConfig) -> dict[str, int]:
+    return {kind: h.block_types.count(kind) for kind in (MAMBA, ATTENTION, MLP)}
+
+
+def _padded(h: HybridConfig, length: int) -> int:
+    """Tokens of one sequence as the chunked scan runs it: rounded up to whole chunks."""
+    c = h.mamba.chunk_size
+    return -(-length // c) * c
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs (see the module docstring)
+# ----------------------------------------------------------------------------------------------
+
+def matmul_weights(h: HybridConfig) -> int:
+    """Weights one token multiplies with in the block stack (no norms, biases, head): Mamba in_proj, conv,
+    out_proj; attention q, k, v, o; MLP up, down."""
+    m, d, n = h.mamba, h.hidden_size, block_counts(h)
+    mamba = d * (m.inner + m.conv_dim + m.num_heads) + m.conv_kernel * m.conv_dim + m.inner * d
+    attention = 2 * d * h.num_heads * h.head_dim + 2 * d * h.num_kv_heads * h.head_dim
+    return n[MAMBA] * mamba + n[ATTENTION] * attention + n[MLP] * 2 * d * h.intermediate_size
+
+
+def scan_flops(h: HybridConfig, seqs: float, length: int) -> float:
+    """One Mamba block's chunked scan over `seqs` sequences of `length` tokens: per (padded) token 2 C G N for the
+    chunk's scores, 2 C I for mixing x, 2 I N each for the state a chunk adds and the start state it reads."""
+    m = h.mamba
+    per_token = 2 * m.chunk_size * (m.n_groups * m.state_size + m.inner) + 4 * m.inner * m.state_size
+    return seqs * _padded(h, length) * per_token
+
+
+def forward_flops(h: HybridConfig, *, seqs: float, length: int, pairs: float, head_tokens: float,
+                  states: float = 0.0) -> float:
+    """A teacher-forced pass over `seqs` sequences of `length` tokens: 2 x matmul weights per token, the chunked
+    scans, 4 Q W per attended (query, key) pair in each attention block, 2 D V per token with logits, and
+    2 C I N per Mamba block for each of `states` states read at branch positions (`mamba2._ssm_states_at`)."""
+    m, n = h.mamba, block_counts(h)
+    return (2 * matmul_weights(h) * seqs * length + n[MAMBA] * scan_flops(h, seqs, length)
+            + n[MAMBA] * states * 2 * m.chunk_size * m.inner * m.state_size
+            + 4 * n[ATTENTION] * h.num_heads * h.head_dim * pairs + 2 * h.hidden_size * h.vocab_size * head_tokens)
+
+
+def decode_flops(h: HybridConfig, *, tokens: float, pairs: float) -> float:
+    """`tokens` sampled one at a time (`hybrid_branch.decode_step`): per token 2 x matmul weights, 4 I N per Mamba
+    block (state update and read-out) and 2 D V for the next token's logits; 4 Q W per attended pair."""
+    m, n = h.mamba, block_counts(h)
+    per_token = 2 * matmul_weights(h) + 4 * n[MAMBA] * m.inner * m.state_size + 2 * h.hidden_size * h.vocab_size
+    return per_token * tokens + 4 * n[ATTENTION] * h.num_heads * h.head_dim * pairs
+
+
+def rlp_step_flops(h: HybridConfig, rlp: RLPConfig, batch: int, seq_len: int) -> dict[str, float]:
+    """Model FLOPs of one RLP step by part, split as `costs.rlp_step_flops` (all rows of the batch): rollout (the
+    prefix pass with the states at K positions per row + sampling T tokens for each of the K G branches), reward
+    (the EMA teacher's pass with logits), update (3 x the loss forward: documents + branches of S = T + 1 + H
+    tokens from their start states), reference (kl_beta > 0). Attention pairs are causal pairs (MFU convention)."""
+    ro = rlp.rollout
+    b, length, t = batch, seq_len, ro.thought_len
+    positions, branches = b * ro.positions_per_doc, b * ro.positions_per_doc * ro.group_size
+    s = t + 1 + rlp.reward.horizon
+    tbar = mean_position(rlp, seq_len)
+    causal = b * length * (length + 1) / 2
+    branch_pairs = lambda steps: branches * (steps * tbar + steps * (steps + 1) / 2)   # noqa: E731
+    docs = lambda head: forward_flops(h, seqs=b, length=length, pairs=causal, head_tokens=head,   # noqa: E731
+                                      states=positions)
+    thoughts = forward_flops(h, seqs=branches, length=s, pairs=branch_pairs(s), head_tokens=branches * s)
+    return {
+        "rollout": docs(0) + decode_flops(h, tokens=branches * t, pairs=branch_pairs(t)),
+        "reward": forward_flops(h, seqs=b, length=length, pairs=causal, head_tokens=b * length),
+        "update": 3 * (docs(b * length if rlp.loss.ntp_weight > 0 else 0) + thoughts),
+        "reference": docs(0) + thoughts if rlp.loss.kl_beta > 0 else 0.0,
+    }
+
+
+def ntp_step_flops(h: HybridConfig, batch: int, seq_len: int) -> float:
+    """Next-token step: 3 x the forward over batch x seq_len tokens with logits."""
+    return 3 * forward_flops(h, seqs=batch, length=seq_len, pairs=batch * seq_len * (seq_len + 1) / 2,
+                             head_tokens=batch * seq_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# Caches: what a branch starts from, what sampling keeps
+# ----------------------------------------------------------------------------------------------
+
+def mamba_state_bytes(h: HybridConfig, tp: int = 1) -> float:
+    """One branch's start state over all Mamba blocks: the SSM state H P N and the K-1 conv inputs X, float32."""
+    m = h.mamba
+    return block_counts(h)[MAMBA] * F32 * (m.inner * m.state_size + (m.conv_kernel - 1) * m.conv_dim) / tp
+
+
+def _kv_bytes(h: HybridConfig, tokens: float, tp: int) -> float:
+    """Keys and values of `tokens` tokens in every attention block, in the compute dtype."""
+    return block_counts(h)[ATTENTION] * 2 * tokens * h.num_kv_heads * h.head_dim * dtype_bytes(h.compute_dtype) / tp
+
+
+def prefix_cache_bytes(h: HybridConfig, *, rows: float, seq_len: int, positions: int, tp: int = 1) -> float:
+    """What branches start from (`hybrid_branch.HybridPrefix`): the documents' keys and values in each attention
+    block, and each Mamba block's state at every (row, position)."""
+    kv = _kv_bytes(h, rows * seq_len, tp)
+    return kv + rows * positions * mamba_state_bytes(h, tp)
+
+
+def branch_cache_bytes(h: HybridConfig, *, branches: float, slots: int, tp: int = 1) -> float:
+    """A sampling cache (`hybrid_branch.BranchCache`) of `branches` branches with `slots` token slots each: a
+    Mamba state per branch and block, keys and values of `slots` tokens per branch and attention block."""
+    return branches * mamba_state_bytes(h, tp) + _kv_bytes(h, branches * slots, tp)
+
+
+def decode_step_bytes(h: HybridConfig, *, rows: int, seq_len: int, branches: int, thought_len: int,
+                      tp: int) -> float:
+    """Bytes one sampling step reads from HBM: every weight (in the compute dtype, as `costs` counts) and the
+    caches."""
+    weights = h.num_params() * dtype_bytes(h.compute_dtype) / tp
+    return (weights + prefix_cache_bytes(h, rows=rows, seq_len=seq_len, positions=0, tp=tp)
+            + branch_cache_bytes(h, branches=rows * branches, slots=thought_len, tp=tp))
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations (see the module docstring)
+# ----------------------------------------------------------------------------------------------
+
+def _saved_per_token(h: HybridConfig, kind: str, remat: str, tp: int) -> float:
+    """Bytes one block of `kind` keeps per token for the backward under `remat` (chunk padding aside)."""
+    d, m, cb = h.hidden_size, h.mamba, dtype_bytes(h.compute_dtype)
+    i, x, heads, c, n = m.inner / tp, m.conv_dim / tp, m.num_heads / tp, m.chunk_size, m.state_size
+    qw, ew, f = h.num_heads * h.head_dim / tp, h.num_kv_heads * h.head_dim / tp, h.intermediate_size / tp
+    if remat == "full":
+        return cb * d
+    if remat == "dots":
+        return cb * (d + {MAMBA: i + x + heads + d, ATTENTION: 2 * qw + 2 * ew, MLP: f + d}[kind])
+    if kind == MAMBA:
+        scan = 9 * i + (m.conv_kernel + 5) * x + 2.5 * heads * c + 0.5 * heads * n + 2.5 * i * n / c
+        return cb * (3 * d + i) + F32 * scan
+    return cb * {ATTENTION: 2 * d + 2 * qw + 2 * ew, MLP: 2 * d + 2 * f}[kind]
+
+
+def _states_at_bytes(h: HybridConfig, tp: int) -> float:
+    """What reading one (row, position)'s state keeps for the backward, over all Mamba blocks: that chunk's x dt,
+    B and decay weights (`mamba2._ssm_states_at`), its start state and the state read."""
+    m = h.mamba
+    per_block = (m.chunk_size * (m.inner + m.n_groups * m.state_size + 2 * m.num_heads)
+                 + 2 * m.inner * m.state_size + (m.conv_kernel - 1) * m.conv_dim)
+    return block_counts(h)[MAMBA] * F32 * per_block / tp
+
+
+def _stack_bytes(h: HybridConfig, tp: int, *, seqs: float, length: int, keys: float) -> float:
+    """What the blocks keep for the backward over `seqs` sequences of `length` tokens, each query attending
+    `keys` keys densely."""
+    n, tokens, m = block_counts(h), seqs * length, h.mamba
+    saved = sum(n[k] * _saved_per_token(h, k, h.remat, tp) * tokens for k in n)
+    if h.remat != "none":
+        return saved
+    pad = seqs * (_padded(h, length) - length) * F32 * 2.5 * m.num_heads * m.chunk_size / tp
+    pairs = (F32 + dtype_bytes(h.compute_dtype)) * h.num_heads / tp * tokens * keys
+    return saved + n[MAMBA] * pad + n[ATTENTION] * pairs
+
+
+def _block_transient(h: HybridConfig, tokens: float, pairs: float, tp: int, *, forward: bool,
+                     backward: bool) -> float:
+    """The working set of one block at a time (the largest kind): its forward arrays (the remat-none set: a pass
+    without gradients, or a rematerialised block) and, in a backward, the cotangents of its widest arrays
+    (Mamba in_proj's output and the conv input, attention's float32 scores, the MLP's hidden pair)."""
+    n, m = block_counts(h), h.mamba
+    cb = dtype_bytes(h.compute_dtype)
+    cotangents = {MAMBA: F32 * (m.inner + 2 * m.conv_dim + m.num_heads) / tp * tokens,
+                  ATTENTION: F32 * h.num_heads / tp * pairs, MLP: cb * 2 * h.intermediate_size / tp * tokens}
+    arrays = {k: _saved_per_token(h, k, "none", tp) * tokens for k in n}
+    arrays[ATTENTION] += (2 * F32 + cb) * h.num_heads / tp * pairs      # float32 scores and probabilities, the cast
+    return max(forward * arrays[k] + backward * cotangents[k] for k in n if n[k])
+
+
+def _gathered(h: HybridConfig, tp: int) -> float:
+    """Weights gathered and cast for compute: two blocks (the current and the prefetched, of the largest kind) and
+    the embedding, in the compute dtype."""
+    shapes = hybrid.param_shapes(h)
+    block = max(sum(math.prod(s) for s in jax.tree.leaves(b, is_leaf=lambda x: isinstance(x, tuple)))
+                for b in shapes["blocks"])
+    return dtype_bytes(h.compute_dtype) * (2 * block + math.prod(shapes["embed"])) / tp
+
+
+def loss_pass_bytes(h: HybridConfig, *, rows: int, seq_len: int, positions: int, branches: int, branch_len: int,
+                    tp: int = 1) -> float:
+    """Bytes per device of the differentiable pass the loss runs, without its vocabulary head: the documents
+    (`hybrid_branch.prefix_forward` with the states at `positions` per row) and `branches` per row of `branch_len`
+    tokens from those states (`branch_forward`): what the backward reads, plus one block's working set. Branch
+    start states: under remat none the reads at positions and a copy per branch are kept; under a per-block
+    remat only what the prefix blocks hand to the branches (`prefix_cache_bytes`)."""
+    docs = _stack_bytes(h, tp, seqs=rows, length=seq_len, keys=seq_len)
+    thoughts = _stack_bytes(h, tp, seqs=rows * branches, length=branch_len, keys=seq_len + branch_len)
+    if h.remat == "none":
+        starts = rows * (positions * _states_at_bytes(h, tp) + branches * 2 * mamba_state_bytes(h, tp))
+    else:
+        starts = prefix_cache_bytes(h, rows=rows, seq_len=seq_len, positions=positions, tp=tp)
+    recompute = h.remat != "none"
+    doc_pairs, branch_pairs = rows * seq_len * seq_len, rows * branches * branch_len * (seq_len + branch_len)
+    transient = max(_block_transient(h, rows * seq_len, doc_pairs, tp, forward=recompute, backward=True),
+                    _block_transient(h, rows * branches * branch_len, branch_pairs, tp, forward=recompute,
+                                     backward=True))
+    return docs + thoughts + starts + transient
+
+
+def activation_bytes(h: HybridConfig, rlp: RLPConfig, *, rows: int, seq_len: int, tp: int, objective: str = "rlp",
+                     param_copy: float = 0.0) -> dict[str, float]:
+    """Peak activation bytes per device of each phase of a step on `rows` documents of `seq_len` tokens:
+    {"teacher", "rollout", "loss"} ({"loss"} for "ntp"), laid out as `costs.activation_bytes`."""
+    v, b, length = h.vocab_size, rows, seq_len
+    gathered = _gathered(h, tp)
+    doc_fwd = _block_transient(h, b * length, b * length * length, tp, forward=True, backward=False)
+    if objective == "ntp":
+        loss = loss_pass_bytes(h, rows=b, seq_len=length, positions=0, branches=0, branch_len=0, tp=tp)
+        return {"loss": loss + 3 * F32 * b * length * v / tp + gathered}
+    ro = rlp.rollout
+    k, n, t = ro.positions_per_doc, ro.positions_per_doc * ro.group_size, ro.thought_len
+    s = t + 1 + rlp.reward.horizon
+    prefix = prefix_cache_bytes(h, rows=b, seq_len=length, positions=k, tp=tp)
+    teacher = param_copy + 2 * F32 * b * min(length, TOKEN_CHUNK) * v / tp + doc_fwd + gathered
+    step = _block_transient(h, b * n, b * n * (length + t), tp, forward=True, backward=False)
+    decode = branch_cache_bytes(h, branches=b * n, slots=t, tp=tp) + 4 * F32 * b * n * v / tp + step + gathered
+    rollout = prefix + max(doc_fwd + gathered, decode)
+    vocab_slots = min(THOUGHT_CHUNK, t) + rlp.reward.horizon     # one chunk of thought slots + the targets
+    loss = (loss_pass_bytes(h, rows=b, seq_len=length, positions=k, branches=n, branch_len=s, tp=tp)
+            + 4 * F32 * b * n * vocab_slots * v / tp + gathered)
+    if rlp.loss.ntp_weight > 0:
+        loss += 3 * F32 * b * length * v / tp
+    if rlp.loss.kl_beta > 0:   # the reference's prefix and branch logits while the policy's residuals are kept
+        loss += prefix + 3 * F32 * b * n * vocab_slots * v / tp
+    return {"teacher": teacher, "rollout": rollout, "loss": loss}
