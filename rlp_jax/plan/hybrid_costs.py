@@ -27,8 +27,9 @@ conventions, with each block's terms replaced. What differs:
       MLP       c (2 D + 2 F) (the relu input and its square).
     with I = H P the Mamba inner width, X = I + 2 G N its conv channels, K the conv kernel, N the state size;
     Q/E/W the attention heads/key-value heads/head width; F the MLP width. "full" keeps the block input (D),
-    "dots" the block input and the weight matmuls' outputs, as `Numerics.checkpointed` does per block. Head,
-    channel and vocabulary widths are divided by the tensor axis.
+    "dots" the block input and the weight matmuls' outputs, as `Numerics.checkpointed` does per block. The
+    tensor axis divides attention heads, MLP and vocabulary widths, not the Mamba blocks: their weights are not
+    split on it (`hybrid.param_logical_axes`), so each tensor rank holds a Mamba block's arrays and states whole.
 
 Shapes: B rows per device, L tokens, K positions per row, G thoughts per position, T thought tokens, H horizon.
 """
@@ -132,10 +133,11 @@ def ntp_step_flops(h: HybridConfig, batch: int, seq_len: int) -> float:
 # Caches: what a branch starts from, what sampling keeps
 # ----------------------------------------------------------------------------------------------
 
-def mamba_state_bytes(h: HybridConfig, tp: int = 1) -> float:
-    """One branch's start state over all Mamba blocks: the SSM state H P N and the K-1 conv inputs X, float32."""
+def mamba_state_bytes(h: HybridConfig) -> float:
+    """One branch's start state over all Mamba blocks: the SSM state H P N and the K-1 conv inputs X, float32
+    (whole on every tensor rank)."""
     m = h.mamba
-    return block_counts(h)[MAMBA] * F32 * (m.inner * m.state_size + (m.conv_kernel - 1) * m.conv_dim) / tp
+    return block_counts(h)[MAMBA] * F32 * (m.inner * m.state_size + (m.conv_kernel - 1) * m.conv_dim)
 
 
 def _kv_bytes(h: HybridConfig, tokens: float, tp: int) -> float:
@@ -147,20 +149,28 @@ def prefix_cache_bytes(h: HybridConfig, *, rows: float, seq_len: int, positions:
     """What branches start from (`hybrid_branch.HybridPrefix`): the documents' keys and values in each attention
     block, and each Mamba block's state at every (row, position)."""
     kv = _kv_bytes(h, rows * seq_len, tp)
-    return kv + rows * positions * mamba_state_bytes(h, tp)
+    return kv + rows * positions * mamba_state_bytes(h)
 
 
 def branch_cache_bytes(h: HybridConfig, *, branches: float, slots: int, tp: int = 1) -> float:
     """A sampling cache (`hybrid_branch.BranchCache`) of `branches` branches with `slots` token slots each: a
     Mamba state per branch and block, keys and values of `slots` tokens per branch and attention block."""
-    return branches * mamba_state_bytes(h, tp) + _kv_bytes(h, branches * slots, tp)
+    return branches * mamba_state_bytes(h) + _kv_bytes(h, branches * slots, tp)
+
+
+def _weights_on_rank(h: HybridConfig, tp: int) -> list[float]:
+    """Weights each block and the embedding put on one tensor rank (a Mamba block's are whole on every rank)."""
+    shapes = hybrid.param_shapes(h)
+    size = lambda tree: sum(math.prod(s) for s in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, tuple)))  # noqa: E731
+    blocks = [size(b) / (1 if kind == MAMBA else tp) for kind, b in zip(h.block_types, shapes["blocks"])]
+    return blocks + [size({k: v for k, v in shapes.items() if k != "blocks"}) / tp]
 
 
 def decode_step_bytes(h: HybridConfig, *, rows: int, seq_len: int, branches: int, thought_len: int,
                       tp: int) -> float:
     """Bytes one sampling step reads from HBM: every weight (in the compute dtype, as `costs` counts) and the
     caches."""
-    weights = h.num_params() * dtype_bytes(h.compute_dtype) / tp
+    weights = sum(_weights_on_rank(h, tp)) * dtype_bytes(h.compute_dtype)
     return (weights + prefix_cache_bytes(h, rows=rows, seq_len=seq_len, positions=0, tp=tp)
             + branch_cache_bytes(h, branches=rows * branches, slots=thought_len, tp=tp))
 
@@ -172,7 +182,7 @@ def decode_step_bytes(h: HybridConfig, *, rows: int, seq_len: int, branches: int
 def _saved_per_token(h: HybridConfig, kind: str, remat: str, tp: int) -> float:
     """Bytes one block of `kind` keeps per token for the backward under `remat` (chunk padding aside)."""
     d, m, cb = h.hidden_size, h.mamba, dtype_bytes(h.compute_dtype)
-    i, x, heads, c, n = m.inner / tp, m.conv_dim / tp, m.num_heads / tp, m.chunk_size, m.state_size
+    i, x, heads, c, n = m.inner, m.conv_dim, m.num_heads, m.chunk_size, m.state_size     # not split on tensor
     qw, ew, f = h.num_heads * h.head_dim / tp, h.num_kv_heads * h.head_dim / tp, h.intermediate_size / tp
     if remat == "full":
         return cb * d
@@ -184,13 +194,13 @@ def _saved_per_token(h: HybridConfig, kind: str, remat: str, tp: int) -> float:
     return cb * {ATTENTION: 2 * d + 2 * qw + 2 * ew, MLP: 2 * d + 2 * f}[kind]
 
 
-def _states_at_bytes(h: HybridConfig, tp: int) -> float:
+def _states_at_bytes(h: HybridConfig) -> float:
     """What reading one (row, position)'s state keeps for the backward, over all Mamba blocks: that chunk's x dt,
     B and decay weights (`mamba2._ssm_states_at`), its start state and the state read."""
     m = h.mamba
     per_block = (m.chunk_size * (m.inner + m.n_groups * m.state_size + 2 * m.num_heads)
                  + 2 * m.inner * m.state_size + (m.conv_kernel - 1) * m.conv_dim)
-    return block_counts(h)[MAMBA] * F32 * per_block / tp
+    return block_counts(h)[MAMBA] * F32 * per_block
 
 
 def _stack_bytes(h: HybridConfig, tp: int, *, seqs: float, length: int, keys: float) -> float:
@@ -200,7 +210,7 @@ def _stack_bytes(h: HybridConfig, tp: int, *, seqs: float, length: int, keys: fl
     saved = sum(n[k] * _saved_per_token(h, k, h.remat, tp) * tokens for k in n)
     if h.remat != "none":
         return saved
-    pad = seqs * (_padded(h, length) - length) * F32 * 2.5 * m.num_heads * m.chunk_size / tp
+    pad = seqs * (_padded(h, length) - length) * F32 * 2.5 * m.num_heads * m.chunk_size
     pairs = (F32 + dtype_bytes(h.compute_dtype)) * h.num_heads / tp * tokens * keys
     return saved + n[MAMBA] * pad + n[ATTENTION] * pairs
 
@@ -212,7 +222,7 @@ def _block_transient(h: HybridConfig, tokens: float, pairs: float, tp: int, *, f
     (Mamba in_proj's output and the conv input, attention's float32 scores, the MLP's hidden pair)."""
     n, m = block_counts(h), h.mamba
     cb = dtype_bytes(h.compute_dtype)
-    cotangents = {MAMBA: F32 * (m.inner + 2 * m.conv_dim + m.num_heads) / tp * tokens,
+    cotangents = {MAMBA: F32 * (m.inner + 2 * m.conv_dim + m.num_heads) * tokens,
                   ATTENTION: F32 * h.num_heads / tp * pairs, MLP: cb * 2 * h.intermediate_size / tp * tokens}
     arrays = {k: _saved_per_token(h, k, "none", tp) * tokens for k in n}
     arrays[ATTENTION] += (2 * F32 + cb) * h.num_heads / tp * pairs      # float32 scores and probabilities, the cast
@@ -220,12 +230,10 @@ def _block_transient(h: HybridConfig, tokens: float, pairs: float, tp: int, *, f
 
 
 def _gathered(h: HybridConfig, tp: int) -> float:
-    """Weights gathered and cast for compute: two blocks (the current and the prefetched, of the largest kind) and
-    the embedding, in the compute dtype."""
-    shapes = hybrid.param_shapes(h)
-    block = max(sum(math.prod(s) for s in jax.tree.leaves(b, is_leaf=lambda x: isinstance(x, tuple)))
-                for b in shapes["blocks"])
-    return dtype_bytes(h.compute_dtype) * (2 * block + math.prod(shapes["embed"])) / tp
+    """Weights gathered and cast for compute: two blocks (the current and the prefetched, the largest) and the
+    embedding and head, in the compute dtype."""
+    *blocks, rest = _weights_on_rank(h, tp)
+    return dtype_bytes(h.compute_dtype) * (2 * max(blocks) + rest)
 
 
 def loss_pass_bytes(h: HybridConfig, *, rows: int, seq_len: int, positions: int, branches: int, branch_len: int,
@@ -238,7 +246,7 @@ def loss_pass_bytes(h: HybridConfig, *, rows: int, seq_len: int, positions: int,
     docs = _stack_bytes(h, tp, seqs=rows, length=seq_len, keys=seq_len)
     thoughts = _stack_bytes(h, tp, seqs=rows * branches, length=branch_len, keys=seq_len + branch_len)
     if h.remat == "none":
-        starts = rows * (positions * _states_at_bytes(h, tp) + branches * 2 * mamba_state_bytes(h, tp))
+        starts = rows * (positions * _states_at_bytes(h) + branches * 2 * mamba_state_bytes(h))
     else:
         starts = prefix_cache_bytes(h, rows=rows, seq_len=seq_len, positions=positions, tp=tp)
     recompute = h.remat != "none"
