@@ -3,8 +3,8 @@
     python -m rlp_jax.export --checkpoint=RUN_DIR_OR_HF_DIR --out=HF_DIR [--step N] [--which params|ema]
                              [--dtype bfloat16|float32] [--force]
 
-Writes `model.safetensors` + `config.json` (`hf.to_hf`, tensor by tensor), `generation_config.json`
-(bos/eos/pad ids) and the tokenizer as a fast tokenizer (`tokenizer.json`, `tokenizer_config.json`,
+Writes `model.safetensors` + `config.json` (`family.to_hf`: the dense or the Nemotron-H layout, tensor by
+tensor), `generation_config.json` (bos/eos/pad ids) and the tokenizer as a fast tokenizer (`tokenizer.json`, `tokenizer_config.json`,
 `special_tokens_map.json`) in which `<think>` / `</think>` are added special tokens with the ids the run
 trained with.
 
@@ -32,7 +32,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers
 
 from rlp_jax.data.tokenizer import THINK_TOKENS, HFTokenizer, SentencePieceTokenizer, Tokenizer
-from rlp_jax.model import hf
+from rlp_jax.model import family
 from rlp_jax.train.run_dir import LOAD_ERRORS, is_url, load_model, local_dirs
 
 DTYPES = ("float32", "bfloat16")
@@ -222,14 +222,14 @@ def export(path, out, *, step: int | None = None, which: str = "params", dtype: 
     # process 0's outcome (a failed write on process 0 must not leave the others waiting at a collective).
     agreed = lambda ok: bool(multihost_utils.broadcast_one_to_all(np.int32(ok))) if jax.process_count() > 1 else ok
     if jax.process_index() != 0:
-        hf.to_hf(lm.params, cfg, out, dtype=dtype)   # joins the gathers; writes nothing
+        family.to_hf(lm.params, cfg, out, dtype=dtype)   # joins the gathers; writes nothing
         if not agreed(True):
             raise ExportError(f"process 0 could not write {out}; its error line says why")
         return out
     tmp = out.parent / f".{out.name}.export-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        hf.to_hf(lm.params, cfg, tmp, dtype=dtype)
+        family.to_hf(lm.params, cfg, tmp, dtype=dtype)
         ids = {k: v for k, v in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id),
                                  ("pad_token_id", tok.pad_id)) if v is not None}
         config = json.loads((tmp / "config.json").read_text())

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from rlp_jax import sharding
-from rlp_jax.model import hf, hybrid, hybrid_branch, mamba2, transformer
+from rlp_jax.model import hf, hybrid, hybrid_branch, hybrid_hf, mamba2, transformer
 from rlp_jax.model.config import PRESETS, ModelConfig
 from rlp_jax.model.hybrid import HybridConfig
 
@@ -90,6 +90,14 @@ def from_hf(path, *, param_dtype: str | None = None, mesh=None, **numerics) -> t
     if mesh is not None:
         params = jax.device_put(params, sharding.tree_shardings(param_logical_axes(cfg), params, mesh))
     return cfg, params
+
+
+def to_hf(params: dict, cfg: Config, path, *, dtype: str | None = None) -> Path:
+    """Write params as a Hugging Face folder of their family (`hf.to_hf`, `hybrid_hf.to_hf`); multi-host: every
+    process calls it, process 0 writes."""
+    if is_hybrid(cfg):
+        return hybrid_hf.to_hf(params, cfg, path, dtype=dtype or cfg.param_dtype)
+    return hf.to_hf(params, cfg, path, dtype=dtype)
 
 
 def init_params(cfg: Config, rng) -> dict:

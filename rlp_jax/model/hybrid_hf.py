@@ -68,7 +68,8 @@ def config_to_hf(cfg: HybridConfig, dtype: str) -> dict:
         "time_step_limit": [_json_number(float(v)) for v in m.dt_limit], "layer_norm_epsilon": cfg.eps,
         "tie_word_embeddings": cfg.tie_word_embeddings, "use_bias": cfg.use_bias, "use_conv_bias": cfg.use_conv_bias,
         "mlp_bias": cfg.mlp_bias, "attention_bias": False, "mamba_hidden_act": "silu", "mlp_hidden_act": "relu2",
-        "num_nextn_predict_layers": 0, "torch_dtype": dtype, "dtype": dtype,
+        "num_nextn_predict_layers": 0, "max_position_embeddings": cfg.max_position_embeddings, "torch_dtype": dtype,
+        "dtype": dtype,
     }
 
 

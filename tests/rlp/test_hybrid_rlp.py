@@ -147,7 +147,8 @@ def _tokenizer(folder: Path, texts, vocab: int):
 
 
 def test_web_mix_trains_from_a_nemotron_h_checkpoint_and_restores(tmp_path):
-    """The user's command: `--experiment=web_mix --set model.init_from=<NemotronH folder>`, shrunk to CPU size."""
+    """The user's command: `--experiment=web_mix --set model.init_from=<NemotronH folder>`, shrunk to CPU size; then
+    `export` of the trained run, which transformers loads with the same logits."""
     folder, data, work = tmp_path / "nemotron_h", tmp_path / "data", tmp_path / "run"
     folder.mkdir()
     data.mkdir()
@@ -187,3 +188,16 @@ def test_web_mix_trains_from_a_nemotron_h_checkpoint_and_restores(tmp_path):
     moved = [float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(start))
              if a.shape == b.shape]
     assert max(moved) > 1e-4   # RLP updated the pretrained weights
+    # the trained run exports as a NemotronHForCausalLM folder with the same logits in transformers
+    import torch
+    import transformers
+
+    from rlp_jax.export import export
+
+    out = export(work, tmp_path / "exported")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    toks = np.random.RandomState(0).randint(0, cfg.vocab_size, size=(2, 12))
+    with torch.no_grad():
+        want = theirs(torch.as_tensor(toks)).logits.numpy()
+    got = np.asarray(family.forward(trained, cfg.replace(compute_dtype="float32"), jnp.asarray(toks))[0])   # web_mix: bf16
+    assert float(np.abs(got - want).max() / np.abs(want).max()) <= 1e-4
