@@ -101,16 +101,23 @@ def _extended_segments(seg_bl, k: int):
     return jnp.concatenate([jnp.repeat(seg_bl[:, :1], k - 1, axis=1), seg_bl], axis=1)
 
 
+def _readable(seg_in, seg_out):
+    """Whether the conv at a token of segment seg_out reads an input of segment seg_in: its own, and padding (0),
+    whose input is zeroed but whose in_proj bias transformers' conv still reads (left padding). Padding only ever
+    follows a packed row's last document, so no document reads another's."""
+    return (seg_in == seg_out) | (seg_in == 0)
+
+
 def causal_conv(xbc_blx, conv_w_kx, conv_b_x, prev_bkx, seg_bl=None):
     """SiLU of the depthwise causal conv of xbc [B, L, X] preceded by the K-1 earlier inputs prev [B, K-1, X]
     -> [B, L, X]: out[t] = sum_k w[k] in[t - (K-1) + k] (+ bias), with segment ids [B, L] (None: one segment)
-    only over inputs of t's own segment."""
+    only over inputs of t's own segment and padding (`_readable`)."""
     k, l = conv_w_kx.shape[0], xbc_blx.shape[1]
     ext = jnp.concatenate([_f32(prev_bkx), xbc_blx], axis=1)           # [B, L+K-1, X]
     w = _f32(conv_w_kx)
     if seg_bl is not None:
         seg_ext = _extended_segments(seg_bl, k)
-        ext_of = lambda j: jnp.where((seg_ext[:, j:j + l] == seg_bl)[..., None], ext[:, j:j + l], 0.0)
+        ext_of = lambda j: jnp.where(_readable(seg_ext[:, j:j + l], seg_bl)[..., None], ext[:, j:j + l], 0.0)
     else:
         ext_of = lambda j: ext[:, j:j + l]
     out = sum(ext_of(j) * w[j] for j in range(k))
@@ -281,7 +288,7 @@ def mamba2_forward(params: Params, cfg: Mamba2Config, x_bld, mask_bl=None, *, st
     ssm_at = _ssm_states_at(cfg, chunks, positions_bm)                        # [B, M, H, P, N]
     if seg is not None:   # only t's own segment: inputs of another, and a state a reset has not cleared
         seg_t = branch_segments(seg, positions_bm)                            # [B, M]
-        own = gather(_extended_segments(seg, cfg.conv_kernel), window) == seg_t[..., None]
+        own = _readable(gather(_extended_segments(seg, cfg.conv_kernel), window), seg_t[..., None])
         conv_at = jnp.where(own[..., None], conv_at, 0.0)
         last = jnp.take_along_axis(seg, jnp.clip(positions_bm - 1, 0, l - 1), axis=1)
         ssm_at = jnp.where(((positions_bm > 0) & (last == seg_t))[..., None, None, None], ssm_at, 0.0)

@@ -177,3 +177,16 @@ def test_packed_documents_equal_each_document_alone(loaded):
                           (caches[i].ssm[0, 4], end3[i].ssm[0, 0]), (caches[i].conv[0, 4], end3[i].conv[0, 0])):
             np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, float(np.abs(want).max())))
         assert float(jnp.abs(caches[i].ssm[0, 2:4]).max()) == 0.0 and float(jnp.abs(caches[i].conv[0, 2:4]).max()) == 0.0
+
+
+def test_left_padding_with_mamba_biases_matches_transformers(tmp_path):
+    """With in_proj biases a padded position's conv input is the bias (its hidden input is zeroed); transformers'
+    conv reads it at a left-padded row's first real tokens, and so must ours."""
+    ref = tiny_nemotron_h(seed=6, use_bias=True)
+    ref.save_pretrained(tmp_path)
+    cfg, params = hybrid.from_hf(tmp_path)
+    assert cfg.use_bias
+    tokens, mask = _batch(cfg.vocab_size, seed=2)
+    with torch.no_grad():
+        want = ref(torch.as_tensor(tokens, dtype=torch.long), attention_mask=torch.as_tensor(mask)).logits.numpy()
+    assert _rel_err(hybrid.forward(params, cfg, jnp.asarray(tokens), jnp.asarray(mask)), want, mask) <= 1e-4
