@@ -32,7 +32,7 @@ import numpy as np
 from rlp_jax.model import mamba2
 from rlp_jax.model.config import Numerics
 from rlp_jax.model.hf import CheckpointError, SafetensorsReader
-from rlp_jax.model.layers import full_attention, rms_norm
+from rlp_jax.model.layers import full_attention, full_attention_blockwise, rms_norm
 
 MAMBA, ATTENTION, MLP = "linear_attention", "full_attention", "mlp"
 BLOCK_TYPES = (MAMBA, ATTENTION, MLP)
@@ -50,7 +50,7 @@ class HybridConfig(Numerics):
 
     block_types: one of BLOCK_TYPES per layer. use_bias: biases on the Mamba in/out projections;
     use_conv_bias: on the Mamba conv; mlp_bias: on the MLP projections. Of `Numerics`, param_dtype (storage)
-    compute_dtype and remat (per block) apply; attention is dense (no blockwise or kernel path)."""
+    compute_dtype, remat (per block) and attention ("kernel" runs as "auto": no accelerator kernel here) apply."""
 
     vocab_size: int                     # V
     hidden_size: int                    # D
@@ -321,11 +321,17 @@ def attention_out(p: Params, attn):
     return jnp.einsum("...k,kd->...d", attn.reshape(*attn.shape[:-2], -1), _w(p["o"], attn))
 
 
-def attention_mixer(p: Params, cfg: HybridConfig, h_bld, mask_bls):
-    """Causal GQA without position encoding: h [B, L, D], mask [B, L_q, L_k] bool -> (out [B, L, D],
-    (k, v) [B, L, E, W])."""
+def attention_mixer(p: Params, cfg: HybridConfig, h_bld, seg_bl):
+    """Causal GQA within segments (seg [B, L] int32, 0 = padding), without position encoding: h [B, L, D] ->
+    (out [B, L, D], (k, v) [B, L, E, W]). Key block by key block where cfg.attention says so (`blockwise_for`),
+    else one [B, L, L] score array."""
     q, k, v = attention_qkv(p, cfg, h_bld)
-    out = full_attention(q, k, v, mask_bls, cfg.num_heads // cfg.num_kv_heads)
+    l, q_per_kv = h_bld.shape[1], cfg.num_heads // cfg.num_kv_heads
+    if cfg.blockwise_for(l):
+        out = full_attention_blockwise(q, k, v, seg_bl, q_per_kv, block=cfg.attention_block)
+    else:
+        mask_bls = jnp.tril(jnp.ones((l, l), bool))[None] & (seg_bl[:, :, None] == seg_bl[:, None, :]) & (seg_bl[:, None, :] > 0)
+        out = full_attention(q, k, v, mask_bls, q_per_kv)
     return attention_out(p, out), (k, v)
 
 
@@ -345,16 +351,14 @@ def run_blocks(params: Params, cfg: HybridConfig, tokens_bl, segment_ids_bl, pos
     positions [B, M] int (0 <= t <= L): also return, for each block, what a continuation of each row after its
     tokens < t needs (`rlp_jax.model.hybrid_branch`): attention (k, v) [B, L, E, W] of every token, Mamba the
     `mamba2.Mamba2State` [B, M, ...] after the tokens < t of t's segment, MLP None. None: caches is None."""
-    l = tokens_bl.shape[1]
     seg = jnp.asarray(segment_ids_bl).astype(jnp.int32)
-    mask_bls = jnp.tril(jnp.ones((l, l), bool))[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
 
     def block_fn(kind, block, x):
         h = rms_norm(x, block["norm"], cfg.eps)
         if kind == MAMBA:
             out, cache = mamba2.mamba2_forward(block["mixer"], cfg.mamba, h, seg, positions_bm=positions_bm)
         elif kind == ATTENTION:
-            out, cache = attention_mixer(block["mixer"], cfg, h, mask_bls)
+            out, cache = attention_mixer(block["mixer"], cfg, h, seg)
         else:
             out, cache = mlp_mixer(block["mixer"], h), None
         return x + out, cache

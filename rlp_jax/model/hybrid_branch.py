@@ -101,11 +101,22 @@ def _prefix_mask(prefix: HybridPrefix, s: int):
     return (idx[None, None, :] < t_bn[:, :, None]) & (seg[:, None, :] == own_bn[:, :, None]) & (seg[:, None, :] > 0)
 
 
-def _attend(p: Params, cfg: HybridConfig, q, prefix_kv, prefix_mask_bnl, self_k, self_v, self_mask):
-    """Branch queries q [B, N, S', Q, W] over the prefix keys and their own keys [B, N, C, E, W] -> [B, N, S', D]."""
+def _attend(p: Params, cfg: HybridConfig, q, prefix: HybridPrefix, prefix_kv, s: int, self_k, self_v, self_lim):
+    """Branch queries q [B, N, S', Q, W] (S branches per position) over the prefix keys of their segment before
+    their position and their own keys [B, N, C, E, W] at slots <= self_lim [S'] -> [B, N, S', D]. Key block by
+    key block where cfg.attention says so (`blockwise_for`), else dense masks."""
     pk, pv = prefix_kv
-    out = layers.branch_attention(q, pk, pv, prefix_mask_bnl, self_k, self_v, self_mask,
-                                  cfg.num_heads // cfg.num_kv_heads)
+    (b, n, sq), length, slots = q.shape[:3], pk.shape[1], self_k.shape[2]
+    q_per_kv = cfg.num_heads // cfg.num_kv_heads
+    if cfg.blockwise_for(length) or cfg.blockwise_for(slots):
+        t_bn = jnp.repeat(prefix.t, s, axis=1)
+        seg_bn = jnp.repeat(mamba2.branch_segments(prefix.segment_ids, prefix.t), s, axis=1)
+        out = layers.branch_attention_blockwise(
+            q, pk, pv, prefix.segment_ids, seg_bn, t_bn, self_k, self_v, self_lim, q_per_kv,
+            block=cfg.attention_block, prefix_blocks=cfg.blockwise_for(length), own_blocks=cfg.blockwise_for(slots))
+    else:
+        self_mask = jnp.broadcast_to(jnp.arange(slots)[None, :] <= self_lim[:, None], (b, n, sq, slots))
+        out = layers.branch_attention(q, pk, pv, _prefix_mask(prefix, s), self_k, self_v, self_mask, q_per_kv)
     return hybrid.attention_out(p, out)
 
 
@@ -128,9 +139,6 @@ def branch_forward(params: Params, cfg: HybridConfig, prefix: HybridPrefix, thou
                          f"positions); got {thoughts.shape}")
     b, k, s, t = thoughts.shape
     n = k * s
-    prefix_mask = _prefix_mask(prefix, s)                                          # [B, N, L]
-    self_mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, n, t, t))   # causal within the thought
-
     def block_fn(kind, block, cache, x):
         p = block["mixer"]
         h = layers.rms_norm(x, block["norm"], cfg.eps)
@@ -140,7 +148,7 @@ def branch_forward(params: Params, cfg: HybridConfig, prefix: HybridPrefix, thou
             out = out.reshape(b, n, t, -1)
         elif kind == ATTENTION:
             q, kk, v = hybrid.attention_qkv(p, cfg, h)
-            out = _attend(p, cfg, q, cache, prefix_mask, kk, v, self_mask)
+            out = _attend(p, cfg, q, prefix, cache, s, kk, v, jnp.arange(t))   # causal within the thought
         else:
             out = hybrid.mlp_mixer(p, h)
         return x + out
@@ -184,7 +192,6 @@ def decode_step(params: Params, cfg: HybridConfig, prefix: HybridPrefix, cache: 
         raise ValueError(f"tokens must be [B, N] = {(b, n)} (the cache's branches, a multiple of K = {k}); "
                          f"got {token_bn.shape}")
     s, step = n // k, cache.step
-    prefix_mask = _prefix_mask(prefix, s)                                          # [B, N, L]
     x = hybrid.embed(params, cfg, token_bn[:, :, None])                                 # [B, N, 1, D]
     blocks = []
     for kind, block, pre, own in zip(cfg.block_types, params["blocks"], prefix.blocks, cache.blocks):
@@ -196,9 +203,7 @@ def decode_step(params: Params, cfg: HybridConfig, prefix: HybridPrefix, cache: 
         elif kind == ATTENTION:
             q, kk, v = hybrid.attention_qkv(p, cfg, h)                             # kk, v [B, N, 1, E, W]
             own = tuple(jax.lax.dynamic_update_slice_in_dim(c, new, step, axis=2) for c, new in zip(own, (kk, v)))
-            slots = own[0].shape[2]
-            self_mask = jnp.broadcast_to(jnp.arange(slots) <= step, (b, n, 1, slots))
-            out = _attend(p, cfg, q, pre, prefix_mask, *own, self_mask)
+            out = _attend(p, cfg, q, prefix, pre, s, *own, step[None])
         else:
             out = hybrid.mlp_mixer(p, h)
         blocks.append(own)

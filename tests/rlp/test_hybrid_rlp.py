@@ -107,6 +107,22 @@ def test_bfloat16_compute_keeps_the_step_within_bfloat16_error(model, batch, fas
     assert cos > 0.99, cos
 
 
+def test_blockwise_attention_equals_dense(model, batch, fast_step):
+    """model.attention=blockwise with 4-key blocks (documents of 14 tokens, thoughts of 5 slots): the prefix pass,
+    the thoughts' forward and their token-by-token sampling read the attention blocks' keys block by block, with
+    the dense step's thoughts, rewards, loss and gradient."""
+    cfg, params = model
+    blocky = cfg.replace(attention="blockwise", attention_block=4)
+    thoughts, ((loss_d, (_, r_d, _)), g_d) = fast_step
+    resampled = _sample(blocky, params, batch, RLP)
+    np.testing.assert_array_equal(resampled.tokens, thoughts.tokens)
+    np.testing.assert_allclose(resampled.logprobs, thoughts.logprobs, atol=1e-5)
+    (loss_b, (_, r_b, _)), g_b = _step(blocky, params, batch, thoughts)
+    np.testing.assert_allclose(r_b, r_d, atol=1e-5)
+    np.testing.assert_allclose(loss_b, loss_d, atol=1e-5)
+    assert_grads_close(g_b, g_d)
+
+
 def test_sampler_equals_the_naive_sampler(model, batch):
     cfg, params = model
     rlp = rlp_config(t=6)
