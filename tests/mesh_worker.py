@@ -4,7 +4,9 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+from tests.xla_env import xla_flags
+
+os.environ["XLA_FLAGS"] = xla_flags(devices=8)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

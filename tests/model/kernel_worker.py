@@ -3,7 +3,9 @@ jit over a (data 2, tensor 2) mesh, through its shard_map, against the dense ref
 
 import os
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+from tests.xla_env import xla_flags
+
+os.environ["XLA_FLAGS"] = xla_flags(devices=4)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

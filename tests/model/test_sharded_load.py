@@ -11,6 +11,7 @@ import sys
 from tests.gguf_files import bpe_vocab, tiny_hf_model, write_gguf
 from tests.hf_models import make_hf_model
 from tests.train.test_multihost import ROOT, _base_env, _free_port
+from tests.xla_env import xla_flags
 
 
 def test_two_processes_load_only_their_own_slices(tmp_path):
@@ -21,7 +22,7 @@ def test_two_processes_load_only_their_own_slices(tmp_path):
     port, out = _free_port(), tmp_path / "res"
     args = [sys.executable, str(ROOT / "tests" / "model" / "load_worker.py"), str(tmp_path / "hf"), str(gguf_path), str(out)]
     procs = [subprocess.Popen(args, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={
-        **_base_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        **_base_env(), "XLA_FLAGS": xla_flags(devices=2),
         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
         for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]

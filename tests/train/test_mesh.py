@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.xla_env import xla_flags
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_mesh_step_equals_single_device():
     """RLP step on meshes (2,4,1) and (2,2,2) and the NTP step on (2,2,2) vs one device."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(devices=8), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "mesh_worker.py"), "rlp,ntp"], env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from tests.run_dirs import make_run_dir
+from tests.xla_env import xla_flags
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,12 +36,11 @@ def test_two_processes_decode_what_one_process_with_two_devices_decodes(tmp_path
             f"--data_dir={run / 'data'}", "--modes=no_think,think", "--batch_size=4", "--think_tokens=3",
             "--max_new_tokens=4"]
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_", "RLP_JAX"))}
-    base.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-    base.pop("XLA_FLAGS", None)
+    base.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags())
     port = _free_port()
     procs = {"ref": subprocess.Popen(args + [f"--out={tmp_path / 'ref.json'}"], cwd=ROOT, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})}
+                                     env={**base, "XLA_FLAGS": xla_flags(devices=2)})}
     for i in range(2):
         procs[i] = subprocess.Popen(args + [f"--out={tmp_path / 'multi.json'}"], cwd=ROOT, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -70,7 +70,7 @@ def test_two_processes_export_what_one_process_exports(tmp_path):
     for i in range(2):
         procs[i] = subprocess.Popen(args + [f"--out={tmp_path / 'two'}"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, env={
-                                        **_base_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                        **_base_env(), "XLA_FLAGS": xla_flags(devices=2),
                                         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                                         "JAX_PROCESS_ID": str(i)})
     out = {k: p.communicate(timeout=600)[0] for k, p in procs.items()}
@@ -87,7 +87,7 @@ def test_two_processes_export_what_one_process_exports(tmp_path):
     limit = ["bash", "-c", "ulimit -f 8; trap '' XFSZ; exec \"$@\"", "bash"]
     procs = [subprocess.Popen((limit if i == 0 else []) + args + [f"--out={tmp_path / 'three'}"], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={
-                                  **_base_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                                  **_base_env(), "XLA_FLAGS": xla_flags(devices=2),
                                   "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                                   "JAX_PROCESS_ID": str(i)}) for i in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
@@ -99,8 +99,7 @@ def test_two_processes_export_what_one_process_exports(tmp_path):
 
 def _base_env() -> dict:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_", "RLP_JAX"))}
-    base.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    base.pop("XLA_FLAGS", None)
+    base.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", XLA_FLAGS=xla_flags())
     if "JAX_COMPILATION_CACHE_DIR" in os.environ:   # the suite's shared compilation cache
         for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
