@@ -26,6 +26,7 @@ from rlp_jax.model import hf
 from rlp_jax.model import transformer as model
 from rlp_jax.train.run_dir import load_model, load_run_params
 from tests.hf_models import hf_logits, make_hf_model, torch, transformers
+from tests.train.test_train import ANY_LENGTH
 
 ROOT = Path(__file__).resolve().parents[1]
 # Texts beyond the corpus: markers anywhere, leading/trailing/double spaces, digits, punctuation, and
@@ -39,7 +40,7 @@ def run_dir(tmp_path_factory):
     """A 2-step smoke RLP run with checkpoints at steps 1 and 2 (its sentencepiece tokenizer in data/)."""
     workdir = tmp_path_factory.mktemp("run")
     sets = ["train.steps=2", "train.save_every=1", "train.eval_every=0", "train.plot=false",
-            "rlp.rollout.thought_len=4", "rlp.rollout.group_size=2"]
+            "rlp.rollout.thought_len=4", "rlp.rollout.group_size=2", ANY_LENGTH]
     cmd = [sys.executable, "-m", "rlp_jax.train", "--experiment=smoke", f"--workdir={workdir}"]
     cmd += [a for s in sets for a in ("--set", s)]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,

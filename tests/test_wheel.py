@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from tests.train.test_train import ANY_LENGTH
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -28,8 +30,10 @@ def test_an_installed_wheel_runs_its_recipes_from_any_folder(tmp_path):
     where = subprocess.run([sys.executable, "-c", "import rlp_jax; print(rlp_jax.__file__)"], cwd=elsewhere,
                            env=env, capture_output=True, text=True)
     assert where.stdout.strip() == str(site / "rlp_jax" / "__init__.py"), where.stdout + where.stderr
+    small = ["rlp.rollout.thought_len=4", "rlp.rollout.group_size=2", ANY_LENGTH]   # the other smoke runs' step
     run = subprocess.run([sys.executable, "-m", "rlp_jax.train", "--experiment=smoke", "--workdir=run",
-                          "--set", "train.steps=1", "--set", "train.plot=false", "--set", "train.eval_every=0"],
+                          "--set", "train.steps=1", "--set", "train.plot=false", "--set", "train.eval_every=0",
+                          *(a for s in small for a in ("--set", s))],
                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (elsewhere / "run" / "checkpoints" / "1").is_dir() and "final:" in run.stdout

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.run_dirs import add_step, make_run_dir
+from tests.train.test_train import ANY_LENGTH
 
 ROOT = Path(__file__).resolve().parents[2]
 NOISE = ("Traceback", "Exception ignored", "Event loop is closed")
@@ -118,7 +119,8 @@ def test_every_step_damaged_is_one_line_with_the_fix(all_damaged, tmp_path, comm
 def test_a_failed_save_stops_in_one_line_and_the_rerun_resumes(tmp_path):
     work = tmp_path / "run"
     fast = ["--experiment=smoke", f"--workdir={work}", "--set", "train.save_every=2", "--set", "train.plot=false",
-            "--set", "train.eval_every=0", "--set", "rlp.rollout.thought_len=4", "--set", "rlp.rollout.group_size=2"]
+            "--set", "train.eval_every=0", "--set", "rlp.rollout.thought_len=4", "--set", "rlp.rollout.group_size=2",
+            "--set", ANY_LENGTH]   # the 4-step and the 8-step runs: one compiled step
     first = cli("train", *fast, "--set", "train.steps=4")
     assert first.returncode == 0, output(first)[-3000:]
     before = {k: v for k, v in snapshot(work).items() if k.startswith("checkpoints/4/")}

@@ -6,7 +6,7 @@ import pytest
 
 from rlp_jax.train.config import WandbConfig
 from rlp_jax.train.metrics import MetricsWriter
-from tests.train.test_train import _train
+from tests.train.test_train import ANY_LENGTH, _train
 from tests.wandb_files import offline_runs
 
 
@@ -77,7 +77,7 @@ def test_wandb_starting_over_is_a_new_run(tmp_path):
 
 def test_training_logs_to_wandb(tmp_path):
     proc = _train(tmp_path, "train.steps=2", "train.save_every=1", "train.wandb.project=rlp-jax-tests",
-                  "train.wandb.mode=offline")
+                  "train.wandb.mode=offline", ANY_LENGTH)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ((run_id, history),) = offline_runs(tmp_path)
     assert json.loads((tmp_path / "wandb_run.json").read_text())["id"] == run_id

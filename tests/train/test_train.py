@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # Small and quick: 8 steps, checkpoints every 2, no plots. Overrides given to _train replace these.
 FAST = {"train.steps": "8", "train.save_every": "2", "train.plot": "false", "rlp.rollout.thought_len": "4",
         "rlp.rollout.group_size": "2"}
+# A learning rate that does not depend on train.steps (cosine decays over them): the runs whose length is not
+# what they test share one compiled train step through the compilation cache, whatever their length.
+ANY_LENGTH = "optim.schedule=constant"
 
 
 def _train(workdir, *overrides, wait=True):
@@ -107,7 +110,7 @@ def test_resume_after_sigkill_is_exact(straight_run, tmp_path):
 def test_signal_saves_a_checkpoint_and_exits_with_its_code(tmp_path, sig, code):
     """SIGTERM (preemption) and Ctrl-C both save at the next step boundary, say how to resume, and exit
     non-zero (75 = requeue, 130 = interrupted) without a traceback or a `final:` summary."""
-    proc = _train(tmp_path, "train.steps=400", "train.save_every=100", "train.eval_every=0",
+    proc = _train(tmp_path, "train.steps=400", "train.save_every=100", "train.eval_every=0", ANY_LENGTH,
                   wait=False)
     deadline = time.time() + 300
     while time.time() < deadline and not ((tmp_path / "metrics.jsonl").exists() and _metrics(tmp_path)):
@@ -247,7 +250,8 @@ def test_init_from_hf_grows_the_embedding_for_think_markers(tmp_path):
 
 
 def test_data_running_out_stops_cleanly_with_a_checkpoint(tmp_path):
-    proc = _train(tmp_path, "data.num_epochs=1", "train.steps=1000", "train.save_every=1000", "train.log_every=10")
+    proc = _train(tmp_path, "data.num_epochs=1", "train.steps=1000", "train.save_every=1000", "train.log_every=10",
+                  "train.eval_every=0", ANY_LENGTH)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "data exhausted after" in proc.stdout
     last = max(_metrics(tmp_path))
