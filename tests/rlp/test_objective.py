@@ -93,10 +93,11 @@ def test_rewards_against_hand_built_sequences(params, batch):
     t_bk = jnp.array([[3, 9], [4, 10]])
     thoughts = sample(params, batch, rlp, t_bk)
     ema = jax.tree.map(lambda x: x * 0.9, params)
-    ema_lp = teacher_logprobs(ema, CFG, batch)
-    _, (_, rewards, _) = objective(params, batch, rlp, thoughts, t_bk, ema_lp)
+    ema_lp = jax.jit(teacher_logprobs, static_argnums=1)(ema, CFG, batch)
+    _, (_, rewards, _) = jax.jit(objective, static_argnums=2)(params, batch, rlp, thoughts, t_bk, ema_lp)
     toks, seg = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
-    last_logp = lambda p, seq: jax.nn.log_softmax(model.forward(p, CFG, jnp.asarray([seq]))[0][0, -1])
+    forward = jax.jit(model.forward, static_argnums=1)      # one program per sequence length
+    last_logp = lambda p, seq: jax.nn.log_softmax(forward(p, CFG, jnp.asarray([seq]))[0][0, -1])
     for b in range(2):
         for k in range(2):
             t = int(t_bk[b, k])
@@ -115,15 +116,17 @@ def test_surrogate_is_the_policy_gradient_under_bfloat16(params, batch):
     cfg16 = CFG.replace(compute_dtype="bfloat16")
     rlp = rlp_config()
     t_bk = jnp.array([[3, 9], [4, 10]])
-    _, prefix = model.forward(params, cfg16, batch["tokens"], segment_ids_bl=batch["segment_ids"],
-                              positions_bl=batch["positions"], return_cache=True)
-    thoughts = thought_rollout(params, cfg16, prefix, t_bk, jax.random.key(5), rlp.rollout)
+    _, prefix = jax.jit(model.forward, static_argnums=1, static_argnames="return_cache")(
+        params, cfg16, batch["tokens"], segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"],
+        return_cache=True)
+    thoughts = jax.jit(thought_rollout, static_argnums=(1, 5))(params, cfg16, prefix, t_bk, jax.random.key(5),
+                                                                rlp.rollout)
     # The sampler's log-probs as a larger model's bf16 decode gives them (measured: |rho - 1| up to 0.023).
     noise = 0.02 * jax.random.normal(jax.random.key(6), thoughts.logprobs.shape)
     thoughts = thoughts.replace(logprobs=jnp.where(thoughts.action_mask, thoughts.logprobs + noise, 0.0))
     ema_lp = jax.random.normal(jax.random.key(7), batch["tokens"].shape) - 3.0
     mask = jnp.ones(t_bk.shape, bool)
-    (_, (m, _, adv)), g = jax.value_and_grad(rlp_objective, has_aux=True)(
+    (_, (m, _, adv)), g = jax.jit(jax.value_and_grad(rlp_objective, has_aux=True), static_argnums=(1, 2))(
         params, cfg16, rlp, batch, thoughts, t_bk, mask, ema_lp)
     assert float(m["policy/max_abs_ratio_minus_1"]) > 0.01      # the diagnostic sees the sampler's gap
 
@@ -142,5 +145,5 @@ def test_surrogate_is_the_policy_gradient_under_bfloat16(params, batch):
         return max(float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
                    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(want), strict=True))
 
-    assert worst_relative_error(jax.grad(policy_gradient_surrogate)(params)) <= 1e-2
-    assert worst_relative_error(jax.grad(lambda p: policy_gradient_surrogate(p, True))(params)) >= 1.5e-2
+    assert worst_relative_error(jax.jit(jax.grad(policy_gradient_surrogate))(params)) <= 1e-2
+    assert worst_relative_error(jax.jit(jax.grad(lambda p: policy_gradient_surrogate(p, True)))(params)) >= 1.5e-2

@@ -89,7 +89,8 @@ def test_prompted_sampler_equals_naive_sampler(params, batch):
         params, CFG, batch, t_bk, jax.random.key(3), rlp.rollout, PROMPT)
     np.testing.assert_array_equal(fast.tokens, slow.tokens)
     np.testing.assert_allclose(fast.logprobs, slow.logprobs, atol=1e-5)
-    unprompted = naive.naive_thought_rollout(params, CFG, batch, t_bk, jax.random.key(3), rlp.rollout)
+    unprompted = jax.jit(naive.naive_thought_rollout, static_argnums=(1, 5))(params, CFG, batch, t_bk,
+                                                                             jax.random.key(3), rlp.rollout)
     assert float(jnp.abs(unprompted.logprobs - slow.logprobs).max()) > 1e-3
 
 
@@ -109,11 +110,16 @@ def test_teacher_reads_the_prompt_only_when_asked(params, batch):
 def test_prompted_objective_equals_naive(params, batch):
     rlp = _rlp(ntp_weight=0.5)
     t_bk = jnp.array([[3, 9], [4, 10]])
-    ema_lp = teacher_logprobs(jax.tree.map(lambda x: x * 0.95, params), CFG, batch, rlp)
-    ctx = model.context_cache(params, CFG, PROMPT)
-    _, prefix = model.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
-                              positions_bl=batch["positions"], return_cache=True, context=ctx)
-    thoughts = thought_rollout(params, CFG, prefix, t_bk, jax.random.key(4), rlp.rollout)
+    ema_lp = jax.jit(teacher_logprobs, static_argnums=(1, 3))(jax.tree.map(lambda x: x * 0.95, params), CFG, batch, rlp)
+
+    @jax.jit
+    def sample(params):
+        ctx = model.context_cache(params, CFG, PROMPT)
+        _, prefix = model.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                                  positions_bl=batch["positions"], return_cache=True, context=ctx)
+        return thought_rollout(params, CFG, prefix, t_bk, jax.random.key(4), rlp.rollout)
+
+    thoughts = sample(params)
     mask = jnp.ones(t_bk.shape, bool)
     grad = lambda naive_path: jax.jit(jax.value_and_grad(functools.partial(
         rlp_objective, naive_path=naive_path), has_aux=True), static_argnums=(1, 2))(
@@ -126,7 +132,7 @@ def test_prompted_objective_equals_naive(params, batch):
     for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_n), strict=True):
         assert float(jnp.abs(a - b).max()) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
     # The prompt changes S_pred (the policy reads it) but not the next-token term (plain text).
-    (_, (m_plain, _, _)), _ = jax.value_and_grad(rlp_objective, has_aux=True, argnums=0)(
+    _, (m_plain, _, _) = jax.jit(rlp_objective, static_argnums=(1, 2))(
         params, CFG, dataclasses.replace(rlp, prompt=PromptConfig()), batch, thoughts, t_bk, mask, ema_lp)
     assert abs(float(m_plain["reward/s_pred"] - m_f["reward/s_pred"])) > 1e-3
     np.testing.assert_allclose(m_plain["loss/ntp"], m_f["loss/ntp"], atol=1e-6)

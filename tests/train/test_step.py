@@ -1,6 +1,7 @@
 """The jitted train steps: ratio 1 and metrics, micro-batching equals the whole batch, non-finite steps
 are skipped, run keys never repeat."""
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -63,8 +64,8 @@ def test_micro_batches_give_the_whole_batch_gradient(params, objective):
         np.testing.assert_array_equal(train_step.split_micro_batches(toks, 2)[i], toks[order[2 * i:2 * i + 2]])
     if objective == "rlp":
         state = fresh()
-        parts = [rollout_phase(state, jax.tree.map(lambda x: x[order[2 * i:2 * i + 2]], batch4),
-                                           jax.random.fold_in(key, i), cfg=CFG, rlp=rlp, naive_path=False)
+        rollout = jax.jit(functools.partial(rollout_phase, cfg=CFG, rlp=rlp, naive_path=False))
+        parts = [rollout(state, jax.tree.map(lambda x: x[order[2 * i:2 * i + 2]], batch4), jax.random.fold_in(key, i))
                  for i in range(2)]
         ema_lp, t_bk, t_mask, thoughts = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
         assert not bool(t_mask.all())          # the short row has invalid positions
@@ -76,7 +77,7 @@ def test_micro_batches_give_the_whole_batch_gradient(params, objective):
         loss_fn = lambda p: shifted_ntp_loss(model.forward(p, CFG, whole["tokens"], segment_ids_bl=whole["segment_ids"],
                                                            positions_bl=whole["positions"])[0],
                                              whole["tokens"], whole["segment_ids"])
-    loss, ref = jax.value_and_grad(loss_fn)(params)
+    loss, ref = jax.jit(jax.value_and_grad(loss_fn))(params)
     np.testing.assert_allclose(float(m["loss/total"]), float(loss), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4), got, ref)
 
@@ -92,7 +93,7 @@ def test_run_keys_never_repeat():
 
 
 def test_nonfinite_gradient_skips_update(params, batch):
-    rlp = rlp_config()
+    rlp = rlp_config(ntp_weight=0.5)   # the first test's step: compiled once (the compilation cache)
     opt = optax.adamw(1e-3)
     bad = jax.tree.map(jnp.copy, params) | {"final_norm": params["final_norm"].at[0].set(jnp.nan)}
     expected = jax.tree.map(np.asarray, bad)
