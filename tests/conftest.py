@@ -1,10 +1,12 @@
 """Test-session settings: a persistent XLA compilation cache shared by the tests and the training
-subprocesses they start (the same small programs compile once per machine instead of once per run) and XLA's
-CPU backend without LLVM optimisation."""
+subprocesses they start (the same small programs compile once per machine instead of once per run), XLA's
+CPU backend without LLVM optimisation, and under pytest-xdist the slowest test modules first."""
 
 import os
 import tempfile
 from pathlib import Path
+
+import pytest
 
 _CACHE = Path(tempfile.gettempdir()) / "rlp_jax_test_xla_cache"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
@@ -17,3 +19,58 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 _FAST_COMPILE = "--xla_backend_optimization_level=0"
 if _FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
+
+# Seconds each slow module takes on 2 cores with a cold compilation cache (roughly; kept up to date by hand
+# from `--durations`). Under `-n N` whole modules are handed to the workers, these first, slowest first, then
+# the rest in collection order: no worker is left with a long module at the end while the other idles, and a
+# module-scoped fixture is built once.
+SLOW_MODULES = {
+    "tests/train/test_multihost.py": 150,
+    "tests/train/test_train.py": 140,
+    "tests/train/test_mesh.py": 50,
+    "tests/test_demo.py": 45,
+    "tests/rlp/test_objective.py": 60,
+    "tests/train/test_step.py": 50,
+    "tests/model/test_blockwise.py": 60,
+    "tests/faults/test_cli_faults.py": 60,
+    "tests/model/test_kernels.py": 45,
+    "tests/rlp/test_prompt.py": 35,
+    "tests/test_export.py": 45,
+    "tests/evaluate/test_harness.py": 45,
+    "tests/test_benchmarks.py": 40,
+    "tests/model/test_gguf.py": 40,
+    "tests/model/test_hybrid_branch.py": 40,
+    "tests/model/test_hybrid.py": 40,
+    "tests/test_wheel.py": 25,
+    "tests/rlp/test_toy_task.py": 25,
+    "tests/model/test_transformer.py": 30,
+    "tests/model/test_hub.py": 25,
+    "tests/train/test_metrics.py": 20,
+    "tests/evaluate/test_evaluate.py": 25,
+    "tests/test_plan.py": 40,
+    "tests/model/test_sharded_load.py": 15,
+    "tests/rlp/test_rollout.py": 20,
+    "tests/generate/test_generation.py": 20,
+}
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def pytest_collection_modifyitems(config, items):
+    """In an xdist worker: the slow modules first (a stable sort: a module's tests keep their order)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: -SLOW_MODULES.get(_module(item.nodeid), 0))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`-n N` (xdist's default `--dist load`): whole modules in the order above, one at a time to the worker
+    that runs out first; an explicit `--dist` is left alone."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False    # keep the collection's order, not the largest scope first
+    return LoadScopeScheduling(config, log)
