@@ -363,18 +363,22 @@ def test_hybrid_branch_state_is_what_the_code_allocates(compute):
                                                                    slots=slots)
 
 
+@pytest.mark.parametrize("pattern, attention, block", [("M-M*-M-", "auto", 512), ("M*-*-", "blockwise", 8),
+                                                       ("M*-*-", "auto", 64)])
 @pytest.mark.parametrize("shape", ["documents", "branches"])
-def test_hybrid_passes_agree_with_xla_memory_analysis(shape):
+def test_hybrid_passes_agree_with_xla_memory_analysis(shape, pattern, attention, block):
     """The planner's bytes for the differentiable passes the hybrid's loss is made of, + params + gradients,
     against XLA's account (temporaries + arguments + outputs) of jax.grad of: documents: `hybrid.forward`;
     branches: `hybrid_branch.prefix_forward` then `branch_forward` of G thoughts at K positions per row. Each
     loss reads its logits through a log-softmax: logits, log-probabilities and their cotangent, 3 float32 arrays
-    of V per scored token."""
+    of V per scored token. Attention: dense (every key set within one 512-key block), blockwise (8-key blocks),
+    or mixed (64-key blocks: the documents' keys blockwise, a thought's own 40 keys dense); the blockwise cases
+    with two attention blocks of three, where counting their pairs as dense would put the planner ~25% over."""
     from rlp_jax.model import hybrid, hybrid_branch
     from rlp_jax.plan import hybrid_costs
 
-    h = _hybrid("M-M*-M-")
-    rows, length, k, g, t = (2, 128, 0, 0, 0) if shape == "documents" else (1, 256, 2, 4, 40)
+    h = _hybrid(pattern).replace(attention=attention, attention_block=block)
+    rows, length, k, g, t = (2, 256, 0, 0, 0) if shape == "documents" else (1, 256, 2, 4, 40)
     tokens = jax.ShapeDtypeStruct((rows, length), jax.numpy.int32)
     score = lambda logits, ids: jax.numpy.sum(jax.numpy.take_along_axis(   # noqa: E731
         jax.nn.log_softmax(logits), ids[..., None], -1))
@@ -394,16 +398,18 @@ def test_hybrid_passes_agree_with_xla_memory_analysis(shape):
     assert 0.8 <= planned / xla <= 1.2, (planned / 2 ** 20, xla / 2 ** 20)
 
 
-@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
-def test_hybrid_plan_agrees_with_xla_memory_analysis(compute):
+@pytest.mark.parametrize("compute, attention", [("float32", "dense"), ("bfloat16", "dense"), ("float32", "blockwise")])
+def test_hybrid_plan_agrees_with_xla_memory_analysis(compute, attention):
     """The planner's per-device total for a Nemotron-H RLP step against XLA's account of the compiled step, as
     test_plan_agrees_with_xla_memory_analysis does for the dense family (remat none: XLA:CPU keeps the same
-    buffers with a per-block jax.checkpoint in an unrolled block loop, so remat full/dots are not checkable here)."""
+    buffers with a per-block jax.checkpoint in an unrolled block loop, so remat full/dots are not checkable here).
+    Attention dense or blockwise in 8-key blocks (documents, the thoughts' forward and sampling)."""
     from rlp_jax.train import step as train_step
     from rlp_jax.train.optim import make_optimizer
 
     cfg = apply_overrides(load_experiment("smoke").config(), [
         "model.preset=nemotron-h-tiny", "model.remat=none", f"model.compute_dtype={compute}", "data.seq_len=256",
+        f"model.attention={attention}", "model.attention_block=8",
         "data.batch_size=1", "rlp.rollout.positions_per_doc=1", "rlp.rollout.group_size=4",
         "rlp.rollout.thought_len=16", "rlp.rollout.think_start_id=1", "rlp.rollout.think_end_id=2",
         "rlp.loss.ntp_weight=0", "rlp.loss.kl_beta=0"])

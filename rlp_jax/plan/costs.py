@@ -9,6 +9,7 @@ from jax.sharding import AbstractMesh
 
 from rlp_jax import sharding
 from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.hybrid import HybridConfig
 from rlp_jax.model.scoring import TOKEN_CHUNK
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.rollout import THOUGHT_CHUNK
@@ -62,11 +63,11 @@ def _transient(m: ModelConfig, tokens: float, pairs: float, tp: int) -> float:
     return tok * tokens + pairs * m.num_heads * (8 + dtype_bytes(m.compute_dtype)) / tp
 
 
-def _attended(m: ModelConfig, queries: float, keys: float, rows: float, own_keys: float = 0.0,
+def attended(m: ModelConfig | HybridConfig, queries: float, keys: float, rows: float, own_keys: float = 0.0,
               own_rows: float = 0.0) -> tuple[float, float]:
     """(pairs held at once, pairs kept for the backward) of `queries` (spread over `rows` rows) over `keys`
     keys, plus `own_keys` keys of each of `own_rows` rows (a branch's own). A key set read blockwise
-    (`ModelConfig.attention`) holds one chunk of `attention_block` queries (or all, if fewer) by one block
+    (`Numerics.attention`) holds one chunk of `attention_block` queries (or all, if fewer) by one block
     of keys per row at a time and keeps no probabilities: its backward recomputes them from per-query statistics."""
     held = saved = 0.0
     for n_keys, n_rows in ((keys, rows), (own_keys, own_rows)):
@@ -77,7 +78,7 @@ def _attended(m: ModelConfig, queries: float, keys: float, rows: float, own_keys
     return held, saved
 
 
-def _blockwise_extra(m: ModelConfig, queries: float, keys: float, tp: int, rows: float = 1.0) -> float:
+def blockwise_extra(m: ModelConfig | HybridConfig, queries: float, keys: float, tp: int, rows: float = 1.0) -> float:
     """Per layer, blockwise attention's working arrays beyond the scores of one block (zero when dense): the
     float32 output, max and sum per query; in the backward, dq per query, a block's dp and ds per row, and
     the key-blocked copies of k, v and their float32 gradients (dk, dv) for each of `rows` rows."""
@@ -107,8 +108,8 @@ def activation_bytes(m: ModelConfig, rlp: RLPConfig, *, rows: int, seq_len: int,
     tok, pair = _per_layer(m, m.remat, tp)
     gathered = _gathered(m, tp)
     doc_tokens = b * length
-    doc_held, doc_pairs = _attended(m, doc_tokens, length, b)
-    doc_transient = _transient(m, doc_tokens, doc_held, tp) + _blockwise_extra(m, doc_tokens, length, tp, b)
+    doc_held, doc_pairs = attended(m, doc_tokens, length, b)
+    doc_transient = _transient(m, doc_tokens, doc_held, tp) + blockwise_extra(m, doc_tokens, length, tp, b)
     if objective == "ntp":
         saved = y * (tok * doc_tokens + pair * doc_pairs)
         return {"loss": saved + 3 * 4 * b * length * v / tp + doc_transient + gathered}
@@ -117,13 +118,13 @@ def activation_bytes(m: ModelConfig, rlp: RLPConfig, *, rows: int, seq_len: int,
     s = t + 1 + rlp.reward.horizon
     kv = lambda slots: 2 * y * slots * hk * dh * c / tp                              # noqa: E731
     teacher = param_copy + 2 * 4 * b * min(length, TOKEN_CHUNK) * v / tp + doc_transient + gathered
-    decode = (kv(b * n * t) + 4 * 4 * b * n * v / tp + _transient(m, b * n, _attended(m, b * n, length, b, t, b * n)[0], tp)
-              + _blockwise_extra(m, b * n, length, tp, b) + _blockwise_extra(m, b * n, t, tp, b * n) + gathered)
+    decode = (kv(b * n * t) + 4 * 4 * b * n * v / tp + _transient(m, b * n, attended(m, b * n, length, b, t, b * n)[0], tp)
+              + blockwise_extra(m, b * n, length, tp, b) + blockwise_extra(m, b * n, t, tp, b * n) + gathered)
     rollout = kv(b * length) + max(doc_transient + gathered, decode)
     br_tokens = b * n * s
-    br_held, br_pairs = _attended(m, br_tokens, length, b, s, b * n)
-    br_transient = (_transient(m, br_tokens, br_held, tp) + _blockwise_extra(m, br_tokens, length, tp, b)
-                    + _blockwise_extra(m, br_tokens, s, tp, b * n))
+    br_held, br_pairs = attended(m, br_tokens, length, b, s, b * n)
+    br_transient = (_transient(m, br_tokens, br_held, tp) + blockwise_extra(m, br_tokens, length, tp, b)
+                    + blockwise_extra(m, br_tokens, s, tp, b * n))
     vocab_slots = min(THOUGHT_CHUNK, t) + rlp.reward.horizon   # one chunk of thought slots + the targets
     loss = (y * (tok * (doc_tokens + br_tokens) + pair * (doc_pairs + br_pairs)) + kv(b * length)
             + 4 * 4 * b * n * vocab_slots * v / tp + max(doc_transient, br_transient) + gathered)

@@ -6,7 +6,13 @@ conventions, with each block's terms replaced. What differs:
 
   * Dtypes as `hybrid` runs them: the residual stream, attention, the MLP, the projections and the attention
     keys/values in model.compute_dtype (c bytes); the Mamba conv, scan, gated norm and states, attention scores
-    and logits in float32. Attention is dense and masked, like the dense family's "dense" mode.
+    and logits in float32.
+  * Attention reads each key set (the documents' L keys; a branch's own S = T + 1 + H keys in the loss, its T
+    cache slots while sampling) as `hybrid` and `hybrid_branch` run it, like the dense family
+    (`costs.attended`, `costs.blockwise_extra`): densely and masked where `blockwise_for` the set's length is
+    false, every (query, key) pair held and kept; else blockwise, one chunk of `attention_block` queries by one
+    key block per row held, no pair kept, plus the online softmax's and its custom backward's working arrays.
+    FLOPs do not depend on it (the blockwise passes compute the same products).
   * A branch at position t starts from each Mamba block's state after x_<t: num_heads x head_dim x state_size
     floats + (conv_kernel-1) x conv_dim conv inputs per block (`mamba2.Mamba2State`), instead of keys/values.
     Only the attention blocks keep keys/values (of the documents, and of the thought tokens while sampling).
@@ -22,8 +28,8 @@ conventions, with each block's terms replaced. What differs:
                 mixing arrays, the chunk-start states, the gated norm and out_proj's input. Read from JAX's saved
                 residuals and fitted to XLA's buffer assignment in float32 (11 shapes, each block within 3% on
                 CPU; tests/test_plan.py checks whole passes).
-      attention c (2 D + 2 Q W + 2 E W) per token + Q (4 + c) per (query, key) pair (float32 probabilities and
-                their cast: the dense masked scores).
+      attention c (2 D + 2 Q W + 2 E W) per token + Q (4 + c) per (query, key) pair of a key set read densely
+                (float32 probabilities and their cast: the masked scores); none of a set read blockwise.
       MLP       c (2 D + 2 F) (the relu input and its square).
     with I = H P the Mamba inner width, X = I + 2 G N its conv channels, K the conv kernel, N the state size;
     Q/E/W the attention heads/key-value heads/head width; F the MLP width. "full" keeps the block input (D),
@@ -43,7 +49,7 @@ import jax
 from rlp_jax.model import hybrid
 from rlp_jax.model.hybrid import ATTENTION, MAMBA, MLP, HybridConfig
 from rlp_jax.model.scoring import TOKEN_CHUNK
-from rlp_jax.plan.costs import dtype_bytes, mean_position
+from rlp_jax.plan.costs import attended, blockwise_extra, dtype_bytes, mean_position
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.rollout import THOUGHT_CHUNK
 
@@ -203,30 +209,45 @@ def _states_at_bytes(h: HybridConfig) -> float:
     return block_counts(h)[MAMBA] * F32 * per_block
 
 
-def _stack_bytes(h: HybridConfig, tp: int, *, seqs: float, length: int, keys: float) -> float:
-    """What the blocks keep for the backward over `seqs` sequences of `length` tokens, each query attending
-    `keys` keys densely."""
+def _attention(h: HybridConfig, tp: int, *, queries: float, keys: int, rows: float, own_keys: int = 0,
+               own_rows: float = 0.0) -> tuple[float, float, float]:
+    """One attention block's (pairs held at once, pairs kept for the backward, blockwise working bytes) for
+    `queries` over the `keys` keys of each of `rows` rows and the `own_keys` of each of `own_rows` branches: dense
+    or blockwise per key set, as `costs.attended` and `costs.blockwise_extra` count the dense family's."""
+    held, saved = attended(h, queries, keys, rows, own_keys, own_rows)
+    extra = blockwise_extra(h, queries, keys, tp, rows)
+    if own_keys:
+        extra += blockwise_extra(h, queries, own_keys, tp, own_rows)
+    return held, saved, extra
+
+
+def _stack_bytes(h: HybridConfig, tp: int, *, seqs: float, length: int, saved_pairs: float) -> float:
+    """What the blocks keep for the backward over `seqs` sequences of `length` tokens, with `saved_pairs` (query,
+    key) pairs of float32 probabilities per attention block (`_attention`)."""
     n, tokens, m = block_counts(h), seqs * length, h.mamba
     saved = sum(n[k] * _saved_per_token(h, k, h.remat, tp) * tokens for k in n)
     if h.remat != "none":
         return saved
     pad = seqs * (_padded(h, length) - length) * F32 * 2.5 * m.num_heads * m.chunk_size
-    pairs = (F32 + dtype_bytes(h.compute_dtype)) * h.num_heads / tp * tokens * keys
+    pairs = (F32 + dtype_bytes(h.compute_dtype)) * h.num_heads / tp * saved_pairs
     return saved + n[MAMBA] * pad + n[ATTENTION] * pairs
 
 
-def _block_transient(h: HybridConfig, tokens: float, pairs: float, tp: int, *, forward: bool,
-                     backward: bool) -> float:
+def _block_transient(h: HybridConfig, tokens: float, attention: tuple[float, float, float], tp: int, *,
+                     forward: bool, backward: bool) -> float:
     """The working set of one block at a time (the largest kind): its forward arrays (the remat-none set: a pass
     without gradients, or a rematerialised block) and, in a backward, the cotangents of its widest arrays
-    (Mamba in_proj's output and the conv input, attention's float32 scores, the MLP's hidden pair)."""
+    (Mamba in_proj's output and the conv input, attention's float32 scores of the pairs held, the MLP's hidden
+    pair); attention read blockwise adds its working arrays. attention: `_attention` of these tokens."""
+    pairs, _, blockwise = attention
     n, m = block_counts(h), h.mamba
     cb = dtype_bytes(h.compute_dtype)
     cotangents = {MAMBA: F32 * (m.inner + 2 * m.conv_dim + m.num_heads) * tokens,
                   ATTENTION: F32 * h.num_heads / tp * pairs, MLP: cb * 2 * h.intermediate_size / tp * tokens}
     arrays = {k: _saved_per_token(h, k, "none", tp) * tokens for k in n}
     arrays[ATTENTION] += (2 * F32 + cb) * h.num_heads / tp * pairs      # float32 scores and probabilities, the cast
-    return max(forward * arrays[k] + backward * cotangents[k] for k in n if n[k])
+    return max(forward * arrays[k] + backward * cotangents[k] + (blockwise if k == ATTENTION else 0.0)
+               for k in n if n[k])
 
 
 def _gathered(h: HybridConfig, tp: int) -> float:
@@ -243,17 +264,19 @@ def loss_pass_bytes(h: HybridConfig, *, rows: int, seq_len: int, positions: int,
     tokens from those states (`branch_forward`): what the backward reads, plus one block's working set. Branch
     start states: under remat none the reads at positions and a copy per branch are kept; under a per-block
     remat only what the prefix blocks hand to the branches (`prefix_cache_bytes`)."""
-    docs = _stack_bytes(h, tp, seqs=rows, length=seq_len, keys=seq_len)
-    thoughts = _stack_bytes(h, tp, seqs=rows * branches, length=branch_len, keys=seq_len + branch_len)
+    doc_attention = _attention(h, tp, queries=rows * seq_len, keys=seq_len, rows=rows)
+    branch_attention = _attention(h, tp, queries=rows * branches * branch_len, keys=seq_len, rows=rows,
+                                  own_keys=branch_len, own_rows=rows * branches)
+    docs = _stack_bytes(h, tp, seqs=rows, length=seq_len, saved_pairs=doc_attention[1])
+    thoughts = _stack_bytes(h, tp, seqs=rows * branches, length=branch_len, saved_pairs=branch_attention[1])
     if h.remat == "none":
         starts = rows * (positions * _states_at_bytes(h) + branches * 2 * mamba_state_bytes(h))
     else:
         starts = prefix_cache_bytes(h, rows=rows, seq_len=seq_len, positions=positions, tp=tp)
     recompute = h.remat != "none"
-    doc_pairs, branch_pairs = rows * seq_len * seq_len, rows * branches * branch_len * (seq_len + branch_len)
-    transient = max(_block_transient(h, rows * seq_len, doc_pairs, tp, forward=recompute, backward=True),
-                    _block_transient(h, rows * branches * branch_len, branch_pairs, tp, forward=recompute,
-                                     backward=True))
+    transient = max(_block_transient(h, rows * seq_len, doc_attention, tp, forward=recompute, backward=True),
+                    _block_transient(h, rows * branches * branch_len, branch_attention, tp, forward=recompute,
+                                     backward=True) if branches else 0.0)
     return docs + thoughts + starts + transient
 
 
@@ -263,7 +286,8 @@ def activation_bytes(h: HybridConfig, rlp: RLPConfig, *, rows: int, seq_len: int
     {"teacher", "rollout", "loss"} ({"loss"} for "ntp"), laid out as `costs.activation_bytes`."""
     v, b, length = h.vocab_size, rows, seq_len
     gathered = _gathered(h, tp)
-    doc_fwd = _block_transient(h, b * length, b * length * length, tp, forward=True, backward=False)
+    doc_attention = _attention(h, tp, queries=b * length, keys=length, rows=b)
+    doc_fwd = _block_transient(h, b * length, doc_attention, tp, forward=True, backward=False)
     if objective == "ntp":
         loss = loss_pass_bytes(h, rows=b, seq_len=length, positions=0, branches=0, branch_len=0, tp=tp)
         return {"loss": loss + 3 * F32 * b * length * v / tp + gathered}
@@ -272,7 +296,8 @@ def activation_bytes(h: HybridConfig, rlp: RLPConfig, *, rows: int, seq_len: int
     s = t + 1 + rlp.reward.horizon
     prefix = prefix_cache_bytes(h, rows=b, seq_len=length, positions=k, tp=tp)
     teacher = param_copy + 2 * F32 * b * min(length, TOKEN_CHUNK) * v / tp + doc_fwd + gathered
-    step = _block_transient(h, b * n, b * n * (length + t), tp, forward=True, backward=False)
+    sampled = _attention(h, tp, queries=b * n, keys=length, rows=b, own_keys=t, own_rows=b * n)   # one token each
+    step = _block_transient(h, b * n, sampled, tp, forward=True, backward=False)
     decode = branch_cache_bytes(h, branches=b * n, slots=t, tp=tp) + 4 * F32 * b * n * v / tp + step + gathered
     rollout = prefix + max(doc_fwd + gathered, decode)
     vocab_slots = min(THOUGHT_CHUNK, t) + rlp.reward.horizon     # one chunk of thought slots + the targets
