@@ -73,9 +73,10 @@ def setup(tmp_path_factory):
 
 
 def evaluate(model, tasks_dir, tasks=TASKS, **model_args):
+    # only the local tasks: indexing lm-eval's thousands of built-in task files takes seconds per call
     results = lm_eval.simple_evaluate(model=model, model_args=model_args or None, tasks=tasks, batch_size=8,
                                       device="cpu", log_samples=True,
-                                      task_manager=TaskManager(include_path=str(tasks_dir)))
+                                      task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False))
     return responses(results["samples"])
 
 
