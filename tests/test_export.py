@@ -173,7 +173,7 @@ def test_errors_are_one_line_and_leave_out_intact(run_dir, tmp_path, capsys, mon
         Path(args[2], "model.safetensors").write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(export_mod.hf, "to_hf", fail)
+    monkeypatch.setattr(export_mod.family, "to_hf", fail)
     assert _cli("--checkpoint", run_dir, "--out", out, "--force") == 2
     assert "disk full" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]

@@ -78,7 +78,10 @@ def from_hf(path, *, param_dtype: str | None = None, mesh=None, **numerics) -> t
     """(config, params) of a Hugging Face checkpoint folder of either family (`hf.from_hf`, `hybrid.from_hf`).
     With a mesh the params are global arrays sharded by `param_logical_axes` (a hybrid's are read whole on every
     host, then placed); without, host numpy arrays in param_dtype."""
-    raw = json.loads((Path(path) / "config.json").read_text())
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):   # missing or not JSON: the dense reader says which, in one line
+        raw = {}
     if not _is_nemotron_h(raw):
         return hf.from_hf(path, param_dtype=param_dtype, mesh=mesh, **numerics)
     if param_dtype is not None:
