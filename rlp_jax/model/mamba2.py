@@ -229,12 +229,12 @@ def _ssm_states_at(cfg: Mamba2Config, chunks: _Chunks, t_bm):
     z = jnp.maximum(t_bm - 1, 0) // t
     j = t_bm - z * t                                                        # tokens of chunk z seen, 0..T
     a, xdt, b, start = (_take_rows(arr, z) for arr in chunks)               # [B, M, ...]
-    idx = jnp.arange(t)
-    seen = (idx < j[..., None])[:, :, None, None]                           # [B, M, 1, 1, T]
+    seen = (jnp.arange(t) < j[..., None])[:, :, None, None]                 # [B, M, 1, 1, T]
     log_start = jnp.sum(jnp.where(seen, a, 0.0), axis=-1)                  # a[0] + ... + a[j-1]: [B, M, G, R]
-    # exp(a[s+1] + ... + a[j-1]) for s < j, summed term by term (a reset's -inf is never differenced)
-    after = (idx[None, :] > idx[:, None]) & seen[..., None, :]               # [B, M, 1, 1, T(s), T(m)]: s < m < j
-    weights = jnp.exp(jnp.where(seen, jnp.sum(jnp.where(after, a[..., None, :], 0.0), axis=-1), -jnp.inf))
+    # exp(a[s+1] + ... + a[j-1]) for s < j: row j-1 of the chunk's segment sums (no differences: resets' -inf)
+    last = jnp.maximum(j - 1, 0)[:, :, None, None, None, None]              # [B, M, 1, 1, 1, 1]
+    row = jnp.take_along_axis(_segsum(a), last, axis=-2)[..., 0, :]          # [B, M, G, R, T]
+    weights = jnp.exp(jnp.where(seen, row, -jnp.inf))
     state = (jnp.exp(log_start)[..., None, None] * start
              + jnp.einsum("bmgrs,bmsgrp,bmsgn->bmgrpn", weights, xdt, b, precision=_HI))
     return state.reshape(*t_bm.shape, cfg.num_heads, cfg.head_dim, cfg.state_size)
