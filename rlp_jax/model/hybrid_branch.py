@@ -92,13 +92,16 @@ def _unflat(tree, b: int, n: int):
     return jax.tree.map(lambda a: a.reshape(b, n, *a.shape[1:]), tree)
 
 
-def _prefix_mask(prefix: HybridPrefix, s: int):
-    """[B, N, L] bool: branch n sees the tokens of its segment (`mamba2.branch_segments`) before its position."""
-    seg = prefix.segment_ids
-    t_bn = jnp.repeat(prefix.t, s, axis=1)
-    own_bn = jnp.repeat(mamba2.branch_segments(seg, prefix.t), s, axis=1)
-    idx = jnp.arange(seg.shape[1])
-    return (idx[None, None, :] < t_bn[:, :, None]) & (seg[:, None, :] == own_bn[:, :, None]) & (seg[:, None, :] > 0)
+def _branches(prefix: HybridPrefix, s: int):
+    """Where the S branches of each position hang: positions t [B, N] and segments [B, N] (`mamba2.branch_segments`)."""
+    return (jnp.repeat(prefix.t, s, axis=1),
+            jnp.repeat(mamba2.branch_segments(prefix.segment_ids, prefix.t), s, axis=1))
+
+
+def _prefix_mask(seg_bl, t_bn, seg_bn):
+    """[B, N, L] bool: branch n sees the tokens of its segment before its position."""
+    idx = jnp.arange(seg_bl.shape[1])
+    return (idx[None, None, :] < t_bn[:, :, None]) & (seg_bl[:, None, :] == seg_bn[:, :, None]) & (seg_bl[:, None, :] > 0)
 
 
 def _attend(p: Params, cfg: HybridConfig, q, prefix: HybridPrefix, prefix_kv, s: int, self_k, self_v, self_lim):
@@ -108,15 +111,15 @@ def _attend(p: Params, cfg: HybridConfig, q, prefix: HybridPrefix, prefix_kv, s:
     pk, pv = prefix_kv
     (b, n, sq), length, slots = q.shape[:3], pk.shape[1], self_k.shape[2]
     q_per_kv = cfg.num_heads // cfg.num_kv_heads
+    t_bn, seg_bn = _branches(prefix, s)
     if cfg.blockwise_for(length) or cfg.blockwise_for(slots):
-        t_bn = jnp.repeat(prefix.t, s, axis=1)
-        seg_bn = jnp.repeat(mamba2.branch_segments(prefix.segment_ids, prefix.t), s, axis=1)
         out = layers.branch_attention_blockwise(
             q, pk, pv, prefix.segment_ids, seg_bn, t_bn, self_k, self_v, self_lim, q_per_kv,
             block=cfg.attention_block, prefix_blocks=cfg.blockwise_for(length), own_blocks=cfg.blockwise_for(slots))
     else:
         self_mask = jnp.broadcast_to(jnp.arange(slots)[None, :] <= self_lim[:, None], (b, n, sq, slots))
-        out = layers.branch_attention(q, pk, pv, _prefix_mask(prefix, s), self_k, self_v, self_mask, q_per_kv)
+        out = layers.branch_attention(q, pk, pv, _prefix_mask(prefix.segment_ids, t_bn, seg_bn), self_k, self_v,
+                                      self_mask, q_per_kv)
     return hybrid.attention_out(p, out)
 
 
