@@ -86,9 +86,10 @@ def from_hf(path, *, param_dtype: str | None = None, mesh=None, **numerics) -> t
         return hf.from_hf(path, param_dtype=param_dtype, mesh=mesh, **numerics)
     if param_dtype is not None:
         numerics["param_dtype"] = param_dtype
-    config_from_hf(raw, **numerics)    # a one-line CheckpointError before any tensor is read
-    cfg, params = hybrid.from_hf(path)
-    cfg = cfg.replace(**numerics)
+    try:
+        cfg, params = hybrid.from_hf(path, **numerics)
+    except ValueError as e:   # an unsupported config (checked before any tensor is read), in one line
+        raise hf.CheckpointError(str(e)) from None
     params = jax.tree.map(lambda a: a.astype(cfg.jnp_param_dtype), params)
     if mesh is not None:
         params = jax.device_put(params, sharding.tree_shardings(param_logical_axes(cfg), params, mesh))

@@ -32,7 +32,7 @@ import numpy as np
 from rlp_jax.model import mamba2
 from rlp_jax.model.config import Numerics
 from rlp_jax.model.hf import CheckpointError, SafetensorsReader
-from rlp_jax.model.layers import full_attention, full_attention_blockwise, rms_norm
+from rlp_jax.model.layers import causal_segment_mask, full_attention, full_attention_blockwise, rms_norm
 
 MAMBA, ATTENTION, MLP = "linear_attention", "full_attention", "mlp"
 BLOCK_TYPES = (MAMBA, ATTENTION, MLP)
@@ -277,13 +277,14 @@ def init_params(cfg: HybridConfig, rng, std: float = 0.02) -> Params:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def from_hf(path) -> tuple[HybridConfig, Params]:
-    """(config, params) of a saved `NemotronHForCausalLM` folder (config.json + safetensors); params are host
-    numpy arrays in the checkpoint's dtype, linear weights as [in, out]."""
+def from_hf(path, **numerics) -> tuple[HybridConfig, Params]:
+    """(config, params) of a saved `NemotronHForCausalLM` folder (config.json + safetensors), the config with
+    `Numerics` fields from `numerics`; params are host numpy arrays in the checkpoint's dtype, linear weights as
+    [in, out]. The config is checked (ValueError, one line) before any tensor is read."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise CheckpointError(f"no config.json in {path}; pass the folder save_pretrained wrote")
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    cfg = config_from_hf(json.loads((path / "config.json").read_text()), **numerics)
     reader = SafetensorsReader(path)
     root = "model." if "model.embeddings.weight" in reader else "backbone."
     return cfg, _params(reader, cfg, root)
@@ -330,8 +331,7 @@ def attention_mixer(p: Params, cfg: HybridConfig, h_bld, seg_bl):
     if cfg.blockwise_for(l):
         out = full_attention_blockwise(q, k, v, seg_bl, q_per_kv, block=cfg.attention_block)
     else:
-        mask_bls = jnp.tril(jnp.ones((l, l), bool))[None] & (seg_bl[:, :, None] == seg_bl[:, None, :]) & (seg_bl[:, None, :] > 0)
-        out = full_attention(q, k, v, mask_bls, q_per_kv)
+        out = full_attention(q, k, v, causal_segment_mask(seg_bl), q_per_kv)
     return attention_out(p, out), (k, v)
 
 

@@ -81,6 +81,13 @@ def _context_scores(q, context_k_pew, spec: str, dh: int):
     return jnp.einsum(spec, q, context_k_pew.astype(q.dtype), preferred_element_type=jnp.float32) / math.sqrt(dh)
 
 
+def causal_segment_mask(seg_bl):
+    """[B, L, L] bool: query i sees key j <= i of its own segment (seg [B, L] int32, 0 = padding: never a key)."""
+    length = seg_bl.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    return causal[None] & (seg_bl[:, :, None] == seg_bl[:, None, :]) & (seg_bl[:, None, :] > 0)
+
+
 def full_attention(q_blqw, k_blew, v_blew, mask_bls, q_per_kv: int, context_k=None, context_v=None):
     """Self-attention over one sequence batch, optionally after a shared context (a prompt).
 

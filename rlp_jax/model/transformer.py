@@ -216,8 +216,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
         kernel = False
     blockwise = not kernel and cfg.blockwise_for(length)
     if not blockwise and not kernel:
-        causal = jnp.tril(jnp.ones((length, length), bool))
-        mask = causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)  # [B, Lq, Lk]
+        mask = layers.causal_segment_mask(seg)                                          # [B, Lq, Lk]
     inv_freq = layers.rope_inv_freq(cfg)
 
     def attend(lp, h, extra):
