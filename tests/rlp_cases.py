@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from rlp_jax.model import transformer as model
@@ -19,6 +20,27 @@ def assert_grads_close(got, want, rel=1e-5):
     CPU's, or another layout's) differ by about the leaf's scale times float32 eps."""
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert float(jnp.abs(a - b).max()) <= rel * max(1.0, float(jnp.abs(b).max()))
+
+
+def assert_steps_equal(fast, naive):
+    """Two RLP steps' `((loss, (metrics, rewards, advantages)), grads)` agree (rewards, advantages, loss, the
+    thought tokens' entropy estimate to 1e-5; every gradient leaf by `assert_grads_close`), and are not trivial."""
+    (loss_f, (m_f, r_f, a_f)), g_f = fast
+    (loss_n, (m_n, r_n, a_n)), g_n = naive
+    np.testing.assert_allclose(r_f, r_n, atol=1e-5)
+    np.testing.assert_allclose(a_f, a_n, atol=1e-5)
+    np.testing.assert_allclose(loss_f, loss_n, atol=1e-5)
+    np.testing.assert_allclose(m_f["policy/entropy_estimate"], m_n["policy/entropy_estimate"], atol=1e-5)
+    assert float(jnp.abs(r_f).max()) > 0.01 and float(jnp.abs(loss_f)) > 0.1
+    assert float(m_f["policy/entropy_estimate"]) > 0.1   # mean -log pi of the thought tokens: both paths' new log-probs
+    assert_grads_close(g_f, g_n)
+
+
+def assert_same_thoughts(fast, slow):
+    """Two samplers drew the same thoughts (tokens and action masks exactly, behaviour log-probs to 1e-5)."""
+    np.testing.assert_array_equal(fast.tokens, slow.tokens)
+    np.testing.assert_array_equal(fast.action_mask, slow.action_mask)
+    np.testing.assert_allclose(fast.logprobs, slow.logprobs, atol=1e-5)
 
 
 def rlp_config(horizon=1, baseline="group", kl_beta=0.0, g=3, k=2, t=5, ntp_weight=0.0):
