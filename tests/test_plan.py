@@ -255,11 +255,18 @@ def test_bad_mesh_text_is_one_line(text):
 def test_plan_agrees_with_xla_memory_analysis(attention):
     """The planner's per-device total for an RLP step against XLA's own account of the compiled step
     (temporaries + arguments), for dense and blockwise attention at a scaled-down shape."""
+    planned, xla = _planned_and_xla_step([
+        "model.preset=small", f"model.attention={attention}", "model.attention_block=64", "model.remat=none"])
+    assert 0.8 <= planned.total / xla <= 1.2, (planned.total / 2 ** 20, xla / 2 ** 20)
+
+
+def _planned_and_xla_step(model_overrides):
+    """(the planner's `plan` of one RLP step of 256-token documents on one CPU device, XLA's bytes for the compiled
+    step: temporaries + arguments), for the smoke recipe with `model_overrides`."""
     from rlp_jax.train import step as train_step
     from rlp_jax.train.optim import make_optimizer
 
-    cfg = apply_overrides(load_experiment("smoke").config(), [
-        "model.preset=small", f"model.attention={attention}", "model.attention_block=64", "model.remat=none",
+    cfg = apply_overrides(load_experiment("smoke").config(), [*model_overrides,
         "data.seq_len=256", "data.batch_size=1", "rlp.rollout.positions_per_doc=1", "rlp.rollout.group_size=4",
         "rlp.rollout.thought_len=16", "rlp.rollout.think_start_id=1", "rlp.rollout.think_end_id=2",
         "rlp.loss.ntp_weight=0", "rlp.loss.kl_beta=0"])
@@ -272,8 +279,7 @@ def test_plan_agrees_with_xla_memory_analysis(attention):
     batch = {"tokens": rows, "segment_ids": rows, "positions": rows}
     analysis = step.lower(layout.abstract, batch, jax.random.key(0)).compile().memory_analysis()
     xla = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
-    planned = plan.plan(cfg, plan.device_spec("cpux1"), {"data": 1, "fsdp": 1, "tensor": 1}).total
-    assert 0.8 <= planned / xla <= 1.2, (planned / 2 ** 20, xla / 2 ** 20)
+    return plan.plan(cfg, plan.device_spec("cpux1"), {"data": 1, "fsdp": 1, "tensor": 1}), xla
 
 
 # ---- Nemotron-H (the hybrid family) ----------------------------------------------------------------
@@ -404,25 +410,9 @@ def test_hybrid_plan_agrees_with_xla_memory_analysis(compute, attention):
     test_plan_agrees_with_xla_memory_analysis does for the dense family (remat none: XLA:CPU keeps the same
     buffers with a per-block jax.checkpoint in an unrolled block loop, so remat full/dots are not checkable here).
     Attention dense or blockwise in 8-key blocks (documents, the thoughts' forward and sampling)."""
-    from rlp_jax.train import step as train_step
-    from rlp_jax.train.optim import make_optimizer
-
-    cfg = apply_overrides(load_experiment("smoke").config(), [
-        "model.preset=nemotron-h-tiny", "model.remat=none", f"model.compute_dtype={compute}", "data.seq_len=256",
-        f"model.attention={attention}", "model.attention_block=8",
-        "data.batch_size=1", "rlp.rollout.positions_per_doc=1", "rlp.rollout.group_size=4",
-        "rlp.rollout.thought_len=16", "rlp.rollout.think_start_id=1", "rlp.rollout.think_end_id=2",
-        "rlp.loss.ntp_weight=0", "rlp.loss.kl_beta=0"])
-    m = model_config(cfg.model)
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-    layout = train_step.state_layout(m, optimizer, mesh)
-    step = train_step.make_rlp_train_step(m, cfg.rlp, optimizer, mesh=mesh, state_shardings=layout.shardings)
-    rows = jax.ShapeDtypeStruct((1, 256), jax.numpy.int32)
-    batch = {"tokens": rows, "segment_ids": rows, "positions": rows}
-    analysis = step.lower(layout.abstract, batch, jax.random.key(0)).compile().memory_analysis()
-    xla = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
-    planned = plan.plan(cfg, plan.device_spec("cpux1"), {"data": 1, "fsdp": 1, "tensor": 1})
+    planned, xla = _planned_and_xla_step([
+        "model.preset=nemotron-h-tiny", "model.remat=none", f"model.compute_dtype={compute}",
+        f"model.attention={attention}", "model.attention_block=8"])
     assert planned.activations["loss"] > 5 * planned.state["params"]      # the activations are what is checked
     assert 0.8 <= planned.total / xla <= 1.2, (planned.total / 2 ** 20, xla / 2 ** 20)
 
