@@ -160,7 +160,7 @@ class ModelConfig(Numerics):
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
-        """A named size: qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b (public config.json shapes), tiny, small."""
+        """A named size: qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b (public config.json shapes), tiny, mini, small."""
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; valid presets: {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
@@ -181,6 +181,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized Qwen3-style models for tests, the demo and benchmarks.
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                  num_kv_heads=2, head_dim=16, rope_theta=10_000.0),
+    # The running-sum study's model (experiments/modsum_rlp): 0.4M parameters, learns the step skill in minutes.
+    "mini": dict(vocab_size=32, hidden_size=128, intermediate_size=512, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=32, rope_theta=10_000.0),
     "small": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=8,
                   num_kv_heads=4, head_dim=32, rope_theta=10_000.0),
 }

@@ -1,0 +1,138 @@
+"""Does a thought help at given positions? The evaluation that cannot flatter (docs/method.md, evaluation).
+
+At positions t chosen independently of the evaluated model (fixed answer positions, or a fixed key's
+uniform draw), one jitted pass measures log p(x_t | ...) and whether the model's most likely token is
+x_t, four ways, all through the same branch machinery the RLP step trains with:
+
+    no thought      x_<t                              (one teacher-forced pass)
+    empty thought   x_<t <think></think>              the format control: what the markers alone do
+    sampled         x_<t <think> c </think>, c ~ pi   G thoughts at the rollout temperature
+    greedy          x_<t <think> c* </think>          the most likely token at every slot
+
+Information gain against no thought (`answer_info_gain`, RLP's reward with the policy as its own
+teacher) and against the empty thought (`..._vs_empty`: what the thought's content adds beyond the
+markers) follow on the host (`summarize`), with the NLL split by a caller-supplied judgement of each
+sampled thought (e.g. a task's parser: was the stated answer right?).
+
+Shapes: B documents, L tokens, K positions per document, G thoughts per position, T thought slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rlp_jax.model import family as model
+from rlp_jax.model.family import Config
+from rlp_jax.rlp.config import RolloutConfig
+from rlp_jax.rlp.reward import gather_horizon
+from rlp_jax.rlp.rollout import Thoughts, thought_forward, thought_rollout
+
+
+@flax.struct.dataclass
+class ThinkEval:
+    """Per position [B, K] (per sampled thought [B, K, G]): log p of the true x_t (float32) and whether
+    the argmax is x_t, with no thought, an empty thought, the sampled thoughts and the greedy thought."""
+
+    lp_none: jax.Array
+    lp_empty: jax.Array
+    lp_sampled: jax.Array
+    lp_greedy: jax.Array
+    hit_none: jax.Array
+    hit_empty: jax.Array
+    hit_sampled: jax.Array
+    hit_greedy: jax.Array
+    sampled: Thoughts
+    greedy: Thoughts
+
+
+def empty_thoughts(b: int, k: int) -> Thoughts:
+    """One thought of no content per position: the branch reads `<think></think> x_t`."""
+    zeros = jnp.zeros((b, k, 1, 1), jnp.int32)
+    return Thoughts(tokens=zeros, action_mask=zeros.astype(bool), logprobs=zeros.astype(jnp.float32),
+                    lengths=jnp.zeros((b, k, 1), jnp.int32), ended=jnp.zeros((b, k, 1), bool))
+
+
+def think_eval(params, cfg: Config, batch, t_bk, rng, rollout: RolloutConfig) -> ThinkEval:
+    """The four readings of x_t at positions `t_bk` [B, K] of `batch` (tokens, segment_ids, positions [B, L]).
+
+    Sampled thoughts: G = rollout.group_size at rollout.temperature; greedy: top-k 1 (the first of its
+    identical group). The thought sees the same x_<t as in training (no prompt).
+    """
+    tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
+    b, k = t_bk.shape
+    hybrid = model.is_hybrid(cfg)
+    logits, prefix = model.forward(params, cfg, tokens, segment_ids_bl=seg, positions_bl=pos, return_cache=True,
+                                   branch_positions_bk=t_bk if hybrid else None)
+    before = jnp.take_along_axis(logits, jnp.maximum(t_bk - 1, 0)[..., None], axis=1).astype(jnp.float32)  # [B,K,V]
+    targets = gather_horizon(tokens, t_bk, 1)                                           # [B, K, 1]
+    x_t = targets[..., 0]
+    lp_none = jnp.take_along_axis(jax.nn.log_softmax(before), x_t[..., None], axis=-1)[..., 0]
+    hit_none = jnp.argmax(before, axis=-1) == x_t
+
+    def read(thoughts):
+        _, lp, top = thought_forward(params, cfg, prefix, t_bk, thoughts, targets, rollout)
+        return lp[..., 0], top[..., 0] == x_t[..., None]                                # [B, K, G]
+
+    k_sample, k_greedy = jax.random.split(rng)
+    sampled = thought_rollout(params, cfg, prefix, t_bk, k_sample, rollout)
+    greedy_cfg = dataclasses.replace(rollout, group_size=2, top_k=1)
+    greedy = jax.tree.map(lambda x: x[:, :, :1], thought_rollout(params, cfg, prefix, t_bk, k_greedy, greedy_cfg))
+    lp_e, hit_e = read(empty_thoughts(b, k))
+    lp_s, hit_s = read(sampled)
+    lp_g, hit_g = read(greedy)
+    return ThinkEval(lp_none=lp_none, lp_empty=lp_e[..., 0], lp_sampled=lp_s, lp_greedy=lp_g[..., 0],
+                     hit_none=hit_none, hit_empty=hit_e[..., 0], hit_sampled=hit_s, hit_greedy=hit_g[..., 0],
+                     sampled=sampled, greedy=greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "rollout"))
+def think_eval_jit(params, cfg: Config, batch, t_bk, rng, rollout: RolloutConfig) -> ThinkEval:
+    return think_eval(params, cfg, batch, t_bk, rng, rollout)
+
+
+def per_position(ev: ThinkEval, mask_bk, thought_ok_bkg=None) -> dict[str, np.ndarray]:
+    """Flat per-position numpy arrays [P] of the valid positions (mask_bk), for bootstrap CIs:
+    info gain vs no thought / vs empty (sampled thoughts' mean log-prob), accuracies, lengths."""
+    m = np.asarray(mask_bk, bool)
+    g = lambda x: np.asarray(x, np.float64)[m]                                           # noqa: E731
+    lp_s = np.asarray(ev.lp_sampled, np.float64)
+    out = {
+        "lp_none": g(ev.lp_none), "lp_empty": g(ev.lp_empty), "lp_think": lp_s.mean(-1)[m],
+        "lp_greedy": g(ev.lp_greedy),
+        "acc_no_think": g(ev.hit_none), "acc_empty": g(ev.hit_empty),
+        "acc_think": np.asarray(ev.hit_sampled, np.float64).mean(-1)[m], "acc_greedy": g(ev.hit_greedy),
+        "thought_len": np.asarray(ev.sampled.lengths, np.float64).mean(-1)[m],
+        "ended": np.asarray(ev.sampled.ended, np.float64).mean(-1)[m],
+    }
+    out["info_gain"] = out["lp_think"] - out["lp_none"]
+    out["info_gain_vs_empty"] = out["lp_think"] - out["lp_empty"]
+    if thought_ok_bkg is not None:
+        ok = np.asarray(thought_ok_bkg, bool)[m]                                        # [P, G]
+        out["thought_ok"] = ok.mean(-1)
+        out["_lp_sampled"], out["_ok"] = lp_s[m], ok
+    return out
+
+
+def summarize(rows: dict[str, np.ndarray]) -> dict[str, float]:
+    """Means of `per_position` arrays, with the NLL after correct and after wrong thoughts (when judged)."""
+    out = {k: float(np.mean(v)) for k, v in rows.items() if not k.startswith("_")}
+    if "_ok" in rows:
+        lp, ok = rows["_lp_sampled"], rows["_ok"]
+        out["nll_correct_thought"] = float(-lp[ok].mean()) if ok.any() else float("nan")
+        out["nll_wrong_thought"] = float(-lp[~ok].mean()) if (~ok).any() else float("nan")
+    return out
+
+
+def bootstrap_ci(x, *, n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the percentile bootstrap CI of the mean of x [P] over its items."""
+    x = np.asarray(x, np.float64)
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n, len(x)))].mean(axis=1)
+    a = (1 - level) / 2
+    return float(x.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
