@@ -41,7 +41,7 @@ def config() -> RunConfig:
                         seq_len=256, batch_size=8, packing="pack", eval_fraction=0.02, shuffle_buffer=1024),
         rlp=RLPConfig(
             rollout=RolloutConfig(group_size=4, positions_per_doc=1, thought_len=32, min_context=32,
-                                  temperature=0.7, position_rule="ema_band", ema_band=(1.0, 8.0),
+                                  temperature=0.7, position_rule="uniform",
                                   ban_special_tokens=True),
             reward=RewardConfig(kind="info_gain", horizon=1),
             loss=LossConfig(eps_low=0.2, eps_high=0.2, kl_beta=0.0, ntp_weight=0.0),

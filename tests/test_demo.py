@@ -1,5 +1,6 @@
-"""The demo recipe's pipeline on a tiny setting (seconds, not the 10-minute demo): corpus and tokenizer,
-NTP stage, RLP stage initialised from it, report table; and `init_from` of a run directory."""
+"""The demo recipe's pipeline on a tiny setting (seconds, not the 10-minute demo): the running-sum data and
+tokenizer, NTP stage, RLP stage initialised from it, the report's rows and thoughts; `init_from` of a run
+directory."""
 
 import json
 
@@ -11,7 +12,7 @@ from rlp_jax import train
 from rlp_jax.train import run_dir as loading
 from rlp_jax.train.config import apply_overrides, load_experiment
 
-TINY = ["model.preset=tiny", "data.seq_len=32", "data.batch_size=4", "data.shuffle_buffer=16",
+TINY = ["model.preset=tiny", "data.batch_size=4", "data.shuffle_buffer=16",
         "rlp.rollout.group_size=2", "rlp.rollout.positions_per_doc=1", "rlp.rollout.thought_len=3",
         "train.steps=2", "train.save_every=1", "train.eval_every=0", "train.plot=false"]
 
@@ -19,8 +20,8 @@ TINY = ["model.preset=tiny", "data.seq_len=32", "data.batch_size=4", "data.shuff
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     demo = load_experiment("demo")
-    demo.NUM_TRAIN_DOCS, demo.NUM_HELDOUT, demo.VOCAB = 300, 4, 400
-    demo.PRETRAIN = dict(steps=3, lr=1e-3, warmup_steps=1, batch_size=4)
+    demo.DATA = dict(pretrain_docs=300, continuation_docs=300, heldout=8, heldout_docs=8)
+    demo.PRETRAIN = dict(demo.PRETRAIN, steps=3, warmup_steps=1, batch_size=4)
     workdir = tmp_path_factory.mktemp("demo")
     cfg = demo.prepare(apply_overrides(demo.config(), TINY), workdir)
     stages = demo.stages(cfg, workdir)
@@ -52,18 +53,22 @@ def test_init_from_a_run_dir_starts_from_its_final_policy(demo_run):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_report_has_both_rows_with_finite_numbers(demo_run):
+def test_report_has_both_rows_with_the_issue_fields(demo_run):
     _, _, workdir, _ = demo_run
     rep = json.loads((workdir / "report.json").read_text())
     rows = {r["label"]: r for r in rep["rows"]}
     assert set(rows) == {"before RLP (NTP stage)", "after RLP"}
     assert rows["before RLP (NTP stage)"]["step"] == 3 and rows["after RLP"]["step"] == 2
     for r in rows.values():
-        assert r["nll_no_think"] is None and r["info_gain"] is None   # train.eval_every=0: no document eval
-        for k in ("answer_nll_no_think", "answer_nll_think", "answer_gain"):
+        for k in ("answer_info_gain", "answer_info_gain_vs_empty", "answer_nll_no_think", "answer_nll_empty",
+                  "answer_nll_think", "uniform_info_gain"):
             assert np.isfinite(r[k]), (k, r)
-        assert 0.0 <= r["acc_no_think"] <= 1.0 and 0.0 <= r["acc_think"] <= 1.0
-        assert 1 <= r["answer_thought_len"] <= 3
+        assert r["answer_info_gain"] == pytest.approx(r["answer_nll_no_think"] - r["answer_nll_think"])
+        assert r["answer_info_gain_vs_empty"] == pytest.approx(r["answer_nll_empty"] - r["answer_nll_think"])
+        for k in ("acc_no_think", "acc_think", "acc_empty", "acc_greedy", "ended"):
+            assert 0.0 <= r[k] <= 1.0
+        assert 1 <= r["thought_len"] <= 3
     table = (workdir / "report.md").read_text()
     assert "| before RLP (NTP stage) | 3 |" in table and "| after RLP | 2 |" in table
-    assert len(rep["thoughts"]) == 4 and all("<think>" in s and "[gold:" in s for s in rep["thoughts"])
+    assert len(rep["thoughts"]) == 6 and all("<think>" in s and "[gold:" in s for s in rep["thoughts"])
+    assert rep["verdict"].startswith("After RLP a sampled thought")

@@ -61,8 +61,12 @@ PROBES_BEFORE_KEY_CHANGE = 6
 
 
 def base_config(workdir: Path) -> RunConfig:
+    """The recipe as this study ran it: positions by the `ema_band` rule (1-8 nats), the recipe's default
+    until 2026-12-06 (now `uniform`, the paper's rule); pinned here so that reruns reproduce the units."""
     module = load_experiment("smollm2")
-    return module.prepare(module.config(), workdir)
+    cfg = module.prepare(module.config(), workdir)
+    rollout = dataclasses.replace(cfg.rlp.rollout, position_rule="ema_band", ema_band=(1.0, 8.0))
+    return dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, rollout=rollout))
 
 
 def variant(cfg: RunConfig, *, style=None, think_tokens=None, init=None, **train_kw) -> RunConfig:

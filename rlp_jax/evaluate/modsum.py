@@ -106,3 +106,42 @@ def uniform_rows(params, cfg, tokenizer, docs: list[modsum.Document], rollout: R
         ev = think_eval_jit(params, cfg, batch, t_bk, k_think, rollout)
         parts.append(per_position(ev, mask))
     return _gather(parts)
+
+
+def show_thoughts(params, cfg, tokenizer, docs: list[modsum.Document], rollout: RolloutConfig, seq_len: int,
+                  key) -> list[str]:
+    """`question <think> thought </think> answer  [gold: g, right|wrong]` for each document: the first of the
+    G thoughts `answer_rows` samples with the same key, and the model's most likely answer after it."""
+    batch = doc_batch(tokenizer, docs, seq_len)
+    t_bk = np.array([[d.answer_index] for d in docs], np.int32)
+    ev = jax.device_get(think_eval_jit(params, cfg, batch, t_bk, jax.random.fold_in(key, 0), rollout))
+    out = []
+    for i, d in enumerate(docs):
+        n = int(ev.sampled.lengths[i, 0, 0])
+        thought = tokenizer.decode([int(x) for x in ev.sampled.tokens[i, 0, 0, :n]]).strip()
+        said = tokenizer.decode([int(ev.top_sampled[i, 0, 0])]).strip()
+        question = modsum.render(d.words[:d.answer_index])
+        verdict = "right" if said == str(d.problem.answer) else "wrong"
+        out.append(f"{question} <think> {thought} </think> {said}   [gold: {d.problem.answer}, {verdict}]")
+    return out
+
+
+def evaluate_params(params, cfg, tokenizer, data: dict, rollout: RolloutConfig, seq_len: int, key, *,
+                    problems: int | None = None, full: bool = True) -> tuple[dict, dict]:
+    """The task's evaluation of one model: (summary, per-position rows). `data` names the held-out files of
+    `modsum.build_study_data` (heldout_problems; with `full` also heldout_continuation and heldout_worked).
+    Summary: `answer` (answer positions), and with `full`: `uniform` (uniform positions of held-out
+    continuation documents), `roles_worked` / `roles_continuation` (teacher-forced accuracy by role)."""
+    from rlp_jax.rlp.think_eval import summarize
+
+    docs = modsum.read_jsonl(data["heldout_problems"])[:problems]
+    ans = answer_rows(params, cfg, tokenizer, docs, rollout, seq_len, key)
+    summary, rows = {"answer": summarize(ans)}, {"answer": ans}
+    if full:
+        cont = modsum.read_jsonl(data["heldout_continuation"])
+        rows["uniform"] = uniform_rows(params, cfg, tokenizer, cont, rollout, seq_len, jax.random.fold_in(key, 1))
+        summary["uniform"] = summarize(rows["uniform"])
+        summary["roles_worked"] = role_accuracy(params, cfg, tokenizer, modsum.read_jsonl(data["heldout_worked"]),
+                                                seq_len)
+        summary["roles_continuation"] = role_accuracy(params, cfg, tokenizer, cont, seq_len)
+    return summary, rows

@@ -24,9 +24,13 @@ class RolloutConfig:
         temperature-scaled distribution, in the sampler and in the loss alike.
       top_p, top_k: nucleus / top-k truncation of sampling (1.0 / 0 = off, the paper's choice).
       min_context: a position t needs at least this many tokens of its document before it.
-      position_rule: "uniform" over valid positions; "ema_band": only positions whose no-think
-        EMA surprise -log p_ema(x_t | x_<t) lies in `ema_band` (prefers informative tokens);
-        "window": every position of a window of K consecutive valid positions at a random start.
+      position_rule: "uniform" over valid positions (the paper's rule, the default); "ema_band": only
+        positions whose no-think EMA surprise -log p_ema(x_t | x_<t) lies in `ema_band`. ema_band
+        conditions on the *realised* next token, not only on the context (a context with p(A) = 0.9 is
+        picked only when the rarer B occurs), which biases the reward away from Prop. 1's expectation:
+        a knob for experiments, not the method. "window": every position of a window of K consecutive
+        valid positions at a random start. Held-out evaluation never uses ema_band's model-dependent
+        choice: it draws uniformly with a fixed key (`positions.eval_positions`).
       ema_band: (low, high) nats for "ema_band".
       think_start_id, think_end_id: token ids of `<think>` and `</think>` (from the tokenizer).
       banned_ids: further token ids never sampled inside a thought (besides `<think>`, and `</think>`

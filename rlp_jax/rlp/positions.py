@@ -5,6 +5,8 @@ Shapes: B documents, L tokens, K positions per document, H reward horizon.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -74,3 +76,12 @@ def select_positions(rng, segment_ids_bl, positions_bl, ema_logprobs_bl, rollout
     if rollout.position_rule == "window":
         return choose_window(rng, valid, rollout.positions_per_doc)
     return choose_positions(rng, valid, rollout.positions_per_doc, score_bl=band)
+
+
+def eval_positions(rng, segment_ids_bl, positions_bl, rollout: RolloutConfig, horizon: int):
+    """Held-out evaluation's positions: the configured rule, except that `ema_band` (which would pick by the
+    evaluated model's own surprise) becomes `uniform`. No model enters, so every model evaluated with the
+    same key and batch is scored at the same positions. Returns (t_bk, mask_bk)."""
+    if rollout.position_rule == "ema_band":
+        rollout = dataclasses.replace(rollout, position_rule="uniform")
+    return select_positions(rng, segment_ids_bl, positions_bl, None, rollout, horizon)

@@ -37,8 +37,11 @@ from rlp_jax.rlp.rollout import Thoughts, thought_forward, thought_rollout
 @flax.struct.dataclass
 class ThinkEval:
     """Per position [B, K] (per sampled thought [B, K, G]): log p of the true x_t (float32) and whether
-    the argmax is x_t, with no thought, an empty thought, the sampled thoughts and the greedy thought."""
+    the argmax is x_t, with no thought, an empty thought, the sampled thoughts and the greedy thought.
+    positions: [B, K] int32, the t evaluated. top_sampled: [B, K, G] int32, the argmax after each sampled thought."""
 
+    positions: jax.Array
+    top_sampled: jax.Array
     lp_none: jax.Array
     lp_empty: jax.Array
     lp_sampled: jax.Array
@@ -77,16 +80,15 @@ def think_eval(params, cfg: Config, batch, t_bk, rng, rollout: RolloutConfig) ->
 
     def read(thoughts):
         _, lp, top = thought_forward(params, cfg, prefix, t_bk, thoughts, targets, rollout)
-        return lp[..., 0], top[..., 0] == x_t[..., None]                                # [B, K, G]
+        return lp[..., 0], top[..., 0]                                                  # [B, K, G]
 
     k_sample, k_greedy = jax.random.split(rng)
     sampled = thought_rollout(params, cfg, prefix, t_bk, k_sample, rollout)
     greedy_cfg = dataclasses.replace(rollout, group_size=2, top_k=1)
     greedy = jax.tree.map(lambda x: x[:, :, :1], thought_rollout(params, cfg, prefix, t_bk, k_greedy, greedy_cfg))
-    lp_e, hit_e = read(empty_thoughts(b, k))
-    lp_s, hit_s = read(sampled)
-    lp_g, hit_g = read(greedy)
-    return ThinkEval(lp_none=lp_none, lp_empty=lp_e[..., 0], lp_sampled=lp_s, lp_greedy=lp_g[..., 0],
+    (lp_e, top_e), (lp_s, top_s), (lp_g, top_g) = read(empty_thoughts(b, k)), read(sampled), read(greedy)
+    hit_e, hit_s, hit_g = (top == x_t[..., None] for top in (top_e, top_s, top_g))
+    return ThinkEval(positions=jnp.asarray(t_bk, jnp.int32), top_sampled=top_s, lp_none=lp_none, lp_empty=lp_e[..., 0], lp_sampled=lp_s, lp_greedy=lp_g[..., 0],
                      hit_none=hit_none, hit_empty=hit_e[..., 0], hit_sampled=hit_s, hit_greedy=hit_g[..., 0],
                      sampled=sampled, greedy=greedy)
 
@@ -109,6 +111,7 @@ def per_position(ev: ThinkEval, mask_bk, thought_ok_bkg=None) -> dict[str, np.nd
         "acc_think": np.asarray(ev.hit_sampled, np.float64).mean(-1)[m], "acc_greedy": g(ev.hit_greedy),
         "thought_len": np.asarray(ev.sampled.lengths, np.float64).mean(-1)[m],
         "ended": np.asarray(ev.sampled.ended, np.float64).mean(-1)[m],
+        "position": np.asarray(ev.positions)[m],
     }
     out["info_gain"] = out["lp_think"] - out["lp_none"]
     out["info_gain_vs_empty"] = out["lp_think"] - out["lp_empty"]
@@ -121,7 +124,7 @@ def per_position(ev: ThinkEval, mask_bk, thought_ok_bkg=None) -> dict[str, np.nd
 
 def summarize(rows: dict[str, np.ndarray]) -> dict[str, float]:
     """Means of `per_position` arrays, with the NLL after correct and after wrong thoughts (when judged)."""
-    out = {k: float(np.mean(v)) for k, v in rows.items() if not k.startswith("_")}
+    out = {k: float(np.mean(v)) for k, v in rows.items() if not k.startswith("_") and k != "position"}
     if "_ok" in rows:
         lp, ok = rows["_lp_sampled"], rows["_ok"]
         out["nll_correct_thought"] = float(-lp[ok].mean()) if ok.any() else float("nan")

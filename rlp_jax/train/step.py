@@ -278,7 +278,8 @@ def make_ntp_train_step(cfg: Config, optimizer: optax.GradientTransformation, *,
 
 
 def eval_metrics(params, batch, rng, *, cfg: Config, rlp: RLPConfig):
-    """Held-out metrics of the policy (no update), means over valid sampled positions:
+    """Held-out metrics of the policy (no update), means over valid sampled positions (drawn by
+    `positions.eval_positions`: independent of the policy, the same for every model at the same key):
 
     eval/nll_no_think: -log p_theta(x_t | x_<t); eval/nll_think: -log p_theta(x_t | x_<t, thought),
     averaged over G sampled thoughts; eval/info_gain: their difference (positive: thinking helps);
@@ -297,8 +298,7 @@ def eval_metrics(params, batch, rng, *, cfg: Config, rlp: RLPConfig):
                                          return_logits=rlp.prompt.teacher_sees, context=ctx, **doc)
         if rlp.prompt.teacher_sees:
             no_think_lp = shifted_token_logprobs(prompted, batch["tokens"])
-    t_bk, t_mask = positions.select_positions(k_pos, batch["segment_ids"], batch["positions"], lp,
-                                              rlp.rollout, h)
+    t_bk, t_mask = positions.eval_positions(k_pos, batch["segment_ids"], batch["positions"], rlp.rollout, h)
     if prefix is None:   # a hybrid's prefix holds the Mamba states at the chosen positions
         _, prefix = model.forward(params, cfg, batch["tokens"], return_cache=True, return_logits=False,
                                   branch_positions_bk=t_bk, **doc)

@@ -262,3 +262,20 @@ def test_window_rule_picks_k_consecutive_valid_positions():
     pos = jnp.arange(12)[None]
     t, m = select_positions(jax.random.key(0), seg, pos, jnp.zeros((1, 12)), rollout, 1)
     assert bool(m.all()) and (np.diff(np.asarray(t[0])) == 1).all() and int(t[0, 0]) >= 2
+
+
+def test_eval_positions_never_depend_on_a_model():
+    """Evaluation under ema_band draws uniformly (no model's surprise enters): for any two models' log-probs the
+    training rule picks differently, the evaluation rule picks the same positions, those of `uniform`."""
+    from rlp_jax.rlp.positions import eval_positions
+
+    seg, pos, rng = _packed(3)
+    band = _cfg(positions_per_doc=2, min_context=1, position_rule="ema_band", ema_band=(1.0, 3.0))
+    lp_a, lp_b = (-rng.uniform(0, 4, seg.shape).astype(np.float32) for _ in range(2))
+    key = jax.random.key(4)
+    train_a, train_b = (np.asarray(_select(key, seg, pos, lp, band, 1)[0]) for lp in (lp_a, lp_b))
+    assert (train_a != train_b).any()                 # the training rule follows the model's surprise
+    got = eval_positions(key, seg, pos, band, 1)
+    want = _select(key, seg, pos, None, _cfg(positions_per_doc=2, min_context=1), 1)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

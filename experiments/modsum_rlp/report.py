@@ -1,0 +1,193 @@
+"""RESULTS.md and the curves of the modsum study from the finished units in results/seed<N>/ (run.py report).
+
+The criteria are evaluated exactly as run.py's CRITERIA states them, on the per-problem arrays the units saved
+(the same 512 held-out problems and thought keys for the start model, RLP and CPT of a seed, so differences
+are paired); a seed that has not finished is listed as such, never extrapolated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+
+def _load(seed_dir: Path) -> dict:
+    return {p.stem: json.loads(p.read_text()) for p in seed_dir.glob("*.json")}
+
+
+def _ci(x, seed=0):
+    from rlp_jax.rlp.think_eval import bootstrap_ci
+
+    import run
+
+    return bootstrap_ci(np.asarray(x, np.float64), n=run.BOOTSTRAP, seed=seed)
+
+
+def _rows(ev: dict, key: str) -> np.ndarray:
+    return np.asarray(ev["answer_rows"][key], np.float64)
+
+
+def _fmt(ci, pct=False):
+    m, lo, hi = ci
+    f = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.3f}")
+    return f"{f(m)} [{f(lo)}, {f(hi)}]"
+
+
+def _excludes_zero_above(ci) -> bool:
+    return ci[1] > 0
+
+
+def seed_verdicts(units: dict) -> dict:
+    """S1 and S2's per-seed parts from one seed's units (stage1 = the start model, rlp, cpt)."""
+    start, rlp, cpt = units["stage1"], units.get("rlp"), units.get("cpt")
+    out = {"start_gain": _ci(_rows(start, "info_gain"))}
+    if rlp is not None:
+        out["rlp_gain"] = _ci(_rows(rlp, "info_gain"))
+        out["rlp_gain_vs_start"] = _ci(_rows(rlp, "info_gain") - _rows(start, "info_gain"))
+        out["rlp_gain_vs_empty"] = _ci(_rows(rlp, "info_gain_vs_empty"))
+        out["S1"] = all(_excludes_zero_above(out[k]) for k in ("rlp_gain", "rlp_gain_vs_start", "rlp_gain_vs_empty"))
+    if rlp is not None and cpt is not None:
+        out["acc_diff"] = _ci(_rows(rlp, "acc_think") - _rows(cpt, "acc_think"))
+        best = max(("acc_no_think", "acc_greedy", "acc_think"), key=lambda k: cpt["answer"][k])
+        out["cpt_best"] = best
+        out["acc_diff_best"] = _ci(_rows(rlp, "acc_think") - _rows(cpt, best))
+        out["cpt_gain"] = _ci(_rows(cpt, "info_gain"))
+    return out
+
+
+TABLE_KEYS = (("acc_no_think", "acc direct", True), ("acc_empty", "acc empty thought", True),
+              ("acc_greedy", "acc greedy thought", True), ("acc_think", "acc sampled thought", True),
+              ("info_gain", "gain vs no thought", False), ("info_gain_vs_empty", "gain vs empty", False),
+              ("nll_correct_thought", "NLL after right thought", False),
+              ("nll_wrong_thought", "NLL after wrong thought", False), ("thought_ok", "thought states right answer", True),
+              ("thought_len", "thought len", False), ("ended", "ended", True))
+
+
+def _model_table(units: dict) -> list[str]:
+    names = [("start (stage 1)", "stage1"), ("RLP", "rlp"), ("CPT (FLOP-matched)", "cpt")]
+    lines = ["| model | step | " + " | ".join(t for _, t, _ in TABLE_KEYS) + " | uniform-position gain | uniform gain vs empty |",
+             "|" + "---|" * (len(TABLE_KEYS) + 4)]
+    for label, key in names:
+        if key not in units:
+            continue
+        a, u = units[key]["answer"], units[key].get("uniform", {})
+        cells = [(f"{100 * a[k]:.1f}%" if pct else f"{a[k]:.3f}") if k in a else "-" for k, _, pct in TABLE_KEYS]
+        lines.append(f"| {label} | {units[key]['step']} | " + " | ".join(cells)
+                     + f" | {u.get('info_gain', float('nan')):.3f} | {u.get('info_gain_vs_empty', float('nan')):.3f} |")
+    return lines
+
+
+def _plot(all_units: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    ax = axes.ravel()
+    for seed, units in sorted(all_units.items()):
+        rlp, cpt, flops = units.get("rlp"), units.get("cpt"), units.get("flops")
+        if rlp is None:
+            continue
+        tc = rlp["train_curve"]
+        steps = np.array([m["step"] for m in tc])
+        w = min(20, len(steps))
+        smooth = lambda v: np.convolve(v, np.ones(w) / w, mode="valid")   # noqa: E731
+        for i, (k, title) in enumerate((("reward/mean", "RLP training reward (nats, 20-step mean)"),
+                                        ("thought/mean_len", "RLP thought length (training)"),
+                                        ("thought/ended_fraction", "RLP ended fraction (training)"))):
+            v = np.array([m[k] for m in tc])
+            ax[i].plot(steps[w - 1:], smooth(v), label=f"seed {seed}")
+            ax[i].set_title(title)
+            ax[i].set_xlabel("RLP step")
+        for arm, style in (("rlp", "-"), ("cpt", "--")):
+            ev = units.get(arm)
+            if ev is None:
+                continue
+            total = ev["curve"][-1]["step"] or 1
+            x = [c["step"] / total for c in ev["curve"]]           # fraction of the arm's (matched) FLOPs
+            for j, (k, title) in enumerate((("info_gain", "answer-position gain vs no thought (128 held-out)"),
+                                            ("info_gain_vs_empty", "answer-position gain vs empty thought"),
+                                            ("acc_think", "accuracy after a sampled thought"))):
+                ax[3 + j].plot(x, [c[k] for c in ev["curve"]], style, marker="o",
+                               label=f"{arm.upper()} seed {seed}")
+                ax[3 + j].set_title(title)
+                ax[3 + j].set_xlabel("fraction of the arm's FLOPs (RLP and CPT matched)")
+        del flops
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report() -> Path:
+    import run
+
+    all_units = {int(d.name[4:]): _load(d) for d in sorted(RESULTS.glob("seed*")) if (d / "stage1.json").exists()}
+    lines = ["# RLP where thinking is useful: running sums mod 3 (pre-registered)", "",
+             "Made by `python experiments/modsum_rlp/run.py report` from `results/`; each seed by "
+             "`python experiments/modsum_rlp/run.py seed --seed N --workdir runs/modsum_rlp`. The settings, the gate "
+             "and the criteria are the constants at the top of `run.py`, committed before any run.", "",
+             "## Criteria (fixed before any run)", "", "```", run.CRITERIA, "```", ""]
+    verdicts, pooled_diffs = {}, []
+    for seed, units in sorted(all_units.items()):
+        st = units["stage1"]
+        lines += [f"## Seed {seed}", "",
+                  f"Stage-1 gate ({run.GATE}): measured {st['gate_measured']} -> "
+                  f"**{'passed' if st['gate_passed'] else 'FAILED'}** ({st['train_seconds']:.0f} s of training).", ""]
+        if not st["gate_passed"]:
+            lines += ["No RLP or CPT run follows from a model that fails the gate.", ""]
+            continue
+        v = seed_verdicts(units)
+        verdicts[seed] = v
+        lines += _model_table(units) + [""]
+        if "flops" in units:
+            f = units["flops"]
+            wall = {k: units[k]["train_seconds"] for k in ("rlp", "cpt") if k in units}
+            lines += [f"FLOP matching: mean RLP thought length {f['mean_thought_len']:.1f} tokens -> "
+                      f"{f['rlp_step_flops']:.3g} FLOPs per RLP step, {f['ntp_step_flops']:.3g} per CPT step; "
+                      f"RLP {units['rlp']['steps']} steps = CPT {f['cpt_steps']} steps ({f['rlp_total_flops']:.3g} FLOPs). "
+                      f"Wall clock (training only): {wall}.", ""]
+        if "S1" in v:
+            lines += [f"- answer-position gain after RLP: {_fmt(v['rlp_gain'])} nats (start model {_fmt(v['start_gain'])});"
+                      f" RLP minus start, paired: {_fmt(v['rlp_gain_vs_start'])}; against the empty thought: "
+                      f"{_fmt(v['rlp_gain_vs_empty'])} -> **S1 {'holds' if v['S1'] else 'fails'} in seed {seed}**"]
+        else:
+            lines += ["- RLP has not finished for this seed."]
+        if "acc_diff" in v:
+            pooled_diffs.append(_rows(units["rlp"], "acc_think") - _rows(units["cpt"], "acc_think"))
+            lines += [f"- accuracy after a sampled thought, RLP minus CPT (points, paired): {_fmt(v['acc_diff'], True)};"
+                      f" RLP minus CPT's best ({v['cpt_best']}): {_fmt(v['acc_diff_best'], True)}"]
+        else:
+            lines += ["- CPT has not finished for this seed."]
+        lines.append("")
+    done = [s for s, v in verdicts.items() if "acc_diff" in v]
+    lines += ["## Verdict", ""]
+    if len(done) == len(run.SEEDS):
+        s1 = all(verdicts[s]["S1"] for s in done)
+        pooled = _ci(np.concatenate(pooled_diffs))
+        s2 = all(verdicts[s]["acc_diff"][0] > 0 for s in done) and pooled[1] > 0
+        lines += [f"- **S1 {'holds' if s1 else 'fails'}** ({sum(verdicts[s]['S1'] for s in done)} of {len(done)} seeds).",
+                  f"- **S2 {'holds' if s2 else 'fails'}**: RLP minus CPT > 0 in "
+                  f"{sum(verdicts[s]['acc_diff'][0] > 0 for s in done)} of {len(done)} seeds; pooled paired difference "
+                  f"{_fmt(pooled, True)} points."]
+    else:
+        lines += [f"Not yet decided: {len(done)} of {len(run.SEEDS)} seeds finished (S1 and S2 need all three). "
+                  "What finished is above, per seed, with its CIs."]
+    if verdicts:
+        _plot(all_units, HERE / "curves.png")
+        lines += ["", "![curves](curves.png)", "",
+                  "Top: RLP's training reward, thought length and ended fraction per step. Bottom: the curve "
+                  f"evaluations (the first {run.CURVE_PROBLEMS} held-out problems, fixed thought keys) of RLP (solid) "
+                  "and CPT (dashed) at equal fractions of their matched FLOPs."]
+    out = HERE / "RESULTS.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+    return out
