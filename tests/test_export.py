@@ -26,7 +26,7 @@ from rlp_jax.model import hf
 from rlp_jax.model import transformer as model
 from rlp_jax.train.run_dir import load_model, load_run_params
 from tests.hf_models import hf_logits, make_hf_model, torch, transformers
-from tests.train.test_train import ANY_LENGTH
+from tests.train.train_cases import ANY_LENGTH
 
 ROOT = Path(__file__).resolve().parents[1]
 # Texts beyond the corpus: markers anywhere, leading/trailing/double spaces, digits, punctuation, and

@@ -8,7 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from tests.train.test_train import ANY_LENGTH
+from tests.train.train_cases import ANY_LENGTH
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,9 +21,9 @@ def _load(seed_dir: Path) -> dict:
 
 
 def _ci(x, seed=0):
-    from rlp_jax.rlp.think_eval import bootstrap_ci
-
     import run
+
+    from rlp_jax.rlp.think_eval import bootstrap_ci
 
     return bootstrap_ci(np.asarray(x, np.float64), n=run.BOOTSTRAP, seed=seed)
 
@@ -91,7 +91,7 @@ def _plot(all_units: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     ax = axes.ravel()
     for seed, units in sorted(all_units.items()):
-        rlp, cpt, flops = units.get("rlp"), units.get("cpt"), units.get("flops")
+        rlp = units.get("rlp")
         if rlp is None:
             continue
         tc = rlp["train_curve"]
@@ -118,7 +118,6 @@ def _plot(all_units: dict, path: Path) -> None:
                                label=f"{arm.upper()} seed {seed}")
                 ax[3 + j].set_title(title)
                 ax[3 + j].set_xlabel("fraction of the arm's FLOPs (RLP and CPT matched)")
-        del flops
     for a in ax:
         a.grid(alpha=0.3)
         a.legend(fontsize=7)

@@ -262,9 +262,9 @@ def main(argv=None) -> int:
     elif a.command == "seed":
         run_seed(workdir, a.seed)
     else:
-        from report import write_report   # experiments/modsum_rlp/report.py
-
         sys.path.insert(0, str(HERE))
+        from report import write_report  # experiments/modsum_rlp/report.py
+
         write_report()
     return 0
 

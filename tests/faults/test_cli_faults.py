@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.run_dirs import add_step, make_run_dir
-from tests.train.test_train import ANY_LENGTH
+from tests.train.train_cases import ANY_LENGTH
 
 ROOT = Path(__file__).resolve().parents[2]
 NOISE = ("Traceback", "Exception ignored", "Event loop is closed")

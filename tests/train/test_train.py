@@ -14,26 +14,9 @@ import numpy as np
 import pytest
 
 from rlp_jax.train.run_dir import load_run_state
+from tests.train.train_cases import ANY_LENGTH, train_smoke
 
 ROOT = Path(__file__).resolve().parents[2]
-# Small and quick: 8 steps, checkpoints every 2, no plots. Overrides given to _train replace these.
-FAST = {"train.steps": "8", "train.save_every": "2", "train.plot": "false", "rlp.rollout.thought_len": "4",
-        "rlp.rollout.group_size": "2"}
-# A learning rate that does not depend on train.steps (cosine decays over them): the runs whose length is not
-# what they test share one compiled train step through the compilation cache, whatever their length.
-ANY_LENGTH = "optim.schedule=constant"
-
-
-def _train(workdir, *overrides, wait=True):
-    sets = dict(FAST, **dict(o.split("=", 1) for o in overrides))
-    cmd = [sys.executable, "-m", "rlp_jax.train", "--experiment=smoke", f"--workdir={workdir}"]
-    for key, value in sets.items():
-        cmd += ["--set", f"{key}={value}"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    if not wait:  # output to a file: a full pipe would block the run
-        log = open(Path(workdir) / "stdout.log", "w")
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _metrics(workdir, split="train"):
@@ -62,7 +45,7 @@ def _assert_trees_equal(a, b):
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
-    proc = _train(workdir, "train.eval_every=7")
+    proc = train_smoke(workdir, "train.eval_every=7")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return workdir, proc
 
@@ -85,7 +68,7 @@ def test_resume_after_sigkill_is_exact(straight_run, tmp_path):
     """Kill a run (SIGKILL) after its step-6 checkpoint, restart it: steps 7..8 and the final state match."""
     straight, _ = straight_run
     Path(tmp_path).mkdir(exist_ok=True)
-    proc = _train(tmp_path, "train.eval_every=7", wait=False)
+    proc = train_smoke(tmp_path, "train.eval_every=7", wait=False)
     deadline = time.time() + 300
     # The first eval (step 7) compiles for seconds: the run is killed there, after checkpoint 6.
     while time.time() < deadline:
@@ -96,7 +79,7 @@ def test_resume_after_sigkill_is_exact(straight_run, tmp_path):
     proc.wait()
     steps_before = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
     assert steps_before and steps_before[-1] < 8, steps_before
-    resumed = _train(tmp_path, "train.eval_every=7")
+    resumed = train_smoke(tmp_path, "train.eval_every=7")
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert f"resumed from {tmp_path} at step {steps_before[-1]}" in resumed.stdout
     a, b = _metrics(straight), _metrics(tmp_path)
@@ -110,7 +93,7 @@ def test_resume_after_sigkill_is_exact(straight_run, tmp_path):
 def test_signal_saves_a_checkpoint_and_exits_with_its_code(tmp_path, sig, code):
     """SIGTERM (preemption) and Ctrl-C both save at the next step boundary, say how to resume, and exit
     non-zero (75 = requeue, 130 = interrupted) without a traceback or a `final:` summary."""
-    proc = _train(tmp_path, "train.steps=400", "train.save_every=100", "train.eval_every=0", ANY_LENGTH,
+    proc = train_smoke(tmp_path, "train.steps=400", "train.save_every=100", "train.eval_every=0", ANY_LENGTH,
                   wait=False)
     deadline = time.time() + 300
     while time.time() < deadline and not ((tmp_path / "metrics.jsonl").exists() and _metrics(tmp_path)):
@@ -128,14 +111,14 @@ def test_signal_saves_a_checkpoint_and_exits_with_its_code(tmp_path, sig, code):
 
 def test_incompatible_checkpoint_is_refused(straight_run):
     workdir, _ = straight_run
-    proc = _train(workdir, "model.preset=small")
+    proc = train_smoke(workdir, "model.preset=small")
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()
     assert err[-1].startswith("error: ") and "hidden_size" in err[-1], proc.stderr[-2000:]
 
 
 def test_nonfinite_steps_stop_the_run(tmp_path):
-    proc = _train(tmp_path, "optim.lr=1e30", "optim.clip_norm=0", "train.max_nonfinite=2",
+    proc = train_smoke(tmp_path, "optim.lr=1e30", "optim.clip_norm=0", "train.max_nonfinite=2",
                   "train.steps=20")
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "non-finite steps in a row" in proc.stderr
@@ -250,7 +233,7 @@ def test_init_from_hf_grows_the_embedding_for_think_markers(tmp_path):
 
 
 def test_data_running_out_stops_cleanly_with_a_checkpoint(tmp_path):
-    proc = _train(tmp_path, "data.num_epochs=1", "train.steps=1000", "train.save_every=1000", "train.log_every=10",
+    proc = train_smoke(tmp_path, "data.num_epochs=1", "train.steps=1000", "train.save_every=1000", "train.log_every=10",
                   "train.eval_every=0", ANY_LENGTH)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "data exhausted after" in proc.stdout
