@@ -13,10 +13,10 @@ segment ids 1, positions 0..L-1; K positions per document drawn uniformly by the
       naive = `naive.naive_thought_rollout` (each branch `x_<t <think>` prefilled as its own row).
       Both use the same rng, so they sample the same thoughts (checked and reported).
   (b) RLP step: shared = `train_step.make_rlp_train_step`; naive = `naive_rlp_step` below, which
-      mirrors `train_step.rlp_step` / `rlp_objective` (same EMA teacher forward, positions, rewards,
+      mirrors `train_step.rlp_step` / `objective.loss_and_grad` (same EMA teacher forward, positions, rewards,
       advantages, rlp_loss, optax.adamw update, EMA update) with `naive.naive_thought_rollout` for
       sampling and `naive.naive_thought_forward` in place of `rollout.thought_forward`. Like
-      `rlp_objective`, it still runs one document forward for the NTP term / metrics.
+      `objective.score`, it still runs one document forward for the NTP term / metrics.
 
 Each function is jit-compiled first (`.lower().compile()`, reported separately), then run `--repeats`
 times under `jax.block_until_ready`; the median is reported. The device's matmul throughput is
@@ -78,13 +78,13 @@ import optax  # noqa: E402
 from rlp_jax.model import transformer as model  # noqa: E402
 from rlp_jax.model.config import ModelConfig  # noqa: E402
 from rlp_jax.rlp import positions  # noqa: E402
-from rlp_jax.rlp import reference as naive  # noqa: E402
+from rlp_jax.rlp import naive  # noqa: E402
 from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
 from rlp_jax.rlp.rollout import thought_rollout  # noqa: E402
 from rlp_jax.train import step as train_step  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
-# The two rollouts (the naive RLP step is train_step.make_rlp_train_step(..., naive_path=True))
+# The two rollouts (the naive RLP step is train_step.make_rlp_train_step(..., path=naive.NAIVE))
 # ----------------------------------------------------------------------------------------------
 
 def shared_rollout(params, batch, t_bk, rng, *, cfg, rollout):
@@ -304,7 +304,7 @@ def main(argv=None):
                      f"{float(th_s.lengths.mean()):.1f}; ended fraction {float(th_s.ended.mean()):.2f}")
 
         makers = {"shared": lambda: train_step.make_rlp_train_step(cfg, rlp, optimizer),
-                  "naive": lambda: train_step.make_rlp_train_step(cfg, rlp, optimizer, naive_path=True)}
+                  "naive": lambda: train_step.make_rlp_train_step(cfg, rlp, optimizer, path=naive.NAIVE)}
         for path in ("shared", "naive"):
             if path == "naive" and args.skip_naive_step:
                 res[path].update(sc=None, st=None)

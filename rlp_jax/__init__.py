@@ -23,7 +23,7 @@ from rlp_jax.model.transformer import (
 from rlp_jax.rlp.advantages import batch_advantages, group_advantages
 from rlp_jax.rlp.config import LossConfig, RewardConfig, RLPConfig, RolloutConfig
 from rlp_jax.rlp.losses import combined_loss, ntp_loss, rlp_loss
-from rlp_jax.rlp.objective import rlp_objective, rollout_phase
+from rlp_jax.rlp.objective import Rollout, loss_and_grad, rollout_phase
 from rlp_jax.rlp.reward import REWARDS, info_gain_reward, rpt_reward
 from rlp_jax.rlp.rollout import Thoughts, thought_forward, thought_rollout
 from rlp_jax.rlp.teacher import ema_update, init_ema, teacher_logprobs

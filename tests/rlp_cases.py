@@ -8,7 +8,7 @@ import pytest
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
 from rlp_jax.rlp.config import LossConfig, RewardConfig, RLPConfig, RolloutConfig
-from rlp_jax.rlp.objective import rlp_objective
+from rlp_jax.rlp.objective import SHARED_PREFIX, Rollout, loss_and_grad, with_reference
 from rlp_jax.rlp.rollout import thought_rollout
 
 CFG = ModelConfig.preset("tiny", vocab_size=48)
@@ -23,16 +23,15 @@ def assert_grads_close(got, want, rel=1e-5):
 
 
 def assert_steps_equal(fast, naive):
-    """Two RLP steps' `((loss, (metrics, rewards, advantages)), grads)` agree (rewards, advantages, loss, the
-    thought tokens' entropy estimate to 1e-5; every gradient leaf by `assert_grads_close`), and are not trivial."""
-    (loss_f, (m_f, r_f, a_f)), g_f = fast
-    (loss_n, (m_n, r_n, a_n)), g_n = naive
-    np.testing.assert_allclose(r_f, r_n, atol=1e-5)
-    np.testing.assert_allclose(a_f, a_n, atol=1e-5)
-    np.testing.assert_allclose(loss_f, loss_n, atol=1e-5)
-    np.testing.assert_allclose(m_f["policy/entropy_estimate"], m_n["policy/entropy_estimate"], atol=1e-5)
-    assert float(jnp.abs(r_f).max()) > 0.01 and float(jnp.abs(loss_f)) > 0.1
-    assert float(m_f["policy/entropy_estimate"]) > 0.1   # mean -log pi of the thought tokens: both paths' new log-probs
+    """Two RLP steps' `(StepOut, grads)` agree (rewards, advantages, loss, the thought tokens' entropy estimate
+    to 1e-5; every gradient leaf by `assert_grads_close`), and are not trivial."""
+    (f, g_f), (n, g_n) = fast, naive
+    np.testing.assert_allclose(f.rewards, n.rewards, atol=1e-5)
+    np.testing.assert_allclose(f.advantages, n.advantages, atol=1e-5)
+    np.testing.assert_allclose(f.loss, n.loss, atol=1e-5)
+    np.testing.assert_allclose(f.metrics["policy/entropy_estimate"], n.metrics["policy/entropy_estimate"], atol=1e-5)
+    assert float(jnp.abs(f.rewards).max()) > 0.01 and float(jnp.abs(f.loss)) > 0.1
+    assert float(f.metrics["policy/entropy_estimate"]) > 0.1   # mean -log pi of the thought tokens: both paths' new log-probs
     assert_grads_close(g_f, g_n)
 
 
@@ -70,7 +69,10 @@ def sample(params, batch, rlp, t_bk, seed=5):
                                                             rlp.rollout)
 
 
-def objective(params, batch, rlp, thoughts, t_bk, ema_lp, ref=None, naive_path=False):
-    """rlp_objective, optionally with every thought run as its own sequence (the naive reference)."""
-    return rlp_objective(params, CFG, rlp, batch, thoughts, t_bk, jnp.ones(t_bk.shape, bool),
-                                    ema_lp, ref, naive_path=naive_path)
+def objective(params, batch, rlp, thoughts, t_bk, ema_lp, ref=None, path=SHARED_PREFIX, cfg=CFG):
+    """`loss_and_grad` of given thoughts -> (StepOut, grads); `path`: SHARED_PREFIX or naive.NAIVE (every thought
+    run as its own sequence, the reference). `ref`: the KL reference's params when rlp.loss.kl_beta > 0."""
+    rollout = Rollout(ema_logprobs=ema_lp, positions=t_bk, mask=jnp.ones(t_bk.shape, bool), thoughts=thoughts)
+    if ref is not None:
+        rollout = with_reference(ref, cfg, rlp, batch, rollout, path)
+    return loss_and_grad(params, cfg, rlp, batch, rollout, path=path)

@@ -9,7 +9,7 @@ reward      information gain and the other rewards
 advantages  group-relative (and batch) advantages
 losses      the clipped policy-gradient loss on thought tokens, NTP losses
 objective   one RLP step's math: rollout phase, rewards and advantages, the differentiable objective
-reference   the naive path (every thought its own sequence), the tests' reference
+naive       the naive path (every thought its own sequence), the shared-prefix path's reference
 
 Depends on `rlp_jax.model` and `rlp_jax.generate`; never on `train` or `evaluate`.
 """

@@ -1,16 +1,26 @@
-"""The math of one RLP step, pure and un-jitted (`rlp_jax.train.step` jits it and applies the update):
+"""The math of one RLP step (docs/method.md steps 1-5), pure and un-jitted; `rlp_jax.train.step` jits it,
+runs it per micro-batch and applies the update. Read top to bottom:
 
-rollout_phase   the EMA teacher's no-think log-probs (S_ema's source), the positions that think, and
-                G thoughts per position sampled off the shared prefix; nothing here is differentiated
-rlp_objective   the differentiable loss of given thoughts: one policy forward of the documents, one
-                branch forward of the thoughts that gives both the thought tokens' log-probs and S_pred,
-                the reward (S_pred - S_ema, `reward`), group-relative advantages, the clipped loss
+    rollout = rollout_phase(state, batch, rng, cfg, rlp)            # S_ema, positions, G thoughts each
+    out, grads = loss_and_grad(state.params, cfg, rlp, batch, rollout)
+        scores, pullback = vjp(score)     # the one differentiable forward: thought log-probs (and S_pred)
+        graded = grade(...)               # reward S_pred - S_ema and group advantages: constants, computed once
+        loss = surrogate(scores, graded)  # the clipped loss on thought tokens (+ the next-token term)
+        grads = pullback(d loss / d scores)
+
+Every function takes typed values (`Rollout`, `Scores`, `Graded`); how thoughts are sampled and scored is
+a `ThoughtPath` passed in: `SHARED_PREFIX` (branches of one prefix cache per document) or
+`rlp_jax.rlp.naive.NAIVE` (every thought its own sequence, the reference the tests compare against).
 
 Shapes: B rows, L tokens, K positions per row, G thoughts per position, T thought slots, H horizon.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -18,100 +28,231 @@ from rlp_jax.model import family as model
 from rlp_jax.model.family import Config
 from rlp_jax.rlp import advantages as adv_lib
 from rlp_jax.rlp import positions, reward
-from rlp_jax.rlp import reference as naive
 from rlp_jax.rlp.config import RLPConfig
-from rlp_jax.rlp.losses import combined_loss, rlp_loss, shifted_ntp_loss
+from rlp_jax.rlp.losses import next_token_mask, rlp_loss, shifted_ntp_loss
 from rlp_jax.rlp.prompt import prompt_context
 from rlp_jax.rlp.rollout import Thoughts, thought_forward, thought_rollout
 from rlp_jax.rlp.teacher import teacher_logprobs
 
 
-def _branch_forward_fn(naive_path: bool, batch, prompt_ids=()):
-    """The thought forward of the fast shared-prefix path, or of the naive reference path."""
-    if not naive_path:
-        return thought_forward
-    return lambda p, c, _prefix, t, th, tg, ro: naive.naive_thought_forward(p, c, batch, t, th, tg, ro,
-                                                                             prompt_ids=prompt_ids)
+@flax.struct.dataclass
+class Rollout:
+    """What the rollout phase hands the loss; nothing in it is differentiated.
 
-
-def rlp_objective(params, cfg: Config, rlp: RLPConfig, batch, thoughts: Thoughts, t_bk, t_mask_bk,
-                  ema_lp_bl, ref_params=None, *, naive_path: bool = False, rlp_scale=1.0, ntp_scale=1.0):
-    """The RLP loss of given thoughts, differentiable in params (the loss forward of docs/method.md).
-
-    Args:
-      params: policy params. batch: dict of [B, L] arrays. thoughts: sampled `Thoughts` [B, K, G, T].
-      t_bk: [B, K] positions; t_mask_bk: [B, K] bool (valid positions).
-      ema_lp_bl: [B, L] float32 no-think teacher log-probs (`teacher_logprobs`).
-      ref_params: reference params for the KL term (needed when rlp.loss.kl_beta > 0).
-      naive_path: score every thought as its own sequence (`rlp_jax.rlp.reference`, the reference and the
-        benchmark baseline) instead of as a branch of the shared prefix.
-      rlp_scale, ntp_scale: [] float32 factors of the RLP and next-token terms in the returned loss
-        (micro-batching weighs each micro-batch by its share of the batch's thoughts and tokens);
-        the metrics stay unscaled.
-    Returns:
-      (loss, (metrics dict, rewards [B, K, G], advantages [B, K, G])).
+    ema_logprobs: [B, L] float32 log p_ema(x_j | x_<j) (S_ema's source). positions: [B, K] int32 t.
+    mask: [B, K] bool valid positions. thoughts: the sampled `Thoughts` [B, K, G, T].
+    reference_logprobs: [B, K, G, T] float32 log-probs of the thought tokens under the frozen KL reference
+      (None when loss.kl_beta = 0).
     """
-    h = rlp.reward.horizon
-    lc = rlp.loss
-    # The documents' full-vocab logits are only needed by the next-token term.
-    # With a prompt, the policy reads the documents after it; the next-token term reads them plain.
-    ctx = prompt_context(params, cfg, rlp)
-    logits_doc, prefix = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
-                                       positions_bl=batch["positions"], return_cache=True,
-                                       return_logits=lc.ntp_weight > 0 and ctx is None, context=ctx,
-                                       branch_positions_bk=t_bk)
-    if lc.ntp_weight > 0 and ctx is not None:
-        logits_doc, _ = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+
+    ema_logprobs: jax.Array
+    positions: jax.Array
+    mask: jax.Array
+    thoughts: Thoughts
+    reference_logprobs: jax.Array | None = None
+
+    def targets(self, batch, horizon: int) -> jax.Array:
+        """[B, K, H] int32: the true tokens x_t .. x_{t+H-1} each thought predicts."""
+        return reward.gather_horizon(batch["tokens"], self.positions, horizon)
+
+
+@flax.struct.dataclass
+class Scores:
+    """The differentiable outputs of the loss forward: thought_logprobs [B, K, G, T] float32 (log pi_theta of
+    each sampled thought token, 0 off the action mask) and ntp_loss [] float32 (0 when the term is off)."""
+
+    thought_logprobs: jax.Array
+    ntp_loss: jax.Array
+
+
+@flax.struct.dataclass
+class Graded:
+    """Rewards and advantages of the thoughts, [B, K, G] float32 (constants of the gradient), valid [B, K, G]
+    bool, and the reward's terms for the metrics (s_pred, s_ema)."""
+
+    rewards: jax.Array
+    advantages: jax.Array
+    valid: jax.Array
+    terms: dict
+
+
+@flax.struct.dataclass
+class StepOut:
+    """loss [] (as scaled for accumulation), metrics (each reduced as `METRIC_REDUCTIONS` says), rewards and
+    advantages [B, K, G]."""
+
+    loss: jax.Array
+    metrics: dict
+    rewards: jax.Array
+    advantages: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ThoughtPath:
+    """How thoughts are sampled and scored.
+
+    sample(params, cfg, rlp, batch, t_bk, rng) -> Thoughts (no gradient).
+    score(params, cfg, rlp, batch, prefix, t_bk, thoughts, targets_bkh) -> (thought log-probs [B, K, G, T],
+      target log-probs [B, K, G, H], target argmax [B, K, G, H]) as `rollout.thought_forward`; `prefix` is the
+      documents' cache under `params` (a path may ignore it).
+    """
+
+    name: str
+    sample: Callable
+    score: Callable
+
+
+def documents_forward(params, cfg: Config, rlp: RLPConfig, batch, *, t_bk=None, logits: bool = False):
+    """The policy's forward over the documents (after the prompt, if any): (logits or None, prefix cache).
+    t_bk [B, K]: the positions a hybrid's prefix keeps Mamba states at."""
+    return model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+                         positions_bl=batch["positions"], return_cache=True, return_logits=logits,
+                         context=prompt_context(params, cfg, rlp), branch_positions_bk=t_bk)
+
+
+def _sample_shared_prefix(params, cfg, rlp, batch, t_bk, rng):
+    policy = jax.lax.stop_gradient(params)
+    _, prefix = documents_forward(policy, cfg, rlp, batch, t_bk=t_bk)
+    return thought_rollout(policy, cfg, prefix, t_bk, rng, rlp.rollout)
+
+
+def _score_shared_prefix(params, cfg, rlp, batch, prefix, t_bk, thoughts, targets):
+    del batch
+    return thought_forward(params, cfg, prefix, t_bk, thoughts, targets, rlp.rollout)
+
+
+SHARED_PREFIX = ThoughtPath("shared_prefix", _sample_shared_prefix, _score_shared_prefix)
+
+
+def rollout_phase(state, batch, rng, cfg: Config, rlp: RLPConfig, path: ThoughtPath = SHARED_PREFIX) -> Rollout:
+    """Steps 1-2 of one (micro-)batch: the EMA teacher's no-think log-probs, the positions, G thoughts each
+    (and their log-probs under the KL reference when it is on). `state` holds params, ema_params, ref_params."""
+    k_pos, k_roll = jax.random.split(rng)
+    ema_lp = teacher_logprobs(state.ema_params, cfg, batch, rlp)                           # [B, L]
+    t_bk, t_mask = positions.select_positions(k_pos, batch["segment_ids"], batch["positions"], ema_lp,
+                                              rlp.rollout, rlp.reward.horizon)
+    thoughts = path.sample(state.params, cfg, rlp, batch, t_bk, k_roll)
+    out = Rollout(ema_logprobs=ema_lp, positions=t_bk, mask=t_mask, thoughts=thoughts)
+    if rlp.loss.kl_beta > 0:
+        out = with_reference(state.ref_params, cfg, rlp, batch, out, path)
+    return out
+
+
+def with_reference(ref_params, cfg: Config, rlp: RLPConfig, batch, rollout: Rollout,
+                   path: ThoughtPath = SHARED_PREFIX) -> Rollout:
+    """`rollout` with the log-probs of its thought tokens under the frozen KL reference `ref_params`."""
+    ref = jax.lax.stop_gradient(ref_params)
+    _, prefix = documents_forward(ref, cfg, rlp, batch, t_bk=rollout.positions)
+    lp = path.score(ref, cfg, rlp, batch, prefix, rollout.positions, rollout.thoughts,
+                    rollout.targets(batch, rlp.reward.horizon))[0]
+    return rollout.replace(reference_logprobs=lp)
+
+
+def score(params, cfg: Config, rlp: RLPConfig, batch, rollout: Rollout, path: ThoughtPath = SHARED_PREFIX):
+    """The loss forward: one pass over the documents and one over the thoughts as branches of it.
+    Returns (Scores, (target log-probs S_pred terms [B, K, G, H], target argmax [B, K, G, H])): the second
+    part is read by `grade` only (constants of the gradient)."""
+    need_ntp = rlp.loss.ntp_weight > 0
+    plain = not rlp.prompt.ids            # with a prompt, the next-token term reads the documents without it
+    logits, prefix = documents_forward(params, cfg, rlp, batch, t_bk=rollout.positions, logits=need_ntp and plain)
+    ntp = jnp.zeros((), jnp.float32)
+    if need_ntp:
+        if not plain:
+            logits, _ = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                       positions_bl=batch["positions"])
-    targets = reward.gather_horizon(batch["tokens"], t_bk, h)                    # [B, K, H]
-    ema_t = reward.gather_horizon(ema_lp_bl, t_bk, h)                            # [B, K, H]
-    forward_fn = _branch_forward_fn(naive_path, batch, rlp.prompt.ids)
-    new_lp, tgt_lp, tgt_argmax = forward_fn(params, cfg, prefix, t_bk, thoughts, targets, rlp.rollout)
-    rewards, terms = reward.get_reward_fn(rlp.reward.kind)(
-        jax.lax.stop_gradient(tgt_lp), tgt_argmax, targets, jax.lax.stop_gradient(ema_t))
-    valid = jnp.broadcast_to(t_mask_bk[:, :, None], rewards.shape)               # [B, K, G]
-    if lc.baseline == "group":
-        adv = adv_lib.group_advantages(rewards, valid, std_normalize=lc.std_normalize)
-    else:
-        adv = adv_lib.batch_advantages(rewards, valid, std_normalize=lc.std_normalize)
+        ntp = shifted_ntp_loss(logits, batch["tokens"], batch["segment_ids"])
+    targets = rollout.targets(batch, rlp.reward.horizon)
+    new_lp, tgt_lp, tgt_argmax = path.score(params, cfg, rlp, batch, prefix, rollout.positions, rollout.thoughts,
+                                            targets)
+    return Scores(thought_logprobs=new_lp, ntp_loss=ntp), jax.lax.stop_gradient((tgt_lp, tgt_argmax))
+
+
+def grade(predicted, batch, rollout: Rollout, rlp: RLPConfig) -> Graded:
+    """Step 3-4: the reward of each thought (`rlp.reward.kind`; RLP: S_pred - S_ema) and its advantage.
+    predicted: (target log-probs, target argmax) from `score`."""
+    tgt_lp, tgt_argmax = predicted
+    h = rlp.reward.horizon
+    ema_t = reward.gather_horizon(rollout.ema_logprobs, rollout.positions, h)               # [B, K, H]
+    rewards, terms = reward.get_reward_fn(rlp.reward.kind)(tgt_lp, tgt_argmax, rollout.targets(batch, h), ema_t)
+    valid = jnp.broadcast_to(rollout.mask[:, :, None], rewards.shape)
+    advantage_fn = adv_lib.group_advantages if rlp.loss.baseline == "group" else adv_lib.batch_advantages
+    adv = advantage_fn(rewards, valid, std_normalize=rlp.loss.std_normalize)
+    return Graded(rewards=rewards, advantages=adv, valid=valid, terms=terms)
+
+
+@flax.struct.dataclass
+class Scale:
+    """Factors of the RLP and next-token terms in a micro-batch's loss: its shares of the batch's thoughts
+    and target tokens (1 and 1 for a whole batch)."""
+
+    rlp: jax.Array = 1.0
+    ntp: jax.Array = 1.0
+
+
+def surrogate(scores: Scores, graded: Graded, rollout: Rollout, rlp: RLPConfig, scale: Scale = Scale()):
+    """Step 5: the clipped policy-gradient loss on the thought tokens (+ ntp_weight x the next-token loss).
+    Returns (loss, metrics). One update per rollout: the old policy is the current one (ratio exactly 1)."""
+    lc, thoughts = rlp.loss, rollout.thoughts
     t_max = thoughts.tokens.shape[-1]
-    action = thoughts.action_mask & valid[..., None]
-    ref_lp = None
-    if lc.kl_beta > 0:
-        ref = jax.lax.stop_gradient(ref_params)
-        _, ref_prefix = model.forward(ref, cfg, batch["tokens"],
-                                      segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"],
-                                      return_cache=True, return_logits=False, context=prompt_context(ref, cfg, rlp),
-                                      branch_positions_bk=t_bk)
-        ref_lp = forward_fn(ref, cfg, ref_prefix, t_bk, thoughts, targets, rlp.rollout)[0].reshape(-1, t_max)
-    new_flat, act = new_lp.reshape(-1, t_max), action.reshape(-1, t_max)
-    # One update per rollout: the surrogate's old policy is the current one, so the importance ratio is
-    # exactly 1 in value and its gradient is the policy gradient. The sampler's own log-probs differ from
-    # these recomputed ones by numerics alone (token-by-token decoding vs whole branches: up to ~2% under
-    # bfloat16); they serve only the policy/max_abs_ratio_minus_1 diagnostic.
+    new_flat = scores.thought_logprobs.reshape(-1, t_max)
+    act = (thoughts.action_mask & graded.valid[..., None]).reshape(-1, t_max)
     old_flat = jax.lax.stop_gradient(new_flat)
-    loss_rlp, metrics = rlp_loss(new_flat, old_flat, adv.reshape(-1), act, (lc.eps_low, lc.eps_high),
-                                 ref_logprobs=ref_lp, kl_beta=lc.kl_beta, rewards=rewards.reshape(-1))
+    ref = None if rollout.reference_logprobs is None else rollout.reference_logprobs.reshape(-1, t_max)
+    loss_rlp, metrics = rlp_loss(new_flat, old_flat, graded.advantages.reshape(-1), act, (lc.eps_low, lc.eps_high),
+                                 ref_logprobs=ref, kl_beta=lc.kl_beta, rewards=graded.rewards.reshape(-1))
+    loss = scale.rlp * loss_rlp
+    if lc.ntp_weight > 0:
+        loss = loss + lc.ntp_weight * scale.ntp * scores.ntp_loss
+        metrics["loss/ntp"] = scores.ntp_loss
+    # The sampler's own log-probs differ from the recomputed ones by numerics alone (token by token vs whole
+    # branches: up to ~2% under bfloat16); a diagnostic only.
     sampler_gap = jnp.abs(jnp.exp(old_flat - thoughts.logprobs.reshape(-1, t_max)) - 1.0)
     metrics["policy/max_abs_ratio_minus_1"] = jnp.max(jnp.where(act, sampler_gap, 0.0))
-    if lc.ntp_weight > 0:
-        ntp = shifted_ntp_loss(logits_doc, batch["tokens"], batch["segment_ids"])
-        loss = combined_loss(rlp_scale * loss_rlp, ntp_scale * ntp, lc.ntp_weight)
-        metrics["loss/ntp"] = ntp
-    else:
-        loss = rlp_scale * loss_rlp
-    n_valid = jnp.maximum(valid.sum(), 1)
-    vmean = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / n_valid
+    valid, rewards, adv = graded.valid, graded.rewards, graded.advantages
+    vmean = lambda x: jnp.sum(jnp.where(valid, x, 0.0)) / jnp.maximum(valid.sum(), 1)   # noqa: E731
     metrics.update({
         "loss/total": loss,
-        "reward/s_pred": vmean(terms["s_pred"]),
-        "reward/s_ema": vmean(terms.get("s_ema", jnp.zeros_like(rewards))),
-        "reward/std": jnp.sqrt(vmean((rewards - vmean(rewards)) ** 2)),
-        "advantage/std": jnp.sqrt(vmean(adv ** 2)),
+        "reward/s_pred": vmean(graded.terms["s_pred"]),
+        "reward/s_ema": vmean(graded.terms.get("s_ema", jnp.zeros_like(rewards))),
+        "reward/sq_mean": vmean(rewards ** 2),
+        "advantage/sq_mean": vmean(adv ** 2),
         "advantage/zero_spread_groups": adv_lib.zero_spread_fraction(rewards, valid),
-        "positions/valid_fraction": t_mask_bk.mean(),
+        "positions/valid_fraction": rollout.mask.mean(),
     })
-    return loss, (metrics, rewards, adv)
+    return loss, metrics
+
+
+def loss_and_grad(params, cfg: Config, rlp: RLPConfig, batch, rollout: Rollout, *,
+                  path: ThoughtPath = SHARED_PREFIX, scale: Scale = Scale()) -> tuple[StepOut, dict]:
+    """Steps 3-5 of one (micro-)batch: (StepOut, gradient of the loss in params). The forward runs once:
+    its thought log-probs are differentiated, its S_pred terms give the rewards (outside the differentiation)."""
+    scores, pullback, predicted = jax.vjp(lambda p: score(p, cfg, rlp, batch, rollout, path), params, has_aux=True)
+    graded = grade(predicted, batch, rollout, rlp)
+    (loss, metrics), d_scores = jax.value_and_grad(surrogate, has_aux=True)(scores, graded, rollout, rlp, scale)
+    (grads,) = pullback(d_scores)
+    return StepOut(loss=loss, metrics=metrics, rewards=graded.rewards, advantages=graded.advantages), grads
+
+
+# How each metric of a micro-batch combines over micro-batches (`train.step.combine_metrics`):
+# "thoughts" / "tokens" / "ntp_tokens": weighted by the micro-batch's share of the batch's thoughts, action
+# tokens or next-token targets; "rows": a plain mean (micro-batches have equal rows); "sum"; "max"; "min".
+METRIC_REDUCTIONS = {
+    "loss/total": "sum", "loss/rlp": "thoughts", "loss/ntp": "ntp_tokens",
+    "policy/clip_fraction": "tokens", "policy/entropy_estimate": "tokens", "policy/max_abs_ratio_minus_1": "max",
+    "policy/kl_to_ref": "thoughts", "thought/mean_action_tokens": "thoughts", "advantage/mean_abs": "thoughts",
+    "reward/mean": "thoughts", "reward/frac_positive": "thoughts", "reward/s_pred": "thoughts",
+    "reward/s_ema": "thoughts", "reward/sq_mean": "thoughts", "advantage/sq_mean": "thoughts",
+    "advantage/zero_spread_groups": "thoughts", "positions/valid_fraction": "rows",
+}
+
+
+def finish_metrics(metrics: dict) -> dict:
+    """The combined metrics with the moments turned into standard deviations over the batch's thoughts."""
+    out = dict(metrics)
+    sq, adv_sq = out.pop("reward/sq_mean"), out.pop("advantage/sq_mean")
+    out["reward/std"] = jnp.sqrt(jnp.maximum(sq - out["reward/mean"] ** 2, 0.0))
+    out["advantage/std"] = jnp.sqrt(adv_sq)
+    return out
 
 
 def rollout_metrics(thoughts: Thoughts, t_mask_bk):
@@ -126,25 +267,10 @@ def rollout_metrics(thoughts: Thoughts, t_mask_bk):
     }
 
 
-def rollout_phase(state, batch, rng, *, cfg: Config, rlp: RLPConfig, naive_path: bool):
-    """Teacher log-probs [B, L], positions [B, K] (+ mask) and sampled thoughts [B, K, G, T] of one
-    (micro-)batch; nothing here is differentiated."""
-    k_pos, k_roll = jax.random.split(rng)
-    tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
-    ema_lp = teacher_logprobs(state.ema_params, cfg, batch, rlp)                 # [B, L]
-    t_bk, t_mask = positions.select_positions(k_pos, seg, pos, ema_lp, rlp.rollout, rlp.reward.horizon)
-    if naive_path:
-        thoughts = naive.naive_thought_rollout(state.params, cfg, batch, t_bk, k_roll, rlp.rollout,
-                                               prompt_ids=rlp.prompt.ids)
-    else:
-        policy = jax.lax.stop_gradient(state.params)
-        _, prefix = model.forward(policy, cfg, tokens, segment_ids_bl=seg, positions_bl=pos, return_cache=True,
-                                  return_logits=False, context=prompt_context(policy, cfg, rlp), branch_positions_bk=t_bk)
-        thoughts = thought_rollout(state.params, cfg, prefix, t_bk, k_roll, rlp.rollout)
-    return ema_lp, t_bk, t_mask, thoughts
-
-
-def thoughts_with_actions(thoughts: Thoughts, t_mask_bk) -> jax.Array:
-    """[] float32: thoughts at valid positions with at least one action token (rlp_loss's R')."""
-    action = thoughts.action_mask & t_mask_bk[:, :, None, None]
-    return (action.sum(-1) > 0).sum().astype(jnp.float32)
+def accumulation_weights(rollout: Rollout, batch) -> dict:
+    """[] float32 counts of one micro-batch that its metrics and loss terms are weighted by: thoughts with an
+    action token, action tokens, next-token targets."""
+    action = rollout.thoughts.action_mask & rollout.mask[:, :, None, None]
+    return {"thoughts": (action.sum(-1) > 0).sum().astype(jnp.float32),
+            "tokens": action.sum().astype(jnp.float32),
+            "ntp_tokens": next_token_mask(batch["segment_ids"]).sum().astype(jnp.float32)}

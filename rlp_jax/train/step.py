@@ -148,66 +148,56 @@ def _accumulated_grads(value_and_grad_fn, params, xs):
     return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), values
 
 
-def _combine_metrics(metrics_m: dict, weights_m) -> dict:
-    """Per-micro-batch metrics [M] -> one value: maxima and minima over micro-batches, everything else
-    weighted by `weights_m` [M] (the micro-batches' shares of the thoughts)."""
+def combine_metrics(metrics_m: dict, shares_m: dict) -> dict:
+    """Per-micro-batch metrics [M] -> the batch's, each by its declared reduction
+    (`objective.METRIC_REDUCTIONS`); shares_m: {"thoughts" | "tokens" | "ntp_tokens": [M] shares summing to 1}."""
     out = {}
     for k, v in metrics_m.items():
-        if "max" in k:
-            out[k] = v.max()
-        elif "min" in k:
-            out[k] = v.min()
+        how = objective.METRIC_REDUCTIONS.get(k)
+        if how is None:
+            raise KeyError(f"metric {k!r} declares no reduction over micro-batches (objective.METRIC_REDUCTIONS)")
+        if how in shares_m:
+            out[k] = jnp.sum(v * shares_m[how])
         else:
-            out[k] = jnp.sum(v * weights_m)
+            out[k] = {"sum": jnp.sum, "max": jnp.max, "min": jnp.min, "rows": jnp.mean}[how](v)
     return out
 
 
 def rlp_step(state: TrainState, batch, rng, *, cfg: Config, rlp: RLPConfig,
-             optimizer: optax.GradientTransformation, naive_path: bool = False, micro_batches: int = 1):
-    """One RLP step (un-jitted; see `make_rlp_train_step`). Returns (new state, metrics of scalars).
+             optimizer: optax.GradientTransformation, path: objective.ThoughtPath = objective.SHARED_PREFIX,
+             micro_batches: int = 1):
+    """One RLP step (un-jitted; see `make_rlp_train_step`): the batch's rows as M micro-batches (M = 1: one of
+    B rows), all rollouts first, then the gradients, one update. Returns (new state, metrics of scalars).
 
-    naive_path: sample and score every thought as its own sequence (the reference; for benchmarks).
-    micro_batches: M > 1 splits the B rows into M micro-batches (`split_micro_batches`) processed one
-      after another under `lax.scan`, so activations are those of B/M rows. All rollouts come first
-      (micro-batch i samples with `fold_in(rng, i)`), then the gradients, each micro-batch's loss
-      weighted by its share of the batch's thoughts (RLP term) and tokens (next-token term): given the
-      same thoughts this is the gradient of the whole batch's loss (groups live inside a row, so
-      group advantages are unchanged; the `batch` baseline becomes per micro-batch).
+    Micro-batch i takes rows i, i + M, ... (`split_micro_batches`) and samples with `fold_in(rng, i)` (M = 1:
+    `rng`); its loss is weighted by its share of the batch's thoughts (RLP term) and target tokens (next-token
+    term), so given the same thoughts the gradient is the whole batch's (groups live inside a row; the `batch`
+    baseline becomes per micro-batch). path: `objective.SHARED_PREFIX`, or `naive.NAIVE` (the reference).
     """
-    grad_fn = jax.value_and_grad(functools.partial(objective.rlp_objective, naive_path=naive_path), has_aux=True)
-    roll = functools.partial(objective.rollout_phase, cfg=cfg, rlp=rlp, naive_path=naive_path)
-    if micro_batches == 1:
-        ema_lp, t_bk, t_mask, thoughts = roll(state, batch, rng)
-        (loss, (metrics, _, _)), grads = grad_fn(state.params, cfg, rlp, batch, thoughts, t_bk, t_mask, ema_lp,
-                                                 state.ref_params)
-        new_state, upd = _apply_update(state, grads, loss, optimizer, rlp.ema_decay)
-        return new_state, {**metrics, **objective.rollout_metrics(thoughts, t_mask), **upd}
-
-    mb = jax.tree.map(lambda x: split_micro_batches(x, micro_batches), batch)         # [M, B/M, L]
-    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(micro_batches))
-    _, (ema_lp, t_bk, t_mask, thoughts) = jax.lax.scan(
-        lambda c, xs: (c, roll(state, xs[0], xs[1])), None, (mb, keys))
-    n_th = jax.vmap(objective.thoughts_with_actions)(thoughts, t_mask)                          # [M]
-    n_tok = jax.vmap(_ntp_tokens)(mb)                                                  # [M]
-    w_rlp, w_ntp = n_th / jnp.maximum(n_th.sum(), 1.0), n_tok / jnp.maximum(n_tok.sum(), 1.0)
+    m = micro_batches
+    mb = jax.tree.map(lambda x: split_micro_batches(x, m), batch)                        # [M, B/M, L]
+    keys = rng[None] if m == 1 else jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(m))
+    _, rollouts = jax.lax.scan(lambda c, xs: (c, objective.rollout_phase(state, xs[0], xs[1], cfg, rlp, path)),
+                               None, (mb, keys))
+    counts = jax.vmap(objective.accumulation_weights)(rollouts, mb)                     # {kind: [M]}
+    shares = {k: v / jnp.maximum(v.sum(), 1.0) for k, v in counts.items()}
 
     def value_and_grad(xs):
-        b, th, tb, tm, elp, wr, wn = xs
-        (loss, (metrics, _, _)), g = grad_fn(state.params, cfg, rlp, b, th, tb, tm, elp, state.ref_params,
-                                             rlp_scale=wr, ntp_scale=wn)
-        return (loss, metrics), g
+        b, ro, w_rlp, w_ntp = xs
+        out, g = objective.loss_and_grad(state.params, cfg, rlp, b, ro, path=path,
+                                         scale=objective.Scale(rlp=w_rlp, ntp=w_ntp))
+        return (out.loss, out.metrics), g
 
     grads, (losses, metrics_m) = _accumulated_grads(value_and_grad, state.params,
-                                                    (mb, thoughts, t_bk, t_mask, ema_lp, w_rlp, w_ntp))
-    loss = losses.sum()                                 # = the whole batch's loss
-    metrics = _combine_metrics(metrics_m, w_rlp)
-    metrics["loss/total"] = loss
-    if "loss/ntp" in metrics_m:
-        metrics["loss/ntp"] = jnp.sum(metrics_m["loss/ntp"] * w_ntp)
+                                                    (mb, rollouts, shares["thoughts"], shares["ntp_tokens"]))
+    loss = losses.sum()                                                                # = the whole batch's loss
+    metrics = objective.finish_metrics(combine_metrics(metrics_m, shares))
     new_state, upd = _apply_update(state, grads, loss, optimizer, rlp.ema_decay)
-    flat = jax.tree.map(_merge_micro_batches, thoughts)
-    return new_state, {**metrics, **objective.rollout_metrics(flat, _merge_micro_batches(t_mask)), **upd,
-                       "train/micro_batches": jnp.asarray(micro_batches, jnp.int32)}
+    flat = jax.tree.map(_merge_micro_batches, rollouts)
+    out = {**metrics, **objective.rollout_metrics(flat.thoughts, flat.mask), **upd}
+    if m > 1:
+        out["train/micro_batches"] = jnp.asarray(m, jnp.int32)
+    return new_state, out
 
 
 def ntp_step(state: TrainState, batch, rng, *, cfg: Config, optimizer: optax.GradientTransformation,
@@ -258,7 +248,8 @@ def _jit_step(step_fn, mesh, state_shardings, micro_batches: int, **static):
 
 
 def make_rlp_train_step(cfg: Config, rlp: RLPConfig, optimizer: optax.GradientTransformation, *,
-                        mesh=None, state_shardings=None, naive_path: bool = False, micro_batches: int = 1):
+                        mesh=None, state_shardings=None, path: objective.ThoughtPath = objective.SHARED_PREFIX,
+                        micro_batches: int = 1):
     """`rlp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled.
 
     With `mesh` (and the state's `state_shardings`, see `rlp_jax.sharding.state_shardings`) the step
@@ -268,7 +259,7 @@ def make_rlp_train_step(cfg: Config, rlp: RLPConfig, optimizer: optax.GradientTr
     """
     rlp.rollout.markers()
     return _jit_step(rlp_step, mesh, state_shardings, micro_batches, cfg=cfg, rlp=rlp, optimizer=optimizer,
-                     naive_path=naive_path)
+                     path=path)
 
 
 def make_ntp_train_step(cfg: Config, optimizer: optax.GradientTransformation, *, mesh=None,

@@ -3,7 +3,6 @@ layers (outputs and gradients, with and without a prompt, packed and padded rows
 partly padding), the model's logits and parameter gradients under every remat mode, and the RLP step's
 rollout, rewards, loss and gradients."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +12,8 @@ import pytest
 from rlp_jax.model import layers
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import REMATS
-from rlp_jax.rlp.objective import rlp_objective
 from rlp_jax.rlp.rollout import thought_rollout
-from tests.rlp_cases import CFG, assert_grads_close, batch, params, rlp_config  # noqa: F401
+from tests.rlp_cases import CFG, assert_grads_close, batch, objective, params, rlp_config  # noqa: F401
 
 B, L, E, A, W, P = 2, 37, 2, 2, 8, 5   # L = 4 blocks of 8 and a partial one
 BLOCK = 8
@@ -108,10 +106,9 @@ def test_rlp_step_equals_dense(params, batch):  # noqa: F811
 
     thoughts_d, thoughts_b = rollout(dense), rollout(blocks)
     np.testing.assert_array_equal(thoughts_b.tokens, thoughts_d.tokens)   # the same sampled thoughts
-    grad = lambda cfg: jax.jit(jax.value_and_grad(functools.partial(rlp_objective, cfg=cfg, rlp=rlp), has_aux=True))(
-        params, batch=batch, thoughts=thoughts_d, t_bk=t_bk, t_mask_bk=jnp.ones(t_bk.shape, bool), ema_lp_bl=ema_lp)
-    (loss_d, (_, rewards_d, _)), g_d = grad(dense)
-    (loss_b, (_, rewards_b, _)), g_b = grad(blocks)
+    grad = lambda cfg: jax.jit(lambda p: objective(p, batch, rlp, thoughts_d, t_bk, ema_lp, cfg=cfg))(params)
+    (out_d, g_d), (out_b, g_b) = grad(dense), grad(blocks)
+    loss_d, rewards_d, loss_b, rewards_b = out_d.loss, out_d.rewards, out_b.loss, out_b.rewards
     np.testing.assert_allclose(rewards_b, rewards_d, atol=1e-5)
     np.testing.assert_allclose(loss_b, loss_d, atol=1e-5)
     assert float(jnp.abs(loss_d)) > 0.1

@@ -3,7 +3,6 @@ reference: Pallas splash attention run in Pallas's interpreter (the TPU kernel's
 the model's kernel path here (jax.nn.dot_product_attention, XLA), outputs and gradients; a prompt
 context and branch attention fall back to the pure-JAX path."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +11,8 @@ import pytest
 
 from rlp_jax.model import kernels, layers
 from rlp_jax.model import transformer as model
-from rlp_jax.rlp.objective import rlp_objective
 from rlp_jax.rlp.rollout import thought_rollout
-from tests.rlp_cases import CFG, assert_grads_close, batch, params, rlp_config  # noqa: F401
+from tests.rlp_cases import CFG, assert_grads_close, batch, objective, params, rlp_config  # noqa: F401
 
 B, L, E, A, W = 2, 128, 2, 2, 8   # splash's smallest block is 128 tokens
 
@@ -85,10 +83,8 @@ def test_rlp_step_with_kernel_attention_equals_dense(params, batch):  # noqa: F8
         _, prefix = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                   positions_bl=batch["positions"], return_cache=True)
         thoughts = thought_rollout(params, cfg, prefix, t_bk, jax.random.key(5), rlp.rollout)
-        f = functools.partial(rlp_objective, cfg=cfg, rlp=rlp)
-        (loss, (_, rewards, _)), grads = jax.value_and_grad(f, has_aux=True)(
-            params, batch=batch, thoughts=thoughts, t_bk=t_bk, t_mask_bk=jnp.ones(t_bk.shape, bool), ema_lp_bl=ema_lp)
-        out[name] = thoughts.tokens, rewards, loss, grads
+        step, grads = objective(params, batch, rlp, thoughts, t_bk, ema_lp, cfg=cfg)
+        out[name] = thoughts.tokens, step.rewards, step.loss, grads
     np.testing.assert_array_equal(out["kernel"][0], out["dense"][0])
     np.testing.assert_allclose(out["kernel"][1], out["dense"][1], atol=1e-5)
     np.testing.assert_allclose(out["kernel"][2], out["dense"][2], atol=1e-5)

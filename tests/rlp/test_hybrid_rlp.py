@@ -16,12 +16,12 @@ import pytest
 
 from rlp_jax.model import family, hybrid
 from rlp_jax.model.scoring import shifted_token_logprobs
-from rlp_jax.rlp import reference as naive
-from rlp_jax.rlp.objective import rlp_objective
+from rlp_jax.rlp import naive
+from rlp_jax.rlp.objective import SHARED_PREFIX
 from rlp_jax.rlp.rollout import thought_rollout
 from rlp_jax.rlp.teacher import teacher_logprobs
 from tests.hf_models import tiny_nemotron_h
-from tests.rlp_cases import assert_grads_close, assert_same_thoughts, assert_steps_equal, rlp_config
+from tests.rlp_cases import assert_grads_close, assert_same_thoughts, assert_steps_equal, objective, rlp_config
 
 L = 14
 SEG_1 = [1] * 6 + [2] * 5 + [0] * 3           # row 1: two packed documents (the second across the chunk boundary
@@ -57,13 +57,11 @@ def _sample(cfg, params, batch, rlp, seed=5):
 RLP = rlp_config(horizon=2, kl_beta=0.1, ntp_weight=0.3)   # every branch of the objective runs
 
 
-def _step(cfg, params, batch, thoughts, *, naive_path=False):
-    """(loss, (metrics, rewards, advantages)), grads of the RLP objective on given thoughts."""
+def _step(cfg, params, batch, thoughts, *, path=SHARED_PREFIX):
+    """(StepOut, grads) of the RLP objective on given thoughts."""
     ema_lp = jax.random.normal(jax.random.key(7), batch["tokens"].shape) - 3.0
     ref = jax.tree.map(lambda x: x * 0.9, params)
-    fn = lambda p: rlp_objective(p, cfg, RLP, batch, thoughts, T_BK, jnp.ones(T_BK.shape, bool), ema_lp, ref,
-                                 naive_path=naive_path)
-    return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+    return jax.jit(lambda p: objective(p, batch, RLP, thoughts, T_BK, ema_lp, ref, path=path, cfg=cfg))(params)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +76,7 @@ def test_branched_rlp_step_equals_the_naive_one(model, batch, fast_step):
     """Horizon 2, a KL term to a reference and the next-token term."""
     cfg, params = model
     thoughts, fast = fast_step
-    assert_steps_equal(fast, _step(cfg, params, batch, thoughts, naive_path=True))
+    assert_steps_equal(fast, _step(cfg, params, batch, thoughts, path=naive.NAIVE))
     mixers = [fast[1]["blocks"][i]["mixer"] for i, kind in enumerate(cfg.block_types) if kind == hybrid.MAMBA]
     assert all(float(jnp.abs(m["A_log"]).max()) > 1e-6 for m in mixers)   # the loss reaches the SSM decays
 
@@ -92,8 +90,10 @@ def test_bfloat16_compute_keeps_the_step_within_bfloat16_error(model, batch, fas
     hidden, _ = family.forward(params, bf, batch["tokens"], segment_ids_bl=batch["segment_ids"], return_hidden=True)
     assert hidden.dtype == jnp.bfloat16
     assert family.forward(params, bf, batch["tokens"])[0].dtype == jnp.float32
-    thoughts, ((_, (_, r32, _)), g32) = fast_step
-    (_, (_, r16, _)), g16 = _step(bf, params, batch, thoughts)
+    thoughts, (out32, g32) = fast_step
+    r32 = out32.rewards
+    out16, g16 = _step(bf, params, batch, thoughts)
+    r16 = out16.rewards
     np.testing.assert_allclose(r16, r32, atol=0.1)
     flat = lambda g: jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)])
     cos = float(flat(g16) @ flat(g32) / (jnp.linalg.norm(flat(g16)) * jnp.linalg.norm(flat(g32))))
@@ -106,11 +106,13 @@ def test_blockwise_attention_equals_dense(model, batch, fast_step):
     the dense step's thoughts, rewards, loss and gradient."""
     cfg, params = model
     blocky = cfg.replace(attention="blockwise", attention_block=4)
-    thoughts, ((loss_d, (_, r_d, _)), g_d) = fast_step
+    thoughts, (out_d, g_d) = fast_step
+    loss_d, r_d = out_d.loss, out_d.rewards
     resampled = _sample(blocky, params, batch, RLP)
     np.testing.assert_array_equal(resampled.tokens, thoughts.tokens)
     np.testing.assert_allclose(resampled.logprobs, thoughts.logprobs, atol=1e-5)
-    (loss_b, (_, r_b, _)), g_b = _step(blocky, params, batch, thoughts)
+    out_b, g_b = _step(blocky, params, batch, thoughts)
+    loss_b, r_b = out_b.loss, out_b.rewards
     np.testing.assert_allclose(r_b, r_d, atol=1e-5)
     np.testing.assert_allclose(loss_b, loss_d, atol=1e-5)
     assert_grads_close(g_b, g_d)

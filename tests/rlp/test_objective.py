@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from rlp_jax.model import transformer as model
-from rlp_jax.rlp import reference as naive
+from rlp_jax.rlp import naive
 from rlp_jax.rlp import rollout as rollout_lib
-from rlp_jax.rlp.objective import rlp_objective
+from rlp_jax.rlp.objective import SHARED_PREFIX
 from rlp_jax.rlp.rollout import thought_rollout
 from rlp_jax.rlp.teacher import teacher_logprobs
 from tests.rlp_cases import (CFG, END, START, assert_grads_close, assert_same_thoughts, assert_steps_equal,  # noqa: F401
@@ -25,11 +25,10 @@ def test_fast_path_equals_naive(params, batch, horizon, kl_beta):
     thoughts = sample(params, batch, rlp, t_bk)
     ema_lp = jax.random.normal(jax.random.key(7), batch["tokens"].shape) - 3.0
     ref = jax.tree.map(lambda x: x * 0.9, params)
-    grad = lambda naive_path: jax.jit(jax.value_and_grad(
-        functools.partial(objective, naive_path=naive_path), has_aux=True), static_argnums=2)(
+    step = lambda path: jax.jit(functools.partial(objective, path=path), static_argnums=2)(
         params, batch, rlp, thoughts, t_bk, ema_lp, ref)
-    fast = grad(False)
-    assert_steps_equal(fast, grad(True))
+    fast = step(SHARED_PREFIX)
+    assert_steps_equal(fast, step(naive.NAIVE))
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(fast[1])) > 1e-4  # a real gradient
 
 
@@ -48,13 +47,15 @@ def test_k_positions_equal_k_separate_examples(params, batch):
     t_bk = jnp.array([[3, 9], [2, 11]])
     thoughts = sample(params, batch, rlp, t_bk)
     ema_lp = jax.random.normal(jax.random.key(8), batch["tokens"].shape) - 3.0
-    vg = jax.jit(jax.value_and_grad(objective, has_aux=True), static_argnums=2)
-    (loss_s, (_, r_s, a_s)), g_s = vg(params, batch, rlp, thoughts, t_bk, ema_lp)
+    vg = jax.jit(objective, static_argnums=2)
+    out_s, g_s = vg(params, batch, rlp, thoughts, t_bk, ema_lp)
+    loss_s, r_s, a_s = out_s.loss, out_s.rewards, out_s.advantages
     # The paper's layout: every (document, t) is its own example with K = 1.
     sep_batch = jax.tree.map(lambda x: jnp.repeat(x, 2, axis=0), batch)
     sep_thoughts = jax.tree.map(lambda x: x.reshape(4, 1, *x.shape[2:]), thoughts)
-    (loss_p, (_, r_p, a_p)), g_p = vg(params, sep_batch, rlp_config(k=1, ntp_weight=0.3), sep_thoughts,
-                                      t_bk.reshape(4, 1), jnp.repeat(ema_lp, 2, axis=0))
+    out_p, g_p = vg(params, sep_batch, rlp_config(k=1, ntp_weight=0.3), sep_thoughts, t_bk.reshape(4, 1),
+                    jnp.repeat(ema_lp, 2, axis=0))
+    loss_p, r_p, a_p = out_p.loss, out_p.rewards, out_p.advantages
     np.testing.assert_allclose(r_s.reshape(4, 1, -1), r_p, atol=1e-5)
     np.testing.assert_allclose(a_s.reshape(4, 1, -1), a_p, atol=1e-5)
     np.testing.assert_allclose(loss_s, loss_p, atol=1e-6)
@@ -69,7 +70,7 @@ def test_ema_shift_changes_gradient_only_under_batch_baseline(params, batch, bas
     thoughts = sample(params, batch, rlp, t_bk)
     ema_lp = jax.random.normal(jax.random.key(9), batch["tokens"].shape) - 3.0
     shifted = ema_lp + 5.0 * jax.random.normal(jax.random.key(10), ema_lp.shape)  # a different shift per position
-    g = jax.jit(jax.grad(lambda p, e: objective(p, batch, rlp, thoughts, t_bk, e)[0]))
+    g = jax.jit(lambda p, e: objective(p, batch, rlp, thoughts, t_bk, e)[1])
     g0, g1 = g(params, ema_lp), g(params, shifted)
     diff = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
     if baseline == "group":
@@ -86,7 +87,7 @@ def test_rewards_against_hand_built_sequences(params, batch):
     thoughts = sample(params, batch, rlp, t_bk)
     ema = jax.tree.map(lambda x: x * 0.9, params)
     ema_lp = jax.jit(teacher_logprobs, static_argnums=1)(ema, CFG, batch)
-    _, (_, rewards, _) = jax.jit(objective, static_argnums=2)(params, batch, rlp, thoughts, t_bk, ema_lp)
+    rewards = jax.jit(objective, static_argnums=2)(params, batch, rlp, thoughts, t_bk, ema_lp)[0].rewards
     toks, seg = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
     forward = jax.jit(model.forward, static_argnums=1)      # one program per sequence length
     last_logp = lambda p, seq: jax.nn.log_softmax(forward(p, CFG, jnp.asarray([seq]))[0][0, -1])
@@ -117,9 +118,9 @@ def test_surrogate_is_the_policy_gradient_under_bfloat16(params, batch):
     noise = 0.02 * jax.random.normal(jax.random.key(6), thoughts.logprobs.shape)
     thoughts = thoughts.replace(logprobs=jnp.where(thoughts.action_mask, thoughts.logprobs + noise, 0.0))
     ema_lp = jax.random.normal(jax.random.key(7), batch["tokens"].shape) - 3.0
-    mask = jnp.ones(t_bk.shape, bool)
-    (_, (m, _, adv)), g = jax.jit(jax.value_and_grad(rlp_objective, has_aux=True), static_argnums=(1, 2))(
-        params, cfg16, rlp, batch, thoughts, t_bk, mask, ema_lp)
+    out, g = jax.jit(functools.partial(objective, cfg=cfg16), static_argnums=2)(params, batch, rlp, thoughts, t_bk,
+                                                                                 ema_lp)
+    m, adv = out.metrics, out.advantages
     assert float(m["policy/max_abs_ratio_minus_1"]) > 0.01      # the diagnostic sees the sampler's gap
 
     def policy_gradient_surrogate(p, sampler_ratio=False):

@@ -2,7 +2,6 @@
 prompt (sampler, rewards, loss, gradients), and prompts render from a tokenizer's chat template."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +12,13 @@ import tokenizers
 from rlp_jax.data.tokenizer import HFTokenizer
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
-from rlp_jax.rlp import reference as naive
+from rlp_jax.rlp import naive
 from rlp_jax.rlp.config import LossConfig, PromptConfig, RewardConfig, RLPConfig, RolloutConfig
-from rlp_jax.rlp.objective import rlp_objective
+from rlp_jax.rlp.objective import SHARED_PREFIX
 from rlp_jax.rlp.prompt import PromptError, prompt_text, render_prompt
 from rlp_jax.rlp.rollout import thought_rollout
 from rlp_jax.rlp.teacher import teacher_logprobs
+from tests.rlp_cases import objective
 
 CFG = ModelConfig.preset("tiny", vocab_size=48)
 START, END = 1, 2
@@ -120,20 +120,16 @@ def test_prompted_objective_equals_naive(params, batch):
         return thought_rollout(params, CFG, prefix, t_bk, jax.random.key(4), rlp.rollout)
 
     thoughts = sample(params)
-    mask = jnp.ones(t_bk.shape, bool)
-    grad = lambda naive_path: jax.jit(jax.value_and_grad(functools.partial(
-        rlp_objective, naive_path=naive_path), has_aux=True), static_argnums=(1, 2))(
-        params, CFG, rlp, batch, thoughts, t_bk, mask, ema_lp)
-    (loss_f, (m_f, r_f, _)), g_f = grad(False)
-    (loss_n, (m_n, r_n, _)), g_n = grad(True)
-    np.testing.assert_allclose(r_f, r_n, atol=1e-5)
-    np.testing.assert_allclose(loss_f, loss_n, atol=1e-5)
+    step = lambda path, r=rlp: jax.jit(lambda p: objective(p, batch, r, thoughts, t_bk, ema_lp, path=path, cfg=CFG))(params)
+    (f, g_f), (n, g_n) = step(SHARED_PREFIX), step(naive.NAIVE)
+    m_f, m_n = f.metrics, n.metrics
+    np.testing.assert_allclose(f.rewards, n.rewards, atol=1e-5)
+    np.testing.assert_allclose(f.loss, n.loss, atol=1e-5)
     np.testing.assert_allclose(m_f["reward/s_pred"], m_n["reward/s_pred"], atol=1e-5)
     for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_n), strict=True):
         assert float(jnp.abs(a - b).max()) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
     # The prompt changes S_pred (the policy reads it) but not the next-token term (plain text).
-    _, (m_plain, _, _) = jax.jit(rlp_objective, static_argnums=(1, 2))(
-        params, CFG, dataclasses.replace(rlp, prompt=PromptConfig()), batch, thoughts, t_bk, mask, ema_lp)
+    m_plain = step(SHARED_PREFIX, dataclasses.replace(rlp, prompt=PromptConfig()))[0].metrics
     assert abs(float(m_plain["reward/s_pred"] - m_f["reward/s_pred"])) > 1e-3
     np.testing.assert_allclose(m_plain["loss/ntp"], m_f["loss/ntp"], atol=1e-6)
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from rlp_jax.generate.sampling import filter_logits
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
-from rlp_jax.rlp import reference as naive
+from rlp_jax.rlp import naive
 from rlp_jax.rlp import rollout as rollout_lib
 from rlp_jax.rlp.config import RolloutConfig
 from rlp_jax.rlp.rollout import Thoughts, branch_tokens, thought_forward, thought_logits, thought_rollout

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from rlp_jax.model import transformer as model
-from rlp_jax.rlp.objective import rlp_objective, rollout_phase
+from rlp_jax.rlp import objective
 from rlp_jax.train import step as train_step
 from tests.rlp_cases import CFG, batch, params, rlp_config  # noqa: F401 (fixtures)
 
@@ -40,8 +40,8 @@ def test_step_builders_refuse_fewer_than_one_micro_batch():
         train_step.make_ntp_train_step(CFG, opt, micro_batches=-1)
 
 
-@pytest.mark.parametrize("objective", ["rlp", "ntp"])
-def test_micro_batches_give_the_whole_batch_gradient(params, objective):
+@pytest.mark.parametrize("kind", ["rlp", "ntp"])
+def test_micro_batches_give_the_whole_batch_gradient(params, kind):
     """M = 2 micro-batches: the update equals the gradient of the whole batch's loss given the thoughts
     each micro-batch sampled (rows with different token and valid-position counts, NTP and KL terms on)."""
     toks = jax.random.randint(jax.random.key(3), (4, 14), 3, CFG.vocab_size)
@@ -53,7 +53,7 @@ def test_micro_batches_give_the_whole_batch_gradient(params, objective):
     opt = optax.sgd(1.0)                       # new params = params - gradient
     fresh = lambda: train_step.init_train_state(jax.tree.map(jnp.copy, params), opt, keep_reference=True)
     key = jax.random.key(4)
-    if objective == "rlp":
+    if kind == "rlp":
         new_state, m = train_step.make_rlp_train_step(CFG, rlp, opt, micro_batches=2)(fresh(), batch4, key)
     else:
         new_state, m = train_step.make_ntp_train_step(CFG, opt, micro_batches=2)(fresh(), batch4, key)
@@ -62,15 +62,21 @@ def test_micro_batches_give_the_whole_batch_gradient(params, objective):
     whole = jax.tree.map(lambda x: x[order], batch4)
     for i in range(2):
         np.testing.assert_array_equal(train_step.split_micro_batches(toks, 2)[i], toks[order[2 * i:2 * i + 2]])
-    if objective == "rlp":
+    if kind == "rlp":
         state = fresh()
-        rollout = jax.jit(functools.partial(rollout_phase, cfg=CFG, rlp=rlp, naive_path=False))
+        rollout = jax.jit(functools.partial(objective.rollout_phase, cfg=CFG, rlp=rlp))
         parts = [rollout(state, jax.tree.map(lambda x: x[order[2 * i:2 * i + 2]], batch4), jax.random.fold_in(key, i))
                  for i in range(2)]
-        ema_lp, t_bk, t_mask, thoughts = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
-        assert not bool(t_mask.all())          # the short row has invalid positions
-        loss_fn = lambda p: rlp_objective(p, CFG, rlp, whole, thoughts, t_bk, t_mask, ema_lp,
-                                                     state.ref_params)[0]
+        joined = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+        assert not bool(joined.mask.all())          # the short row has invalid positions
+        loss_fn = lambda p: objective.loss_and_grad(p, CFG, rlp, whole, joined)[0].loss
+        whole_out = jax.jit(lambda p: objective.loss_and_grad(p, CFG, rlp, whole, joined)[0])(params)
+        want = {**objective.finish_metrics(whole_out.metrics),
+                **objective.rollout_metrics(joined.thoughts, joined.mask)}
+        # every metric reduced over the two micro-batches equals the whole batch's (std, max, fractions included)
+        assert set(want) <= set(m)
+        for k, v in want.items():
+            np.testing.assert_allclose(float(m[k]), float(v), rtol=1e-5, atol=1e-6, err_msg=k)
     else:
         from rlp_jax.rlp.losses import shifted_ntp_loss
 

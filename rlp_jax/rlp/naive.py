@@ -15,6 +15,7 @@ from rlp_jax.model import family as model
 from rlp_jax.model.transformer import Branches
 from rlp_jax.model.family import Config
 from rlp_jax.rlp.config import RolloutConfig
+from rlp_jax.rlp.objective import ThoughtPath
 from rlp_jax.rlp.rollout import Thoughts, branch_tokens, score_branches, thought_logits
 
 
@@ -111,3 +112,15 @@ def naive_thought_rollout(params, cfg: Config, batch, positions_bk, rng, rollout
     return Thoughts(tokens=tokens.reshape(*shape, t_max), action_mask=active.reshape(*shape, t_max),
                     logprobs=logps.reshape(*shape, t_max), lengths=lengths.reshape(shape).astype(jnp.int32),
                     ended=ended.reshape(shape))
+
+
+def _sample(params, cfg, rlp, batch, t_bk, rng):
+    return naive_thought_rollout(params, cfg, batch, t_bk, rng, rlp.rollout, prompt_ids=rlp.prompt.ids)
+
+
+def _score(params, cfg, rlp, batch, prefix, t_bk, thoughts, targets):
+    del prefix
+    return naive_thought_forward(params, cfg, batch, t_bk, thoughts, targets, rlp.rollout, prompt_ids=rlp.prompt.ids)
+
+
+NAIVE = ThoughtPath("naive", _sample, _score)   # `objective.SHARED_PREFIX`'s reference (tests, benchmarks)
