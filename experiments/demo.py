@@ -61,12 +61,21 @@ def _data(workdir: Path) -> dict:
 
 
 def prepare(cfg: RunConfig, workdir: Path) -> RunConfig:
-    """Data and tokenizer under WORKDIR/data (built once; reruns reuse them)."""
+    """Data and tokenizer under WORKDIR/data (built once; reruns reuse them). Thoughts are kept to the task's
+    own tokens (`modsum.unused_token_ids`: pieces no document contains have untrained embeddings), as in the
+    study's protocol 2."""
+    from rlp_jax.data.modsum import unused_token_ids
+    from rlp_jax.data.tokenizer import load_tokenizer
+
     workdir = Path(workdir).resolve()
     paths = _data(workdir)
+    tokenizer = cfg.train.tokenizer or str(paths["tokenizer"])
     sources = tuple(dataclasses.replace(s, path=s.path.replace("WORKDIR", str(workdir))) for s in cfg.data.sources)
+    rollout = cfg.rlp.rollout
+    banned = tuple(sorted(set(rollout.banned_ids) | set(unused_token_ids(load_tokenizer(tokenizer)))))
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources),
-                               train=dataclasses.replace(cfg.train, tokenizer=cfg.train.tokenizer or str(paths["tokenizer"])))
+                               rlp=dataclasses.replace(cfg.rlp, rollout=dataclasses.replace(rollout, banned_ids=banned)),
+                               train=dataclasses.replace(cfg.train, tokenizer=tokenizer))
 
 
 def pretrain_config(cfg: RunConfig) -> RunConfig:

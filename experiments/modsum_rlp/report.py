@@ -126,21 +126,37 @@ def _plot(all_units: dict, path: Path) -> None:
     plt.close(fig)
 
 
+PROTOCOLS = {1: "Protocol 1 (as first registered; seed 0 only: its defect led to protocol 2)",
+             2: "Protocol 2 (protocol 1 with thoughts restricted to the task's tokens; see run.py)"}
+
+
 def write_report() -> Path:
     import run
 
-    all_units = {int(d.name[4:]): _load(d) for d in sorted(RESULTS.glob("seed*")) if (d / "stage1.json").exists()}
     lines = ["# RLP where thinking is useful: running sums mod 3 (pre-registered)", "",
              "Made by `python experiments/modsum_rlp/run.py report` from `results/`; each seed by "
              "`python experiments/modsum_rlp/run.py seed --seed N --workdir runs/modsum_rlp`. The settings, the gate "
              "and the criteria are the constants at the top of `run.py`, committed before any run.", "",
              "## Criteria (fixed before any run)", "", "```", run.CRITERIA, "```", ""]
-    verdicts, pooled_diffs = {}, []
+    for protocol, title in PROTOCOLS.items():
+        lines += [f"# {title}", ""] + _protocol_report(run, protocol)
+    out = HERE / "RESULTS.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+    return out
+
+
+def _protocol_report(run, protocol: int) -> list[str]:
+    root = RESULTS / f"v{protocol}"
+    all_units = {int(d.name[4:]): _load(d) for d in sorted(root.glob("seed*")) if (d / "stage1.json").exists()}
+    lines, verdicts, pooled_diffs = [], {}, []
     for seed, units in sorted(all_units.items()):
         st = units["stage1"]
+        trained = ("protocol 1's stage-1 model of this seed" if st.get("reused_stage1")
+                   else f"{st['train_seconds']:.0f} s of training")
         lines += [f"## Seed {seed}", "",
                   f"Stage-1 gate ({run.GATE}): measured {st['gate_measured']} -> "
-                  f"**{'passed' if st['gate_passed'] else 'FAILED'}** ({st['train_seconds']:.0f} s of training).", ""]
+                  f"**{'passed' if st['gate_passed'] else 'FAILED'}** ({trained}).", ""]
         if not st["gate_passed"]:
             lines += ["No RLP or CPT run follows from a model that fails the gate.", ""]
             continue
@@ -169,7 +185,9 @@ def write_report() -> Path:
         lines.append("")
     done = [s for s, v in verdicts.items() if "acc_diff" in v]
     lines += ["## Verdict", ""]
-    if len(done) == len(run.SEEDS):
+    if protocol < run.PROTOCOL:
+        lines += [f"Superseded after seed 0 by protocol {run.PROTOCOL}; no verdict is drawn from it."]
+    elif len(done) == len(run.SEEDS):
         s1 = all(verdicts[s]["S1"] for s in done)
         pooled = _ci(np.concatenate(pooled_diffs))
         s2 = all(verdicts[s]["acc_diff"][0] > 0 for s in done) and pooled[1] > 0
@@ -181,12 +199,9 @@ def write_report() -> Path:
         lines += [f"Not yet decided: {len(done)} of {len(run.SEEDS)} seeds finished (S1 and S2 need all three). "
                   "What finished is above, per seed, with its CIs."]
     if verdicts:
-        _plot(all_units, HERE / "curves.png")
-        lines += ["", "![curves](curves.png)", "",
+        _plot(all_units, HERE / f"curves_v{protocol}.png")
+        lines += ["", f"![curves](curves_v{protocol}.png)", "",
                   "Top: RLP's training reward, thought length and ended fraction per step. Bottom: the curve "
                   f"evaluations (the first {run.CURVE_PROBLEMS} held-out problems, fixed thought keys) of RLP (solid) "
-                  "and CPT (dashed) at equal fractions of their matched FLOPs."]
-    out = HERE / "RESULTS.md"
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
-    return out
+                  "and CPT (dashed) at equal fractions of their matched FLOPs.", ""]
+    return lines

@@ -12,6 +12,7 @@ an unfinished one from its checkpoints in WORKDIR if they are still there.
 
 Everything below the line "PRE-REGISTERED" was fixed on 2026-12-06 before any stage-1, RLP or CPT run of this
 study: the data, the model, both arms' settings, the gate, the evaluation and the success criteria S1 / S2.
+PROTOCOL 2 (below them) was fixed after protocol 1's seed 0 and before any run of protocol 2.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import jax
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 
 # ------------------------------------------------------------------------------------------------ PRE-REGISTERED
 SEEDS = (0, 1, 2)
@@ -54,6 +54,18 @@ S1 (thinking acquires information gain): after RLP, the answer-position informat
 S2 (RLP beats FLOP-matched CPT at reasoning): accuracy after a sampled thought, RLP minus CPT, is > 0 in 3 of 3
    seeds, and the pooled paired 95% CI excludes 0. Reported beside it: RLP against CPT's best of (direct,
    greedy thought, sampled thought)."""
+# ------------------------------------------------------------------------------------------------ PROTOCOL 2
+# Fixed on 2026-12-06 after protocol 1's seed 0 (results/v1/seed0) and before any protocol-2 run. Protocol 1's
+# RLP thoughts sampled tokens that no document of the task contains and whose embeddings were therefore never
+# trained: sentencepiece's unknown piece (a tokenizer bug: it was not among the special tokens that thoughts
+# never sample; fixed in rlp_jax.data.tokenizer for every run) and the bare characters `A`, `2`, ... without
+# their word-initial space (200 steps in: `A<think> A 2A 2</think>`, accuracy after thinking at chance).
+# Protocol 2 = protocol 1 with thoughts restricted to the task's own tokens (`modsum.unused_token_ids` added to
+# rlp.rollout.banned_ids, the same for every model evaluated). The data, the stage-1 model (stage 1 does not
+# sample thoughts: protocol 1's checkpoint of the seed is reused), the arms, the gate (re-measured with
+# protocol 2's thoughts), the evaluation and S1 / S2 are protocol 1's.
+PROTOCOL = 2
+RESULTS = HERE / "results" / f"v{PROTOCOL}"
 # ------------------------------------------------------------------------------------------------
 
 
@@ -89,10 +101,14 @@ def stage1_config(paths: dict, seed: int):
 
 
 def arm_config(paths: dict, seed: int, start: Path, objective: str, steps: int):
+    from rlp_jax.data.tokenizer import load_tokenizer
+
+    banned = modsum.unused_token_ids(load_tokenizer(paths["tokenizer"])) if PROTOCOL >= 2 else ()
     rlp = rlp_config.RLPConfig(
         rollout=rlp_config.RolloutConfig(group_size=RLP["group_size"], thought_len=RLP["thought_len"],
                                          temperature=RLP["temperature"], positions_per_doc=RLP["positions_per_doc"],
-                                         min_context=RLP["min_context"], position_rule=RLP["position_rule"]),
+                                         min_context=RLP["min_context"], position_rule=RLP["position_rule"],
+                                         banned_ids=banned),
         loss=rlp_config.LossConfig(eps_low=RLP["eps"], eps_high=RLP["eps"], ntp_weight=RLP["ntp_weight"]),
         ema_decay=RLP["ema_decay"])
     return cfgs.RunConfig(
@@ -161,16 +177,22 @@ def stage1(workdir: Path, seed: int) -> dict:
     paths = data_dir(workdir, seed)
     cfg = stage1_config(paths, seed)
     run = workdir / f"seed{seed}" / "stage1"
+    reused = (run / "checkpoints" / str(STAGE1["steps"])).is_dir()   # protocol 1's stage 1 of this seed
     seconds = _train(cfg, run, f"stage1-seed{seed}")
     rollout = eval_rollout(arm_config(paths, seed, run, "rlp", 1), run_dir.load_model(run).tokenizer)
     ev = evaluate(run, paths, rollout)
     roles = ev["roles_worked"]
     measured = {"step": roles["step"], "answer_after_working": roles["answer"], "acc_think": ev["answer"]["acc_think"]}
     ev.update(gate=GATE, gate_measured=measured, gate_passed=all(measured[k] >= v for k, v in GATE.items()),
-              train_seconds=round(seconds, 1), config=cfgs.to_dict(cfg))
+              train_seconds=None if reused else round(seconds, 1), reused_stage1=reused, config=cfgs.to_dict(cfg))
     _save(out, ev)
     print(f"stage 1 seed {seed}: gate {'PASSED' if ev['gate_passed'] else 'FAILED'} {measured}")
     return ev
+
+
+def arm_dir(workdir: Path, seed: int, name: str) -> Path:
+    """An arm's run directory (protocol 1's under WORKDIR/seed<N>/, later protocols' under WORKDIR/v<P>/seed<N>/)."""
+    return workdir / (f"seed{seed}" if PROTOCOL == 1 else f"v{PROTOCOL}/seed{seed}") / name
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -191,7 +213,7 @@ def arm(workdir: Path, seed: int, objective: str, steps: int, stage1_ev: dict) -
     if out.exists():
         return json.loads(out.read_text())
     paths = data_dir(workdir, seed)
-    start, run = workdir / f"seed{seed}" / "stage1", workdir / f"seed{seed}" / name
+    start, run = workdir / f"seed{seed}" / "stage1", arm_dir(workdir, seed, name)
     partial = run / "curve.json"
     state = json.loads(partial.read_text()) if partial.exists() else {"curve": [], "seconds": 0.0}
     rollout = eval_rollout(arm_config(paths, seed, start, "rlp", 1), run_dir.load_model(start).tokenizer)

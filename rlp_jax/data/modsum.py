@@ -227,6 +227,20 @@ def encode_document(tokenizer, doc: Document, *, add_bos: bool = False) -> list[
     return ids
 
 
+def task_token_ids(tokenizer) -> set[int]:
+    """The ids the task's documents can contain: its words (digits, `;`, `=`, `A`) and the two markers."""
+    doc = make_document("trace", Problem(tuple(range(MODULUS)) * 3))
+    return set(encode_document(tokenizer, doc)) | {tokenizer.think_start_id, tokenizer.think_end_id}
+
+
+def unused_token_ids(tokenizer) -> tuple[int, ...]:
+    """Vocabulary ids no document of the task contains (sentencepiece's bare characters, the unknown piece,
+    bos/eos/pad): their embeddings are never trained, so thoughts are kept from sampling them
+    (`rlp.rollout.banned_ids`)."""
+    used = task_token_ids(tokenizer)
+    return tuple(i for i in range(tokenizer.vocab_size) if i not in used)
+
+
 def build_study_data(out_dir, *, seed: int, pretrain_docs: int, continuation_docs: int, heldout: int,
                      heldout_docs: int = 512) -> dict[str, Path]:
     """Write the study's files under out_dir: pretrain.jsonl (PRETRAIN_MIX), continuation.jsonl

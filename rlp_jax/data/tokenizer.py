@@ -99,7 +99,8 @@ class SentencePieceTokenizer(Tokenizer):
         self.added_pieces = {i: sp.encode(m) for m, i in zip(think_tokens, marker_ids) if i >= base}
         self.vocab_size = base + self.num_added_tokens
         self._control = {i for i in range(base) if sp.is_control(i)}
-        self.special_ids = self._control | set(marker_ids)
+        # The unknown piece is special too: it is never text a model should write (e.g. inside a thought).
+        self.special_ids = self._control | {i for i in range(base) if sp.is_unknown(i)} | set(marker_ids)
         self._id_to_marker = {i: m for m, i in self._split_markers.items()}
         self._split_re = (re.compile("(" + "|".join(map(re.escape, self._split_markers)) + ")")
                           if self._split_markers else None)

@@ -117,3 +117,14 @@ def test_a_tokenizer_that_splits_words_is_refused(tmp_path):
     doc = modsum.make_document("worked", modsum.Problem(tuple(random.Random(0).choices(range(3), k=9))))
     with pytest.raises(ValueError, match="splits modsum words"):
         modsum.encode_document(coarse, doc)
+
+
+def test_thoughts_can_be_kept_to_the_task_tokens(tmp_path, docs):
+    """unused_token_ids: every id outside the task's words and markers (the tokenizer's unknown piece, bos, eos,
+    pad and sentencepiece's bare characters), none that a document contains."""
+    tok = load_tokenizer(modsum.train_tokenizer(tmp_path / "tok"))
+    used = {i for d in docs for i in modsum.encode_document(tok, d)}
+    banned = set(modsum.unused_token_ids(tok))
+    assert used == modsum.task_token_ids(tok) and not used & banned
+    assert used | banned == set(range(tok.vocab_size))
+    assert tok.sp.unk_id() in banned and tok.sp.unk_id() in tok.special_ids   # the unknown piece is special
