@@ -82,6 +82,18 @@ def _model_table(units: dict) -> list[str]:
     return lines
 
 
+def _partial(p: dict) -> list[str]:
+    """An RLP arm stopped before its end: its curve evaluations, labelled as such."""
+    lines = [f"RLP was stopped at step {p['stopped_at_step']} ({p['note']}). Its curve evaluations:", "",
+             "| RLP step | acc direct | acc greedy thought | acc sampled thought | gain vs no thought | gain vs empty | thought len |",
+             "|---|---|---|---|---|---|---|"]
+    for c in p["curve"]:
+        lines.append(f"| {c['step']} | {100 * c['acc_no_think']:.1f}% | {100 * c['acc_greedy']:.1f}% | "
+                     f"{100 * c['acc_think']:.1f}% | {c['info_gain']:+.3f} | {c['info_gain_vs_empty']:+.3f} | "
+                     f"{c['thought_len']:.1f} |")
+    return lines + [""]
+
+
 def _plot(all_units: dict, path: Path) -> None:
     import matplotlib
 
@@ -160,6 +172,8 @@ def _protocol_report(run, protocol: int) -> list[str]:
         if not st["gate_passed"]:
             lines += ["No RLP or CPT run follows from a model that fails the gate.", ""]
             continue
+        if "rlp_partial" in units:
+            lines += _partial(units["rlp_partial"])
         v = seed_verdicts(units)
         verdicts[seed] = v
         lines += _model_table(units) + [""]

@@ -2,7 +2,8 @@
 
     python experiments/replication/run.py --workdir runs/replication [--seeds 0,1,2] [--no-ablations]
 
-Everything uses the `demo` recipe (generated corpus, `small` Qwen3-style model, CPU):
+Everything uses the replication's recipe (`recipe.py` here: the demo as it was until 2026-12-06; generated
+corpus, `small` Qwen3-style model, CPU):
 1. WORKDIR/pretrain: stage 1, next-token pretraining from scratch (shared by every arm).
 2. From its final checkpoint, per seed (train.seed and data.shuffle_seed):
    rlp          the demo's RLP stage (G = 4, tau = 0.99)
@@ -226,7 +227,7 @@ def main(argv=None) -> int:
             return 2
         write_report(workdir, json.loads((workdir / "results.json").read_text())["rows"])
         return 0
-    demo = load_experiment("demo")
+    demo = load_experiment(str(Path(__file__).resolve().parent / "recipe.py"))
     try:
         from rlp_jax.train.config import apply_overrides
 
