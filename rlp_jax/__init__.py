@@ -7,26 +7,18 @@ system), `evaluate/` (checkpoints' evaluation); `docs/method.md` gives the metho
 """
 
 from rlp_jax.model.config import ModelConfig
-from rlp_jax.model.transformer import (
-                                       BranchCache,
-                                       Branches,
-                                       PrefixCache,
-                                       branch_forward,
-                                       branches_at,
-                                       decode_step,
-                                       forward,
-                                       init_branch_cache,
-                                       init_params,
-                                       param_logical_axes,
-                                       prefill,
-)
-from rlp_jax.rlp.advantages import batch_advantages, group_advantages
-from rlp_jax.rlp.config import LossConfig, RewardConfig, RLPConfig, RolloutConfig
-from rlp_jax.rlp.losses import combined_loss, ntp_loss, rlp_loss
-from rlp_jax.rlp.objective import Rollout, loss_and_grad, rollout_phase
-from rlp_jax.rlp.reward import REWARDS, info_gain_reward, rpt_reward
-from rlp_jax.rlp.rollout import Thoughts, thought_forward, thought_rollout
-from rlp_jax.rlp.teacher import ema_update, init_ema, teacher_logprobs
-from rlp_jax.train.step import TrainState, init_train_state, make_ntp_train_step, make_rlp_train_step, rlp_step
+from rlp_jax.rlp import (REWARDS, LossConfig, RewardConfig, RLPConfig, Rollout, RolloutConfig, Thoughts,
+                         batch_advantages, combined_loss, ema_update, group_advantages, info_gain, init_ema,
+                         loss_and_grad, ntp_loss, rlp_loss, rlp_loss_metrics, rollout_phase, rpt, teacher_logprobs,
+                         thought_forward, thought_rollout)
+from rlp_jax.train.step import TrainState, init_train_state, make_ntp_train_step, make_rlp_train_step
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ModelConfig", "RLPConfig", "RolloutConfig", "RewardConfig", "LossConfig", "REWARDS",
+    "info_gain", "rpt", "group_advantages", "batch_advantages", "rlp_loss", "rlp_loss_metrics", "ntp_loss",
+    "combined_loss", "Thoughts", "thought_rollout", "thought_forward", "init_ema", "ema_update",
+    "teacher_logprobs", "Rollout", "rollout_phase", "loss_and_grad",
+    "TrainState", "init_train_state", "make_rlp_train_step", "make_ntp_train_step",
+]

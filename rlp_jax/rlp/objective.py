@@ -29,7 +29,7 @@ from rlp_jax.model.family import Config
 from rlp_jax.rlp import advantages as adv_lib
 from rlp_jax.rlp import positions, reward
 from rlp_jax.rlp.config import RLPConfig
-from rlp_jax.rlp.losses import next_token_mask, rlp_loss, shifted_ntp_loss
+from rlp_jax.rlp.losses import next_token_mask, rlp_loss, rlp_loss_metrics, shifted_ntp_loss
 from rlp_jax.rlp.prompt import prompt_context
 from rlp_jax.rlp.rollout import Thoughts, thought_forward, thought_rollout
 from rlp_jax.rlp.teacher import teacher_logprobs
@@ -198,8 +198,9 @@ def surrogate(scores: Scores, graded: Graded, rollout: Rollout, rlp: RLPConfig, 
     act = (thoughts.action_mask & graded.valid[..., None]).reshape(-1, t_max)
     old_flat = jax.lax.stop_gradient(new_flat)
     ref = None if rollout.reference_logprobs is None else rollout.reference_logprobs.reshape(-1, t_max)
-    loss_rlp, metrics = rlp_loss(new_flat, old_flat, graded.advantages.reshape(-1), act, (lc.eps_low, lc.eps_high),
-                                 ref_logprobs=ref, kl_beta=lc.kl_beta, rewards=graded.rewards.reshape(-1))
+    args = (new_flat, old_flat, graded.advantages.reshape(-1), act, (lc.eps_low, lc.eps_high))
+    loss_rlp = rlp_loss(*args, ref_logprobs=ref, kl_beta=lc.kl_beta)
+    metrics = {"loss/rlp": loss_rlp, **rlp_loss_metrics(*args, ref_logprobs=ref, rewards=graded.rewards.reshape(-1))}
     loss = scale.rlp * loss_rlp
     if lc.ntp_weight > 0:
         loss = loss + lc.ntp_weight * scale.ntp * scores.ntp_loss

@@ -15,22 +15,34 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def info_gain_reward(policy_logprobs_bkgh, policy_argmax_bkgh, targets_bkh, ema_logprobs_bkh):
-    """RLP's information gain r(c) = S_pred(c) - S_ema, summed over the horizon (in nats).
+def info_gain(s_pred_bkg, s_ema_bk):
+    """RLP's reward, the information gain of each thought (nats): S_pred - S_ema.
 
-    Positive exactly when thinking made the true continuation more likely than the no-think EMA
-    teacher finds it. S_ema is the same for the G thoughts of a position.
+    s_pred_bkg: [B, K, G] log p_theta(x_t | x_<t, <think> c </think>) of each thought (summed over the horizon);
+    s_ema_bk: [B, K] log p_ema(x_t | x_<t), the no-think teacher's, the same for the G thoughts of a position.
+    Positive exactly when thinking made the true next token more likely than the teacher finds it. [B, K, G].
     """
+    return s_pred_bkg - s_ema_bk[..., None]
+
+
+def rpt(predicted_bkgh, targets_bkh):
+    """RPT's verifiable reward (the paper's Table 3 baseline): 1.0 when the policy's prediction after the thought
+    equals every true next token x_t .. x_{t+H-1}, else 0.0. predicted [B, K, G, H] int, targets [B, K, H] int
+    -> [B, K, G] float32."""
+    return jnp.all(predicted_bkgh == targets_bkh[:, :, None, :], axis=-1).astype(jnp.float32)
+
+
+def info_gain_reward(policy_logprobs_bkgh, policy_argmax_bkgh, targets_bkh, ema_logprobs_bkh):
+    """`info_gain` in the registry's signature (horizon terms summed)."""
     del policy_argmax_bkgh, targets_bkh
-    s_pred = policy_logprobs_bkgh.sum(-1)                                   # [B, K, G]
-    s_ema = jnp.broadcast_to(ema_logprobs_bkh.sum(-1)[:, :, None], s_pred.shape)
-    return s_pred - s_ema, {"s_pred": s_pred, "s_ema": s_ema}
+    s_pred, s_ema = policy_logprobs_bkgh.sum(-1), ema_logprobs_bkh.sum(-1)
+    return info_gain(s_pred, s_ema), {"s_pred": s_pred, "s_ema": jnp.broadcast_to(s_ema[..., None], s_pred.shape)}
 
 
 def rpt_reward(policy_logprobs_bkgh, policy_argmax_bkgh, targets_bkh, ema_logprobs_bkh):
-    """RPT-style verifiable reward: 1 if the policy's argmax after the thought equals every x_{t+h}, else 0."""
+    """`rpt` in the registry's signature."""
     del ema_logprobs_bkh
-    hit = jnp.all(policy_argmax_bkgh == targets_bkh[:, :, None, :], axis=-1).astype(jnp.float32)
+    hit = rpt(policy_argmax_bkgh, targets_bkh)
     return hit, {"s_pred": policy_logprobs_bkgh.sum(-1), "accuracy": hit}
 
 

@@ -7,18 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlp_jax.rlp.losses import ntp_loss, rlp_loss, shifted_ntp_loss
+from rlp_jax.rlp.losses import ntp_loss, rlp_loss, rlp_loss_metrics, shifted_ntp_loss
 
 SETTINGS = settings(max_examples=40, deadline=None)
 M, T = 5, 4   # fixed shapes for the property tests: compile once
 
 
-def _loss_only(new, old, adv, mask, clip_eps=0.2, **kw):
-    return rlp_loss(new, old, adv, mask, clip_eps, **kw)[0]
-
-
-_value_and_grad = jax.jit(jax.value_and_grad(_loss_only), static_argnames=("clip_eps", "kl_beta"))
-_loss_jit = jax.jit(rlp_loss, static_argnames=("clip_eps", "kl_beta"))
+_value_and_grad = jax.jit(jax.value_and_grad(rlp_loss), static_argnames=("clip_eps", "kl_beta"))
+_metrics_jit = jax.jit(rlp_loss_metrics, static_argnames=("clip_eps",))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,8 +72,8 @@ def _one(ratio, adv, clip_eps=0.2):
     new = old + jnp.log(ratio)
     mask = jnp.array([[True]])
     a = jnp.array([adv])
-    loss, metrics = rlp_loss(new, old, a, mask, clip_eps)
-    grad = jax.grad(_loss_only)(new, old, a, mask, clip_eps)
+    loss, metrics = rlp_loss(new, old, a, mask, clip_eps), rlp_loss_metrics(new, old, a, mask, clip_eps)
+    grad = jax.grad(rlp_loss)(new, old, a, mask, clip_eps)
     return float(loss), float(grad[0, 0]), metrics
 
 
@@ -143,7 +139,7 @@ def test_clip_fraction_counts_tokens():
     ratio = jnp.array([[1.0, 1.5, 0.5], [1.5, 0.5, 1.0]])
     adv = jnp.array([1.0, -1.0])
     mask = jnp.array([[True, True, True], [True, True, False]])
-    _, met = rlp_loss(jnp.log(ratio), old, adv, mask, 0.2)
+    met = rlp_loss_metrics(jnp.log(ratio), old, adv, mask, 0.2)
     # clipped: row 0 slot 1 (A>0, rho>1.2); row 1 slot 1 (A<0, rho<0.8); 5 action tokens
     assert float(met["policy/clip_fraction"]) == pytest.approx(2 / 5)
     assert float(met["policy/max_abs_ratio_minus_1"]) == pytest.approx(0.5, rel=1e-5)
@@ -165,7 +161,7 @@ def test_matches_naive(seed, clip_eps):
     np.testing.assert_allclose(np.asarray(grad), ref_grad, rtol=1e-4, atol=1e-6)
     assert np.all(np.asarray(grad)[~mask] == 0.0)
     # clip fraction: share of action tokens whose objective is the (constant) clipped branch
-    _, met = _loss_jit(new, old, adv, mask, clip_eps=clip_eps)
+    met = _metrics_jit(new, old, adv, mask, clip_eps=clip_eps)
     rho = np.exp(new.astype(np.float64) - old)
     a = adv[:, None]
     clipped = ((a > 0) & (rho > 1 + high)) | ((a < 0) & (rho < 1 - low))
@@ -205,7 +201,7 @@ def test_empty_thought_does_not_count(seed):
 
 def test_all_empty_gives_zero():
     z = jnp.zeros((3, 2))
-    loss, met = rlp_loss(z, z, jnp.ones(3), jnp.zeros((3, 2), bool))
+    loss, met = rlp_loss(z, z, jnp.ones(3), jnp.zeros((3, 2), bool)), rlp_loss_metrics(z, z, jnp.ones(3), jnp.zeros((3, 2), bool))
     assert float(loss) == 0.0 and np.isfinite(float(met["policy/clip_fraction"]))
 
 
@@ -225,9 +221,9 @@ def test_policy_gradient_at_ratio_one(seed):
 
 def test_advantage_is_not_differentiated():
     new, old, adv, mask, _ = _random_case(3)
-    g = jax.grad(lambda a: rlp_loss(new, old, a, mask)[0])(jnp.asarray(adv))
+    g = jax.grad(lambda a: rlp_loss(new, old, a, mask))(jnp.asarray(adv))
     np.testing.assert_array_equal(np.asarray(g), 0.0)
-    g_old = jax.grad(lambda o: rlp_loss(new, o, adv, mask)[0])(jnp.asarray(old))
+    g_old = jax.grad(lambda o: rlp_loss(new, o, adv, mask))(jnp.asarray(old))
     np.testing.assert_array_equal(np.asarray(g_old), 0.0)
 
 
@@ -254,7 +250,7 @@ def test_kl_term_matches_naive(seed):
     has = lengths > 0
     kl = (k3.sum(-1)[has] / lengths[has]).mean() if has.any() else 0.0
     np.testing.assert_allclose(float(loss) - float(loss0), beta * kl, rtol=1e-3, atol=1e-6)
-    _, met = _loss_jit(new, old, adv, mask, ref_logprobs=ref, kl_beta=beta)
+    met = _metrics_jit(new, old, adv, mask, ref_logprobs=ref)
     np.testing.assert_allclose(float(met["policy/kl_to_ref"]), kl, rtol=1e-4, atol=1e-6)
 
 
@@ -278,8 +274,8 @@ def test_kl_masked_tokens_are_ignored(seed):
 
 def test_kl_zero_at_reference():
     new, old, adv, mask, _ = _random_case(1)
-    a, _ = rlp_loss(new, old, adv, mask, ref_logprobs=new, kl_beta=1.0)
-    b, _ = rlp_loss(new, old, adv, mask)
+    a = rlp_loss(new, old, adv, mask, ref_logprobs=new, kl_beta=1.0)
+    b = rlp_loss(new, old, adv, mask)
     np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
 
 
@@ -293,10 +289,10 @@ def test_reward_metrics():
     z = jnp.zeros((4, 2))
     mask = jnp.array([[True, False], [True, True], [False, False], [True, False]])
     rewards = jnp.array([1.0, -2.0, 100.0, 0.5])      # thought 2 has no action tokens: not counted
-    _, met = rlp_loss(z, z, jnp.zeros(4), mask, rewards=rewards)
+    met = rlp_loss_metrics(z, z, jnp.zeros(4), mask, rewards=rewards)
     assert float(met["reward/mean"]) == pytest.approx((1.0 - 2.0 + 0.5) / 3)
     assert float(met["reward/frac_positive"]) == pytest.approx(2 / 3)
-    _, met = rlp_loss(z, z, jnp.zeros(4), mask)
+    met = rlp_loss_metrics(z, z, jnp.zeros(4), mask)
     assert "reward/mean" not in met
 
 
@@ -354,3 +350,17 @@ def test_shifted_ntp_two_packed_segments():
     logits3 = logits.copy()
     logits3[0, 3] += 5 * rng.randn(v)
     assert float(shifted_ntp_loss(jnp.asarray(logits3), jnp.asarray(tokens), jnp.asarray(seg))) != pytest.approx(got, rel=1e-6)
+
+
+def test_per_thought_losses_average_to_the_loss():
+    """reduction="none": one loss per thought (0 without action tokens); their mean over the thoughts that have
+    action tokens is the "mean" loss, and weighting them is the caller's."""
+    new, old, adv, mask, _ = _random_case(5)
+    mask[1] = False
+    per = rlp_loss(new, old, adv, mask, reduction="none")
+    assert per.shape == (M,) and float(per[1]) == 0.0
+    np.testing.assert_allclose(float(per[mask.any(-1)].mean()), float(rlp_loss(new, old, adv, mask)), rtol=1e-6)
+    ref, _ = naive_rlp(new[:1], old[:1], adv[:1], mask[:1], 0.2, 0.2)
+    np.testing.assert_allclose(float(per[0]), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="reduction"):
+        rlp_loss(new, old, adv, mask, reduction="sum")
