@@ -7,11 +7,36 @@ system), `evaluate/` (checkpoints' evaluation); `docs/method.md` gives the metho
 """
 
 from rlp_jax.model.config import ModelConfig
-from rlp_jax.rlp import (REWARDS, LossConfig, RewardConfig, RLPConfig, Rollout, RolloutConfig, Thoughts,
-                         batch_advantages, combined_loss, ema_update, group_advantages, info_gain, init_ema,
-                         loss_and_grad, ntp_loss, rlp_loss, rlp_loss_metrics, rollout_phase, rpt, teacher_logprobs,
-                         thought_forward, thought_rollout)
-from rlp_jax.train.step import TrainState, init_train_state, make_ntp_train_step, make_rlp_train_step
+from rlp_jax.rlp import (
+                         REWARDS,
+                         LossConfig,
+                         RewardConfig,
+                         RLPConfig,
+                         Rollout,
+                         RolloutConfig,
+                         Thoughts,
+                         batch_advantages,
+                         combined_loss,
+                         ema_update,
+                         group_advantages,
+                         info_gain,
+                         init_ema,
+                         loss_and_grad,
+                         ntp_loss,
+                         rlp_loss,
+                         rlp_loss_metrics,
+                         rollout_phase,
+                         rpt,
+                         teacher_logprobs,
+                         thought_forward,
+                         thought_rollout,
+)
+from rlp_jax.train.step import (
+                         TrainState,
+                         init_train_state,
+                         make_ntp_train_step,
+                         make_rlp_train_step,
+)
 
 __version__ = "0.1.0"
 

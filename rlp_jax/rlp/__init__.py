@@ -15,8 +15,20 @@ Depends on `rlp_jax.model` and `rlp_jax.generate`; never on `train` or `evaluate
 """
 
 from rlp_jax.rlp.advantages import batch_advantages, group_advantages
-from rlp_jax.rlp.config import LossConfig, PromptConfig, RewardConfig, RLPConfig, RolloutConfig
-from rlp_jax.rlp.losses import combined_loss, ntp_loss, rlp_loss, rlp_loss_metrics, shifted_ntp_loss
+from rlp_jax.rlp.config import (
+    LossConfig,
+    PromptConfig,
+    RewardConfig,
+    RLPConfig,
+    RolloutConfig,
+)
+from rlp_jax.rlp.losses import (
+    combined_loss,
+    ntp_loss,
+    rlp_loss,
+    rlp_loss_metrics,
+    shifted_ntp_loss,
+)
 from rlp_jax.rlp.objective import Rollout, loss_and_grad, rollout_phase
 from rlp_jax.rlp.reward import REWARDS, info_gain, info_gain_reward, rpt, rpt_reward
 from rlp_jax.rlp.rollout import Thoughts, thought_forward, thought_rollout

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 
 from rlp_jax.generate.sampling import filter_logits, sample_categorical
 from rlp_jax.model import family as model
-from rlp_jax.model.transformer import Branches
 from rlp_jax.model.family import Config
+from rlp_jax.model.transformer import Branches
 from rlp_jax.rlp.config import RolloutConfig
 from rlp_jax.rlp.objective import ThoughtPath
 from rlp_jax.rlp.rollout import Thoughts, branch_tokens, score_branches, thought_logits

@@ -29,7 +29,12 @@ from rlp_jax.model.family import Config
 from rlp_jax.rlp import advantages as adv_lib
 from rlp_jax.rlp import positions, reward
 from rlp_jax.rlp.config import RLPConfig
-from rlp_jax.rlp.losses import next_token_mask, rlp_loss, rlp_loss_metrics, shifted_ntp_loss
+from rlp_jax.rlp.losses import (
+    next_token_mask,
+    rlp_loss,
+    rlp_loss_metrics,
+    shifted_ntp_loss,
+)
 from rlp_jax.rlp.prompt import prompt_context
 from rlp_jax.rlp.rollout import Thoughts, thought_forward, thought_rollout
 from rlp_jax.rlp.teacher import teacher_logprobs
