@@ -81,7 +81,7 @@ from rlp_jax.rlp import positions  # noqa: E402
 from rlp_jax.rlp import naive  # noqa: E402
 from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
 from rlp_jax.rlp.rollout import thought_rollout  # noqa: E402
-from rlp_jax.train import step as train_step  # noqa: E402
+from rlp_jax.train import train_step  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # The two rollouts (the naive RLP step is train_step.make_rlp_train_step(..., path=naive.NAIVE))

@@ -31,7 +31,7 @@ from rlp_jax.rlp import (
                          thought_forward,
                          thought_rollout,
 )
-from rlp_jax.train.step import (
+from rlp_jax.train.train_step import (
                          TrainState,
                          init_train_state,
                          make_ntp_train_step,

@@ -44,7 +44,7 @@ SLOW_MODULES = {
     "tests/model/test_gguf.py": 20,
     "tests/generate/test_generation.py": 20,
     "tests/train/test_mesh.py": 19,
-    "tests/train/test_step.py": 17,
+    "tests/train/test_train_step.py": 17,
     "tests/rlp/test_toy_task.py": 17,
     "tests/test_notebook.py": 16,
     "tests/rlp/test_rollout.py": 15,

@@ -17,7 +17,7 @@ from rlp_jax import sharding  # noqa: E402
 from rlp_jax.model import transformer as model  # noqa: E402
 from rlp_jax.model.config import ModelConfig  # noqa: E402
 from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
-from rlp_jax.train import step as train_step  # noqa: E402
+from rlp_jax.train import train_step  # noqa: E402
 
 CFG = ModelConfig.preset("tiny", vocab_size=64)
 RLP = RLPConfig(rollout=RolloutConfig(group_size=2, positions_per_doc=2, thought_len=4, min_context=2,

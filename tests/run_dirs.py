@@ -14,7 +14,7 @@ from rlp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
 from rlp_jax.train import checkpoint
-from rlp_jax.train import step as train_step
+from rlp_jax.train import train_step
 from rlp_jax.train.config import apply_overrides, load_experiment, to_dict
 from rlp_jax.train.loop import with_markers
 from rlp_jax.train.optim import make_optimizer

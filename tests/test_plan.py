@@ -263,7 +263,7 @@ def test_plan_agrees_with_xla_memory_analysis(attention):
 def _planned_and_xla_step(model_overrides):
     """(the planner's `plan` of one RLP step of 256-token documents on one CPU device, XLA's bytes for the compiled
     step: temporaries + arguments), for the smoke recipe with `model_overrides`."""
-    from rlp_jax.train import step as train_step
+    from rlp_jax.train import train_step
     from rlp_jax.train.optim import make_optimizer
 
     cfg = apply_overrides(load_experiment("smoke").config(), [*model_overrides,

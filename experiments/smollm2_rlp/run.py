@@ -38,7 +38,7 @@ from rlp_jax import (
 )
 from rlp_jax.data.pipeline import make_iterator  # noqa: E402
 from rlp_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from rlp_jax.train import step as train_step  # noqa: E402
+from rlp_jax.train import train_step  # noqa: E402
 from rlp_jax.train.cli import EXIT_PREEMPTED  # noqa: E402
 from rlp_jax.train.config import RunConfig, load_experiment  # noqa: E402
 from rlp_jax.train.run_dir import LoadedModel  # noqa: E402

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from rlp_jax import sharding
 from rlp_jax.generate.generation import SamplingConfig, generate, pad_prompts
-from rlp_jax.model import family as model
+from rlp_jax.model import family
 from rlp_jax.model.scoring import shifted_token_logprobs
 from rlp_jax.rlp.config import RolloutConfig
 
@@ -79,7 +79,7 @@ class Decoder:
         self.cfg, self.tok, self.batch_size = cfg, tokenizer, batch_size
         self.mesh = mesh if mesh is not None else sharding.make_mesh(sharding.MeshConfig(data=-1))
         p_abs = jax.eval_shape(lambda: params)
-        self._p_sh = sharding.tree_shardings(model.param_logical_axes(cfg), p_abs, self.mesh)
+        self._p_sh = sharding.tree_shardings(family.param_logical_axes(cfg), p_abs, self.mesh)
         self.params = jax.device_put(params, self._p_sh)
         self._rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self._row_sh = NamedSharding(self.mesh, P(("data", "fsdp")))
@@ -188,7 +188,7 @@ def _compiled(kind: str, cfg, mesh, p_sh, sc):
             _JITTED[key] = jax.jit(fn, in_shardings=(p_sh, rows, rows, replicated), out_shardings=replicated)
         else:
             def fn(p, x_bl, seg_bl):
-                logits, _ = model.forward(p, cfg, x_bl, segment_ids_bl=seg_bl)
+                logits, _ = family.forward(p, cfg, x_bl, segment_ids_bl=seg_bl)
                 greedy = jnp.pad(jnp.argmax(logits[:, :-1], axis=-1) == x_bl[:, 1:], ((0, 0), (1, 0)))
                 return shifted_token_logprobs(logits, x_bl), greedy            # [B, L] float32, [B, L] bool
             _JITTED[key] = jax.jit(fn, in_shardings=(p_sh, rows, rows), out_shardings=replicated)

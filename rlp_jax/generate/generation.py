@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlp_jax.generate.sampling import NEG, argmax, filter_logits, sample_categorical
-from rlp_jax.model import family as model
+from rlp_jax.model import family
 from rlp_jax.model.family import Config
 
 
@@ -111,8 +111,8 @@ def generate(params, cfg: Config, prompts_bl, prompt_lens_b, rng, sc: SamplingCo
     """
     b = prompts_bl.shape[0]
     j = sc.max_new_tokens
-    logits, dstate = model.prefill(params, cfg, prompts_bl, prompt_lens_b, j)
-    layer_params = model.split_layers(params)       # once, not a copy of every weight per token
+    logits, dstate = family.prefill(params, cfg, prompts_bl, prompt_lens_b, j)
+    layer_params = family.split_layers(params)       # once, not a copy of every weight per token
     stop = jnp.asarray(sc.stop_ids or (-1,), jnp.int32)
     state = _GenState(step=jnp.zeros((), jnp.int32), logits=logits, tokens=jnp.zeros((b, j), jnp.int32),
                       logprobs=jnp.zeros((b, j), jnp.float32), done=jnp.zeros((b,), bool), decode=dstate, rng=rng)
@@ -126,7 +126,7 @@ def generate(params, cfg: Config, prompts_bl, prompt_lens_b, rng, sc: SamplingCo
         live = ~s.done
         token = jnp.where(live, token, 0)
         put = lambda buf, val: jax.lax.dynamic_update_slice_in_dim(buf, val[:, None], s.step, axis=1)
-        logits, dstate = model.decode_step(layer_params, cfg, s.decode, token)
+        logits, dstate = family.decode_step(layer_params, cfg, s.decode, token)
         return _GenState(step=s.step + 1, logits=logits, tokens=put(s.tokens, token),
                          logprobs=put(s.logprobs, jnp.where(live, logp, 0.0)),
                          done=s.done | (live & jnp.isin(token, stop)), decode=dstate, rng=rng)
@@ -160,11 +160,11 @@ def stream(params, cfg: Config, prompt: Sequence[int], rng, sc: SamplingConfig) 
     rules as `generate`, with one jitted decode step per token."""
     prompts, lens = pad_prompts([prompt])
     j = sc.max_new_tokens
-    prefill = jax.jit(lambda p, x, n: model.prefill(p, cfg, x, n, j))
-    step_fn = jax.jit(lambda p, st, tok: model.decode_step(p, cfg, st, tok))
+    prefill = jax.jit(lambda p, x, n: family.prefill(p, cfg, x, n, j))
+    step_fn = jax.jit(lambda p, st, tok: family.decode_step(p, cfg, st, tok))
     pick = jax.jit(lambda logits, i, key: _pick(logits, i, key, sc)[0])
     logits, state = prefill(params, jnp.asarray(prompts), jnp.asarray(lens))
-    layer_params = jax.jit(model.split_layers)(params)
+    layer_params = jax.jit(family.split_layers)(params)
     for i in range(j):
         rng, key = jax.random.split(rng)
         token = pick(logits, i, key)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from rlp_jax.generate.sampling import filter_logits, sample_categorical
-from rlp_jax.model import family as model
+from rlp_jax.model import family
 from rlp_jax.model.family import Config
 from rlp_jax.model.transformer import Branches
 from rlp_jax.rlp.config import RolloutConfig
@@ -58,7 +58,7 @@ def naive_thought_forward(params, cfg: Config, batch, positions_bk, thoughts: Th
     seq, pred_idx = branch_tokens(thoughts, targets_bkh, rollout)                # [B, N, S]
     t_bn = jnp.repeat(positions_bk, g, axis=1)
     toks, seg, pos = branch_sequences(batch, t_bn, seq, prompt_ids)
-    logits, _ = model.forward(params, cfg, toks, segment_ids_bl=seg, positions_bl=pos)
+    logits, _ = family.forward(params, cfg, toks, segment_ids_bl=seg, positions_bl=pos)
     s = seq.shape[-1]
     rows = jnp.take_along_axis(logits.reshape(b, k * g, -1, logits.shape[-1]),
                                (len(prompt_ids) + t_bn[..., None] + jnp.arange(s))[..., None], axis=2)  # [B, N, S, V]
@@ -79,12 +79,12 @@ def naive_thought_rollout(params, cfg: Config, batch, positions_bk, rng, rollout
     toks, seg, pos = branch_sequences(batch, t_bn, first, prompt_ids)            # prompts [B*N, P+L+1]
     # The decode state of prompt rows; a branch hangs off the end of its row's own prompt.
     t_flat = t_bn.reshape(-1) + len(prompt_ids)
-    logits, prefix = model.forward(params, cfg, toks, segment_ids_bl=seg, positions_bl=pos, return_cache=True,
+    logits, prefix = family.forward(params, cfg, toks, segment_ids_bl=seg, positions_bl=pos, return_cache=True,
                                    branch_positions_bk=(t_flat + 1)[:, None])
     last = logits[jnp.arange(b * n), t_flat]                                     # logits after <think>
     branches = Branches(start=(t_flat + 1)[:, None], segment=seg[jnp.arange(b * n), t_flat][:, None],
                         position=(pos[jnp.arange(b * n), t_flat] + 1)[:, None])
-    cache = model.init_branch_cache(cfg, prefix, branches, t_max)
+    cache = family.init_branch_cache(cfg, prefix, branches, t_max)
     tokens = jnp.zeros((b * n, t_max), jnp.int32)
     logps = jnp.zeros((b * n, t_max), jnp.float32)
     active = jnp.zeros((b * n, t_max), bool)
@@ -101,7 +101,7 @@ def naive_thought_rollout(params, cfg: Config, batch, positions_bk, rng, rollout
         tokens, logps = tokens.at[:, i].set(token), logps.at[:, i].set(jnp.where(live, logp, 0.0))
         active = active.at[:, i].set(live)
         done = done | (token == end)
-        nxt, cache = model.branch_forward(params, cfg, prefix, branches, token[:, None, None], cache=cache, offset=i)
+        nxt, cache = family.branch_forward(params, cfg, prefix, branches, token[:, None, None], cache=cache, offset=i)
         return nxt[:, 0, 0], cache, tokens, logps, active, done, rng
 
     _, _, tokens, logps, active, _, _ = jax.lax.fori_loop(

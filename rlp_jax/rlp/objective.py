@@ -1,4 +1,4 @@
-"""The math of one RLP step (docs/method.md steps 1-5), pure and un-jitted; `rlp_jax.train.step` jits it,
+"""The math of one RLP step (docs/method.md steps 1-5), pure and un-jitted; `rlp_jax.train.train_step` jits it,
 runs it per micro-batch and applies the update. Read top to bottom:
 
     rollout = rollout_phase(state, batch, rng, cfg, rlp)            # S_ema, positions, G thoughts each
@@ -24,9 +24,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from rlp_jax.model import family as model
+from rlp_jax.model import family
 from rlp_jax.model.family import Config
-from rlp_jax.rlp import advantages as adv_lib
+from rlp_jax.rlp import advantages
 from rlp_jax.rlp import positions, reward
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.losses import (
@@ -110,7 +110,7 @@ class ThoughtPath:
 def documents_forward(params, cfg: Config, rlp: RLPConfig, batch, *, t_bk=None, logits: bool = False):
     """The policy's forward over the documents (after the prompt, if any): (logits or None, prefix cache).
     t_bk [B, K]: the positions a hybrid's prefix keeps Mamba states at."""
-    return model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+    return family.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                          positions_bl=batch["positions"], return_cache=True, return_logits=logits,
                          context=prompt_context(params, cfg, rlp), branch_positions_bk=t_bk)
 
@@ -163,7 +163,7 @@ def score(params, cfg: Config, rlp: RLPConfig, batch, rollout: Rollout, path: Th
     ntp = jnp.zeros((), jnp.float32)
     if need_ntp:
         if not plain:
-            logits, _ = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+            logits, _ = family.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                       positions_bl=batch["positions"])
         ntp = shifted_ntp_loss(logits, batch["tokens"], batch["segment_ids"])
     targets = rollout.targets(batch, rlp.reward.horizon)
@@ -180,7 +180,7 @@ def grade(predicted, batch, rollout: Rollout, rlp: RLPConfig) -> Graded:
     ema_t = reward.gather_horizon(rollout.ema_logprobs, rollout.positions, h)               # [B, K, H]
     rewards, terms = reward.get_reward_fn(rlp.reward.kind)(tgt_lp, tgt_argmax, rollout.targets(batch, h), ema_t)
     valid = jnp.broadcast_to(rollout.mask[:, :, None], rewards.shape)
-    advantage_fn = adv_lib.group_advantages if rlp.loss.baseline == "group" else adv_lib.batch_advantages
+    advantage_fn = advantages.group_advantages if rlp.loss.baseline == "group" else advantages.batch_advantages
     adv = advantage_fn(rewards, valid, std_normalize=rlp.loss.std_normalize)
     return Graded(rewards=rewards, advantages=adv, valid=valid, terms=terms)
 
@@ -222,7 +222,7 @@ def surrogate(scores: Scores, graded: Graded, rollout: Rollout, rlp: RLPConfig, 
         "reward/s_ema": vmean(graded.terms.get("s_ema", jnp.zeros_like(rewards))),
         "reward/sq_mean": vmean(rewards ** 2),
         "advantage/sq_mean": vmean(adv ** 2),
-        "advantage/zero_spread_groups": adv_lib.zero_spread_fraction(rewards, valid),
+        "advantage/zero_spread_groups": advantages.zero_spread_fraction(rewards, valid),
         "positions/valid_fraction": rollout.mask.mean(),
     })
     return loss, metrics
@@ -239,7 +239,7 @@ def loss_and_grad(params, cfg: Config, rlp: RLPConfig, batch, rollout: Rollout, 
     return StepOut(loss=loss, metrics=metrics, rewards=graded.rewards, advantages=graded.advantages), grads
 
 
-# How each metric of a micro-batch combines over micro-batches (`train.step.combine_metrics`):
+# How each metric of a micro-batch combines over micro-batches (`train.train_step.combine_metrics`):
 # "thoughts" / "tokens" / "ntp_tokens": weighted by the micro-batch's share of the batch's thoughts, action
 # tokens or next-token targets; "rows": a plain mean (micro-batches have equal rows); "sum"; "max"; "min".
 METRIC_REDUCTIONS = {

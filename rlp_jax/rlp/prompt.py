@@ -15,7 +15,7 @@ the naive path with the prompt prepended to every sequence.
 from __future__ import annotations
 
 from rlp_jax.data.tokenizer import Tokenizer
-from rlp_jax.model import family as model
+from rlp_jax.model import family
 from rlp_jax.model.family import Config
 from rlp_jax.rlp.config import PromptConfig, RLPConfig
 
@@ -65,4 +65,4 @@ def prompt_context(params, cfg: Config, rlp: RLPConfig, *, teacher: bool = False
     teacher when `rlp.prompt.teacher_sees` is off."""
     if not rlp.prompt.ids or (teacher and not rlp.prompt.teacher_sees):
         return None
-    return model.context_cache(params, cfg, rlp.prompt.ids)
+    return family.context_cache(params, cfg, rlp.prompt.ids)

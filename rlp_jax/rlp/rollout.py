@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from rlp_jax.generate.sampling import NEG, filter_logits, sample_categorical
-from rlp_jax.model import family as model
+from rlp_jax.model import family
 from rlp_jax.model.family import Config
 from rlp_jax.rlp.config import RolloutConfig
 
@@ -69,7 +69,7 @@ class _SampleState:
     logprobs: jax.Array     # [B, N, T]
     active: jax.Array       # [B, N, T] bool (action mask)
     done: jax.Array         # [B, N] bool
-    cache: object          # the model family's branch cache (`model.init_branch_cache`)
+    cache: object          # the model family's branch cache (`family.init_branch_cache`)
     rng: jax.Array
 
 
@@ -90,18 +90,18 @@ def thought_rollout(params, cfg: Config, prefix, positions_bk, rng,
     b, k = positions_bk.shape
     g, t_max = rollout.group_size, rollout.thought_len
     n = k * g
-    branches = model.branches_at(prefix, jnp.repeat(positions_bk, g, axis=1))  # [B, N]
+    branches = family.branches_at(prefix, jnp.repeat(positions_bk, g, axis=1))  # [B, N]
     state = _SampleState(
         step=jnp.zeros((), jnp.int32), last=jnp.full((b, n), start, jnp.int32),
         tokens=jnp.zeros((b, n, t_max), jnp.int32), logprobs=jnp.zeros((b, n, t_max), jnp.float32),
         active=jnp.zeros((b, n, t_max), bool), done=jnp.zeros((b, n), bool),
-        cache=model.init_branch_cache(cfg, prefix, branches, t_max), rng=rng)
+        cache=family.init_branch_cache(cfg, prefix, branches, t_max), rng=rng)
 
     def cond(s: _SampleState):
         return (s.step < t_max) & ~jnp.all(s.done)
 
     def body(s: _SampleState):
-        logits, cache = model.branch_forward(params, cfg, prefix, branches, s.last[:, :, None],
+        logits, cache = family.branch_forward(params, cfg, prefix, branches, s.last[:, :, None],
                                              cache=s.cache, offset=s.step)
         policy = thought_logits(logits[:, :, 0], s.step, rollout)                 # [B, N, V]
         rng, key = jax.random.split(s.rng)
@@ -160,8 +160,8 @@ def thought_forward(params, cfg: Config, prefix, positions_bk, thoughts: Thought
     """
     g = thoughts.tokens.shape[2]
     seq, pred_idx = branch_tokens(thoughts, targets_bkh, rollout)                  # [B, N, S], [B, N, H]
-    branches = model.branches_at(prefix, jnp.repeat(positions_bk, g, axis=1))
-    hidden, _ = model.branch_forward(params, cfg, prefix, branches, seq, return_hidden=True)   # [B, N, S, D]
+    branches = family.branches_at(prefix, jnp.repeat(positions_bk, g, axis=1))
+    hidden, _ = family.branch_forward(params, cfg, prefix, branches, seq, return_hidden=True)   # [B, N, S, D]
     return score_hidden(params, cfg, hidden, pred_idx, thoughts, targets_bkh, rollout)
 
 
@@ -187,14 +187,14 @@ def score_hidden(params, cfg: Config, hidden_bnsd, pred_idx_bnh, thoughts: Thoug
 
     @jax.checkpoint
     def chunk_logprobs(xc, tc, sc):
-        policy = thought_logits(model.logits_from_hidden(cfg, params, xc), sc, rollout)   # [B, N, c, V]
+        policy = thought_logits(family.logits_from_hidden(cfg, params, xc), sc, rollout)   # [B, N, c, V]
         return jnp.take_along_axis(jax.nn.log_softmax(policy), tc[..., None], axis=-1)[..., 0]
 
     lp = jax.lax.map(lambda a: chunk_logprobs(*a), (x_c, tok_c, slots_c))             # [C, B, N, c]
     new_lp = lp.transpose(1, 2, 0, 3).reshape(b, n, nc * c)[:, :, :t_max]
     new_lp = jnp.where(thoughts.action_mask.reshape(b, n, t_max), new_lp, 0.0)
     x_pred = jnp.take_along_axis(hidden_bnsd, pred_idx_bnh[..., None], axis=2)         # [B, N, H, D]
-    at_pred = model.logits_from_hidden(cfg, params, x_pred)                            # [B, N, H, V]
+    at_pred = family.logits_from_hidden(cfg, params, x_pred)                            # [B, N, H, V]
     tgt = jnp.repeat(targets_bkh, g, axis=1)
     tgt_lp = jnp.take_along_axis(jax.nn.log_softmax(at_pred), tgt[..., None], axis=-1)[..., 0]
     return (new_lp.reshape(b, k, g, t_max), tgt_lp.reshape(b, k, g, h),

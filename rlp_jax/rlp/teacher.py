@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rlp_jax.model import family as model
+from rlp_jax.model import family
 from rlp_jax.model.family import Config
 from rlp_jax.model.scoring import shifted_token_logprobs_chunked
 from rlp_jax.rlp.config import RLPConfig
@@ -32,6 +32,6 @@ def teacher_logprobs(ema_params, cfg: Config, batch, rlp: RLPConfig | None = Non
     With `rlp` given, the teacher reads the prompt when `rlp.prompt.teacher_sees`."""
     ema = _as_compute(jax.lax.stop_gradient(ema_params), cfg)
     ctx = None if rlp is None else prompt_context(ema, cfg, rlp, teacher=True)
-    hidden, _ = model.forward(ema, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+    hidden, _ = family.forward(ema, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                               positions_bl=batch["positions"], return_hidden=True, context=ctx)
     return shifted_token_logprobs_chunked(ema, cfg, hidden, batch["tokens"])

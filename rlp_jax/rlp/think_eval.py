@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlp_jax.model import family as model
+from rlp_jax.model import family
 from rlp_jax.model.family import Config
 from rlp_jax.rlp.config import RolloutConfig
 from rlp_jax.rlp.reward import gather_horizon
@@ -69,8 +69,8 @@ def think_eval(params, cfg: Config, batch, t_bk, rng, rollout: RolloutConfig) ->
     """
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     b, k = t_bk.shape
-    hybrid = model.is_hybrid(cfg)
-    logits, prefix = model.forward(params, cfg, tokens, segment_ids_bl=seg, positions_bl=pos, return_cache=True,
+    hybrid = family.is_hybrid(cfg)
+    logits, prefix = family.forward(params, cfg, tokens, segment_ids_bl=seg, positions_bl=pos, return_cache=True,
                                    branch_positions_bk=t_bk if hybrid else None)
     before = jnp.take_along_axis(logits, jnp.maximum(t_bk - 1, 0)[..., None], axis=1).astype(jnp.float32)  # [B,K,V]
     targets = gather_horizon(tokens, t_bk, 1)                                           # [B, K, 1]

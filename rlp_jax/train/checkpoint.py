@@ -32,7 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rlp_jax.train.step import all_finite
+from rlp_jax.train.train_step import all_finite
 
 log = logging.getLogger(__name__)
 _policies = ocp.checkpoint_managers

@@ -140,7 +140,7 @@ class TrainSection:
       mesh: (data, fsdp, tensor) sizes. plot: write PNG curves at the end.
       micro_batches: gradient accumulation: each step runs its data.batch_size rows as this many
         micro-batches one after another (activation memory of batch_size / micro_batches rows; one
-        optimizer update per step; see `rlp_jax.train.step.rlp_step`).
+        optimizer update per step; see `rlp_jax.train.train_step.rlp_step`).
       tokenizer: sentencepiece .model or Hugging Face tokenizer dir (default: model.init_from).
       wandb: Weights & Biases logging (`WandbConfig`; off by default).
     """

@@ -1,4 +1,4 @@
-"""The host loop around the jitted step (`rlp_jax.train.step`): `run(cfg, workdir)` builds the mesh, model,
+"""The host loop around the jitted step (`rlp_jax.train.train_step`): `run(cfg, workdir)` builds the mesh, model,
 optimizer and Grain pipeline, resumes from the latest Orbax checkpoint in the workdir (params, EMA,
 optimizer, step, RNG and data-iterator state), runs the steps with a progress bar, writes metrics (JSONL +
 TensorBoard), evaluates on the held-out split, saves every N steps, on SIGTERM / Ctrl-C and at the end, and plots
@@ -30,7 +30,7 @@ from rlp_jax.rlp.prompt import PromptError, render_prompt
 from rlp_jax.train import checkpoint, lock
 from rlp_jax.train.preemption import Preemption
 from rlp_jax.train import run_dir as loading
-from rlp_jax.train import step as train_step
+from rlp_jax.train import train_step
 from rlp_jax.train.config import ConfigError, RunConfig, to_dict
 from rlp_jax.train.metrics import MetricsWriter
 from rlp_jax.train.optim import learning_rate, make_optimizer

@@ -27,10 +27,10 @@ from rlp_jax.data.tokenizer import (
 )
 from rlp_jax.model import gguf as gguf_io
 from rlp_jax.model import hf
-from rlp_jax.model import family as model
+from rlp_jax.model import family
 from rlp_jax.model.family import Config
 from rlp_jax.train import checkpoint
-from rlp_jax.train import step as train_step
+from rlp_jax.train import train_step
 from rlp_jax.train.config import ConfigError, ModelSection, RunConfig, from_dict
 from rlp_jax.train.optim import make_optimizer
 
@@ -186,7 +186,7 @@ def read_run_record(path) -> RunRecord:
         raise LoadError(f"{path}: no readable rlp_jax run config there ({e}); pass a run directory written by "
                         "`python -m rlp_jax.train`") from None
     try:
-        return RunRecord(model=model.config_from_dict(raw["model_full"]), run=from_dict(raw["run"]),
+        return RunRecord(model=family.config_from_dict(raw["model_full"]), run=from_dict(raw["run"]),
                          experiment=raw.get("experiment", "custom"), raw=raw)
     except (KeyError, TypeError, ValueError, ConfigError) as e:
         raise LoadError(f"{path}/config.json cannot be read as an rlp_jax run config ({e}); was it written "
@@ -204,10 +204,10 @@ def _resolve(p: str | None, run_dir: Path) -> str | None:
 
 
 def run_tokenizer_path(run_dir: Path, run: RunConfig) -> str:
-    """The tokenizer a run trained with (train.tokenizer, else model.init_from)."""
+    """The tokenizer a run trained with (train.tokenizer, else family.init_from)."""
     path = run.train.tokenizer or run.model.init_from
     if path is None:
-        raise LoadError(f"{run_dir}/config.json names no tokenizer (train.tokenizer / model.init_from)")
+        raise LoadError(f"{run_dir}/config.json names no tokenizer (train.tokenizer / family.init_from)")
     return _resolve(path, run_dir)
 
 
@@ -263,7 +263,7 @@ def load_pretrained(path, *, param_dtype: str | None = None, mesh=None, **config
     slices; without, whole host (numpy) arrays."""
     if gguf_io.is_gguf(path):
         return gguf_io.from_gguf(path, param_dtype=param_dtype, mesh=mesh, **config_overrides)
-    return model.from_hf(path, param_dtype=param_dtype, mesh=mesh, **config_overrides)
+    return family.from_hf(path, param_dtype=param_dtype, mesh=mesh, **config_overrides)
 
 
 def resolve_model_name(path):
@@ -277,7 +277,7 @@ def model_config(section: ModelSection) -> Config:
     with the section's dtypes and remat. The vocabulary is the checkpoint's own (before added markers).
     Raises ConfigError (one line) when init_from cannot be read."""
     if section.init_from is None:
-        return model.preset(section.preset, **section.overrides)
+        return family.preset(section.preset, **section.overrides)
     src = section.init_from
     try:
         src = resolve_model_name(src)
@@ -287,11 +287,11 @@ def model_config(section: ModelSection) -> Config:
             return gguf_io.config_from_gguf(gguf_io.open_gguf(src), **section.overrides)
         path = Path(src) / "config.json"
         if is_url(src) or not path.is_file():
-            raise ConfigError(f"model.init_from={src}: neither an rlp_jax run directory, a .gguf file nor a Hugging "
+            raise ConfigError(f"family.init_from={src}: neither an rlp_jax run directory, a .gguf file nor a Hugging "
                               "Face checkpoint directory (no config.json there)")
-        return model.config_from_hf(json.loads(path.read_text()), **section.overrides)
+        return family.config_from_hf(json.loads(path.read_text()), **section.overrides)
     except (hf.CheckpointError, LoadError, json.JSONDecodeError, fetch.FetchError) as e:
-        raise ConfigError(f"model.init_from={src}: {e}") from None
+        raise ConfigError(f"family.init_from={src}: {e}") from None
 
 
 def fit_embeddings(mcfg: Config, params: dict, tokenizer: Tokenizer, rng, init: str = "mean"):
@@ -403,11 +403,11 @@ def load_model(path, *, step: int | None = None, which: str = "params", mesh=Non
         mcfg, params = load_pretrained(path, mesh=mesh)   # each process reads only its devices' slices
         tokenizer = load_tokenizer(path)
         mcfg, params = fit_embeddings(mcfg, params, tokenizer, jax.random.key(0))
-        params = jax.device_put(params, sharding.tree_shardings(model.param_logical_axes(mcfg), params, mesh))
+        params = jax.device_put(params, sharding.tree_shardings(family.param_logical_axes(mcfg), params, mesh))
         got_step, run_cfg, source = None, None, "gguf" if gguf_io.is_gguf(path) else "hf"
     else:
         raise LoadError(f"{path} is neither an rlp_jax run directory (config.json + checkpoints/), a Hugging "
-                        "Face checkpoint (config.json + model.safetensors) nor a .gguf file")
+                        "Face checkpoint (config.json + family.safetensors) nor a .gguf file")
     if compute_dtype is not None:
         mcfg = mcfg.replace(compute_dtype=compute_dtype)
     return LoadedModel(cfg=mcfg, params=params, tokenizer=tokenizer, source=source, step=got_step, path=path,

@@ -13,11 +13,11 @@ import numpy as np  # noqa: E402
 
 from rlp_jax import sharding  # noqa: E402
 from rlp_jax.model import kernels  # noqa: E402
-from tests.model.test_kernels import A, L, _case, _dense  # noqa: E402
+from tests.model.kernel_cases import A, L, attention_case, dense_attention  # noqa: E402
 
 
 def main():
-    q, k, v, seg, ct = _case()
+    q, k, v, seg, ct = attention_case()
     ct = ct * (seg > 0)[:, :, None, None]
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, tensor=2))
     # without the step's mesh, splash is refused on several devices (XLA cannot partition it); with it, allowed
@@ -35,9 +35,9 @@ def main():
     out = jax.jit(splash)(*args)
     assert out.sharding.spec == jax.sharding.PartitionSpec("data", None, "tensor", None), out.sharding
     real = np.asarray(seg > 0)
-    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(_dense(q, k, v, seg))[real], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(dense_attention(q, k, v, seg))[real], atol=1e-5)
     got = jax.jit(jax.grad(lambda *a: (splash(*a) * ct).sum(), argnums=(0, 1, 2)))(*args)
-    want = jax.grad(lambda q, k, v: (_dense(q, k, v, seg) * ct).sum(), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(lambda q, k, v: (dense_attention(q, k, v, seg) * ct).sum(), argnums=(0, 1, 2))(q, k, v)
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5)
     print("ok")

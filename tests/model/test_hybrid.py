@@ -16,7 +16,6 @@ transformers = pytest.importorskip("transformers")
 
 BLOCKS = list(NEMOTRON_H_BLOCKS)
 L = 21            # not a multiple of the chunk size 8: a partial last chunk
-_hf_model = tiny_nemotron_h   # the name tests/model/test_hybrid_branch.py imports
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from rlp_jax.model import hybrid, hybrid_branch
-from tests.model.test_hybrid import L, _hf_model
+from tests.hf_models import tiny_nemotron_h
+
+L = 21            # not a multiple of the chunk size 8: a partial last chunk
 
 B, K, S, T = 2, 2, 3, 5
 LENGTHS = (L, 13)                        # row 1 is right-padded after 13 real tokens
@@ -19,7 +21,7 @@ T_BK = np.array([[8, L], [13, 1]], np.int32)
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("nemotron_h_branch")
-    _hf_model(seed=3).save_pretrained(path)
+    tiny_nemotron_h(seed=3).save_pretrained(path)
     cfg, params = hybrid.from_hf(path)
     kinds = set(cfg.block_types)
     assert {hybrid.MAMBA, hybrid.ATTENTION} <= kinds

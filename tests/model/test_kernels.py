@@ -9,40 +9,31 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlp_jax.model import kernels, layers
+from rlp_jax.model import kernels
 from rlp_jax.model import transformer as model
 from rlp_jax.rlp.rollout import thought_rollout
-from tests.rlp_cases import CFG, assert_grads_close, batch, objective, params, rlp_config  # noqa: F401
-
-B, L, E, A, W = 2, 128, 2, 2, 8   # splash's smallest block is 128 tokens
-
-
-def _case(seed=0):
-    r = np.random.default_rng(seed)
-    seg = np.ones((B, L), np.int32)
-    seg[0, 50:] = 2           # row 0: two packed documents
-    seg[0, 90:] = 3
-    seg[1, 100:] = 0          # row 1: padding after 100
-    n = lambda *s: jnp.asarray(r.normal(size=s), jnp.float32)
-    return n(B, L, E * A, W), n(B, L, E, W), n(B, L, E, W), jnp.asarray(seg), n(B, L, E * A, W)
-
-
-def _dense(q, k, v, seg):
-    mask = jnp.tril(jnp.ones((L, L), bool))[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
-    return layers.full_attention(q, k, v, mask, A)
+from tests.model.kernel_cases import A, B, E, L, W, attention_case, dense_attention  # noqa: F401
+from tests.rlp_cases import (  # noqa: F401
+    CFG,
+    assert_grads_close,
+    batch,
+    objective,
+    params,
+    rlp_config,
+)
 
 
 @pytest.mark.parametrize("on", ["tpu", "cpu"])
 def test_kernel_attention_equals_dense(on):
     """on="tpu": the splash kernel in interpret mode; "cpu": jax.nn.dot_product_attention (XLA). Padding
     queries are not compared (their outputs are never read) and carry no cotangent."""
-    q, k, v, seg, ct = _case()
+    q, k, v, seg, ct = attention_case()
     ct = ct * (seg > 0)[:, :, None, None]
     kern = lambda q, k, v: kernels.full_attention(q, k, v, seg, A, on=on, interpret=True)
     real = np.asarray(seg > 0)
-    np.testing.assert_allclose(np.asarray(kern(q, k, v))[real], np.asarray(_dense(q, k, v, seg))[real], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kern(q, k, v))[real], np.asarray(dense_attention(q, k, v, seg))[real], atol=1e-5)
     grad = lambda f: jax.grad(lambda *a: (f(*a) * ct).sum(), argnums=(0, 1, 2))(q, k, v)
-    for got, want in zip(grad(kern), grad(lambda q, k, v: _dense(q, k, v, seg))):
+    for got, want in zip(grad(kern), grad(lambda q, k, v: dense_attention(q, k, v, seg))):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
@@ -110,8 +101,8 @@ def test_splash_under_a_mesh_equals_dense():
 @pytest.mark.skipif(jax.devices()[0].platform != "gpu", reason="cuDNN attention needs a GPU")
 def test_cudnn_attention_equals_dense_on_a_gpu():
     """bf16 cuDNN against the float32 dense reference (bf16 rounding: 3e-2)."""
-    q, k, v, seg, _ = _case()
+    q, k, v, seg, _ = attention_case()
     bf = lambda x: x.astype(jnp.bfloat16)
     got = kernels.full_attention(bf(q), bf(k), bf(v), seg, A, on="gpu").astype(jnp.float32)
     real = np.asarray(seg > 0)
-    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(_dense(q, k, v, seg))[real], atol=3e-2)
+    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(dense_attention(q, k, v, seg))[real], atol=3e-2)

@@ -10,7 +10,7 @@ import sys
 
 from tests.gguf_files import bpe_vocab, tiny_hf_model, write_gguf
 from tests.hf_models import make_hf_model
-from tests.train.test_multihost import ROOT, _base_env, _free_port
+from tests.train.multihost_cases import ROOT, base_env, free_port
 from tests.xla_env import xla_flags
 
 
@@ -19,10 +19,10 @@ def test_two_processes_load_only_their_own_slices(tmp_path):
     make_hf_model("qwen2", tied=False).save_pretrained(tmp_path / "hf")   # every layout kind: biases, lm_head
     gguf_path = write_gguf(tmp_path / "tiny.gguf", tiny_hf_model("llama", len(tokens), tmp_path, seed=1), "llama",
                            tokens, merges, qtype="Q8_0")
-    port, out = _free_port(), tmp_path / "res"
+    port, out = free_port(), tmp_path / "res"
     args = [sys.executable, str(ROOT / "tests" / "model" / "load_worker.py"), str(tmp_path / "hf"), str(gguf_path), str(out)]
     procs = [subprocess.Popen(args, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={
-        **_base_env(), "XLA_FLAGS": xla_flags(devices=2),
+        **base_env(), "XLA_FLAGS": xla_flags(devices=2),
         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)})
         for i in range(2)]
     logs = [p.communicate(timeout=600)[0] for p in procs]

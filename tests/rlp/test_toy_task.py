@@ -10,7 +10,7 @@ from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
 from rlp_jax.rlp.config import LossConfig, RLPConfig, RolloutConfig
 from rlp_jax.rlp.rollout import thought_rollout
-from rlp_jax.train import step as train_step
+from rlp_jax.train import train_step
 from tests.rlp_cases import END, START
 
 # ------------------------------------------------------------------------------------------------

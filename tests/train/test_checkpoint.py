@@ -16,7 +16,7 @@ import pytest
 
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
-from rlp_jax.train import step as train_step
+from rlp_jax.train import train_step
 from rlp_jax.train.checkpoint import (
     Checkpointer,
     CheckpointMismatch,

@@ -12,22 +12,14 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from tests.run_dirs import make_run_dir
+from tests.train.multihost_cases import ROOT, base_env, free_port
 from tests.xla_env import xla_flags
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_decode_what_one_process_with_two_devices_decodes(tmp_path):
@@ -37,7 +29,7 @@ def test_two_processes_decode_what_one_process_with_two_devices_decodes(tmp_path
             "--max_new_tokens=4"]
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_", "RLP_JAX"))}
     base.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=xla_flags())
-    port = _free_port()
+    port = free_port()
     procs = {"ref": subprocess.Popen(args + [f"--out={tmp_path / 'ref.json'}"], cwd=ROOT, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env={**base, "XLA_FLAGS": xla_flags(devices=2)})}
@@ -65,12 +57,12 @@ def test_two_processes_export_what_one_process_exports(tmp_path):
     run = make_run_dir(tmp_path / "run", num_problems=2)
     args = [sys.executable, "-m", "rlp_jax.export", f"--checkpoint={run}"]
     procs = {"ref": subprocess.Popen(args + [f"--out={tmp_path / 'one'}"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, env=_base_env())}
-    port = _free_port()
+                                     stderr=subprocess.STDOUT, env=base_env())}
+    port = free_port()
     for i in range(2):
         procs[i] = subprocess.Popen(args + [f"--out={tmp_path / 'two'}"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, env={
-                                        **_base_env(), "XLA_FLAGS": xla_flags(devices=2),
+                                        **base_env(), "XLA_FLAGS": xla_flags(devices=2),
                                         "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                                         "JAX_PROCESS_ID": str(i)})
     out = {k: p.communicate(timeout=600)[0] for k, p in procs.items()}
@@ -83,11 +75,11 @@ def test_two_processes_export_what_one_process_exports(tmp_path):
     assert not [f for f in tmp_path.iterdir() if f.name.startswith(".two")]   # no leftover temporary folder
 
     # process 0 cannot write (a file-size limit on it alone): both processes end with one error line, none waits
-    port = _free_port()
+    port = free_port()
     limit = ["bash", "-c", "ulimit -f 8; trap '' XFSZ; exec \"$@\"", "bash"]
     procs = [subprocess.Popen((limit if i == 0 else []) + args + [f"--out={tmp_path / 'three'}"], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={
-                                  **_base_env(), "XLA_FLAGS": xla_flags(devices=2),
+                                  **base_env(), "XLA_FLAGS": xla_flags(devices=2),
                                   "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                                   "JAX_PROCESS_ID": str(i)}) for i in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
@@ -97,16 +89,6 @@ def test_two_processes_export_what_one_process_exports(tmp_path):
     assert "process 0 could not write" in logs[1] and not (tmp_path / "three").exists()
 
 
-def _base_env() -> dict:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_", "RLP_JAX"))}
-    base.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", XLA_FLAGS=xla_flags())
-    if "JAX_COMPILATION_CACHE_DIR" in os.environ:   # the suite's shared compilation cache
-        for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-                  "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
-            base[k] = os.environ[k]
-    return base
-
-
 STEPS = 16   # long enough that a signal sent at the first save lands mid-run
 
 
@@ -114,11 +96,11 @@ def _two_process_train(workdir: Path, tag: str) -> list[subprocess.Popen]:
     args = [sys.executable, "-m", "rlp_jax.train", "--experiment=smoke", f"--workdir={workdir}",
             "--set", f"train.steps={STEPS}", "--set", "train.save_every=2", "--set", "train.plot=false",
             "--set", "train.eval_every=0", "--set", "rlp.rollout.thought_len=4", "--set", "rlp.rollout.group_size=2"]
-    port, procs = _free_port(), []
+    port, procs = free_port(), []
     for i in range(2):
         log = open(workdir.parent / f"{workdir.name}-{tag}-p{i}.log", "w")
         procs.append(subprocess.Popen(args, cwd=ROOT, text=True, stdout=log, stderr=subprocess.STDOUT, env={
-            **_base_env(), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+            **base_env(), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
             "JAX_PROCESS_ID": str(i)}))
     return procs
 

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rlp_jax import sharding
-from rlp_jax.model import family as model
+from rlp_jax.model import family
 from rlp_jax.model.family import Config
 from rlp_jax.model.scoring import shifted_token_logprobs
 from rlp_jax.rlp import objective, positions, reward
@@ -76,7 +76,7 @@ class StateLayout:
 
     def init_params(self, rng):
         """Random params of the model, created sharded."""
-        return jax.jit(lambda k: model.init_params(self.cfg, k), out_shardings=self.param_shardings)(rng)
+        return jax.jit(lambda k: family.init_params(self.cfg, k), out_shardings=self.param_shardings)(rng)
 
     def restore_target(self) -> TrainState:
         """The abstract state with its shardings attached: what Orbax restores into."""
@@ -88,8 +88,8 @@ def state_layout(cfg: Config, optimizer: optax.GradientTransformation, mesh, *,
                  keep_reference: bool = False) -> StateLayout:
     """The one recipe for a sharded train state (training, loading a run, the planner, benchmarks).
     `mesh` may be a `jax.sharding.AbstractMesh` (the planner's: no devices needed)."""
-    params = jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0))
-    p_sh = sharding.tree_shardings(model.param_logical_axes(cfg), params, mesh)
+    params = jax.eval_shape(lambda k: family.init_params(cfg, k), jax.random.key(0))
+    p_sh = sharding.tree_shardings(family.param_logical_axes(cfg), params, mesh)
     abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, keep_reference=keep_reference), params)
     return StateLayout(cfg, optimizer, keep_reference, params, p_sh, abstract,
                        sharding.state_shardings(abstract, p_sh, mesh))
@@ -208,7 +208,7 @@ def ntp_step(state: TrainState, batch, rng, *, cfg: Config, optimizer: optax.Gra
     del rng
 
     def loss_fn(p, b, scale=1.0):
-        logits, _ = model.forward(p, cfg, b["tokens"], segment_ids_bl=b["segment_ids"], positions_bl=b["positions"])
+        logits, _ = family.forward(p, cfg, b["tokens"], segment_ids_bl=b["segment_ids"], positions_bl=b["positions"])
         return scale * shifted_ntp_loss(logits, b["tokens"], b["segment_ids"])
 
     if micro_batches == 1:
@@ -280,18 +280,18 @@ def eval_metrics(params, batch, rng, *, cfg: Config, rlp: RLPConfig):
     h = rlp.reward.horizon
     doc = dict(segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"])
     ctx = prompt_context(params, cfg, rlp)
-    logits, prefix = model.forward(params, cfg, batch["tokens"], return_cache=ctx is None and not model.is_hybrid(cfg),
+    logits, prefix = family.forward(params, cfg, batch["tokens"], return_cache=ctx is None and not family.is_hybrid(cfg),
                                    **doc)
     lp = shifted_token_logprobs(logits, batch["tokens"])                   # [B, L] plain text
     no_think_lp = lp
     if ctx is not None:   # thoughts are sampled after the prompt; "no thought" reads it if the teacher does
-        prompted, prefix = model.forward(params, cfg, batch["tokens"], return_cache=True,
+        prompted, prefix = family.forward(params, cfg, batch["tokens"], return_cache=True,
                                          return_logits=rlp.prompt.teacher_sees, context=ctx, **doc)
         if rlp.prompt.teacher_sees:
             no_think_lp = shifted_token_logprobs(prompted, batch["tokens"])
     t_bk, t_mask = positions.eval_positions(k_pos, batch["segment_ids"], batch["positions"], rlp.rollout, h)
     if prefix is None:   # a hybrid's prefix holds the Mamba states at the chosen positions
-        _, prefix = model.forward(params, cfg, batch["tokens"], return_cache=True, return_logits=False,
+        _, prefix = family.forward(params, cfg, batch["tokens"], return_cache=True, return_logits=False,
                                   branch_positions_bk=t_bk, **doc)
     thoughts = thought_rollout(params, cfg, prefix, t_bk, k_roll, rlp.rollout)
     targets = reward.gather_horizon(batch["tokens"], t_bk, h)

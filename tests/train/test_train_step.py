@@ -11,7 +11,7 @@ import pytest
 
 from rlp_jax.model import transformer as model
 from rlp_jax.rlp import objective
-from rlp_jax.train import step as train_step
+from rlp_jax.train import train_step
 from tests.rlp_cases import CFG, batch, params, rlp_config  # noqa: F401 (fixtures)
 
 
