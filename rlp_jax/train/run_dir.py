@@ -204,10 +204,10 @@ def _resolve(p: str | None, run_dir: Path) -> str | None:
 
 
 def run_tokenizer_path(run_dir: Path, run: RunConfig) -> str:
-    """The tokenizer a run trained with (train.tokenizer, else family.init_from)."""
+    """The tokenizer a run trained with (train.tokenizer, else model.init_from)."""
     path = run.train.tokenizer or run.model.init_from
     if path is None:
-        raise LoadError(f"{run_dir}/config.json names no tokenizer (train.tokenizer / family.init_from)")
+        raise LoadError(f"{run_dir}/config.json names no tokenizer (train.tokenizer / model.init_from)")
     return _resolve(path, run_dir)
 
 
@@ -287,11 +287,11 @@ def model_config(section: ModelSection) -> Config:
             return gguf_io.config_from_gguf(gguf_io.open_gguf(src), **section.overrides)
         path = Path(src) / "config.json"
         if is_url(src) or not path.is_file():
-            raise ConfigError(f"family.init_from={src}: neither an rlp_jax run directory, a .gguf file nor a Hugging "
+            raise ConfigError(f"model.init_from={src}: neither an rlp_jax run directory, a .gguf file nor a Hugging "
                               "Face checkpoint directory (no config.json there)")
         return family.config_from_hf(json.loads(path.read_text()), **section.overrides)
     except (hf.CheckpointError, LoadError, json.JSONDecodeError, fetch.FetchError) as e:
-        raise ConfigError(f"family.init_from={src}: {e}") from None
+        raise ConfigError(f"model.init_from={src}: {e}") from None
 
 
 def fit_embeddings(mcfg: Config, params: dict, tokenizer: Tokenizer, rng, init: str = "mean"):
@@ -407,7 +407,7 @@ def load_model(path, *, step: int | None = None, which: str = "params", mesh=Non
         got_step, run_cfg, source = None, None, "gguf" if gguf_io.is_gguf(path) else "hf"
     else:
         raise LoadError(f"{path} is neither an rlp_jax run directory (config.json + checkpoints/), a Hugging "
-                        "Face checkpoint (config.json + family.safetensors) nor a .gguf file")
+                        "Face checkpoint (config.json + model.safetensors) nor a .gguf file")
     if compute_dtype is not None:
         mcfg = mcfg.replace(compute_dtype=compute_dtype)
     return LoadedModel(cfg=mcfg, params=params, tokenizer=tokenizer, source=source, step=got_step, path=path,
