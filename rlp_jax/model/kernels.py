@@ -38,6 +38,11 @@ SPLASH_BLOCKS = (512, 256, 128)   # splash's query/key block: the largest that d
 
 
 def platform() -> str:
+    """The platform the computation is being built for: the active mesh's devices' (an abstract mesh of
+    compile-only TPU or GPU devices on a CPU host included), else the default backend's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device.platform
     return jax.devices()[0].platform
 
 

@@ -111,6 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--mesh", default=None, help="data=..,fsdp=..,tensor=.. (default: train.mesh if it fits, "
                                                 "else all chips on fsdp)")
     p.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation for the step time (default 0.4)")
+    p.add_argument("--compile", action="store_true",
+                   help="also AOT-compile the run's train step for compile-only TPU devices of --devices (needs "
+                        "libtpu: pip install -e '.[tpu]') and print XLA's memory per device beside the plan's")
     args = p.parse_args(argv)
     try:
         if not 0 < args.mfu <= 1:
@@ -123,5 +126,16 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_plan(result, name=Path(args.experiment).stem, mfu=args.mfu))
+    if args.compile:
+        from rlp_jax.plan.compile import compile_step, format_verdict
+
+        print(f"compiling the train step for {args.devices} (compile-only devices; minutes for a large model) ...",
+              flush=True)
+        try:
+            _, report = compile_step(cfg, devices, mesh)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(format_verdict(report, result.total, args.devices))
     return 0
 
