@@ -9,7 +9,12 @@ import pytest
 from rlp_jax.plan.compile import chip_grid, compile_step, format_verdict
 from rlp_jax.plan.devices import device_spec, parse_mesh
 from rlp_jax.plan.estimate import plan
-from rlp_jax.train.config import ConfigError, apply_overrides, load_experiment, recipe_config
+from rlp_jax.train.config import (
+    ConfigError,
+    apply_overrides,
+    load_experiment,
+    recipe_config,
+)
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu (the tpu extra)")
 
@@ -50,3 +55,10 @@ def test_hybrid_step_compiles_for_v5p_8():
 def test_a_gpu_target_is_a_one_line_refusal():
     with pytest.raises(ConfigError, match="TPU slices"):
         compile_step(_cfg(), device_spec("h100x8"), {"data": 8, "fsdp": 1, "tensor": 1})
+
+
+def test_compile_only_device_kinds_are_known():
+    from rlp_jax.plan.devices import kind_of_jax_device
+
+    assert kind_of_jax_device("TPU v5") == "v5p" and kind_of_jax_device("TPU v5p") == "v5p"
+    assert kind_of_jax_device("TPU v5 lite") == "v5e" and kind_of_jax_device("NVIDIA H100 80GB HBM3") == "h100"

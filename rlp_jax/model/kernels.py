@@ -87,8 +87,12 @@ def full_attention(q_blqw, k_blew, v_blew, seg_bl, q_per_kv: int, *, on: str | N
 
 @functools.lru_cache(maxsize=None)
 def _splash_kernel(length: int, heads: int, interpret: bool):
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as sk,
+    )
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_mask as sm,
+    )
 
     block = next(b for b in SPLASH_BLOCKS if length % b == 0)
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
@@ -99,7 +103,9 @@ def _splash_kernel(length: int, heads: int, interpret: bool):
 
 
 def _splash(q_blqw, k_blew, v_blew, seg_bl, q_per_kv: int, interpret: bool):
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
+        splash_attention_kernel as sk,
+    )
 
     b, l, h, w = q_blqw.shape
     kernel = _splash_kernel(l, q_per_kv, interpret)

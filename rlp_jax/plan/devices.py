@@ -82,7 +82,11 @@ def kind_of_jax_device(device_kind: str) -> str | None:
     for kind, spec in DEVICE_KINDS.items():
         if spec["jax_kind"].lower() in dk:
             return kind
-    return None
+    return COMPILE_ONLY_KINDS.get(dk)
+
+
+# What libtpu's compile-only devices (`plan.compile`) call themselves.
+COMPILE_ONLY_KINDS = {"tpu v5": "v5p", "tpu v4": "v4", "tpu v5e": "v5e", "tpu v6e": "v6e"}
 
 
 # ----------------------------------------------------------------------------------------------
