@@ -29,7 +29,11 @@ import numpy as np
 
 from rlp_jax.model import family
 from rlp_jax.model.family import Config
-from rlp_jax.rlp.config import RolloutConfig
+from rlp_jax.model.scoring import shifted_token_logprobs
+from rlp_jax.rlp import positions
+from rlp_jax.rlp.config import RLPConfig, RolloutConfig
+from rlp_jax.rlp.losses import shifted_ntp_loss
+from rlp_jax.rlp.prompt import prompt_context
 from rlp_jax.rlp.reward import gather_horizon
 from rlp_jax.rlp.rollout import Thoughts, thought_forward, thought_rollout
 
@@ -91,6 +95,47 @@ def think_eval(params, cfg: Config, batch, t_bk, rng, rollout: RolloutConfig) ->
     return ThinkEval(positions=jnp.asarray(t_bk, jnp.int32), top_sampled=top_s, lp_none=lp_none, lp_empty=lp_e[..., 0], lp_sampled=lp_s, lp_greedy=lp_g[..., 0],
                      hit_none=hit_none, hit_empty=hit_e[..., 0], hit_sampled=hit_s, hit_greedy=hit_g[..., 0],
                      sampled=sampled, greedy=greedy)
+
+
+def heldout_metrics(params, batch, rng, *, cfg: Config, rlp: RLPConfig):
+    """A run's held-out metrics (the training loop's eval; no update), means over valid positions drawn by
+    `positions.eval_positions` (independent of the policy: the same for every model at the same key):
+
+    eval/nll_no_think: -log p_theta(x_t | x_<t); eval/nll_think: -log p_theta(x_t | x_<t, thought), averaged over
+    G sampled thoughts (after the prompt, in the prompted setting); eval/info_gain: their difference (positive:
+    thinking helps); eval/nll_empty_think and eval/info_gain_vs_empty: the same with `<think></think>` (the
+    format control: what a thought's content adds beyond the markers); eval/nll_tokens: next-token NLL of every
+    token; eval/thought_len: mean thought length.
+    """
+    k_pos, k_roll = jax.random.split(rng)
+    h = rlp.reward.horizon
+    doc = dict(segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"])
+    ctx = prompt_context(params, cfg, rlp)
+    logits, prefix = family.forward(params, cfg, batch["tokens"], return_cache=ctx is None and not family.is_hybrid(cfg),
+                                    **doc)
+    lp = shifted_token_logprobs(logits, batch["tokens"])                   # [B, L] plain text
+    no_think_lp = lp
+    if ctx is not None:   # thoughts are sampled after the prompt; "no thought" reads it if the teacher does
+        prompted, prefix = family.forward(params, cfg, batch["tokens"], return_cache=True,
+                                          return_logits=rlp.prompt.teacher_sees, context=ctx, **doc)
+        if rlp.prompt.teacher_sees:
+            no_think_lp = shifted_token_logprobs(prompted, batch["tokens"])
+    t_bk, t_mask = positions.eval_positions(k_pos, batch["segment_ids"], batch["positions"], rlp.rollout, h)
+    if prefix is None:   # a hybrid's prefix holds the Mamba states at the chosen positions
+        _, prefix = family.forward(params, cfg, batch["tokens"], return_cache=True, return_logits=False,
+                                   branch_positions_bk=t_bk, **doc)
+    thoughts = thought_rollout(params, cfg, prefix, t_bk, k_roll, rlp.rollout)
+    targets = gather_horizon(batch["tokens"], t_bk, h)
+    read = lambda th: thought_forward(params, cfg, prefix, t_bk, th, targets, rlp.rollout)[1].sum(-1).mean(-1)  # noqa: E731
+    think, empty = read(thoughts), read(empty_thoughts(*t_bk.shape))                        # [B, K]
+    no_think = gather_horizon(no_think_lp, t_bk, h).sum(-1)                                  # [B, K]
+    n = jnp.maximum(t_mask.sum(), 1)
+    vmean = lambda x: jnp.sum(jnp.where(t_mask, x, 0.0)) / n                                # noqa: E731
+    return {"eval/nll_no_think": -vmean(no_think), "eval/nll_think": -vmean(think),
+            "eval/info_gain": vmean(think - no_think), "eval/nll_empty_think": -vmean(empty),
+            "eval/info_gain_vs_empty": vmean(think - empty),
+            "eval/nll_tokens": shifted_ntp_loss(logits, batch["tokens"], batch["segment_ids"]),
+            "eval/thought_len": vmean(thoughts.lengths.mean(-1).astype(jnp.float32))}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rollout"))

@@ -25,12 +25,9 @@ from jax.sharding import PartitionSpec as P
 from rlp_jax import sharding
 from rlp_jax.model import family
 from rlp_jax.model.family import Config
-from rlp_jax.model.scoring import shifted_token_logprobs
-from rlp_jax.rlp import objective, positions, reward
+from rlp_jax.rlp import objective, think_eval
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.losses import next_token_mask, shifted_ntp_loss
-from rlp_jax.rlp.prompt import prompt_context
-from rlp_jax.rlp.rollout import thought_forward, thought_rollout
 from rlp_jax.rlp.teacher import ema_update, init_ema
 
 
@@ -268,47 +265,9 @@ def make_ntp_train_step(cfg: Config, optimizer: optax.GradientTransformation, *,
     return _jit_step(ntp_step, mesh, state_shardings, micro_batches, cfg=cfg, optimizer=optimizer)
 
 
-def eval_metrics(params, batch, rng, *, cfg: Config, rlp: RLPConfig):
-    """Held-out metrics of the policy (no update), means over valid sampled positions (drawn by
-    `positions.eval_positions`: independent of the policy, the same for every model at the same key):
-
-    eval/nll_no_think: -log p_theta(x_t | x_<t); eval/nll_think: -log p_theta(x_t | x_<t, thought),
-    averaged over G sampled thoughts; eval/info_gain: their difference (positive: thinking helps);
-    eval/nll_tokens: next-token NLL of every token of the batch; eval/thought_len: mean thought length.
-    """
-    k_pos, k_roll = jax.random.split(rng)
-    h = rlp.reward.horizon
-    doc = dict(segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"])
-    ctx = prompt_context(params, cfg, rlp)
-    logits, prefix = family.forward(params, cfg, batch["tokens"], return_cache=ctx is None and not family.is_hybrid(cfg),
-                                   **doc)
-    lp = shifted_token_logprobs(logits, batch["tokens"])                   # [B, L] plain text
-    no_think_lp = lp
-    if ctx is not None:   # thoughts are sampled after the prompt; "no thought" reads it if the teacher does
-        prompted, prefix = family.forward(params, cfg, batch["tokens"], return_cache=True,
-                                         return_logits=rlp.prompt.teacher_sees, context=ctx, **doc)
-        if rlp.prompt.teacher_sees:
-            no_think_lp = shifted_token_logprobs(prompted, batch["tokens"])
-    t_bk, t_mask = positions.eval_positions(k_pos, batch["segment_ids"], batch["positions"], rlp.rollout, h)
-    if prefix is None:   # a hybrid's prefix holds the Mamba states at the chosen positions
-        _, prefix = family.forward(params, cfg, batch["tokens"], return_cache=True, return_logits=False,
-                                  branch_positions_bk=t_bk, **doc)
-    thoughts = thought_rollout(params, cfg, prefix, t_bk, k_roll, rlp.rollout)
-    targets = reward.gather_horizon(batch["tokens"], t_bk, h)
-    _, tgt_lp, _ = thought_forward(params, cfg, prefix, t_bk, thoughts, targets, rlp.rollout)
-    no_think = reward.gather_horizon(no_think_lp, t_bk, h).sum(-1)                # [B, K]
-    think = tgt_lp.sum(-1).mean(-1)                                               # [B, K]
-    n = jnp.maximum(t_mask.sum(), 1)
-    vmean = lambda x: jnp.sum(jnp.where(t_mask, x, 0.0)) / n
-    return {"eval/nll_no_think": -vmean(no_think), "eval/nll_think": -vmean(think),
-            "eval/info_gain": vmean(think - no_think),
-            "eval/nll_tokens": shifted_ntp_loss(logits, batch["tokens"], batch["segment_ids"]),
-            "eval/thought_len": vmean(thoughts.lengths.mean(-1).astype(jnp.float32))}
-
-
 def make_eval_step(cfg: Config, rlp: RLPConfig, *, mesh=None, param_shardings=None):
     """`eval_step(params, batch, rng) -> metrics`, jit-compiled (sharded like training on a mesh)."""
-    fn = functools.partial(eval_metrics, cfg=cfg, rlp=rlp)
+    fn = functools.partial(think_eval.heldout_metrics, cfg=cfg, rlp=rlp)
     if mesh is None:
         return jax.jit(fn)
     replicated = NamedSharding(mesh, P())
