@@ -51,6 +51,10 @@ def seed_verdicts(units: dict) -> dict:
         out["rlp_gain_vs_start"] = _ci(_rows(rlp, "info_gain") - _rows(start, "info_gain"))
         out["rlp_gain_vs_empty"] = _ci(_rows(rlp, "info_gain_vs_empty"))
         out["S1"] = all(_excludes_zero_above(out[k]) for k in ("rlp_gain", "rlp_gain_vs_start", "rlp_gain_vs_empty"))
+        # Not a criterion (added after protocol 1's curves): the answer's log-prob after RLP's thought against the
+        # start model's without one. The gains above are relative to each model's own no-thought reading, which
+        # RLP can lower too (no loss trains it).
+        out["rlp_think_vs_start_direct"] = _ci(_rows(rlp, "lp_think") - _rows(start, "lp_none"))
     if rlp is not None and cpt is not None:
         out["acc_diff"] = _ci(_rows(rlp, "acc_think") - _rows(cpt, "acc_think"))
         best = max(("acc_no_think", "acc_greedy", "acc_think"), key=lambda k: cpt["answer"][k])
@@ -60,7 +64,8 @@ def seed_verdicts(units: dict) -> dict:
     return out
 
 
-TABLE_KEYS = (("acc_no_think", "acc direct", True), ("acc_empty", "acc empty thought", True),
+TABLE_KEYS = (("nll_none", "NLL direct", False), ("nll_empty", "NLL after <think></think>", False),
+              ("nll_think", "NLL after sampled thought", False), ("acc_no_think", "acc direct", True), ("acc_empty", "acc empty thought", True),
               ("acc_greedy", "acc greedy thought", True), ("acc_think", "acc sampled thought", True),
               ("info_gain", "gain vs no thought", False), ("info_gain_vs_empty", "gain vs empty", False),
               ("nll_correct_thought", "NLL after right thought", False),
@@ -75,7 +80,8 @@ def _model_table(units: dict) -> list[str]:
     for label, key in names:
         if key not in units:
             continue
-        a, u = units[key]["answer"], units[key].get("uniform", {})
+        a, u = dict(units[key]["answer"]), units[key].get("uniform", {})
+        a.update(nll_none=-a["lp_none"], nll_empty=-a["lp_empty"], nll_think=-a["lp_think"])
         cells = [(f"{100 * a[k]:.1f}%" if pct else f"{a[k]:.3f}") if k in a else "-" for k, _, pct in TABLE_KEYS]
         lines.append(f"| {label} | {units[key]['step']} | " + " | ".join(cells)
                      + f" | {u.get('info_gain', float('nan')):.3f} | {u.get('info_gain_vs_empty', float('nan')):.3f} |")
@@ -187,7 +193,10 @@ def _protocol_report(run, protocol: int) -> list[str]:
         if "S1" in v:
             lines += [f"- answer-position gain after RLP: {_fmt(v['rlp_gain'])} nats (start model {_fmt(v['start_gain'])});"
                       f" RLP minus start, paired: {_fmt(v['rlp_gain_vs_start'])}; against the empty thought: "
-                      f"{_fmt(v['rlp_gain_vs_empty'])} -> **S1 {'holds' if v['S1'] else 'fails'} in seed {seed}**"]
+                      f"{_fmt(v['rlp_gain_vs_empty'])} -> **S1 {'holds' if v['S1'] else 'fails'} in seed {seed}**",
+                      f"- not a criterion: log p(answer) after RLP's sampled thought minus the start model's without a "
+                      f"thought, paired: {_fmt(v['rlp_think_vs_start_direct'])} nats (negative: the thought-reading "
+                      "model predicts the answer worse than the start model did without thinking)"]
         else:
             lines += ["- RLP has not finished for this seed."]
         if "acc_diff" in v:
