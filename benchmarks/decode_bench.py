@@ -115,7 +115,7 @@ def load_real(name: str):
     """(transformers model, (ModelConfig, params)) of one real checkpoint, both float32: a Hugging Face
     folder, or a .gguf file that transformers dequantizes with its own GGUF loader."""
     from rlp_jax.model import gguf as gguf_io
-    from rlp_jax.train.run_dir import load_pretrained, resolve_model_name
+    from rlp_jax.runs.loading import load_pretrained, resolve_model_name
 
     path = Path(resolve_model_name(name))
     if gguf_io.is_gguf(path):

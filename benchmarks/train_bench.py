@@ -47,13 +47,13 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P
 
 from rlp_jax import plan, sharding  # noqa: E402
-from rlp_jax.data.pipeline import DataConfig, SourceConfig  # noqa: E402
+from rlp_jax.data.config import DataConfig, SourceConfig  # noqa: E402
 from rlp_jax.model.config import REMATS  # noqa: E402
 from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
+from rlp_jax.runs.config import ModelSection, OptimConfig, RunConfig, TrainSection  # noqa: E402
+from rlp_jax.runs.loading import load_pretrained, model_config, resolve_model_name  # noqa: E402
 from rlp_jax.train import train_step  # noqa: E402
-from rlp_jax.train.config import ModelSection, OptimConfig, RunConfig, TrainSection  # noqa: E402
 from rlp_jax.train.optim import make_optimizer  # noqa: E402
-from rlp_jax.train.run_dir import load_pretrained, model_config, resolve_model_name  # noqa: E402
 
 THINK_START, THINK_END = 1, 2
 

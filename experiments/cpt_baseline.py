@@ -14,7 +14,7 @@ import importlib.util
 from pathlib import Path
 
 from rlp_jax import plan
-from rlp_jax.train.config import OptimConfig, RunConfig
+from rlp_jax.runs.config import OptimConfig, RunConfig
 
 _spec = importlib.util.spec_from_file_location("web_mix", Path(__file__).with_name("web_mix.py"))
 web_mix = importlib.util.module_from_spec(_spec)

@@ -27,10 +27,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from rlp_jax.data.pipeline import DataConfig, SourceConfig
+from rlp_jax.data.config import DataConfig, SourceConfig
 from rlp_jax.rlp.config import LossConfig, RLPConfig, RolloutConfig
+from rlp_jax.runs.config import ModelSection, OptimConfig, RunConfig, TrainSection
 from rlp_jax.sharding import MeshConfig
-from rlp_jax.train.config import ModelSection, OptimConfig, RunConfig, TrainSection
 
 DATA = dict(pretrain_docs=64_000, continuation_docs=20_000, heldout=256, heldout_docs=256)
 SEQ_LEN = 48
@@ -111,14 +111,15 @@ def report(cfg: RunConfig, workdir: Path) -> None:
     from rlp_jax.data import modsum
     from rlp_jax.evaluate.modsum import evaluate_params, show_thoughts
     from rlp_jax.rlp.think_eval import bootstrap_ci
-    from rlp_jax.train import run_dir, with_markers
+    from rlp_jax.runs import loading
+    from rlp_jax.train import with_markers
 
     workdir = Path(workdir).resolve()
     data = _data(workdir)
     key = jax.random.key(EVAL_KEY)
     rows, per = [], {}
     for label, name in (("before RLP (NTP stage)", "pretrain"), ("after RLP", "rlp")):
-        lm = run_dir.load_model(workdir / name)
+        lm = loading.load_model(workdir / name)
         rollout = with_markers(cfg, lm.tokenizer).rlp.rollout
         summary, per[name] = evaluate_params(lm.params, lm.cfg, lm.tokenizer, data, rollout, cfg.data.seq_len, key)
         row = {"label": label, "step": lm.step, **{k: summary["answer"][src] for k, (src, _) in ROW_KEYS.items()},
@@ -134,7 +135,7 @@ def report(cfg: RunConfig, workdir: Path) -> None:
     cis = {"answer_info_gain_vs_empty (after RLP)": bootstrap_ci(after["info_gain_vs_empty"]),
            "answer_info_gain (after RLP)": bootstrap_ci(after["info_gain"]),
            "acc_think after minus before (paired)": bootstrap_ci(after["acc_think"] - before["acc_think"])}
-    lm = run_dir.load_model(workdir / "rlp")
+    lm = loading.load_model(workdir / "rlp")
     docs = modsum.read_jsonl(data["heldout_problems"])[:SHOWN]
     shown = show_thoughts(lm.params, lm.cfg, lm.tokenizer, docs, with_markers(cfg, lm.tokenizer).rlp.rollout,
                           cfg.data.seq_len, key)

@@ -8,10 +8,10 @@ Used by the tests and as a first check of an installation. `prepare` writes the 
 import dataclasses
 from pathlib import Path
 
-from rlp_jax.data.pipeline import DataConfig, SourceConfig
+from rlp_jax.data.config import DataConfig, SourceConfig
 from rlp_jax.rlp.config import LossConfig, RLPConfig, RolloutConfig
+from rlp_jax.runs.config import ModelSection, OptimConfig, RunConfig, TrainSection
 from rlp_jax.sharding import MeshConfig
-from rlp_jax.train.config import ModelSection, OptimConfig, RunConfig, TrainSection
 
 
 def config() -> RunConfig:

@@ -23,10 +23,16 @@ About 30 s a step on 2 CPU cores; `experiments/smollm2_rlp/run.py` runs the pilo
 import dataclasses
 from pathlib import Path
 
-from rlp_jax.data.pipeline import DataConfig, SourceConfig
-from rlp_jax.rlp.config import LossConfig, PromptConfig, RewardConfig, RLPConfig, RolloutConfig
+from rlp_jax.data.config import DataConfig, SourceConfig
+from rlp_jax.rlp.config import (
+    LossConfig,
+    PromptConfig,
+    RewardConfig,
+    RLPConfig,
+    RolloutConfig,
+)
+from rlp_jax.runs.config import ModelSection, OptimConfig, RunConfig, TrainSection
 from rlp_jax.sharding import MeshConfig
-from rlp_jax.train.config import ModelSection, OptimConfig, RunConfig, TrainSection
 
 NUM_TRAIN_DOCS = 20_000
 NUM_HELDOUT = 200
@@ -56,7 +62,7 @@ def config() -> RunConfig:
 def prepare(cfg: RunConfig, workdir: Path) -> RunConfig:
     """The model file (fetched once) and the corpus under WORKDIR/data (built once; reruns reuse them)."""
     from rlp_jax.data.corpus import build_corpus
-    from rlp_jax.train.run_dir import resolve_model_name
+    from rlp_jax.runs.loading import resolve_model_name
 
     workdir = Path(workdir).resolve()
     data_dir = workdir / "data"

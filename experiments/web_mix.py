@@ -11,10 +11,10 @@ context 2048, G = 16 thoughts at temperature 0.7, thoughts up to 2048 tokens, KL
 float32 master weights with bfloat16 compute: at lr 1e-6 most updates are below bfloat16 resolution.
 """
 
-from rlp_jax.data.pipeline import DataConfig, SourceConfig
+from rlp_jax.data.config import DataConfig, SourceConfig
 from rlp_jax.rlp.config import LossConfig, RewardConfig, RLPConfig, RolloutConfig
+from rlp_jax.runs.config import ModelSection, OptimConfig, RunConfig, TrainSection
 from rlp_jax.sharding import MeshConfig
-from rlp_jax.train.config import ModelSection, OptimConfig, RunConfig, TrainSection
 
 
 def config() -> RunConfig:

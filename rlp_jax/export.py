@@ -31,9 +31,15 @@ import numpy as np
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, normalizers
 
-from rlp_jax.data.tokenizer import THINK_TOKENS, HFTokenizer, SentencePieceTokenizer, Tokenizer
+from rlp_jax.data.tokenizer import (
+    THINK_TOKENS,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+)
 from rlp_jax.model import family
-from rlp_jax.train.run_dir import LOAD_ERRORS, is_url, load_model, local_dirs
+from rlp_jax.runs.layout import is_url, local_dirs
+from rlp_jax.runs.loading import LOAD_ERRORS, load_model
 
 DTYPES = ("float32", "bfloat16")
 # Texts the converted tokenizer must encode exactly as sentencepiece does before an export is written.
@@ -199,7 +205,7 @@ def export(path, out, *, step: int | None = None, which: str = "params", dtype: 
       path: an rlp_jax run directory or a Hugging Face checkpoint dir. step: checkpoint step of a run
       (default: latest). which: "params" (policy) or "ema" (the EMA teacher). dtype: "float32" or
       "bfloat16" for the saved weights (default: the model's storage dtype). force: replace a non-empty `out`.
-    Returns: `out`. Raises ExportError or one of `rlp_jax.train.run_dir.LOAD_ERRORS` (one-line messages); on error
+    Returns: `out`. Raises ExportError or one of `rlp_jax.runs.loading.LOAD_ERRORS` (one-line messages); on error
     `out` is left as it was.
 
     Multi-host (every process runs the same command): each process loads its own slices, every tensor is

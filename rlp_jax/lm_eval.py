@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
               "pip install 'rlp_jax[lm_eval]'", file=sys.stderr)
         return 2
     from rlp_jax.evaluate import harness  # noqa: F401  (registers the `rlp_jax` model with lm-eval)
-    from rlp_jax.train.run_dir import LOAD_ERRORS
+    from rlp_jax.runs.loading import LOAD_ERRORS
 
     if not argv or argv[0] not in SUBCOMMANDS:
         argv = ["run", *argv]

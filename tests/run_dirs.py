@@ -13,9 +13,9 @@ from rlp_jax.data.corpus import build_corpus, generate_documents
 from rlp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
-from rlp_jax.train import checkpoint
+from rlp_jax.runs import checkpoint
+from rlp_jax.runs.config import apply_overrides, load_experiment, to_dict
 from rlp_jax.train import train_step
-from rlp_jax.train.config import apply_overrides, load_experiment, to_dict
 from rlp_jax.train.loop import with_markers
 from rlp_jax.train.optim import make_optimizer
 
@@ -47,7 +47,7 @@ def make_run_dir(root: Path, *, num_problems: int = 5, seed: int = 0, step: int 
 def add_step(root: Path, step: int) -> None:
     """Save the run's latest state again as a later checkpoint `step` (same params; a second step to fall
     back from)."""
-    from rlp_jax.train.run_dir import load_run_state
+    from rlp_jax.train.train_step import load_run_state
 
     restored, record = load_run_state(root)
     state = restored.state.replace(step=jax.numpy.asarray(step, jax.numpy.int32))

@@ -9,7 +9,7 @@ import pytest
 from rlp_jax.plan.compile import chip_grid, compile_step, format_verdict
 from rlp_jax.plan.devices import device_spec, parse_mesh
 from rlp_jax.plan.estimate import plan
-from rlp_jax.train.config import (
+from rlp_jax.runs.config import (
     ConfigError,
     apply_overrides,
     load_experiment,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from rlp_jax import train
-from rlp_jax.train import run_dir as loading
-from rlp_jax.train.config import apply_overrides, load_experiment
+from rlp_jax.runs import loading
+from rlp_jax.runs.config import apply_overrides, load_experiment
 
 TINY = ["model.preset=tiny", "data.batch_size=4", "data.shuffle_buffer=16",
         "rlp.rollout.group_size=2", "rlp.rollout.positions_per_doc=1", "rlp.rollout.thought_len=3",

@@ -13,13 +13,13 @@ import pytest
 from rlp_jax import plan, sharding
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import PRESETS, ModelConfig
-from rlp_jax.train.config import (
+from rlp_jax.runs.config import (
     ConfigError,
     ModelSection,
     apply_overrides,
     load_experiment,
 )
-from rlp_jax.train.run_dir import model_config
+from rlp_jax.runs.loading import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -215,7 +215,7 @@ def test_default_mesh_takes_train_mesh_when_it_fits():
 def test_model_config_reads_every_kind_of_init_from(tmp_path):
     """The planner's architecture comes from whatever model.init_from names, without its weights: an
     rlp_jax run directory (the NTP stage before RLP), a Hugging Face directory; a wrong path is one line."""
-    from rlp_jax.train.run_dir import read_run_record
+    from rlp_jax.runs.layout import read_run_record
     from tests.hf_models import make_hf_model
     from tests.run_dirs import make_run_dir
 

@@ -71,16 +71,16 @@ RESULTS = HERE / "results" / f"v{PROTOCOL}"
 
 def _imports():
     sys.path.insert(0, str(HERE.parent.parent))
-    global modsum, me, think_eval, train, run_dir, plan_costs, cfgs, pipeline, rlp_config, sharding_mod
-    from rlp_jax import sharding as sharding_mod
+    global modsum, me, think_eval, train, loading, plan_costs, cfgs, data_config, rlp_config
     from rlp_jax import train
-    from rlp_jax.data import modsum, pipeline
+    from rlp_jax.data import config as data_config
+    from rlp_jax.data import modsum
     from rlp_jax.evaluate import modsum as me
     from rlp_jax.plan import costs as plan_costs
     from rlp_jax.rlp import config as rlp_config
     from rlp_jax.rlp import think_eval
-    from rlp_jax.train import config as cfgs
-    from rlp_jax.train import run_dir
+    from rlp_jax.runs import config as cfgs
+    from rlp_jax.runs import loading
 
 
 def data_dir(workdir: Path, seed: int) -> dict[str, Path]:
@@ -90,7 +90,7 @@ def data_dir(workdir: Path, seed: int) -> dict[str, Path]:
 def stage1_config(paths: dict, seed: int):
     return cfgs.RunConfig(
         model=cfgs.ModelSection(preset=MODEL),
-        data=pipeline.DataConfig(sources=(pipeline.SourceConfig(path=str(paths["pretrain"]), name="pretrain"),),
+        data=data_config.DataConfig(sources=(data_config.SourceConfig(path=str(paths["pretrain"]), name="pretrain"),),
                                  seq_len=SEQ_LEN, batch_size=STAGE1["batch"], packing="window",
                                  shuffle_buffer=4096, shuffle_seed=seed),
         optim=cfgs.OptimConfig(lr=STAGE1["lr"], warmup_steps=STAGE1["warmup"], schedule="constant",
@@ -113,7 +113,7 @@ def arm_config(paths: dict, seed: int, start: Path, objective: str, steps: int):
         ema_decay=RLP["ema_decay"])
     return cfgs.RunConfig(
         model=cfgs.ModelSection(init_from=str(start)),
-        data=pipeline.DataConfig(sources=(pipeline.SourceConfig(path=str(paths["continuation"]), name="continuation"),),
+        data=data_config.DataConfig(sources=(data_config.SourceConfig(path=str(paths["continuation"]), name="continuation"),),
                                  seq_len=SEQ_LEN, batch_size=ARM_BATCH, packing="window", shuffle_buffer=4096,
                                  shuffle_seed=seed),
         rlp=rlp,
@@ -137,7 +137,7 @@ def _round(rows: dict) -> dict:
 def evaluate(run: Path, paths: dict, rollout, *, problems: int | None = None, full: bool = True) -> dict:
     """The study's evaluation of a run directory's latest params: answer positions of held-out problems
     (per problem), and when `full` also uniform positions of held-out continuation documents."""
-    lm = run_dir.load_model(run)
+    lm = loading.load_model(run)
     key = jax.random.key(EVAL_KEY)
     docs = modsum.read_jsonl(paths["heldout_problems"])[:problems]
     ans = me.answer_rows(lm.params, lm.cfg, lm.tokenizer, docs, rollout, SEQ_LEN, key)
@@ -179,7 +179,7 @@ def stage1(workdir: Path, seed: int) -> dict:
     run = workdir / f"seed{seed}" / "stage1"
     reused = (run / "checkpoints" / str(STAGE1["steps"])).is_dir()   # protocol 1's stage 1 of this seed
     seconds = _train(cfg, run, f"stage1-seed{seed}")
-    rollout = eval_rollout(arm_config(paths, seed, run, "rlp", 1), run_dir.load_model(run).tokenizer)
+    rollout = eval_rollout(arm_config(paths, seed, run, "rlp", 1), loading.load_model(run).tokenizer)
     ev = evaluate(run, paths, rollout)
     roles = ev["roles_worked"]
     measured = {"step": roles["step"], "answer_after_working": roles["answer"], "acc_think": ev["answer"]["acc_think"]}
@@ -216,7 +216,7 @@ def arm(workdir: Path, seed: int, objective: str, steps: int, stage1_ev: dict) -
     start, run = workdir / f"seed{seed}" / "stage1", arm_dir(workdir, seed, name)
     partial = run / "curve.json"
     state = json.loads(partial.read_text()) if partial.exists() else {"curve": [], "seconds": 0.0}
-    rollout = eval_rollout(arm_config(paths, seed, start, "rlp", 1), run_dir.load_model(start).tokenizer)
+    rollout = eval_rollout(arm_config(paths, seed, start, "rlp", 1), loading.load_model(start).tokenizer)
     if not state["curve"]:
         state["curve"].append(_curve_eval(start, paths, rollout, 0))
     ends = sorted({math.ceil(steps * i / CURVE_POINTS) for i in range(1, CURVE_POINTS + 1)})
@@ -242,12 +242,12 @@ def flop_matched_steps(rlp_ev: dict, seed: int, workdir: Path) -> dict:
     thought length / ntp_step_flops (both at B = ARM_BATCH rows of SEQ_LEN tokens)."""
     paths = data_dir(workdir, seed)
     cfg = train.with_markers(arm_config(paths, seed, workdir / f"seed{seed}" / "stage1", "rlp", 1),
-                             run_dir.load_model(workdir / f"seed{seed}" / "stage1").tokenizer)
+                             loading.load_model(workdir / f"seed{seed}" / "stage1").tokenizer)
     lengths = [m["thought/mean_len"] for m in rlp_ev["train_curve"] if "thought/mean_len" in m]
     mean_len = float(np.mean(lengths))
     measured = dataclasses.replace(cfg.rlp, rollout=dataclasses.replace(cfg.rlp.rollout,
                                                                          thought_len=max(1, round(mean_len))))
-    mcfg = run_dir.load_model(workdir / f"seed{seed}" / "stage1").cfg
+    mcfg = loading.load_model(workdir / f"seed{seed}" / "stage1").cfg
     rlp_flops = sum(plan_costs.rlp_step_flops(mcfg, measured, ARM_BATCH, SEQ_LEN).values())
     ntp_flops = plan_costs.ntp_step_flops(mcfg, ARM_BATCH, SEQ_LEN)
     steps = math.ceil(rlp_ev["steps"] * rlp_flops / ntp_flops)

@@ -22,10 +22,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from rlp_jax.data.pipeline import DataConfig, SourceConfig
+from rlp_jax.data.config import DataConfig, SourceConfig
 from rlp_jax.rlp.config import LossConfig, RLPConfig, RolloutConfig
+from rlp_jax.runs.config import ModelSection, OptimConfig, RunConfig, TrainSection
 from rlp_jax.sharding import MeshConfig
-from rlp_jax.train.config import ModelSection, OptimConfig, RunConfig, TrainSection
 
 NUM_TRAIN_DOCS = 30_000
 NUM_HELDOUT = 200

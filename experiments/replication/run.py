@@ -35,9 +35,9 @@ import numpy as np
 
 from rlp_jax import plan, train
 from rlp_jax.evaluate import heldout
+from rlp_jax.runs.config import RunConfig, load_experiment
+from rlp_jax.runs.loading import model_config
 from rlp_jax.train.cli import EXIT_PREEMPTED
-from rlp_jax.train.config import RunConfig, load_experiment
-from rlp_jax.train.run_dir import model_config
 
 
 def _seeded(cfg: RunConfig, seed: int) -> RunConfig:
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         return 0
     demo = load_experiment(str(Path(__file__).resolve().parent / "recipe.py"))
     try:
-        from rlp_jax.train.config import apply_overrides
+        from rlp_jax.runs.config import apply_overrides
 
         cfg = demo.prepare(apply_overrides(demo.config(), args.set), workdir)
         (pre_name, pre_cfg), (_, rlp_cfg) = demo.stages(cfg, workdir)

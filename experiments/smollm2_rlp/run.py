@@ -38,10 +38,10 @@ from rlp_jax import (
 )
 from rlp_jax.data.pipeline import make_iterator  # noqa: E402
 from rlp_jax.data.tokenizer import load_tokenizer  # noqa: E402
+from rlp_jax.runs.config import RunConfig, load_experiment  # noqa: E402
+from rlp_jax.runs.loading import LoadedModel  # noqa: E402
 from rlp_jax.train import train_step  # noqa: E402
 from rlp_jax.train.cli import EXIT_PREEMPTED  # noqa: E402
-from rlp_jax.train.config import RunConfig, load_experiment  # noqa: E402
-from rlp_jax.train.run_dir import LoadedModel  # noqa: E402
 
 # Step-0 probe: (name, prompt style, think tokens, new-token init[, thought length]).
 PROBES = (
@@ -168,7 +168,7 @@ CURVE_KEYS = ("reward/mean", "reward/s_pred", "reward/s_ema", "reward/frac_posit
 
 
 def _override(cfg: RunConfig, changes: dict) -> RunConfig:
-    from rlp_jax.train.config import apply_overrides
+    from rlp_jax.runs.config import apply_overrides
     return apply_overrides(cfg, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in changes.items()])
 
 
@@ -242,7 +242,7 @@ def _write(name: str, result: dict) -> None:
 def replicate(workdir: Path, max_units: int | None = None) -> bool:
     """Run every unit without a result file, in order; stops (resumably) on SIGTERM / Ctrl-C and then
     returns True (preempted)."""
-    from rlp_jax.train.run_dir import load_model
+    from rlp_jax.runs.loading import load_model
 
     cfg = scaled_config(workdir)
     generated = workdir / "data" / "heldout.jsonl"
@@ -288,7 +288,7 @@ def paired(workdir: Path, unit: str, batches: int) -> dict:
     """The held-out info gain of a finished unit's final policy against the start model on the SAME held-out
     positions and thought keys: `batches` eval batches (the unit's position rule and eval keys), each scored
     by both; the paired per-batch differences give the noise. Written to results/paired-UNIT.json."""
-    from rlp_jax.train.run_dir import load_model
+    from rlp_jax.runs.loading import load_model
 
     cfg = scaled_config(workdir)
     run_cfg = next(u[3] for u in units(cfg, load_results()) if u[0] == unit)

@@ -1,6 +1,9 @@
-"""Text in: the Grain pipeline, file readers, tokenizers and the generated corpus.
+"""Text in: the Grain pipeline, its settings, file readers, tokenizers and the generated corpora.
 
-pipeline   DataConfig / SourceConfig, the streaming mixture, packing, exact resume, bad-record counts
+config     DataConfig / SourceConfig (plain settings, no Grain)
+pipeline   the streaming mixture, packing, exact resume, bad-record counts (Grain)
+readers    file formats (JSONL, Parquet, text, ArrayRecord; local and gs://)
 tokenizer  sentencepiece and Hugging Face / GGUF tokenizers, think markers, embedding growth
-corpus     the generated reasoning-rich corpus of the demo and smollm2 recipes
+corpus     the generated reasoning-rich corpus of the replication and smollm2 recipes
+modsum     running sums mod 3: the demo's and the study's reasoning task
 """

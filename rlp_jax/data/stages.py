@@ -16,7 +16,7 @@ import numpy as np
 from rlp_jax.data.readers import REASONS, DataError, records
 
 if TYPE_CHECKING:
-    from rlp_jax.data.pipeline import DataConfig
+    from rlp_jax.data.config import DataConfig
 
 
 # --- one source: records -> document chunks ------------------------------------------------------

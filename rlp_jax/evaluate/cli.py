@@ -32,7 +32,8 @@ from rlp_jax import sharding
 from rlp_jax.evaluate import tasks
 from rlp_jax.evaluate.answers import pass_at_k
 from rlp_jax.evaluate.decoder import MODES, DecodeOptions, Decoder
-from rlp_jax.train.run_dir import LOAD_ERRORS, load_model, local_dirs
+from rlp_jax.runs.layout import local_dirs
+from rlp_jax.runs.loading import LOAD_ERRORS, load_model
 
 DEFAULT_BUDGET = {"math": 256, "choice": 8, "generated": 8}   # answer tokens when --max_new_tokens is not given
 

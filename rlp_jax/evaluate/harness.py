@@ -4,7 +4,7 @@
 
 or from Python, after importing this module, `lm_eval.simple_evaluate(model="rlp_jax", model_args=...)` (or
 `model=RlpJaxLM(...)`). The checkpoint is a run directory, a Hugging Face folder, a `.gguf` file or a model
-name (`rlp_jax.train.run_dir.load_model`); nothing is exported first.
+name (`rlp_jax.runs.loading.load_model`); nothing is exported first.
 
 Requests are scored as lm-eval's `hf` backend scores them, so numbers compare with anyone's:
 - loglikelihood: context and continuation encoded together and split (lm-eval's `TemplateLM`), an empty
@@ -24,14 +24,18 @@ from __future__ import annotations
 import jax
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from rlp_jax import sharding
 from rlp_jax.evaluate.decoder import DecodeOptions, Decoder
 from rlp_jax.generate.generation import SamplingConfig
-from rlp_jax.train.run_dir import LoadedModel, load_model
+from rlp_jax.runs.loading import LoadedModel, load_model
 
 DEFAULT_MAX_LENGTH = 2048   # lm-eval's `hf` default when the checkpoint declares no context length
 DEFAULT_BATCH_SIZE = 16

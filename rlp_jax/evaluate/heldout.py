@@ -22,7 +22,7 @@ import numpy as np
 
 from rlp_jax.evaluate import tasks
 from rlp_jax.evaluate.decoder import DecodeOptions, Decoder, encode_answer
-from rlp_jax.train.run_dir import LoadedModel, load_model
+from rlp_jax.runs.loading import LoadedModel, load_model
 
 DOC_KEYS = ("eval/nll_tokens", "eval/nll_no_think", "eval/nll_think", "eval/info_gain")
 

@@ -19,7 +19,7 @@ import numpy as np
 from rlp_jax.data import modsum
 from rlp_jax.rlp.config import RolloutConfig
 from rlp_jax.rlp.positions import choose_positions, valid_positions
-from rlp_jax.rlp.think_eval import per_position, think_eval_jit
+from rlp_jax.rlp.think_eval import per_position, evaluate_thoughts_jit
 
 EVAL_BATCH = 64
 
@@ -86,7 +86,7 @@ def answer_rows(params, cfg, tokenizer, docs: list[modsum.Document], rollout: Ro
     for start, chunk in _chunks(docs):
         batch = doc_batch(tokenizer, chunk, seq_len)
         t_bk = np.array([[d.answer_index] for d in chunk], np.int32)
-        ev = think_eval_jit(params, cfg, batch, t_bk, jax.random.fold_in(key, start), rollout)
+        ev = evaluate_thoughts_jit(params, cfg, batch, t_bk, jax.random.fold_in(key, start), rollout)
         ok = _judge(tokenizer, ev.sampled, np.array([[d.problem.answer] for d in chunk]))
         parts.append(per_position(ev, np.ones(t_bk.shape, bool), ok))
     return _gather(parts)
@@ -103,7 +103,7 @@ def uniform_rows(params, cfg, tokenizer, docs: list[modsum.Document], rollout: R
                                 min_context=rollout.min_context)
         k_pos, k_think = jax.random.split(jax.random.fold_in(key, start))
         t_bk, mask = choose_positions(k_pos, valid, 1)
-        ev = think_eval_jit(params, cfg, batch, t_bk, k_think, rollout)
+        ev = evaluate_thoughts_jit(params, cfg, batch, t_bk, k_think, rollout)
         parts.append(per_position(ev, mask))
     return _gather(parts)
 
@@ -114,7 +114,7 @@ def show_thoughts(params, cfg, tokenizer, docs: list[modsum.Document], rollout: 
     G thoughts `answer_rows` samples with the same key, and the model's most likely answer after it."""
     batch = doc_batch(tokenizer, docs, seq_len)
     t_bk = np.array([[d.answer_index] for d in docs], np.int32)
-    ev = jax.device_get(think_eval_jit(params, cfg, batch, t_bk, jax.random.fold_in(key, 0), rollout))
+    ev = jax.device_get(evaluate_thoughts_jit(params, cfg, batch, t_bk, jax.random.fold_in(key, 0), rollout))
     out = []
     for i, d in enumerate(docs):
         n = int(ev.sampled.lengths[i, 0, 0])

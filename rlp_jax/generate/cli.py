@@ -15,7 +15,7 @@ import sys
 import jax
 
 from rlp_jax.generate.generation import SamplingConfig, stream
-from rlp_jax.train.run_dir import LOAD_ERRORS, load_model
+from rlp_jax.runs.loading import LOAD_ERRORS, load_model
 
 
 def _parser() -> argparse.ArgumentParser:

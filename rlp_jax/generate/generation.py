@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlp_jax.generate.sampling import NEG, argmax, filter_logits, sample_categorical
 from rlp_jax.model import family
 from rlp_jax.model.family import Config
+from rlp_jax.model.sampling import NEG, argmax, filter_logits, sample_categorical
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -4,6 +4,7 @@ config       ModelConfig and the presets (the architecture, dtypes, remat)
 layers       RMSNorm, RoPE, the MLP and the three attention kinds
 transformer  params, caches and the forward modes (full, prefill, branch, decode)
 scoring      token log-probs of a sequence under the model (full and chunked over the vocabulary)
+sampling     the categorical sampler and logit filters (top-k / top-p), shared by generation and thoughts
 hf           Hugging Face safetensors checkpoints in and out (Qwen3 / Qwen2 / Llama)
 gguf         GGUF files in (dequantized with the `gguf` package) and their tokenizers
 kernels      accelerator attention kernels (splash on TPU, cuDNN on GPU) behind model.attention=kernel

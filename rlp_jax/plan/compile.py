@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from rlp_jax import sharding
 from rlp_jax.plan.devices import GIB, DeviceSpec
-from rlp_jax.train.config import ConfigError, RunConfig
+from rlp_jax.runs.config import ConfigError, RunConfig
 from rlp_jax.train.optim import make_optimizer
 
 # Our kind -> (libtpu topology prefix, chip config, dimensions of the chip grid)
@@ -110,8 +110,8 @@ def _with_marker_ids(cfg: RunConfig, vocab_size: int) -> RunConfig:
 def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int]):
     """The run's train step (RLP or NTP, micro-batches as configured) lowered and compiled for `devices` on a
     (data, fsdp, tensor) mesh of `mesh_sizes`. Returns (the compiled executable, CompileReport)."""
+    from rlp_jax.runs.loading import model_config
     from rlp_jax.train import train_step
-    from rlp_jax.train.run_dir import model_config
 
     target = target_devices(devices)
     shape = tuple(mesh_sizes[a] for a in sharding.AXES)

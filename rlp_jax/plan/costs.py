@@ -13,8 +13,8 @@ from rlp_jax.model.hybrid import HybridConfig
 from rlp_jax.model.scoring import TOKEN_CHUNK
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.rollout import THOUGHT_CHUNK
+from rlp_jax.runs.config import RunConfig
 from rlp_jax.train import train_step
-from rlp_jax.train.config import RunConfig
 from rlp_jax.train.optim import make_optimizer
 
 

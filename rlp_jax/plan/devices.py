@@ -7,7 +7,7 @@ import os
 import re
 
 from rlp_jax import sharding
-from rlp_jax.train.config import ConfigError, RunConfig
+from rlp_jax.runs.config import ConfigError, RunConfig
 
 GIB = 2 ** 30
 

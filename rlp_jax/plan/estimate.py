@@ -14,8 +14,8 @@ from rlp_jax.model.hybrid import HybridConfig
 from rlp_jax.plan import costs, hybrid_costs
 from rlp_jax.plan.costs import dtype_bytes, effective_tokens, state_bytes
 from rlp_jax.plan.devices import GIB, DeviceSpec
-from rlp_jax.train.config import ConfigError, RunConfig
-from rlp_jax.train.run_dir import model_config
+from rlp_jax.runs.config import ConfigError, RunConfig
+from rlp_jax.runs.loading import model_config
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -33,14 +33,14 @@ from rlp_jax.rlp.objective import Rollout, loss_and_grad, rollout_phase
 from rlp_jax.rlp.reward import REWARDS, info_gain, info_gain_reward, rpt, rpt_reward
 from rlp_jax.rlp.rollout import Thoughts, thought_forward, thought_rollout
 from rlp_jax.rlp.teacher import ema_update, init_ema, teacher_logprobs
-from rlp_jax.rlp.think_eval import ThinkEval, think_eval
+from rlp_jax.rlp.think_eval import ThinkEval, evaluate_thoughts
 
 __all__ = [
     # rewards, advantages and losses over arrays
     "info_gain", "rpt", "group_advantages", "batch_advantages", "rlp_loss", "rlp_loss_metrics", "ntp_loss",
     "shifted_ntp_loss", "combined_loss", "REWARDS", "info_gain_reward", "rpt_reward",
     # thoughts over a model
-    "Thoughts", "thought_rollout", "thought_forward", "ThinkEval", "think_eval",
+    "Thoughts", "thought_rollout", "thought_forward", "ThinkEval", "evaluate_thoughts",
     # the teacher and one step's math
     "init_ema", "ema_update", "teacher_logprobs", "Rollout", "rollout_phase", "loss_and_grad",
     # configuration

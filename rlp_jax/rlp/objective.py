@@ -26,8 +26,7 @@ import jax.numpy as jnp
 
 from rlp_jax.model import family
 from rlp_jax.model.family import Config
-from rlp_jax.rlp import advantages
-from rlp_jax.rlp import positions, reward
+from rlp_jax.rlp import advantages, positions, reward
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.losses import (
     next_token_mask,

@@ -21,9 +21,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from rlp_jax.generate.sampling import NEG, filter_logits, sample_categorical
 from rlp_jax.model import family
 from rlp_jax.model.family import Config
+from rlp_jax.model.sampling import NEG, filter_logits, sample_categorical
 from rlp_jax.rlp.config import RolloutConfig
 
 THOUGHT_CHUNK = 32   # thought slots projected to the vocabulary at a time by `score_hidden`

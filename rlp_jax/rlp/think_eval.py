@@ -65,7 +65,7 @@ def empty_thoughts(b: int, k: int) -> Thoughts:
                     lengths=jnp.zeros((b, k, 1), jnp.int32), ended=jnp.zeros((b, k, 1), bool))
 
 
-def think_eval(params, cfg: Config, batch, t_bk, rng, rollout: RolloutConfig) -> ThinkEval:
+def evaluate_thoughts(params, cfg: Config, batch, t_bk, rng, rollout: RolloutConfig) -> ThinkEval:
     """The four readings of x_t at positions `t_bk` [B, K] of `batch` (tokens, segment_ids, positions [B, L]).
 
     Sampled thoughts: G = rollout.group_size at rollout.temperature; greedy: top-k 1 (the first of its
@@ -139,8 +139,8 @@ def heldout_metrics(params, batch, rng, *, cfg: Config, rlp: RLPConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "rollout"))
-def think_eval_jit(params, cfg: Config, batch, t_bk, rng, rollout: RolloutConfig) -> ThinkEval:
-    return think_eval(params, cfg, batch, t_bk, rng, rollout)
+def evaluate_thoughts_jit(params, cfg: Config, batch, t_bk, rng, rollout: RolloutConfig) -> ThinkEval:
+    return evaluate_thoughts(params, cfg, batch, t_bk, rng, rollout)
 
 
 def per_position(ev: ThinkEval, mask_bk, thought_ok_bkg=None) -> dict[str, np.ndarray]:

@@ -21,15 +21,15 @@ import jax
 from etils import epath
 
 from rlp_jax import sharding
-from rlp_jax.train.config import (
+from rlp_jax.runs.config import (
     ConfigError,
     apply_overrides,
     describe_fields,
     load_experiment,
     recipe_config,
 )
+from rlp_jax.runs.layout import read_run_record
 from rlp_jax.train.loop import USER_ERRORS, TrainingStopped, check_workdir, run
-from rlp_jax.train.run_dir import read_run_record
 
 EXIT_PREEMPTED = 75      # SIGTERM: saved, not finished (EX_TEMPFAIL: a scheduler should requeue the same command)
 EXIT_INTERRUPTED = 130   # Ctrl-C (128 + SIGINT)

@@ -28,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-from rlp_jax.train.config import ConfigError
+from rlp_jax.runs.config import ConfigError
 
 log = logging.getLogger(__name__)
 

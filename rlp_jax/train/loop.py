@@ -23,22 +23,20 @@ from tqdm import tqdm
 from rlp_jax import fetch, sharding
 from rlp_jax.data.pipeline import DataError, make_iterator
 from rlp_jax.data.tokenizer import TokenizerError, load_tokenizer
-from rlp_jax.model import hf
-from rlp_jax.model import family
+from rlp_jax.model import family, hf
 from rlp_jax.model.family import Config
 from rlp_jax.rlp.prompt import PromptError, render_prompt
-from rlp_jax.train import checkpoint, lock
-from rlp_jax.train.preemption import Preemption
-from rlp_jax.train import run_dir as loading
-from rlp_jax.train import train_step
-from rlp_jax.train.config import ConfigError, RunConfig, to_dict
+from rlp_jax.runs import checkpoint, layout, loading
+from rlp_jax.runs.config import ConfigError, RunConfig, to_dict
+from rlp_jax.train import lock, train_step
 from rlp_jax.train.metrics import MetricsWriter
 from rlp_jax.train.optim import learning_rate, make_optimizer
+from rlp_jax.train.preemption import Preemption
 
 log = logging.getLogger("rlp_jax.train")
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, hf.CheckpointError, checkpoint.CheckpointMismatch,
-               checkpoint.CheckpointRestoreError, checkpoint.CheckpointSaveError, loading.LoadError,
+               checkpoint.CheckpointRestoreError, checkpoint.CheckpointSaveError, layout.LoadError,
                fetch.FetchError)
 
 
@@ -57,7 +55,7 @@ def build_model(cfg: RunConfig, tokenizer, rng, mesh=None) -> tuple[Config, dict
     m = cfg.model
     if m.init_from is None:
         return loading.model_config(m).replace(vocab_size=tokenizer.vocab_size), None
-    if loading.is_run_dir(m.init_from):  # an earlier rlp_jax run (e.g. the NTP stage before RLP): its policy
+    if layout.is_run_dir(m.init_from):  # an earlier rlp_jax run (e.g. the NTP stage before RLP): its policy
         mcfg, params, step, _ = loading.load_run_params(m.init_from)
         log.info("initialising from %s step %d", m.init_from, step)
         mcfg = mcfg.replace(**m.overrides)
@@ -99,7 +97,6 @@ def with_markers(cfg: RunConfig, tokenizer) -> RunConfig:
 # The loop
 # ----------------------------------------------------------------------------------------------
 
-local_dirs = loading.local_dirs   # re-exported: where a workdir keeps its files
 
 # Every random use of a run draws from its own fold of the run's key (train.seed), never from another's.
 KEY_STREAMS = {"build": 0, "init": 1, "steps": 2, "eval": 3}
@@ -138,8 +135,8 @@ def tokenizer_source(cfg: RunConfig) -> str:
     when it names a run directory)."""
     tc = cfg.train
     path = tc.tokenizer or cfg.model.init_from
-    if tc.tokenizer is None and path is not None and loading.is_run_dir(path):
-        path = loading.run_tokenizer_path(loading.local_dirs(path)[0], loading.read_run_record(path).run)
+    if tc.tokenizer is None and path is not None and layout.is_run_dir(path):
+        path = layout.run_tokenizer_path(layout.local_dirs(path)[0], layout.read_run_record(path).run)
     if path is None:
         raise ConfigError("no tokenizer: set --set train.tokenizer=PATH (a sentencepiece .model, a .gguf file or a "
                           "Hugging Face tokenizer dir) or model.init_from")
@@ -247,16 +244,16 @@ class _StepLog:
 
 
 def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
-    """Train `cfg` in `workdir` (a local path or a gs:// URL, see `local_dirs`), resuming if it holds
+    """Train `cfg` in `workdir` (a local path or a gs:// URL, see `runs.layout.local_dirs`), resuming if it holds
     checkpoints. Returns the last logged metrics (with "preempted": "SIGTERM" or "SIGINT" when a signal
     stopped it after a save)."""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=loading.resolve_model_name(
         cfg.model.init_from)))   # a model name such as "smollm2" -> its fetched file
-    workdir, ckpt_dir = local_dirs(workdir)
+    workdir, ckpt_dir = layout.local_dirs(workdir)
     if "://" in ckpt_dir:
         print(f"checkpoints in {ckpt_dir}; config, metrics and plots in {workdir}")
     check_workdir(workdir)
-    with lock.hold_workdir(workdir, loading.remote_workdir(ckpt_dir), process_index=jax.process_index()):
+    with lock.hold_workdir(workdir, layout.remote_workdir(ckpt_dir), process_index=jax.process_index()):
         return _run(cfg, workdir, ckpt_dir, experiment)
 
 
@@ -268,11 +265,11 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
     mesh = run_mesh(cfg, loading.model_config(cfg.model))
     mcfg, start_params = build_model(cfg, tokenizer, run_key(base_rng, "build"), mesh)
     optimizer = make_optimizer(cfg.optim, tc.steps)
-    layout = train_step.state_layout(mcfg, optimizer, mesh, keep_reference=cfg.keeps_kl_reference)
+    state_plan = train_step.state_layout(mcfg, optimizer, mesh, keep_reference=cfg.keeps_kl_reference)
     record = run_record(cfg, mcfg, experiment)
-    if (remote := loading.remote_workdir(ckpt_dir)) and jax.process_index() == 0:   # readable from the bucket alone
+    if (remote := layout.remote_workdir(ckpt_dir)) and jax.process_index() == 0:   # readable from the bucket alone
         try:
-            loading.store_tokenizer(tokenizer_source(cfg), remote)
+            layout.store_tokenizer(tokenizer_source(cfg), remote)
         except Exception as e:   # readers elsewhere then need the recorded path; training is unaffected
             log.warning("could not store the tokenizer next to the checkpoints: %s", e)
     train_iter = make_iterator(cfg.data, tokenizer, split="train")
@@ -280,13 +277,13 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
     try:
         if ckpt.latest_step() is not None:   # resuming: free the pretrained weights before the state comes in
             start_params = None
-        restored = ckpt.restore(layout.restore_target(), config=record)
+        restored = ckpt.restore(state_plan.restore_target(), config=record)
         if restored is None:   # a fresh state only when there is nothing to resume
             if start_params is None and cfg.model.init_from is not None:
                 start_params = build_model(cfg, tokenizer, run_key(base_rng, "build"), mesh)[1]
-            params = (layout.init_params(run_key(base_rng, "init")) if start_params is None
-                      else jax.device_put(start_params, layout.param_shardings))
-            state, start = layout.init(params), 0
+            params = (state_plan.init_params(run_key(base_rng, "init")) if start_params is None
+                      else jax.device_put(start_params, state_plan.param_shardings))
+            state, start = state_plan.init(params), 0
         else:
             state, start, base_rng = restored.state, restored.step, restored.rng
             if restored.data_state is not None:
@@ -307,8 +304,8 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
         return {}
     make = (functools.partial(train_step.make_rlp_train_step, mcfg, cfg.rlp) if tc.objective == "rlp"
             else functools.partial(train_step.make_ntp_train_step, mcfg))
-    step_fn = make(optimizer, mesh=mesh, state_shardings=layout.shardings, micro_batches=tc.micro_batches)
-    eval_fn, eval_batches = held_out(cfg, tokenizer, mcfg, mesh, layout.param_shardings)
+    step_fn = make(optimizer, mesh=mesh, state_shardings=state_plan.shardings, micro_batches=tc.micro_batches)
+    eval_fn, eval_batches = held_out(cfg, tokenizer, mcfg, mesh, state_plan.param_shardings)
     logs, preempt, nonfinite_run, previous = None, Preemption(), 0, None
     save = lambda step, force=False: ckpt.save(step, state, data_state=train_iter.get_state(), rng=base_rng,
                                                config=record, force=force)

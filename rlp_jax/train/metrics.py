@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tensorboardX import SummaryWriter
 
-from rlp_jax.train.config import ConfigError, WandbConfig
+from rlp_jax.runs.config import ConfigError, WandbConfig
 
 
 class MetricsWriter:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from rlp_jax.train.config import OptimConfig
+from rlp_jax.runs.config import OptimConfig
 
 
 def learning_rate(cfg: OptimConfig, total_steps: int) -> optax.Schedule:

@@ -29,6 +29,7 @@ from rlp_jax.rlp import objective, think_eval
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.losses import next_token_mask, shifted_ntp_loss
 from rlp_jax.rlp.teacher import ema_update, init_ema
+from rlp_jax.runs.checkpoint import all_finite
 
 
 @flax.struct.dataclass
@@ -90,12 +91,6 @@ def state_layout(cfg: Config, optimizer: optax.GradientTransformation, mesh, *,
     abstract = jax.eval_shape(lambda p: init_train_state(p, optimizer, keep_reference=keep_reference), params)
     return StateLayout(cfg, optimizer, keep_reference, params, p_sh, abstract,
                        sharding.state_shardings(abstract, p_sh, mesh))
-
-
-def all_finite(tree) -> jax.Array:
-    """[] bool: every floating-point leaf of `tree` is finite (integer leaves, e.g. step counters, skipped)."""
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
 
 
 def _apply_update(state: TrainState, grads, loss, optimizer, ema_decay: float | None):
@@ -273,3 +268,27 @@ def make_eval_step(cfg: Config, rlp: RLPConfig, *, mesh=None, param_shardings=No
     replicated = NamedSharding(mesh, P())
     return jax.jit(_with_activation_sharding(fn, mesh), in_shardings=(param_shardings, sharding.batch_sharding(mesh), replicated),
                    out_shardings=replicated)
+
+
+def load_run_state(run_dir, *, step: int | None = None, mesh=None):
+    """Restore the whole train state of a run's checkpoint (params, EMA, optimizer, step; read-only), as the
+    run built it (its optimizer from the run's record). Readers that need the weights alone use
+    `runs.loading.load_run_params`. Returns (checkpoint.Restored, the run's RunRecord)."""
+    from rlp_jax.runs import checkpoint, layout
+    from rlp_jax.train.optim import make_optimizer
+
+    if not layout.is_run_dir(run_dir):
+        raise layout.LoadError(f"{run_dir} is not an rlp_jax run directory (no config.json + checkpoints/)")
+    record = layout.read_run_record(run_dir)
+    cfg = record.run
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=-1)) if mesh is None else mesh
+    state = state_layout(record.model, make_optimizer(cfg.optim, cfg.train.steps), mesh,
+                         keep_reference=cfg.keeps_kl_reference)
+    ckpt = checkpoint.Checkpointer(layout.local_dirs(run_dir)[1], save_every=1, read_only=True)
+    try:
+        restored = ckpt.restore(state.restore_target(), config=record.raw, step=step)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise layout.LoadError(f"{run_dir} holds no checkpoint yet")
+    return restored, record

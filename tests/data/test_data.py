@@ -13,7 +13,8 @@ import pytest
 import zstandard
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from rlp_jax.data.pipeline import DataConfig, DataError, SourceConfig, make_iterator
+from rlp_jax.data.config import DataConfig, SourceConfig
+from rlp_jax.data.pipeline import DataError, make_iterator
 from rlp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
 
 WORDS = ("the quick brown fox jumps over a lazy dog because therefore reason answer question alpha beta "

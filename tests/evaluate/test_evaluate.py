@@ -13,7 +13,8 @@ from rlp_jax.evaluate import cli as evaluate
 from rlp_jax.evaluate import tasks
 from rlp_jax.generate import cli as generate
 from rlp_jax.model import transformer as model
-from rlp_jax.train.run_dir import LoadError, load_model
+from rlp_jax.runs.layout import LoadError
+from rlp_jax.runs.loading import load_model
 from tests.run_dirs import make_run_dir
 
 BUDGET = 6
@@ -190,22 +191,22 @@ def test_url_run_dirs_read_config_from_the_mirror_or_the_bucket(run_dir, lm, tmp
     or, on a machine without that mirror, from the newest checkpoint step."""
     import shutil
 
-    from rlp_jax.train import run_dir as loading
+    from rlp_jax.runs import layout
 
     monkeypatch.setenv("HOME", str(tmp_path))
     url = "gs://bucket/runs/x"
-    mirror, ckpt = loading.local_dirs(url)
+    mirror, ckpt = layout.local_dirs(url)
     assert mirror == tmp_path / ".cache" / "rlp_jax" / "runs" / "bucket" / "runs" / "x"
-    assert ckpt == "gs://bucket/runs/x/checkpoints" and loading.local_dirs(url + "/") == (mirror, ckpt)
-    real = loading.local_dirs
-    monkeypatch.setattr(loading, "_dir_exists", lambda p: Path(p).is_dir())
-    monkeypatch.setattr(loading, "local_dirs", lambda p: (real(p)[0], str(run_dir / "checkpoints"))
+    assert ckpt == "gs://bucket/runs/x/checkpoints" and layout.local_dirs(url + "/") == (mirror, ckpt)
+    real = layout.local_dirs
+    monkeypatch.setattr(layout, "_dir_exists", lambda p: Path(p).is_dir())
+    monkeypatch.setattr(layout, "local_dirs", lambda p: (real(p)[0], str(run_dir / "checkpoints"))
                         if str(p) == url else real(p))
     for with_mirror in (False, True):
         if with_mirror:
             mirror.mkdir(parents=True)
             shutil.copy(run_dir / "config.json", mirror / "config.json")
-        assert loading.is_run_dir(url)
+        assert layout.is_run_dir(url)
         got = load_model(url)
         assert got.source == "run" and got.path == url and got.step == lm.step
         for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(lm.params)):
@@ -215,26 +216,26 @@ def test_url_run_dirs_read_config_from_the_mirror_or_the_bucket(run_dir, lm, tmp
 def test_a_url_run_brings_its_tokenizer(run_dir, lm, tmp_path, monkeypatch):
     """On a machine without the tokenizer path a URL run recorded, readers fetch the copy training stored
     next to the checkpoints (`store_tokenizer`; the bucket is stood in for by a local folder)."""
-    from rlp_jax.train import run_dir as loading
+    from rlp_jax.runs import layout
 
     bucket = tmp_path / "bucket"
-    loading.copy_tokenizer(run_dir / "data" / "tokenizer.model", bucket / "tokenizer")   # what training stores
+    layout.copy_tokenizer(run_dir / "data" / "tokenizer.model", bucket / "tokenizer")   # what training stores
     assert sorted(p.name for p in (bucket / "tokenizer").iterdir()) == ["tokenizer.model"]
     with pytest.raises(LoadError, match="no tokenizer files"):
-        loading.copy_tokenizer(tmp_path / "no-tokenizer-here", tmp_path / "x")
+        layout.copy_tokenizer(tmp_path / "no-tokenizer-here", tmp_path / "x")
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     url = "gs://bucket/runs/y"
     record = json.loads((run_dir / "config.json").read_text())
     record["run"]["train"]["tokenizer"] = "/machine/that/trained/tokenizer.model"   # not on this machine
-    real_any_path = loading._any_path
-    monkeypatch.setattr(loading, "_any_path", lambda u: Path(str(u).replace("gs://bucket/runs/y", str(bucket)))
+    real_any_path = layout._any_path
+    monkeypatch.setattr(layout, "_any_path", lambda u: Path(str(u).replace("gs://bucket/runs/y", str(bucket)))
                         if str(u).startswith(url) else real_any_path(u))
-    from rlp_jax.train.config import from_dict
+    from rlp_jax.runs.config import from_dict
 
-    tok = loading.run_tokenizer(url, from_dict(record["run"]))
+    tok = layout.run_tokenizer(url, from_dict(record["run"]))
     assert tok.encode("1 + 2 = 3") == lm.tokenizer.encode("1 + 2 = 3")
-    assert (loading.local_dirs(url)[0] / "tokenizer" / "tokenizer.model").is_file()
+    assert (layout.local_dirs(url)[0] / "tokenizer" / "tokenizer.model").is_file()
 
 
 def test_thoughts_follow_the_runs_banned_ids(lm):

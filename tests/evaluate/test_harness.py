@@ -18,7 +18,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from rlp_jax.data.corpus import generate_documents  # noqa: E402
 from rlp_jax.evaluate.harness import RlpJaxLM  # noqa: E402
 from rlp_jax.export import export  # noqa: E402
-from rlp_jax.train.run_dir import load_model  # noqa: E402
+from rlp_jax.runs.loading import load_model  # noqa: E402
 from tests.run_dirs import make_run_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

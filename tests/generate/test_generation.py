@@ -9,10 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rlp_jax.generate.generation import SamplingConfig, generate, next_token_logits, pad_prompts, stream
-from rlp_jax.generate.sampling import first_above, sample_categorical
+from rlp_jax.generate.generation import (
+    SamplingConfig,
+    generate,
+    next_token_logits,
+    pad_prompts,
+    stream,
+)
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.sampling import first_above, sample_categorical
 
 V = 40
 CFG = ModelConfig.preset("tiny", vocab_size=V)

@@ -21,7 +21,13 @@ from rlp_jax.rlp.objective import SHARED_PREFIX
 from rlp_jax.rlp.rollout import thought_rollout
 from rlp_jax.rlp.teacher import teacher_logprobs
 from tests.hf_models import tiny_nemotron_h
-from tests.rlp_cases import assert_grads_close, assert_same_thoughts, assert_steps_equal, objective, rlp_config
+from tests.rlp_cases import (
+    assert_grads_close,
+    assert_same_thoughts,
+    assert_steps_equal,
+    objective,
+    rlp_config,
+)
 
 L = 14
 SEG_1 = [1] * 6 + [2] * 5 + [0] * 3           # row 1: two packed documents (the second across the chunk boundary
@@ -189,7 +195,7 @@ def test_web_mix_trains_from_a_nemotron_h_checkpoint_and_restores(tmp_path):
     assert any("eval/info_gain" in r and np.isfinite(r["eval/info_gain"]) for r in rows)
     record = json.loads((work / "config.json").read_text())
     assert record["model_full"]["block_types"][:2] == ["linear_attention", "full_attention"]
-    from rlp_jax.train.run_dir import load_run_params
+    from rlp_jax.runs.loading import load_run_params
 
     cfg, trained, step, _ = load_run_params(work)
     _, start = family.from_hf(folder)

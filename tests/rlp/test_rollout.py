@@ -11,13 +11,19 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from rlp_jax.generate.sampling import filter_logits
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.sampling import filter_logits
 from rlp_jax.rlp import naive
 from rlp_jax.rlp import rollout as rollout_lib
 from rlp_jax.rlp.config import RolloutConfig
-from rlp_jax.rlp.rollout import Thoughts, branch_tokens, thought_forward, thought_logits, thought_rollout
+from rlp_jax.rlp.rollout import (
+    Thoughts,
+    branch_tokens,
+    thought_forward,
+    thought_logits,
+    thought_rollout,
+)
 
 SETTINGS = settings(max_examples=40, deadline=None)
 V = 32
@@ -205,7 +211,7 @@ def test_banned_ids_are_never_sampled(params, docs):
 def test_train_bans_the_tokenizers_special_ids_on_request():
     from types import SimpleNamespace
 
-    from rlp_jax.train.config import load_experiment
+    from rlp_jax.runs.config import load_experiment
     from rlp_jax.train.loop import with_markers
 
     # special ids: bos, eos, the markers and a chat-control token (50, e.g. <|im_start|>)

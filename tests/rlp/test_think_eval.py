@@ -15,7 +15,7 @@ from rlp_jax.evaluate import modsum as modsum_eval
 from rlp_jax.model import family
 from rlp_jax.model.config import ModelConfig
 from rlp_jax.rlp.config import RolloutConfig
-from rlp_jax.rlp.think_eval import bootstrap_ci, per_position, summarize, think_eval_jit
+from rlp_jax.rlp.think_eval import bootstrap_ci, per_position, summarize, evaluate_thoughts_jit
 
 V, START, END, L, PAD = 32, 1, 2, 24, 24
 CFG = ModelConfig.preset("tiny", vocab_size=V)
@@ -46,7 +46,7 @@ def case():
     tokens = np.random.RandomState(0).randint(3, V, (2, 10)).astype(np.int32)
     batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens), "positions": np.tile(np.arange(10), (2, 1))}
     t_bk = np.array([[4, 7], [2, 9]], np.int32)
-    ev = think_eval_jit(params, CFG, batch, t_bk, jax.random.key(5), ROLLOUT)
+    ev = evaluate_thoughts_jit(params, CFG, batch, t_bk, jax.random.key(5), ROLLOUT)
     return params, tokens, t_bk, jax.device_get(ev)
 
 

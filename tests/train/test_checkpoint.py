@@ -1,4 +1,4 @@
-"""Tests of rlp_jax.train.checkpoint on a tiny model (CPU)."""
+"""Tests of rlp_jax.runs.checkpoint on a tiny model (CPU)."""
 
 import dataclasses
 import functools
@@ -16,12 +16,12 @@ import pytest
 
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import ModelConfig
-from rlp_jax.train import train_step
-from rlp_jax.train.checkpoint import (
+from rlp_jax.runs.checkpoint import (
     Checkpointer,
     CheckpointMismatch,
     CheckpointSaveError,
 )
+from rlp_jax.train import train_step
 
 CFG = ModelConfig.preset("tiny")
 OPT = optax.adamw(1e-3)
@@ -146,7 +146,7 @@ def test_corrupt_latest_falls_back(tmp_path, caplog):
     assert files
     for f in files:                                   # truncate every array data file of step 2
         f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with caplog.at_level(logging.WARNING, logger="rlp_jax.train.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="rlp_jax.runs.checkpoint"):
         with Checkpointer(tmp_path, save_every=1) as ckpt:
             r = ckpt.restore(_abstract(), config=_config())
             assert r.step == 1

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from rlp_jax.train.config import ConfigError
+from rlp_jax.runs.config import ConfigError
 from rlp_jax.train.lock import Lease, held_lease, hold_workdir, local_lock
 
 

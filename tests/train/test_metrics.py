@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from rlp_jax.train.config import WandbConfig
+from rlp_jax.runs.config import WandbConfig
 from rlp_jax.train.metrics import MetricsWriter
 from tests.train.train_cases import ANY_LENGTH, ROOT, train_smoke
 from tests.train.wandb_cases import FAKE_PATH, history, read_calls

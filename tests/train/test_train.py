@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rlp_jax.train.run_dir import load_run_state
+from rlp_jax.train.train_step import load_run_state
 from tests.train.train_cases import ANY_LENGTH, train_smoke
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -212,7 +212,7 @@ def test_init_from_hf_grows_the_embedding_for_think_markers(tmp_path):
     from rlp_jax import train
     from rlp_jax.data.tokenizer import load_tokenizer
     from rlp_jax.model import hf
-    from rlp_jax.train.config import ModelSection, load_experiment
+    from rlp_jax.runs.config import ModelSection, load_experiment
     from tests.hf_models import make_hf_model
 
     texts = [f"the number {i} follows {i - 1}" for i in range(200)]
@@ -244,7 +244,7 @@ def test_data_running_out_stops_cleanly_with_a_checkpoint(tmp_path):
 
 def test_every_checkpoint_carries_the_run_config(straight_run):
     """What lets another machine read a gs:// run from the bucket alone: the newest step holds config.json."""
-    from rlp_jax.train.run_dir import config_from_checkpoints
+    from rlp_jax.runs.layout import config_from_checkpoints
 
     workdir, _ = straight_run
     assert config_from_checkpoints(workdir / "checkpoints") == json.loads((workdir / "config.json").read_text())

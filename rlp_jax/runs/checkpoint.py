@@ -29,32 +29,14 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from rlp_jax.train.train_step import all_finite
+from rlp_jax.runs.orbax_errors import quiet_orbax_leftovers, reason
 
 log = logging.getLogger(__name__)
 _policies = ocp.checkpoint_managers
-# Orbax warns "Given directory is read only" for every read-only manager; a reader asks for exactly that.
-logging.getLogger("absl").addFilter(lambda record: record.msg != "Given directory is read only=%s")
-
-
-def _one_line_orbax_errors(record: logging.LogRecord) -> bool:
-    """Orbax's background save threads log each failure with its traceback; `Checkpointer` raises the
-    failure itself as one CheckpointSaveError line, so keep Orbax's lines but drop their tracebacks."""
-    if record.exc_info and "orbax" in record.pathname:
-        record.exc_info, record.exc_text = None, None
-    return True
-
-
-logging.getLogger("absl").addFilter(_one_line_orbax_errors)
-# ... and asyncio reports the same failure once more for each of Orbax's write tasks ("Task exception was
-# never retrieved", with a traceback).
-logging.getLogger("asyncio").addFilter(
-    lambda record: not (str(record.msg).startswith("Task exception was never retrieved") and "orbax" in record.getMessage()))
-
-
 class CheckpointMismatch(ValueError):
     """The checkpoint was written with a different model config or state shapes than this run's."""
 
@@ -86,41 +68,6 @@ def _to_json(x, what: str):
         raise TypeError(f"checkpoint {what} must be JSON-serialisable: {e}") from e
 
 
-def _reason(e: BaseException) -> str:
-    """One line naming why a step failed to restore: the exception's first line, without TensorStore's
-    multi-line spec dump."""
-    first = (str(e).splitlines() or [""])[0].split(" See full TensorStore details")[0].strip().rstrip(".")
-    if len(first) > 240:   # keep the start (what was written) and the end (the OS error)
-        first = f"{first[:120]} ... {first[-110:]}"
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
-def _quiet_orbax_leftovers() -> None:
-    """Drop two kinds of leftovers of a failed Orbax read or write from sys.unraisablehook, and only those.
-    The failure itself is reported once, as one line (CheckpointRestoreError / CheckpointSaveError):
-      * a failed restore leaves Orbax's other reads of that step as coroutines that are never awaited;
-        garbage-collected, each prints its traceback ('Exception ignored in: <coroutine ...>', thousands
-        of lines for one damaged step);
-      * after a failed asynchronous save, TensorStore still completes that save's write futures and calls
-        back into the event loop Orbax has closed: 'RuntimeError: Event loop is closed', about a hundred."""
-    import sys
-
-    previous = sys.unraisablehook
-    if getattr(previous, "_rlp_jax_quiet", False):
-        return
-
-    def hook(unraisable):
-        code = getattr(unraisable.object, "cr_code", None)
-        if code is not None and "orbax" in code.co_filename:
-            return
-        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-            return
-        previous(unraisable)
-
-    hook._rlp_jax_quiet = True
-    sys.unraisablehook = hook
-
-
 def _retry_vanished(list_dir, tries: int = 3):
     """`list_dir()`, again when it fails on a step folder that vanished: a reader lists while the training
     that owns the directory deletes an old step (its retention). FileNotFoundError after `tries`."""
@@ -150,6 +97,12 @@ def _gather_json(obj) -> list:
 def _host_value(x):
     """A (replicated) scalar as a numpy value; works for arrays spanning several hosts."""
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def all_finite(tree) -> jax.Array:
+    """[] bool: every floating-point leaf of `tree` is finite (integer leaves, e.g. step counters, skipped)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.array(True)
 
 
 _all_finite = jax.jit(all_finite)
@@ -193,7 +146,7 @@ class Checkpointer:
             "state": state_handler, "rng": ocp.StandardCheckpointHandler(),
             "meta": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}))
         self._pending: int | None = None   # step of the last async save not yet waited for
-        _quiet_orbax_leftovers()
+        quiet_orbax_leftovers()
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -257,7 +210,7 @@ class Checkpointer:
 
     def _save_failed(self, step, e: BaseException | None) -> str:
         """One line: which step failed and why, the step a rerun resumes from, and the fix."""
-        why = _reason(e) if e is not None else "it was not finalized; see the Orbax errors logged above"
+        why = reason(e) if e is not None else "it was not finalized; see the Orbax errors logged above"
         full = e is not None and any(m in str(e) for m in (
             "No space left on device", "RESOURCE_EXHAUSTED", "File too large", "Disk quota exceeded"))
         try:
@@ -291,7 +244,10 @@ class Checkpointer:
         {"step": ..., part: tree}. Only on a read-only Checkpointer."""
         if not self.read_only:
             raise ValueError("restore_part needs a read-only Checkpointer (a reader's)")
-        target = {"step": abstract_state.step, part: getattr(abstract_state, part)}
+        if isinstance(abstract_state, dict):   # already {"step": ..., part: ...}
+            target = {"step": abstract_state["step"], part: abstract_state[part]}
+        else:
+            target = {"step": abstract_state.step, part: getattr(abstract_state, part)}
         return self.restore(target, config=config, step=step)
 
     def restore(self, abstract_state, *, config: dict, step: int | None = None) -> Restored | None:
@@ -327,8 +283,8 @@ class Checkpointer:
                              self.directory)
                     continue
                 log.warning("checkpoint at %s step %d cannot be restored (%s); trying the previous step",
-                            self.directory, s, _reason(e))
-                failed.append((s, _reason(e)))
+                            self.directory, s, reason(e))
+                failed.append((s, reason(e)))
                 continue
             for bad, _ in failed if not self.read_only else ():   # a reader never deletes
                 log.warning("deleting unrestorable checkpoint step %d in %s", bad, self.directory)

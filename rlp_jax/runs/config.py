@@ -22,7 +22,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from rlp_jax.data.pipeline import DataConfig
+from rlp_jax.data.config import DataConfig
 from rlp_jax.model.config import Numerics
 from rlp_jax.model.family import PRESET_NAMES
 from rlp_jax.rlp.config import RLPConfig
@@ -373,7 +373,7 @@ def load_experiment(name: str):
                           "recipe") from None
     except ImportError as e:
         raise ConfigError(f"experiment file {path} cannot be imported: {e}; fix its imports (rlp_jax's config "
-                          "classes live in rlp_jax.train.config, rlp_jax.rlp.config, rlp_jax.data.pipeline)") from None
+                          "classes live in rlp_jax.runs.config, rlp_jax.rlp.config, rlp_jax.data.pipeline)") from None
     if not callable(getattr(module, "config", None)):
         raise ConfigError(f"experiment file {path} defines no config() function")
     return module
