@@ -8,37 +8,43 @@ system), `evaluate/` (checkpoints' evaluation); `docs/method.md` gives the metho
 
 from rlp_jax.model.config import ModelConfig
 from rlp_jax.rlp import (
-                         REWARDS,
-                         LossConfig,
-                         RewardConfig,
-                         RLPConfig,
-                         Rollout,
-                         RolloutConfig,
-                         Thoughts,
-                         batch_advantages,
-                         combined_loss,
-                         ema_update,
-                         group_advantages,
-                         info_gain,
-                         init_ema,
-                         loss_and_grad,
-                         ntp_loss,
-                         rlp_loss,
-                         rlp_loss_metrics,
-                         rollout_phase,
-                         rpt,
-                         teacher_logprobs,
-                         thought_forward,
-                         thought_rollout,
-)
-from rlp_jax.train.train_step import (
-                         TrainState,
-                         init_train_state,
-                         make_ntp_train_step,
-                         make_rlp_train_step,
+    REWARDS,
+    LossConfig,
+    RewardConfig,
+    RLPConfig,
+    Rollout,
+    RolloutConfig,
+    Thoughts,
+    batch_advantages,
+    combined_loss,
+    ema_update,
+    group_advantages,
+    info_gain,
+    init_ema,
+    loss_and_grad,
+    ntp_loss,
+    rlp_loss,
+    rlp_loss_metrics,
+    rollout_phase,
+    rpt,
+    teacher_logprobs,
+    thought_forward,
+    thought_rollout,
 )
 
 __version__ = "0.1.0"
+
+_TRAIN_STEP_NAMES = ("TrainState", "init_train_state", "make_rlp_train_step", "make_ntp_train_step")
+
+
+def __getattr__(name):
+    """The jitted train steps load on first use: `import rlp_jax` (and the readers of a run) stay free of the
+    training stack (optax, Grain)."""
+    if name in _TRAIN_STEP_NAMES:
+        from rlp_jax.train import train_step
+
+        return getattr(train_step, name)
+    raise AttributeError(f"module 'rlp_jax' has no attribute {name!r}")
 
 __all__ = [
     "ModelConfig", "RLPConfig", "RolloutConfig", "RewardConfig", "LossConfig", "REWARDS",

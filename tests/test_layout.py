@@ -25,3 +25,15 @@ def test_no_module_outgrows_one_concept():
     assert len(sizes) > 30
     too_big = {p: n for p, n in sizes.items() if n > MAX_MODULE_LINES}
     assert not too_big, f"modules over {MAX_MODULE_LINES} lines: {too_big}"
+
+
+def test_readers_import_no_training_stack():
+    """The readers of a run (loading, generate, export, evaluate, the lm-eval model) import neither the train
+    step, the optimizer (optax) nor Grain."""
+    code = ("import importlib, sys\n"
+            "for m in ('rlp_jax.runs.loading', 'rlp_jax.generate.cli', 'rlp_jax.export', 'rlp_jax.evaluate.cli'):\n"
+            "    importlib.import_module(m)\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('optax', 'grain') or m.startswith('rlp_jax.train'))\n"
+            "print(bad[:5]); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
