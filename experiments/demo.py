@@ -34,7 +34,7 @@ from rlp_jax.sharding import MeshConfig
 
 DATA = dict(pretrain_docs=64_000, continuation_docs=20_000, heldout=256, heldout_docs=256)
 SEQ_LEN = 48
-PRETRAIN = dict(steps=2000, lr=1e-3, warmup_steps=50, batch_size=32, b2=0.98, weight_decay=0.01)
+PRETRAIN = dict(steps=1500, lr=1e-3, warmup_steps=50, batch_size=32, b2=0.98, weight_decay=0.01)
 SHOWN = 6   # held-out problems printed with their thought
 EVAL_KEY = 0
 
@@ -49,7 +49,7 @@ def config() -> RunConfig:
                                             temperature=0.7, position_rule="uniform"),
                       loss=LossConfig(ntp_weight=0.0), ema_decay=0.999),
         optim=OptimConfig(lr=1e-4, warmup_steps=10, schedule="constant", b2=0.95, weight_decay=0.0),
-        train=TrainSection(objective="rlp", steps=200, save_every=100, eval_every=0, log_every=1,
+        train=TrainSection(objective="rlp", steps=150, save_every=150, eval_every=0, log_every=1,
                            mesh=MeshConfig(data=-1), min_thought_len=1.0),
     )
 
