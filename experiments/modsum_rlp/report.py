@@ -109,7 +109,7 @@ def _plot(all_units: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     ax = axes.ravel()
     for seed, units in sorted(all_units.items()):
-        rlp = units.get("rlp")
+        rlp = units.get("rlp") or units.get("rlp_partial")
         if rlp is None:
             continue
         tc = rlp["train_curve"]
@@ -124,7 +124,7 @@ def _plot(all_units: dict, path: Path) -> None:
             ax[i].set_title(title)
             ax[i].set_xlabel("RLP step")
         for arm, style in (("rlp", "-"), ("cpt", "--")):
-            ev = units.get(arm)
+            ev = units.get(arm) or (units.get("rlp_partial") if arm == "rlp" else None)
             if ev is None:
                 continue
             total = ev["curve"][-1]["step"] or 1
