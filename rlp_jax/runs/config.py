@@ -1,7 +1,7 @@
 """The run configuration: typed, frozen sections, strict `--set key=value` overrides, experiment registry.
 
 A run is a `RunConfig` with one section per concern: `model` (`ModelSection`), `data`
-(`rlp_jax.data.pipeline.DataConfig` + tokenizer), `rlp` (`RLPConfig`), `optim` (`OptimConfig`), `train`
+(`rlp_jax.data.config.DataConfig` + tokenizer), `rlp` (`RLPConfig`), `optim` (`OptimConfig`), `train`
 (`TrainSection`). Experiments are Python files in `experiments/` defining `config() -> RunConfig`
 (and optionally `prepare(cfg, workdir) -> RunConfig`, run before training to build data).
 
