@@ -134,7 +134,10 @@ def report(cfg: RunConfig, workdir: Path) -> None:
     before, after = per["pretrain"]["answer"], per["rlp"]["answer"]
     cis = {"answer_info_gain_vs_empty (after RLP)": bootstrap_ci(after["info_gain_vs_empty"]),
            "answer_info_gain (after RLP)": bootstrap_ci(after["info_gain"]),
-           "acc_think after minus before (paired)": bootstrap_ci(after["acc_think"] - before["acc_think"])}
+           "acc_think after minus before (paired)": bootstrap_ci(after["acc_think"] - before["acc_think"]),
+           # the answer's log-prob after RLP's thought against the NTP model's without one: the gains above are
+           # relative to each model's own no-thought reading, which RLP changes too (no loss trains it)
+           "log p(answer): after RLP with a thought minus before RLP without": bootstrap_ci(after["lp_think"] - before["lp_none"])}
     lm = loading.load_model(workdir / "rlp")
     docs = modsum.read_jsonl(data["heldout_problems"])[:SHOWN]
     shown = show_thoughts(lm.params, lm.cfg, lm.tokenizer, docs, with_markers(cfg, lm.tokenizer).rlp.rollout,
@@ -166,11 +169,16 @@ def _verdict(rows: list[dict], cis: dict) -> str:
     """What the numbers show, in words computed from them (never a fixed claim)."""
     before, after = rows
     lo_empty = cis["answer_info_gain_vs_empty (after RLP)"][1]
-    lo_acc = cis["acc_think after minus before (paired)"][1]
-    parts = [f"After RLP a sampled thought {'adds' if lo_empty > 0 else 'does not clearly add'} information beyond "
-             f"the empty-thought control ({after['answer_info_gain_vs_empty']:+.2f} nats, CI lower bound {lo_empty:+.2f}),",
-             f"accuracy after thinking went {100 * before['acc_think']:.1f}% -> {100 * after['acc_think']:.1f}% "
-             f"({'a paired CI above 0' if lo_acc > 0 else 'the paired CI includes 0'}),",
-             f"and against answering with no thought the gain is {after['answer_info_gain']:+.2f} nats "
-             f"({'thinking helps' if after['answer_info_gain'] > 0 else 'a wrong thought still costs more than right ones gain'})."]
+    acc_m, acc_lo, acc_hi = cis["acc_think after minus before (paired)"]
+    abs_m, abs_lo, abs_hi = cis["log p(answer): after RLP with a thought minus before RLP without"]
+    acc = ("rose" if acc_lo > 0 else "fell" if acc_hi < 0 else "did not change clearly")
+    parts = [f"Accuracy after a sampled thought {acc} with RLP ({100 * before['acc_think']:.1f}% -> "
+             f"{100 * after['acc_think']:.1f}%, paired CI [{100 * acc_lo:+.1f}, {100 * acc_hi:+.1f}] points).",
+             f"After RLP the answer after a thought is predicted {'better' if abs_lo > 0 else 'worse' if abs_hi < 0 else 'no differently'} "
+             f"than the NTP model predicted it directly ({abs_m:+.2f} nats).",
+             f"Against RLP's own readings the thought gains {after['answer_info_gain']:+.2f} nats over no thought and "
+             f"{after['answer_info_gain_vs_empty']:+.2f} over the empty thought (CI lower bound {lo_empty:+.2f})"
+             + (f", but RLP also moved those readings: NLL without a thought {before['answer_nll_no_think']:.2f} -> "
+                f"{after['answer_nll_no_think']:.2f}, so these gains are not evidence that thinking helps."
+                if after["answer_nll_no_think"] > before["answer_nll_no_think"] + 0.5 else ".")]
     return " ".join(parts)

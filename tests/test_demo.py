@@ -71,4 +71,4 @@ def test_report_has_both_rows_with_the_issue_fields(demo_run):
     table = (workdir / "report.md").read_text()
     assert "| before RLP (NTP stage) | 3 |" in table and "| after RLP | 2 |" in table
     assert len(rep["thoughts"]) == 6 and all("<think>" in s and "[gold:" in s for s in rep["thoughts"])
-    assert rep["verdict"].startswith("After RLP a sampled thought")
+    assert rep["verdict"].startswith("Accuracy after a sampled thought")
