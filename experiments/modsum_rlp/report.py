@@ -144,8 +144,9 @@ def _plot(all_units: dict, path: Path) -> None:
     plt.close(fig)
 
 
-PROTOCOLS = {1: "Protocol 1 (as first registered; seed 0 only: its defect led to protocol 2)",
-             2: "Protocol 2 (protocol 1 with thoughts restricted to the task's tokens; see run.py)"}
+PROTOCOLS = {"v1": (1, "Protocol 1 (as first registered; seed 0 only: its defect led to protocol 2)"),
+             "v2": (2, "Protocol 2 (protocol 1 with thoughts restricted to the task's tokens; see run.py)"),
+             "v2_ntp": (2, "Protocol 2, variant ntp (our extension: + 0.1 x next-token loss in the RLP arm; see run.py)")}
 
 
 def write_report() -> Path:
@@ -156,16 +157,17 @@ def write_report() -> Path:
              "`python experiments/modsum_rlp/run.py seed --seed N --workdir runs/modsum_rlp`. The settings, the gate "
              "and the criteria are the constants at the top of `run.py`, committed before any run.", "",
              "## Criteria (fixed before any run)", "", "```", run.CRITERIA, "```", ""]
-    for protocol, title in PROTOCOLS.items():
-        lines += [f"# {title}", ""] + _protocol_report(run, protocol)
+    for tag, (protocol, title) in PROTOCOLS.items():
+        if (RESULTS / tag).is_dir():
+            lines += [f"# {title}", ""] + _protocol_report(run, protocol, tag)
     out = HERE / "RESULTS.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
     return out
 
 
-def _protocol_report(run, protocol: int) -> list[str]:
-    root = RESULTS / f"v{protocol}"
+def _protocol_report(run, protocol: int, tag: str) -> list[str]:
+    root = RESULTS / tag
     all_units = {int(d.name[4:]): _load(d) for d in sorted(root.glob("seed*")) if (d / "stage1.json").exists()}
     lines, verdicts, pooled_diffs = [], {}, []
     for seed, units in sorted(all_units.items()):
@@ -222,8 +224,8 @@ def _protocol_report(run, protocol: int) -> list[str]:
         lines += [f"Not yet decided: {len(done)} of {len(run.SEEDS)} seeds finished (S1 and S2 need all three). "
                   "What finished is above, per seed, with its CIs."]
     if verdicts:
-        _plot(all_units, HERE / f"curves_v{protocol}.png")
-        lines += ["", f"![curves](curves_v{protocol}.png)", "",
+        _plot(all_units, HERE / f"curves_{tag}.png")
+        lines += ["", f"![curves](curves_{tag}.png)", "",
                   "Top: RLP's training reward, thought length and ended fraction per step. Bottom: the curve "
                   f"evaluations (the first {run.CURVE_PROBLEMS} held-out problems, fixed thought keys) of RLP (solid) "
                   "and CPT (dashed) at equal fractions of their matched FLOPs.", ""]
