@@ -73,9 +73,8 @@ def evaluate_thoughts(params, cfg: Config, batch, t_bk, rng, rollout: RolloutCon
     """
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     b, k = t_bk.shape
-    hybrid = family.is_hybrid(cfg)
     logits, prefix = family.forward(params, cfg, tokens, segment_ids_bl=seg, positions_bl=pos, return_cache=True,
-                                   branch_positions_bk=t_bk if hybrid else None)
+                                    branch_positions_bk=t_bk)
     before = jnp.take_along_axis(logits, jnp.maximum(t_bk - 1, 0)[..., None], axis=1).astype(jnp.float32)  # [B,K,V]
     targets = gather_horizon(tokens, t_bk, 1)                                           # [B, K, 1]
     x_t = targets[..., 0]
@@ -110,8 +109,10 @@ def heldout_metrics(params, batch, rng, *, cfg: Config, rlp: RLPConfig):
     k_pos, k_roll = jax.random.split(rng)
     h = rlp.reward.horizon
     doc = dict(segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"])
+    # The positions first (they depend on no model): a hybrid's prefix keeps its Mamba states at them.
+    t_bk, t_mask = positions.eval_positions(k_pos, batch["segment_ids"], batch["positions"], rlp.rollout, h)
     ctx = prompt_context(params, cfg, rlp)
-    logits, prefix = family.forward(params, cfg, batch["tokens"], return_cache=ctx is None and not family.is_hybrid(cfg),
+    logits, prefix = family.forward(params, cfg, batch["tokens"], return_cache=ctx is None, branch_positions_bk=t_bk,
                                     **doc)
     lp = shifted_token_logprobs(logits, batch["tokens"])                   # [B, L] plain text
     no_think_lp = lp
@@ -120,10 +121,6 @@ def heldout_metrics(params, batch, rng, *, cfg: Config, rlp: RLPConfig):
                                           return_logits=rlp.prompt.teacher_sees, context=ctx, **doc)
         if rlp.prompt.teacher_sees:
             no_think_lp = shifted_token_logprobs(prompted, batch["tokens"])
-    t_bk, t_mask = positions.eval_positions(k_pos, batch["segment_ids"], batch["positions"], rlp.rollout, h)
-    if prefix is None:   # a hybrid's prefix holds the Mamba states at the chosen positions
-        _, prefix = family.forward(params, cfg, batch["tokens"], return_cache=True, return_logits=False,
-                                   branch_positions_bk=t_bk, **doc)
     thoughts = thought_rollout(params, cfg, prefix, t_bk, k_roll, rlp.rollout)
     targets = gather_horizon(batch["tokens"], t_bk, h)
     read = lambda th: thought_forward(params, cfg, prefix, t_bk, th, targets, rlp.rollout)[1].sum(-1).mean(-1)  # noqa: E731
