@@ -127,6 +127,11 @@ def logits_from_hidden(cfg: Config, params: dict, x):
     return transformer.logits_from_hidden(cfg, params, x)
 
 
+def supports_prompt(cfg: Config) -> bool:
+    """Whether the family reads documents after a shared prompt context (`context_cache`; not Nemotron-H)."""
+    return not is_hybrid(cfg)
+
+
 def context_cache(params: dict, cfg: Config, prompt_ids_p):
     """`transformer.context_cache` (a prompt every document is read after); not for a hybrid."""
     if is_hybrid(cfg):

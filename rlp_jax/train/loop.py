@@ -160,7 +160,7 @@ def run_mesh(cfg: RunConfig, mcfg: Config):
         raise ConfigError(f"no position of a {seq_len}-token row can be chosen: rlp.rollout.min_context "
                           f"({ro.min_context}) + reward.horizon must be <= data.seq_len and "
                           f"rollout.positions_per_doc ({ro.positions_per_doc}) <= data.seq_len")
-    if family.is_hybrid(mcfg) and cfg.rlp.prompt.style != "none":
+    if not family.supports_prompt(mcfg) and cfg.rlp.prompt.style != "none":
         raise ConfigError("a Nemotron-H model reads documents without a prompt: leave rlp.prompt.style=none (prompts "
                           "are supported for the transformer families)")
     if mcfg.param_dtype == "bfloat16" and cfg.optim.lr < 1e-4:
