@@ -92,16 +92,15 @@ VARIANT = ""
 
 def _imports():
     sys.path.insert(0, str(HERE.parent.parent))
-    global modsum, me, think_eval, train, loading, plan_costs, cfgs, data_config, rlp_config
+    global modsum, me, train, layout, loading, plan_costs, cfgs, data_config, rlp_config
     from rlp_jax import train
     from rlp_jax.data import config as data_config
     from rlp_jax.data import modsum
     from rlp_jax.evaluate import modsum as me
     from rlp_jax.plan import costs as plan_costs
     from rlp_jax.rlp import config as rlp_config
-    from rlp_jax.rlp import think_eval
     from rlp_jax.runs import config as cfgs
-    from rlp_jax.runs import loading
+    from rlp_jax.runs import layout, loading
 
 
 def data_dir(workdir: Path, seed: int) -> dict[str, Path]:
@@ -122,9 +121,7 @@ def stage1_config(paths: dict, seed: int):
 
 
 def arm_config(paths: dict, seed: int, start: Path, objective: str, steps: int):
-    from rlp_jax.data.tokenizer import load_tokenizer
-
-    banned = modsum.unused_token_ids(load_tokenizer(paths["tokenizer"])) if PROTOCOL >= 2 else ()
+    banned = modsum.unused_token_ids(_tokenizer(paths)) if PROTOCOL >= 2 else ()
     rlp = rlp_config.RLPConfig(
         rollout=rlp_config.RolloutConfig(group_size=RLP["group_size"], thought_len=RLP["thought_len"],
                                          temperature=RLP["temperature"], positions_per_doc=RLP["positions_per_doc"],
@@ -156,22 +153,20 @@ def _round(rows: dict) -> dict:
 
 
 def evaluate(run: Path, paths: dict, rollout, *, problems: int | None = None, full: bool = True) -> dict:
-    """The study's evaluation of a run directory's latest params: answer positions of held-out problems
-    (per problem), and when `full` also uniform positions of held-out continuation documents."""
+    """The study's evaluation of a run directory's latest params (`rlp_jax.evaluate.modsum.evaluate_params`):
+    answer positions of held-out problems (per problem), and when `full` also uniform positions of held-out
+    continuation documents and the accuracy by role."""
     lm = loading.load_model(run)
-    key = jax.random.key(EVAL_KEY)
-    docs = modsum.read_jsonl(paths["heldout_problems"])[:problems]
-    ans = me.answer_rows(lm.params, lm.cfg, lm.tokenizer, docs, rollout, SEQ_LEN, key)
-    out = {"step": lm.step, "answer": think_eval.summarize(ans), "answer_rows": _round(ans)}
-    if full:
-        uni = me.uniform_rows(lm.params, lm.cfg, lm.tokenizer, modsum.read_jsonl(paths["heldout_continuation"]),
-                              rollout, SEQ_LEN, jax.random.fold_in(key, 1))
-        out["uniform"], out["uniform_rows"] = think_eval.summarize(uni), _round(uni)
-        out["roles_worked"] = me.role_accuracy(lm.params, lm.cfg, lm.tokenizer,
-                                               modsum.read_jsonl(paths["heldout_worked"]), SEQ_LEN)
-        out["roles_continuation"] = me.role_accuracy(lm.params, lm.cfg, lm.tokenizer,
-                                                     modsum.read_jsonl(paths["heldout_continuation"]), SEQ_LEN)
-    return out
+    summary, rows = me.evaluate_params(lm.params, lm.cfg, lm.tokenizer, paths, rollout, SEQ_LEN,
+                                       jax.random.key(EVAL_KEY), problems=problems, full=full)
+    return {"step": lm.step, **summary, **{f"{k}_rows": _round(v) for k, v in rows.items()}}
+
+
+def _tokenizer(paths: dict):
+    """The seed's task tokenizer (the one every run of the seed trains and is read with)."""
+    from rlp_jax.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(paths["tokenizer"])
 
 
 def _save(path: Path, obj: dict) -> None:
@@ -200,7 +195,7 @@ def stage1(workdir: Path, seed: int) -> dict:
     run = workdir / f"seed{seed}" / "stage1"
     reused = (run / "checkpoints" / str(STAGE1["steps"])).is_dir()   # protocol 1's stage 1 of this seed
     seconds = _train(cfg, run, f"stage1-seed{seed}")
-    rollout = eval_rollout(arm_config(paths, seed, run, "rlp", 1), loading.load_model(run).tokenizer)
+    rollout = eval_rollout(arm_config(paths, seed, run, "rlp", 1), _tokenizer(paths))
     ev = evaluate(run, paths, rollout)
     roles = ev["roles_worked"]
     measured = {"step": roles["step"], "answer_after_working": roles["answer"], "acc_think": ev["answer"]["acc_think"]}
@@ -238,7 +233,7 @@ def arm(workdir: Path, seed: int, objective: str, steps: int, stage1_ev: dict) -
     start, run = workdir / f"seed{seed}" / "stage1", arm_dir(workdir, seed, name)
     partial = run / "curve.json"
     state = json.loads(partial.read_text()) if partial.exists() else {"curve": [], "seconds": 0.0}
-    rollout = eval_rollout(arm_config(paths, seed, start, "rlp", 1), loading.load_model(start).tokenizer)
+    rollout = eval_rollout(arm_config(paths, seed, start, "rlp", 1), _tokenizer(paths))
     if not state["curve"]:
         state["curve"].append(_curve_eval(start, paths, rollout, 0))
     ends = sorted({math.ceil(steps * i / CURVE_POINTS) for i in range(1, CURVE_POINTS + 1)})
@@ -263,13 +258,13 @@ def flop_matched_steps(rlp_ev: dict, seed: int, workdir: Path) -> dict:
     """CPT steps with the same model FLOPs as the RLP arm: RLP steps x rlp_step_flops at the measured mean
     thought length / ntp_step_flops (both at B = ARM_BATCH rows of SEQ_LEN tokens)."""
     paths = data_dir(workdir, seed)
-    cfg = train.with_markers(arm_config(paths, seed, workdir / f"seed{seed}" / "stage1", "rlp", 1),
-                             loading.load_model(workdir / f"seed{seed}" / "stage1").tokenizer)
+    start = workdir / f"seed{seed}" / "stage1"
+    cfg = train.with_markers(arm_config(paths, seed, start, "rlp", 1), _tokenizer(paths))
     lengths = [m["thought/mean_len"] for m in rlp_ev["train_curve"] if "thought/mean_len" in m]
     mean_len = float(np.mean(lengths))
     measured = dataclasses.replace(cfg.rlp, rollout=dataclasses.replace(cfg.rlp.rollout,
                                                                          thought_len=max(1, round(mean_len))))
-    mcfg = loading.load_model(workdir / f"seed{seed}" / "stage1").cfg
+    mcfg = layout.read_run_record(start).model                       # the stage-1 model's shape, no weights
     rlp_flops = sum(plan_costs.rlp_step_flops(mcfg, measured, ARM_BATCH, SEQ_LEN).values())
     ntp_flops = plan_costs.ntp_step_flops(mcfg, ARM_BATCH, SEQ_LEN)
     steps = math.ceil(rlp_ev["steps"] * rlp_flops / ntp_flops)
