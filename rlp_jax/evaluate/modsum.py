@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlp_jax.data import modsum
+from rlp_jax.model import family
 from rlp_jax.rlp.config import RolloutConfig
 from rlp_jax.rlp.positions import choose_positions, valid_positions
-from rlp_jax.rlp.think_eval import per_position, evaluate_thoughts_jit
+from rlp_jax.rlp.think_eval import evaluate_thoughts_jit, per_position
 
 EVAL_BATCH = 64
 
@@ -57,8 +58,6 @@ def role_accuracy(params, cfg, tokenizer, docs: list[modsum.Document], seq_len: 
 
 
 def _logits(params, cfg, batch):
-    from rlp_jax.model import family
-
     logits, _ = family.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                positions_bl=batch["positions"])
     return logits

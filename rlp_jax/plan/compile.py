@@ -83,8 +83,7 @@ def target_devices(devices: DeviceSpec) -> list:
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{devices.kind}-{devices.chips}")
     from jax.experimental import topologies
 
-    per_host = (2, 2, 1) if dims == 3 else (2, 2, 1)
-    per_host = tuple(min(a, b) for a, b in zip(per_host, grid + (1,) * (3 - dims)))
+    per_host = tuple(min(a, b) for a, b in zip((2, 2, 1), grid + (1,) * (3 - dims)))   # at most 2x2x1 chips a host
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=f"{prefix}:{'x'.join(map(str, grid))}",
                                             chip_config_name=chip_config, chips_per_host_bounds=per_host,

@@ -112,6 +112,11 @@ def next_token_mask(segment_ids_bl):
     return (segment_ids_bl[:, 1:] == segment_ids_bl[:, :-1]) & (segment_ids_bl[:, 1:] > 0)
 
 
+def next_token_count(segment_ids_bl):
+    """[] float32: the next-token targets of a packed batch (`shifted_ntp_loss`'s denominator)."""
+    return next_token_mask(segment_ids_bl).sum().astype(jnp.float32)
+
+
 def shifted_ntp_loss(logits_blv, tokens_bl, segment_ids_bl):
     """Next-token loss of a packed batch: predict x_{j+1} from position j within the same segment."""
     return ntp_loss(logits_blv[:, :-1], tokens_bl[:, 1:], next_token_mask(segment_ids_bl))

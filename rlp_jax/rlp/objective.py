@@ -29,7 +29,7 @@ from rlp_jax.model.family import Config
 from rlp_jax.rlp import advantages, positions, reward
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.losses import (
-    next_token_mask,
+    next_token_count,
     rlp_loss,
     rlp_loss_metrics,
     shifted_ntp_loss,
@@ -278,4 +278,4 @@ def accumulation_weights(rollout: Rollout, batch) -> dict:
     action = rollout.thoughts.action_mask & rollout.mask[:, :, None, None]
     return {"thoughts": (action.sum(-1) > 0).sum().astype(jnp.float32),
             "tokens": action.sum().astype(jnp.float32),
-            "ntp_tokens": next_token_mask(batch["segment_ids"]).sum().astype(jnp.float32)}
+            "ntp_tokens": next_token_count(batch["segment_ids"])}

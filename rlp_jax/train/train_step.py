@@ -27,9 +27,11 @@ from rlp_jax.model import family
 from rlp_jax.model.family import Config
 from rlp_jax.rlp import objective, think_eval
 from rlp_jax.rlp.config import RLPConfig
-from rlp_jax.rlp.losses import next_token_mask, shifted_ntp_loss
+from rlp_jax.rlp.losses import next_token_count, shifted_ntp_loss
 from rlp_jax.rlp.teacher import ema_update, init_ema
+from rlp_jax.runs import checkpoint, layout
 from rlp_jax.runs.checkpoint import all_finite
+from rlp_jax.train.optim import make_optimizer
 
 
 @flax.struct.dataclass
@@ -122,11 +124,6 @@ def _merge_micro_batches(x):
     return x.reshape(-1, *x.shape[2:])
 
 
-def _ntp_tokens(batch) -> jax.Array:
-    """[] float32: next-token targets of a packed batch (shifted_ntp_loss's denominator)."""
-    return next_token_mask(batch["segment_ids"]).sum().astype(jnp.float32)
-
-
 def _accumulated_grads(value_and_grad_fn, params, xs):
     """Gradients summed over the leading (micro-batch) axis of the pytree `xs` under `lax.scan`, in
     float32, returned in the params' dtypes; value_and_grad_fn(x) -> (value, grads).
@@ -207,7 +204,7 @@ def ntp_step(state: TrainState, batch, rng, *, cfg: Config, optimizer: optax.Gra
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
     else:
         mb = jax.tree.map(lambda x: split_micro_batches(x, micro_batches), batch)
-        n_tok = jax.vmap(_ntp_tokens)(mb)
+        n_tok = jax.vmap(next_token_count)(mb["segment_ids"])
         w = n_tok / jnp.maximum(n_tok.sum(), 1.0)
 
         grads, losses = _accumulated_grads(lambda xs: jax.value_and_grad(loss_fn)(state.params, *xs),
@@ -274,9 +271,6 @@ def load_run_state(run_dir, *, step: int | None = None, mesh=None):
     """Restore the whole train state of a run's checkpoint (params, EMA, optimizer, step; read-only), as the
     run built it (its optimizer from the run's record). Readers that need the weights alone use
     `runs.loading.load_run_params`. Returns (checkpoint.Restored, the run's RunRecord)."""
-    from rlp_jax.runs import checkpoint, layout
-    from rlp_jax.train.optim import make_optimizer
-
     if not layout.is_run_dir(run_dir):
         raise layout.LoadError(f"{run_dir} is not an rlp_jax run directory (no config.json + checkpoints/)")
     record = layout.read_run_record(run_dir)
