@@ -88,8 +88,17 @@ def _forward_chunk(q, seg_q, lim_q, keys, length, scale):
 
     init = (jnp.full((b, e, a, m), MASKED, jnp.float32), jnp.zeros((b, e, a, m), jnp.float32),
             jnp.zeros((b, e, a, m, w), jnp.float32))
-    (mx, den, acc), _ = jax.lax.scan(body, init, keys)
+    (mx, den, acc), _ = jax.lax.scan(_no_residuals(body), init, keys)
     return (acc / den[..., None]).transpose(0, 3, 1, 2, 4), mx, den
+
+
+def _no_residuals(fn):
+    """`fn` (a loop body) rematerialised: when the forward is differentiated (`jax.checkpoint` around a layer
+    makes JAX linearise it), the scan's partial evaluation would otherwise hoist what depends only on the
+    integer descriptors (each block's mask, broadcast to every head) out of the loop and keep it for every
+    query chunk x key block: [chunks, blocks, B, E, A, block, block] bools. Rematerialised, the body keeps
+    only its inputs, and the masks are rebuilt inside the loop."""
+    return jax.checkpoint(fn, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
 
 
 def _q_block(m: int, block: int) -> int:
@@ -102,7 +111,7 @@ def _forward(q, k, v, seg_q, lim_q, seg_k, block):
     m, scale = q.shape[1], 1.0 / math.sqrt(q.shape[-1])
     keys = _key_blocks(k, v, seg_k, block)
     chunk = lambda xs: _forward_chunk(*xs, keys, k.shape[1], scale)                  # noqa: E731
-    out, mx, den = jax.lax.map(chunk, tuple(_query_chunks(x, _q_block(m, block)) for x in (q, seg_q, lim_q)))
+    out, mx, den = jax.lax.map(_no_residuals(chunk), tuple(_query_chunks(x, _q_block(m, block)) for x in (q, seg_q, lim_q)))
     out, mx, den = _unchunk(out, m), _unchunk(mx, m, axis=-1), _unchunk(den, m, axis=-1)
     return out.astype(q.dtype), mx + jnp.log(den), (mx, den)    # out [B, M, E, A, W], lse [B, E, A, M]
 

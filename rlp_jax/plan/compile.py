@@ -6,8 +6,11 @@ CPU machine (`jax.experimental.topologies`), the way MaxText's train_compile.py 
 lowered with abstract inputs (`StateLayout.restore_target`, a [B, L] batch sharded like training's) on a
 mesh of those devices and compiled; XLA:TPU's `memory_analysis()` is the memory per device the run will need.
 
-Not here yet (see the project's issues): the largest buffers, a loop-corrected step time from the compiler's
-roofline, GPU targets (jax's CUDA plugin with a target config), saving the executable.
+The largest buffers come from XLA's own memory-usage report of the compile (its buffer assignment: each
+allocation slot with the shapes that share it over the step), dumped to a temporary folder.
+
+Not here yet (see the project's issues): a loop-corrected step time from the compiler's roofline, GPU targets
+(jax's CUDA plugin with a target config), saving the executable.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
+import tempfile
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +51,7 @@ class CompileReport:
     alias_bytes: int
     temp_bytes: int
     code_bytes: int
+    largest: tuple[tuple[int, str], ...] = ()     # (bytes, the shapes sharing that slot), largest first
 
     @property
     def total(self) -> int:
@@ -128,12 +135,35 @@ def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int]
              for k in ("tokens", "segment_ids", "positions")}
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
-    compiled = step.lower(layout.restore_target(), batch, rng).compile()
+    lowered = step.lower(layout.restore_target(), batch, rng)
+    with tempfile.TemporaryDirectory(prefix="rlp_compile_") as dump:
+        compiled = lowered.compile(compiler_options={"xla_dump_to": dump, "xla_dump_hlo_pass_re": "^$"})
+        largest = largest_buffers(Path(dump))
     mem = compiled.memory_analysis()
     report = CompileReport(devices=devices, mesh=dict(mesh_sizes), argument_bytes=mem.argument_size_in_bytes,
                            output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
-                           temp_bytes=mem.temp_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes)
+                           temp_bytes=mem.temp_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
+                           largest=largest)
     return compiled, report
+
+
+_SLOT = re.compile(r"^\s*[\d.]+\w*\(\s*\d+%\);\s*([\d.]+)(B|KiB|MiB|GiB);\s*\d+;\s*\d+;\s*(.*)$")
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+def largest_buffers(dump: Path, top: int = 6) -> tuple[tuple[int, str], ...]:
+    """The `top` largest slots of device memory from the XLA dump's memory-usage report of the step (TPU's
+    compiler writes one per module): (bytes, the shapes of the values that share the slot). Empty when the
+    compiler wrote none."""
+    reports = sorted(dump.glob("*memory-usage-report.txt"), key=lambda f: f.stat().st_size)
+    if not reports:
+        return ()
+    slots = []
+    for line in reports[-1].read_text().split("Memory Space:")[1].splitlines():   # the default (HBM) space
+        hit = _SLOT.match(line)
+        if hit:
+            slots.append((round(float(hit.group(1)) * _UNITS[hit.group(2)]), hit.group(3).strip()))
+    return tuple(sorted(slots, key=lambda x: -x[0])[:top])
 
 
 def format_verdict(report: CompileReport, planned_bytes: float, device_text: str) -> str:
@@ -144,7 +174,13 @@ def format_verdict(report: CompileReport, planned_bytes: float, device_text: str
         f"XLA memory per device{hbm}: arguments {report.argument_bytes / GIB:.3f} GiB, outputs "
         f"{report.output_bytes / GIB:.3f} (aliased {report.alias_bytes / GIB:.3f}), temporaries "
         f"{report.temp_bytes / GIB:.3f}, code {report.code_bytes / GIB:.3f}",
+        *(["largest buffers (XLA's buffer assignment; shapes sharing each slot):"] +
+          [f"  {size / GIB:8.3f} GiB  {_short(shapes)}" for size, shapes in report.largest] if report.largest else []),
         f"planner / XLA: {planned_bytes / max(report.total, 1):.2f}",
         f"compiled for {device_text}: XLA {report.total / GIB:.3f} GiB/device, planner {planned_bytes / GIB:.3f} "
         f"GiB/device, {'fits' if report.fits else 'does not fit'}",
     ])
+
+
+def _short(shapes: str, width: int = 100) -> str:
+    return shapes if len(shapes) <= width else shapes[:width - 3] + "..."
