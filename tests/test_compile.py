@@ -40,6 +40,8 @@ def test_rlp_step_with_splash_attention_compiles_for_v5p_8():
     text = compiled.as_text()
     assert "tpu_custom_call" in text            # the Pallas splash kernel, lowered by Mosaic for the TPU
     assert 0 < report.total < devices.hbm_bytes and report.fits
+    assert report.largest and all(0 < size <= report.temp_bytes for size, _ in report.largest)
+    assert [size for size, _ in report.largest] == sorted((size for size, _ in report.largest), reverse=True)
     line = format_verdict(report, plan(cfg, devices, mesh).total, "v5p-8").splitlines()[-1]
     assert line.startswith("compiled for v5p-8: XLA ") and line.endswith(", fits")
 

@@ -5,11 +5,12 @@ rollout, rewards, loss and gradients."""
 
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlp_jax.model import layers
+from rlp_jax.model import blockwise, layers
 from rlp_jax.model import transformer as model
 from rlp_jax.model.config import REMATS
 from rlp_jax.rlp.rollout import thought_rollout
@@ -113,3 +114,33 @@ def test_rlp_step_equals_dense(params, batch):  # noqa: F811
     np.testing.assert_allclose(loss_b, loss_d, atol=1e-5)
     assert float(jnp.abs(loss_d)) > 0.1
     assert_grads_close(g_b, g_d)
+
+
+
+def _stacked_masks_and_scores(jaxpr, blocks: int) -> list[str]:
+    """Every value in `jaxpr` (nested loops included) stacked on a leading axis of `blocks` (one slice per key
+    block or query chunk) that is a mask (bool) or a block of scores (float32 [..., BLOCK, BLOCK])."""
+    found = []
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            aval = var.aval
+            if getattr(aval, "ndim", 0) >= 3 and aval.shape[0] == blocks and (
+                    aval.dtype == jnp.bool_ or (aval.dtype == jnp.float32 and aval.shape[-2:] == (BLOCK, BLOCK))):
+                found.append(f"{eqn.primitive}: {aval.str_short()}")
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _stacked_masks_and_scores(sub, blocks)
+    return found
+
+
+def test_a_rematerialised_layer_keeps_no_per_block_masks_or_scores(qkv):
+    """Under the layer's remat (`jax.checkpoint`) JAX linearises attention's forward; what it keeps for the
+    backward is the inputs, the output and per-query statistics, never one array per key block (masks
+    broadcast to every head, score blocks: what made the paper config 40% over the planner)."""
+    seg, lim = qkv["seg"], jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    q = qkv["q"].reshape(B, L, E, A, W)
+
+    def loss(q, k, v):
+        return blockwise.attend_blocks(q, k, v, seg, lim, seg, BLOCK)[0].sum()
+
+    jaxpr = jax.make_jaxpr(jax.grad(jax.checkpoint(loss), argnums=(0, 1, 2)))(q, qkv["k"], qkv["v"]).jaxpr
+    assert _stacked_masks_and_scores(jaxpr, -(-L // BLOCK)) == []
