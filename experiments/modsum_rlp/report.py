@@ -177,6 +177,13 @@ def _protocol_report(run, protocol: int, tag: str) -> list[str]:
         lines += [f"## Seed {seed}", "",
                   f"Stage-1 gate ({run.GATE}): measured {st['gate_measured']} -> "
                   f"**{'passed' if st['gate_passed'] else 'FAILED'}** ({trained}).", ""]
+        if "first_build" in st:
+            lines += [f"This stage-1 model is a rebuild: the first build's run directory did not survive its session, "
+                      f"and retraining with the same data, seed and config is not bit-reproducible (the first build "
+                      f"measured {st['first_build']['gate_measured']}, gate "
+                      f"{'passed' if st['first_build']['gate_passed'] else 'FAILED'}). The arms ran from the "
+                      "rebuilt model, and every number of this seed, the start row included, is the rebuilt model's.",
+                      ""]
         if not st["gate_passed"]:
             lines += ["No RLP or CPT run follows from a model that fails the gate.", ""]
             continue
