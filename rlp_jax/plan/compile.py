@@ -175,11 +175,15 @@ def format_verdict(report: CompileReport, planned_bytes: float, device_text: str
         f"{report.output_bytes / GIB:.3f} (aliased {report.alias_bytes / GIB:.3f}), temporaries "
         f"{report.temp_bytes / GIB:.3f}, code {report.code_bytes / GIB:.3f}",
         *(["largest buffers (XLA's buffer assignment; shapes sharing each slot):"] +
-          [f"  {size / GIB:8.3f} GiB  {_short(shapes)}" for size, shapes in report.largest] if report.largest else []),
+          [f"  {_size(size)}  {_short(shapes)}" for size, shapes in report.largest] if report.largest else []),
         f"planner / XLA: {planned_bytes / max(report.total, 1):.2f}",
         f"compiled for {device_text}: XLA {report.total / GIB:.3f} GiB/device, planner {planned_bytes / GIB:.3f} "
         f"GiB/device, {'fits' if report.fits else 'does not fit'}",
     ])
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / GIB:8.3f} GiB" if nbytes >= GIB / 4 else f"{nbytes / 2**20:8.1f} MiB"
 
 
 def _short(shapes: str, width: int = 100) -> str:
