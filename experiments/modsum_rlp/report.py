@@ -120,7 +120,7 @@ def _plot(all_units: dict, path: Path) -> None:
                                         ("thought/mean_len", "RLP thought length (training)"),
                                         ("thought/ended_fraction", "RLP ended fraction (training)"))):
             v = np.array([m[k] for m in tc])
-            ax[i].plot(steps[w - 1:], smooth(v), label=f"seed {seed}")
+            ax[i].plot(steps[w - 1:], smooth(v), color=f"C{seed}", label=f"seed {seed}")
             ax[i].set_title(title)
             ax[i].set_xlabel("RLP step")
         for arm, style in (("rlp", "-"), ("cpt", "--")):
@@ -132,7 +132,7 @@ def _plot(all_units: dict, path: Path) -> None:
             for j, (k, title) in enumerate((("info_gain", "answer-position gain vs no thought (128 held-out)"),
                                             ("info_gain_vs_empty", "answer-position gain vs empty thought"),
                                             ("acc_think", "accuracy after a sampled thought"))):
-                ax[3 + j].plot(x, [c[k] for c in ev["curve"]], style, marker="o",
+                ax[3 + j].plot(x, [c[k] for c in ev["curve"]], style, marker="o", color=f"C{seed}",
                                label=f"{arm.upper()} seed {seed}")
                 ax[3 + j].set_title(title)
                 ax[3 + j].set_xlabel("fraction of the arm's FLOPs (RLP and CPT matched)")
@@ -204,8 +204,11 @@ def _protocol_report(run, protocol: int, tag: str) -> list[str]:
                       f" RLP minus start, paired: {_fmt(v['rlp_gain_vs_start'])}; against the empty thought: "
                       f"{_fmt(v['rlp_gain_vs_empty'])} -> **S1 {'holds' if v['S1'] else 'fails'} in seed {seed}**",
                       f"- not a criterion: log p(answer) after RLP's sampled thought minus the start model's without a "
-                      f"thought, paired: {_fmt(v['rlp_think_vs_start_direct'])} nats (negative: the thought-reading "
-                      "model predicts the answer worse than the start model did without thinking)"]
+                      f"thought, paired: {_fmt(v['rlp_think_vs_start_direct'])} nats ("
+                      + ("below 0: the thought-reading model predicts the answer worse than the start model did "
+                         "without thinking)" if v['rlp_think_vs_start_direct'][0] < 0 else
+                         "above 0: after its thought the model predicts the answer better than the start model did "
+                         "without thinking)")]
         else:
             lines += ["- RLP has not finished for this seed."]
         if "acc_diff" in v:
@@ -223,7 +226,9 @@ def _protocol_report(run, protocol: int, tag: str) -> list[str]:
         s1 = all(verdicts[s]["S1"] for s in done)
         pooled = _ci(np.concatenate(pooled_diffs))
         s2 = all(verdicts[s]["acc_diff"][0] > 0 for s in done) and pooled[1] > 0
-        lines += [f"- **S1 {'holds' if s1 else 'fails'}** ({sum(verdicts[s]['S1'] for s in done)} of {len(done)} seeds).",
+        lines += [f"- **S1 {'holds' if s1 else 'fails'}**: it holds in {sum(verdicts[s]['S1'] for s in done)} of "
+                  f"{len(done)} seeds (seeds {', '.join(str(s) for s in done if verdicts[s]['S1']) or 'none'}) and "
+                  "must hold in every seed.",
                   f"- **S2 {'holds' if s2 else 'fails'}**: RLP minus CPT > 0 in "
                   f"{sum(verdicts[s]['acc_diff'][0] > 0 for s in done)} of {len(done)} seeds; pooled paired difference "
                   f"{_fmt(pooled, True)} points."]

@@ -75,8 +75,10 @@ def test_micro_batches_give_the_whole_batch_gradient(params, kind):
                 **objective.rollout_metrics(joined.thoughts, joined.mask)}
         # every metric reduced over the two micro-batches equals the whole batch's (std, max, fractions included)
         assert set(want) <= set(m)
+        # atol: policy/max_abs_ratio_minus_1 is float32 round-off of exp(logp - logp_sampler) (a few 1e-6) and
+        # differs in its last bits between the micro-batched and whole-batch forwards
         for k, v in want.items():
-            np.testing.assert_allclose(float(m[k]), float(v), rtol=1e-5, atol=1e-6, err_msg=k)
+            np.testing.assert_allclose(float(m[k]), float(v), rtol=1e-5, atol=1e-5, err_msg=k)
     else:
         from rlp_jax.rlp.losses import shifted_ntp_loss
 
