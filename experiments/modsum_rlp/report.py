@@ -146,7 +146,8 @@ def _plot(all_units: dict, path: Path) -> None:
 
 PROTOCOLS = {"v1": (1, "Protocol 1 (as first registered; seed 0 only: its defect led to protocol 2)"),
              "v2": (2, "Protocol 2 (protocol 1 with thoughts restricted to the task's tokens; see run.py)"),
-             "v2_ntp": (2, "Protocol 2, variant ntp (our extension: + 0.1 x next-token loss in the RLP arm; see run.py)")}
+             "v2_ntp": (2, "Protocol 2, variant ntp (our extension: + 0.1 x next-token loss in the RLP arm; see run.py)"),
+             "v2_lr2e-5": (2, "Protocol 2, variant lr2e-5 (the RLP arm at lr 2e-5 instead of 1e-4; see run.py)")}
 
 
 def write_report() -> Path:
