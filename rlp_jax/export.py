@@ -130,7 +130,7 @@ def _check_probes(tok: Tokenizer, converted: tokenizers.Tokenizer) -> None:
         ours, theirs = tok.encode(text), converted.encode(text, add_special_tokens=False).ids
         if ours != theirs:
             raise ExportError(f"the converted tokenizer encodes {text!r} as {theirs[:12]}... but {tok.path} gives "
-                              f"{ours[:12]}...; export the weights with rlp_jax.model.hf.to_hf and convert the tokenizer "
+                              f"{ours[:12]}...; export the weights with rlp_jax.model.dense.hf.to_hf and convert the tokenizer "
                               "yourself")
 
 

@@ -2,7 +2,7 @@
 
 The mesh has three axes: `data` (pure data parallelism), `fsdp` (data parallelism with parameters,
 EMA and optimizer state sharded), `tensor` (heads / MLP / vocab split inside a layer). Every parameter
-axis has a logical name (`rlp_jax.model.transformer.param_logical_axes`); `RULES` maps names to mesh axes. A
+axis has a logical name (`rlp_jax.model.dense.transformer.param_logical_axes`); `RULES` maps names to mesh axes. A
 logical axis whose size does not divide by its mesh axes is replicated instead (a tiny model on a big
 mesh still runs). Activations are constrained by name inside the model through `constrain`, a no-op
 unless JAX's abstract mesh is set while tracing (`jax.sharding.use_abstract_mesh(mesh.abstract_mesh)`

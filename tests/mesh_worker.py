@@ -14,8 +14,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from rlp_jax import sharding  # noqa: E402
-from rlp_jax.model import transformer as model  # noqa: E402
-from rlp_jax.model.config import ModelConfig  # noqa: E402
+from rlp_jax.model.dense import transformer as model  # noqa: E402
+from rlp_jax.model.dense.config import ModelConfig  # noqa: E402
 from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
 from rlp_jax.train import train_step  # noqa: E402
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.rlp.config import LossConfig, RewardConfig, RLPConfig, RolloutConfig
 from rlp_jax.rlp.objective import SHARED_PREFIX, Rollout, loss_and_grad, with_reference
 from rlp_jax.rlp.rollout import thought_rollout

@@ -11,8 +11,8 @@ import jax
 
 from rlp_jax.data.corpus import build_corpus, generate_documents
 from rlp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.runs import checkpoint
 from rlp_jax.runs.config import apply_overrides, load_experiment, to_dict
 from rlp_jax.train import train_step

@@ -22,8 +22,8 @@ from rlp_jax.data.tokenizer import (
     train_sentencepiece,
 )
 from rlp_jax.export import PROBES, export, main, sentencepiece_to_hf
-from rlp_jax.model import hf
-from rlp_jax.model import transformer as model
+from rlp_jax.model.dense import hf
+from rlp_jax.model.dense import transformer as model
 from rlp_jax.runs.loading import load_model, load_run_params
 from tests.hf_models import hf_logits, make_hf_model, torch, transformers
 from tests.train.train_cases import ANY_LENGTH

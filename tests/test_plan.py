@@ -11,8 +11,8 @@ import jax
 import pytest
 
 from rlp_jax import plan, sharding
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import PRESETS, ModelConfig
+from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense.config import PRESETS, ModelConfig
 from rlp_jax.runs.config import (
     ConfigError,
     ModelSection,
@@ -286,7 +286,7 @@ def _planned_and_xla_step(model_overrides):
 
 def _hybrid(pattern: str, **fields):
     """A Nemotron-H shape from config.json fields (`hybrid.config_from_hf`), small unless told."""
-    from rlp_jax.model import hybrid
+    from rlp_jax.model.nemotron_h import hybrid
 
     base = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
                 head_dim=32, mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=32, conv_kernel=4,
@@ -295,7 +295,7 @@ def _hybrid(pattern: str, **fields):
 
 
 def _abstract_params(h):
-    from rlp_jax.model import hybrid
+    from rlp_jax.model.nemotron_h import hybrid
 
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jax.numpy.float32), hybrid.param_shapes(h),
                         is_leaf=lambda x: isinstance(x, tuple))
@@ -304,7 +304,7 @@ def _abstract_params(h):
 def test_hybrid_preset_count_and_sharded_state():
     """The 12B preset's count is the model's own (`hybrid.num_params`, equal to transformers' in
     tests/model/test_hybrid.py); its state is sharded by the hybrid's logical axes."""
-    from rlp_jax.model import hybrid
+    from rlp_jax.model.nemotron_h import hybrid
 
     cfg = apply_overrides(load_experiment("web_mix").config(), ["model.preset=nemotron-nano-12b-v2"])
     one = plan.plan(cfg, plan.device_spec("h200"), {"data": 1, "fsdp": 1, "tensor": 1})
@@ -336,7 +336,7 @@ def test_hybrid_forward_flops_by_hand():
 def test_hybrid_forward_flops_match_xla_cost_analysis():
     """Against XLA's own FLOP count of the jitted `hybrid.forward` (its masked attention runs all L x L pairs, so
     the planner is asked for those); XLA also counts elementwise work, hence the 5% window."""
-    from rlp_jax.model import hybrid
+    from rlp_jax.model.nemotron_h import hybrid
     from rlp_jax.plan import hybrid_costs
 
     h = _hybrid("M-M*-", hidden_size=512, intermediate_size=1024, num_attention_heads=8, head_dim=64,
@@ -352,17 +352,17 @@ def test_hybrid_forward_flops_match_xla_cost_analysis():
 def test_hybrid_branch_state_is_what_the_code_allocates(compute):
     """Per branch: the Mamba states (H P N + (K-1) X float32 values per Mamba block) and keys/values of the
     attention blocks only (compute dtype); per (row, position): the prefix. Checked against the arrays
-    `hybrid_branch` builds for the 12B preset (shapes only, `jax.eval_shape`)."""
-    from rlp_jax.model import hybrid, hybrid_branch
+    `branch` builds for the 12B preset (shapes only, `jax.eval_shape`)."""
+    from rlp_jax.model.nemotron_h import branch, hybrid
     from rlp_jax.plan import hybrid_costs
 
     h = hybrid.preset("nemotron-nano-12b-v2", compute_dtype=compute)
     assert hybrid_costs.mamba_state_bytes(h) == 28 * 4 * (128 * 80 * 128 + 3 * (10240 + 2 * 8 * 128))
     rows, length, positions, thoughts, slots = 2, 64, 3, 4, 16
-    _, prefix = jax.eval_shape(lambda p: hybrid_branch.prefix_forward(
+    _, prefix = jax.eval_shape(lambda p: branch.prefix_forward(
         p, h, jax.numpy.zeros((rows, length), jax.numpy.int32), jax.numpy.ones((rows, positions), jax.numpy.int32)),
         _abstract_params(h))
-    cache = jax.eval_shape(lambda pre: hybrid_branch.init_branch_cache(h, pre, thoughts, slots), prefix)
+    cache = jax.eval_shape(lambda pre: branch.init_branch_cache(h, pre, thoughts, slots), prefix)
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))   # noqa: E731
     assert nbytes(prefix.blocks) == hybrid_costs.prefix_cache_bytes(h, rows=rows, seq_len=length, positions=positions)
     assert nbytes(cache.blocks) == hybrid_costs.branch_cache_bytes(h, branches=rows * positions * thoughts,
@@ -375,12 +375,12 @@ def test_hybrid_branch_state_is_what_the_code_allocates(compute):
 def test_hybrid_passes_agree_with_xla_memory_analysis(shape, pattern, attention, block):
     """The planner's bytes for the differentiable passes the hybrid's loss is made of, + params + gradients,
     against XLA's account (temporaries + arguments + outputs) of jax.grad of: documents: `hybrid.forward`;
-    branches: `hybrid_branch.prefix_forward` then `branch_forward` of G thoughts at K positions per row. Each
+    branches: `branch.prefix_forward` then `branch_forward` of G thoughts at K positions per row. Each
     loss reads its logits through a log-softmax: logits, log-probabilities and their cotangent, 3 float32 arrays
     of V per scored token. Attention: dense (every key set within one 512-key block), blockwise (8-key blocks),
     or mixed (64-key blocks: the documents' keys blockwise, a thought's own 40 keys dense); the blockwise cases
     with two attention blocks of three, where counting their pairs as dense would put the planner ~25% over."""
-    from rlp_jax.model import hybrid, hybrid_branch
+    from rlp_jax.model.nemotron_h import branch, hybrid
     from rlp_jax.plan import hybrid_costs
 
     h = _hybrid(pattern).replace(attention=attention, attention_block=block)
@@ -392,8 +392,8 @@ def test_hybrid_passes_agree_with_xla_memory_analysis(shape, pattern, attention,
         loss, args, scored = lambda p, x: score(hybrid.forward(p, h, x), x), (_abstract_params(h), tokens), rows * length
     else:
         def loss(p, x, t_bk, th):
-            _, prefix = hybrid_branch.prefix_forward(p, h, x, t_bk)
-            return score(hybrid_branch.branch_forward(p, h, prefix, th), th)
+            _, prefix = branch.prefix_forward(p, h, x, t_bk)
+            return score(branch.branch_forward(p, h, prefix, th), th)
         args = (_abstract_params(h), tokens, jax.ShapeDtypeStruct((rows, k), jax.numpy.int32),
                 jax.ShapeDtypeStruct((rows, k, g, t), jax.numpy.int32))
         scored = rows * k * g * t

@@ -232,7 +232,7 @@ def load_tokenizer(path: str | Path, think_tokens: Sequence[str] = THINK_TOKENS)
 
     A `.model` file (or a directory holding exactly one `*.model` and no tokenizer.json) is read with
     sentencepiece; a `.json` file or a directory holding `tokenizer.json` with `tokenizers`; a `.gguf`
-    file's own tokenizer metadata is rebuilt as a `tokenizers` tokenizer (`rlp_jax.model.gguf`). Anything else
+    file's own tokenizer metadata is rebuilt as a `tokenizers` tokenizer (`rlp_jax.model.dense.gguf`). Anything else
     (missing path, pickles / model weights, unknown formats, corrupt files) raises `TokenizerError`.
     """
     p = Path(path)
@@ -249,7 +249,8 @@ def load_tokenizer(path: str | Path, think_tokens: Sequence[str] = THINK_TOKENS)
     if p.suffix == ".model":
         return SentencePieceTokenizer(p, think_tokens)
     if p.suffix == ".gguf":
-        from rlp_jax.model.gguf import CheckpointError, gguf_tokenizer
+        from rlp_jax.model.dense.gguf import gguf_tokenizer
+        from rlp_jax.model.safetensors_io import CheckpointError
         try:
             backend, names = gguf_tokenizer(p)
         except CheckpointError as e:

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from rlp_jax.model import blockwise
-from rlp_jax.model.config import ModelConfig
 
 # Finite "minus infinity" for masked scores: a fully masked row (a padding query) gives a uniform
 # softmax instead of NaN; its output is never used.
@@ -29,11 +28,10 @@ def rms_norm(x, weight, eps: float):
     return weight.astype(x.dtype) * x32.astype(x.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-    """Rotary inverse frequencies [W/2] float32, with optional Llama-3 frequency scaling."""
-    dh = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
-    scaling = cfg.rope_scaling
+def rope_inv_freq(head_dim: int, rope_theta: float, scaling: dict | None) -> jax.Array:
+    """Rotary inverse frequencies [W/2] float32 (W = head_dim), with optional Llama-3 frequency scaling."""
+    dh = head_dim
+    inv_freq = 1.0 / (rope_theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
     if scaling is None or scaling.get("rope_type", scaling.get("type")) == "default":
         return inv_freq
     factor = scaling["factor"]

@@ -34,7 +34,7 @@ def shifted_token_logprobs_chunked(params, cfg, hidden_bld, tokens_bl, *, chunk:
 
     @jax.checkpoint
     def one(xc, tc):
-        logp = jax.nn.log_softmax(family.logits_from_hidden(cfg, params, xc), axis=-1)   # [B, c, V]
+        logp = jax.nn.log_softmax(family.logits_from_hidden(params, cfg, xc), axis=-1)   # [B, c, V]
         return jnp.take_along_axis(logp, tc[..., None], axis=-1)[..., 0]
 
     lp = jax.lax.map(lambda a: one(*a), (x_c, nxt_c)).transpose(1, 0, 2).reshape(b, nc * c)[:, : length - 1]

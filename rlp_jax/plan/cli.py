@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from rlp_jax.model.hybrid import ATTENTION, MAMBA, MLP, HybridConfig
+from rlp_jax.model.nemotron_h.hybrid import ATTENTION, MAMBA, MLP, HybridConfig
 from rlp_jax.plan.devices import GIB, default_mesh, device_spec, parse_mesh
 from rlp_jax.plan.estimate import Plan, plan
 from rlp_jax.runs.config import (

@@ -88,6 +88,7 @@ def target_devices(devices: DeviceSpec) -> list:
     prefix, chip_config, dims = TPU_TOPOLOGIES[devices.kind]
     grid = chip_grid(devices.chips, dims)
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{devices.kind}-{devices.chips}")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no chip is opened, another process may hold libtpu
     from jax.experimental import topologies
 
     per_host = tuple(min(a, b) for a, b in zip((2, 2, 1), grid + (1,) * (3 - dims)))   # at most 2x2x1 chips a host

@@ -8,8 +8,8 @@ import jax
 from jax.sharding import AbstractMesh
 
 from rlp_jax import sharding
-from rlp_jax.model.config import ModelConfig
-from rlp_jax.model.hybrid import HybridConfig
+from rlp_jax.model.dense.config import ModelConfig
+from rlp_jax.model.nemotron_h.hybrid import HybridConfig
 from rlp_jax.model.scoring import TOKEN_CHUNK
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.rollout import THOUGHT_CHUNK

@@ -10,7 +10,7 @@ import math
 
 from rlp_jax.model.config import REMATS
 from rlp_jax.model.family import Config
-from rlp_jax.model.hybrid import HybridConfig
+from rlp_jax.model.nemotron_h.hybrid import HybridConfig
 from rlp_jax.plan import costs, hybrid_costs
 from rlp_jax.plan.costs import dtype_bytes, effective_tokens, state_bytes
 from rlp_jax.plan.devices import GIB, DeviceSpec

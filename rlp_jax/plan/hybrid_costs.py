@@ -1,4 +1,4 @@
-"""Per-device activations and per-step FLOPs of a Nemotron-H run (`rlp_jax.model.hybrid`, `hybrid_branch`).
+"""Per-device activations and per-step FLOPs of a Nemotron-H run (`rlp_jax.model.nemotron_h.hybrid`, `branch`).
 
 The accounting follows the dense family's (`rlp_jax.plan.costs`, the package docstring): the same phases, state
 (`costs.state_bytes`: the hybrid's `TrainState` sharded by `hybrid.param_logical_axes`), vocabulary chunks and
@@ -8,7 +8,7 @@ conventions, with each block's terms replaced. What differs:
     keys/values in model.compute_dtype (c bytes); the Mamba conv, scan, gated norm and states, attention scores
     and logits in float32.
   * Attention reads each key set (the documents' L keys; a branch's own S = T + 1 + H keys in the loss, its T
-    cache slots while sampling) as `hybrid` and `hybrid_branch` run it, like the dense family
+    cache slots while sampling) as `hybrid` and `branch` run it, like the dense family
     (`costs.attended`, `costs.blockwise_extra`): densely and masked where `blockwise_for` the set's length is
     false, every (query, key) pair held and kept; else blockwise, one chunk of `attention_block` queries by one
     key block per row held, no pair kept, plus the online softmax's and its custom backward's working arrays.
@@ -46,8 +46,8 @@ import math
 
 import jax
 
-from rlp_jax.model import hybrid
-from rlp_jax.model.hybrid import ATTENTION, MAMBA, MLP, HybridConfig
+from rlp_jax.model.nemotron_h import hybrid
+from rlp_jax.model.nemotron_h.hybrid import ATTENTION, MAMBA, MLP, HybridConfig
 from rlp_jax.model.scoring import TOKEN_CHUNK
 from rlp_jax.plan.costs import attended, blockwise_extra, dtype_bytes, mean_position
 from rlp_jax.rlp.config import RLPConfig
@@ -99,7 +99,7 @@ def forward_flops(h: HybridConfig, *, seqs: float, length: int, pairs: float, he
 
 
 def decode_flops(h: HybridConfig, *, tokens: float, pairs: float) -> float:
-    """`tokens` sampled one at a time (`hybrid_branch.decode_step`): per token 2 x matmul weights, 4 I N per Mamba
+    """`tokens` sampled one at a time (`branch.decode_step`): per token 2 x matmul weights, 4 I N per Mamba
     block (state update and read-out) and 2 D V for the next token's logits; 4 Q W per attended pair."""
     m, n = h.mamba, block_counts(h)
     per_token = 2 * matmul_weights(h) + 4 * n[MAMBA] * m.inner * m.state_size + 2 * h.hidden_size * h.vocab_size
@@ -152,14 +152,14 @@ def _kv_bytes(h: HybridConfig, tokens: float, tp: int) -> float:
 
 
 def prefix_cache_bytes(h: HybridConfig, *, rows: float, seq_len: int, positions: int, tp: int = 1) -> float:
-    """What branches start from (`hybrid_branch.HybridPrefix`): the documents' keys and values in each attention
+    """What branches start from (`branch.HybridPrefix`): the documents' keys and values in each attention
     block, and each Mamba block's state at every (row, position)."""
     kv = _kv_bytes(h, rows * seq_len, tp)
     return kv + rows * positions * mamba_state_bytes(h)
 
 
 def branch_cache_bytes(h: HybridConfig, *, branches: float, slots: int, tp: int = 1) -> float:
-    """A sampling cache (`hybrid_branch.BranchCache`) of `branches` branches with `slots` token slots each: a
+    """A sampling cache (`branch.BranchCache`) of `branches` branches with `slots` token slots each: a
     Mamba state per branch and block, keys and values of `slots` tokens per branch and attention block."""
     return branches * mamba_state_bytes(h) + _kv_bytes(h, branches * slots, tp)
 
@@ -260,7 +260,7 @@ def _gathered(h: HybridConfig, tp: int) -> float:
 def loss_pass_bytes(h: HybridConfig, *, rows: int, seq_len: int, positions: int, branches: int, branch_len: int,
                     tp: int = 1) -> float:
     """Bytes per device of the differentiable pass the loss runs, without its vocabulary head: the documents
-    (`hybrid_branch.prefix_forward` with the states at `positions` per row) and `branches` per row of `branch_len`
+    (`branch.prefix_forward` with the states at `positions` per row) and `branches` per row of `branch_len`
     tokens from those states (`branch_forward`): what the backward reads, plus one block's working set. Branch
     start states: under remat none the reads at positions and a copy per branch are kept; under a per-block
     remat only what the prefix blocks hand to the branches (`prefix_cache_bytes`)."""

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from rlp_jax.model import family
+from rlp_jax.model.branches import Branches
 from rlp_jax.model.family import Config
 from rlp_jax.model.sampling import filter_logits, sample_categorical
-from rlp_jax.model.transformer import Branches
 from rlp_jax.rlp.config import RolloutConfig
 from rlp_jax.rlp.objective import ThoughtPath
 from rlp_jax.rlp.rollout import Thoughts, branch_tokens, score_branches, thought_logits

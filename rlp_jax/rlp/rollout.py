@@ -187,14 +187,14 @@ def score_hidden(params, cfg: Config, hidden_bnsd, pred_idx_bnh, thoughts: Thoug
 
     @jax.checkpoint
     def chunk_logprobs(xc, tc, sc):
-        policy = thought_logits(family.logits_from_hidden(cfg, params, xc), sc, rollout)   # [B, N, c, V]
+        policy = thought_logits(family.logits_from_hidden(params, cfg, xc), sc, rollout)   # [B, N, c, V]
         return jnp.take_along_axis(jax.nn.log_softmax(policy), tc[..., None], axis=-1)[..., 0]
 
     lp = jax.lax.map(lambda a: chunk_logprobs(*a), (x_c, tok_c, slots_c))             # [C, B, N, c]
     new_lp = lp.transpose(1, 2, 0, 3).reshape(b, n, nc * c)[:, :, :t_max]
     new_lp = jnp.where(thoughts.action_mask.reshape(b, n, t_max), new_lp, 0.0)
     x_pred = jnp.take_along_axis(hidden_bnsd, pred_idx_bnh[..., None], axis=2)         # [B, N, H, D]
-    at_pred = family.logits_from_hidden(cfg, params, x_pred)                            # [B, N, H, V]
+    at_pred = family.logits_from_hidden(params, cfg, x_pred)                            # [B, N, H, V]
     tgt = jnp.repeat(targets_bkh, g, axis=1)
     tgt_lp = jnp.take_along_axis(jax.nn.log_softmax(at_pred), tgt[..., None], axis=-1)[..., 0]
     return (new_lp.reshape(b, k, g, t_max), tgt_lp.reshape(b, k, g, h),

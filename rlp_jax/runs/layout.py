@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rlp_jax.data.tokenizer import THINK_TOKENS, Tokenizer, load_tokenizer
 from rlp_jax.model import family
-from rlp_jax.model import gguf as gguf_io
+from rlp_jax.model.dense import gguf as gguf_io
 from rlp_jax.model.family import Config
 from rlp_jax.runs.config import ConfigError, RunConfig, from_dict
 

@@ -24,8 +24,10 @@ from rlp_jax.data.tokenizer import (
     load_tokenizer,
     resize_embeddings,
 )
-from rlp_jax.model import family, gguf, hf
+from rlp_jax.model import family
+from rlp_jax.model.dense import gguf
 from rlp_jax.model.family import Config
+from rlp_jax.model.safetensors_io import CheckpointError
 from rlp_jax.runs import checkpoint, layout
 from rlp_jax.runs.config import ConfigError, ModelSection, RunConfig
 
@@ -101,7 +103,7 @@ def model_config(section: ModelSection) -> Config:
             raise ConfigError(f"model.init_from={src}: neither an rlp_jax run directory, a .gguf file nor a Hugging "
                               "Face checkpoint directory (no config.json there)")
         return family.config_from_hf(json.loads(path.read_text()), **section.overrides)
-    except (hf.CheckpointError, layout.LoadError, json.JSONDecodeError, fetch.FetchError) as e:
+    except (CheckpointError, layout.LoadError, json.JSONDecodeError, fetch.FetchError) as e:
         raise ConfigError(f"model.init_from={src}: {e}") from None
 
 
@@ -176,7 +178,7 @@ def load_model(path, *, step: int | None = None, which: str = "params", mesh=Non
 
     For a pretrained checkpoint whose tokenizer gained the think markers, the embedding grows to match
     (new rows drawn like `resize_embeddings`; a fixed seed, so repeated loads agree).
-    Raises layout.LoadError / TokenizerError / hf.CheckpointError / checkpoint.CheckpointMismatch with one-line messages.
+    Raises layout.LoadError / TokenizerError / CheckpointError / checkpoint.CheckpointMismatch with one-line messages.
     """
     path = resolve_model_name(path)
     if not layout.is_url(path):
@@ -211,5 +213,5 @@ def load_model(path, *, step: int | None = None, which: str = "params", mesh=Non
                        run=run_cfg)
 
 
-LOAD_ERRORS = (layout.LoadError, TokenizerError, hf.CheckpointError, checkpoint.CheckpointMismatch,
+LOAD_ERRORS = (layout.LoadError, TokenizerError, CheckpointError, checkpoint.CheckpointMismatch,
                checkpoint.CheckpointRestoreError, ConfigError, fetch.FetchError)

@@ -23,8 +23,9 @@ from tqdm import tqdm
 from rlp_jax import fetch, sharding
 from rlp_jax.data.pipeline import DataError, make_iterator
 from rlp_jax.data.tokenizer import TokenizerError, load_tokenizer
-from rlp_jax.model import family, hf
+from rlp_jax.model import family
 from rlp_jax.model.family import Config
+from rlp_jax.model.safetensors_io import CheckpointError
 from rlp_jax.rlp.prompt import PromptError, render_prompt
 from rlp_jax.runs import checkpoint, layout, loading
 from rlp_jax.runs.config import ConfigError, RunConfig, to_dict
@@ -35,7 +36,7 @@ from rlp_jax.train.preemption import Preemption
 
 log = logging.getLogger("rlp_jax.train")
 
-USER_ERRORS = (ConfigError, DataError, TokenizerError, hf.CheckpointError, checkpoint.CheckpointMismatch,
+USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, checkpoint.CheckpointMismatch,
                checkpoint.CheckpointRestoreError, checkpoint.CheckpointSaveError, layout.LoadError,
                fetch.FetchError)
 

@@ -12,7 +12,7 @@ import pytest
 from rlp_jax.evaluate import cli as evaluate
 from rlp_jax.evaluate import tasks
 from rlp_jax.generate import cli as generate
-from rlp_jax.model import transformer as model
+from rlp_jax.model.dense import transformer as model
 from rlp_jax.runs.layout import LoadError
 from rlp_jax.runs.loading import load_model
 from tests.run_dirs import make_run_dir

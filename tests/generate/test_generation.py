@@ -16,8 +16,8 @@ from rlp_jax.generate.generation import (
     pad_prompts,
     stream,
 )
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.model.sampling import first_above, sample_categorical
 
 V = 40

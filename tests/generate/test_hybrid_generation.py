@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlp_jax.generate.generation import SamplingConfig, generate
-from rlp_jax.model import hybrid
+from rlp_jax.model.nemotron_h import hybrid
 
 J = 6
 

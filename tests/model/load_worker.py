@@ -14,7 +14,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from rlp_jax.model import gguf, hf, weights  # noqa: E402
+from rlp_jax.model.dense import gguf, hf, weights  # noqa: E402
 
 
 def held(params) -> int:

@@ -11,10 +11,17 @@ import numpy as np
 import pytest
 
 from rlp_jax.model import blockwise, layers
-from rlp_jax.model import transformer as model
 from rlp_jax.model.config import REMATS
+from rlp_jax.model.dense import transformer as model
 from rlp_jax.rlp.rollout import thought_rollout
-from tests.rlp_cases import CFG, assert_grads_close, batch, objective, params, rlp_config  # noqa: F401
+from tests.rlp_cases import (  # noqa: F401
+    CFG,
+    assert_grads_close,
+    batch,
+    objective,
+    params,
+    rlp_config,
+)
 
 B, L, E, A, W, P = 2, 37, 2, 2, 8, 5   # L = 4 blocks of 8 and a partial one
 BLOCK = 8

@@ -11,9 +11,9 @@ import pytest
 
 from rlp_jax import fetch
 from rlp_jax.data.tokenizer import TokenizerError, load_tokenizer
-from rlp_jax.model import gguf as gguf_io
-from rlp_jax.model import transformer as model
-from rlp_jax.model.hf import CheckpointError
+from rlp_jax.model.dense import gguf as gguf_io
+from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.safetensors_io import CheckpointError
 from rlp_jax.runs import loading
 from tests.gguf_files import SPECIALS, TEXT, bpe_vocab, tiny_hf_model, write_gguf
 

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlp_jax.model import hf
-from rlp_jax.model import transformer as model
+from rlp_jax.model.dense import hf
+from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.safetensors_io import CheckpointError
 from tests.hf_models import hf_logits, make_hf_model, torch
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -105,9 +106,9 @@ def test_sharded_index(tmp_path):
 
 
 def test_clear_errors(tmp_path):
-    with pytest.raises(hf.CheckpointError, match="no checkpoint directory"):
+    with pytest.raises(CheckpointError, match="no checkpoint directory"):
         hf.from_hf(tmp_path / "missing")
-    with pytest.raises(hf.CheckpointError, match="no config.json"):
+    with pytest.raises(CheckpointError, match="no config.json"):
         hf.from_hf(tmp_path)
     ref_model = make_hf_model("qwen3")
     ref_model.save_pretrained(tmp_path / "ok")
@@ -117,23 +118,23 @@ def test_clear_errors(tmp_path):
     pickled.mkdir()
     (pickled / "config.json").write_text(json.dumps(cfg_json))
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
-    with pytest.raises(hf.CheckpointError, match="refuses to unpickle"):
+    with pytest.raises(CheckpointError, match="refuses to unpickle"):
         hf.from_hf(pickled)
 
     bad_arch = tmp_path / "gpt2"
     bad_arch.mkdir()
     (bad_arch / "config.json").write_text(json.dumps({**cfg_json, "architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(hf.CheckpointError, match="unsupported architecture.*GPT2LMHeadModel"):
+    with pytest.raises(CheckpointError, match="unsupported architecture.*GPT2LMHeadModel"):
         hf.from_hf(bad_arch)
 
     # A checkpoint whose config claims more layers than it holds names the missing tensor.
     (tmp_path / "ok" / "config.json").write_text(json.dumps({**cfg_json, "num_hidden_layers": 3}))
-    with pytest.raises(hf.CheckpointError, match="missing tensor 'model.layers.2"):
+    with pytest.raises(CheckpointError, match="missing tensor 'model.layers.2"):
         hf.from_hf(tmp_path / "ok")
 
     # A truncated weights file (an interrupted download) names the file and says what to do.
     (tmp_path / "ok" / "config.json").write_text(json.dumps(cfg_json))
     weights = tmp_path / "ok" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with pytest.raises(hf.CheckpointError, match="model.safetensors cannot be read as safetensors .*truncated.*download or export"):
+    with pytest.raises(CheckpointError, match="model.safetensors cannot be read as safetensors .*truncated.*download or export"):
         hf.from_hf(tmp_path / "ok")

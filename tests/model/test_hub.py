@@ -13,7 +13,7 @@ import pytest
 
 from rlp_jax.fetch import FetchError, resolve
 from rlp_jax.fetch.hub import is_hub_id
-from rlp_jax.model import transformer
+from rlp_jax.model.dense import transformer
 from rlp_jax.runs.loading import load_model
 from tests.gguf_files import bpe_vocab
 from tests.hf_models import hf_logits, make_hf_model

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlp_jax.model import hybrid, mamba2
+from rlp_jax.model import mamba2
+from rlp_jax.model.nemotron_h import hybrid
 from tests.hf_models import NEMOTRON_H_BLOCKS, tiny_nemotron_h
 
 torch = pytest.importorskip("torch")

@@ -1,4 +1,4 @@
-"""Thoughts branched off a Nemotron-H prefix (`hybrid_branch`) equal the naive path, each thought run as its own
+"""Thoughts branched off a Nemotron-H prefix (`branch`) equal the naive path, each thought run as its own
 sequence x_<t + thought through `hybrid.forward`: the thoughts' logits and the gradient of a loss on them with
 respect to every parameter; decoding a thought token by token gives `branch_forward`'s logits."""
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlp_jax.model import hybrid, hybrid_branch
+from rlp_jax.model.nemotron_h import branch, hybrid
 from tests.hf_models import tiny_nemotron_h
 
 L = 21            # not a multiple of the chunk size 8: a partial last chunk
@@ -61,8 +61,8 @@ def _naive_logits(params, cfg, seqs, mask, where):
 
 
 def _branched_logits(params, cfg, tokens, mask, thoughts):
-    _, prefix = hybrid_branch.prefix_forward(params, cfg, tokens, T_BK, mask)
-    return hybrid_branch.branch_forward(params, cfg, prefix, thoughts)
+    _, prefix = branch.prefix_forward(params, cfg, tokens, T_BK, mask)
+    return branch.branch_forward(params, cfg, prefix, thoughts)
 
 
 def _loss(logits, targets, weights):
@@ -84,7 +84,7 @@ def test_branch_logits_equal_each_thought_run_alone(model):
     print(f"branch logits max relative error {err:.2e}")
     assert err <= 1e-5
     # the prefix pass's own logits are the documents' teacher-forced ones
-    doc_logits, _ = hybrid_branch.prefix_forward(params, cfg, tokens, T_BK, mask, return_logits=True)
+    doc_logits, _ = branch.prefix_forward(params, cfg, tokens, T_BK, mask, return_logits=True)
     real = mask.astype(bool)
     assert _rel(doc_logits[real], hybrid.forward(params, cfg, tokens, mask)[real]) <= 1e-6
 
@@ -111,10 +111,10 @@ def test_gradients_equal_each_thought_run_alone(model):
 def test_decoding_token_by_token_equals_branch_forward(model):
     cfg, params = model
     tokens, mask, thoughts, _, _ = _case(cfg.vocab_size, seed=2)
-    _, prefix = jax.jit(hybrid_branch.prefix_forward, static_argnums=1)(params, cfg, tokens, T_BK, mask)
-    want = jax.jit(hybrid_branch.branch_forward, static_argnums=1)(params, cfg, prefix, thoughts)
-    cache = hybrid_branch.init_branch_cache(cfg, prefix, S, T + 3)        # more slots than tokens: unused ones masked
-    step = jax.jit(hybrid_branch.decode_step, static_argnums=1)
+    _, prefix = jax.jit(branch.prefix_forward, static_argnums=1)(params, cfg, tokens, T_BK, mask)
+    want = jax.jit(branch.branch_forward, static_argnums=1)(params, cfg, prefix, thoughts)
+    cache = branch.init_branch_cache(cfg, prefix, S, T + 3)        # more slots than tokens: unused ones masked
+    step = jax.jit(branch.decode_step, static_argnums=1)
     flat = thoughts.reshape(B, K * S, T)
     err = 0.0
     for i in range(T):
@@ -128,10 +128,10 @@ def test_bad_shapes_say_what_is_wrong(model):
     cfg, params = model
     tokens, mask, thoughts, _, _ = _case(cfg.vocab_size)
     with pytest.raises(ValueError, match=r"tokens must be \[B, L\] and t \[B, K\]"):
-        hybrid_branch.prefix_forward(params, cfg, tokens, T_BK[:1], mask)
-    _, prefix = hybrid_branch.prefix_forward(params, cfg, tokens, T_BK, mask)
+        branch.prefix_forward(params, cfg, tokens, T_BK[:1], mask)
+    _, prefix = branch.prefix_forward(params, cfg, tokens, T_BK, mask)
     with pytest.raises(ValueError, match=r"thought tokens must be \[B, K, S, T\]"):
-        hybrid_branch.branch_forward(params, cfg, prefix, thoughts[:, :1])
-    cache = hybrid_branch.init_branch_cache(cfg, prefix, S, T)
+        branch.branch_forward(params, cfg, prefix, thoughts[:, :1])
+    cache = branch.init_branch_cache(cfg, prefix, S, T)
     with pytest.raises(ValueError, match=r"tokens must be \[B, N\]"):
-        hybrid_branch.decode_step(params, cfg, prefix, cache, thoughts[:, :, 0])
+        branch.decode_step(params, cfg, prefix, cache, thoughts[:, :, 0])

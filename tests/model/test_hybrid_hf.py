@@ -1,4 +1,4 @@
-"""Nemotron-H export (`hybrid_hf.to_hf`): the folder round-trips through `hybrid.from_hf` bit for bit, transformers
+"""Nemotron-H export (`hf.to_hf`): the folder round-trips through `hybrid.from_hf` bit for bit, transformers
 loads it and its logits equal `hybrid.forward`'s; user mistakes are one-line errors."""
 
 import json
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlp_jax.model import hybrid, hybrid_hf
-from rlp_jax.model.hf import CheckpointError
+from rlp_jax.model.nemotron_h import hf, hybrid
+from rlp_jax.model.safetensors_io import CheckpointError
 from tests.hf_models import hf_logits, tiny_nemotron_h, transformers
 
 L = 19     # not a multiple of the chunk size 8
@@ -37,7 +37,7 @@ def _assert_bitwise_equal(a, b):
 
 
 # tied head, no biases, one file; untied head with every optional bias, sharded into several files
-CASES = {"tied": dict(tied=True, extra={}, shard=hybrid_hf.MAX_SHARD_BYTES),
+CASES = {"tied": dict(tied=True, extra={}, shard=hf.MAX_SHARD_BYTES),
          "untied-biases-sharded": dict(tied=False, extra=dict(use_bias=True, mlp_bias=True), shard=40_000)}
 
 
@@ -48,9 +48,9 @@ def test_round_trip_is_bitwise_and_transformers_logits_match(tmp_path, case):
     cfg, params = hybrid.from_hf(tmp_path / "in")
     assert cfg.tie_word_embeddings == c["tied"] and ("lm_head" in params) != c["tied"]
     assert cfg.use_bias == cfg.mlp_bias == bool(c["extra"])
-    out = hybrid_hf.to_hf(params, cfg, tmp_path / "out", max_shard_bytes=c["shard"])
+    out = hf.to_hf(params, cfg, tmp_path / "out", max_shard_bytes=c["shard"])
     files = sorted(p.name for p in out.glob("*.safetensors"))
-    if c["shard"] < hybrid_hf.MAX_SHARD_BYTES:
+    if c["shard"] < hf.MAX_SHARD_BYTES:
         assert len(files) > 2 and (out / "model.safetensors.index.json").exists()
     else:
         assert files == ["model.safetensors"]
@@ -76,12 +76,12 @@ def test_round_trip_is_bitwise_and_transformers_logits_match(tmp_path, case):
 def test_bfloat16_export_round_trips(tmp_path):
     tiny_nemotron_h(seed=6).save_pretrained(tmp_path / "in")
     cfg, params = hybrid.from_hf(tmp_path / "in")
-    half = hybrid_hf.to_hf(params, cfg, tmp_path / "bf16", dtype="bfloat16")
+    half = hf.to_hf(params, cfg, tmp_path / "bf16", dtype="bfloat16")
     cfg2, params2 = hybrid.from_hf(half)
     assert cfg2 == cfg and json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
     assert {leaf.dtype.name for leaf in jax.tree.leaves(params2)} == {"bfloat16"}
     _assert_bitwise_equal(params2, jax.tree.map(lambda a: a.astype(params2["embed"].dtype), params))
-    again = hybrid_hf.to_hf(params2, cfg2, tmp_path / "again")     # default dtype: the params' own
+    again = hf.to_hf(params2, cfg2, tmp_path / "again")     # default dtype: the params' own
     _assert_bitwise_equal(hybrid.from_hf(again)[1], params2)
 
 
@@ -94,7 +94,7 @@ def test_config_fields_round_trip_exactly():
                               mlp_bias=True, mamba=dataclasses.replace(cfg.mamba, eps=1e-6, chunk_size=64,
                                                                        dt_limit=(0.001, 0.1), conv_kernel=3))
     for c in (cfg, odd):
-        assert hybrid.config_from_hf(json.loads(json.dumps(hybrid_hf.config_to_hf(c, "float32")))) == c
+        assert hybrid.config_from_hf(json.loads(json.dumps(hf.config_to_hf(c, "float32")))) == c
 
 
 def _one_line(err) -> str:
@@ -108,22 +108,22 @@ def test_user_mistakes_are_one_line_errors(tmp_path):
     cfg, params = hybrid.from_hf(tmp_path / "in")
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(CheckpointError) as e:
-        hybrid_hf.to_hf(params, cfg, tmp_path / "a_file")
+        hf.to_hf(params, cfg, tmp_path / "a_file")
     assert "exists and is not a folder" in _one_line(e)
     with pytest.raises(CheckpointError) as e:
-        hybrid_hf.to_hf(params, cfg, tmp_path / "a_file" / "below")
+        hf.to_hf(params, cfg, tmp_path / "a_file" / "below")
     assert "cannot create the folder" in _one_line(e)
     with pytest.raises(CheckpointError) as e:
-        hybrid_hf.to_hf(params, cfg, tmp_path / "out", dtype="float16")
+        hf.to_hf(params, cfg, tmp_path / "out", dtype="float16")
     assert "float32 or bfloat16" in _one_line(e)
     other = hybrid.from_hf(tmp_path / "in")[1]
     other["blocks"] = other["blocks"][:-1]                          # a block short of the config
     with pytest.raises(CheckpointError) as e:
-        hybrid_hf.to_hf(other, cfg, tmp_path / "out")
+        hf.to_hf(other, cfg, tmp_path / "out")
     assert "params do not match the config" in _one_line(e)
     other = hybrid.from_hf(tmp_path / "in")[1]
     other["final_norm"] = other["final_norm"][:-1]
     with pytest.raises(CheckpointError) as e:
-        hybrid_hf.to_hf(other, cfg, tmp_path / "out")
+        hf.to_hf(other, cfg, tmp_path / "out")
     assert "['final_norm'] has shape (63,), the config implies (64,)" in _one_line(e)
     assert not (tmp_path / "out").exists()                          # nothing was written

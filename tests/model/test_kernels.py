@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rlp_jax.model import kernels
-from rlp_jax.model import transformer as model
+from rlp_jax.model.dense import transformer as model
 from rlp_jax.rlp.rollout import thought_rollout
 from tests.model.kernel_cases import A, B, E, L, W, attention_case, dense_attention  # noqa: F401
 from tests.rlp_cases import (  # noqa: F401

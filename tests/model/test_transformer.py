@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from rlp_jax.model import layers
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense.config import ModelConfig
 
 CFG = ModelConfig.preset("tiny", vocab_size=64)
 
@@ -205,7 +205,10 @@ def test_config_rejects_bad_values():
 
 @pytest.mark.parametrize("chunk", [1, 3, 4, 64])
 def test_chunked_token_logprobs_equal_full_logits(params, chunk):
-    from rlp_jax.model.scoring import shifted_token_logprobs, shifted_token_logprobs_chunked
+    from rlp_jax.model.scoring import (
+        shifted_token_logprobs,
+        shifted_token_logprobs_chunked,
+    )
 
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, 64, (2, 10)), jnp.int32)
     logits, _ = model.forward(params, CFG, tokens)

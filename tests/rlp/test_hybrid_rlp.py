@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlp_jax.model import family, hybrid
+from rlp_jax.model import family
+from rlp_jax.model.nemotron_h import hybrid
 from rlp_jax.model.scoring import shifted_token_logprobs
 from rlp_jax.rlp import naive
 from rlp_jax.rlp.objective import SHARED_PREFIX
@@ -39,7 +40,7 @@ def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("nemotron_h_rlp")
     tiny_nemotron_h(seed=4).save_pretrained(path)
     cfg, params = family.from_hf(path)
-    assert family.is_hybrid(cfg) and {hybrid.MAMBA, hybrid.ATTENTION, hybrid.MLP} <= set(cfg.block_types)
+    assert family.of(cfg).NAME == "nemotron_h" and {hybrid.MAMBA, hybrid.ATTENTION, hybrid.MLP} <= set(cfg.block_types)
     return cfg, jax.tree.map(jnp.asarray, params)
 
 
@@ -199,7 +200,7 @@ def test_web_mix_trains_from_a_nemotron_h_checkpoint_and_restores(tmp_path):
 
     cfg, trained, step, _ = load_run_params(work)
     _, start = family.from_hf(folder)
-    assert family.is_hybrid(cfg) and step == 2 and cfg.vocab_size == 130     # 128 + the two think markers
+    assert family.of(cfg).NAME == "nemotron_h" and step == 2 and cfg.vocab_size == 130     # 128 + the two think markers
     moved = [float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(start))
              if a.shape == b.shape]
     assert max(moved) > 1e-4   # RLP updated the pretrained weights

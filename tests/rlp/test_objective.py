@@ -8,14 +8,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlp_jax.model import transformer as model
+from rlp_jax.model.dense import transformer as model
 from rlp_jax.rlp import naive
 from rlp_jax.rlp import rollout as rollout_lib
 from rlp_jax.rlp.objective import SHARED_PREFIX
 from rlp_jax.rlp.rollout import thought_rollout
 from rlp_jax.rlp.teacher import teacher_logprobs
-from tests.rlp_cases import (CFG, END, START, assert_grads_close, assert_same_thoughts, assert_steps_equal,  # noqa: F401
-                             batch, objective, params, rlp_config, sample)
+from tests.rlp_cases import (  # noqa: F401
+    CFG,
+    END,
+    START,
+    assert_grads_close,
+    assert_same_thoughts,
+    assert_steps_equal,
+    batch,
+    objective,
+    params,
+    rlp_config,
+    sample,
+)
 
 
 @pytest.mark.parametrize("horizon,kl_beta", [(1, 0.0), (2, 0.1)])

@@ -10,10 +10,16 @@ import pytest
 import tokenizers
 
 from rlp_jax.data.tokenizer import HFTokenizer
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.rlp import naive
-from rlp_jax.rlp.config import LossConfig, PromptConfig, RewardConfig, RLPConfig, RolloutConfig
+from rlp_jax.rlp.config import (
+    LossConfig,
+    PromptConfig,
+    RewardConfig,
+    RLPConfig,
+    RolloutConfig,
+)
 from rlp_jax.rlp.objective import SHARED_PREFIX
 from rlp_jax.rlp.prompt import PromptError, prompt_text, render_prompt
 from rlp_jax.rlp.rollout import thought_rollout

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.model.sampling import filter_logits
 from rlp_jax.rlp import naive
 from rlp_jax.rlp import rollout as rollout_lib
@@ -500,7 +500,7 @@ def test_chunked_scoring_equals_full_logits_with_gradients(params, chunk):
         if use_chunks:
             out = rollout_lib.score_hidden(p, CFG, hidden, idx, th, targets, r, chunk=chunk)
         else:
-            out = rollout_lib.score_branches(model.logits_from_hidden(CFG, p, hidden), idx, th, targets, r)
+            out = rollout_lib.score_branches(model.logits_from_hidden(p, CFG, hidden), idx, th, targets, r)
         return out[0].sum() + 0.5 * out[1].sum(), out
 
     (l_c, out_c), g_c = jax.value_and_grad(lambda p: loss(p, True), has_aux=True)(params)

@@ -13,9 +13,14 @@ from rlp_jax.data import modsum
 from rlp_jax.data.tokenizer import load_tokenizer
 from rlp_jax.evaluate import modsum as modsum_eval
 from rlp_jax.model import family
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.rlp.config import RolloutConfig
-from rlp_jax.rlp.think_eval import bootstrap_ci, per_position, summarize, evaluate_thoughts_jit
+from rlp_jax.rlp.think_eval import (
+    bootstrap_ci,
+    evaluate_thoughts_jit,
+    per_position,
+    summarize,
+)
 
 V, START, END, L, PAD = 32, 1, 2, 24, 24
 CFG = ModelConfig.preset("tiny", vocab_size=V)

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.rlp.config import LossConfig, RLPConfig, RolloutConfig
 from rlp_jax.rlp.rollout import thought_rollout
 from rlp_jax.train import train_step

@@ -14,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from rlp_jax.model import transformer as model
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.runs.checkpoint import (
     Checkpointer,
     CheckpointMismatch,

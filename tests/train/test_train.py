@@ -211,7 +211,7 @@ def test_init_from_hf_grows_the_embedding_for_think_markers(tmp_path):
 
     from rlp_jax import train
     from rlp_jax.data.tokenizer import load_tokenizer
-    from rlp_jax.model import hf
+    from rlp_jax.model.dense import hf
     from rlp_jax.runs.config import ModelSection, load_experiment
     from tests.hf_models import make_hf_model
 

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlp_jax.model import transformer as model
+from rlp_jax.model.dense import transformer as model
 from rlp_jax.rlp import objective
 from rlp_jax.train import train_step
 from tests.rlp_cases import CFG, batch, params, rlp_config  # noqa: F401 (fixtures)

@@ -30,8 +30,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlp_jax.model import hybrid, layers, mamba2
-from rlp_jax.model.hybrid import ATTENTION, MAMBA, HybridConfig, Params
+from rlp_jax.model import layers, mamba2
+from rlp_jax.model.nemotron_h import hybrid
+from rlp_jax.model.nemotron_h.hybrid import ATTENTION, MAMBA, HybridConfig, Params
 
 
 class HybridPrefix(NamedTuple):

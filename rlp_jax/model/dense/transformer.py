@@ -1,6 +1,6 @@
 """A Qwen3/Qwen2/Llama-family decoder as pure functions over a parameter pytree.
 
-Parameters are a nested dict of arrays (no module objects, `rlp_jax.model.weights`): `init_params` makes one, `rlp_jax.model.hf`
+Parameters are a nested dict of arrays (no module objects, `rlp_jax.model.dense.weights`): `init_params` makes one, `rlp_jax.model.dense.hf`
 converts Hugging Face checkpoints to and from it, and `param_logical_axes` names every axis for
 sharding. Per-layer parameters are stacked on a leading `layers` axis and the blocks run under
 `lax.scan` (one compiled block, fast compiles at any depth), optionally rematerialised.
@@ -28,8 +28,9 @@ import jax.numpy as jnp
 
 from rlp_jax import sharding
 from rlp_jax.model import kernels, layers
-from rlp_jax.model.config import ModelConfig
-from rlp_jax.model.weights import Params, init_params, param_logical_axes, param_shapes
+from rlp_jax.model.branches import Branches
+from rlp_jax.model.dense.config import ModelConfig
+from rlp_jax.model.dense.weights import Params, init_params, param_logical_axes, param_shapes
 
 __all__ = ["Params", "init_params", "param_logical_axes", "param_shapes",   # the parameter pytree (model.weights)
            "ContextCache", "context_cache", "PrefixCache", "BranchCache", "Branches", "branches_at",
@@ -83,19 +84,6 @@ class BranchCache:
 
     k: jax.Array
     v: jax.Array
-
-
-@flax.struct.dataclass
-class Branches:
-    """Where each branch hangs off its document's prefix (all [B, N] int32).
-
-    start: prefix indices < start are visible. segment: only prefix tokens of this segment are visible.
-    position: rotary position of the branch's first token (later tokens continue from it).
-    """
-
-    start: jax.Array
-    segment: jax.Array
-    position: jax.Array
 
 
 def branches_at(cache: PrefixCache, t_bn: jax.Array) -> Branches:
@@ -162,7 +150,7 @@ def _embed(cfg: ModelConfig, params: Params, tokens):
     return jnp.take(params["embed"], tokens, axis=0).astype(cfg.jnp_compute_dtype)
 
 
-def logits_from_hidden(cfg: ModelConfig, params: Params, x):
+def logits_from_hidden(params: Params, cfg: ModelConfig, x):
     """Final norm and output projection: x [..., D] -> float32 logits [..., V]."""
     with jax.named_scope("lm_head"):
         x = layers.rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
@@ -217,7 +205,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
     blockwise = not kernel and cfg.blockwise_for(length)
     if not blockwise and not kernel:
         mask = layers.causal_segment_mask(seg)                                          # [B, Lq, Lk]
-    inv_freq = layers.rope_inv_freq(cfg)
+    inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def attend(lp, h, extra):
         ck, cv = extra if extra is not None else (None, None)
@@ -235,7 +223,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
     x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bl), attend, extras)
     if logits_at_b is not None:
         x = jnp.take_along_axis(x, logits_at_b.astype(jnp.int32)[:, None, None], axis=1)[:, 0]   # [B, D]
-    logits = x if return_hidden else (logits_from_hidden(cfg, params, x) if return_logits else None)
+    logits = x if return_hidden else (logits_from_hidden(params, cfg, x) if return_logits else None)
     cache = (PrefixCache(k=kv[0], v=kv[1], segment_ids=seg, positions=pos, context=context)
              if return_cache else None)
     return logits, cache
@@ -272,7 +260,7 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
     slots = s if cache is None else cache.k.shape[3]
     self_mask = jnp.arange(slots)[None, :] <= step[:, None]                              # [S, C]
     self_mask = jnp.broadcast_to(self_mask, (b, n, s, slots))
-    inv_freq = layers.rope_inv_freq(cfg)
+    inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def attend(lp, h, extra):
         pk, pv, ck, cv, xk, xv = extra
@@ -296,7 +284,7 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
               None if ctx is None else ctx.k, None if ctx is None else ctx.v)
     x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bns), attend, extras)
     new_cache = None if cache is None else BranchCache(k=kv[0], v=kv[1])
-    return (x if return_hidden else logits_from_hidden(cfg, params, x)), new_cache
+    return (x if return_hidden else logits_from_hidden(params, cfg, x)), new_cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,7 +353,7 @@ def decode_step(params: Params, cfg: ModelConfig, state: DecodeState, tokens_b):
     valid = ((t[None, :] < state.prompt_lens[:, None])                                      # [B, L + J]
              | ((t[None, :] >= state.prompt_width) & (t[None, :] <= slot)))
     positions = (state.prompt_lens + state.step)[:, None]                                  # [B, 1]
-    inv_freq = layers.rope_inv_freq(cfg)
+    inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     x = _embed(cfg, params, tokens_b[:, None])                                              # [B, 1, D]
     new_k, new_v = [], []
     per_layer = split_layers(params)["layers"]
@@ -386,5 +374,5 @@ def decode_step(params: Params, cfg: ModelConfig, state: DecodeState, tokens_b):
         x, (k, v) = _block(cfg, attend, x, lp, None)
         new_k.append(k)
         new_v.append(v)
-    logits = logits_from_hidden(cfg, params, x[:, 0])
+    logits = logits_from_hidden(params, cfg, x[:, 0])
     return logits, state.replace(k=tuple(new_k), v=tuple(new_v), step=state.step + 1)

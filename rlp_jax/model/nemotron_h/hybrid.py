@@ -9,7 +9,7 @@ Supported: `config_from_hf` (layers_block_type or the older hybrid_override_patt
 mamba_* field names), `from_hf` (a safetensors folder with model.* or backbone.* tensor names) and the
 teacher-forced `forward` with a padding mask or packed segments. Not supported: MoE blocks (Nemotron-3 Nano /
 Super), multi-token prediction layers, attention biases (transformers ignores `attention_bias` too). Thoughts
-branched off a teacher-forced prefix (whole, or decoded token by token) are `rlp_jax.model.hybrid_branch`'s;
+branched off a teacher-forced prefix (whole, or decoded token by token) are `rlp_jax.model.nemotron_h.branch`'s;
 `run_blocks` returns the prefix caches they start from. Dtypes: the residual stream, attention and every
 projection run in cfg.compute_dtype; norms' statistics, the Mamba conv and scan, and the logits in float32.
 
@@ -31,8 +31,13 @@ import numpy as np
 
 from rlp_jax.model import mamba2
 from rlp_jax.model.config import Numerics
-from rlp_jax.model.hf import CheckpointError, SafetensorsReader
-from rlp_jax.model.layers import causal_segment_mask, full_attention, full_attention_blockwise, rms_norm
+from rlp_jax.model.layers import (
+    causal_segment_mask,
+    full_attention,
+    full_attention_blockwise,
+    rms_norm,
+)
+from rlp_jax.model.safetensors_io import CheckpointError, SafetensorsReader
 
 MAMBA, ATTENTION, MLP = "linear_attention", "full_attention", "mlp"
 BLOCK_TYPES = (MAMBA, ATTENTION, MLP)
@@ -110,7 +115,7 @@ def config_from_hf(hf: dict, **numerics) -> HybridConfig:
     `Numerics` fields (param_dtype, remat, ...) from `numerics`."""
     hf = {_ALIASES.get(k, k): v for k, v in hf.items()}
     if hf.get("model_type", "nemotron_h") != "nemotron_h":
-        raise ValueError(f"model_type {hf['model_type']!r} is not nemotron_h; load it with rlp_jax.model.hf")
+        raise ValueError(f"model_type {hf['model_type']!r} is not nemotron_h; load it with rlp_jax.model.dense.hf")
     for key, want in (("mamba_hidden_act", "silu"), ("mlp_hidden_act", "relu2")):
         if hf.get(key, want) != want:
             raise ValueError(f"{key}={hf[key]!r} is not supported (only {want!r})")
@@ -349,7 +354,7 @@ def run_blocks(params: Params, cfg: HybridConfig, tokens_bl, segment_ids_bl, pos
     the final norm, per-block caches or None).
 
     positions [B, M] int (0 <= t <= L): also return, for each block, what a continuation of each row after its
-    tokens < t needs (`rlp_jax.model.hybrid_branch`): attention (k, v) [B, L, E, W] of every token, Mamba the
+    tokens < t needs (`rlp_jax.model.nemotron_h.branch`): attention (k, v) [B, L, E, W] of every token, Mamba the
     `mamba2.Mamba2State` [B, M, ...] after the tokens < t of t's segment, MLP None. None: caches is None."""
     seg = jnp.asarray(segment_ids_bl).astype(jnp.int32)
 

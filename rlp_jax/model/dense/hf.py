@@ -1,124 +1,25 @@
-"""Hugging Face checkpoint interop: `from_hf` and `to_hf` for Qwen3, Qwen2 and Llama causal LMs.
+"""Hugging Face checkpoint interop of the dense family: `from_hf` and `to_hf` for Qwen3, Qwen2 and Llama.
 
-Only safetensors are read or written (pickled `.bin` files are refused: unpickling a downloaded file
-can run arbitrary code). Tensors are read one at a time from a memory map and written one at a time,
-so conversion never holds two copies of the model in host memory. transformers is not needed here;
-tests use it to check that the logits match.
+The names, layouts and config.json of these architectures; the files are read and written by
+`rlp_jax.model.safetensors_io` (safetensors only, one tensor at a time on read, one shard at a time on write).
+transformers is not needed here; tests use it to check that the logits match.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
+import shutil
 from pathlib import Path
 from typing import Iterator
 
-import ml_dtypes
 import numpy as np
 
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.dense.config import ModelConfig
+from rlp_jax.model.safetensors_io import (MAX_SHARD_BYTES, CheckpointError, SafetensorsReader, Tensor,
+                                          declared_dtype, host_float32, stored_dtype, write_folder)
 
 ARCHITECTURES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}
-
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64,
-              "I64": np.int64, "I32": np.int32}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-    """A Hugging Face checkpoint that cannot be read or converted (message says what and how to fix)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# safetensors, read and written tensor by tensor
-# ----------------------------------------------------------------------------------------------
-
-def _open(path: Path):
-    """`safetensors.safe_open` (numpy, bf16 through ml_dtypes); a damaged file is a one-line CheckpointError."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        return safe_open(str(path), framework="np")
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} cannot be read as safetensors ({e}); it is truncated or not a safetensors "
-                              "file: download or export the checkpoint again") from None
-
-
-def _tensor_index(directory: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file that holds it (single file or sharded index)."""
-    index = directory / "model.safetensors.index.json"
-    single = directory / "model.safetensors"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: directory / fname for name, fname in weight_map.items()}
-    if single.exists():
-        with _open(single) as f:
-            return {name: single for name in f.keys()}
-    if list(directory.glob("*.bin")) or list(directory.glob("*.pt")):
-        raise CheckpointError(
-            f"{directory} holds only pickled PyTorch weights (.bin/.pt), which rlp_jax refuses to unpickle; "
-            "convert them once with transformers: AutoModelForCausalLM.from_pretrained(DIR)"
-            ".save_pretrained(DIR, safe_serialization=True)")
-    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory}")
-
-
-class SafetensorsReader:
-    """The tensors of a checkpoint directory, read one at a time through the safetensors library."""
-
-    def __init__(self, directory: Path):
-        self.files = _tensor_index(directory)
-        self._open: dict[Path, object] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
-    def get(self, name: str, index: tuple | None = None) -> np.ndarray:
-        """Tensor `name`, or only its part `index` (a tuple of slices: just those bytes are read)."""
-        return self._read(name, lambda f: f.get_tensor(name) if index is None else np.asarray(f.get_slice(name)[index]))
-
-    def shape(self, name: str) -> tuple:
-        return self._read(name, lambda f: tuple(f.get_slice(name).get_shape()))
-
-    def _read(self, name: str, what):
-        """`what(open file)` for the file holding `name`; a damaged file is a one-line CheckpointError."""
-        from safetensors import SafetensorError
-
-        if name not in self.files:
-            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
-        path = self.files[name]
-        if path not in self._open:
-            self._open[path] = _open(path)
-        try:
-            return what(self._open[path])
-        except (SafetensorError, OSError, TypeError, ValueError) as e:
-            raise CheckpointError(f"tensor {name!r} of {path} cannot be read ({e}); download or export the "
-                                  "checkpoint again") from None
-
-
-def write_safetensors(path: Path, tensors: Iterator[tuple[str, np.ndarray]], shapes: dict[str, tuple],
-                      dtypes: dict[str, np.dtype]) -> None:
-    """Write tensors to one safetensors file, streaming: only one tensor is in memory at a time.
-
-    `shapes`/`dtypes` give every tensor's layout up front (the header precedes the data).
-    """
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        nbytes = int(np.prod(shape)) * np.dtype(dtypes[name]).itemsize
-        header[name] = {"dtype": _ST_NAMES[np.dtype(dtypes[name])], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for name, arr in tensors:
-            arr = np.ascontiguousarray(arr, dtype=dtypes[name])
-            if tuple(arr.shape) != tuple(shapes[name]):
-                raise ValueError(f"tensor {name} has shape {arr.shape}, header says {shapes[name]}")
-            f.write(arr.tobytes())
-
 
 # ----------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
@@ -130,7 +31,7 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None and hf.get("model_type") == "nemotron_h":
         raise CheckpointError("a Nemotron-H (hybrid Mamba-2) checkpoint: read it with rlp_jax.model.family.from_hf "
-                              "(rlp_jax.model.hybrid); this module reads the dense families")
+                              "(rlp_jax.model.nemotron_h.hybrid); this module reads the dense families")
     if arch is None:
         raise CheckpointError(f"unsupported architecture {archs or hf.get('model_type')}; "
                               f"supported: {', '.join(ARCHITECTURES)}")
@@ -251,7 +152,7 @@ def _ours_slice(get, kind: str, shape: tuple, index: tuple, theirs: tuple) -> np
 def leaf_reader(cfg: ModelConfig, get, shape_of):
     """`weights.assemble`'s reader over a checkpoint in HF names and layout: get(name, their_index or None)
     -> np.ndarray, shape_of(name) -> their shape (checked against the config before anything is read)."""
-    from rlp_jax.model.weights import param_shapes
+    from rlp_jax.model.dense.weights import param_shapes
 
     shapes = param_shapes(cfg)
     names = {key: (name, kind) for key, name, kind in _hf_names(cfg)}
@@ -308,7 +209,7 @@ def from_hf(path: str | os.PathLike, *, param_dtype: str | None = None, mesh=Non
     Returns:
       (ModelConfig, params pytree, layers stacked on a leading axis).
     """
-    from rlp_jax.model.weights import assemble
+    from rlp_jax.model.dense.weights import assemble
 
     directory = Path(path)
     if not directory.is_dir():
@@ -321,9 +222,7 @@ def from_hf(path: str | os.PathLike, *, param_dtype: str | None = None, mesh=Non
         hf = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON ({e})") from None
-    if param_dtype is None:
-        declared = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-        param_dtype = "bfloat16" if declared == "bfloat16" else "float32"
+    param_dtype = param_dtype or declared_dtype(hf)
     cfg = config_from_hf(hf, param_dtype=param_dtype, **config_overrides)
     reader = SafetensorsReader(directory)
     return cfg, assemble(cfg, leaf_reader(cfg, reader.get, reader.shape), mesh)
@@ -336,59 +235,29 @@ def _check_shape(name: str, theirs: tuple, ours: tuple) -> None:
 
 
 def to_hf(params, cfg: ModelConfig, path: str | os.PathLike, *, dtype: str | None = None,
-          tokenizer_dir: str | os.PathLike | None = None) -> Path:
-    """Write params as a Hugging Face checkpoint directory that `transformers` loads.
+          tokenizer_dir: str | os.PathLike | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write params as a Hugging Face checkpoint directory that `transformers` loads (`safetensors_io.write_folder`).
 
     Args:
       params: our params pytree. cfg: its ModelConfig. path: output directory (created).
-      dtype: "float32" or "bfloat16" for the saved tensors (default: cfg.param_dtype).
+      dtype: "float32" or "bfloat16" for the saved tensors (default: the params' own, `stored_dtype`).
       tokenizer_dir: optional directory whose tokenizer files are copied alongside.
-    Returns: the output directory.
-
-    Multi-host: every process must call it (each tensor is gathered from the hosts that hold it, one at a
-    time, with `process_allgather`); process 0 alone writes.
+      max_shard_bytes: above it, the weights go to several files and an index.
+    Returns: the output directory. Multi-host: every process must call it; process 0 alone writes.
     """
-    import shutil
-
-    import jax
-    from jax.experimental import multihost_utils
-
-    out = Path(path)
-    dtype = dtype or cfg.param_dtype
-    np_dtype = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
-    entries = []
+    dtype = dtype or stored_dtype(params["embed"])
+    tensors = {}
     for key, name, kind in _hf_names(cfg):
-        if key[0] == "layers":
-            for i in range(cfg.num_layers):
-                entries.append((name.format(i=i), kind, key, i))
-        else:
-            entries.append((name, kind, key, None))
-
-    def host(key, i):
         leaf = params[key[0]] if len(key) == 1 else params[key[0]][key[1]]
-        arr = leaf if i is None else leaf[i]
-        if isinstance(arr, jax.Array) and not arr.is_fully_addressable:
-            arr = multihost_utils.process_allgather(arr, tiled=True)
-        return np.asarray(arr.astype("float32") if hasattr(arr, "astype") else arr, dtype=np.float32)
+        for i in range(cfg.num_layers) if key[0] == "layers" else (None,):
+            one = tuple(leaf.shape if i is None else leaf.shape[1:])
+            theirs = tuple(_to_theirs(np.empty(one, np.int8), kind).shape)
+            fetch = (lambda leaf=leaf, i=i, kind=kind: _to_theirs(host_float32(leaf if i is None else leaf[i]), kind))
+            tensors[name if i is None else name.format(i=i)] = Tensor(theirs, fetch)
+    out = write_folder(path, tensors, config_to_hf(cfg, dtype), dtype, max_shard_bytes=max_shard_bytes)
+    import jax
 
-    shapes = {}
-    for name, kind, key, i in entries:
-        leaf = params[key[0]] if len(key) == 1 else params[key[0]][key[1]]
-        one = tuple(leaf.shape if i is None else leaf.shape[1:])
-        shapes[name] = tuple(_to_theirs(np.empty(one, np.int8), kind).shape)
-    tensors = ((name, _to_theirs(host(key, i), kind)) for name, kind, key, i in entries)
-    if jax.process_index() != 0:
-        for _ in tensors:   # join every gather, write nothing
-            pass
-        return out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_safetensors(out / "model.safetensors", tensors, shapes, {n: np_dtype for n in shapes})
-    finally:
-        for _ in tensors:   # after a failed write too: the other hosts' gathers must complete
-            pass
-    (out / "config.json").write_text(json.dumps(config_to_hf(cfg, dtype), indent=2))
-    if tokenizer_dir is not None:
+    if tokenizer_dir is not None and jax.process_index() == 0:
         for f in Path(tokenizer_dir).iterdir():
             if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "vocab.json",
                                                             "merges.txt") or f.suffix == ".model":

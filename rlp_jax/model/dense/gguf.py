@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from rlp_jax.model.config import ModelConfig
-from rlp_jax.model.hf import CheckpointError, leaf_reader
+from rlp_jax.model.dense.config import ModelConfig
+from rlp_jax.model.dense.hf import leaf_reader
+from rlp_jax.model.safetensors_io import CheckpointError
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -159,7 +160,7 @@ def from_gguf(path: str | os.PathLike, *, param_dtype: str | None = None, mesh=N
     """
     from functools import lru_cache
 
-    from rlp_jax.model.weights import assemble
+    from rlp_jax.model.dense.weights import assemble
 
     reader = open_gguf(path)
     cfg = config_from_gguf(reader, param_dtype=param_dtype or "float32", **config_overrides)

@@ -1,6 +1,6 @@
 """The parameter pytree of the decoder: every array's shape, its logical axis names (for sharding rules)
 and a random init. Per-layer arrays are stacked on a leading `layers` axis (the blocks run under
-`lax.scan`). `rlp_jax.model.transformer` re-exports these names; `rlp_jax.model.hf` / `gguf` convert
+`lax.scan`). `rlp_jax.model.dense.transformer` re-exports these names; `rlp_jax.model.dense.hf` / `gguf` convert
 checkpoints to and from this layout.
 
 Shapes (docs/method.md): Y layers, D width, F MLP width, Q / E query / key-value heads, W head width,
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlp_jax import sharding
-from rlp_jax.model.config import ModelConfig
+from rlp_jax.model.dense.config import ModelConfig
 
 Params = dict
 
