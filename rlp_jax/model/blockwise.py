@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 MASKED = -1e30   # as layers._MASKED: a fully masked query gets a uniform softmax, not NaN
 DEFAULT_BLOCK = 512
+DECODE_BLOCK = 128   # at most this many cache slots per read in sampling (`attend_filled`)
 
 
 def _blocks(x, block: int, axis: int = 1):
@@ -189,3 +190,40 @@ def merge(parts):
         weight = jnp.exp(part_lse - lse).transpose(0, 3, 1, 2)[..., None]        # [B, M, E, A, 1]
         total = total + weight * out.astype(jnp.float32)
     return total.astype(parts[0][0].dtype)
+
+
+def attend_filled(q, k, v, filled, block: int = DECODE_BLOCK):
+    """Queries q [B, M, E, A, W] over the first `filled` slots (an int, may be traced) of a cache k, v [B, C, E, W],
+    reading only the blocks of `block` slots that hold them: a `lax.fori_loop` of ceil(filled / block) trips,
+    so a sampling step's cache traffic follows the thought's length, not the cache's size C. For inference
+    (no custom VJP). Returns (out [B, M, E, A, W] in q's dtype, lse [B, E, A, M] float32; out 0 and lse MASKED
+    while nothing is filled)."""
+    b, m, e, a, w = q.shape
+    c = k.shape[1]
+    blk = min(block, c)
+    scale = 1.0 / math.sqrt(w)
+
+    def body(i, carry):
+        mx, den, acc = carry                                   # [B, E, A, M] x2, [B, E, A, M, W]
+        lo = i * blk
+        start = jnp.minimum(lo, c - blk)                       # the last block may overlap the one before it
+        k_i = jax.lax.dynamic_slice_in_dim(k, start, blk, axis=1)
+        v_i = jax.lax.dynamic_slice_in_dim(v, start, blk, axis=1)
+        idx = start + jnp.arange(blk)
+        keep = (idx >= lo) & (idx < filled)                    # [blk]: this block's own filled slots
+        s = jnp.einsum("bmeaw,bkew->beamk", q, k_i, preferred_element_type=jnp.float32) * scale
+        s = jnp.where(keep, s, MASKED)
+        new_mx = jnp.maximum(mx, s.max(-1))
+        p = jnp.where(keep, jnp.exp(s - new_mx[..., None]), 0.0)
+        fix = jnp.exp(mx - new_mx)
+        acc = acc * fix[..., None] + jnp.einsum("beamk,bkew->beamw", p.astype(v_i.dtype), v_i,
+                                                preferred_element_type=jnp.float32)
+        return new_mx, den * fix + p.sum(-1), acc
+
+    init = (jnp.full((b, e, a, m), MASKED, jnp.float32), jnp.zeros((b, e, a, m), jnp.float32),
+            jnp.zeros((b, e, a, m, w), jnp.float32))
+    mx, den, acc = jax.lax.fori_loop(0, (filled + blk - 1) // blk, body, init)
+    some = den > 0
+    safe = jnp.where(some, den, 1.0)
+    out = (acc / safe[..., None]).transpose(0, 3, 1, 2, 4)
+    return out.astype(q.dtype), jnp.where(some, mx + jnp.log(safe), MASKED)

@@ -185,17 +185,8 @@ def branch_attention_blockwise(q_bnsqw, prefix_k, prefix_v, prefix_seg_bl, branc
     b, n, s, h, dh = q_bnsqw.shape
     c, e, a = self_k.shape[2], h // q_per_kv, q_per_kv
     q = q_bnsqw.reshape(b, n * s, e, a, dh)                               # a row's N x S queries: M = N S
-    seg_q = jnp.repeat(branch_seg_bn.astype(jnp.int32), s, axis=1)       # [B, M]
-    lim_q = jnp.repeat(branch_start_bn.astype(jnp.int32) - 1, s, axis=1)
-    prefix_seg = prefix_seg_bl.astype(jnp.int32)
-    if prefix_blocks:
-        parts = [blockwise.attend_blocks(q, prefix_k, prefix_v, seg_q, lim_q, prefix_seg, block)]
-    else:
-        idx = jnp.arange(prefix_k.shape[1])
-        mask = ((idx[None, None] <= lim_q[:, :, None]) & (prefix_seg[:, None, :] == seg_q[:, :, None])
-                & (prefix_seg[:, None, :] > 0))
-        scores = jnp.einsum("bmeaw,blew->beaml", q, prefix_k, preferred_element_type=jnp.float32) / math.sqrt(dh)
-        parts = [blockwise.dense_part(jnp.where(mask[:, None, None], scores, _MASKED), prefix_v, "beaml,blew->bmeaw")]
+    parts = [_prefix_part(q, prefix_k, prefix_v, prefix_seg_bl, branch_seg_bn, branch_start_bn, s,
+                          block if prefix_blocks else None)]
     lim = jnp.broadcast_to(self_lim_s.astype(jnp.int32), (b * n, s))
     if c > block if own_blocks is None else own_blocks:   # each branch its own row: [B N, S] over [B N, C]
         ones_q, ones_k = jnp.ones((b * n, s), jnp.int32), jnp.ones((b * n, c), jnp.int32)
@@ -211,6 +202,53 @@ def branch_attention_blockwise(q_bnsqw, prefix_k, prefix_v, prefix_seg_bl, branc
         probs = jnp.exp(ss - lse[..., None]).astype(q.dtype)
         own = jnp.einsum("beansc,bncew->bnseaw", probs, self_v).reshape(b, n * s, e, a, dh)
     parts.append((own, lse.reshape(b, e, a, n * s)))
+    if context_k is not None:
+        scores = _context_scores(q, context_k, "bmeaw,pew->beamp", dh)
+        parts.insert(0, blockwise.dense_part(scores, context_v.astype(q.dtype), "beamp,pew->bmeaw"))
+    return blockwise.merge(parts).reshape(b, n, s, h, dh)
+
+
+def _prefix_part(q_bmeaw, prefix_k, prefix_v, prefix_seg_bl, branch_seg_bn, branch_start_bn, s: int,
+                 block: int | None):
+    """The prefix keys a row's N x S branch queries (M = N S, branch-major) see: l < branch start, in the
+    branch's segment; blockwise by `block` keys, or densely when block is None. Returns (out, lse)."""
+    seg_q = jnp.repeat(branch_seg_bn.astype(jnp.int32), s, axis=1)       # [B, M]
+    lim_q = jnp.repeat(branch_start_bn.astype(jnp.int32) - 1, s, axis=1)
+    prefix_seg = prefix_seg_bl.astype(jnp.int32)
+    if block is not None:
+        return blockwise.attend_blocks(q_bmeaw, prefix_k, prefix_v, seg_q, lim_q, prefix_seg, block)
+    idx = jnp.arange(prefix_k.shape[1])
+    mask = ((idx[None, None] <= lim_q[:, :, None]) & (prefix_seg[:, None, :] == seg_q[:, :, None])
+            & (prefix_seg[:, None, :] > 0))
+    scores = jnp.einsum("bmeaw,blew->beaml", q_bmeaw, prefix_k,
+                        preferred_element_type=jnp.float32) / math.sqrt(q_bmeaw.shape[-1])
+    return blockwise.dense_part(jnp.where(mask[:, None, None], scores, _MASKED), prefix_v, "beaml,blew->bmeaw")
+
+
+def branch_decode_attention(q_bnsqw, prefix_k, prefix_v, prefix_seg_bl, branch_seg_bn, branch_start_bn,
+                            cache_k, cache_v, filled, new_k, new_v, q_per_kv: int, context_k=None, context_v=None, *,
+                            prefix_block: int | None = None, cache_block: int = blockwise.DECODE_BLOCK):
+    """Sampling's attention: S new branch tokens (slots filled .. filled + S - 1 of their branch) over the prefix
+    (blockwise by prefix_block keys, or densely when None), over the cache's filled slots [0, filled) read only
+    up to the last filled block (`blockwise.attend_filled`), over each other (causal) and a prompt's keys, merged
+    by log-sum-exp. The cache is only read here: the caller writes the new keys/values once per step.
+    q [B, N, S, Q, W]; prefix_k/v [B, L, E, W]; prefix_seg [B, L]; branch_seg/start [B, N];
+    cache_k/v [B, N, C, E, W]; filled: int (may be traced); new_k/v [B, N, S, E, W]. Returns [B, N, S, Q, W]."""
+    b, n, s, h, dh = q_bnsqw.shape
+    c, e, a = cache_k.shape[2], h // q_per_kv, q_per_kv
+    q = q_bnsqw.reshape(b, n * s, e, a, dh)
+    parts = [_prefix_part(q, prefix_k, prefix_v, prefix_seg_bl, branch_seg_bn, branch_start_bn, s, prefix_block)]
+    cached, lse = blockwise.attend_filled(q_bnsqw.reshape(b * n, s, e, a, dh), cache_k.reshape(b * n, c, e, dh),
+                                          cache_v.reshape(b * n, c, e, dh), filled, cache_block)
+    parts.append((cached.reshape(b, n * s, e, a, dh), lse.reshape(b, n, e, a, s).transpose(0, 2, 3, 1, 4)
+                  .reshape(b, e, a, n * s)))
+    ss = jnp.einsum("bnseaw,bntew->beanst", q_bnsqw.reshape(b, n, s, e, a, dh), new_k,
+                    preferred_element_type=jnp.float32) / math.sqrt(dh)
+    ss = jnp.where(jnp.tril(jnp.ones((s, s), bool)), ss, _MASKED)                 # [B, E, A, N, S, S]
+    new_lse = jax.nn.logsumexp(ss, axis=-1)
+    probs = jnp.exp(ss - new_lse[..., None]).astype(q.dtype)
+    own = jnp.einsum("beanst,bntew->bnseaw", probs, new_v).reshape(b, n * s, e, a, dh)
+    parts.append((own, new_lse.reshape(b, e, a, n * s)))
     if context_k is not None:
         scores = _context_scores(q, context_k, "bmeaw,pew->beamp", dh)
         parts.insert(0, blockwise.dense_part(scores, context_v.astype(q.dtype), "beamp,pew->bmeaw"))

@@ -100,6 +100,48 @@ def test_model_logits_and_gradients_equal_dense(params, batch, remat):  # noqa: 
     assert_grads_close(g_b, g_d)
 
 
+@pytest.mark.parametrize("with_prompt,prefix_block", [(False, None), (True, None), (False, BLOCK)])
+def test_a_sampling_step_reads_the_filled_slots_as_the_dense_path_does(qkv, with_prompt, prefix_block):
+    """`branch_decode_attention` (the cache read block by block up to the last filled slot, the new token's key
+    apart) equals `branch_attention` after writing the new key into the cache, at every fill level of a
+    13-slot cache in blocks of 4 (the last block overlaps the one before it)."""
+    k, v, seg, r = qkv["k"], qkv["v"], qkv["seg"], qkv["r"]
+    n, c = 3, 13
+    q = _normal(r, B, n, 1, E * A, W)
+    cache_k, cache_v = _normal(r, B, n, c, E, W), _normal(r, B, n, c, E, W)
+    start = jnp.asarray([[5, 19, 33], [0, 12, 29]], jnp.int32)
+    bseg = jnp.asarray([[1, 1, 2], [1, 1, 1]], jnp.int32)
+    prefix_mask = (jnp.arange(L)[None, None] < start[:, :, None]) & (seg[:, None, :] == bseg[:, :, None])
+    ctx = dict(context_k=qkv["ck"], context_v=qkv["cv"]) if with_prompt else {}
+    step = jax.jit(lambda f, nk, nv: layers.branch_decode_attention(q, k, v, seg, bseg, start, cache_k, cache_v, f,
+                                                                    nk, nv, A, **ctx, prefix_block=prefix_block,
+                                                                    cache_block=4))
+    for filled in range(c):
+        new_k, new_v = _normal(r, B, n, 1, E, W), _normal(r, B, n, 1, E, W)
+        written_k = cache_k.at[:, :, filled].set(new_k[:, :, 0])
+        written_v = cache_v.at[:, :, filled].set(new_v[:, :, 0])
+        self_mask = jnp.broadcast_to(jnp.arange(c) <= filled, (B, n, 1, c))
+        want = layers.branch_attention(q, k, v, prefix_mask, written_k, written_v, self_mask, A, **ctx)
+        assert _max_diff(step(filled, new_k, new_v), want) < 1e-5, filled
+
+
+def test_a_sampling_step_never_reads_the_blocks_past_the_last_filled_slot(qkv):
+    """NaN in every cache block after the one holding slot filled - 1 leaves the output unchanged and finite: those
+    blocks are not read (a masked read would multiply NaN values by 0 and give NaN)."""
+    k, v, seg, r = qkv["k"], qkv["v"], qkv["seg"], qkv["r"]
+    n, c, filled = 2, 16, 5                                     # blocks of 4: slots 0-7 read, 8-15 not
+    q = _normal(r, B, n, 1, E * A, W)
+    cache_k, cache_v = _normal(r, B, n, c, E, W), _normal(r, B, n, c, E, W)
+    new_k, new_v = _normal(r, B, n, 1, E, W), _normal(r, B, n, 1, E, W)
+    start, bseg = jnp.asarray([[5, 19], [3, 12]], jnp.int32), jnp.ones((B, n), jnp.int32)
+    step = lambda ck, cv: layers.branch_decode_attention(q, k, v, seg, bseg, start, ck, cv, jnp.int32(filled),
+                                                          new_k, new_v, A, cache_block=4)
+    poisoned = (cache_k.at[:, :, 8:].set(jnp.nan), cache_v.at[:, :, 8:].set(jnp.nan))
+    got = jax.jit(step)(*poisoned)
+    assert bool(jnp.isfinite(got).all())
+    np.testing.assert_array_equal(got, jax.jit(step)(cache_k, cache_v))
+
+
 def test_rlp_step_equals_dense(params, batch):  # noqa: F811
     rlp = rlp_config(horizon=2, ntp_weight=0.3)
     t_bk = jnp.array([[3, 9], [4, 10]])

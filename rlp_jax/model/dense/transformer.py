@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from rlp_jax import sharding
-from rlp_jax.model import kernels, layers
+from rlp_jax.model import blockwise, kernels, layers
 from rlp_jax.model.branches import Branches
 from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.model.dense.weights import Params, init_params, param_logical_axes, param_shapes
@@ -265,9 +265,13 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
     def attend(lp, h, extra):
         pk, pv, ck, cv, xk, xv = extra
         q, k, v = _project_qkv(cfg, lp, h, positions, inv_freq)
-        if ck is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), offset, axis=2)
-            v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), offset, axis=2)
+        if ck is not None:   # sampling: read the filled slots, hand the new keys/values back to be written once
+            out = layers.branch_decode_attention(
+                q, pk.astype(q.dtype), pv.astype(q.dtype), prefix.segment_ids, branches.segment, branches.start,
+                ck, cv, offset, k.astype(ck.dtype), v.astype(cv.dtype), cfg.q_per_kv, context_k=xk, context_v=xv,
+                prefix_block=cfg.attention_block if cfg.blockwise_for(length) else None,
+                cache_block=min(cfg.attention_block, blockwise.DECODE_BLOCK))
+            return out, (k.astype(ck.dtype), v.astype(cv.dtype))
         if cfg.blockwise_for(length) or cfg.blockwise_for(slots):
             out = layers.branch_attention_blockwise(
                 q, pk.astype(q.dtype), pv.astype(q.dtype), prefix.segment_ids, branches.segment, branches.start,
@@ -277,13 +281,16 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
             out = layers.branch_attention(q, pk.astype(q.dtype), pv.astype(q.dtype), prefix_mask,
                                           k.astype(q.dtype), v.astype(q.dtype), self_mask, cfg.q_per_kv,
                                           context_k=xk, context_v=xv)
-        return out, ((k, v) if ck is not None else None)
+        return out, None
 
     ctx = prefix.context
     extras = (prefix.k, prefix.v, None if cache is None else cache.k, None if cache is None else cache.v,
               None if ctx is None else ctx.k, None if ctx is None else ctx.v)
     x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bns), attend, extras)
-    new_cache = None if cache is None else BranchCache(k=kv[0], v=kv[1])
+    # the S new keys/values [Y, B, N, S, E, W] written at `offset`, in place in a sampling loop's carry
+    new_cache = None if cache is None else BranchCache(
+        k=jax.lax.dynamic_update_slice_in_dim(cache.k, kv[0], offset, axis=3),
+        v=jax.lax.dynamic_update_slice_in_dim(cache.v, kv[1], offset, axis=3))
     return (x if return_hidden else logits_from_hidden(params, cfg, x)), new_cache
 
 
