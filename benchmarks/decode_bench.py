@@ -39,7 +39,7 @@ best (fastest) call of each side with the median in parentheses; "ratio, best vs
 fastest transformers call by our fastest; "ratio per round" divides, in each round, the faster
 transformers call by ours of that round, and gives the median and range of those ratios. The 1-minute
 load average at the start and end is printed (numbers taken with a load above the core count are noisy,
-for both sides). The prefill alone (ours: jitted `model.prefill`; transformers: one forward with
+for both sides). The prefill alone (ours: jitted `transformer.prefill`; transformers: one forward with
 `use_cache=True, logits_to_keep=1`, as `generate` does, with the torch setting of the faster generate
 call) is timed after the rounds and reported for context.
 
@@ -75,7 +75,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from rlp_jax.generate.generation import SamplingConfig, generate, pad_prompts  # noqa: E402
-from rlp_jax.model.dense import transformer as model  # noqa: E402
+from rlp_jax.model.dense import transformer  # noqa: E402
 from rlp_jax.model.dense.config import ModelConfig  # noqa: E402
 from rlp_jax.model.dense.hf import from_hf  # noqa: E402
 
@@ -114,11 +114,11 @@ def save_checkpoint(preset: str, directory: str, seed: int) -> transformers.Qwen
 def load_real(name: str):
     """(transformers model, (ModelConfig, params)) of one real checkpoint, both float32: a Hugging Face
     folder, or a .gguf file that transformers dequantizes with its own GGUF loader."""
-    from rlp_jax.model.dense import gguf as gguf_io
+    from rlp_jax.model.dense.gguf import is_gguf
     from rlp_jax.runs.loading import load_pretrained, resolve_model_name
 
     path = Path(resolve_model_name(name))
-    if gguf_io.is_gguf(path):
+    if is_gguf(path):
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                      dtype=torch.float32)
     else:
@@ -164,7 +164,7 @@ class Ours:
         return compiled, time.perf_counter() - t0
 
     def prefill_fn(self, j: int):
-        return jax.jit(lambda p, x, n: model.prefill(p, self.cfg, x, n, j))
+        return jax.jit(lambda p, x, n: transformer.prefill(p, self.cfg, x, n, j))
 
 
 def hf_generate(m, input_ids, *, new_tokens: int, sample: bool, seed: int = 0):
@@ -195,7 +195,7 @@ def greedy_check(ours: Ours, hf_model, vocab: int, prompt_len: int, rng: np.rand
     got = np.asarray(ours.fn(sc)(ours.params, jnp.asarray(x), jnp.asarray(n), jax.random.key(0)).tokens)
     ids = torch.as_tensor(prompts, dtype=torch.long)
     ref = hf_generate(hf_model, ids, new_tokens=new_tokens, sample=False).numpy()
-    first_ours = np.asarray(jax.jit(lambda p, a, b: model.prefill(p, ours.cfg, a, b, 1)[0])(
+    first_ours = np.asarray(jax.jit(lambda p, a, b: transformer.prefill(p, ours.cfg, a, b, 1)[0])(
         ours.params, jnp.asarray(x), jnp.asarray(n)))
     first_hf = hf_prefill(hf_model, ids).logits[:, -1].float().numpy()
     same = got == ref

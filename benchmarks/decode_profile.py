@@ -1,5 +1,5 @@
 """Where a decode step's time goes: one `generation.generate` call under the JAX profiler, its XLA
-thunks grouped by the named scopes of `model.decode_step` and `generation._pick`.
+thunks grouped by the named scopes of `transformer.decode_step` and `generation._pick`.
 
 Usage (from the repository root; no checkpoint or torch needed, random params of a preset):
 
@@ -43,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rlp_jax.generate.generation import SamplingConfig, generate  # noqa: E402
-from rlp_jax.model.dense import transformer as model  # noqa: E402
+from rlp_jax.model.dense import transformer  # noqa: E402
 from rlp_jax.model.dense.config import ModelConfig  # noqa: E402
 
 PARTS = ("qkv_proj", "kv_write", "cache_read", "attention", "mlp", "lm_head", "sample")
@@ -107,14 +107,14 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     cfg = ModelConfig.preset(args.config)
-    params = model.init_params(cfg, jax.random.key(0))
+    params = transformer.init_params(cfg, jax.random.key(0))
     b, length, j = args.batch, args.prompt_len, args.new_tokens
     prompts = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (b, length)), jnp.int32)
     lens = jnp.full((b,), length, jnp.int32)
     sc = SamplingConfig(max_new_tokens=j, temperature=args.temperature)
     compiled = jax.jit(lambda pr, x, n, k: generate(pr, cfg, x, n, k, sc)).lower(
         params, prompts, lens, jax.random.key(1)).compile()
-    prefill = jax.jit(lambda pr, x, n: model.prefill(pr, cfg, x, n, j)).lower(params, prompts, lens).compile()
+    prefill = jax.jit(lambda pr, x, n: transformer.prefill(pr, cfg, x, n, j)).lower(params, prompts, lens).compile()
     run = lambda: jax.block_until_ready(compiled(params, prompts, lens, jax.random.key(1)))
 
     def best_wall(fn, repeats=3):

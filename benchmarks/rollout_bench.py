@@ -9,7 +9,7 @@ What is timed, for each context length L (documents of exactly L random tokens, 
 segment ids 1, positions 0..L-1; K positions per document drawn uniformly by the step's own
 `positions.select_positions` with a fixed rng, so both paths process the same positions):
 
-  (a) rollout: shared = `model.forward(..., return_cache=True)` + `rollout.thought_rollout`;
+  (a) rollout: shared = `transformer.forward(..., return_cache=True)` + `rollout.thought_rollout`;
       naive = `naive.naive_thought_rollout` (each branch `x_<t <think>` prefilled as its own row).
       Both use the same rng, so they sample the same thoughts (checked and reported).
   (b) RLP step: shared = `train_step.make_rlp_train_step`; naive = `naive_rlp_step` below, which
@@ -75,7 +75,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from rlp_jax.model.dense import transformer as model  # noqa: E402
+from rlp_jax.model.dense import transformer  # noqa: E402
 from rlp_jax.model.dense.config import ModelConfig  # noqa: E402
 from rlp_jax.rlp import (
     naive,  # noqa: E402
@@ -90,7 +90,7 @@ from rlp_jax.train import train_step  # noqa: E402
 # ----------------------------------------------------------------------------------------------
 
 def shared_rollout(params, batch, t_bk, rng, *, cfg, rollout):
-    _, prefix = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+    _, prefix = transformer.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                               positions_bl=batch["positions"], return_cache=True)
     return thought_rollout(params, cfg, prefix, t_bk, rng, rollout)
 
@@ -248,7 +248,7 @@ def main(argv=None):
                                           think_start_id=start_id, think_end_id=end_id))
     optimizer = optax.adamw(1e-4)
     k_params, k_data, k_step = jax.random.split(jax.random.PRNGKey(args.seed), 3)
-    params = model.init_params(cfg, k_params)
+    params = transformer.init_params(cfg, k_params)
     t_wall = time.perf_counter()
     load_start = os.getloadavg()[0]
 

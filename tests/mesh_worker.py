@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from rlp_jax import sharding  # noqa: E402
-from rlp_jax.model.dense import transformer as model  # noqa: E402
+from rlp_jax.model.dense import transformer  # noqa: E402
 from rlp_jax.model.dense.config import ModelConfig  # noqa: E402
 from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
 from rlp_jax.train import train_step  # noqa: E402
@@ -25,7 +25,7 @@ RLP = RLPConfig(rollout=RolloutConfig(group_size=2, positions_per_doc=2, thought
 
 
 def run(mesh_shape, kind):
-    params = model.init_params(CFG, jax.random.key(0), std=0.2)
+    params = transformer.init_params(CFG, jax.random.key(0), std=0.2)
     # SGD: updated params differ exactly by the gradient differences (Adam would amplify fp noise in
     # near-zero gradients to +-lr on its first step).
     opt = optax.sgd(0.5)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.rlp.config import LossConfig, RewardConfig, RLPConfig, RolloutConfig
 from rlp_jax.rlp.objective import SHARED_PREFIX, Rollout, loss_and_grad, with_reference
@@ -51,7 +51,7 @@ def rlp_config(horizon=1, baseline="group", kl_beta=0.0, g=3, k=2, t=5, ntp_weig
 
 @pytest.fixture(scope="module")
 def params():
-    return model.init_params(CFG, jax.random.key(0), std=0.3)
+    return transformer.init_params(CFG, jax.random.key(0), std=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def batch():
 
 
 def sample(params, batch, rlp, t_bk, seed=5):
-    _, prefix = model.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+    _, prefix = transformer.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                               positions_bl=batch["positions"], return_cache=True)
     return jax.jit(thought_rollout, static_argnums=(1, 5))(params, CFG, prefix, t_bk, jax.random.key(seed),
                                                             rlp.rollout)

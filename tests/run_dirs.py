@@ -11,7 +11,7 @@ import jax
 
 from rlp_jax.data.corpus import build_corpus, generate_documents
 from rlp_jax.data.tokenizer import load_tokenizer, train_sentencepiece
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.runs import checkpoint
 from rlp_jax.runs.config import apply_overrides, load_experiment, to_dict
@@ -32,7 +32,7 @@ def make_run_dir(root: Path, *, num_problems: int = 5, seed: int = 0, step: int 
     sources = (dataclasses.replace(cfg.data.sources[0], path=str(data / "train.jsonl")),)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
     mcfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size)
-    params = model.init_params(mcfg, jax.random.key(seed))
+    params = transformer.init_params(mcfg, jax.random.key(seed))
     params = jax.tree.map(lambda p: p * 3.0 if p.ndim > 1 else p, params)   # a peakier next-token softmax
     opt = make_optimizer(cfg.optim, cfg.train.steps)
     state = train_step.init_train_state(params, opt).replace(step=jax.numpy.asarray(step, jax.numpy.int32))

@@ -23,7 +23,7 @@ from rlp_jax.data.tokenizer import (
 )
 from rlp_jax.export import PROBES, export, main, sentencepiece_to_hf
 from rlp_jax.model.dense import hf
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.runs.loading import load_model, load_run_params
 from tests.hf_models import hf_logits, make_hf_model, torch, transformers
 from tests.train.train_cases import ANY_LENGTH
@@ -62,7 +62,7 @@ def test_logits_match_transformers(run_dir, exported):
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (lm.tokenizer.bos_id, lm.tokenizer.eos_id)
     docs = generate_documents(3, seed=1)
     tokens = np.array([lm.tokenizer.encode(d + " <think> so </think> ok")[:24] for d in docs], np.int32)  # [B, L]
-    ours, _ = model.forward(lm.params, lm.cfg, jnp.asarray(tokens))
+    ours, _ = transformer.forward(lm.params, lm.cfg, jnp.asarray(tokens))
     ref = transformers.AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
     assert ref.generation_config.eos_token_id == lm.tokenizer.eos_id
     np.testing.assert_allclose(np.asarray(ours), hf_logits(ref, tokens), rtol=0, atol=1e-4)

@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from rlp_jax import plan, sharding
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.model.dense.config import PRESETS, ModelConfig
 from rlp_jax.runs.config import (
     ConfigError,
@@ -56,9 +56,9 @@ def _run_config(*overrides):
 def test_num_params_matches_initialised_model(name):
     cfg = ModelConfig.preset(name)
     if name in ("tiny", "small"):
-        leaves = jax.tree.leaves(model.init_params(cfg, jax.random.key(0)))
+        leaves = jax.tree.leaves(transformer.init_params(cfg, jax.random.key(0)))
     else:
-        leaves = jax.tree.leaves(jax.eval_shape(lambda k: model.init_params(cfg, k), jax.random.key(0)))
+        leaves = jax.tree.leaves(jax.eval_shape(lambda k: transformer.init_params(cfg, k), jax.random.key(0)))
     assert sum(math.prod(x.shape) for x in leaves) == cfg.num_params()
 
 

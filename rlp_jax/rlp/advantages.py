@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import chex
 import jax.numpy as jnp
 
 
@@ -17,6 +18,7 @@ def group_advantages(rewards, mask, *, std_normalize: bool = False, eps: float =
       std_normalize: divide by the group's (population) std of valid rewards, plus eps.
     Returns: advantages [..., G] float32.
     """
+    chex.assert_equal_shape([rewards, mask])
     if rewards.shape[-1] < 2:
         raise ValueError(f"group advantages need G >= 2 thoughts per group, got G = {rewards.shape[-1]}")
     m = mask.astype(jnp.float32)
@@ -32,6 +34,7 @@ def group_advantages(rewards, mask, *, std_normalize: bool = False, eps: float =
 
 def batch_advantages(rewards, mask, *, std_normalize: bool = False, eps: float = 1e-6):
     """Advantages centred over all valid thoughts of the batch (the `batch` baseline; any shape)."""
+    chex.assert_equal_shape([rewards, mask])
     m = mask.astype(jnp.float32)
     count = jnp.maximum(m.sum(), 1.0)
     centred = (rewards - (rewards * m).sum() / count) * m

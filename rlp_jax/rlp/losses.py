@@ -4,6 +4,7 @@ with any model that can score tokens. Shapes: R thoughts, T thought slots, B row
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -17,7 +18,11 @@ def _clip_range(clip_eps):
 
 
 def _surrogate_terms(new_logprobs, old_logprobs, advantages, thought_mask, clip_eps, ref_logprobs, kl_beta):
-    """Per-token pieces shared by `rlp_loss` and `rlp_loss_metrics`."""
+    """Per-token pieces shared by `rlp_loss` and `rlp_loss_metrics` (shapes checked here: [R, T] and [R])."""
+    chex.assert_rank(new_logprobs, 2)
+    chex.assert_equal_shape([new_logprobs, old_logprobs, thought_mask]
+                            + ([ref_logprobs] if ref_logprobs is not None else []))
+    chex.assert_shape(advantages, new_logprobs.shape[:1])
     eps_low, eps_high = _clip_range(clip_eps)
     mask = thought_mask.astype(jnp.float32)
     old = jax.lax.stop_gradient(old_logprobs)

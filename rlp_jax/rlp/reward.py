@@ -12,6 +12,7 @@ Rewards are constants for the policy gradient: callers pass stop-gradient inputs
 
 from __future__ import annotations
 
+import chex
 import jax.numpy as jnp
 
 
@@ -22,6 +23,8 @@ def info_gain(s_pred_bkg, s_ema_bk):
     s_ema_bk: [B, K] log p_ema(x_t | x_<t), the no-think teacher's, the same for the G thoughts of a position.
     Positive exactly when thinking made the true next token more likely than the teacher finds it. [B, K, G].
     """
+    chex.assert_rank([s_pred_bkg, s_ema_bk], [3, 2])
+    chex.assert_equal_shape_prefix([s_pred_bkg, s_ema_bk], 2)
     return s_pred_bkg - s_ema_bk[..., None]
 
 
@@ -29,6 +32,9 @@ def rpt(predicted_bkgh, targets_bkh):
     """RPT's verifiable reward (the paper's Table 3 baseline): 1.0 when the policy's prediction after the thought
     equals every true next token x_t .. x_{t+H-1}, else 0.0. predicted [B, K, G, H] int, targets [B, K, H] int
     -> [B, K, G] float32."""
+    chex.assert_rank([predicted_bkgh, targets_bkh], [4, 3])
+    chex.assert_equal_shape_prefix([predicted_bkgh, targets_bkh], 2)
+    chex.assert_equal_shape_suffix([predicted_bkgh, targets_bkh], 1)
     return jnp.all(predicted_bkgh == targets_bkh[:, :, None, :], axis=-1).astype(jnp.float32)
 
 

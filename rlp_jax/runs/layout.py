@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rlp_jax.data.tokenizer import THINK_TOKENS, Tokenizer, load_tokenizer
 from rlp_jax.model import family
-from rlp_jax.model.dense import gguf as gguf_io
+from rlp_jax.model.dense.gguf import is_gguf
 from rlp_jax.model.family import Config
 from rlp_jax.runs.config import ConfigError, RunConfig, from_dict
 
@@ -200,7 +200,7 @@ def copy_tokenizer(src, dest) -> list[str]:
 def store_tokenizer(tokenizer_path: str, workdir_url: str) -> None:
     """Keep a copy of a URL run's tokenizer in `<workdir>/tokenizer/`, so any machine can read the run from the
     bucket alone (a GGUF tokenizer lives in its GGUF file: not copied)."""
-    if gguf_io.is_gguf(tokenizer_path):
+    if is_gguf(tokenizer_path):
         return
     dest = workdir_url.rstrip("/") + "/tokenizer"
     if not _any_path(dest).exists():

@@ -12,7 +12,7 @@ import pytest
 from rlp_jax.evaluate import cli as evaluate
 from rlp_jax.evaluate import tasks
 from rlp_jax.generate import cli as generate
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.runs.layout import LoadError
 from rlp_jax.runs.loading import load_model
 from tests.run_dirs import make_run_dir
@@ -35,7 +35,7 @@ def _naive_greedy(lm, prompt_ids, n, banned=(), stop=None):
     `stop` (default: eos)."""
     seq = list(prompt_ids)
     width = len(seq) + n
-    fwd = jax.jit(lambda p, x, s: model.forward(p, lm.cfg, x, segment_ids_bl=s)[0])
+    fwd = jax.jit(lambda p, x, s: transformer.forward(p, lm.cfg, x, segment_ids_bl=s)[0])
     out = []
     for _ in range(n):
         x = np.zeros((1, width), np.int32)

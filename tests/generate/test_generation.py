@@ -16,7 +16,7 @@ from rlp_jax.generate.generation import (
     pad_prompts,
     stream,
 )
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.model.sampling import first_above, sample_categorical
 
@@ -27,7 +27,7 @@ CFG = ModelConfig.preset("tiny", vocab_size=V)
 @pytest.fixture(scope="module")
 def params():
     rng = np.random.RandomState(3)
-    shapes = model.param_shapes(CFG)
+    shapes = transformer.param_shapes(CFG)
     leaf = lambda path, shape: (jnp.ones(shape) if path[-1].key.endswith("norm")
                                 else jnp.asarray(0.15 * rng.randn(*shape), jnp.float32))
     return jax.tree_util.tree_map_with_path(leaf, shapes, is_leaf=lambda x: isinstance(x, tuple))
@@ -37,7 +37,7 @@ def _naive_greedy(params, prompt, sc):
     """Full forward over prompt + generated tokens, argmax of the last position, bans applied."""
     seq, out = list(prompt), []
     for i in range(sc.max_new_tokens):
-        logits, _ = model.forward(params, CFG, jnp.asarray([seq], jnp.int32))
+        logits, _ = transformer.forward(params, CFG, jnp.asarray([seq], jnp.int32))
         tok = int(jnp.argmax(next_token_logits(logits[:, -1], i, sc)[0]))
         out.append(tok)
         seq.append(tok)
@@ -90,7 +90,7 @@ def test_sampled_logprobs_match_recomputed_and_stream_agrees(params):
     out = _jitted(sc)(params, jnp.asarray(x), jnp.asarray(n), jax.random.key(42))
     toks = out.tokens[0].tolist()
     seq = prompts[0] + toks
-    logits, _ = model.forward(params, CFG, jnp.asarray([seq], jnp.int32))
+    logits, _ = transformer.forward(params, CFG, jnp.asarray([seq], jnp.int32))
     for i in range(8):
         pol = next_token_logits(logits[:, len(prompts[0]) - 1 + i], i, sc)
         ref = float(jax.nn.log_softmax(pol)[0, toks[i]])

@@ -12,7 +12,7 @@ import pytest
 
 from rlp_jax.model import blockwise, layers
 from rlp_jax.model.config import REMATS
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.rlp.rollout import thought_rollout
 from tests.rlp_cases import (  # noqa: F401
     CFG,
@@ -85,10 +85,10 @@ def test_branch_attention_equals_dense(qkv, with_prompt, own_blocks):
 def test_model_logits_and_gradients_equal_dense(params, batch, remat):  # noqa: F811
     dense, blocks = CFG.replace(attention="dense", remat=remat), CFG.replace(attention="blockwise",
                                                                                 attention_block=4, remat=remat)
-    context = model.context_cache(params, dense, jnp.asarray([5, 6, 7]))
+    context = transformer.context_cache(params, dense, jnp.asarray([5, 6, 7]))
 
     def loss(p, cfg):
-        logits, _ = model.forward(p, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+        logits, _ = transformer.forward(p, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                   positions_bl=batch["positions"], context=context)
         lp = jax.nn.log_softmax(logits[:, :-1], -1)
         return -jnp.take_along_axis(lp, batch["tokens"][:, 1:, None], -1).mean(), logits
@@ -149,7 +149,7 @@ def test_rlp_step_equals_dense(params, batch):  # noqa: F811
     ema_lp = jax.random.normal(jax.random.key(7), batch["tokens"].shape) - 3.0
 
     def rollout(cfg):
-        _, prefix = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+        _, prefix = transformer.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                   positions_bl=batch["positions"], return_cache=True)
         return jax.jit(thought_rollout, static_argnums=(1, 5))(params, cfg, prefix, t_bk, jax.random.key(5),
                                                                 rlp.rollout)

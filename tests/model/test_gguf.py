@@ -11,8 +11,8 @@ import pytest
 
 from rlp_jax import fetch
 from rlp_jax.data.tokenizer import TokenizerError, load_tokenizer
-from rlp_jax.model.dense import gguf as gguf_io
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense.gguf import from_gguf
+from rlp_jax.model.dense import transformer
 from rlp_jax.model.safetensors_io import CheckpointError
 from rlp_jax.runs import loading
 from tests.gguf_files import SPECIALS, TEXT, bpe_vocab, tiny_hf_model, write_gguf
@@ -39,8 +39,8 @@ def _transformers_load(path):
 
 
 def _logits_ours(path, toks):
-    cfg, params = gguf_io.from_gguf(path)
-    return np.asarray(model.forward(jax.tree.map(jnp.asarray, params), cfg, jnp.asarray(toks))[0])
+    cfg, params = from_gguf(path)
+    return np.asarray(transformer.forward(jax.tree.map(jnp.asarray, params), cfg, jnp.asarray(toks))[0])
 
 
 @pytest.mark.parametrize("arch,qtype", [("llama", "F32"), ("llama", "Q8_0"), ("qwen3", "Q4_1"), ("qwen2", "F32")])
@@ -117,11 +117,11 @@ def test_bad_gguf_files_are_one_line_errors(tmp_path, vocab):
     not_gguf = tmp_path / "x.gguf"
     not_gguf.write_bytes(b"PK\x03\x04 not a gguf")
     with pytest.raises(CheckpointError, match="not a GGUF file"):
-        gguf_io.from_gguf(not_gguf)
+        from_gguf(not_gguf)
     truncated = tmp_path / "cut.gguf"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        gguf_io.from_gguf(truncated)
+        from_gguf(truncated)
     with pytest.raises(TokenizerError, match="truncated or corrupt"):
         load_tokenizer(truncated)
     import gguf
@@ -129,11 +129,11 @@ def test_bad_gguf_files_are_one_line_errors(tmp_path, vocab):
     w.add_tensor("x", np.zeros(4, np.float32))
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     with pytest.raises(CheckpointError, match="unsupported GGUF architecture 'mamba'"):
-        gguf_io.from_gguf(tmp_path / "mamba.gguf")
+        from_gguf(tmp_path / "mamba.gguf")
     msgs = []
     for bad in (not_gguf, truncated, tmp_path / "mamba.gguf"):
         try:
-            gguf_io.from_gguf(bad)
+            from_gguf(bad)
         except CheckpointError as e:
             msgs.append(str(e))
     assert all("\n" not in m for m in msgs) and len(msgs) == 3

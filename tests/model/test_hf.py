@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rlp_jax.model.dense import hf
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.model.safetensors_io import CheckpointError
 from tests.hf_models import hf_logits, make_hf_model, torch
 
@@ -42,7 +42,7 @@ def test_logits_match_transformers(tmp_path, family, tied, extra):
     assert cfg.qk_norm == (family == "qwen3") and cfg.attention_bias == (family == "qwen2")
     tokens, mask = _padded_batch(cfg.vocab_size)
     ref = hf_logits(ref_model, tokens, mask)
-    ours, _ = model.forward(params, cfg, jnp.asarray(tokens), segment_ids_bl=jnp.asarray(mask))
+    ours, _ = transformer.forward(params, cfg, jnp.asarray(tokens), segment_ids_bl=jnp.asarray(mask))
     assert _rel_err(np.asarray(ours), ref, mask) <= 1e-4
 
 
@@ -86,7 +86,7 @@ def test_bf16_checkpoint(tmp_path):
     cfg32, params32 = hf.from_hf(tmp_path, param_dtype="float32")
     tokens, mask = _padded_batch(cfg.vocab_size, seed=3)
     ref = hf_logits(ref_model.float(), tokens, mask)
-    ours, _ = model.forward(params32, cfg32, jnp.asarray(tokens), segment_ids_bl=jnp.asarray(mask))
+    ours, _ = transformer.forward(params32, cfg32, jnp.asarray(tokens), segment_ids_bl=jnp.asarray(mask))
     assert _rel_err(np.asarray(ours), ref, mask) <= 1e-4
     # bf16 export reloads in transformers with identical weights.
     hf.to_hf(params, cfg, tmp_path / "out")
@@ -101,7 +101,7 @@ def test_sharded_index(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists()
     cfg, params = hf.from_hf(tmp_path)
     tokens, mask = _padded_batch(cfg.vocab_size, seed=4)
-    ours, _ = model.forward(params, cfg, jnp.asarray(tokens), segment_ids_bl=jnp.asarray(mask))
+    ours, _ = transformer.forward(params, cfg, jnp.asarray(tokens), segment_ids_bl=jnp.asarray(mask))
     assert _rel_err(np.asarray(ours), hf_logits(ref_model, tokens, mask), mask) <= 1e-4
 
 

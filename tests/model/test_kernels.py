@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rlp_jax.model import kernels
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.rlp.rollout import thought_rollout
 from tests.model.kernel_cases import A, B, E, L, W, attention_case, dense_attention  # noqa: F401
 from tests.rlp_cases import (  # noqa: F401
@@ -48,10 +48,10 @@ def test_model_with_kernel_attention_equals_dense(params, batch):  # noqa: F811
     """The model's forward and gradients through the kernel switch; with a prompt context the forward
     falls back to the pure-JAX path and still equals dense."""
     dense, kernel = CFG.replace(attention="dense"), CFG.replace(attention="kernel")
-    context = model.context_cache(params, dense, jnp.asarray([5, 6, 7]))
+    context = transformer.context_cache(params, dense, jnp.asarray([5, 6, 7]))
 
     def loss(p, cfg, ctx):
-        logits, _ = model.forward(p, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+        logits, _ = transformer.forward(p, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                   positions_bl=batch["positions"], context=ctx)
         lp = jax.nn.log_softmax(logits[:, :-1], -1)
         return -jnp.take_along_axis(lp, batch["tokens"][:, 1:, None], -1).mean(), logits
@@ -71,7 +71,7 @@ def test_rlp_step_with_kernel_attention_equals_dense(params, batch):  # noqa: F8
     out = {}
     for name in ("dense", "kernel"):
         cfg = CFG.replace(attention=name)
-        _, prefix = model.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+        _, prefix = transformer.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                   positions_bl=batch["positions"], return_cache=True)
         thoughts = thought_rollout(params, cfg, prefix, t_bk, jax.random.key(5), rlp.rollout)
         step, grads = objective(params, batch, rlp, thoughts, t_bk, ema_lp, cfg=cfg)

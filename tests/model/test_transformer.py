@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rlp_jax.model import layers
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.model.dense.config import ModelConfig
 
 CFG = ModelConfig.preset("tiny", vocab_size=64)
@@ -16,7 +16,7 @@ CFG = ModelConfig.preset("tiny", vocab_size=64)
 
 @pytest.fixture(scope="module")
 def params():
-    p = model.init_params(CFG, jax.random.key(0), std=0.2)
+    p = transformer.init_params(CFG, jax.random.key(0), std=0.2)
     # Non-trivial norm weights, so a mode that skips a norm cannot pass.
     return p | {"final_norm": 1 + 0.1 * jax.random.normal(jax.random.key(1), (CFG.hidden_size,))}
 
@@ -32,7 +32,7 @@ def _naive_branch_logits(params, docs, t_bn, branch_bns):
     from_branch = jnp.take_along_axis(branch_bns, jnp.clip(idx - t, 0, s - 1), 2)
     seqs = jnp.where(idx < t, from_doc, jnp.where(idx < t + s, from_branch, 0))   # [B, N, L + S]
     seg = (idx < t + s).astype(jnp.int32)
-    logits, _ = model.forward(params, CFG, seqs.reshape(b * n, -1), segment_ids_bl=seg.reshape(b * n, -1))
+    logits, _ = transformer.forward(params, CFG, seqs.reshape(b * n, -1), segment_ids_bl=seg.reshape(b * n, -1))
     logits = logits.reshape(b, n, length + s, -1)
     return jnp.take_along_axis(logits, (t + jnp.arange(s))[..., None], axis=2)   # [B, N, S, V]
 
@@ -47,8 +47,8 @@ def _branch_case(seed, b=2, n=3, length=10, s=4):
 
 @functools.partial(jax.jit, static_argnums=1)
 def _fast_branch_logits(params, cfg, docs, t_bn, branch):
-    _, prefix = model.forward(params, cfg, docs, return_cache=True)
-    logits, _ = model.branch_forward(params, cfg, prefix, model.branches_at(prefix, t_bn), branch)
+    _, prefix = transformer.forward(params, cfg, docs, return_cache=True)
+    logits, _ = transformer.branch_forward(params, cfg, prefix, transformer.branches_at(prefix, t_bn), branch)
     return logits
 
 
@@ -88,10 +88,10 @@ def test_branch_respects_packed_segments(params):
     seg = jnp.asarray([[1] * 5 + [2] * 6], jnp.int32)
     pos = jnp.asarray([list(range(5)) + list(range(6))], jnp.int32)
     branch = jnp.asarray(rng.randint(0, CFG.vocab_size, (1, 1, 3)), jnp.int32)
-    _, prefix = model.forward(params, CFG, packed, segment_ids_bl=seg, positions_bl=pos, return_cache=True)
+    _, prefix = transformer.forward(params, CFG, packed, segment_ids_bl=seg, positions_bl=pos, return_cache=True)
     t = 5 + 4  # token 4 of doc_b
-    fast, _ = model.branch_forward(params, CFG, prefix, model.branches_at(prefix, jnp.array([[t]])), branch)
-    naive, _ = model.forward(params, CFG, jnp.concatenate([jnp.asarray(doc_b[:4]), branch[0, 0]])[None])
+    fast, _ = transformer.branch_forward(params, CFG, prefix, transformer.branches_at(prefix, jnp.array([[t]])), branch)
+    naive, _ = transformer.forward(params, CFG, jnp.concatenate([jnp.asarray(doc_b[:4]), branch[0, 0]])[None])
     np.testing.assert_allclose(fast[0, 0], naive[0, 4:], atol=1e-5)
 
 
@@ -101,20 +101,20 @@ def test_packed_forward_equals_separate_documents(params):
     packed = jnp.asarray(np.concatenate([a, b])[None], jnp.int32)
     seg = jnp.asarray([[1] * 4 + [2] * 7])
     pos = jnp.asarray([list(range(4)) + list(range(7))])
-    lp, _ = model.forward(params, CFG, packed, segment_ids_bl=seg, positions_bl=pos)
-    la, _ = model.forward(params, CFG, jnp.asarray(a[None]))
-    lb, _ = model.forward(params, CFG, jnp.asarray(b[None]))
+    lp, _ = transformer.forward(params, CFG, packed, segment_ids_bl=seg, positions_bl=pos)
+    la, _ = transformer.forward(params, CFG, jnp.asarray(a[None]))
+    lb, _ = transformer.forward(params, CFG, jnp.asarray(b[None]))
     np.testing.assert_allclose(lp[0, :4], la[0], atol=1e-5)
     np.testing.assert_allclose(lp[0, 4:], lb[0], atol=1e-5)
 
 
 def test_branch_token_by_token_with_cache_equals_whole_branch(params):
     docs, t_bn, branch = _branch_case(6, s=5)
-    _, prefix = model.forward(params, CFG, docs, return_cache=True)
-    br = model.branches_at(prefix, t_bn)
-    whole, _ = model.branch_forward(params, CFG, prefix, br, branch)
-    cache = model.init_branch_cache(CFG, *branch.shape[:2], 8)
-    step = jax.jit(lambda c, tok, off: model.branch_forward(params, CFG, prefix, br, tok, cache=c, offset=off))
+    _, prefix = transformer.forward(params, CFG, docs, return_cache=True)
+    br = transformer.branches_at(prefix, t_bn)
+    whole, _ = transformer.branch_forward(params, CFG, prefix, br, branch)
+    cache = transformer.init_branch_cache(CFG, *branch.shape[:2], 8)
+    step = jax.jit(lambda c, tok, off: transformer.branch_forward(params, CFG, prefix, br, tok, cache=c, offset=off))
     stepped = []
     for i in range(branch.shape[2]):
         logits, cache = step(cache, branch[:, :, i:i + 1], i)
@@ -127,10 +127,10 @@ def test_decode_equals_full_forward(params):
     seqs = jnp.asarray(rng.randint(0, CFG.vocab_size, (3, 12)), jnp.int32)
     prompt_lens = jnp.array([3, 5, 1])
     prompts = jnp.where(jnp.arange(12)[None] < prompt_lens[:, None], seqs, 0)[:, :6]
-    full, _ = model.forward(params, CFG, seqs)
-    last, state = model.prefill(params, CFG, prompts, prompt_lens, max_new_tokens=6)
+    full, _ = transformer.forward(params, CFG, seqs)
+    last, state = transformer.prefill(params, CFG, prompts, prompt_lens, max_new_tokens=6)
     np.testing.assert_allclose(last, full[jnp.arange(3), prompt_lens - 1], atol=1e-5)
-    step = jax.jit(lambda s, tok: model.decode_step(params, CFG, s, tok))
+    step = jax.jit(lambda s, tok: transformer.decode_step(params, CFG, s, tok))
     for i in range(5):
         fed = seqs[jnp.arange(3), prompt_lens + i]
         logits, state = step(state, fed)
@@ -177,8 +177,8 @@ def test_remat_changes_nothing(params, remat):
 
 def test_bf16_compute_is_close_and_logits_are_fp32(params):
     docs, _, _ = _branch_case(9)
-    l32, _ = model.forward(params, CFG, docs)
-    l16, _ = model.forward(params, CFG.replace(compute_dtype="bfloat16"), docs)
+    l32, _ = transformer.forward(params, CFG, docs)
+    l16, _ = transformer.forward(params, CFG.replace(compute_dtype="bfloat16"), docs)
     assert l16.dtype == jnp.float32
     assert float(jnp.abs(l32 - l16).max()) < 0.1 * float(jnp.abs(l32).max())
 
@@ -186,9 +186,9 @@ def test_bf16_compute_is_close_and_logits_are_fp32(params):
 def test_param_count_and_axes_cover_every_param():
     for name in ("tiny", "small"):
         cfg = ModelConfig.preset(name)
-        p = model.init_params(cfg, jax.random.key(0))
+        p = transformer.init_params(cfg, jax.random.key(0))
         assert sum(x.size for x in jax.tree.leaves(p)) == cfg.num_params()
-        axes = model.param_logical_axes(cfg)
+        axes = transformer.param_logical_axes(cfg)
         shapes = jax.tree.map(lambda x: x.shape, p)
         jax.tree.map(lambda names, shape: len(names) == len(shape) or pytest.fail(f"{names} vs {shape}"),
                      axes, shapes, is_leaf=lambda x: isinstance(x, tuple))
@@ -211,8 +211,8 @@ def test_chunked_token_logprobs_equal_full_logits(params, chunk):
     )
 
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, 64, (2, 10)), jnp.int32)
-    logits, _ = model.forward(params, CFG, tokens)
-    hidden, _ = model.forward(params, CFG, tokens, return_hidden=True)
+    logits, _ = transformer.forward(params, CFG, tokens)
+    hidden, _ = transformer.forward(params, CFG, tokens, return_hidden=True)
     ref = shifted_token_logprobs(logits, tokens)
     got = shifted_token_logprobs_chunked(params, CFG, hidden, tokens, chunk=chunk)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)

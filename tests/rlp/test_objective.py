@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.rlp import naive
 from rlp_jax.rlp import rollout as rollout_lib
 from rlp_jax.rlp.objective import SHARED_PREFIX
@@ -91,7 +91,7 @@ def test_ema_shift_changes_gradient_only_under_batch_baseline(params, batch, bas
 
 
 def test_rewards_against_hand_built_sequences(params, batch):
-    """S_pred and S_ema of each thought from plain `model.forward` on `[x_<t, <think> c </think>]` and `x_<t`:
+    """S_pred and S_ema of each thought from plain `transformer.forward` on `[x_<t, <think> c </think>]` and `x_<t`:
     fails if either is read one token off."""
     rlp = rlp_config(k=2, g=2)
     t_bk = jnp.array([[3, 9], [4, 10]])
@@ -100,7 +100,7 @@ def test_rewards_against_hand_built_sequences(params, batch):
     ema_lp = jax.jit(teacher_logprobs, static_argnums=1)(ema, CFG, batch)
     rewards = jax.jit(objective, static_argnums=2)(params, batch, rlp, thoughts, t_bk, ema_lp)[0].rewards
     toks, seg = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
-    forward = jax.jit(model.forward, static_argnums=1)      # one program per sequence length
+    forward = jax.jit(transformer.forward, static_argnums=1)      # one program per sequence length
     last_logp = lambda p, seq: jax.nn.log_softmax(forward(p, CFG, jnp.asarray([seq]))[0][0, -1])
     for b in range(2):
         for k in range(2):
@@ -120,7 +120,7 @@ def test_surrogate_is_the_policy_gradient_under_bfloat16(params, batch):
     cfg16 = CFG.replace(compute_dtype="bfloat16")
     rlp = rlp_config()
     t_bk = jnp.array([[3, 9], [4, 10]])
-    _, prefix = jax.jit(model.forward, static_argnums=1, static_argnames="return_cache")(
+    _, prefix = jax.jit(transformer.forward, static_argnums=1, static_argnames="return_cache")(
         params, cfg16, batch["tokens"], segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"],
         return_cache=True)
     thoughts = jax.jit(thought_rollout, static_argnums=(1, 5))(params, cfg16, prefix, t_bk, jax.random.key(5),
@@ -135,7 +135,7 @@ def test_surrogate_is_the_policy_gradient_under_bfloat16(params, batch):
     assert float(m["policy/max_abs_ratio_minus_1"]) > 0.01      # the diagnostic sees the sampler's gap
 
     def policy_gradient_surrogate(p, sampler_ratio=False):
-        _, pre = model.forward(p, cfg16, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+        _, pre = transformer.forward(p, cfg16, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                positions_bl=batch["positions"], return_cache=True, return_logits=False)
         targets = jnp.take_along_axis(batch["tokens"], t_bk, axis=1)[..., None]
         new_lp, _, _ = rollout_lib.thought_forward(p, cfg16, pre, t_bk, thoughts, targets, rlp.rollout)

@@ -10,7 +10,7 @@ import pytest
 import tokenizers
 
 from rlp_jax.data.tokenizer import HFTokenizer
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.rlp import naive
 from rlp_jax.rlp.config import (
@@ -41,7 +41,7 @@ def _rlp(prompt_ids=PROMPT, teacher_sees=False, ntp_weight=0.0):
 
 @pytest.fixture(scope="module")
 def params():
-    return model.init_params(CFG, jax.random.key(0), std=0.3)
+    return transformer.init_params(CFG, jax.random.key(0), std=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -69,17 +69,17 @@ def _with_own_prompt(batch, prompt):
 
 
 def test_context_forward_equals_prompt_prepended_to_every_document(params, batch):
-    ctx = model.context_cache(params, CFG, PROMPT)
-    got, _ = model.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+    ctx = transformer.context_cache(params, CFG, PROMPT)
+    got, _ = transformer.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                            positions_bl=batch["positions"], context=ctx)
     long = _with_own_prompt(batch, PROMPT)
-    ref, _ = model.forward(params, CFG, long["tokens"], segment_ids_bl=long["segment_ids"],
+    ref, _ = transformer.forward(params, CFG, long["tokens"], segment_ids_bl=long["segment_ids"],
                            positions_bl=long["positions"])
     p = len(PROMPT)
     np.testing.assert_allclose(got[0], ref[0, p:p + 14], atol=2e-5)                      # one document
     np.testing.assert_allclose(got[1, :6], ref[1, p:p + 6], atol=2e-5)             # first packed document
     np.testing.assert_allclose(got[1, 6:], ref[1, 2 * p + 6:], atol=2e-5)          # second, its own prompt
-    plain, _ = model.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+    plain, _ = transformer.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                              positions_bl=batch["positions"])
     assert float(jnp.abs(plain - got).max()) > 1e-2                                # the prompt matters
 
@@ -87,8 +87,8 @@ def test_context_forward_equals_prompt_prepended_to_every_document(params, batch
 def test_prompted_sampler_equals_naive_sampler(params, batch):
     rlp = _rlp()
     t_bk = jnp.array([[3, 9], [4, 10]])
-    ctx = model.context_cache(params, CFG, PROMPT)
-    _, prefix = model.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+    ctx = transformer.context_cache(params, CFG, PROMPT)
+    _, prefix = transformer.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                               positions_bl=batch["positions"], return_cache=True, context=ctx)
     fast = jax.jit(thought_rollout, static_argnums=(1, 5))(params, CFG, prefix, t_bk, jax.random.key(3), rlp.rollout)
     slow = jax.jit(naive.naive_thought_rollout, static_argnums=(1, 5, 6))(
@@ -105,8 +105,8 @@ def test_teacher_reads_the_prompt_only_when_asked(params, batch):
     plain = teacher_logprobs(ema, CFG, batch)
     np.testing.assert_array_equal(teacher_logprobs(ema, CFG, batch, _rlp()), plain)
     seen = teacher_logprobs(ema, CFG, batch, _rlp(teacher_sees=True))
-    ctx = model.context_cache(ema, CFG, PROMPT)
-    logits, _ = model.forward(ema, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+    ctx = transformer.context_cache(ema, CFG, PROMPT)
+    logits, _ = transformer.forward(ema, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                               positions_bl=batch["positions"], context=ctx)
     want = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), batch["tokens"][:, 1:, None], -1)[..., 0]
     np.testing.assert_allclose(seen[:, 1:], want, atol=1e-5)
@@ -120,8 +120,8 @@ def test_prompted_objective_equals_naive(params, batch):
 
     @jax.jit
     def sample(params):
-        ctx = model.context_cache(params, CFG, PROMPT)
-        _, prefix = model.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
+        ctx = transformer.context_cache(params, CFG, PROMPT)
+        _, prefix = transformer.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                   positions_bl=batch["positions"], return_cache=True, context=ctx)
         return thought_rollout(params, CFG, prefix, t_bk, jax.random.key(4), rlp.rollout)
 

@@ -25,3 +25,24 @@ def test_rpt_rewards_an_exact_prediction_of_every_horizon_token():
     np.testing.assert_array_equal(rpt(predicted, targets), [[[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]])
     r, terms = REWARDS["rpt"](jnp.zeros(predicted.shape), predicted, targets, None)
     np.testing.assert_array_equal(r, terms["accuracy"])
+
+
+def test_the_library_functions_refuse_mismatched_shapes_at_the_boundary():
+    """chex checks at trace time: a [B, K] teacher against [B, K', G] thoughts, a [R, 1] advantage (which would
+    broadcast over the thought's tokens) and a mask of another shape are errors, not silent broadcasts."""
+    import pytest
+
+    from rlp_jax.rlp import group_advantages, rlp_loss
+
+    with pytest.raises(AssertionError):
+        info_gain(jnp.zeros((2, 3, 4)), jnp.zeros((2, 4)))
+    with pytest.raises(AssertionError):
+        rpt(jnp.zeros((1, 2, 3, 2), int), jnp.zeros((1, 2, 3), int))
+    with pytest.raises(AssertionError):
+        group_advantages(jnp.zeros((2, 4)), jnp.ones((2, 3), bool))
+    lp, mask = jnp.zeros((5, 7)), jnp.ones((5, 7), bool)
+    assert float(rlp_loss(lp, lp, jnp.ones(5), mask)) == -1.0            # ratio 1, advantage 1: -1 per thought
+    with pytest.raises(AssertionError):
+        rlp_loss(lp, lp, jnp.ones((5, 1)), mask)
+    with pytest.raises(AssertionError):
+        rlp_loss(lp, lp, jnp.ones(5), mask[:, :6])

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.model.sampling import filter_logits
 from rlp_jax.rlp import naive
@@ -39,7 +39,7 @@ def _rollout_cfg(**kw):
 
 
 def _init_params(seed=1, std=0.12):
-    """Like `model.init_params` (normal(0, std) matrices, unit norms), drawn with numpy: eager
+    """Like `transformer.init_params` (normal(0, std) matrices, unit norms), drawn with numpy: eager
     `init_params` compiles one random kernel per parameter shape, which dominates this file's runtime.
     std = 0.12 makes the next-token softmax clearly non-uniform without being one-hot."""
     rng = np.random.RandomState(seed)
@@ -49,9 +49,9 @@ def _init_params(seed=1, std=0.12):
             return jnp.ones(shape, jnp.float32)
         return jnp.asarray(std * rng.randn(*shape), jnp.float32)
 
-    shapes = model.param_shapes(CFG)
+    shapes = transformer.param_shapes(CFG)
     params = jax.tree_util.tree_map_with_path(leaf, shapes, is_leaf=lambda x: isinstance(x, tuple))
-    assert jax.tree.structure(params) == jax.tree.structure(jax.eval_shape(lambda k: model.init_params(CFG, k), jax.random.key(0)))
+    assert jax.tree.structure(params) == jax.tree.structure(jax.eval_shape(lambda k: transformer.init_params(CFG, k), jax.random.key(0)))
     return params
 
 
@@ -68,16 +68,16 @@ def docs():
 
 @functools.partial(jax.jit, static_argnames=("rollout",))
 def _rollout_packed(params, tokens, seg, pos, positions_bk, rng, rollout):
-    _, prefix = model.forward(params, CFG, tokens, segment_ids_bl=seg, positions_bl=pos, return_cache=True)
+    _, prefix = transformer.forward(params, CFG, tokens, segment_ids_bl=seg, positions_bl=pos, return_cache=True)
     return thought_rollout(params, CFG, prefix, positions_bk, rng, rollout)
 
 
 def _rollout(params, docs, positions_bk, rng, rollout):
-    seg, pos = model.default_segments(docs)
+    seg, pos = transformer.default_segments(docs)
     return _rollout_packed(params, docs, seg, pos, positions_bk, rng, rollout)
 
 
-_forward = jax.jit(lambda p, seq: model.forward(p, CFG, seq[None])[0][0])
+_forward = jax.jit(lambda p, seq: transformer.forward(p, CFG, seq[None])[0][0])
 
 
 def _first_token_probs(params, doc, t, temperature=1.0, top_p=1.0):
@@ -408,7 +408,7 @@ def test_mixed_stopping(params, docs):
 
 @functools.partial(jax.jit, static_argnames=("rollout",))
 def _fast_forward(params, docs_tokens, seg, pos, positions_bk, thoughts, targets, rollout):
-    _, prefix = model.forward(params, CFG, docs_tokens, segment_ids_bl=seg, positions_bl=pos, return_cache=True)
+    _, prefix = transformer.forward(params, CFG, docs_tokens, segment_ids_bl=seg, positions_bl=pos, return_cache=True)
     return thought_forward(params, CFG, prefix, positions_bk, thoughts, targets, rollout)
 
 
@@ -500,7 +500,7 @@ def test_chunked_scoring_equals_full_logits_with_gradients(params, chunk):
         if use_chunks:
             out = rollout_lib.score_hidden(p, CFG, hidden, idx, th, targets, r, chunk=chunk)
         else:
-            out = rollout_lib.score_branches(model.logits_from_hidden(p, CFG, hidden), idx, th, targets, r)
+            out = rollout_lib.score_branches(transformer.logits_from_hidden(p, CFG, hidden), idx, th, targets, r)
         return out[0].sum() + 0.5 * out[1].sum(), out
 
     (l_c, out_c), g_c = jax.value_and_grad(lambda p: loss(p, True), has_aux=True)(params)

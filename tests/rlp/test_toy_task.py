@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.rlp.config import LossConfig, RLPConfig, RolloutConfig
 from rlp_jax.rlp.rollout import thought_rollout
@@ -39,7 +39,7 @@ def _as_batch(tokens, seg=None):
 
 def test_reward_rises_on_toy_reasoning_task():
     rng = np.random.RandomState(0)
-    params = model.init_params(TOY, jax.random.key(0))
+    params = transformer.init_params(TOY, jax.random.key(0))
     opt = optax.adam(3e-3)
     state = train_step.init_train_state(params, opt)
     ntp = train_step.make_ntp_train_step(TOY, opt)
@@ -63,8 +63,13 @@ def test_reward_rises_on_toy_reasoning_task():
     # The thoughts now carry the answer: sampled thoughts equal the first digit far above chance (1/10).
     _, task = _toy_batches(rng, 64)
     b = _as_batch(task)
-    _, prefix = model.forward(state.params, TOY, b["tokens"], return_cache=True)
+    _, prefix = transformer.forward(state.params, TOY, b["tokens"], return_cache=True)
     th = thought_rollout(state.params, TOY, prefix, jnp.full((64, 1), 3), jax.random.key(123), rlp.rollout)
     hit = np.mean(np.asarray(th.tokens[:, 0, :, 0]) == task[:, :1])
     print("share of thoughts that carry the answer", hit)
-    assert hit > 0.3, hit   # 3x chance (was > 0.5; 0.496 once the loss ratio became exactly 1, same seed)
+    # The bar is the method's own measurement, not a number tuned to a seed: the answer's mean log-prob after a
+    # sampled thought (late s_pred, at the answer position: documents are 4 tokens, min_context 3) bounds the share
+    # of thoughts that carry the answer from below (E log p <= log E p, and E p <= hit when a wrong thought's
+    # answer is unlikely). Measured on seeds 0-3: hit 0.82 / 0.99 / 0.59 / 0.99 against exp(s_pred) 0.37 / 0.72 /
+    # 0.19 / 0.90.
+    assert hit >= np.exp(late[1]) and hit > 3 / len(DIGITS), (hit, np.exp(late[1]))

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.runs.checkpoint import (
     Checkpointer,
@@ -52,7 +52,7 @@ def _template():
     """A fresh TrainState of the tiny model; numpy-initialised params (XLA compiles are slow on a busy CPU)."""
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda shape: jnp.asarray(0.02 * rng.standard_normal(shape), jnp.float32),
-                          model.param_shapes(CFG), is_leaf=lambda x: isinstance(x, tuple))
+                          transformer.param_shapes(CFG), is_leaf=lambda x: isinstance(x, tuple))
     return train_step.init_train_state(params, OPT)
 
 
@@ -68,7 +68,7 @@ def _state(step=0, seed=0):
 
 
 def _abstract(cfg=CFG):
-    return jax.eval_shape(lambda: train_step.init_train_state(model.init_params(cfg, jax.random.key(0)), OPT))
+    return jax.eval_shape(lambda: train_step.init_train_state(transformer.init_params(cfg, jax.random.key(0)), OPT))
 
 
 def _save(ckpt, step, *, seed=None, force=False):

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from rlp_jax.model.dense import transformer as model
+from rlp_jax.model.dense import transformer
 from rlp_jax.rlp import objective
 from rlp_jax.train import train_step
 from tests.rlp_cases import CFG, batch, params, rlp_config  # noqa: F401 (fixtures)
@@ -82,7 +82,7 @@ def test_micro_batches_give_the_whole_batch_gradient(params, kind):
     else:
         from rlp_jax.rlp.losses import shifted_ntp_loss
 
-        loss_fn = lambda p: shifted_ntp_loss(model.forward(p, CFG, whole["tokens"], segment_ids_bl=whole["segment_ids"],
+        loss_fn = lambda p: shifted_ntp_loss(transformer.forward(p, CFG, whole["tokens"], segment_ids_bl=whole["segment_ids"],
                                                            positions_bl=whole["positions"])[0],
                                              whole["tokens"], whole["segment_ids"])
     loss, ref = jax.jit(jax.value_and_grad(loss_fn))(params)

@@ -134,7 +134,7 @@ def _block(cfg: ModelConfig, attend, x, lp, extra):
     return x, new_kv
 
 
-def _run_blocks(cfg: ModelConfig, params: Params, x, attend, extras):
+def _run_blocks(params: Params, cfg: ModelConfig, x, attend, extras):
     """Scan the blocks over the stacked `layers` params; extras is a per-layer pytree (leading Y axis)."""
     names = ("batch", "length", "embed") if x.ndim == 3 else ("batch", "branch", "length", "embed")
 
@@ -146,7 +146,7 @@ def _run_blocks(cfg: ModelConfig, params: Params, x, attend, extras):
     return jax.lax.scan(cfg.checkpointed(body), sharding.constrain(x, names), (params["layers"], extras))
 
 
-def _embed(cfg: ModelConfig, params: Params, tokens):
+def _embed(params: Params, cfg: ModelConfig, tokens):
     return jnp.take(params["embed"], tokens, axis=0).astype(cfg.jnp_compute_dtype)
 
 
@@ -220,7 +220,7 @@ def forward(params: Params, cfg: ModelConfig, tokens_bl, *, segment_ids_bl=None,
         return out, ((k, v) if return_cache else None)
 
     extras = None if context is None else (context.k, context.v)
-    x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bl), attend, extras)
+    x, kv = _run_blocks(params, cfg, _embed(params, cfg, tokens_bl), attend, extras)
     if logits_at_b is not None:
         x = jnp.take_along_axis(x, logits_at_b.astype(jnp.int32)[:, None, None], axis=1)[:, 0]   # [B, D]
     logits = x if return_hidden else (logits_from_hidden(params, cfg, x) if return_logits else None)
@@ -286,7 +286,7 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
     ctx = prefix.context
     extras = (prefix.k, prefix.v, None if cache is None else cache.k, None if cache is None else cache.v,
               None if ctx is None else ctx.k, None if ctx is None else ctx.v)
-    x, kv = _run_blocks(cfg, params, _embed(cfg, params, tokens_bns), attend, extras)
+    x, kv = _run_blocks(params, cfg, _embed(params, cfg, tokens_bns), attend, extras)
     # the S new keys/values [Y, B, N, S, E, W] written at `offset`, in place in a sampling loop's carry
     new_cache = None if cache is None else BranchCache(
         k=jax.lax.dynamic_update_slice_in_dim(cache.k, kv[0], offset, axis=3),
@@ -361,7 +361,7 @@ def decode_step(params: Params, cfg: ModelConfig, state: DecodeState, tokens_b):
              | ((t[None, :] >= state.prompt_width) & (t[None, :] <= slot)))
     positions = (state.prompt_lens + state.step)[:, None]                                  # [B, 1]
     inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-    x = _embed(cfg, params, tokens_b[:, None])                                              # [B, 1, D]
+    x = _embed(params, cfg, tokens_b[:, None])                                              # [B, 1, D]
     new_k, new_v = [], []
     per_layer = split_layers(params)["layers"]
     for i in range(cfg.num_layers):
