@@ -193,19 +193,11 @@ def branch_attention_blockwise(q_bnsqw, prefix_k, prefix_v, prefix_seg_bl, branc
         own, lse = blockwise.attend_blocks(q.reshape(b * n, s, e, a, dh), self_k.reshape(b * n, c, e, dh),
                                            self_v.reshape(b * n, c, e, dh), ones_q, lim, ones_k, block)
         own, lse = own.reshape(b, n * s, e, a, dh), lse.reshape(b, n, e, a, s).transpose(0, 2, 3, 1, 4)
+        parts.append((own, lse.reshape(b, e, a, n * s)))
     else:
-        ss = jnp.einsum("bnseaw,bncew->beansc", q.reshape(b, n, s, e, a, dh), self_k,
-                        preferred_element_type=jnp.float32) / math.sqrt(dh)
         own_mask = jnp.arange(c)[None, :] <= self_lim_s[:, None]              # [S, C]
-        ss = jnp.where(own_mask, ss, _MASKED)                                  # [B, E, A, N, S, C]
-        lse = jax.nn.logsumexp(ss, axis=-1)
-        probs = jnp.exp(ss - lse[..., None]).astype(q.dtype)
-        own = jnp.einsum("beansc,bncew->bnseaw", probs, self_v).reshape(b, n * s, e, a, dh)
-    parts.append((own, lse.reshape(b, e, a, n * s)))
-    if context_k is not None:
-        scores = _context_scores(q, context_k, "bmeaw,pew->beamp", dh)
-        parts.insert(0, blockwise.dense_part(scores, context_v.astype(q.dtype), "beamp,pew->bmeaw"))
-    return blockwise.merge(parts).reshape(b, n, s, h, dh)
+        parts.append(_own_part(q.reshape(b, n, s, e, a, dh), self_k, self_v, own_mask))
+    return _merged(parts, q, context_k, context_v).reshape(b, n, s, h, dh)
 
 
 def _prefix_part(q_bmeaw, prefix_k, prefix_v, prefix_seg_bl, branch_seg_bn, branch_start_bn, s: int,
@@ -242,14 +234,25 @@ def branch_decode_attention(q_bnsqw, prefix_k, prefix_v, prefix_seg_bl, branch_s
                                           cache_v.reshape(b * n, c, e, dh), filled, cache_block)
     parts.append((cached.reshape(b, n * s, e, a, dh), lse.reshape(b, n, e, a, s).transpose(0, 2, 3, 1, 4)
                   .reshape(b, e, a, n * s)))
-    ss = jnp.einsum("bnseaw,bntew->beanst", q_bnsqw.reshape(b, n, s, e, a, dh), new_k,
-                    preferred_element_type=jnp.float32) / math.sqrt(dh)
-    ss = jnp.where(jnp.tril(jnp.ones((s, s), bool)), ss, _MASKED)                 # [B, E, A, N, S, S]
-    new_lse = jax.nn.logsumexp(ss, axis=-1)
-    probs = jnp.exp(ss - new_lse[..., None]).astype(q.dtype)
-    own = jnp.einsum("beanst,bntew->bnseaw", probs, new_v).reshape(b, n * s, e, a, dh)
-    parts.append((own, new_lse.reshape(b, e, a, n * s)))
+    parts.append(_own_part(q_bnsqw.reshape(b, n, s, e, a, dh), new_k, new_v, jnp.tril(jnp.ones((s, s), bool))))
+    return _merged(parts, q, context_k, context_v).reshape(b, n, s, h, dh)
+
+
+def _own_part(q_bnseaw, k_bncew, v_bncew, mask_sc):
+    """A branch's own keys [B, N, C, E, W] scored densely under mask [S, C]: (out [B, N S, E, A, W],
+    lse [B, E, A, N S]), the form `blockwise.merge` takes."""
+    b, n, s, e, a, dh = q_bnseaw.shape
+    ss = jnp.einsum("bnseaw,bncew->beansc", q_bnseaw, k_bncew, preferred_element_type=jnp.float32) / math.sqrt(dh)
+    ss = jnp.where(mask_sc, ss, _MASKED)                                           # [B, E, A, N, S, C]
+    lse = jax.nn.logsumexp(ss, axis=-1)
+    probs = jnp.exp(ss - lse[..., None]).astype(q_bnseaw.dtype)
+    own = jnp.einsum("beansc,bncew->bnseaw", probs, v_bncew).reshape(b, n * s, e, a, dh)
+    return own, lse.reshape(b, e, a, n * s)
+
+
+def _merged(parts, q_bmeaw, context_k, context_v):
+    """The joint softmax over the parts and, when given, a prompt's keys [P, E, W] (read densely): [B, M, E, A, W]."""
     if context_k is not None:
-        scores = _context_scores(q, context_k, "bmeaw,pew->beamp", dh)
-        parts.insert(0, blockwise.dense_part(scores, context_v.astype(q.dtype), "beamp,pew->bmeaw"))
-    return blockwise.merge(parts).reshape(b, n, s, h, dh)
+        scores = _context_scores(q_bmeaw, context_k, "bmeaw,pew->beamp", q_bmeaw.shape[-1])
+        parts = [blockwise.dense_part(scores, context_v.astype(q_bmeaw.dtype), "beamp,pew->bmeaw"), *parts]
+    return blockwise.merge(parts)
