@@ -30,7 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlp_jax.model import layers, mamba2
+from rlp_jax.model import blockwise, layers, mamba2
 from rlp_jax.model.nemotron_h import hybrid
 from rlp_jax.model.nemotron_h.hybrid import ATTENTION, MAMBA, HybridConfig, Params
 
@@ -124,6 +124,19 @@ def _attend(p: Params, cfg: HybridConfig, q, prefix: HybridPrefix, prefix_kv, s:
     return hybrid.attention_out(p, out)
 
 
+def _attend_filled(p: Params, cfg: HybridConfig, q, prefix: HybridPrefix, prefix_kv, s: int, cache_kv, step,
+                   new_k, new_v):
+    """A decode step's attention (`layers.branch_decode_attention`): the branch's cache read only up to its last
+    filled block (`step` slots), the new token's key apart -> [B, N, 1, D]."""
+    pk, pv = prefix_kv
+    t_bn, seg_bn = _branches(prefix, s)
+    out = layers.branch_decode_attention(
+        q, pk, pv, prefix.segment_ids, seg_bn, t_bn, *cache_kv, step, new_k, new_v, cfg.num_heads // cfg.num_kv_heads,
+        prefix_block=cfg.attention_block if cfg.blockwise_for(pk.shape[1]) else None,
+        cache_block=min(cfg.attention_block, blockwise.DECODE_BLOCK))
+    return hybrid.attention_out(p, out)
+
+
 def _check_prefix(cfg: HybridConfig, prefix: HybridPrefix):
     if len(prefix.blocks) != len(cfg.block_types):
         raise ValueError(f"prefix has {len(prefix.blocks)} blocks, the config {len(cfg.block_types)}: it was made "
@@ -206,8 +219,8 @@ def decode_step(params: Params, cfg: HybridConfig, prefix: HybridPrefix, cache: 
             out, own = y.reshape(b, n, 1, -1), _unflat(state, b, n)
         elif kind == ATTENTION:
             q, kk, v = hybrid.attention_qkv(p, cfg, h)                             # kk, v [B, N, 1, E, W]
+            out = _attend_filled(p, cfg, q, prefix, pre, s, own, step, kk, v)
             own = tuple(jax.lax.dynamic_update_slice_in_dim(c, new, step, axis=2) for c, new in zip(own, (kk, v)))
-            out = _attend(p, cfg, q, prefix, pre, s, *own, step[None])
         else:
             out = hybrid.mlp_mixer(p, h)
         blocks.append(own)
