@@ -11,6 +11,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from rlp_jax.model import blockwise
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DTYPES = tuple(_DTYPES)                 # storage and compute dtypes (float16 needs loss scaling: not offered)
 REMATS = ("none", "full", "dots")       # rematerialisation of the blocks (`transformer`): none, all, keep matmuls
@@ -69,6 +71,11 @@ class Numerics:
     def blockwise_for(self, num_keys: int) -> bool:
         """Whether attention over `num_keys` keys runs blockwise (see `attention`)."""
         return self.attention == "blockwise" or (self.attention in ("auto", "kernel") and num_keys > self.attention_block)
+
+    @property
+    def decode_block(self) -> int:
+        """Cache slots a sampling step reads at a time (`blockwise.attend_filled`): up to the last filled block."""
+        return min(self.attention_block, blockwise.DECODE_BLOCK)
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

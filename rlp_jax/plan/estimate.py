@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from rlp_jax.model import blockwise
 from rlp_jax.model.config import REMATS
 from rlp_jax.model.family import Config
 from rlp_jax.model.nemotron_h.hybrid import HybridConfig
@@ -122,11 +121,11 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
         decode_floor = micro * ro.thought_len * read / devices.bandwidth
     elif objective == "rlp" and devices.bandwidth:
         # per token: the weights, the documents' keys/values and each branch's filled cache blocks (a sampling
-        # step reads up to its last filled block of min(attention_block, DECODE_BLOCK) slots: (T + block) / 2 on
+        # step reads up to its last filled block of `decode_block` slots: (T + block) / 2 on
         # average over the thought), the new keys/values written once
         c = dtype_bytes(m.compute_dtype)
         n = mb_rows * ro.positions_per_doc * ro.group_size
-        blk = min(m.attention_block, blockwise.DECODE_BLOCK, ro.thought_len)
+        blk = min(m.decode_block, ro.thought_len)
         read_slots = mb_rows * length + n * (ro.thought_len + blk) / 2
         kv = 2 * m.num_layers * (read_slots + n) * m.num_kv_heads * m.head_dim * c / tp
         decode_floor = micro * ro.thought_len * (m.num_params() * c / tp + kv) / devices.bandwidth

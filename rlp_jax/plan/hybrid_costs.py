@@ -46,7 +46,6 @@ import math
 
 import jax
 
-from rlp_jax.model import blockwise
 from rlp_jax.model.nemotron_h import hybrid
 from rlp_jax.model.nemotron_h.hybrid import ATTENTION, MAMBA, MLP, HybridConfig
 from rlp_jax.model.scoring import TOKEN_CHUNK
@@ -177,9 +176,9 @@ def decode_step_bytes(h: HybridConfig, *, rows: int, seq_len: int, branches: int
                       tp: int) -> float:
     """Bytes one sampling step reads from HBM, averaged over the thought: every weight (in the compute dtype, as
     `costs` counts), the documents' keys and values, each branch's Mamba states and its attention cache up to the
-    last filled block of min(attention_block, DECODE_BLOCK) slots ((T + block) / 2 slots on average)."""
+    last filled block of `decode_block` slots ((T + block) / 2 slots on average)."""
     weights = sum(_weights_on_rank(h, tp)) * dtype_bytes(h.compute_dtype)
-    block = min(h.attention_block, blockwise.DECODE_BLOCK, thought_len)
+    block = min(h.decode_block, thought_len)
     return (weights + prefix_cache_bytes(h, rows=rows, seq_len=seq_len, positions=0, tp=tp)
             + branch_cache_bytes(h, branches=rows * branches, slots=(thought_len + block) / 2, tp=tp))
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from rlp_jax import sharding
-from rlp_jax.model import blockwise, kernels, layers
+from rlp_jax.model import kernels, layers
 from rlp_jax.model.branches import Branches
 from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.model.dense.weights import Params, init_params, param_logical_axes, param_shapes
@@ -257,9 +257,8 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
                    & (prefix.segment_ids[:, None, :] == branches.segment[:, :, None]))  # [B, N, L]
     step = offset + jnp.arange(s)                                                      # [S]
     positions = branches.position[:, :, None] + step                                     # [B, N, S]
-    slots = s if cache is None else cache.k.shape[3]
-    self_mask = jnp.arange(slots)[None, :] <= step[:, None]                              # [S, C]
-    self_mask = jnp.broadcast_to(self_mask, (b, n, s, slots))
+    slots = s                                     # whole branches (no cache): the S tokens are the own keys
+    self_mask = jnp.broadcast_to(jnp.arange(slots)[None, :] <= step[:, None], (b, n, s, slots))   # [B, N, S, S]
     inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def attend(lp, h, extra):
@@ -270,7 +269,7 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
                 q, pk.astype(q.dtype), pv.astype(q.dtype), prefix.segment_ids, branches.segment, branches.start,
                 ck, cv, offset, k.astype(ck.dtype), v.astype(cv.dtype), cfg.q_per_kv, context_k=xk, context_v=xv,
                 prefix_block=cfg.attention_block if cfg.blockwise_for(length) else None,
-                cache_block=min(cfg.attention_block, blockwise.DECODE_BLOCK))
+                cache_block=cfg.decode_block)
             return out, (k.astype(ck.dtype), v.astype(cv.dtype))
         if cfg.blockwise_for(length) or cfg.blockwise_for(slots):
             out = layers.branch_attention_blockwise(

@@ -30,7 +30,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlp_jax.model import blockwise, layers, mamba2
+from rlp_jax.model import layers, mamba2
 from rlp_jax.model.nemotron_h import hybrid
 from rlp_jax.model.nemotron_h.hybrid import ATTENTION, MAMBA, HybridConfig, Params
 
@@ -133,7 +133,7 @@ def _attend_filled(p: Params, cfg: HybridConfig, q, prefix: HybridPrefix, prefix
     out = layers.branch_decode_attention(
         q, pk, pv, prefix.segment_ids, seg_bn, t_bn, *cache_kv, step, new_k, new_v, cfg.num_heads // cfg.num_kv_heads,
         prefix_block=cfg.attention_block if cfg.blockwise_for(pk.shape[1]) else None,
-        cache_block=min(cfg.attention_block, blockwise.DECODE_BLOCK))
+        cache_block=cfg.decode_block)
     return hybrid.attention_out(p, out)
 
 
