@@ -20,10 +20,33 @@ def _one_line_orbax_errors(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("absl").addFilter(_one_line_orbax_errors)
-# ... and asyncio reports the same failure once more for each of Orbax's write tasks ("Task exception was
-# never retrieved", with a traceback).
-logging.getLogger("asyncio").addFilter(
-    lambda record: not (str(record.msg).startswith("Task exception was never retrieved") and "orbax" in record.getMessage()))
+
+
+def _from_a_checkpoint_read_or_write(exc: BaseException | None) -> bool:
+    """Whether an exception comes from Orbax or TensorStore: a frame of its traceback in orbax, or
+    TensorStore's spec in its message (a read task wrapped by asyncio's `_wrap_awaitable` has no Orbax frame)."""
+    if exc is None:
+        return False
+    if "tensorstore_spec" in str(exc):
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        if "orbax" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _drop_checkpoint_task_errors(record: logging.LogRecord) -> bool:
+    if not str(record.msg).startswith(("Task exception was never retrieved", "Future exception was never retrieved")):
+        return True
+    exc = record.exc_info[1] if record.exc_info else None
+    return not ("orbax" in record.getMessage() or _from_a_checkpoint_read_or_write(exc))
+
+
+# ... and asyncio reports the same failure once more for each of Orbax's read and write tasks ("Task (or
+# Future) exception was never retrieved", with a traceback).
+logging.getLogger("asyncio").addFilter(_drop_checkpoint_task_errors)
 
 
 def reason(e: BaseException) -> str:

@@ -140,3 +140,29 @@ def test_a_failed_save_stops_in_one_line_and_the_rerun_resumes(tmp_path):
     steps = [json.loads(r)["step"] for r in (work / "metrics.jsonl").read_text().splitlines()
              if json.loads(r)["split"] == "train"]
     assert sorted(steps) == list(range(1, 9))   # steps 5 and 6 of the failed run are not logged twice
+
+
+def test_a_checkpoint_read_task_never_awaited_is_not_logged(caplog):
+    """A damaged step fails several of TensorStore's reads; asyncio logs each failed task that nobody awaited
+    ("Task exception was never retrieved", with its traceback) when it is collected. The restore's own error
+    line says it once: these are dropped, while any other task's failure is still logged."""
+    import asyncio
+    import gc
+
+    import rlp_jax.runs.checkpoint  # noqa: F401  (installs the logging filters)
+
+    async def read(message):
+        raise ValueError(message)
+
+    async def start_and_forget(message):
+        task = asyncio.ensure_future(asyncio.shield(read(message)))   # wrapped, as Orbax's reads are
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        del task
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        for message in ('OUT_OF_RANGE: Error opening "zarr" driver [tensorstore_spec=\'{}\']', "not a checkpoint"):
+            asyncio.run(start_and_forget(message))
+            gc.collect()
+    logged = [r for r in caplog.records if r.name == "asyncio"]
+    assert [str(r.exc_info[1]) for r in logged if r.exc_info] == ["not a checkpoint"], logged
