@@ -82,21 +82,23 @@ from rlp_jax.rlp import (
     positions,  # noqa: E402
 )
 from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
+from rlp_jax.rlp.objective import Objective  # noqa: E402
 from rlp_jax.rlp.rollout import thought_rollout  # noqa: E402
+from rlp_jax.rlp.think_ids import ThinkIds  # noqa: E402
 from rlp_jax.train import train_step  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
-# The two rollouts (the naive RLP step is train_step.make_rlp_train_step(..., path=naive.NAIVE))
+# The two rollouts (the naive RLP step is train_step.make_rlp_train_step with Objective(..., path=naive.NAIVE))
 # ----------------------------------------------------------------------------------------------
 
-def shared_rollout(params, batch, t_bk, rng, *, cfg, rollout):
+def shared_rollout(params, batch, t_bk, rng, *, cfg, rollout, ids):
     _, prefix = transformer.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                               positions_bl=batch["positions"], return_cache=True)
-    return thought_rollout(params, cfg, prefix, t_bk, rng, rollout)
+    return thought_rollout(params, cfg, prefix, t_bk, rng, rollout, ids)
 
 
-def naive_rollout(params, batch, t_bk, rng, *, cfg, rollout):
-    return naive.naive_thought_rollout(params, cfg, batch, t_bk, rng, rollout)
+def naive_rollout(params, batch, t_bk, rng, *, cfg, rollout, ids):
+    return naive.naive_thought_rollout(params, cfg, batch, t_bk, rng, rollout, ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,8 +246,8 @@ def main(argv=None):
 
     cfg = ModelConfig.preset(args.preset)
     rlp = RLPConfig(rollout=RolloutConfig(group_size=args.group, positions_per_doc=args.positions,
-                                          thought_len=args.thought_len, min_context=args.min_context,
-                                          think_start_id=start_id, think_end_id=end_id))
+                                          thought_len=args.thought_len, min_context=args.min_context))
+    ids = ThinkIds(start=start_id, end=end_id)
     optimizer = optax.adamw(1e-4)
     k_params, k_data, k_step = jax.random.split(jax.random.PRNGKey(args.seed), 3)
     params = transformer.init_params(cfg, k_params)
@@ -292,7 +294,7 @@ def main(argv=None):
         res = {}
         for path, fn in (("shared", shared_rollout), ("naive", naive_rollout)):
             log(f"[L={length}] {path} rollout: compiling ...")
-            jitted = jax.jit(functools.partial(fn, cfg=cfg, rollout=rlp.rollout))
+            jitted = jax.jit(functools.partial(fn, cfg=cfg, rollout=rlp.rollout, ids=ids))
             compiled, c_s = compile_fn(jitted, params, batch, t_bk, k_roll)
             log(f"[L={length}] {path} rollout: compiled in {c_s:.1f}s, timing ...")
             med, thoughts = time_rollout(compiled, (params, batch, t_bk, k_roll), args.repeats)
@@ -305,8 +307,8 @@ def main(argv=None):
                      f"{same}; decode steps run T_run={t_run}; mean thought length "
                      f"{float(th_s.lengths.mean()):.1f}; ended fraction {float(th_s.ended.mean()):.2f}")
 
-        makers = {"shared": lambda: train_step.make_rlp_train_step(cfg, rlp, optimizer),
-                  "naive": lambda: train_step.make_rlp_train_step(cfg, rlp, optimizer, path=naive.NAIVE)}
+        makers = {"shared": lambda: train_step.make_rlp_train_step(cfg, Objective(rlp, ids), optimizer),
+                  "naive": lambda: train_step.make_rlp_train_step(cfg, Objective(rlp, ids, naive.NAIVE), optimizer)}
         for path in ("shared", "naive"):
             if path == "naive" and args.skip_naive_step:
                 res[path].update(sc=None, st=None)

@@ -50,6 +50,8 @@ from rlp_jax import plan, sharding  # noqa: E402
 from rlp_jax.data.config import DataConfig, SourceConfig  # noqa: E402
 from rlp_jax.model.config import REMATS  # noqa: E402
 from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
+from rlp_jax.rlp.objective import Objective  # noqa: E402
+from rlp_jax.rlp.think_ids import ThinkIds  # noqa: E402
 from rlp_jax.runs.config import ModelSection, OptimConfig, RunConfig, TrainSection  # noqa: E402
 from rlp_jax.runs.loading import load_pretrained, model_config, resolve_model_name  # noqa: E402
 from rlp_jax.train import train_step  # noqa: E402
@@ -86,8 +88,7 @@ def matmul_peak(devices, dtype, n: int, iters: int, repeats: int) -> float:
 def run_config(args, objective: str, attention: str = "auto") -> RunConfig:
     """The RunConfig these flags describe (data paths are unused: batches are generated)."""
     rollout = RolloutConfig(group_size=args.group_size, positions_per_doc=args.positions,
-                            thought_len=args.thought_len, temperature=1.0, min_context=args.min_context,
-                            think_start_id=THINK_START, think_end_id=THINK_END)
+                            thought_len=args.thought_len, temperature=1.0, min_context=args.min_context)
     return RunConfig(
         model=ModelSection(preset=args.preset, init_from=args.checkpoint, param_dtype="float32",
                            compute_dtype=args.dtype, remat=args.remat, attention=attention,
@@ -126,7 +127,8 @@ def bench_step(objective: str, args, mesh, rng, attention: str = "auto", weights
     state = layout.init(params)
     batch = random_batch(k_data, mesh, args.batch, args.seq_len, mcfg.vocab_size)
     if objective == "rlp":
-        step = train_step.make_rlp_train_step(mcfg, cfg.rlp, optimizer, mesh=mesh, state_shardings=st_sh)
+        objective = Objective(cfg.rlp, ThinkIds(start=THINK_START, end=THINK_END))
+        step = train_step.make_rlp_train_step(mcfg, objective, optimizer, mesh=mesh, state_shardings=st_sh)
     else:
         step = train_step.make_ntp_train_step(mcfg, optimizer, mesh=mesh, state_shardings=st_sh)
     tag = f"{objective} {attention}"

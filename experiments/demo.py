@@ -112,7 +112,7 @@ def report(cfg: RunConfig, workdir: Path) -> None:
     from rlp_jax.evaluate.modsum import evaluate_params, show_thoughts
     from rlp_jax.rlp.think_eval import bootstrap_ci
     from rlp_jax.runs import loading
-    from rlp_jax.train import with_markers
+    from rlp_jax.train import objective_of
 
     workdir = Path(workdir).resolve()
     data = _data(workdir)
@@ -120,8 +120,8 @@ def report(cfg: RunConfig, workdir: Path) -> None:
     rows, per = [], {}
     for label, name in (("before RLP (NTP stage)", "pretrain"), ("after RLP", "rlp")):
         lm = loading.load_model(workdir / name)
-        rollout = with_markers(cfg, lm.tokenizer).rlp.rollout
-        summary, per[name] = evaluate_params(lm.params, lm.cfg, lm.tokenizer, data, rollout, cfg.data.seq_len, key)
+        objective = objective_of(cfg, lm.tokenizer)
+        summary, per[name] = evaluate_params(lm.params, lm.cfg, lm.tokenizer, data, objective, cfg.data.seq_len, key)
         row = {"label": label, "step": lm.step, **{k: summary["answer"][src] for k, (src, _) in ROW_KEYS.items()},
                "answer_nll_no_think": -summary["answer"]["lp_none"], "answer_nll_empty": -summary["answer"]["lp_empty"],
                "answer_nll_think": -summary["answer"]["lp_think"],
@@ -140,7 +140,7 @@ def report(cfg: RunConfig, workdir: Path) -> None:
            "log p(answer): after RLP with a thought minus before RLP without": bootstrap_ci(after["lp_think"] - before["lp_none"])}
     lm = loading.load_model(workdir / "rlp")
     docs = modsum.read_jsonl(data["heldout_problems"])[:SHOWN]
-    shown = show_thoughts(lm.params, lm.cfg, lm.tokenizer, docs, with_markers(cfg, lm.tokenizer).rlp.rollout,
+    shown = show_thoughts(lm.params, lm.cfg, lm.tokenizer, docs, objective_of(cfg, lm.tokenizer),
                           cfg.data.seq_len, key)
     table = format_table(rows)
     verdict = _verdict(rows, cis)

@@ -10,10 +10,12 @@ from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.rlp import (
     REWARDS,
     LossConfig,
+    Objective,
     RewardConfig,
     RLPConfig,
     Rollout,
     RolloutConfig,
+    ThinkIds,
     Thoughts,
     batch_advantages,
     combined_loss,
@@ -28,6 +30,7 @@ from rlp_jax.rlp import (
     rollout_phase,
     rpt,
     teacher_logprobs,
+    think_ids,
     thought_forward,
     thought_rollout,
 )
@@ -50,6 +53,6 @@ __all__ = [
     "ModelConfig", "RLPConfig", "RolloutConfig", "RewardConfig", "LossConfig", "REWARDS",
     "info_gain", "rpt", "group_advantages", "batch_advantages", "rlp_loss", "rlp_loss_metrics", "ntp_loss",
     "combined_loss", "Thoughts", "thought_rollout", "thought_forward", "init_ema", "ema_update",
-    "teacher_logprobs", "Rollout", "rollout_phase", "loss_and_grad",
+    "teacher_logprobs", "Objective", "ThinkIds", "think_ids", "Rollout", "rollout_phase", "loss_and_grad",
     "TrainState", "init_train_state", "make_rlp_train_step", "make_ntp_train_step",
 ]

@@ -17,11 +17,13 @@ from rlp_jax import sharding  # noqa: E402
 from rlp_jax.model.dense import transformer  # noqa: E402
 from rlp_jax.model.dense.config import ModelConfig  # noqa: E402
 from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
+from rlp_jax.rlp.objective import Objective  # noqa: E402
+from rlp_jax.rlp.think_ids import ThinkIds  # noqa: E402
 from rlp_jax.train import train_step  # noqa: E402
 
 CFG = ModelConfig.preset("tiny", vocab_size=64)
-RLP = RLPConfig(rollout=RolloutConfig(group_size=2, positions_per_doc=2, thought_len=4, min_context=2,
-                                      temperature=1.0, think_start_id=1, think_end_id=2))
+RLP = Objective(RLPConfig(rollout=RolloutConfig(group_size=2, positions_per_doc=2, thought_len=4, min_context=2,
+                                                temperature=1.0)), ThinkIds(start=1, end=2))
 
 
 def run(mesh_shape, kind):

@@ -8,11 +8,24 @@ import pytest
 from rlp_jax.model.dense import transformer
 from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.rlp.config import LossConfig, RewardConfig, RLPConfig, RolloutConfig
-from rlp_jax.rlp.objective import SHARED_PREFIX, Rollout, loss_and_grad, with_reference
+from rlp_jax.rlp.objective import (
+    SHARED_PREFIX,
+    Objective,
+    Rollout,
+    loss_and_grad,
+    with_reference,
+)
 from rlp_jax.rlp.rollout import thought_rollout
+from rlp_jax.rlp.think_ids import ThinkIds
 
 CFG = ModelConfig.preset("tiny", vocab_size=48)
 START, END = 1, 2
+IDS = ThinkIds(start=START, end=END)
+
+
+def bind(rlp, path=SHARED_PREFIX, ids=IDS) -> Objective:
+    """The objective the tests' tokenizer would give `rlp` (markers 1 and 2)."""
+    return Objective(rlp, ids, path)
 
 
 def assert_grads_close(got, want, rel=1e-5):
@@ -44,8 +57,7 @@ def assert_same_thoughts(fast, slow):
 
 def rlp_config(horizon=1, baseline="group", kl_beta=0.0, g=3, k=2, t=5, ntp_weight=0.0):
     return RLPConfig(
-        rollout=RolloutConfig(group_size=g, positions_per_doc=k, thought_len=t, min_context=2, temperature=1.0,
-                              think_start_id=START, think_end_id=END),
+        rollout=RolloutConfig(group_size=g, positions_per_doc=k, thought_len=t, min_context=2, temperature=1.0),
         reward=RewardConfig(horizon=horizon), loss=LossConfig(baseline=baseline, kl_beta=kl_beta, ntp_weight=ntp_weight))
 
 
@@ -65,14 +77,15 @@ def batch():
 def sample(params, batch, rlp, t_bk, seed=5):
     _, prefix = transformer.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                               positions_bl=batch["positions"], return_cache=True)
-    return jax.jit(thought_rollout, static_argnums=(1, 5))(params, CFG, prefix, t_bk, jax.random.key(seed),
-                                                            rlp.rollout)
+    return jax.jit(thought_rollout, static_argnums=(1, 5, 6))(params, CFG, prefix, t_bk, jax.random.key(seed),
+                                                               rlp.rollout, IDS)
 
 
-def objective(params, batch, rlp, thoughts, t_bk, ema_lp, ref=None, path=SHARED_PREFIX, cfg=CFG):
+def objective(params, batch, rlp, thoughts, t_bk, ema_lp, ref=None, path=SHARED_PREFIX, cfg=CFG, ids=IDS):
     """`loss_and_grad` of given thoughts -> (StepOut, grads); `path`: SHARED_PREFIX or naive.NAIVE (every thought
     run as its own sequence, the reference). `ref`: the KL reference's params when rlp.loss.kl_beta > 0."""
+    bound = Objective(rlp, ids, path)
     rollout = Rollout(ema_logprobs=ema_lp, positions=t_bk, mask=jnp.ones(t_bk.shape, bool), thoughts=thoughts)
     if ref is not None:
-        rollout = with_reference(ref, cfg, rlp, batch, rollout, path)
-    return loss_and_grad(params, cfg, rlp, batch, rollout, path=path)
+        rollout = with_reference(ref, cfg, bound, batch, rollout)
+    return loss_and_grad(params, cfg, bound, batch, rollout)

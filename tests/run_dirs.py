@@ -16,7 +16,6 @@ from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.runs import checkpoint
 from rlp_jax.runs.config import apply_overrides, load_experiment, to_dict
 from rlp_jax.train import train_step
-from rlp_jax.train.loop import with_markers
 from rlp_jax.train.optim import make_optimizer
 
 
@@ -28,7 +27,6 @@ def make_run_dir(root: Path, *, num_problems: int = 5, seed: int = 0, step: int 
     sp = train_sentencepiece(generate_documents(400, seed=0), data / "tokenizer", vocab_size=400)
     tok = load_tokenizer(sp)
     cfg = apply_overrides(load_experiment("smoke").config(), [f"train.tokenizer={sp}", "train.steps=2"])
-    cfg = with_markers(cfg, tok)
     sources = (dataclasses.replace(cfg.data.sources[0], path=str(data / "train.jsonl")),)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
     mcfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size)

@@ -263,18 +263,20 @@ def test_plan_agrees_with_xla_memory_analysis(attention):
 def _planned_and_xla_step(model_overrides):
     """(the planner's `plan` of one RLP step of 256-token documents on one CPU device, XLA's bytes for the compiled
     step: temporaries + arguments), for the smoke recipe with `model_overrides`."""
+    from rlp_jax.rlp.objective import Objective
+    from rlp_jax.rlp.think_ids import ThinkIds
     from rlp_jax.train import train_step
     from rlp_jax.train.optim import make_optimizer
 
     cfg = apply_overrides(load_experiment("smoke").config(), [*model_overrides,
         "data.seq_len=256", "data.batch_size=1", "rlp.rollout.positions_per_doc=1", "rlp.rollout.group_size=4",
-        "rlp.rollout.thought_len=16", "rlp.rollout.think_start_id=1", "rlp.rollout.think_end_id=2",
-        "rlp.loss.ntp_weight=0", "rlp.loss.kl_beta=0"])
+        "rlp.rollout.thought_len=16", "rlp.loss.ntp_weight=0", "rlp.loss.kl_beta=0"])
     m = model_config(cfg.model)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     layout = train_step.state_layout(m, optimizer, mesh)
-    step = train_step.make_rlp_train_step(m, cfg.rlp, optimizer, mesh=mesh, state_shardings=layout.shardings)
+    objective = Objective(cfg.rlp, ThinkIds(start=1, end=2))
+    step = train_step.make_rlp_train_step(m, objective, optimizer, mesh=mesh, state_shardings=layout.shardings)
     rows = jax.ShapeDtypeStruct((1, 256), jax.numpy.int32)
     batch = {"tokens": rows, "segment_ids": rows, "positions": rows}
     analysis = step.lower(layout.abstract, batch, jax.random.key(0)).compile().memory_analysis()

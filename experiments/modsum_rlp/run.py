@@ -154,21 +154,21 @@ def arm_config(paths: dict, seed: int, start: Path, objective: str, steps: int):
     )
 
 
-def eval_rollout(run_cfg, tokenizer):
-    """The RLP arm's rollout (G, T, temperature, bans, marker ids): every model thinks the same way in evaluation."""
-    return train.with_markers(run_cfg, tokenizer).rlp.rollout
+def eval_objective(run_cfg, tokenizer):
+    """The RLP arm's objective (G, T, temperature, bans, marker ids): every model thinks the same way in evaluation."""
+    return train.objective_of(run_cfg, tokenizer)
 
 
 def _round(rows: dict) -> dict:
     return {k: [round(float(x), 5) for x in np.asarray(v).reshape(-1)] for k, v in rows.items() if not k.startswith("_")}
 
 
-def evaluate(run: Path, paths: dict, rollout, *, problems: int | None = None, full: bool = True) -> dict:
+def evaluate(run: Path, paths: dict, objective, *, problems: int | None = None, full: bool = True) -> dict:
     """The study's evaluation of a run directory's latest params (`rlp_jax.evaluate.modsum.evaluate_params`):
     answer positions of held-out problems (per problem), and when `full` also uniform positions of held-out
     continuation documents and the accuracy by role."""
     lm = loading.load_model(run)
-    summary, rows = me.evaluate_params(lm.params, lm.cfg, lm.tokenizer, paths, rollout, SEQ_LEN,
+    summary, rows = me.evaluate_params(lm.params, lm.cfg, lm.tokenizer, paths, objective, SEQ_LEN,
                                        jax.random.key(EVAL_KEY), problems=problems, full=full)
     return {"step": lm.step, **summary, **{f"{k}_rows": _round(v) for k, v in rows.items()}}
 
@@ -215,8 +215,8 @@ def stage1(workdir: Path, seed: int) -> dict:
         return _rebuilt(out, first, run, paths, seed, seconds)
     reused = have_model                                               # protocol 1's stage 1 of this seed
     seconds = _train(cfg, run, f"stage1-seed{seed}")
-    rollout = eval_rollout(arm_config(paths, seed, run, "rlp", 1), _tokenizer(paths))
-    ev = evaluate(run, paths, rollout)
+    objective = eval_objective(arm_config(paths, seed, run, "rlp", 1), _tokenizer(paths))
+    ev = evaluate(run, paths, objective)
     measured = _gate(ev)
     ev.update(gate=GATE, gate_measured=measured, gate_passed=all(measured[k] >= v for k, v in GATE.items()),
               train_seconds=None if reused else round(seconds, 1), reused_stage1=reused, config=cfgs.to_dict(cfg))
@@ -232,8 +232,8 @@ def _gate(ev: dict) -> dict:
 
 def _rebuilt(out: Path, first: dict, run: Path, paths: dict, seed: int, seconds: float | None) -> dict:
     """stage1.json for a rebuilt stage-1 model: its own evaluation and gate, the first build's beside them."""
-    rollout = eval_rollout(arm_config(paths, seed, run, "rlp", 1), _tokenizer(paths))
-    ev = evaluate(run, paths, rollout)
+    objective = eval_objective(arm_config(paths, seed, run, "rlp", 1), _tokenizer(paths))
+    ev = evaluate(run, paths, objective)
     measured = _gate(ev)
     kept = ("gate_measured", "gate_passed", "train_seconds", "answer", "step")
     ev.update(gate=GATE, gate_measured=measured, gate_passed=all(measured[k] >= v for k, v in GATE.items()),
@@ -258,8 +258,8 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-def _curve_eval(run: Path, paths, rollout, step: int) -> dict:
-    ev = evaluate(run, paths, rollout, problems=CURVE_PROBLEMS, full=False)
+def _curve_eval(run: Path, paths, objective, step: int) -> dict:
+    ev = evaluate(run, paths, objective, problems=CURVE_PROBLEMS, full=False)
     return {"step": step, **{k: ev["answer"][k] for k in ("info_gain", "info_gain_vs_empty", "acc_think",
                                                           "acc_no_think", "acc_greedy", "thought_len", "ended")}}
 
@@ -274,18 +274,18 @@ def arm(workdir: Path, seed: int, objective: str, steps: int, stage1_ev: dict) -
     start, run = workdir / f"seed{seed}" / "stage1", arm_dir(workdir, seed, name)
     partial = run / "curve.json"
     state = json.loads(partial.read_text()) if partial.exists() else {"curve": [], "seconds": 0.0}
-    rollout = eval_rollout(arm_config(paths, seed, start, "rlp", 1), _tokenizer(paths))
+    objective = eval_objective(arm_config(paths, seed, start, "rlp", 1), _tokenizer(paths))
     if not state["curve"]:
-        state["curve"].append(_curve_eval(start, paths, rollout, 0))
+        state["curve"].append(_curve_eval(start, paths, objective, 0))
     ends = sorted({math.ceil(steps * i / CURVE_POINTS) for i in range(1, CURVE_POINTS + 1)})
     for end in ends:
         if any(c["step"] == end for c in state["curve"]):
             continue
         state["seconds"] += _train(arm_config(paths, seed, start, objective, end), run, f"{name}-seed{seed}")
-        state["curve"].append(_curve_eval(run, paths, rollout, end))
+        state["curve"].append(_curve_eval(run, paths, objective, end))
         _save(partial, state)
         print(f"{name} seed {seed} step {end}: {state['curve'][-1]}", flush=True)
-    ev = evaluate(run, paths, rollout)
+    ev = evaluate(run, paths, objective)
     ev.update(curve=state["curve"], train_seconds=round(state["seconds"], 1), steps=steps,
               config=cfgs.to_dict(arm_config(paths, seed, start, objective, steps)))
     train_rows = [m for m in _metrics(run) if m.get("split", "train") == "train"]
@@ -300,7 +300,7 @@ def flop_matched_steps(rlp_ev: dict, seed: int, workdir: Path) -> dict:
     thought length / ntp_step_flops (both at B = ARM_BATCH rows of SEQ_LEN tokens)."""
     paths = data_dir(workdir, seed)
     start = workdir / f"seed{seed}" / "stage1"
-    cfg = train.with_markers(arm_config(paths, seed, start, "rlp", 1), _tokenizer(paths))
+    cfg = arm_config(paths, seed, start, "rlp", 1)
     lengths = [m["thought/mean_len"] for m in rlp_ev["train_curve"] if "thought/mean_len" in m]
     mean_len = float(np.mean(lengths))
     measured = dataclasses.replace(cfg.rlp, rollout=dataclasses.replace(cfg.rlp.rollout,

@@ -80,9 +80,8 @@ def variant(cfg: RunConfig, *, style=None, think_tokens=None, init=None, **train
 
 
 def start_model(cfg: RunConfig) -> tuple[RunConfig, LoadedModel]:
-    """The policy every run of `cfg` starts from, built as `train.run` builds it (markers, prompt, bans)."""
+    """The policy every run of `cfg` starts from, built as `train.run` builds it."""
     tokenizer = load_tokenizer(cfg.model.init_from, think_tokens=cfg.model.think_tokens)
-    cfg = train.with_markers(cfg, tokenizer)
     mcfg, params = train.build_model(cfg, tokenizer, train.run_key(jax.random.key(cfg.train.seed), "build"))
     return cfg, LoadedModel(mcfg, jax.device_put(params), tokenizer, "start", 0, cfg.model.init_from, run=cfg)
 
@@ -96,8 +95,9 @@ def step0_metrics(cfg: RunConfig, lm: LoadedModel | None = None) -> dict:
     it = make_iterator(cfg.data, tokenizer, split="eval")
     batches = [sharding.global_batch(it.next(), mesh) for _ in range(cfg.train.eval_batches)]
     it.close()
-    out = train.evaluate_batches(train_step.make_eval_step(mcfg, cfg.rlp), params, batches, cfg.train.seed)
-    out["prompt_tokens"] = len(cfg.rlp.prompt.ids)
+    objective = train.objective_of(cfg, tokenizer)    # markers, prompt and bans, as `train.run` takes them
+    out = train.evaluate_batches(train_step.make_eval_step(mcfg, objective), params, batches, cfg.train.seed)
+    out["prompt_tokens"] = len(objective.ids.prompt)
     return out
 
 

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
             opts = DecodeOptions(max_new_tokens=budget, think_tokens=args.think_tokens, temperature=args.temperature,
                                  think_temperature=lm.think_temperature if args.think_temperature is None else args.think_temperature,
                                  top_k=args.top_k, top_p=args.top_p,
-                                 think_banned_ids=lm.think_banned_ids)
+                                 think_banned_ids=lm.think_ids.banned)
             for mode in modes:
                 t1 = time.time()
                 summary, recs = evaluate_task(decoder, spec, items, shots, mode, opts, samples=args.samples,

@@ -153,7 +153,7 @@ class RlpJaxLM(TemplateLM):
             key = jax.random.fold_in(self.rng, n)
             if self.think:
                 opts = DecodeOptions(think_tokens=self.think_tokens, think_temperature=self.lm.think_temperature,
-                                     think_banned_ids=self.lm.think_banned_ids)
+                                     think_banned_ids=self.lm.think_ids.banned)
                 thoughts = self.decoder.think(prompts, opts, jax.random.fold_in(key, 1))
                 prompts = [self.decoder.with_thought(p, t) for p, t in zip(prompts, thoughts)]
             sc = SamplingConfig(max_new_tokens=budget, temperature=temperature, top_k=int(kw.get("top_k") or 0),

@@ -82,7 +82,7 @@ def model_answer_metrics(lm: LoadedModel, heldout, *, think_tokens: int, thought
     thinking as the run trained to (its banned ids, prompt and rollout temperature)."""
     decoder = Decoder(lm.params, lm.cfg, lm.tokenizer, batch_size=64)
     return answer_metrics(decoder, load_problems(heldout, limit), think_tokens=think_tokens, thoughts=thoughts,
-                          seed=seed, think_banned_ids=lm.think_banned_ids, think_prompt_ids=lm.think_prompt_ids,
+                          seed=seed, think_banned_ids=lm.think_ids.banned, think_prompt_ids=lm.think_ids.prompt,
                           think_temperature=lm.think_temperature)
 
 
@@ -130,9 +130,9 @@ def sample_thoughts(model, heldout, *, n: int, think_tokens: int, seed: int = 0)
     lm = model if isinstance(model, LoadedModel) else load_model(model)
     decoder = Decoder(lm.params, lm.cfg, lm.tokenizer, batch_size=64)
     problems = load_problems(heldout, n)
-    prompts = [list(lm.think_prompt_ids) + lm.tokenizer.encode(p.question) for p in problems]
+    prompts = [list(lm.think_ids.prompt) + lm.tokenizer.encode(p.question) for p in problems]
     opts = DecodeOptions(max_new_tokens=8, think_tokens=think_tokens, think_temperature=lm.think_temperature,
-                         think_banned_ids=lm.think_banned_ids)
+                         think_banned_ids=lm.think_ids.banned)
     out = decoder.complete(prompts, "think", opts, jax.random.key(seed))
     dec = lm.tokenizer.decode
     return [f"{p.question} <think> {dec(c.thought)} </think> {dec(c.answer)}  [gold: {p.answer}]"

@@ -18,7 +18,7 @@ import numpy as np
 
 from rlp_jax.data import modsum
 from rlp_jax.model import family
-from rlp_jax.rlp.config import RolloutConfig
+from rlp_jax.rlp.objective import Objective
 from rlp_jax.rlp.positions import choose_positions, valid_positions
 from rlp_jax.rlp.think_eval import evaluate_thoughts_jit, per_position
 
@@ -78,42 +78,42 @@ def _gather(parts: list[dict]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def answer_rows(params, cfg, tokenizer, docs: list[modsum.Document], rollout: RolloutConfig, seq_len: int,
+def answer_rows(params, cfg, tokenizer, docs: list[modsum.Document], objective: Objective, seq_len: int,
                 key) -> dict[str, np.ndarray]:
     """`per_position` arrays at the answer position of each document (one row per document, in order)."""
     parts = []
     for start, chunk in _chunks(docs):
         batch = doc_batch(tokenizer, chunk, seq_len)
         t_bk = np.array([[d.answer_index] for d in chunk], np.int32)
-        ev = evaluate_thoughts_jit(params, cfg, batch, t_bk, jax.random.fold_in(key, start), rollout)
+        ev = evaluate_thoughts_jit(params, cfg, objective, batch, t_bk, jax.random.fold_in(key, start))
         ok = _judge(tokenizer, ev.sampled, np.array([[d.problem.answer] for d in chunk]))
         parts.append(per_position(ev, np.ones(t_bk.shape, bool), ok))
     return _gather(parts)
 
 
-def uniform_rows(params, cfg, tokenizer, docs: list[modsum.Document], rollout: RolloutConfig, seq_len: int,
+def uniform_rows(params, cfg, tokenizer, docs: list[modsum.Document], objective: Objective, seq_len: int,
                  key) -> dict[str, np.ndarray]:
-    """`per_position` arrays at one uniformly drawn valid position per document (`rollout.min_context`),
+    """`per_position` arrays at one uniformly drawn valid position per document (`rlp.rollout.min_context`),
     the draw depending only on `key` and the documents, never on the model."""
     parts = []
     for start, chunk in _chunks(docs):
         batch = doc_batch(tokenizer, chunk, seq_len)
         valid = valid_positions(jnp.asarray(batch["segment_ids"]), jnp.asarray(batch["positions"]),
-                                min_context=rollout.min_context)
+                                min_context=objective.rlp.rollout.min_context)
         k_pos, k_think = jax.random.split(jax.random.fold_in(key, start))
         t_bk, mask = choose_positions(k_pos, valid, 1)
-        ev = evaluate_thoughts_jit(params, cfg, batch, t_bk, k_think, rollout)
+        ev = evaluate_thoughts_jit(params, cfg, objective, batch, t_bk, k_think)
         parts.append(per_position(ev, mask))
     return _gather(parts)
 
 
-def show_thoughts(params, cfg, tokenizer, docs: list[modsum.Document], rollout: RolloutConfig, seq_len: int,
+def show_thoughts(params, cfg, tokenizer, docs: list[modsum.Document], objective: Objective, seq_len: int,
                   key) -> list[str]:
     """`question <think> thought </think> answer  [gold: g, right|wrong]` for each document: the first of the
     G thoughts `answer_rows` samples with the same key, and the model's most likely answer after it."""
     batch = doc_batch(tokenizer, docs, seq_len)
     t_bk = np.array([[d.answer_index] for d in docs], np.int32)
-    ev = jax.device_get(evaluate_thoughts_jit(params, cfg, batch, t_bk, jax.random.fold_in(key, 0), rollout))
+    ev = jax.device_get(evaluate_thoughts_jit(params, cfg, objective, batch, t_bk, jax.random.fold_in(key, 0)))
     out = []
     for i, d in enumerate(docs):
         n = int(ev.sampled.lengths[i, 0, 0])
@@ -125,7 +125,7 @@ def show_thoughts(params, cfg, tokenizer, docs: list[modsum.Document], rollout: 
     return out
 
 
-def evaluate_params(params, cfg, tokenizer, data: dict, rollout: RolloutConfig, seq_len: int, key, *,
+def evaluate_params(params, cfg, tokenizer, data: dict, objective: Objective, seq_len: int, key, *,
                     problems: int | None = None, full: bool = True) -> tuple[dict, dict]:
     """The task's evaluation of one model: (summary, per-position rows). `data` names the held-out files of
     `modsum.build_study_data` (heldout_problems; with `full` also heldout_continuation and heldout_worked).
@@ -134,11 +134,11 @@ def evaluate_params(params, cfg, tokenizer, data: dict, rollout: RolloutConfig, 
     from rlp_jax.rlp.think_eval import summarize
 
     docs = modsum.read_jsonl(data["heldout_problems"])[:problems]
-    ans = answer_rows(params, cfg, tokenizer, docs, rollout, seq_len, key)
+    ans = answer_rows(params, cfg, tokenizer, docs, objective, seq_len, key)
     summary, rows = {"answer": summarize(ans)}, {"answer": ans}
     if full:
         cont = modsum.read_jsonl(data["heldout_continuation"])
-        rows["uniform"] = uniform_rows(params, cfg, tokenizer, cont, rollout, seq_len, jax.random.fold_in(key, 1))
+        rows["uniform"] = uniform_rows(params, cfg, tokenizer, cont, objective, seq_len, jax.random.fold_in(key, 1))
         summary["uniform"] = summarize(rows["uniform"])
         summary["roles_worked"] = role_accuracy(params, cfg, tokenizer, modsum.read_jsonl(data["heldout_worked"]),
                                                 seq_len)

@@ -77,10 +77,10 @@ def main(argv=None) -> int:
     _emit(args.prompt)
     if args.think:
         think_sc = SamplingConfig(max_new_tokens=args.think_tokens, stop_ids=(tok.think_end_id,),
-                                  banned_ids=(tok.think_start_id, *lm.think_banned_ids),
+                                  banned_ids=(tok.think_start_id, *lm.think_ids.banned),
                                   min_new_tokens=1, **base)
         _emit(" <think>")
-        ids = list(lm.think_prompt_ids) + ids + [tok.think_start_id]   # the run's prompt, if it trained with one
+        ids = list(lm.think_ids.prompt) + ids + [tok.think_start_id]   # the run's prompt, if it trained with one
         thought = [t for t in _stream_text(lm, ids, rng_think, think_sc) if t != tok.think_end_id]
         _emit("</think>")
         ids = ids + thought + [tok.think_end_id]

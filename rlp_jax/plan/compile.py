@@ -31,6 +31,8 @@ from jax.sharding import PartitionSpec as P
 
 from rlp_jax import sharding
 from rlp_jax.plan.devices import GIB, DeviceSpec
+from rlp_jax.rlp.objective import Objective
+from rlp_jax.rlp.think_ids import ThinkIds
 from rlp_jax.runs.config import ConfigError, RunConfig
 from rlp_jax.train.optim import make_optimizer
 
@@ -104,14 +106,11 @@ def target_devices(devices: DeviceSpec) -> list:
     return list(topo.devices)
 
 
-def _with_marker_ids(cfg: RunConfig, vocab_size: int) -> RunConfig:
-    """The run's config with think-marker ids (training takes them from the tokenizer; any two ids compile the
-    same program)."""
-    ro = cfg.rlp.rollout
-    if ro.think_start_id is not None:
-        return cfg
-    ro = dataclasses.replace(ro, think_start_id=vocab_size - 2, think_end_id=vocab_size - 1)
-    return dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, rollout=ro))
+def compile_objective(cfg: RunConfig, vocab_size: int) -> Objective:
+    """The run's objective with stand-in marker ids (training takes them from the tokenizer; any two ids compile
+    the same program). Compiling reads no tokenizer, so a prompted run (`rlp.prompt`) is compiled without its
+    prompt: a few hundred tokens of context that the figures leave out."""
+    return Objective(rlp=cfg.rlp, ids=ThinkIds(start=vocab_size - 2, end=vocab_size - 1))
 
 
 def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int]):
@@ -125,11 +124,11 @@ def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int]
     mesh = jax.sharding.Mesh(np.array(target).reshape(shape), sharding.AXES,
                              axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
     mcfg = model_config(cfg.model)
-    cfg = _with_marker_ids(cfg, mcfg.vocab_size)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     layout = train_step.state_layout(mcfg, optimizer, mesh, keep_reference=cfg.keeps_kl_reference)
     kw = dict(mesh=mesh, state_shardings=layout.shardings, micro_batches=cfg.train.micro_batches)
-    step = (train_step.make_rlp_train_step(mcfg, cfg.rlp, optimizer, **kw) if cfg.train.objective == "rlp"
+    step = (train_step.make_rlp_train_step(mcfg, compile_objective(cfg, mcfg.vocab_size), optimizer, **kw)
+            if cfg.train.objective == "rlp"
             else train_step.make_ntp_train_step(mcfg, optimizer, **kw))
     rows = NamedSharding(mesh, P(("data", "fsdp")))
     batch = {k: jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32, sharding=rows)

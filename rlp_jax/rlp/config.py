@@ -32,11 +32,11 @@ class RolloutConfig:
         valid positions at a random start. Held-out evaluation never uses ema_band's model-dependent
         choice: it draws uniformly with a fixed key (`positions.eval_positions`).
       ema_band: (low, high) nats for "ema_band".
-      think_start_id, think_end_id: token ids of `<think>` and `</think>` (from the tokenizer).
       banned_ids: further token ids never sampled inside a thought (besides `<think>`, and `</think>`
-        in the first slot).
-      ban_special_tokens: `rlp_jax.train` adds the tokenizer's special tokens other than the markers
-        (eos, bos, pad and chat-control tokens such as `<|im_start|>`) to banned_ids, so that no
+        in the first slot). The markers themselves come from the tokenizer (`model.think_tokens`), never
+        from here: see `rlp_jax.rlp.think_ids`.
+      ban_special_tokens: the tokenizer's special tokens other than the markers (eos, bos, pad and
+        chat-control tokens such as `<|im_start|>`) are banned too (`think_ids.think_ids`), so that no
         thought contains an end of document or a chat turn (on by default; the published replication
         of the small model ran without it and sets it off, see experiments/replication/REPORT.md).
     """
@@ -50,8 +50,6 @@ class RolloutConfig:
     min_context: int = 16
     position_rule: str = "uniform"
     ema_band: tuple[float, float] = (1.0, 8.0)
-    think_start_id: int | None = None
-    think_end_id: int | None = None
     banned_ids: tuple[int, ...] = ()
     ban_special_tokens: bool = True
 
@@ -71,13 +69,6 @@ class RolloutConfig:
             raise ValueError(f"rollout.position_rule must be one of {POSITION_RULES}, got {self.position_rule!r}")
         if not self.ema_band[0] < self.ema_band[1]:
             raise ValueError(f"rollout.ema_band must be (low, high) with low < high, got {self.ema_band}")
-
-    def markers(self) -> tuple[int, int]:
-        """(think_start_id, think_end_id); raises if the tokenizer's ids were never filled in."""
-        if self.think_start_id is None or self.think_end_id is None:
-            raise ValueError("rollout.think_start_id / think_end_id are unset: take them from the tokenizer "
-                             "(tokenizer.think_start_id, tokenizer.think_end_id)")
-        return self.think_start_id, self.think_end_id
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -136,14 +127,13 @@ class PromptConfig:
       system, user: the instruction texts; `{think_start}` / `{think_end}` become the marker strings.
       teacher_sees: the EMA teacher's no-think prediction S_ema also reads the prompt (default: no,
         the teacher predicts the plain text).
-      ids: the prompt's token ids, filled from the tokenizer by `rlp_jax.train` (leave empty).
+    Its token ids are rendered with the run's tokenizer (`rlp_jax.rlp.think_ids.think_ids`).
     """
 
     style: str = "none"
     system: str = DEFAULT_SYSTEM
     user: str = "Continue the text."
     teacher_sees: bool = False
-    ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.style not in PROMPT_STYLES:

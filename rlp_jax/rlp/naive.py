@@ -17,6 +17,7 @@ from rlp_jax.model.sampling import filter_logits, sample_categorical
 from rlp_jax.rlp.config import RolloutConfig
 from rlp_jax.rlp.objective import ThoughtPath
 from rlp_jax.rlp.rollout import Thoughts, branch_tokens, score_branches, thought_logits
+from rlp_jax.rlp.think_ids import ThinkIds
 
 
 def branch_sequences(batch, t_bn, branch_bns, prompt_ids=()):
@@ -51,26 +52,27 @@ def branch_sequences(batch, t_bn, branch_bns, prompt_ids=()):
 
 
 def naive_thought_forward(params, cfg: Config, batch, positions_bk, thoughts: Thoughts, targets_bkh,
-                          rollout: RolloutConfig, prompt_ids=()):
+                          rollout: RolloutConfig, ids: ThinkIds):
     """Same outputs as `rollout.thought_forward`, each thought run as its own full sequence (after its own
-    copy of the prompt, if any)."""
+    copy of the prompt `ids.prompt`, if any)."""
     b, k, g, _ = thoughts.tokens.shape
-    seq, pred_idx = branch_tokens(thoughts, targets_bkh, rollout)                # [B, N, S]
+    prompt_ids = ids.prompt
+    seq, pred_idx = branch_tokens(thoughts, targets_bkh, ids)                 # [B, N, S]
     t_bn = jnp.repeat(positions_bk, g, axis=1)
     toks, seg, pos = branch_sequences(batch, t_bn, seq, prompt_ids)
     logits, _ = family.forward(params, cfg, toks, segment_ids_bl=seg, positions_bl=pos)
     s = seq.shape[-1]
     rows = jnp.take_along_axis(logits.reshape(b, k * g, -1, logits.shape[-1]),
                                (len(prompt_ids) + t_bn[..., None] + jnp.arange(s))[..., None], axis=2)  # [B, N, S, V]
-    return score_branches(rows, pred_idx, thoughts, targets_bkh, rollout)
+    return score_branches(rows, pred_idx, thoughts, targets_bkh, rollout, ids)
 
 
 def naive_thought_rollout(params, cfg: Config, batch, positions_bk, rng, rollout: RolloutConfig,
-                          prompt_ids=()) -> Thoughts:
+                          ids: ThinkIds) -> Thoughts:
     """Same sampling as `rollout.thought_rollout` (same rng -> same thoughts), but every branch is its
     own prompt `[prompt] x_<t <think>` prefilled separately and decoded with a per-sequence KV cache."""
     params = jax.lax.stop_gradient(params)
-    start, end = rollout.markers()
+    start, end, prompt_ids = ids.start, ids.end, ids.prompt
     b, k = positions_bk.shape
     g, t_max = rollout.group_size, rollout.thought_len
     n = k * g
@@ -92,7 +94,7 @@ def naive_thought_rollout(params, cfg: Config, batch, positions_bk, rng, rollout
 
     def body(i, carry):
         last, cache, tokens, logps, active, done, rng = carry
-        policy = thought_logits(last, i, rollout).reshape(b, n, -1)
+        policy = thought_logits(last, i, rollout, ids).reshape(b, n, -1)
         rng, key = jax.random.split(rng)
         token = sample_categorical(key, filter_logits(policy, rollout.top_k, rollout.top_p))[0].reshape(-1)
         logp = jnp.take_along_axis(jax.nn.log_softmax(policy).reshape(b * n, -1), token[:, None], -1)[:, 0]
@@ -114,13 +116,13 @@ def naive_thought_rollout(params, cfg: Config, batch, positions_bk, rng, rollout
                     ended=ended.reshape(shape))
 
 
-def _sample(params, cfg, rlp, batch, t_bk, rng):
-    return naive_thought_rollout(params, cfg, batch, t_bk, rng, rlp.rollout, prompt_ids=rlp.prompt.ids)
+def _sample(params, cfg, objective, batch, t_bk, rng):
+    return naive_thought_rollout(params, cfg, batch, t_bk, rng, objective.rlp.rollout, objective.ids)
 
 
-def _score(params, cfg, rlp, batch, prefix, t_bk, thoughts, targets):
+def _score(params, cfg, objective, batch, prefix, t_bk, thoughts, targets):
     del prefix
-    return naive_thought_forward(params, cfg, batch, t_bk, thoughts, targets, rlp.rollout, prompt_ids=rlp.prompt.ids)
+    return naive_thought_forward(params, cfg, batch, t_bk, thoughts, targets, objective.rlp.rollout, objective.ids)
 
 
 NAIVE = ThoughtPath("naive", _sample, _score)   # `objective.SHARED_PREFIX`'s reference (tests, benchmarks)

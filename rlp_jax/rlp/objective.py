@@ -1,16 +1,17 @@
 """The math of one RLP step (docs/method.md steps 1-5), pure and un-jitted; `rlp_jax.train.train_step` jits it,
 runs it per micro-batch and applies the update. Read top to bottom:
 
-    rollout = rollout_phase(state, batch, rng, cfg, rlp)            # S_ema, positions, G thoughts each
-    out, grads = loss_and_grad(state.params, cfg, rlp, batch, rollout)
+    rollout = rollout_phase(state, cfg, objective, batch, rng)      # S_ema, positions, G thoughts each
+    out, grads = loss_and_grad(state.params, cfg, objective, batch, rollout)
         scores, pullback = vjp(score)     # the one differentiable forward: thought log-probs (and S_pred)
         graded = grade(...)               # reward S_pred - S_ema and group advantages: constants, computed once
         loss = surrogate(scores, graded)  # the clipped loss on thought tokens (+ the next-token term)
         grads = pullback(d loss / d scores)
 
-Every function takes typed values (`Rollout`, `Scores`, `Graded`); how thoughts are sampled and scored is
-a `ThoughtPath` passed in: `SHARED_PREFIX` (branches of one prefix cache per document) or
-`rlp_jax.rlp.naive.NAIVE` (every thought its own sequence, the reference the tests compare against).
+Every function takes typed values (`Objective`, `Rollout`, `Scores`, `Graded`). An `Objective` is what the
+math reads besides arrays: the settings (`RLPConfig`), the token ids of the run's tokenizer (`ThinkIds`)
+and how thoughts are sampled and scored, a `ThoughtPath`: `SHARED_PREFIX` (branches of one prefix cache per
+document) or `rlp_jax.rlp.naive.NAIVE` (every thought its own sequence, the reference the tests compare against).
 
 Shapes: B rows, L tokens, K positions per row, G thoughts per position, T thought slots, H horizon.
 """
@@ -37,6 +38,7 @@ from rlp_jax.rlp.losses import (
 from rlp_jax.rlp.prompt import prompt_context
 from rlp_jax.rlp.rollout import Thoughts, thought_forward, thought_rollout
 from rlp_jax.rlp.teacher import teacher_logprobs
+from rlp_jax.rlp.think_ids import ThinkIds
 
 
 @flax.struct.dataclass
@@ -95,8 +97,8 @@ class StepOut:
 class ThoughtPath:
     """How thoughts are sampled and scored.
 
-    sample(params, cfg, rlp, batch, t_bk, rng) -> Thoughts (no gradient).
-    score(params, cfg, rlp, batch, prefix, t_bk, thoughts, targets_bkh) -> (thought log-probs [B, K, G, T],
+    sample(params, cfg, objective, batch, t_bk, rng) -> Thoughts (no gradient).
+    score(params, cfg, objective, batch, prefix, t_bk, thoughts, targets_bkh) -> (thought log-probs [B, K, G, T],
       target log-probs [B, K, G, H], target argmax [B, K, G, H]) as `rollout.thought_forward`; `prefix` is the
       documents' cache under `params` (a path may ignore it).
     """
@@ -106,59 +108,80 @@ class ThoughtPath:
     score: Callable
 
 
-def documents_forward(params, cfg: Config, rlp: RLPConfig, batch, *, t_bk=None, logits: bool = False):
+def documents_forward(params, cfg: Config, objective: Objective, batch, *, t_bk=None, logits: bool = False):
     """The policy's forward over the documents (after the prompt, if any): (logits or None, prefix cache).
     t_bk [B, K]: the positions a hybrid's prefix keeps Mamba states at."""
     return family.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                          positions_bl=batch["positions"], return_cache=True, return_logits=logits,
-                         context=prompt_context(params, cfg, rlp), branch_positions_bk=t_bk)
+                         context=prompt_context(params, cfg, objective.ids.prompt), branch_positions_bk=t_bk)
 
 
-def _sample_shared_prefix(params, cfg, rlp, batch, t_bk, rng):
+def _sample_shared_prefix(params, cfg, objective, batch, t_bk, rng):
     policy = jax.lax.stop_gradient(params)
-    _, prefix = documents_forward(policy, cfg, rlp, batch, t_bk=t_bk)
-    return thought_rollout(policy, cfg, prefix, t_bk, rng, rlp.rollout)
+    _, prefix = documents_forward(policy, cfg, objective, batch, t_bk=t_bk)
+    return thought_rollout(policy, cfg, prefix, t_bk, rng, objective.rlp.rollout, objective.ids)
 
 
-def _score_shared_prefix(params, cfg, rlp, batch, prefix, t_bk, thoughts, targets):
+def _score_shared_prefix(params, cfg, objective, batch, prefix, t_bk, thoughts, targets):
     del batch
-    return thought_forward(params, cfg, prefix, t_bk, thoughts, targets, rlp.rollout)
+    return thought_forward(params, cfg, prefix, t_bk, thoughts, targets, objective.rlp.rollout, objective.ids)
 
 
 SHARED_PREFIX = ThoughtPath("shared_prefix", _sample_shared_prefix, _score_shared_prefix)
 
 
-def rollout_phase(state, batch, rng, cfg: Config, rlp: RLPConfig, path: ThoughtPath = SHARED_PREFIX) -> Rollout:
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the math of a step reads besides arrays (hashable: a static argument of the jitted step).
+
+    rlp: the settings (`RLPConfig`, from the run's config). ids: the ids of the run's tokenizer
+    (`think_ids.think_ids(rlp, tokenizer)`: a runtime value, never in a config file). path: how thoughts
+    are sampled and scored (`SHARED_PREFIX`, or `naive.NAIVE`, the reference).
+    """
+
+    rlp: RLPConfig
+    ids: ThinkIds
+    path: ThoughtPath = SHARED_PREFIX
+
+    @property
+    def teacher_prompt(self) -> tuple[int, ...]:
+        """The prompt the EMA teacher reads before the documents: the policy's with `rlp.prompt.teacher_sees`."""
+        return self.ids.prompt if self.rlp.prompt.teacher_sees else ()
+
+
+def rollout_phase(state, cfg: Config, objective: Objective, batch, rng) -> Rollout:
     """Steps 1-2 of one (micro-)batch: the EMA teacher's no-think log-probs, the positions, G thoughts each
     (and their log-probs under the KL reference when it is on). `state` holds params, ema_params, ref_params."""
+    rlp = objective.rlp
     k_pos, k_roll = jax.random.split(rng)
-    ema_lp = teacher_logprobs(state.ema_params, cfg, batch, rlp)                           # [B, L]
+    ema_lp = teacher_logprobs(state.ema_params, cfg, batch, objective.teacher_prompt)      # [B, L]
     t_bk, t_mask = positions.select_positions(k_pos, batch["segment_ids"], batch["positions"], ema_lp,
                                               rlp.rollout, rlp.reward.horizon)
-    thoughts = path.sample(state.params, cfg, rlp, batch, t_bk, k_roll)
+    thoughts = objective.path.sample(state.params, cfg, objective, batch, t_bk, k_roll)
     out = Rollout(ema_logprobs=ema_lp, positions=t_bk, mask=t_mask, thoughts=thoughts)
     if rlp.loss.kl_beta > 0:
-        out = with_reference(state.ref_params, cfg, rlp, batch, out, path)
+        out = with_reference(state.ref_params, cfg, objective, batch, out)
     return out
 
 
-def with_reference(ref_params, cfg: Config, rlp: RLPConfig, batch, rollout: Rollout,
-                   path: ThoughtPath = SHARED_PREFIX) -> Rollout:
+def with_reference(ref_params, cfg: Config, objective: Objective, batch, rollout: Rollout) -> Rollout:
     """`rollout` with the log-probs of its thought tokens under the frozen KL reference `ref_params`."""
     ref = jax.lax.stop_gradient(ref_params)
-    _, prefix = documents_forward(ref, cfg, rlp, batch, t_bk=rollout.positions)
-    lp = path.score(ref, cfg, rlp, batch, prefix, rollout.positions, rollout.thoughts,
-                    rollout.targets(batch, rlp.reward.horizon))[0]
+    _, prefix = documents_forward(ref, cfg, objective, batch, t_bk=rollout.positions)
+    lp = objective.path.score(ref, cfg, objective, batch, prefix, rollout.positions, rollout.thoughts,
+                              rollout.targets(batch, objective.rlp.reward.horizon))[0]
     return rollout.replace(reference_logprobs=lp)
 
 
-def score(params, cfg: Config, rlp: RLPConfig, batch, rollout: Rollout, path: ThoughtPath = SHARED_PREFIX):
+def score(params, cfg: Config, objective: Objective, batch, rollout: Rollout):
     """The loss forward: one pass over the documents and one over the thoughts as branches of it.
     Returns (Scores, (target log-probs S_pred terms [B, K, G, H], target argmax [B, K, G, H])): the second
     part is read by `grade` only (constants of the gradient)."""
+    rlp = objective.rlp
     need_ntp = rlp.loss.ntp_weight > 0
-    plain = not rlp.prompt.ids            # with a prompt, the next-token term reads the documents without it
-    logits, prefix = documents_forward(params, cfg, rlp, batch, t_bk=rollout.positions, logits=need_ntp and plain)
+    plain = not objective.ids.prompt   # with a prompt, the next-token term reads the documents without it
+    logits, prefix = documents_forward(params, cfg, objective, batch, t_bk=rollout.positions,
+                                       logits=need_ntp and plain)
     ntp = jnp.zeros((), jnp.float32)
     if need_ntp:
         if not plain:
@@ -166,8 +189,8 @@ def score(params, cfg: Config, rlp: RLPConfig, batch, rollout: Rollout, path: Th
                                       positions_bl=batch["positions"])
         ntp = shifted_ntp_loss(logits, batch["tokens"], batch["segment_ids"])
     targets = rollout.targets(batch, rlp.reward.horizon)
-    new_lp, tgt_lp, tgt_argmax = path.score(params, cfg, rlp, batch, prefix, rollout.positions, rollout.thoughts,
-                                            targets)
+    new_lp, tgt_lp, tgt_argmax = objective.path.score(params, cfg, objective, batch, prefix, rollout.positions,
+                                                      rollout.thoughts, targets)
     return Scores(thought_logprobs=new_lp, ntp_loss=ntp), jax.lax.stop_gradient((tgt_lp, tgt_argmax))
 
 
@@ -227,13 +250,14 @@ def surrogate(scores: Scores, graded: Graded, rollout: Rollout, rlp: RLPConfig, 
     return loss, metrics
 
 
-def loss_and_grad(params, cfg: Config, rlp: RLPConfig, batch, rollout: Rollout, *,
-                  path: ThoughtPath = SHARED_PREFIX, scale: Scale = Scale()) -> tuple[StepOut, dict]:
+def loss_and_grad(params, cfg: Config, objective: Objective, batch, rollout: Rollout,
+                  scale: Scale = Scale()) -> tuple[StepOut, dict]:
     """Steps 3-5 of one (micro-)batch: (StepOut, gradient of the loss in params). The forward runs once:
     its thought log-probs are differentiated, its S_pred terms give the rewards (outside the differentiation)."""
-    scores, pullback, predicted = jax.vjp(lambda p: score(p, cfg, rlp, batch, rollout, path), params, has_aux=True)
-    graded = grade(predicted, batch, rollout, rlp)
-    (loss, metrics), d_scores = jax.value_and_grad(surrogate, has_aux=True)(scores, graded, rollout, rlp, scale)
+    scores, pullback, predicted = jax.vjp(lambda p: score(p, cfg, objective, batch, rollout), params, has_aux=True)
+    graded = grade(predicted, batch, rollout, objective.rlp)
+    (loss, metrics), d_scores = jax.value_and_grad(surrogate, has_aux=True)(scores, graded, rollout, objective.rlp,
+                                                                            scale)
     (grads,) = pullback(d_scores)
     return StepOut(loss=loss, metrics=metrics, rewards=graded.rewards, advantages=graded.advantages), grads
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from rlp_jax.data.tokenizer import Tokenizer
 from rlp_jax.model import family
 from rlp_jax.model.family import Config
-from rlp_jax.rlp.config import PromptConfig, RLPConfig
+from rlp_jax.rlp.config import PromptConfig
 
 
 class PromptError(ValueError):
@@ -60,9 +60,6 @@ def render_prompt(prompt: PromptConfig, tokenizer: Tokenizer) -> tuple[int, ...]
     return tuple(tokenizer.encode(text)) if text else ()
 
 
-def prompt_context(params, cfg: Config, rlp: RLPConfig, *, teacher: bool = False):
-    """The ContextCache of the run's prompt (`rlp.prompt`) under `params`, or None: no prompt, or the
-    teacher when `rlp.prompt.teacher_sees` is off."""
-    if not rlp.prompt.ids or (teacher and not rlp.prompt.teacher_sees):
-        return None
-    return family.context_cache(params, cfg, rlp.prompt.ids)
+def prompt_context(params, cfg: Config, prompt_ids: tuple[int, ...]):
+    """The ContextCache of a prompt (its token ids, `think_ids.ThinkIds.prompt`) under `params`; None for ()."""
+    return family.context_cache(params, cfg, prompt_ids) if prompt_ids else None

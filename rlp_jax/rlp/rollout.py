@@ -25,6 +25,7 @@ from rlp_jax.model import family
 from rlp_jax.model.family import Config
 from rlp_jax.model.sampling import NEG, filter_logits, sample_categorical
 from rlp_jax.rlp.config import RolloutConfig
+from rlp_jax.rlp.think_ids import ThinkIds
 
 THOUGHT_CHUNK = 32   # thought slots projected to the vocabulary at a time by `score_hidden`
 
@@ -47,17 +48,16 @@ class Thoughts:
     ended: jax.Array
 
 
-def thought_logits(logits, slot, rollout: RolloutConfig):
-    """Policy logits of a thought slot: temperature-scaled, `<think>` and `rollout.banned_ids` banned,
+def thought_logits(logits, slot, rollout: RolloutConfig, ids: ThinkIds):
+    """Policy logits of a thought slot: temperature-scaled, `<think>` and `ids.banned` banned,
     `</think>` banned in slot 0.
 
     logits: [..., V] float32; slot: int or int array broadcastable to logits[..., 0]. Returns [..., V].
     """
-    start, end = rollout.markers()
     vocab = jnp.arange(logits.shape[-1])
-    banned = (vocab == start) | ((vocab == end) & (jnp.asarray(slot)[..., None] == 0))
-    if rollout.banned_ids:
-        banned = banned | jnp.isin(vocab, jnp.asarray(rollout.banned_ids, jnp.int32))
+    banned = (vocab == ids.start) | ((vocab == ids.end) & (jnp.asarray(slot)[..., None] == 0))
+    if ids.banned:
+        banned = banned | jnp.isin(vocab, jnp.asarray(ids.banned, jnp.int32))
     return jnp.where(banned, NEG, logits.astype(jnp.float32) / rollout.temperature)
 
 
@@ -73,20 +73,21 @@ class _SampleState:
     rng: jax.Array
 
 
-def thought_rollout(params, cfg: Config, prefix, positions_bk, rng,
-                    rollout: RolloutConfig) -> Thoughts:
+def thought_rollout(params, cfg: Config, prefix, positions_bk, rng, rollout: RolloutConfig,
+                    ids: ThinkIds) -> Thoughts:
     """Sample G thoughts at each of K positions per document from the policy (no gradients).
 
     Args:
       params: policy params. cfg: Config. prefix: the documents' PrefixCache (policy params).
       positions_bk: [B, K] int32 indices t of the tokens to predict (the thought sees x_<t).
-      rng: PRNG key. rollout: RolloutConfig (G, T_think, temperature, top-k/top-p, marker ids).
+      rng: PRNG key. rollout: RolloutConfig (G, T_think, temperature, top-k/top-p).
+      ids: the tokenizer's marker and banned ids (`rlp_jax.rlp.think_ids.ThinkIds`).
     Returns:
       `Thoughts` ([B, K, G, T]). One `lax.while_loop` over thought slots that stops early once every
       branch has ended; the prefix is shared, only the thought's own keys/values are cached.
     """
     params = jax.lax.stop_gradient(params)
-    start, end = rollout.markers()
+    start, end = ids.start, ids.end
     b, k = positions_bk.shape
     g, t_max = rollout.group_size, rollout.thought_len
     n = k * g
@@ -103,7 +104,7 @@ def thought_rollout(params, cfg: Config, prefix, positions_bk, rng,
     def body(s: _SampleState):
         logits, cache = family.branch_forward(params, cfg, prefix, branches, s.last[:, :, None],
                                              cache=s.cache, offset=s.step)
-        policy = thought_logits(logits[:, :, 0], s.step, rollout)                 # [B, N, V]
+        policy = thought_logits(logits[:, :, 0], s.step, rollout, ids)               # [B, N, V]
         rng, key = jax.random.split(s.rng)
         token, _ = sample_categorical(key, filter_logits(policy, rollout.top_k, rollout.top_p))
         logp = jnp.take_along_axis(jax.nn.log_softmax(policy), token[..., None], axis=-1)[..., 0]
@@ -124,13 +125,13 @@ def thought_rollout(params, cfg: Config, prefix, positions_bk, rng,
                     ended=ended.reshape(shape))
 
 
-def branch_tokens(thoughts: Thoughts, targets_bkh, rollout: RolloutConfig):
+def branch_tokens(thoughts: Thoughts, targets_bkh, ids: ThinkIds):
     """Branch sequences `<think> c_1..c_n </think> x_t .. x_{t+H-2}` padded to S = T + 1 + H.
 
     targets_bkh: [B, K, H] int32 true tokens x_t .. x_{t+H-1}. Returns tokens [B, N, S] int32 and the
     branch index predicting each target, [B, N, H] int32 (= n + 1 + h).
     """
-    start, end = rollout.markers()
+    start, end = ids.start, ids.end
     b, k, g, t_max = thoughts.tokens.shape
     h = targets_bkh.shape[-1]
     s = t_max + 1 + h
@@ -148,7 +149,7 @@ def branch_tokens(thoughts: Thoughts, targets_bkh, rollout: RolloutConfig):
 
 
 def thought_forward(params, cfg: Config, prefix, positions_bk, thoughts: Thoughts,
-                    targets_bkh, rollout: RolloutConfig):
+                    targets_bkh, rollout: RolloutConfig, ids: ThinkIds):
     """The differentiable forward of every thought as a branch of the shared prefix.
 
     Returns:
@@ -159,14 +160,14 @@ def thought_forward(params, cfg: Config, prefix, positions_bk, thoughts: Thought
       target_argmax [B, K, G, H] int32: the policy's most likely token at those places (for RPT).
     """
     g = thoughts.tokens.shape[2]
-    seq, pred_idx = branch_tokens(thoughts, targets_bkh, rollout)                  # [B, N, S], [B, N, H]
+    seq, pred_idx = branch_tokens(thoughts, targets_bkh, ids)                   # [B, N, S], [B, N, H]
     branches = family.branches_at(prefix, jnp.repeat(positions_bk, g, axis=1))
     hidden, _ = family.branch_forward(params, cfg, prefix, branches, seq, return_hidden=True)   # [B, N, S, D]
-    return score_hidden(params, cfg, hidden, pred_idx, thoughts, targets_bkh, rollout)
+    return score_hidden(params, cfg, hidden, pred_idx, thoughts, targets_bkh, rollout, ids)
 
 
 def score_hidden(params, cfg: Config, hidden_bnsd, pred_idx_bnh, thoughts: Thoughts, targets_bkh,
-                 rollout: RolloutConfig, *, chunk: int = THOUGHT_CHUNK):
+                 rollout: RolloutConfig, ids: ThinkIds, *, chunk: int = THOUGHT_CHUNK):
     """`score_branches` from final hidden states, without the [B, N, S, V] logits.
 
     The thought slots are projected `chunk` slots at a time under `jax.checkpoint` (the backward
@@ -187,7 +188,7 @@ def score_hidden(params, cfg: Config, hidden_bnsd, pred_idx_bnh, thoughts: Thoug
 
     @jax.checkpoint
     def chunk_logprobs(xc, tc, sc):
-        policy = thought_logits(family.logits_from_hidden(params, cfg, xc), sc, rollout)   # [B, N, c, V]
+        policy = thought_logits(family.logits_from_hidden(params, cfg, xc), sc, rollout, ids)   # [B, N, c, V]
         return jnp.take_along_axis(jax.nn.log_softmax(policy), tc[..., None], axis=-1)[..., 0]
 
     lp = jax.lax.map(lambda a: chunk_logprobs(*a), (x_c, tok_c, slots_c))             # [C, B, N, c]
@@ -201,7 +202,8 @@ def score_hidden(params, cfg: Config, hidden_bnsd, pred_idx_bnh, thoughts: Thoug
             jnp.argmax(at_pred, axis=-1).astype(jnp.int32).reshape(b, k, g, h))
 
 
-def score_branches(logits_bnsv, pred_idx_bnh, thoughts: Thoughts, targets_bkh, rollout: RolloutConfig):
+def score_branches(logits_bnsv, pred_idx_bnh, thoughts: Thoughts, targets_bkh, rollout: RolloutConfig,
+                   ids: ThinkIds):
     """Thought-token log-probs, target log-probs and target argmax from branch logits [B, N, S, V].
 
     The naive reference path scores with this; the shared-prefix path uses `score_hidden` (same
@@ -209,7 +211,7 @@ def score_branches(logits_bnsv, pred_idx_bnh, thoughts: Thoughts, targets_bkh, r
     """
     b, k, g, t_max = thoughts.tokens.shape
     h = targets_bkh.shape[-1]
-    policy = thought_logits(logits_bnsv[:, :, :t_max], jnp.arange(t_max), rollout)  # [B, N, T, V]
+    policy = thought_logits(logits_bnsv[:, :, :t_max], jnp.arange(t_max), rollout, ids)  # [B, N, T, V]
     tok = thoughts.tokens.reshape(b, k * g, t_max)
     new_lp = jnp.take_along_axis(jax.nn.log_softmax(policy), tok[..., None], axis=-1)[..., 0]
     new_lp = jnp.where(thoughts.action_mask.reshape(b, k * g, t_max), new_lp, 0.0)

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 from rlp_jax.model import family
 from rlp_jax.model.family import Config
 from rlp_jax.model.scoring import shifted_token_logprobs_chunked
-from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.prompt import prompt_context
 
 
@@ -27,11 +26,11 @@ def _as_compute(params, cfg: Config):
     return jax.tree.map(lambda p: p.astype(cfg.jnp_param_dtype), params)
 
 
-def teacher_logprobs(ema_params, cfg: Config, batch, rlp: RLPConfig | None = None) -> jax.Array:
+def teacher_logprobs(ema_params, cfg: Config, batch, prompt_ids: tuple[int, ...] = ()) -> jax.Array:
     """log p_ema(x_j | x_<j) for every token, from one teacher-forced pass: [B, L] float32, no gradient.
-    With `rlp` given, the teacher reads the prompt when `rlp.prompt.teacher_sees`."""
+    prompt_ids: a prompt the teacher reads first (`Objective.teacher_prompt`; () = the plain text)."""
     ema = _as_compute(jax.lax.stop_gradient(ema_params), cfg)
-    ctx = None if rlp is None else prompt_context(ema, cfg, rlp, teacher=True)
+    ctx = prompt_context(ema, cfg, prompt_ids)
     hidden, _ = family.forward(ema, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                               positions_bl=batch["positions"], return_hidden=True, context=ctx)
     return shifted_token_logprobs_chunked(ema, cfg, hidden, batch["tokens"])

@@ -31,8 +31,8 @@ from rlp_jax.model import family
 from rlp_jax.model.family import Config
 from rlp_jax.model.scoring import shifted_token_logprobs
 from rlp_jax.rlp import positions
-from rlp_jax.rlp.config import RLPConfig, RolloutConfig
 from rlp_jax.rlp.losses import shifted_ntp_loss
+from rlp_jax.rlp.objective import Objective
 from rlp_jax.rlp.prompt import prompt_context
 from rlp_jax.rlp.reward import gather_horizon
 from rlp_jax.rlp.rollout import Thoughts, thought_forward, thought_rollout
@@ -65,12 +65,13 @@ def empty_thoughts(b: int, k: int) -> Thoughts:
                     lengths=jnp.zeros((b, k, 1), jnp.int32), ended=jnp.zeros((b, k, 1), bool))
 
 
-def evaluate_thoughts(params, cfg: Config, batch, t_bk, rng, rollout: RolloutConfig) -> ThinkEval:
+def evaluate_thoughts(params, cfg: Config, objective: Objective, batch, t_bk, rng) -> ThinkEval:
     """The four readings of x_t at positions `t_bk` [B, K] of `batch` (tokens, segment_ids, positions [B, L]).
 
     Sampled thoughts: G = rollout.group_size at rollout.temperature; greedy: top-k 1 (the first of its
-    identical group). The thought sees the same x_<t as in training (no prompt).
+    identical group). The thought sees x_<t without the prompt.
     """
+    rollout, ids = objective.rlp.rollout, objective.ids
     tokens, seg, pos = batch["tokens"], batch["segment_ids"], batch["positions"]
     b, k = t_bk.shape
     logits, prefix = family.forward(params, cfg, tokens, segment_ids_bl=seg, positions_bl=pos, return_cache=True,
@@ -82,13 +83,13 @@ def evaluate_thoughts(params, cfg: Config, batch, t_bk, rng, rollout: RolloutCon
     hit_none = jnp.argmax(before, axis=-1) == x_t
 
     def read(thoughts):
-        _, lp, top = thought_forward(params, cfg, prefix, t_bk, thoughts, targets, rollout)
+        _, lp, top = thought_forward(params, cfg, prefix, t_bk, thoughts, targets, rollout, ids)
         return lp[..., 0], top[..., 0]                                                  # [B, K, G]
 
     k_sample, k_greedy = jax.random.split(rng)
-    sampled = thought_rollout(params, cfg, prefix, t_bk, k_sample, rollout)
+    sampled = thought_rollout(params, cfg, prefix, t_bk, k_sample, rollout, ids)
     greedy_cfg = dataclasses.replace(rollout, group_size=2, top_k=1)
-    greedy = jax.tree.map(lambda x: x[:, :, :1], thought_rollout(params, cfg, prefix, t_bk, k_greedy, greedy_cfg))
+    greedy = jax.tree.map(lambda x: x[:, :, :1], thought_rollout(params, cfg, prefix, t_bk, k_greedy, greedy_cfg, ids))
     (lp_e, top_e), (lp_s, top_s), (lp_g, top_g) = read(empty_thoughts(b, k)), read(sampled), read(greedy)
     hit_e, hit_s, hit_g = (top == x_t[..., None] for top in (top_e, top_s, top_g))
     return ThinkEval(positions=jnp.asarray(t_bk, jnp.int32), top_sampled=top_s, lp_none=lp_none, lp_empty=lp_e[..., 0], lp_sampled=lp_s, lp_greedy=lp_g[..., 0],
@@ -96,7 +97,7 @@ def evaluate_thoughts(params, cfg: Config, batch, t_bk, rng, rollout: RolloutCon
                      sampled=sampled, greedy=greedy)
 
 
-def heldout_metrics(params, batch, rng, *, cfg: Config, rlp: RLPConfig):
+def heldout_metrics(params, batch, rng, *, cfg: Config, objective: Objective):
     """A run's held-out metrics (the training loop's eval; no update), means over valid positions drawn by
     `positions.eval_positions` (independent of the policy: the same for every model at the same key):
 
@@ -106,12 +107,13 @@ def heldout_metrics(params, batch, rng, *, cfg: Config, rlp: RLPConfig):
     format control: what a thought's content adds beyond the markers); eval/nll_tokens: next-token NLL of every
     token; eval/thought_len: mean thought length.
     """
+    rlp, ids = objective.rlp, objective.ids
     k_pos, k_roll = jax.random.split(rng)
     h = rlp.reward.horizon
     doc = dict(segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"])
     # The positions first (they depend on no model): a hybrid's prefix keeps its Mamba states at them.
     t_bk, t_mask = positions.eval_positions(k_pos, batch["segment_ids"], batch["positions"], rlp.rollout, h)
-    ctx = prompt_context(params, cfg, rlp)
+    ctx = prompt_context(params, cfg, ids.prompt)
     logits, prefix = family.forward(params, cfg, batch["tokens"], return_cache=ctx is None, branch_positions_bk=t_bk,
                                     **doc)
     lp = shifted_token_logprobs(logits, batch["tokens"])                   # [B, L] plain text
@@ -121,9 +123,9 @@ def heldout_metrics(params, batch, rng, *, cfg: Config, rlp: RLPConfig):
                                           return_logits=rlp.prompt.teacher_sees, context=ctx, **doc)
         if rlp.prompt.teacher_sees:
             no_think_lp = shifted_token_logprobs(prompted, batch["tokens"])
-    thoughts = thought_rollout(params, cfg, prefix, t_bk, k_roll, rlp.rollout)
+    thoughts = thought_rollout(params, cfg, prefix, t_bk, k_roll, rlp.rollout, ids)
     targets = gather_horizon(batch["tokens"], t_bk, h)
-    read = lambda th: thought_forward(params, cfg, prefix, t_bk, th, targets, rlp.rollout)[1].sum(-1).mean(-1)  # noqa: E731
+    read = lambda th: thought_forward(params, cfg, prefix, t_bk, th, targets, rlp.rollout, ids)[1].sum(-1).mean(-1)  # noqa: E731
     think, empty = read(thoughts), read(empty_thoughts(*t_bk.shape))                        # [B, K]
     no_think = gather_horizon(no_think_lp, t_bk, h).sum(-1)                                  # [B, K]
     n = jnp.maximum(t_mask.sum(), 1)
@@ -135,9 +137,9 @@ def heldout_metrics(params, batch, rng, *, cfg: Config, rlp: RLPConfig):
             "eval/thought_len": vmean(thoughts.lengths.mean(-1).astype(jnp.float32))}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "rollout"))
-def evaluate_thoughts_jit(params, cfg: Config, batch, t_bk, rng, rollout: RolloutConfig) -> ThinkEval:
-    return evaluate_thoughts(params, cfg, batch, t_bk, rng, rollout)
+@functools.partial(jax.jit, static_argnames=("cfg", "objective"))
+def evaluate_thoughts_jit(params, cfg: Config, objective: Objective, batch, t_bk, rng) -> ThinkEval:
+    return evaluate_thoughts(params, cfg, objective, batch, t_bk, rng)
 
 
 def per_position(ev: ThinkEval, mask_bk, thought_ok_bkg=None) -> dict[str, np.ndarray]:

@@ -240,6 +240,13 @@ def _describe(typ) -> str:
     return getattr(typ, "__name__", str(typ))
 
 
+# Fields that earlier releases wrote and that are no longer settings: a run directory holding them still reads
+# (they are dropped), and `--set` of one says where the value comes from now.
+_TOKENIZER_IDS = "the ids come from the tokenizer (rlp_jax.rlp.think_ids); choose the markers with model.think_tokens"
+RETIRED = {"rlp.rollout.think_start_id": _TOKENIZER_IDS, "rlp.rollout.think_end_id": _TOKENIZER_IDS,
+           "rlp.prompt.ids": "the prompt's ids are rendered from rlp.prompt.system / user by the tokenizer"}
+
+
 def _from_json(value, typ, key: str):
     """Build `typ` from a JSON value (tuples from lists, dataclasses from dicts)."""
     origin, args = typing.get_origin(typ), typing.get_args(typ)
@@ -258,6 +265,7 @@ def _from_json(value, typ, key: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a JSON object for {typ.__name__}")
         hints = _field_types(typ)
+        value = {k: v for k, v in value.items() if f"{key}.{k}".removeprefix("config.") not in RETIRED}
         unknown = set(value) - set(hints)
         if unknown:
             raise ConfigError(f"{key}: unknown field(s) {sorted(unknown)}; valid: {', '.join(hints)}")
@@ -272,6 +280,8 @@ def _from_json(value, typ, key: str):
 def _set(obj, path: list[str], raw: str, full_key: str):
     hints = _field_types(type(obj))
     name = path[0]
+    if full_key in RETIRED:
+        raise ConfigError(f"{full_key} is not a setting: {RETIRED[full_key]}")
     if name not in hints:
         raise ConfigError(f"unknown config field {full_key!r}; valid fields here: {', '.join(hints)}")
     if len(path) == 1:

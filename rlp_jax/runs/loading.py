@@ -28,6 +28,7 @@ from rlp_jax.model import family
 from rlp_jax.model.dense import gguf
 from rlp_jax.model.family import Config
 from rlp_jax.model.safetensors_io import CheckpointError
+from rlp_jax.rlp.think_ids import ThinkIds, think_ids
 from rlp_jax.runs import checkpoint, layout
 from rlp_jax.runs.config import ConfigError, ModelSection, RunConfig
 
@@ -47,16 +48,13 @@ class LoadedModel:
     run: RunConfig | None = None
 
     @property
-    def think_banned_ids(self) -> tuple[int, ...]:
-        """The rlp.rollout.banned_ids the run trained with: token ids that evaluation and generation never
-        sample in its thoughts, as its rollout did (() for pretrained files)."""
-        return tuple(self.run.rlp.rollout.banned_ids) if self.run else ()
-
-    @property
-    def think_prompt_ids(self) -> tuple[int, ...]:
-        """The token ids of the prompt the run's policy thought after (rlp.prompt, the prompted setting):
-        evaluation reads it before a question when it thinks (() without a prompt, for pretrained files)."""
-        return tuple(self.run.rlp.prompt.ids) if self.run else ()
+    def think_ids(self) -> ThinkIds:
+        """The ids the run's thoughts were sampled with (`rlp.think_ids.think_ids` of its rlp config and
+        tokenizer): evaluation and generation ban what its rollout banned and read the prompt it thought
+        after. Pretrained files: the markers alone (nothing else banned, no prompt)."""
+        if self.run is None:
+            return ThinkIds(start=self.tokenizer.think_start_id, end=self.tokenizer.think_end_id)
+        return think_ids(self.run.rlp, self.tokenizer)
 
     @property
     def think_temperature(self) -> float:

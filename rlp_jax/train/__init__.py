@@ -13,6 +13,13 @@ them without the training stack).
 """
 
 from rlp_jax.train.cli import main
-from rlp_jax.train.loop import USER_ERRORS, build_model, evaluate_batches, run, run_key, with_markers
+from rlp_jax.train.loop import (
+    USER_ERRORS,
+    build_model,
+    evaluate_batches,
+    objective_of,
+    run,
+    run_key,
+)
 
-__all__ = ["USER_ERRORS", "build_model", "evaluate_batches", "main", "run", "run_key", "with_markers"]
+__all__ = ["USER_ERRORS", "build_model", "evaluate_batches", "main", "objective_of", "run", "run_key"]

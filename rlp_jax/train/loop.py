@@ -26,7 +26,9 @@ from rlp_jax.data.tokenizer import TokenizerError, load_tokenizer
 from rlp_jax.model import family
 from rlp_jax.model.family import Config
 from rlp_jax.model.safetensors_io import CheckpointError
-from rlp_jax.rlp.prompt import PromptError, render_prompt
+from rlp_jax.rlp.objective import Objective
+from rlp_jax.rlp.prompt import PromptError
+from rlp_jax.rlp.think_ids import think_ids
 from rlp_jax.runs import checkpoint, layout, loading
 from rlp_jax.runs.config import ConfigError, RunConfig, to_dict
 from rlp_jax.train import lock, train_step
@@ -72,26 +74,14 @@ def build_model(cfg: RunConfig, tokenizer, rng, mesh=None) -> tuple[Config, dict
     return loading.fit_embeddings(mcfg, params, tokenizer, rng, init=m.new_token_init)
 
 
-def with_markers(cfg: RunConfig, tokenizer) -> RunConfig:
-    """Fill what the RLP config takes from the tokenizer: the think-marker ids, the prompt's token ids
-    (`rlp.prompt`), and, with rollout.ban_special_tokens, its special tokens other than the markers
-    (eos, bos, pad and chat-control tokens such as `<|im_start|>`) added to rollout.banned_ids."""
-    ro = cfg.rlp.rollout
-    for name, got in (("think_start_id", tokenizer.think_start_id), ("think_end_id", tokenizer.think_end_id)):
-        if getattr(ro, name) is not None and getattr(ro, name) != got:
-            raise ConfigError(f"rlp.rollout.{name}={getattr(ro, name)} but the tokenizer's marker "
-                              f"{tokenizer.decode([got])!r} is id {got}: the ids come from the tokenizer; choose "
-                              "the markers with model.think_tokens and leave the ids unset")
-    ro = dataclasses.replace(ro, think_start_id=tokenizer.think_start_id, think_end_id=tokenizer.think_end_id)
-    if ro.ban_special_tokens:
-        markers = {tokenizer.think_start_id, tokenizer.think_end_id}
-        special = ({tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id} | set(tokenizer.special_ids)) - {None} - markers
-        ro = dataclasses.replace(ro, banned_ids=tuple(sorted(set(ro.banned_ids) | special)))
+def objective_of(cfg: RunConfig, tokenizer) -> Objective:
+    """The run's objective: its settings (`cfg.rlp`) and what they take from the tokenizer (the markers, the
+    banned ids, the rendered prompt: `rlp.think_ids.think_ids`). A prompt the tokenizer cannot render is a
+    ConfigError."""
     try:
-        prompt = dataclasses.replace(cfg.rlp.prompt, ids=render_prompt(cfg.rlp.prompt, tokenizer))
+        return Objective(rlp=cfg.rlp, ids=think_ids(cfg.rlp, tokenizer))
     except PromptError as e:
         raise ConfigError(str(e)) from None
-    return dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, rollout=ro, prompt=prompt))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,7 +176,7 @@ def run_record(cfg: RunConfig, mcfg: Config, experiment: str) -> dict:
             "experiment": experiment}
 
 
-def held_out(cfg: RunConfig, tokenizer, mcfg: Config, mesh, param_shardings):
+def held_out(cfg: RunConfig, objective: Objective, tokenizer, mcfg: Config, mesh, param_shardings):
     """(eval_fn, the held-out batches) of a run, or (None, []) when train.eval_every is 0."""
     tc = cfg.train
     if tc.eval_every <= 0:
@@ -201,7 +191,7 @@ def held_out(cfg: RunConfig, tokenizer, mcfg: Config, mesh, param_shardings):
                           "lower it or raise data.eval_fraction") from None
     finally:
         eval_iter.close()
-    return train_step.make_eval_step(mcfg, cfg.rlp, mesh=mesh, param_shardings=param_shardings), batches
+    return train_step.make_eval_step(mcfg, objective, mesh=mesh, param_shardings=param_shardings), batches
 
 
 class _StepLog:
@@ -261,7 +251,7 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
 def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
     tc = cfg.train
     tokenizer = run_tokenizer(cfg)
-    cfg = with_markers(cfg, tokenizer)
+    objective = objective_of(cfg, tokenizer)
     base_rng = jax.random.key(tc.seed)
     mesh = run_mesh(cfg, loading.model_config(cfg.model))
     mcfg, start_params = build_model(cfg, tokenizer, run_key(base_rng, "build"), mesh)
@@ -303,10 +293,10 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
         ckpt.close()
         train_iter.close()
         return {}
-    make = (functools.partial(train_step.make_rlp_train_step, mcfg, cfg.rlp) if tc.objective == "rlp"
+    make = (functools.partial(train_step.make_rlp_train_step, mcfg, objective) if tc.objective == "rlp"
             else functools.partial(train_step.make_ntp_train_step, mcfg))
     step_fn = make(optimizer, mesh=mesh, state_shardings=state_plan.shardings, micro_batches=tc.micro_batches)
-    eval_fn, eval_batches = held_out(cfg, tokenizer, mcfg, mesh, state_plan.param_shardings)
+    eval_fn, eval_batches = held_out(cfg, objective, tokenizer, mcfg, mesh, state_plan.param_shardings)
     logs, preempt, nonfinite_run, previous = None, Preemption(), 0, None
     save = lambda step, force=False: ckpt.save(step, state, data_state=train_iter.get_state(), rng=base_rng,
                                                config=record, force=force)

@@ -25,9 +25,18 @@ from jax.sharding import PartitionSpec as P
 from rlp_jax import sharding
 from rlp_jax.model import family
 from rlp_jax.model.family import Config
-from rlp_jax.rlp import objective, think_eval
-from rlp_jax.rlp.config import RLPConfig
+from rlp_jax.rlp import think_eval
 from rlp_jax.rlp.losses import next_token_count, shifted_ntp_loss
+from rlp_jax.rlp.objective import (
+    METRIC_REDUCTIONS,
+    Objective,
+    Scale,
+    accumulation_weights,
+    finish_metrics,
+    loss_and_grad,
+    rollout_metrics,
+    rollout_phase,
+)
 from rlp_jax.rlp.teacher import ema_update, init_ema
 from rlp_jax.runs import checkpoint, layout
 from rlp_jax.runs.checkpoint import all_finite
@@ -139,12 +148,12 @@ def _accumulated_grads(value_and_grad_fn, params, xs):
 
 def combine_metrics(metrics_m: dict, shares_m: dict) -> dict:
     """Per-micro-batch metrics [M] -> the batch's, each by its declared reduction
-    (`objective.METRIC_REDUCTIONS`); shares_m: {"thoughts" | "tokens" | "ntp_tokens": [M] shares summing to 1}."""
+    (`rlp.objective.METRIC_REDUCTIONS`); shares_m: {"thoughts" | "tokens" | "ntp_tokens": [M] shares summing to 1}."""
     out = {}
     for k, v in metrics_m.items():
-        how = objective.METRIC_REDUCTIONS.get(k)
+        how = METRIC_REDUCTIONS.get(k)
         if how is None:
-            raise KeyError(f"metric {k!r} declares no reduction over micro-batches (objective.METRIC_REDUCTIONS)")
+            raise KeyError(f"metric {k!r} declares no reduction over micro-batches (rlp.objective.METRIC_REDUCTIONS)")
         if how in shares_m:
             out[k] = jnp.sum(v * shares_m[how])
         else:
@@ -152,38 +161,35 @@ def combine_metrics(metrics_m: dict, shares_m: dict) -> dict:
     return out
 
 
-def rlp_step(state: TrainState, batch, rng, *, cfg: Config, rlp: RLPConfig,
-             optimizer: optax.GradientTransformation, path: objective.ThoughtPath = objective.SHARED_PREFIX,
-             micro_batches: int = 1):
+def rlp_step(state: TrainState, batch, rng, *, cfg: Config, objective: Objective,
+             optimizer: optax.GradientTransformation, micro_batches: int = 1):
     """One RLP step (un-jitted; see `make_rlp_train_step`): the batch's rows as M micro-batches (M = 1: one of
     B rows), all rollouts first, then the gradients, one update. Returns (new state, metrics of scalars).
 
     Micro-batch i takes rows i, i + M, ... (`split_micro_batches`) and samples with `fold_in(rng, i)` (M = 1:
     `rng`); its loss is weighted by its share of the batch's thoughts (RLP term) and target tokens (next-token
     term), so given the same thoughts the gradient is the whole batch's (groups live inside a row; the `batch`
-    baseline becomes per micro-batch). path: `objective.SHARED_PREFIX`, or `naive.NAIVE` (the reference).
+    baseline becomes per micro-batch).
     """
     m = micro_batches
     mb = jax.tree.map(lambda x: split_micro_batches(x, m), batch)                        # [M, B/M, L]
     keys = rng[None] if m == 1 else jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(m))
-    _, rollouts = jax.lax.scan(lambda c, xs: (c, objective.rollout_phase(state, xs[0], xs[1], cfg, rlp, path)),
-                               None, (mb, keys))
-    counts = jax.vmap(objective.accumulation_weights)(rollouts, mb)                     # {kind: [M]}
+    _, rollouts = jax.lax.scan(lambda c, xs: (c, rollout_phase(state, cfg, objective, xs[0], xs[1])), None, (mb, keys))
+    counts = jax.vmap(accumulation_weights)(rollouts, mb)                              # {kind: [M]}
     shares = {k: v / jnp.maximum(v.sum(), 1.0) for k, v in counts.items()}
 
     def value_and_grad(xs):
         b, ro, w_rlp, w_ntp = xs
-        out, g = objective.loss_and_grad(state.params, cfg, rlp, b, ro, path=path,
-                                         scale=objective.Scale(rlp=w_rlp, ntp=w_ntp))
+        out, g = loss_and_grad(state.params, cfg, objective, b, ro, Scale(rlp=w_rlp, ntp=w_ntp))
         return (out.loss, out.metrics), g
 
     grads, (losses, metrics_m) = _accumulated_grads(value_and_grad, state.params,
                                                     (mb, rollouts, shares["thoughts"], shares["ntp_tokens"]))
     loss = losses.sum()                                                                # = the whole batch's loss
-    metrics = objective.finish_metrics(combine_metrics(metrics_m, shares))
-    new_state, upd = _apply_update(state, grads, loss, optimizer, rlp.ema_decay)
+    metrics = finish_metrics(combine_metrics(metrics_m, shares))
+    new_state, upd = _apply_update(state, grads, loss, optimizer, objective.rlp.ema_decay)
     flat = jax.tree.map(_merge_micro_batches, rollouts)
-    out = {**metrics, **objective.rollout_metrics(flat.thoughts, flat.mask), **upd}
+    out = {**metrics, **rollout_metrics(flat.thoughts, flat.mask), **upd}
     if m > 1:
         out["train/micro_batches"] = jnp.asarray(m, jnp.int32)
     return new_state, out
@@ -236,9 +242,8 @@ def _jit_step(step_fn, mesh, state_shardings, micro_batches: int, **static):
                    out_shardings=(state_shardings, replicated))
 
 
-def make_rlp_train_step(cfg: Config, rlp: RLPConfig, optimizer: optax.GradientTransformation, *,
-                        mesh=None, state_shardings=None, path: objective.ThoughtPath = objective.SHARED_PREFIX,
-                        micro_batches: int = 1):
+def make_rlp_train_step(cfg: Config, objective: Objective, optimizer: optax.GradientTransformation, *,
+                        mesh=None, state_shardings=None, micro_batches: int = 1):
     """`rlp_train_step(state, batch, rng) -> (state, metrics)`, jit-compiled.
 
     With `mesh` (and the state's `state_shardings`, see `rlp_jax.sharding.state_shardings`) the step
@@ -246,9 +251,8 @@ def make_rlp_train_step(cfg: Config, rlp: RLPConfig, optimizer: optax.GradientTr
     micro_batches: gradient accumulation over M micro-batches of B/M rows (see `rlp_step`); B/M must
     still split over the mesh's data x fsdp.
     """
-    rlp.rollout.markers()
-    return _jit_step(rlp_step, mesh, state_shardings, micro_batches, cfg=cfg, rlp=rlp, optimizer=optimizer,
-                     path=path)
+    return _jit_step(rlp_step, mesh, state_shardings, micro_batches, cfg=cfg, objective=objective,
+                     optimizer=optimizer)
 
 
 def make_ntp_train_step(cfg: Config, optimizer: optax.GradientTransformation, *, mesh=None,
@@ -257,9 +261,9 @@ def make_ntp_train_step(cfg: Config, optimizer: optax.GradientTransformation, *,
     return _jit_step(ntp_step, mesh, state_shardings, micro_batches, cfg=cfg, optimizer=optimizer)
 
 
-def make_eval_step(cfg: Config, rlp: RLPConfig, *, mesh=None, param_shardings=None):
+def make_eval_step(cfg: Config, objective: Objective, *, mesh=None, param_shardings=None):
     """`eval_step(params, batch, rng) -> metrics`, jit-compiled (sharded like training on a mesh)."""
-    fn = functools.partial(think_eval.heldout_metrics, cfg=cfg, rlp=rlp)
+    fn = functools.partial(think_eval.heldout_metrics, cfg=cfg, objective=objective)
     if mesh is None:
         return jax.jit(fn)
     replicated = NamedSharding(mesh, P())

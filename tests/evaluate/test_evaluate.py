@@ -246,10 +246,10 @@ def test_thoughts_follow_the_runs_banned_ids(lm):
 
     # the run banned its tokenizer's special tokens (rollout.ban_special_tokens, the default)
     specials = {lm.tokenizer.eos_id, lm.tokenizer.bos_id, lm.tokenizer.pad_id}
-    assert set(lm.think_banned_ids) >= specials and dataclasses.replace(lm, run=None).think_banned_ids == ()
-    rollout = dataclasses.replace(lm.run.rlp.rollout, banned_ids=(2, 1))
+    assert set(lm.think_ids.banned) >= specials and dataclasses.replace(lm, run=None).think_ids.banned == ()
+    rollout = dataclasses.replace(lm.run.rlp.rollout, banned_ids=(7, 5), ban_special_tokens=False)
     banned = dataclasses.replace(lm, run=dataclasses.replace(lm.run, rlp=dataclasses.replace(lm.run.rlp, rollout=rollout)))
-    assert banned.think_banned_ids == (2, 1)
+    assert banned.think_ids.banned == (5, 7)
     dec = Decoder(lm.params, lm.cfg, lm.tokenizer, batch_size=8)
     prompts = [lm.tokenizer.encode("What is 2 + 3?")] * 8
     opts = DecodeOptions(think_tokens=6, think_temperature=3.0)

@@ -3,7 +3,6 @@ off each prompt's end): greedy tokens and their log-probs equal re-running the w
 `hybrid.forward` after every token, for right-padded prompts of different lengths."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rlp_jax.generate.generation import SamplingConfig, generate

@@ -16,6 +16,7 @@ from rlp_jax.model.dense import transformer
 from rlp_jax.rlp.rollout import thought_rollout
 from tests.rlp_cases import (  # noqa: F401
     CFG,
+    IDS,
     assert_grads_close,
     batch,
     objective,
@@ -151,8 +152,8 @@ def test_rlp_step_equals_dense(params, batch):  # noqa: F811
     def rollout(cfg):
         _, prefix = transformer.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                   positions_bl=batch["positions"], return_cache=True)
-        return jax.jit(thought_rollout, static_argnums=(1, 5))(params, cfg, prefix, t_bk, jax.random.key(5),
-                                                                rlp.rollout)
+        return jax.jit(thought_rollout, static_argnums=(1, 5, 6))(params, cfg, prefix, t_bk, jax.random.key(5),
+                                                                   rlp.rollout, IDS)
 
     thoughts_d, thoughts_b = rollout(dense), rollout(blocks)
     np.testing.assert_array_equal(thoughts_b.tokens, thoughts_d.tokens)   # the same sampled thoughts

@@ -157,12 +157,14 @@ def test_train_cli_starts_from_a_gguf(tmp_path, vocab):
                      "--set", "train.mesh.fsdp=1"])
     assert rc == 0
     run = json.loads((tmp_path / "run" / "config.json").read_text())["run"]
+    assert "ids" not in run["rlp"]["prompt"] and run["rlp"]["rollout"]["banned_ids"] == []   # settings only
     tok = load_tokenizer(path)
-    assert run["rlp"]["prompt"]["ids"][0] == vocab[0].index("<|im_start|>")
-    assert set(run["rlp"]["rollout"]["banned_ids"]) >= {vocab[0].index(s) for s in SPECIALS}
-    assert tok.think_start_id not in run["rlp"]["rollout"]["banned_ids"]
     lm = loading.load_model(tmp_path / "run")
     assert lm.step == 2 and lm.tokenizer.think_start_id == tok.think_start_id
+    ids = lm.think_ids                      # what the run's thoughts were sampled with, rebuilt from its tokenizer
+    assert ids.prompt[0] == vocab[0].index("<|im_start|>")
+    assert set(ids.banned) >= {vocab[0].index(s) for s in SPECIALS}
+    assert tok.think_start_id not in ids.banned and (ids.start, ids.end) == (tok.think_start_id, tok.think_end_id)
 
 
 def _fake_wheel(tmp_path, member_bytes):

@@ -15,6 +15,7 @@ from rlp_jax.rlp.rollout import thought_rollout
 from tests.model.kernel_cases import A, B, E, L, W, attention_case, dense_attention  # noqa: F401
 from tests.rlp_cases import (  # noqa: F401
     CFG,
+    IDS,
     assert_grads_close,
     batch,
     objective,
@@ -73,7 +74,7 @@ def test_rlp_step_with_kernel_attention_equals_dense(params, batch):  # noqa: F8
         cfg = CFG.replace(attention=name)
         _, prefix = transformer.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                   positions_bl=batch["positions"], return_cache=True)
-        thoughts = thought_rollout(params, cfg, prefix, t_bk, jax.random.key(5), rlp.rollout)
+        thoughts = thought_rollout(params, cfg, prefix, t_bk, jax.random.key(5), rlp.rollout, IDS)
         step, grads = objective(params, batch, rlp, thoughts, t_bk, ema_lp, cfg=cfg)
         out[name] = thoughts.tokens, step.rewards, step.loss, grads
     np.testing.assert_array_equal(out["kernel"][0], out["dense"][0])

@@ -23,6 +23,7 @@ from rlp_jax.rlp.rollout import thought_rollout
 from rlp_jax.rlp.teacher import teacher_logprobs
 from tests.hf_models import tiny_nemotron_h
 from tests.rlp_cases import (
+    IDS,
     assert_grads_close,
     assert_same_thoughts,
     assert_steps_equal,
@@ -57,8 +58,8 @@ def batch(model):
 def _sample(cfg, params, batch, rlp, seed=5):
     _, prefix = family.forward(params, cfg, batch["tokens"], segment_ids_bl=batch["segment_ids"], return_cache=True,
                                branch_positions_bk=T_BK)
-    return jax.jit(thought_rollout, static_argnums=(1, 5))(params, cfg, prefix, T_BK, jax.random.key(seed),
-                                                            rlp.rollout)
+    return jax.jit(thought_rollout, static_argnums=(1, 5, 6))(params, cfg, prefix, T_BK, jax.random.key(seed),
+                                                               rlp.rollout, IDS)
 
 
 RLP = rlp_config(horizon=2, kl_beta=0.1, ntp_weight=0.3)   # every branch of the objective runs
@@ -129,8 +130,8 @@ def test_sampler_equals_the_naive_sampler(model, batch):
     cfg, params = model
     rlp = rlp_config(t=6)
     fast = _sample(cfg, params, batch, rlp, seed=11)
-    slow = jax.jit(naive.naive_thought_rollout, static_argnums=(1, 5))(params, cfg, batch, T_BK,
-                                                                        jax.random.key(11), rlp.rollout)
+    slow = jax.jit(naive.naive_thought_rollout, static_argnums=(1, 5, 6))(params, cfg, batch, T_BK,
+                                                                           jax.random.key(11), rlp.rollout, IDS)
     assert_same_thoughts(fast, slow)
     assert int(fast.action_mask.sum()) > 2 * 2 * 3   # more than one token per thought
 

@@ -17,6 +17,7 @@ from rlp_jax.rlp.teacher import teacher_logprobs
 from tests.rlp_cases import (  # noqa: F401
     CFG,
     END,
+    IDS,
     START,
     assert_grads_close,
     assert_same_thoughts,
@@ -47,8 +48,8 @@ def test_sampler_equals_naive_sampler(params, batch):
     rlp = rlp_config()
     t_bk = jnp.array([[3, 9], [4, 10]])
     fast = sample(params, batch, rlp, t_bk, seed=11)
-    slow = jax.jit(naive.naive_thought_rollout, static_argnums=(1, 5))(params, CFG, batch, t_bk,
-                                                                        jax.random.key(11), rlp.rollout)
+    slow = jax.jit(naive.naive_thought_rollout, static_argnums=(1, 5, 6))(params, CFG, batch, t_bk,
+                                                                           jax.random.key(11), rlp.rollout, IDS)
     assert_same_thoughts(fast, slow)
 
 
@@ -123,8 +124,8 @@ def test_surrogate_is_the_policy_gradient_under_bfloat16(params, batch):
     _, prefix = jax.jit(transformer.forward, static_argnums=1, static_argnames="return_cache")(
         params, cfg16, batch["tokens"], segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"],
         return_cache=True)
-    thoughts = jax.jit(thought_rollout, static_argnums=(1, 5))(params, cfg16, prefix, t_bk, jax.random.key(5),
-                                                                rlp.rollout)
+    thoughts = jax.jit(thought_rollout, static_argnums=(1, 5, 6))(params, cfg16, prefix, t_bk, jax.random.key(5),
+                                                                   rlp.rollout, IDS)
     # The sampler's log-probs as a larger model's bf16 decode gives them (measured: |rho - 1| up to 0.023).
     noise = 0.02 * jax.random.normal(jax.random.key(6), thoughts.logprobs.shape)
     thoughts = thoughts.replace(logprobs=jnp.where(thoughts.action_mask, thoughts.logprobs + noise, 0.0))
@@ -138,7 +139,7 @@ def test_surrogate_is_the_policy_gradient_under_bfloat16(params, batch):
         _, pre = transformer.forward(p, cfg16, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                positions_bl=batch["positions"], return_cache=True, return_logits=False)
         targets = jnp.take_along_axis(batch["tokens"], t_bk, axis=1)[..., None]
-        new_lp, _, _ = rollout_lib.thought_forward(p, cfg16, pre, t_bk, thoughts, targets, rlp.rollout)
+        new_lp, _, _ = rollout_lib.thought_forward(p, cfg16, pre, t_bk, thoughts, targets, rlp.rollout, IDS)
         act = thoughts.action_mask
         # sampler_ratio: the gradient a loss would have whose old log-probs were the sampler's (rho != 1)
         w = jnp.exp(jax.lax.stop_gradient(new_lp) - thoughts.logprobs) if sampler_ratio else 1.0

@@ -20,23 +20,24 @@ from rlp_jax.rlp.config import (
     RLPConfig,
     RolloutConfig,
 )
-from rlp_jax.rlp.objective import SHARED_PREFIX
+from rlp_jax.rlp.objective import SHARED_PREFIX, Objective
 from rlp_jax.rlp.prompt import PromptError, prompt_text, render_prompt
 from rlp_jax.rlp.rollout import thought_rollout
 from rlp_jax.rlp.teacher import teacher_logprobs
+from rlp_jax.rlp.think_ids import ThinkIds
 from tests.rlp_cases import objective
 
 CFG = ModelConfig.preset("tiny", vocab_size=48)
 START, END = 1, 2
 PROMPT = (40, 41, 42, 43, 44, 45, 46)
+IDS = ThinkIds(start=START, end=END, prompt=PROMPT)     # what a tokenizer would render the prompt as
 
 
-def _rlp(prompt_ids=PROMPT, teacher_sees=False, ntp_weight=0.0):
+def _rlp(teacher_sees=False, ntp_weight=0.0):
     return RLPConfig(
-        rollout=RolloutConfig(group_size=3, positions_per_doc=2, thought_len=5, min_context=2, temperature=1.0,
-                              think_start_id=START, think_end_id=END),
+        rollout=RolloutConfig(group_size=3, positions_per_doc=2, thought_len=5, min_context=2, temperature=1.0),
         reward=RewardConfig(horizon=2), loss=LossConfig(ntp_weight=ntp_weight),
-        prompt=PromptConfig(style="text", ids=prompt_ids, teacher_sees=teacher_sees))
+        prompt=PromptConfig(style="text", teacher_sees=teacher_sees))
 
 
 @pytest.fixture(scope="module")
@@ -90,21 +91,22 @@ def test_prompted_sampler_equals_naive_sampler(params, batch):
     ctx = transformer.context_cache(params, CFG, PROMPT)
     _, prefix = transformer.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                               positions_bl=batch["positions"], return_cache=True, context=ctx)
-    fast = jax.jit(thought_rollout, static_argnums=(1, 5))(params, CFG, prefix, t_bk, jax.random.key(3), rlp.rollout)
+    fast = jax.jit(thought_rollout, static_argnums=(1, 5, 6))(params, CFG, prefix, t_bk, jax.random.key(3), rlp.rollout,
+                                                                 IDS)
     slow = jax.jit(naive.naive_thought_rollout, static_argnums=(1, 5, 6))(
-        params, CFG, batch, t_bk, jax.random.key(3), rlp.rollout, PROMPT)
+        params, CFG, batch, t_bk, jax.random.key(3), rlp.rollout, IDS)
     np.testing.assert_array_equal(fast.tokens, slow.tokens)
     np.testing.assert_allclose(fast.logprobs, slow.logprobs, atol=1e-5)
-    unprompted = jax.jit(naive.naive_thought_rollout, static_argnums=(1, 5))(params, CFG, batch, t_bk,
-                                                                             jax.random.key(3), rlp.rollout)
+    unprompted = jax.jit(naive.naive_thought_rollout, static_argnums=(1, 5, 6))(
+        params, CFG, batch, t_bk, jax.random.key(3), rlp.rollout, dataclasses.replace(IDS, prompt=()))
     assert float(jnp.abs(unprompted.logprobs - slow.logprobs).max()) > 1e-3
 
 
 def test_teacher_reads_the_prompt_only_when_asked(params, batch):
     ema = jax.tree.map(lambda x: x * 0.95, params)
     plain = teacher_logprobs(ema, CFG, batch)
-    np.testing.assert_array_equal(teacher_logprobs(ema, CFG, batch, _rlp()), plain)
-    seen = teacher_logprobs(ema, CFG, batch, _rlp(teacher_sees=True))
+    np.testing.assert_array_equal(teacher_logprobs(ema, CFG, batch, Objective(_rlp(), IDS).teacher_prompt), plain)
+    seen = teacher_logprobs(ema, CFG, batch, Objective(_rlp(teacher_sees=True), IDS).teacher_prompt)
     ctx = transformer.context_cache(ema, CFG, PROMPT)
     logits, _ = transformer.forward(ema, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                               positions_bl=batch["positions"], context=ctx)
@@ -116,17 +118,19 @@ def test_teacher_reads_the_prompt_only_when_asked(params, batch):
 def test_prompted_objective_equals_naive(params, batch):
     rlp = _rlp(ntp_weight=0.5)
     t_bk = jnp.array([[3, 9], [4, 10]])
-    ema_lp = jax.jit(teacher_logprobs, static_argnums=(1, 3))(jax.tree.map(lambda x: x * 0.95, params), CFG, batch, rlp)
+    ema_lp = jax.jit(teacher_logprobs, static_argnums=(1, 3))(jax.tree.map(lambda x: x * 0.95, params), CFG, batch,
+                                                              Objective(rlp, IDS).teacher_prompt)
 
     @jax.jit
     def sample(params):
         ctx = transformer.context_cache(params, CFG, PROMPT)
         _, prefix = transformer.forward(params, CFG, batch["tokens"], segment_ids_bl=batch["segment_ids"],
                                   positions_bl=batch["positions"], return_cache=True, context=ctx)
-        return thought_rollout(params, CFG, prefix, t_bk, jax.random.key(4), rlp.rollout)
+        return thought_rollout(params, CFG, prefix, t_bk, jax.random.key(4), rlp.rollout, IDS)
 
     thoughts = sample(params)
-    step = lambda path, r=rlp: jax.jit(lambda p: objective(p, batch, r, thoughts, t_bk, ema_lp, path=path, cfg=CFG))(params)
+    step = lambda path, ids=IDS: jax.jit(lambda p: objective(p, batch, rlp, thoughts, t_bk, ema_lp, path=path, cfg=CFG,
+                                                             ids=ids))(params)
     (f, g_f), (n, g_n) = step(SHARED_PREFIX), step(naive.NAIVE)
     m_f, m_n = f.metrics, n.metrics
     np.testing.assert_allclose(f.rewards, n.rewards, atol=1e-5)
@@ -135,7 +139,7 @@ def test_prompted_objective_equals_naive(params, batch):
     for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_n), strict=True):
         assert float(jnp.abs(a - b).max()) <= 1e-5 * max(1.0, float(jnp.abs(b).max()))
     # The prompt changes S_pred (the policy reads it) but not the next-token term (plain text).
-    m_plain = step(SHARED_PREFIX, dataclasses.replace(rlp, prompt=PromptConfig()))[0].metrics
+    m_plain = step(SHARED_PREFIX, dataclasses.replace(IDS, prompt=()))[0].metrics
     assert abs(float(m_plain["reward/s_pred"] - m_f["reward/s_pred"])) > 1e-3
     np.testing.assert_allclose(m_plain["loss/ntp"], m_f["loss/ntp"], atol=1e-6)
 

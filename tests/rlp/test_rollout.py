@@ -24,6 +24,7 @@ from rlp_jax.rlp.rollout import (
     thought_logits,
     thought_rollout,
 )
+from rlp_jax.rlp.think_ids import ThinkIds
 
 SETTINGS = settings(max_examples=40, deadline=None)
 V = 32
@@ -33,9 +34,11 @@ L = 12
 
 
 def _rollout_cfg(**kw):
-    base = dict(group_size=4, positions_per_doc=1, thought_len=1, temperature=1.0, min_context=1,
-                think_start_id=START, think_end_id=END)
+    base = dict(group_size=4, positions_per_doc=1, thought_len=1, temperature=1.0, min_context=1)
     return RolloutConfig(**{**base, **kw})
+
+
+IDS = ThinkIds(start=START, end=END)
 
 
 def _init_params(seed=1, std=0.12):
@@ -66,15 +69,15 @@ def docs():
     return jnp.asarray(rng.randint(3, V, (2, L)), jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("rollout",))
-def _rollout_packed(params, tokens, seg, pos, positions_bk, rng, rollout):
+@functools.partial(jax.jit, static_argnames=("rollout", "ids"))
+def _rollout_packed(params, tokens, seg, pos, positions_bk, rng, rollout, ids=IDS):
     _, prefix = transformer.forward(params, CFG, tokens, segment_ids_bl=seg, positions_bl=pos, return_cache=True)
-    return thought_rollout(params, CFG, prefix, positions_bk, rng, rollout)
+    return thought_rollout(params, CFG, prefix, positions_bk, rng, rollout, ids)
 
 
-def _rollout(params, docs, positions_bk, rng, rollout):
+def _rollout(params, docs, positions_bk, rng, rollout, ids=IDS):
     seg, pos = transformer.default_segments(docs)
-    return _rollout_packed(params, docs, seg, pos, positions_bk, rng, rollout)
+    return _rollout_packed(params, docs, seg, pos, positions_bk, rng, rollout, ids)
 
 
 _forward = jax.jit(lambda p, seq: transformer.forward(p, CFG, seq[None])[0][0])
@@ -178,7 +181,7 @@ def test_thought_logits_masks_and_temperature():
     rng = np.random.RandomState(0)
     raw = jnp.asarray(rng.randn(2, 3, V), jnp.float32)                 # [B, T, V]
     r = _rollout_cfg(temperature=0.5)
-    out = np.asarray(thought_logits(raw, jnp.arange(3), r))
+    out = np.asarray(thought_logits(raw, jnp.arange(3), r, IDS))
     assert np.all(out[..., START] < -1e29)                            # <think> banned in every slot
     assert np.all(out[:, 0, END] < -1e29)                             # </think> banned in slot 0 only
     np.testing.assert_allclose(out[:, 1:, END], np.asarray(raw)[:, 1:, END] / 0.5, rtol=1e-6)
@@ -186,23 +189,22 @@ def test_thought_logits_masks_and_temperature():
     others[[START, END]] = False
     np.testing.assert_allclose(out[..., others], np.asarray(raw)[..., others] / 0.5, rtol=1e-6)
     # scalar slot
-    out0 = np.asarray(thought_logits(raw[:, 0], 0, r))
+    out0 = np.asarray(thought_logits(raw[:, 0], 0, r, IDS))
     assert np.all(out0[:, END] < -1e29) and np.all(out0[:, START] < -1e29)
-    out1 = np.asarray(thought_logits(raw[:, 0], 1, r))
+    out1 = np.asarray(thought_logits(raw[:, 0], 1, r, IDS))
     np.testing.assert_allclose(out1[:, END], np.asarray(raw)[:, 0, END] / 0.5, rtol=1e-6)
 
 
 def test_banned_ids_are_never_sampled(params, docs):
-    """rollout.banned_ids (e.g. eos, from ban_special_tokens) are masked in every slot, in the sampler and
-    the loss's logits alike; a thought of many slots at high temperature never contains one."""
+    """The banned ids (rollout.banned_ids and, with ban_special_tokens, e.g. eos) are masked in every slot, in
+    the sampler and the loss's logits alike; a thought of many slots at high temperature never contains one."""
     raw = jnp.zeros((1, 4, V), jnp.float32)
-    out = np.asarray(thought_logits(raw, jnp.arange(4), _rollout_cfg(banned_ids=(5, 7))))
+    out = np.asarray(thought_logits(raw, jnp.arange(4), _rollout_cfg(), dataclasses.replace(IDS, banned=(5, 7))))
     assert np.all(out[..., [5, 7]] < -1e29) and np.all(out[:, 1:, [6, END]] == 0.0)
     r = _rollout_cfg(group_size=64, positions_per_doc=2, thought_len=6, temperature=3.0)
     ban = tuple(range(3, V, 2))                                          # half the vocabulary
     free = _rollout(params, docs, jnp.asarray(POSITIONS), jax.random.key(3), r)
-    th = _rollout(params, docs, jnp.asarray(POSITIONS), jax.random.key(3),
-                  dataclasses.replace(r, banned_ids=ban))
+    th = _rollout(params, docs, jnp.asarray(POSITIONS), jax.random.key(3), r, dataclasses.replace(IDS, banned=ban))
     sampled = lambda t: set(np.asarray(t.tokens)[np.asarray(t.action_mask)].tolist())
     assert sampled(free) & set(ban)                                      # without the ban they do occur
     assert not sampled(th) & set(ban)
@@ -212,19 +214,21 @@ def test_train_bans_the_tokenizers_special_ids_on_request():
     from types import SimpleNamespace
 
     from rlp_jax.runs.config import load_experiment
-    from rlp_jax.train.loop import with_markers
+    from rlp_jax.train.loop import objective_of
 
     # special ids: bos, eos, the markers and a chat-control token (50, e.g. <|im_start|>)
     tok = SimpleNamespace(think_start_id=10, think_end_id=11, eos_id=2, bos_id=1, pad_id=2, special_ids={1, 2, 10, 11, 50})
     cfg = load_experiment("smoke").config()
     assert cfg.rlp.rollout.ban_special_tokens   # the default
-    assert with_markers(cfg, tok).rlp.rollout.banned_ids == (1, 2, 50)
+    ids = objective_of(cfg, tok).ids
+    assert (ids.start, ids.end, ids.banned, ids.prompt) == (10, 11, (1, 2, 50), ())
     off = dataclasses.replace(cfg, rlp=dataclasses.replace(cfg.rlp, rollout=dataclasses.replace(
         cfg.rlp.rollout, ban_special_tokens=False, banned_ids=(7,))))
-    assert with_markers(off, tok).rlp.rollout.banned_ids == (7,)
+    assert objective_of(off, tok).ids.banned == (7,)
     on = dataclasses.replace(off, rlp=dataclasses.replace(off.rlp, rollout=dataclasses.replace(
         off.rlp.rollout, ban_special_tokens=True)))
-    assert with_markers(on, tok).rlp.rollout.banned_ids == (1, 2, 7, 50)
+    assert objective_of(on, tok).ids.banned == (1, 2, 7, 50)
+    assert on.rlp.rollout.banned_ids == (7,)      # the setting itself is left as the user wrote it
 
 
 # ------------------------------------------------------------------------------------------------
@@ -409,10 +413,10 @@ def test_mixed_stopping(params, docs):
 @functools.partial(jax.jit, static_argnames=("rollout",))
 def _fast_forward(params, docs_tokens, seg, pos, positions_bk, thoughts, targets, rollout):
     _, prefix = transformer.forward(params, CFG, docs_tokens, segment_ids_bl=seg, positions_bl=pos, return_cache=True)
-    return thought_forward(params, CFG, prefix, positions_bk, thoughts, targets, rollout)
+    return thought_forward(params, CFG, prefix, positions_bk, thoughts, targets, rollout, IDS)
 
 
-_naive_forward = jax.jit(naive.naive_thought_forward, static_argnames=("cfg", "rollout"))
+_naive_forward = jax.jit(naive.naive_thought_forward, static_argnames=("cfg", "rollout", "ids"))
 
 
 def test_behaviour_logprobs_are_recomputed(params, docs):
@@ -425,7 +429,7 @@ def test_behaviour_logprobs_are_recomputed(params, docs):
     targets = jnp.take_along_axis(docs, positions_bk, axis=1)[..., None]       # H = 1
     new_fast, _, _ = _fast_forward(params, docs, seg, pos, positions_bk, th, targets, r)
     batch = {"tokens": docs, "segment_ids": seg, "positions": pos}
-    new_naive, _, _ = _naive_forward(params, CFG, batch, positions_bk, th, targets, r)
+    new_naive, _, _ = _naive_forward(params, CFG, batch, positions_bk, th, targets, r, IDS)
     mask = np.asarray(th.action_mask)
     old = np.asarray(th.logprobs)
     for new in (np.asarray(new_fast), np.asarray(new_naive)):
@@ -457,14 +461,14 @@ def _hand_thoughts():
 
 
 def test_branch_tokens_horizon_1():
-    seq, idx = branch_tokens(_hand_thoughts(), jnp.array([[[9]]], jnp.int32), _rollout_cfg())
+    seq, idx = branch_tokens(_hand_thoughts(), jnp.array([[[9]]], jnp.int32), IDS)
     # H = 1: `</think>` predicts x_t, which is not fed (`.. x_{t+H-2}` is empty); padded to S = T + 2
     np.testing.assert_array_equal(np.asarray(seq), [[[START, 5, END, 0, 0], [START, 5, 6, 7, END]]])
     np.testing.assert_array_equal(np.asarray(idx), [[[2], [4]]])
 
 
 def test_branch_tokens_horizon_2():
-    seq, idx = branch_tokens(_hand_thoughts(), jnp.array([[[9, 10]]], jnp.int32), _rollout_cfg())
+    seq, idx = branch_tokens(_hand_thoughts(), jnp.array([[[9, 10]]], jnp.int32), IDS)
     # `<think> c </think> x_t` (x_{t+1} is only a target), padded to S = T + 1 + H = 6
     np.testing.assert_array_equal(np.asarray(seq), [[[START, 5, END, 9, 0, 0], [START, 5, 6, 7, END, 9]]])
     np.testing.assert_array_equal(np.asarray(idx), [[[2, 3], [4, 5]]])
@@ -474,11 +478,11 @@ def test_branch_tokens_k2_groups():
     # K = 2 positions, G = 2: branch n = k * G + g carries the targets of position k
     th = _hand_thoughts()
     th2 = jax.tree.map(lambda x: jnp.concatenate([x, x], axis=1), th)          # lengths [1, 3, 1, 3]
-    seq, idx = branch_tokens(th2, jnp.array([[[9], [11]]], jnp.int32), _rollout_cfg())
+    seq, idx = branch_tokens(th2, jnp.array([[[9], [11]]], jnp.int32), IDS)
     np.testing.assert_array_equal(np.asarray(seq)[0], [[START, 5, END, 0, 0], [START, 5, 6, 7, END],
                                                       [START, 5, END, 0, 0], [START, 5, 6, 7, END]])
     np.testing.assert_array_equal(np.asarray(idx)[0, :, 0], [2, 4, 2, 4])
-    seq, idx = branch_tokens(th2, jnp.array([[[9, 10], [11, 12]]], jnp.int32), _rollout_cfg())
+    seq, idx = branch_tokens(th2, jnp.array([[[9, 10], [11, 12]]], jnp.int32), IDS)
     np.testing.assert_array_equal(np.asarray(seq)[0, :, 3], [9, 7, 11, 7])
     np.testing.assert_array_equal(np.asarray(seq)[0, :, 5], [0, 9, 0, 11])
     np.testing.assert_array_equal(np.asarray(idx)[0], [[2, 3], [4, 5], [2, 3], [4, 5]])
@@ -492,15 +496,15 @@ def test_chunked_scoring_equals_full_logits_with_gradients(params, chunk):
     th = th.replace(logprobs=jnp.where(th.action_mask, -1.0, 0.0))
     targets = jnp.array([[[9, 10]]], jnp.int32)
     r = _rollout_cfg(group_size=2, thought_len=3)
-    seq, idx = branch_tokens(th, targets, r)
+    seq, idx = branch_tokens(th, targets, IDS)
     rng = np.random.RandomState(0)
     hidden = jnp.asarray(rng.randn(1, 2, seq.shape[-1], CFG.hidden_size), jnp.float32)
 
     def loss(p, use_chunks):
         if use_chunks:
-            out = rollout_lib.score_hidden(p, CFG, hidden, idx, th, targets, r, chunk=chunk)
+            out = rollout_lib.score_hidden(p, CFG, hidden, idx, th, targets, r, IDS, chunk=chunk)
         else:
-            out = rollout_lib.score_branches(transformer.logits_from_hidden(p, CFG, hidden), idx, th, targets, r)
+            out = rollout_lib.score_branches(transformer.logits_from_hidden(p, CFG, hidden), idx, th, targets, r, IDS)
         return out[0].sum() + 0.5 * out[1].sum(), out
 
     (l_c, out_c), g_c = jax.value_and_grad(lambda p: loss(p, True), has_aux=True)(params)

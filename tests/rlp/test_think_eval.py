@@ -14,18 +14,20 @@ from rlp_jax.data.tokenizer import load_tokenizer
 from rlp_jax.evaluate import modsum as modsum_eval
 from rlp_jax.model import family
 from rlp_jax.model.dense.config import ModelConfig
-from rlp_jax.rlp.config import RolloutConfig
+from rlp_jax.rlp.config import RLPConfig, RolloutConfig
+from rlp_jax.rlp.objective import Objective
 from rlp_jax.rlp.think_eval import (
     bootstrap_ci,
     evaluate_thoughts_jit,
     per_position,
     summarize,
 )
+from rlp_jax.rlp.think_ids import ThinkIds, think_ids
 
 V, START, END, L, PAD = 32, 1, 2, 24, 24
 CFG = ModelConfig.preset("tiny", vocab_size=V)
-ROLLOUT = RolloutConfig(group_size=3, thought_len=4, temperature=0.7, min_context=1, think_start_id=START,
-                        think_end_id=END)
+ROLLOUT = RolloutConfig(group_size=3, thought_len=4, temperature=0.7, min_context=1)
+OBJECTIVE = Objective(RLPConfig(rollout=ROLLOUT), ThinkIds(start=START, end=END))
 
 
 def _params(seed):
@@ -51,7 +53,7 @@ def case():
     tokens = np.random.RandomState(0).randint(3, V, (2, 10)).astype(np.int32)
     batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens), "positions": np.tile(np.arange(10), (2, 1))}
     t_bk = np.array([[4, 7], [2, 9]], np.int32)
-    ev = evaluate_thoughts_jit(params, CFG, batch, t_bk, jax.random.key(5), ROLLOUT)
+    ev = evaluate_thoughts_jit(params, CFG, OBJECTIVE, batch, t_bk, jax.random.key(5))
     return params, tokens, t_bk, jax.device_get(ev)
 
 
@@ -129,7 +131,8 @@ def test_evaluation_positions_do_not_depend_on_the_model(tmp_path):
     tok = load_tokenizer(modsum.train_tokenizer(tmp_path / "tok"))
     cfg = CFG.replace(vocab_size=tok.vocab_size)
     docs = modsum.generate_documents(6, seed=0, mix=modsum.CONTINUATION_MIX)
-    ro = dataclasses.replace(ROLLOUT, think_start_id=tok.think_start_id, think_end_id=tok.think_end_id, min_context=4)
+    rlp = RLPConfig(rollout=dataclasses.replace(ROLLOUT, min_context=4))
+    ro = Objective(rlp, think_ids(rlp, tok))
     a, b = (modsum_eval.uniform_rows(family.init_params(cfg, jax.random.key(s)), cfg, tok, docs, ro, 48,
                                      jax.random.key(9)) for s in (0, 1))
     assert list(a["position"]) == list(b["position"])

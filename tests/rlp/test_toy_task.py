@@ -9,7 +9,9 @@ import optax
 from rlp_jax.model.dense import transformer
 from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.rlp.config import LossConfig, RLPConfig, RolloutConfig
+from rlp_jax.rlp.objective import Objective
 from rlp_jax.rlp.rollout import thought_rollout
+from rlp_jax.rlp.think_ids import ThinkIds
 from rlp_jax.train import train_step
 from tests.rlp_cases import END, START
 
@@ -47,11 +49,11 @@ def test_reward_rises_on_toy_reasoning_task():
         warm, _ = _toy_batches(rng, 32)
         state, _ = ntp(state, _as_batch(warm, warm != 0), jax.random.key(0))
     rlp = RLPConfig(rollout=RolloutConfig(group_size=8, positions_per_doc=1, thought_len=1, min_context=3,
-                                          temperature=1.0, think_start_id=START, think_end_id=END),
+                                          temperature=1.0),
                     loss=LossConfig(), ema_decay=1.0)  # a frozen teacher: reward = S_pred - const
     opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3))
     state = train_step.init_train_state(state.params, opt)
-    step = train_step.make_rlp_train_step(TOY, rlp, opt)
+    step = train_step.make_rlp_train_step(TOY, Objective(rlp, ThinkIds(start=START, end=END)), opt)
     rewards = []
     for i in range(150):
         _, task = _toy_batches(rng, 16)
@@ -64,7 +66,8 @@ def test_reward_rises_on_toy_reasoning_task():
     _, task = _toy_batches(rng, 64)
     b = _as_batch(task)
     _, prefix = transformer.forward(state.params, TOY, b["tokens"], return_cache=True)
-    th = thought_rollout(state.params, TOY, prefix, jnp.full((64, 1), 3), jax.random.key(123), rlp.rollout)
+    th = thought_rollout(state.params, TOY, prefix, jnp.full((64, 1), 3), jax.random.key(123), rlp.rollout,
+                         ThinkIds(start=START, end=END))
     hit = np.mean(np.asarray(th.tokens[:, 0, :, 0]) == task[:, :1])
     print("share of thoughts that carry the answer", hit)
     # The bar is the method's own measurement, not a number tuned to a seed: the answer's mean log-prob after a

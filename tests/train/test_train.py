@@ -279,3 +279,18 @@ def test_from_run_reruns_a_run_exactly(straight_run, tmp_path, capsys):
     assert train.main([f"--from-run={tmp_path / 'nothing'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no readable rlp_jax run config" in err[0], err
+
+
+def test_a_run_config_written_with_the_tokenizers_ids_still_reads():
+    """Run directories written before the marker and prompt ids became a runtime value (`rlp.think_ids`) hold
+    them in config.json; they read as the same settings, the ids dropped (the tokenizer gives them again)."""
+    from rlp_jax.runs.config import ConfigError, from_dict, load_experiment, to_dict
+
+    cfg = load_experiment("smoke").config()
+    old = to_dict(cfg)
+    old["rlp"]["rollout"].update(think_start_id=7, think_end_id=8)
+    old["rlp"]["prompt"]["ids"] = [1, 2, 3]
+    assert from_dict(old) == cfg
+    old["rlp"]["rollout"]["think_strat_id"] = 7     # anything else unknown is still refused
+    with pytest.raises(ConfigError, match="unknown field"):
+        from_dict(old)

@@ -12,14 +12,14 @@ import pytest
 from rlp_jax.model.dense import transformer
 from rlp_jax.rlp import objective
 from rlp_jax.train import train_step
-from tests.rlp_cases import CFG, batch, params, rlp_config  # noqa: F401 (fixtures)
+from tests.rlp_cases import CFG, batch, bind, params, rlp_config  # noqa: F401 (fixtures)
 
 
 def test_train_step_ratio_is_one_and_metrics_present(params, batch):
     rlp = rlp_config(ntp_weight=0.5)
     opt = optax.adamw(1e-3)
     state = train_step.init_train_state(jax.tree.map(jnp.copy, params), opt)  # the step donates its state
-    step = train_step.make_rlp_train_step(CFG, rlp, opt)
+    step = train_step.make_rlp_train_step(CFG, bind(rlp), opt)
     new_state, m = step(state, batch, jax.random.key(0))
     assert float(m["policy/max_abs_ratio_minus_1"]) < 1e-4
     assert int(new_state.step) == 1 and int(m["train/skipped_nonfinite"]) == 0
@@ -35,7 +35,7 @@ def test_train_step_ratio_is_one_and_metrics_present(params, batch):
 def test_step_builders_refuse_fewer_than_one_micro_batch():
     opt = optax.sgd(1.0)
     with pytest.raises(ValueError, match="micro_batches must be >= 1, got 0"):
-        train_step.make_rlp_train_step(CFG, rlp_config(), opt, micro_batches=0)
+        train_step.make_rlp_train_step(CFG, bind(rlp_config()), opt, micro_batches=0)
     with pytest.raises(ValueError, match="micro_batches must be >= 1, got -1"):
         train_step.make_ntp_train_step(CFG, opt, micro_batches=-1)
 
@@ -54,7 +54,7 @@ def test_micro_batches_give_the_whole_batch_gradient(params, kind):
     fresh = lambda: train_step.init_train_state(jax.tree.map(jnp.copy, params), opt, keep_reference=True)
     key = jax.random.key(4)
     if kind == "rlp":
-        new_state, m = train_step.make_rlp_train_step(CFG, rlp, opt, micro_batches=2)(fresh(), batch4, key)
+        new_state, m = train_step.make_rlp_train_step(CFG, bind(rlp), opt, micro_batches=2)(fresh(), batch4, key)
     else:
         new_state, m = train_step.make_ntp_train_step(CFG, opt, micro_batches=2)(fresh(), batch4, key)
     got = jax.tree.map(lambda a, b: a - b, params, new_state.params)
@@ -64,13 +64,13 @@ def test_micro_batches_give_the_whole_batch_gradient(params, kind):
         np.testing.assert_array_equal(train_step.split_micro_batches(toks, 2)[i], toks[order[2 * i:2 * i + 2]])
     if kind == "rlp":
         state = fresh()
-        rollout = jax.jit(functools.partial(objective.rollout_phase, cfg=CFG, rlp=rlp))
-        parts = [rollout(state, jax.tree.map(lambda x: x[order[2 * i:2 * i + 2]], batch4), jax.random.fold_in(key, i))
-                 for i in range(2)]
+        rollout = jax.jit(functools.partial(objective.rollout_phase, cfg=CFG, objective=bind(rlp)))
+        parts = [rollout(state, batch=jax.tree.map(lambda x: x[order[2 * i:2 * i + 2]], batch4),
+                         rng=jax.random.fold_in(key, i)) for i in range(2)]
         joined = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
         assert not bool(joined.mask.all())          # the short row has invalid positions
-        loss_fn = lambda p: objective.loss_and_grad(p, CFG, rlp, whole, joined)[0].loss
-        whole_out = jax.jit(lambda p: objective.loss_and_grad(p, CFG, rlp, whole, joined)[0])(params)
+        loss_fn = lambda p: objective.loss_and_grad(p, CFG, bind(rlp), whole, joined)[0].loss
+        whole_out = jax.jit(lambda p: objective.loss_and_grad(p, CFG, bind(rlp), whole, joined)[0])(params)
         want = {**objective.finish_metrics(whole_out.metrics),
                 **objective.rollout_metrics(joined.thoughts, joined.mask)}
         # every metric reduced over the two micro-batches equals the whole batch's (std, max, fractions included)
@@ -106,7 +106,7 @@ def test_nonfinite_gradient_skips_update(params, batch):
     bad = jax.tree.map(jnp.copy, params) | {"final_norm": params["final_norm"].at[0].set(jnp.nan)}
     expected = jax.tree.map(np.asarray, bad)
     state = train_step.init_train_state(bad, opt)
-    new_state, m = train_step.make_rlp_train_step(CFG, rlp, opt)(state, batch, jax.random.key(0))
+    new_state, m = train_step.make_rlp_train_step(CFG, bind(rlp), opt)(state, batch, jax.random.key(0))
     assert int(m["train/skipped_nonfinite"]) == 1 and int(new_state.step) == 1
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new_state.params, expected)
 

@@ -1,0 +1,44 @@
+"""The token ids the objective reads from the run's tokenizer: a runtime value, never a setting.
+
+The markers `<think>` / `</think>`, the ids a thought never samples and the rendered prompt depend on the
+tokenizer, not on the user: `think_ids(rlp, tokenizer)` builds them once, and `objective.Objective` carries
+them beside the settings (`RLPConfig`) to every function that samples or scores a thought. Nothing of it is in
+a config file: a run directory rebuilds it from its own tokenizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from rlp_jax.rlp.config import RLPConfig
+from rlp_jax.rlp.prompt import render_prompt
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ThinkIds:
+    """start, end: the ids of `<think>` and `</think>`. banned: ids never sampled inside a thought besides
+    `<think>` (and `</think>` in the first slot). prompt: the ids of the prompt the policy reads before every
+    document (() without one, `rlp.prompt.style` "none")."""
+
+    start: int
+    end: int
+    banned: tuple[int, ...] = ()
+    prompt: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.start == self.end:
+            raise ValueError(f"<think> and </think> must be two tokens, got id {self.start} for both")
+
+
+def think_ids(rlp: RLPConfig, tokenizer) -> ThinkIds:
+    """The ids `rlp` takes from `tokenizer`: its markers; banned: `rlp.rollout.banned_ids`, plus (with
+    `rollout.ban_special_tokens`) the tokenizer's special tokens other than the markers (eos, bos, pad and
+    chat-control tokens such as `<|im_start|>`); the rendered `rlp.prompt`. Raises `prompt.PromptError` (one
+    line, with the fix) for a prompt the tokenizer cannot render."""
+    start, end = tokenizer.think_start_id, tokenizer.think_end_id
+    banned = set(rlp.rollout.banned_ids)
+    if rlp.rollout.ban_special_tokens:
+        special = {tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id} | set(tokenizer.special_ids)
+        banned |= special - {None, start, end}
+    return ThinkIds(start=start, end=end, banned=tuple(sorted(banned)),
+                       prompt=render_prompt(rlp.prompt, tokenizer))
