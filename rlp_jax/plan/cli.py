@@ -7,9 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from rlp_jax.model.nemotron_h.hybrid import ATTENTION, MAMBA, MLP, HybridConfig
 from rlp_jax.plan.devices import GIB, default_mesh, device_spec, parse_mesh
-from rlp_jax.plan.estimate import Plan, plan
+from rlp_jax.plan.estimate import Plan, cost_model, plan
 from rlp_jax.runs.config import (
     ConfigError,
     apply_overrides,
@@ -34,12 +33,8 @@ def format_plan(p: Plan, *, name: str = "", mfu: float = 0.4) -> str:
     lines.append(f"mesh data={p.mesh['data']} fsdp={p.mesh['fsdp']} tensor={p.mesh['tensor']}; objective "
                  f"{p.objective}; batch {p.batch} rows x {p.seq_len} tokens, {p.rows_per_device} per device"
                  + (f" in {p.micro_batches} micro-batches" if p.micro_batches > 1 else ""))
-    if isinstance(m, HybridConfig):
-        n = {kind: m.block_types.count(kind) for kind in (MAMBA, ATTENTION, MLP)}
-        lines.append(f"model: Nemotron-H, {n[MAMBA]} Mamba-2 + {n[ATTENTION]} attention + {n[MLP]} MLP blocks; params "
-                     f"{m.param_dtype}, compute {m.compute_dtype}, remat {m.remat}")
-    else:
-        lines.append(f"model: params {m.param_dtype}, compute {m.compute_dtype}, remat {m.remat}")
+    model_costs = cost_model(m)
+    lines.append(model_costs.describe(m))
     row = lambda label, b: f"  {label:<44s}{b / GIB:>10.3f}"   # noqa: E731
     lines += ["", f"  {'memory per device':<44s}{'GiB':>10s}"]
     lines.append(row(f"params ({m.param_dtype})", p.state["params"]))
@@ -48,7 +43,7 @@ def format_plan(p: Plan, *, name: str = "", mfu: float = 0.4) -> str:
     if p.state["reference"]:
         lines.append(row("KL reference params", p.state["reference"]))
     lines.append(row("gradients", p.state["gradients"]))
-    caches = "Mamba states + KV caches" if isinstance(m, HybridConfig) else "KV caches"
+    caches = model_costs.CACHES
     labels = {"teacher": "activations: EMA teacher forward", "rollout": f"activations: rollout ({caches})",
               "loss": f"activations: loss fwd+bwd (remat {m.remat})"}
     for k, v in p.activations.items():

@@ -9,7 +9,7 @@ from jax.sharding import AbstractMesh
 
 from rlp_jax import sharding
 from rlp_jax.model.dense.config import ModelConfig
-from rlp_jax.model.nemotron_h.hybrid import HybridConfig
+from rlp_jax.model.family import Config
 from rlp_jax.model.scoring import TOKEN_CHUNK
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.rollout import THOUGHT_CHUNK
@@ -63,7 +63,7 @@ def _transient(m: ModelConfig, tokens: float, pairs: float, tp: int) -> float:
     return tok * tokens + pairs * m.num_heads * (8 + dtype_bytes(m.compute_dtype)) / tp
 
 
-def attended(m: ModelConfig | HybridConfig, queries: float, keys: float, rows: float, own_keys: float = 0.0,
+def attended(m: Config, queries: float, keys: float, rows: float, own_keys: float = 0.0,
               own_rows: float = 0.0) -> tuple[float, float]:
     """(pairs held at once, pairs kept for the backward) of `queries` (spread over `rows` rows) over `keys`
     keys, plus `own_keys` keys of each of `own_rows` rows (a branch's own). A key set read blockwise
@@ -78,7 +78,7 @@ def attended(m: ModelConfig | HybridConfig, queries: float, keys: float, rows: f
     return held, saved
 
 
-def blockwise_extra(m: ModelConfig | HybridConfig, queries: float, keys: float, tp: int, rows: float = 1.0) -> float:
+def blockwise_extra(m: Config, queries: float, keys: float, tp: int, rows: float = 1.0) -> float:
     """Per layer, blockwise attention's working arrays beyond the scores of one block (zero when dense): the
     float32 output, max and sum per query; in the backward, dq per query, a block's dp and ds per row, and
     the key-blocked copies of k, v and their float32 gradients (dk, dv) for each of `rows` rows."""
@@ -138,6 +138,26 @@ def activation_bytes(m: ModelConfig, rlp: RLPConfig, *, rows: int, seq_len: int,
 # ----------------------------------------------------------------------------------------------
 # FLOPs (see the module docstring)
 # ----------------------------------------------------------------------------------------------
+
+CACHES = "KV caches"   # what the rollout phase caches (the planner's label)
+
+
+def describe(m: ModelConfig) -> str:
+    """The planner's line about the model."""
+    return f"model: params {m.param_dtype}, compute {m.compute_dtype}, remat {m.remat}"
+
+
+def decode_step_bytes(m: ModelConfig, *, rows: int, seq_len: int, branches: int, thought_len: int,
+                      tp: int) -> float:
+    """Bytes one sampling step reads from (and writes to) HBM, averaged over the thought: every weight in the
+    compute dtype, the documents' keys/values, each of the rows x branches caches up to its last filled block of
+    `decode_block` slots ((T + block) / 2 slots on average), the new keys/values written once."""
+    c = dtype_bytes(m.compute_dtype)
+    n = rows * branches
+    block = min(m.decode_block, thought_len)
+    slots = rows * seq_len + n * (thought_len + block) / 2 + n
+    return m.num_params() * c / tp + 2 * m.num_layers * slots * m.num_kv_heads * m.head_dim * c / tp
+
 
 def matmul_weights(m: ModelConfig) -> int:
     """Weights of the matmuls one token passes through in a transformer layer stack (no norms, biases, head)."""

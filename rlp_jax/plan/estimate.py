@@ -1,16 +1,17 @@
 """The plan of one run on given devices: memory per device against HBM, FLOPs, tokens, step time, hints.
 
-State is `costs.state_bytes` for both model families; activations and FLOPs are `costs`' for the dense family
-and `hybrid_costs`' for Nemotron-H (the same phases and parts)."""
+State is `costs.state_bytes` for every model family; activations, FLOPs and the sampling step's reads come from
+the family's cost model (`COST_MODELS`, keyed by the family's name: `costs` for the dense family, `hybrid_costs`
+for Nemotron-H; the same functions, phases and parts)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 
+from rlp_jax.model import family
 from rlp_jax.model.config import REMATS
 from rlp_jax.model.family import Config
-from rlp_jax.model.nemotron_h.hybrid import HybridConfig
 from rlp_jax.plan import costs, hybrid_costs
 from rlp_jax.plan.costs import dtype_bytes, effective_tokens, state_bytes
 from rlp_jax.plan.devices import GIB, DeviceSpec
@@ -82,12 +83,21 @@ def _with_accumulator(state: dict[str, float], micro_batches: int) -> dict[str, 
     return state | {"gradients": state["gradients"] + state["ema"]}
 
 
+# A model family's cost model: activation_bytes, rlp_step_flops, ntp_step_flops, decode_step_bytes, describe, CACHES.
+COST_MODELS = {"dense": costs, "nemotron_h": hybrid_costs}
+
+
+def cost_model(m: Config):
+    """The cost model of `m`'s family (`COST_MODELS`)."""
+    return COST_MODELS[family.of(m).NAME]
+
+
 def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
     """Memory per device, FLOPs and tokens per step of `cfg` on `devices` with mesh sizes `mesh`."""
     if math.prod(mesh.values()) != devices.chips:
         raise ConfigError(f"mesh {mesh} has {math.prod(mesh.values())} devices but {devices.chips} are planned")
     m = model_config(cfg.model)
-    family = hybrid_costs if isinstance(m, HybridConfig) else costs
+    model_costs = cost_model(m)
     rlp, objective = cfg.rlp, cfg.train.objective
     batch, length = cfg.data.batch_size, cfg.data.seq_len
     split, tp = mesh["data"] * mesh["fsdp"], mesh["tensor"]
@@ -107,28 +117,18 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
     state = _with_accumulator(base_state, micro)
     copy = 0.0 if m.param_dtype == "float32" else state["ema"] * dtype_bytes(m.param_dtype) / 4
     mb_rows = -(-rows // micro)
-    act = lambda mc, r=mb_rows: family.activation_bytes(mc, rlp, rows=r, seq_len=length, tp=tp,  # noqa: E731
-                                                 objective=objective, param_copy=copy)
+    act = lambda mc, r=mb_rows: model_costs.activation_bytes(mc, rlp, rows=r, seq_len=length, tp=tp,  # noqa: E731
+                                                      objective=objective, param_copy=copy)
     phases = act(m)
     loss_by_remat = {r: act(m.replace(remat=r))["loss"] for r in REMATS}
     total = _total(state, phases)
 
     ro = rlp.rollout
     decode_floor = None
-    if objective == "rlp" and devices.bandwidth and isinstance(m, HybridConfig):
-        read = hybrid_costs.decode_step_bytes(m, rows=mb_rows, seq_len=length, branches=ro.positions_per_doc *
-                                              ro.group_size, thought_len=ro.thought_len, tp=tp)
+    if objective == "rlp" and devices.bandwidth:   # T sequential sampling steps per micro-batch
+        read = model_costs.decode_step_bytes(m, rows=mb_rows, seq_len=length, branches=ro.positions_per_doc *
+                                             ro.group_size, thought_len=ro.thought_len, tp=tp)
         decode_floor = micro * ro.thought_len * read / devices.bandwidth
-    elif objective == "rlp" and devices.bandwidth:
-        # per token: the weights, the documents' keys/values and each branch's filled cache blocks (a sampling
-        # step reads up to its last filled block of `decode_block` slots: (T + block) / 2 on
-        # average over the thought), the new keys/values written once
-        c = dtype_bytes(m.compute_dtype)
-        n = mb_rows * ro.positions_per_doc * ro.group_size
-        blk = min(m.decode_block, ro.thought_len)
-        read_slots = mb_rows * length + n * (ro.thought_len + blk) / 2
-        kv = 2 * m.num_layers * (read_slots + n) * m.num_kv_heads * m.head_dim * c / tp
-        decode_floor = micro * ro.thought_len * (m.num_params() * c / tp + kv) / devices.bandwidth
 
     if total > devices.hbm_bytes:
         big = max(phases, key=phases.get)
@@ -153,7 +153,7 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
                          "(--mesh tensor=..)")
     return Plan(model=m, devices=devices, mesh=dict(mesh), objective=objective, batch=batch, rows_per_device=rows,
                 seq_len=length, micro_batches=micro, num_params=m.num_params(), state=state, activations=phases,
-                loss_by_remat=loss_by_remat, total=total, rlp_flops=family.rlp_step_flops(m, rlp, batch, length),
-                ntp_flops=family.ntp_step_flops(m, batch, length), input_tokens=float(batch * length),
+                loss_by_remat=loss_by_remat, total=total, rlp_flops=model_costs.rlp_step_flops(m, rlp, batch, length),
+                ntp_flops=model_costs.ntp_step_flops(m, batch, length), input_tokens=float(batch * length),
                 effective_tokens=effective_tokens(rlp, batch, length), decode_floor_s=decode_floor,
                 warnings=tuple(warnings), hints=tuple(hints))

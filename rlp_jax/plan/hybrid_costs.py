@@ -56,6 +56,16 @@ from rlp_jax.rlp.rollout import THOUGHT_CHUNK
 F32 = 4
 
 
+CACHES = "Mamba states + KV caches"   # what the rollout phase caches (the planner's label)
+
+
+def describe(h: HybridConfig) -> str:
+    """The planner's line about the model."""
+    n = block_counts(h)
+    return (f"model: Nemotron-H, {n[MAMBA]} Mamba-2 + {n[ATTENTION]} attention + {n[MLP]} MLP blocks; params "
+            f"{h.param_dtype}, compute {h.compute_dtype}, remat {h.remat}")
+
+
 def block_counts(h: HybridConfig) -> dict[str, int]:
     return {kind: h.block_types.count(kind) for kind in (MAMBA, ATTENTION, MLP)}
 
