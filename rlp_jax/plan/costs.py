@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -43,24 +44,54 @@ def state_bytes(cfg: RunConfig, m: ModelConfig, mesh: dict[str, int]) -> dict[st
 # Activations (see the module docstring)
 # ----------------------------------------------------------------------------------------------
 
-def _per_layer(m: ModelConfig, remat: str, tp: int) -> tuple[float, float]:
-    """(bytes per token, bytes per dense attention pair) one layer keeps for the backward under `remat`."""
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    """How a chip lays out the two minor dimensions of an array: the minor one padded to a multiple of `lanes`,
+    the second-minor to a multiple of `sublanes` rows of 4-byte values (twice as many of 2-byte values, which
+    pack two to a row). TPUs tile (8, 128) (`TPU_TILING`); CPUs and GPUs store arrays dense (`DENSE`)."""
+
+    lanes: int = 1
+    sublanes: int = 1
+
+    def factor(self, rows: float, cols: float, nbytes: int) -> float:
+        """Bytes of a [..., rows, cols] array of `nbytes`-byte values over its dense bytes (1 when dense)."""
+        sub = self.sublanes * max(1, 4 // nbytes)
+        r, c = max(1, math.ceil(rows)), max(1, math.ceil(cols))
+        return -(-r // sub) * sub * (-(-c // self.lanes) * self.lanes) / (r * c)
+
+
+DENSE, TPU_TILING = Tiling(), Tiling(lanes=128, sublanes=8)
+
+
+def _per_layer(m: ModelConfig, remat: str, tp: int, tiling: Tiling = DENSE, per_row: float = 1,
+               keys: float = 1) -> tuple[float, float]:
+    """(bytes per token, bytes per dense attention pair) one layer keeps for the backward under `remat`, for a
+    sequence of `per_row` tokens a row attending to `keys` keys: [.., per_row, width] activations, [.., heads,
+    head_dim] per-head ones and [.., per_row, keys] probabilities, each as `tiling` lays it out."""
     c, d, f, h, hk, dh = (dtype_bytes(m.compute_dtype), m.hidden_size, m.intermediate_size, m.num_heads,
                           m.num_kv_heads, m.head_dim)
+    t = tiling.factor
+    wide = lambda width, nbytes: width * t(per_row, width, nbytes)                      # noqa: E731
+    # per-head arrays: XLA lays a long sequence's tokens minor (no padding); a short branch's heads and head_dim
+    heads = lambda n, nbytes: n * dh * (t(n / tp, dh, nbytes) if per_row < tiling.lanes else 1.0)   # noqa: E731
     if remat == "full":      # the layer input only
-        return c * d, 0.0
+        return c * wide(d, c), 0.0
     if remat == "dots":      # weight-matmul outputs (q, k, v, o, gate, up, down) and the layer input
-        return c * (3 * d + ((h + 2 * hk) * dh + 2 * f) / tp), 0.0
+        return c * (3 * wide(d, c) + (heads(h, c) + 2 * heads(hk, c) + 2 * wide(f / tp, c) * tp) / tp), 0.0
     # none: norm inputs/outputs, q/k/v before and after qk-norm/rotary, attention output, 4 MLP-wide
     # tensors (compute dtype), float32 norm statistics; per pair the float32 probabilities + their cast.
-    qk32 = 4 * (h + hk) * dh / tp if m.qk_norm else 0.0
-    return c * (4 * d + (3 * (h + hk) * dh + 4 * f) / tp) + 8 * d + qk32, h * (4 + c) / tp
+    qk32 = 4 * (heads(h, 4) + heads(hk, 4)) / tp if m.qk_norm else 0.0
+    per_token = c * (4 * wide(d, c) + (3 * (heads(h, c) + heads(hk, c)) + 4 * wide(f / tp, c) * tp) / tp)
+    return per_token + 8 * wide(d, 4) + qk32, h * (4 * t(per_row, keys, 4) + c * t(per_row, keys, c)) / tp
 
 
-def _transient(m: ModelConfig, tokens: float, pairs: float, tp: int) -> float:
+def _transient(m: ModelConfig, tokens: float, pairs: float, tp: int, tiling: Tiling = DENSE, per_row: float = 1,
+               keys: float = 1) -> float:
     """One layer's forward working set (recomputed or not): activations + float32 scores, probabilities."""
-    tok, _ = _per_layer(m, "none", tp)
-    return tok * tokens + pairs * m.num_heads * (8 + dtype_bytes(m.compute_dtype)) / tp
+    tok, _ = _per_layer(m, "none", tp, tiling, per_row, keys)
+    c = dtype_bytes(m.compute_dtype)
+    return tok * tokens + pairs * m.num_heads * (8 * tiling.factor(per_row, keys, 4)
+                                                 + c * tiling.factor(per_row, keys, c)) / tp
 
 
 def attended(m: Config, queries: float, keys: float, rows: float, own_keys: float = 0.0,
@@ -80,12 +111,13 @@ def attended(m: Config, queries: float, keys: float, rows: float, own_keys: floa
 
 def blockwise_extra(m: Config, queries: float, keys: float, tp: int, rows: float = 1.0) -> float:
     """Per layer, blockwise attention's working arrays beyond the scores of one block (zero when dense): the
-    float32 output, max and sum per query; in the backward, dq per query, a block's dp and ds per row, and
-    the key-blocked copies of k, v and their float32 gradients (dk, dv) for each of `rows` rows."""
+    float32 output, max and sum per query; in the backward, dq per query and the key-blocked copies of k, v
+    and their float32 gradients (dk, dv) for each of `rows` rows. A block's dp and ds in the backward take the
+    place of its forward scores and probabilities (`attended`'s held pairs), not more."""
     if not m.blockwise_for(int(keys)):
         return 0.0
-    h, hk, dh, c, blk = m.num_heads, m.num_kv_heads, m.head_dim, dtype_bytes(m.compute_dtype), m.attention_block
-    return (4 * h * (queries * (2 * dh + 2) + rows * 2 * blk * blk) + rows * keys * 2 * hk * dh * (4 + c)) / tp
+    h, hk, dh, c = m.num_heads, m.num_kv_heads, m.head_dim, dtype_bytes(m.compute_dtype)
+    return (4 * h * queries * (2 * dh + 2) + rows * keys * 2 * hk * dh * (4 + c)) / tp
 
 
 def _gathered(m: ModelConfig, tp: int) -> float:
@@ -97,41 +129,47 @@ def _gathered(m: ModelConfig, tp: int) -> float:
 
 
 def activation_bytes(m: ModelConfig, rlp: RLPConfig, *, rows: int, seq_len: int, tp: int,
-                     objective: str = "rlp", param_copy: float = 0.0) -> dict[str, float]:
+                     objective: str = "rlp", param_copy: float = 0.0, tiling: Tiling = DENSE) -> dict[str, float]:
     """Peak activation bytes per device of each phase of a step on `rows` local documents of `seq_len`.
 
     Returns {"teacher", "rollout", "loss"} for objective "rlp" ({"loss"} for "ntp"). param_copy: bytes
-    of the param-dtype copy of the EMA the teacher pass makes (0 when params are float32).
+    of the param-dtype copy of the EMA the teacher pass makes (0 when params are float32). tiling: how the
+    devices lay out arrays (`TPU_TILING` pads the minor dimensions of small heads and short branches).
     """
     c, y, hk, dh, v = dtype_bytes(m.compute_dtype), m.num_layers, m.num_kv_heads, m.head_dim, m.vocab_size
     b, length = rows, seq_len
-    tok, pair = _per_layer(m, m.remat, tp)
+    t_ = tiling.factor
+    tok, pair = _per_layer(m, m.remat, tp, tiling, length, length)
     gathered = _gathered(m, tp)
     doc_tokens = b * length
     doc_held, doc_pairs = attended(m, doc_tokens, length, b)
-    doc_transient = _transient(m, doc_tokens, doc_held, tp) + blockwise_extra(m, doc_tokens, length, tp, b)
+    doc_transient = (_transient(m, doc_tokens, doc_held, tp, tiling, length, length)
+                     + blockwise_extra(m, doc_tokens, length, tp, b))
+    logits = lambda slots, per_row, copies: copies * 4 * slots * v * t_(per_row, v / tp, 4) / tp   # noqa: E731
     if objective == "ntp":
         saved = y * (tok * doc_tokens + pair * doc_pairs)
-        return {"loss": saved + 3 * 4 * b * length * v / tp + doc_transient + gathered}
+        return {"loss": saved + logits(b * length, length, 3) + doc_transient + gathered}
     ro = rlp.rollout
     n, t = ro.positions_per_doc * ro.group_size, ro.thought_len
     s = t + 1 + rlp.reward.horizon
-    kv = lambda slots: 2 * y * slots * hk * dh * c / tp                              # noqa: E731
-    teacher = param_copy + 2 * 4 * b * min(length, TOKEN_CHUNK) * v / tp + doc_transient + gathered
-    decode = (kv(b * n * t) + 4 * 4 * b * n * v / tp + _transient(m, b * n, attended(m, b * n, length, b, t, b * n)[0], tp)
+    kv = lambda slots: 2 * y * slots * hk * dh * c * t_(hk / tp, dh, c) / tp             # noqa: E731
+    teacher = param_copy + logits(b * min(length, TOKEN_CHUNK), min(length, TOKEN_CHUNK), 2) + doc_transient + gathered
+    decode = (kv(b * n * t) + logits(b * n, n, 4)
+              + _transient(m, b * n, attended(m, b * n, length, b, t, b * n)[0], tp, tiling, n, length + t)
               + blockwise_extra(m, b * n, length, tp, b) + blockwise_extra(m, b * n, t, tp, b * n) + gathered)
     rollout = kv(b * length) + max(doc_transient + gathered, decode)
     br_tokens = b * n * s
     br_held, br_pairs = attended(m, br_tokens, length, b, s, b * n)
-    br_transient = (_transient(m, br_tokens, br_held, tp) + blockwise_extra(m, br_tokens, length, tp, b)
-                    + blockwise_extra(m, br_tokens, s, tp, b * n))
+    br_tok, br_pair = _per_layer(m, m.remat, tp, tiling, s, length + s)
+    br_transient = (_transient(m, br_tokens, br_held, tp, tiling, s, length + s)
+                    + blockwise_extra(m, br_tokens, length, tp, b) + blockwise_extra(m, br_tokens, s, tp, b * n))
     vocab_slots = min(THOUGHT_CHUNK, t) + rlp.reward.horizon   # one chunk of thought slots + the targets
-    loss = (y * (tok * (doc_tokens + br_tokens) + pair * (doc_pairs + br_pairs)) + kv(b * length)
-            + 4 * 4 * b * n * vocab_slots * v / tp + max(doc_transient, br_transient) + gathered)
+    loss = (y * (tok * doc_tokens + pair * doc_pairs + br_tok * br_tokens + br_pair * br_pairs) + kv(b * length)
+            + logits(b * n * vocab_slots, vocab_slots, 4) + max(doc_transient, br_transient) + gathered)
     if rlp.loss.ntp_weight > 0:
-        loss += 3 * 4 * b * length * v / tp
+        loss += logits(b * length, length, 3)
     if rlp.loss.kl_beta > 0:   # the reference forward runs while the policy's residuals are kept
-        loss += kv(b * length) + 3 * 4 * b * n * vocab_slots * v / tp
+        loss += kv(b * length) + logits(b * n * vocab_slots, vocab_slots, 3)
     return {"teacher": teacher, "rollout": rollout, "loss": loss}
 
 

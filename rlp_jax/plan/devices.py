@@ -39,6 +39,11 @@ class DeviceSpec:
     peak_flops: float | None
     bandwidth: float | None
 
+    @property
+    def is_tpu(self) -> bool:
+        """A TPU kind (its arrays are laid out in (8, 128) tiles)."""
+        return "cores_per_chip" in DEVICE_KINDS[self.kind]
+
 
 def host_ram() -> float:
     """Bytes of RAM of this host (the `cpu` kind's "HBM")."""

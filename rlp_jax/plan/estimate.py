@@ -13,7 +13,13 @@ from rlp_jax.model import family
 from rlp_jax.model.config import REMATS
 from rlp_jax.model.family import Config
 from rlp_jax.plan import costs, hybrid_costs
-from rlp_jax.plan.costs import dtype_bytes, effective_tokens, state_bytes
+from rlp_jax.plan.costs import (
+    DENSE,
+    TPU_TILING,
+    dtype_bytes,
+    effective_tokens,
+    state_bytes,
+)
 from rlp_jax.plan.devices import GIB, DeviceSpec
 from rlp_jax.runs.config import ConfigError, RunConfig
 from rlp_jax.runs.loading import model_config
@@ -117,8 +123,9 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
     state = _with_accumulator(base_state, micro)
     copy = 0.0 if m.param_dtype == "float32" else state["ema"] * dtype_bytes(m.param_dtype) / 4
     mb_rows = -(-rows // micro)
+    tiling = TPU_TILING if devices.is_tpu else DENSE
     act = lambda mc, r=mb_rows: model_costs.activation_bytes(mc, rlp, rows=r, seq_len=length, tp=tp,  # noqa: E731
-                                                      objective=objective, param_copy=copy)
+                                                      objective=objective, param_copy=copy, tiling=tiling)
     phases = act(m)
     loss_by_remat = {r: act(m.replace(remat=r))["loss"] for r in REMATS}
     total = _total(state, phases)
