@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-# The suite runs on the CPU unless JAX_PLATFORMS says otherwise (benchmarks/gpu_attention.sh sets it for the
+# The suite runs on the CPU unless JAX_PLATFORMS says otherwise (benchmarks/gpu_check.sh sets it for the
 # GPU-only tests): with libtpu installed (the test extra, for the compile-only TPU tests) JAX would otherwise
 # try to bring up a TPU in every process and log its failure to stderr, which the CLI tests read.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -39,3 +39,20 @@ def test_decode_bench_quick_run_reports_parity_and_interleaved_ratios():
     assert abs(best - ours / max(hf2, hf1)) < 0.02 * best       # fastest over fastest
     assert lo <= med <= hi
     assert len(re.findall(r"round \d/2: ours", out.stderr)) == 2
+
+
+def test_the_gpu_check_script_parses_and_its_flags_exist():
+    """`benchmarks/gpu_check.sh` runs only where a GPU is lent: here, it parses as bash, the files it runs exist,
+    and every flag it passes to a benchmark is one that benchmark's parser accepts (`--help`)."""
+    script = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script], capture_output=True).returncode == 0
+    text = open(script).read().replace("\\\n", " ")
+    calls = re.findall(r"python (benchmarks/\w+\.py)([^|\n]*)", text)
+    assert {c[0] for c in calls} == {"benchmarks/train_bench.py", "benchmarks/decode_bench.py"}
+    for path, args in calls:
+        helptext = subprocess.run([sys.executable, os.path.join(ROOT, path), "--help"], capture_output=True,
+                                  text=True, timeout=300, cwd=ROOT).stdout
+        for flag in re.findall(r"(--[\w-]+)", args):
+            assert flag in helptext, (path, flag)
+    for test in re.findall(r"(tests/[\w/]+\.py)", text):
+        assert os.path.exists(os.path.join(ROOT, test)), test

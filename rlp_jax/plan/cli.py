@@ -109,10 +109,14 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true",
                    help="also AOT-compile the run's train step for compile-only TPU devices of --devices (needs "
                         "libtpu: pip install -e '.[tpu]') and print XLA's memory per device beside the plan's")
+    p.add_argument("--save-executable", metavar="FILE", help="with --compile: write the compiled step to FILE for "
+                   "the trainer (python -m rlp_jax.train ... --executable FILE starts without compiling)")
     args = p.parse_args(argv)
     try:
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
+        if args.save_executable and not args.compile:
+            raise ConfigError("--save-executable writes the compiled step: add --compile")
         cfg = apply_overrides(recipe_config(load_experiment(args.experiment)), args.set)
         devices = device_spec(args.devices)
         mesh = default_mesh(cfg, devices.chips) if args.mesh is None else parse_mesh(args.mesh, devices.chips)
@@ -126,11 +130,25 @@ def main(argv=None) -> int:
 
         print(f"compiling the train step for {args.devices} (compile-only devices; minutes for a large model) ...",
               flush=True)
+        if args.save_executable:   # compiled here, not read back from a persistent cache: a CPU executable that
+            import jax             # the cache served serializes without its kernels
+
+            jax.config.update("jax_enable_compilation_cache", False)
         try:
-            _, report = compile_step(cfg, devices, mesh)
+            compiled, report = compile_step(cfg, devices, mesh)
+            if args.save_executable:
+                from rlp_jax.train import aot
+
+                aot.save(compiled, args.save_executable, report.fingerprint)
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if args.save_executable:
+            print(f"saved the compiled step to {args.save_executable} (python -m rlp_jax.train ... --executable "
+                  f"{args.save_executable})")
+            if not report.tokenizer_read:
+                print("note: the run's tokenizer could not be read here, so the step has stand-in marker ids and the "
+                      "trainer will refuse it: give the tokenizer with --set train.tokenizer=PATH")
         print(format_verdict(report, result.total, args.devices))
     return 0
 

@@ -54,6 +54,8 @@ class CompileReport:
     temp_bytes: int
     code_bytes: int
     largest: tuple[tuple[int, str], ...] = ()     # (bytes, the shapes sharing that slot), largest first
+    fingerprint: dict = dataclasses.field(default_factory=dict)   # what the step was compiled for (`train.aot`)
+    tokenizer_read: bool = True                   # False: compiled with stand-in marker ids (`compile_objective`)
 
     @property
     def total(self) -> int:
@@ -81,16 +83,24 @@ def chip_grid(chips: int, dims: int) -> tuple[int, ...]:
 
 
 def target_devices(devices: DeviceSpec) -> list:
-    """Compile-only devices of `devices`' kind and count (a one-line ConfigError when that cannot be had here)."""
+    """Compile-only devices of `devices`' kind and count (a one-line ConfigError when that cannot be had here);
+    for `cpu`, this host's CPU devices (what the trainer runs on here)."""
+    if devices.kind == "cpu":
+        cpus = jax.devices("cpu")
+        if devices.chips > len(cpus):
+            raise ConfigError(f"--devices asks for {devices.chips} CPU devices; this process has {len(cpus)} "
+                              "(XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+        return cpus[:devices.chips]
     if devices.kind not in TPU_TOPOLOGIES:
-        raise ConfigError(f"--compile targets TPU slices (v4, v5p, v5e, v6e) here; {devices.kind} is not one "
-                          "(GPU targets are not supported yet)")
+        raise ConfigError(f"--compile targets TPU slices (v4, v5p, v5e, v6e) and this host's cpu here; "
+                          f"{devices.kind} is not one (GPU targets are not supported yet)")
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError("--compile needs libtpu for compile-only TPU devices: pip install -e '.[tpu]'")
     prefix, chip_config, dims = TPU_TOPOLOGIES[devices.kind]
     grid = chip_grid(devices.chips, dims)
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{devices.kind}-{devices.chips}")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")   # compile-only: no chip is opened, another process may hold libtpu
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")   # one process, no pod: libtpu stops guessing workers
     from jax.experimental import topologies
 
     per_host = tuple(min(a, b) for a, b in zip((2, 2, 1), grid + (1,) * (3 - dims)))   # at most 2x2x1 chips a host
@@ -107,9 +117,9 @@ def target_devices(devices: DeviceSpec) -> list:
 
 
 def compile_objective(cfg: RunConfig, vocab_size: int) -> Objective:
-    """The run's objective with stand-in marker ids (training takes them from the tokenizer; any two ids compile
-    the same program). Compiling reads no tokenizer, so a prompted run (`rlp.prompt`) is compiled without its
-    prompt: a few hundred tokens of context that the figures leave out."""
+    """The run's objective with stand-in marker ids, when its tokenizer cannot be read here (the ids change the
+    program's constants, not its memory or FLOPs): no banned ids and no prompt (a prompted run's few hundred
+    tokens of context are left out of the figures). An executable compiled so is refused by the trainer."""
     return Objective(rlp=cfg.rlp, ids=ThinkIds(start=vocab_size - 2, end=vocab_size - 1))
 
 
@@ -117,17 +127,26 @@ def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int]
     """The run's train step (RLP or NTP, micro-batches as configured) lowered and compiled for `devices` on a
     (data, fsdp, tensor) mesh of `mesh_sizes`. Returns (the compiled executable, CompileReport)."""
     from rlp_jax.runs.loading import model_config
-    from rlp_jax.train import train_step
+    from rlp_jax.train import aot, train_step
+    from rlp_jax.train.loop import objective_of, run_tokenizer, trained_model_config
 
     target = target_devices(devices)
     shape = tuple(mesh_sizes[a] for a in sharding.AXES)
     mesh = jax.sharding.Mesh(np.array(target).reshape(shape), sharding.AXES,
                              axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
-    mcfg = model_config(cfg.model)
+    try:   # the tokenizer's vocabulary (markers added) and ids, as the trainer will have them
+        tokenizer = run_tokenizer(cfg)
+    except (ConfigError, OSError, ValueError):   # not readable on this host: stand-ins (figures hardly change)
+        tokenizer = None
+    if tokenizer is None:
+        mcfg = model_config(cfg.model)
+        objective = compile_objective(cfg, mcfg.vocab_size)
+    else:
+        mcfg, objective = trained_model_config(cfg, tokenizer), objective_of(cfg, tokenizer)
     optimizer = make_optimizer(cfg.optim, cfg.train.steps)
     layout = train_step.state_layout(mcfg, optimizer, mesh, keep_reference=cfg.keeps_kl_reference)
     kw = dict(mesh=mesh, state_shardings=layout.shardings, micro_batches=cfg.train.micro_batches)
-    step = (train_step.make_rlp_train_step(mcfg, compile_objective(cfg, mcfg.vocab_size), optimizer, **kw)
+    step = (train_step.make_rlp_train_step(mcfg, objective, optimizer, **kw)
             if cfg.train.objective == "rlp"
             else train_step.make_ntp_train_step(mcfg, optimizer, **kw))
     rows = NamedSharding(mesh, P(("data", "fsdp")))
@@ -143,7 +162,11 @@ def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int]
     report = CompileReport(devices=devices, mesh=dict(mesh_sizes), argument_bytes=mem.argument_size_in_bytes,
                            output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
                            temp_bytes=mem.temp_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
-                           largest=largest)
+                           largest=largest,
+                           fingerprint=aot.fingerprint(cfg, dataclasses.asdict(mcfg), dataclasses.asdict(objective.ids),
+                                                       platform=target[0].platform, devices=len(target),
+                                                       mesh=dict(mesh_sizes)),
+                           tokenizer_read=tokenizer is not None)
     return compiled, report
 
 

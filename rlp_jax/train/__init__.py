@@ -3,6 +3,7 @@
 loop        the host loop (`run`)
 cli         `python -m rlp_jax.train` (`main`)
 train_step  the train state and the jitted RLP / NTP steps
+aot         a train step compiled ahead of time: saved by the planner, loaded by the trainer
 optim       the optimizer and its schedule
 lock        one training per run directory
 metrics     JSONL, TensorBoard and W&B writers

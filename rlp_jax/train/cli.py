@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="mesh axes, e.g. data=2,fsdp=4 (-1: the rest): the same syntax as evaluate and "
                    "plan; short for --set train.mesh.data=2 --set train.mesh.fsdp=4 ...")
     p.add_argument("--show-config", action="store_true", help="print every field with its value and exit")
+    p.add_argument("--executable", metavar="FILE", help="the train step compiled ahead of time for this run "
+                   "(python -m rlp_jax.plan ... --compile --save-executable FILE): loaded instead of compiled")
     return p
 
 
@@ -90,11 +92,14 @@ def main(argv=None) -> int:
         # A recipe with stages (e.g. demo: next-token pretraining, then RLP from it) runs each in
         # WORKDIR/<stage>; a finished stage is a no-op on a rerun, so the whole recipe resumes.
         stages = module.stages(cfg, workdir) if module is not None and hasattr(module, "stages") else [(None, cfg)]
+        if args.executable and len(stages) > 1:
+            raise ConfigError(f"--executable holds one compiled step; {name} runs {len(stages)} stages (train each "
+                              "stage's run without it, or give a one-stage recipe)")
         for stage, stage_cfg in stages:
             if stage is not None:
                 print(f"== stage {stage}: objective={stage_cfg.train.objective}, steps={stage_cfg.train.steps}")
             final = run(stage_cfg, workdir if stage is None else workdir / stage,
-                        experiment=name if stage is None else f"{name}/{stage}")
+                        experiment=name if stage is None else f"{name}/{stage}", executable=args.executable)
             if got := final.get("preempted"):
                 print(f"preempted by {got} at step {final['step']}, checkpoint saved: rerun the same command to "
                       f"resume from {workdir}", file=sys.stderr)

@@ -31,7 +31,7 @@ from rlp_jax.rlp.prompt import PromptError
 from rlp_jax.rlp.think_ids import think_ids
 from rlp_jax.runs import checkpoint, layout, loading
 from rlp_jax.runs.config import ConfigError, RunConfig, to_dict
-from rlp_jax.train import lock, train_step
+from rlp_jax.train import aot, lock, train_step
 from rlp_jax.train.metrics import MetricsWriter
 from rlp_jax.train.optim import learning_rate, make_optimizer
 from rlp_jax.train.preemption import Preemption
@@ -139,6 +139,15 @@ def run_tokenizer(cfg: RunConfig):
     return load_tokenizer(tokenizer_source(cfg), think_tokens=cfg.model.think_tokens)
 
 
+def trained_model_config(cfg: RunConfig, tokenizer) -> Config:
+    """The model config `build_model` gives `cfg`, read without weights (its vocabulary grown to the tokenizer's
+    when the tokenizer added the markers): what a train step for `cfg` is compiled for."""
+    mcfg = loading.model_config(cfg.model)
+    if cfg.model.init_from is None or tokenizer.vocab_size > mcfg.vocab_size:
+        mcfg = mcfg.replace(vocab_size=tokenizer.vocab_size)
+    return mcfg
+
+
 def run_mesh(cfg: RunConfig, mcfg: Config):
     """The run's mesh, after the checks that need it (rows split over it and into micro-batches)."""
     tc = cfg.train
@@ -234,10 +243,11 @@ class _StepLog:
         self.writer.close()
 
 
-def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
+def run(cfg: RunConfig, workdir, *, experiment: str = "custom", executable=None) -> dict:
     """Train `cfg` in `workdir` (a local path or a gs:// URL, see `runs.layout.local_dirs`), resuming if it holds
-    checkpoints. Returns the last logged metrics (with "preempted": "SIGTERM" or "SIGINT" when a signal
-    stopped it after a save)."""
+    checkpoints. executable: a train step compiled ahead of time for this run (`train.executable`; `python -m
+    rlp_jax.plan ... --compile --save-executable FILE`), loaded instead of compiling. Returns the last logged
+    metrics (with "preempted": "SIGTERM" or "SIGINT" when a signal stopped it after a save)."""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=loading.resolve_model_name(
         cfg.model.init_from)))   # a model name such as "smollm2" -> its fetched file
     workdir, ckpt_dir = layout.local_dirs(workdir)
@@ -245,10 +255,10 @@ def run(cfg: RunConfig, workdir, *, experiment: str = "custom") -> dict:
         print(f"checkpoints in {ckpt_dir}; config, metrics and plots in {workdir}")
     check_workdir(workdir)
     with lock.hold_workdir(workdir, layout.remote_workdir(ckpt_dir), process_index=jax.process_index()):
-        return _run(cfg, workdir, ckpt_dir, experiment)
+        return _run(cfg, workdir, ckpt_dir, experiment, executable)
 
 
-def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
+def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str, executable=None) -> dict:
     tc = cfg.train
     tokenizer = run_tokenizer(cfg)
     objective = objective_of(cfg, tokenizer)
@@ -258,6 +268,12 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
     optimizer = make_optimizer(cfg.optim, tc.steps)
     state_plan = train_step.state_layout(mcfg, optimizer, mesh, keep_reference=cfg.keeps_kl_reference)
     record = run_record(cfg, mcfg, experiment)
+    compiled = None
+    if executable is not None:   # compiled ahead of time for exactly this step (refused in one line otherwise)
+        expected = aot.fingerprint(cfg, dataclasses.asdict(mcfg), dataclasses.asdict(objective.ids),
+                                   platform=jax.devices()[0].platform, devices=jax.device_count(),
+                                   mesh=dict(mesh.shape))
+        compiled = aot.load(executable, expected)
     if (remote := layout.remote_workdir(ckpt_dir)) and jax.process_index() == 0:   # readable from the bucket alone
         try:
             layout.store_tokenizer(tokenizer_source(cfg), remote)
@@ -296,6 +312,9 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str) -> dict:
     make = (functools.partial(train_step.make_rlp_train_step, mcfg, objective) if tc.objective == "rlp"
             else functools.partial(train_step.make_ntp_train_step, mcfg))
     step_fn = make(optimizer, mesh=mesh, state_shardings=state_plan.shardings, micro_batches=tc.micro_batches)
+    if compiled is not None:
+        step_fn = compiled
+        print(f"train step loaded from {executable} (compiled ahead of time)")
     eval_fn, eval_batches = held_out(cfg, objective, tokenizer, mcfg, mesh, state_plan.param_shardings)
     logs, preempt, nonfinite_run, previous = None, Preemption(), 0, None
     save = lambda step, force=False: ckpt.save(step, state, data_state=train_iter.get_state(), rng=base_rng,

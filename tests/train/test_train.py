@@ -294,3 +294,36 @@ def test_a_run_config_written_with_the_tokenizers_ids_still_reads():
     old["rlp"]["rollout"]["think_strat_id"] = 7     # anything else unknown is still refused
     with pytest.raises(ConfigError, match="unknown field"):
         from_dict(old)
+
+
+def test_a_step_compiled_ahead_of_time_trains_the_same_run(straight_run, tmp_path):
+    """`python -m rlp_jax.plan --devices=cpu --compile --save-executable FILE`, then `python -m rlp_jax.train ...
+    --executable FILE`: the trainer loads the step instead of compiling it, and the run is the straight run, metric
+    for metric; a file compiled for other settings is refused in one line, before any step."""
+    from tests.train.train_cases import FAST
+
+    workdir, _ = straight_run
+    sets = {**FAST, "train.eval_every": "7", "train.tokenizer": str(workdir / "data" / "tokenizer.model")}
+    exe = tmp_path / "step.exe"
+    # XLA's own CPU flags: a CPU executable compiled with the suite's fast-compile flags (classic emitters) loses
+    # its fused kernels when serialized ("Function slice_pad_fusion not found" when it runs)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "JAX_ENABLE_COMPILATION_CACHE": "false"}
+    plan = subprocess.run([sys.executable, "-m", "rlp_jax.plan", "--experiment=smoke", "--devices=cpu", "--compile",
+                           "--save-executable", str(exe), *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")]],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert plan.returncode == 0 and exe.is_file(), plan.stdout[-2000:] + plan.stderr[-2000:]
+    overrides = [f"{k}={v}" for k, v in sets.items() if k not in FAST]
+    proc = train_smoke(tmp_path / "aot", *overrides, args=("--executable", str(exe)), env=env)
+    assert proc.returncode == 0 and "loaded from" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for split in ("train", "eval"):   # the same run (float32 round-off apart: the straight run compiled at -O0)
+        got, want = _metrics(tmp_path / "aot", split), _metrics(workdir, split)
+        assert sorted(got) == sorted(want)
+        for step in want:
+            for key in ("reward/mean", "reward/s_pred", "thought/mean_len", "eval/info_gain"):
+                if key in want[step]:
+                    np.testing.assert_allclose(got[step][key], want[step][key], rtol=1e-4, atol=1e-6,
+                                               err_msg=f"{split} {step} {key}")
+    other = train_smoke(tmp_path / "other", *overrides, "optim.lr=0.5", args=("--executable", str(exe)))
+    errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
+    assert other.returncode == 2 and len(errors) == 1 and "compiled for another run: settings" in errors[0], other.stderr
+    assert "Traceback" not in other.stderr and not list((tmp_path / "other").glob("checkpoints/[0-9]*"))

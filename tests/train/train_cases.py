@@ -14,11 +14,11 @@ FAST = {"train.steps": "8", "train.save_every": "2", "train.plot": "false", "rlp
 ANY_LENGTH = "optim.schedule=constant"
 
 
-def train_smoke(workdir, *overrides, wait=True, env=None):
-    """`python -m rlp_jax.train --experiment=smoke` in WORKDIR with FAST and `overrides` (key=value);
-    `env`: extra environment variables. wait=False: a Popen writing WORKDIR/stdout.log."""
+def train_smoke(workdir, *overrides, wait=True, env=None, args=()):
+    """`python -m rlp_jax.train --experiment=smoke` in WORKDIR with FAST and `overrides` (key=value) and further
+    command-line `args`; `env`: extra environment variables. wait=False: a Popen writing WORKDIR/stdout.log."""
     sets = dict(FAST, **dict(o.split("=", 1) for o in overrides))
-    cmd = [sys.executable, "-m", "rlp_jax.train", "--experiment=smoke", f"--workdir={workdir}"]
+    cmd = [sys.executable, "-m", "rlp_jax.train", "--experiment=smoke", f"--workdir={workdir}", *args]
     for key, value in sets.items():
         cmd += ["--set", f"{key}={value}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
