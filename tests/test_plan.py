@@ -430,3 +430,19 @@ def test_cli_plans_the_12b_hybrid(capsys):
     total = sum(hybrid_costs.rlp_step_flops(model_config(cfg.model), cfg.rlp, 512, 2048).values())
     (line,) = [x for x in out.splitlines() if x.strip().startswith("RLP step")]
     assert line.split()[-1] == f"{total / 1e15:.3g}P"
+
+
+def test_tpu_tiling_pads_the_two_minor_dimensions():
+    """(8, 128) tiles: 4-byte rows pad to 8, 2-byte rows (packed two to a row) to 16, columns to 128; dense = 1."""
+    from rlp_jax.plan.costs import DENSE, TPU_TILING
+
+    assert TPU_TILING.factor(34, 546, 4) == pytest.approx(40 * 640 / (34 * 546))
+    assert TPU_TILING.factor(8, 32, 2) == pytest.approx(16 * 128 / (8 * 32))        # a branch's [heads, head_dim]
+    assert TPU_TILING.factor(512, 512, 4) == 1.0 and DENSE.factor(34, 546, 4) == 1.0
+    cfg = apply_overrides(load_experiment("demo").config(), ["model.preset=small", "data.seq_len=512",
+                                                             "data.batch_size=16", "model.compute_dtype=bfloat16"])
+    mesh = {"data": 4, "fsdp": 1, "tensor": 1}
+    tpu = plan.plan(cfg, plan.device_spec("v5p-8"), mesh)
+    dense = plan.plan(cfg, plan.device_spec("h100x4"), mesh)
+    assert tpu.activations["loss"] > 1.3 * dense.activations["loss"]   # 34-token branches, head width 32
+    assert tpu.state == dense.state
