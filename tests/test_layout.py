@@ -37,3 +37,20 @@ def test_readers_import_no_training_stack():
             "print(bad[:5]); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
+def test_every_package_map_names_its_modules():
+    """Each package's `__init__` docstring lists every module and subpackage in it (the package maps)."""
+    import ast
+    import re
+
+    root = Path(__file__).resolve().parents[1] / "rlp_jax"
+    missing = {}
+    for init in root.rglob("__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        here = init.parent
+        names = [p.stem for p in here.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+        names += [p.parent.name for p in here.glob("*/__init__.py")]
+        if gone := [n for n in names if not re.search(rf"\b{re.escape(n)}\b", doc)]:
+            missing[str(here.relative_to(root.parent))] = gone
+    assert not missing, missing

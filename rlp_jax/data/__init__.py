@@ -2,6 +2,7 @@
 
 config     DataConfig / SourceConfig (plain settings, no Grain)
 pipeline   the streaming mixture, packing, exact resume, bad-record counts (Grain)
+stages     our Grain stages: records -> document chunks, the window shuffle, collation
 readers    file formats (JSONL, Parquet, text, ArrayRecord; local and gs://)
 tokenizer  sentencepiece and Hugging Face / GGUF tokenizers, think markers, embedding growth
 corpus     the generated reasoning-rich corpus of the replication and smollm2 recipes

