@@ -150,7 +150,7 @@ def activation_bytes(m: ModelConfig, rlp: RLPConfig, *, rows: int, seq_len: int,
         saved = y * (tok * doc_tokens + pair * doc_pairs)
         return {"loss": saved + logits(b * length, length, 3) + doc_transient + gathered}
     ro = rlp.rollout
-    n, t = ro.positions_per_doc * ro.group_size, ro.thought_len
+    n, t = ro.positions_per_row * ro.group_size, ro.thought_len
     s = t + 1 + rlp.reward.horizon
     kv = lambda slots: 2 * y * slots * hk * dh * c * t_(hk / tp, dh, c) / tp             # noqa: E731
     teacher = param_copy + logits(b * min(length, TOKEN_CHUNK), min(length, TOKEN_CHUNK), 2) + doc_transient + gathered
@@ -230,7 +230,7 @@ def rlp_step_flops(m: ModelConfig, rlp: RLPConfig, batch: int, seq_len: int) -> 
     """
     ro = rlp.rollout
     b, length = batch, seq_len
-    n, t = b * ro.positions_per_doc * ro.group_size, ro.thought_len
+    n, t = b * ro.positions_per_row * ro.group_size, ro.thought_len
     s = t + 1 + rlp.reward.horizon
     tbar = mean_position(rlp, seq_len)
     causal = b * length * (length + 1) / 2
@@ -252,4 +252,4 @@ def effective_tokens(rlp: RLPConfig, batch: int, seq_len: int) -> float:
     """The paper's per-step token budget n_rollouts * l_seq * batch + input tokens, with n_rollouts = K*G per
     row and l_seq = L + T_think (this reading reproduces its "170M RLP tokens ~ 6B CPT tokens")."""
     ro = rlp.rollout
-    return ro.positions_per_doc * ro.group_size * (seq_len + ro.thought_len) * batch + batch * seq_len
+    return ro.positions_per_row * ro.group_size * (seq_len + ro.thought_len) * batch + batch * seq_len

@@ -133,7 +133,7 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
     ro = rlp.rollout
     decode_floor = None
     if objective == "rlp" and devices.bandwidth:   # T sequential sampling steps per micro-batch
-        read = model_costs.decode_step_bytes(m, rows=mb_rows, seq_len=length, branches=ro.positions_per_doc *
+        read = model_costs.decode_step_bytes(m, rows=mb_rows, seq_len=length, branches=ro.positions_per_row *
                                              ro.group_size, thought_len=ro.thought_len, tp=tp)
         decode_floor = micro * ro.thought_len * read / devices.bandwidth
 
@@ -146,7 +146,7 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
             hints.append(f"--set model.remat=full (loss phase {loss_by_remat['full'] / GIB:.1f} GiB) or dots "
                          f"({loss_by_remat['dots'] / GIB:.1f} GiB)")
         if objective == "rlp":
-            hints.append("fewer branches per device: lower rlp.rollout.positions_per_doc / group_size / thought_len "
+            hints.append("fewer branches per device: lower rlp.rollout.positions_per_doc / docs_per_row / group_size / thought_len "
                          "(the branch residuals and attention scores grow with all three)")
         if mb_rows > 1:
             fitting = [k for k in range(micro + 1, rows + 1) if rows % k == 0 and

@@ -123,7 +123,7 @@ def rlp_step_flops(h: HybridConfig, rlp: RLPConfig, batch: int, seq_len: int) ->
     tokens from their start states), reference (kl_beta > 0). Attention pairs are causal pairs (MFU convention)."""
     ro = rlp.rollout
     b, length, t = batch, seq_len, ro.thought_len
-    positions, branches = b * ro.positions_per_doc, b * ro.positions_per_doc * ro.group_size
+    positions, branches = b * ro.positions_per_row, b * ro.positions_per_row * ro.group_size
     s = t + 1 + rlp.reward.horizon
     tbar = mean_position(rlp, seq_len)
     causal = b * length * (length + 1) / 2
@@ -306,7 +306,7 @@ def activation_bytes(h: HybridConfig, rlp: RLPConfig, *, rows: int, seq_len: int
         loss = loss_pass_bytes(h, rows=b, seq_len=length, positions=0, branches=0, branch_len=0, tp=tp)
         return {"loss": loss + 3 * F32 * b * length * v / tp + gathered}
     ro = rlp.rollout
-    k, n, t = ro.positions_per_doc, ro.positions_per_doc * ro.group_size, ro.thought_len
+    k, n, t = ro.positions_per_row, ro.positions_per_row * ro.group_size, ro.thought_len
     s = t + 1 + rlp.reward.horizon
     prefix = prefix_cache_bytes(h, rows=b, seq_len=length, positions=k, tp=tp)
     teacher = param_copy + 2 * F32 * b * min(length, TOKEN_CHUNK) * v / tp + doc_fwd + gathered

@@ -19,6 +19,11 @@ class RolloutConfig:
     Attributes:
       group_size: G, thoughts sampled per position (>= 2; paper 16).
       positions_per_doc: K, positions per document (paper: 1 per (context, next token) example).
+      docs_per_row: D. 0 (the default): K positions per row, drawn over all the documents packed in it (they
+        compete; with `data.packing=window` a row is one document, so this is K per document). D >= 1: K
+        positions in each of a row's first D documents (segment ids 1..D), [B, D*K] slots, masked where a row
+        holds fewer documents or a document fewer valid positions: the paper's rule in packed rows, at D*K*G
+        thoughts per row (`positions_per_row`).
       thought_len: T_think, maximum thought tokens before `</think>` is forced (paper 2048).
       temperature: sampling temperature (paper 0.7). Log-probs of thought tokens are those of the
         temperature-scaled distribution, in the sampler and in the loss alike.
@@ -43,6 +48,7 @@ class RolloutConfig:
 
     group_size: int = 16
     positions_per_doc: int = 1
+    docs_per_row: int = 0
     thought_len: int = 2048
     temperature: float = 0.7
     top_p: float = 1.0
@@ -59,6 +65,8 @@ class RolloutConfig:
                              f"got {self.group_size}")
         if self.positions_per_doc < 1 or self.thought_len < 1 or self.min_context < 1:
             raise ValueError("rollout.positions_per_doc, rollout.thought_len and rollout.min_context must be >= 1")
+        if self.docs_per_row < 0:
+            raise ValueError(f"rollout.docs_per_row must be >= 0 (0 = positions per row), got {self.docs_per_row}")
         if not self.temperature > 0:
             raise ValueError(f"rollout.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -69,6 +77,11 @@ class RolloutConfig:
             raise ValueError(f"rollout.position_rule must be one of {POSITION_RULES}, got {self.position_rule!r}")
         if not self.ema_band[0] < self.ema_band[1]:
             raise ValueError(f"rollout.ema_band must be (low, high) with low < high, got {self.ema_band}")
+
+    @property
+    def positions_per_row(self) -> int:
+        """Position slots of a row: K, or D*K with docs_per_row = D."""
+        return self.positions_per_doc * max(1, self.docs_per_row)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,7 @@
 """Choosing the positions t at which the policy thinks (docs/method.md step 1).
 
-Shapes: B documents, L tokens, K positions per document, H reward horizon.
+Shapes: B rows, L tokens, K positions per document (per row with `rollout.docs_per_row` = 0; D*K slots a row
+with D documents), H reward horizon.
 """
 
 from __future__ import annotations
@@ -44,11 +45,7 @@ def choose_positions(rng, valid_bl, num_positions: int, *, score_bl=None):
     gumbel = jax.random.gumbel(rng, valid_bl.shape)
     scores = jnp.where(valid_bl, gumbel, -jnp.inf)
     top, t_bk = jax.lax.top_k(scores, num_positions)
-    mask_bk = jnp.isfinite(top)
-    order = jnp.argsort(jnp.where(mask_bk, t_bk, valid_bl.shape[1]), axis=1)
-    t_bk = jnp.take_along_axis(t_bk, order, axis=1)
-    mask_bk = jnp.take_along_axis(mask_bk, order, axis=1)
-    return jnp.where(mask_bk, t_bk, 0).astype(jnp.int32), mask_bk
+    return _sorted(t_bk, jnp.isfinite(top), valid_bl.shape[1])
 
 
 def choose_window(rng, valid_bl, num_positions: int):
@@ -66,16 +63,34 @@ def choose_window(rng, valid_bl, num_positions: int):
     return jnp.where(mask_bk, t0 + jnp.arange(k), 0).astype(jnp.int32), mask_bk
 
 
+def _sorted(t_bk, mask_bk, length: int):
+    """Valid slots in ascending order of position, masked ones last (at index 0)."""
+    order = jnp.argsort(jnp.where(mask_bk, t_bk, length), axis=1)
+    t_bk, mask_bk = jnp.take_along_axis(t_bk, order, axis=1), jnp.take_along_axis(mask_bk, order, axis=1)
+    return jnp.where(mask_bk, t_bk, 0).astype(jnp.int32), mask_bk
+
+
 def select_positions(rng, segment_ids_bl, positions_bl, ema_logprobs_bl, rollout: RolloutConfig, horizon: int):
-    """Apply the configured rule (`rollout.position_rule`); returns (t_bk, mask_bk) as `choose_positions`."""
+    """Apply the configured rule (`rollout.position_rule`) per row, or per document of a packed row with
+    `rollout.docs_per_row` = D >= 1 (each of its first D documents drawn with its own key); returns (t_bk,
+    mask_bk) as `choose_positions`, [B, K] or [B, D*K]."""
     valid = valid_positions(segment_ids_bl, positions_bl, min_context=rollout.min_context, horizon=horizon)
     band = None
     if rollout.position_rule == "ema_band":
         surprise = -ema_logprobs_bl
         band = (surprise >= rollout.ema_band[0]) & (surprise <= rollout.ema_band[1])
-    if rollout.position_rule == "window":
-        return choose_window(rng, valid, rollout.positions_per_doc)
-    return choose_positions(rng, valid, rollout.positions_per_doc, score_bl=band)
+
+    def draw(key, valid_bl):
+        if rollout.position_rule == "window":
+            return choose_window(key, valid_bl, rollout.positions_per_doc)
+        return choose_positions(key, valid_bl, rollout.positions_per_doc, score_bl=band)
+
+    if rollout.docs_per_row == 0:
+        return draw(rng, valid)
+    docs = range(1, rollout.docs_per_row + 1)
+    parts = [draw(jax.random.fold_in(rng, d), valid & (segment_ids_bl == d)) for d in docs]
+    return _sorted(jnp.concatenate([t for t, _ in parts], axis=1), jnp.concatenate([m for _, m in parts], axis=1),
+                   valid.shape[1])
 
 
 def eval_positions(rng, segment_ids_bl, positions_bl, rollout: RolloutConfig, horizon: int):

@@ -1,5 +1,7 @@
 """Choosing thinking positions (docs/method.md step 1) against hand cases and naive numpy loops."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -279,3 +281,32 @@ def test_eval_positions_never_depend_on_a_model():
     want = _select(key, seg, pos, None, _cfg(positions_per_doc=2, min_context=1), 1)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_docs_per_row_draws_k_positions_in_each_packed_document():
+    """docs_per_row = D: K positions in each of a row's first D documents (the paper's one draw per document),
+    every valid position of a document equally likely; a row with fewer documents, or a document with fewer
+    valid positions, leaves its slots masked; 0 keeps K per row."""
+    seg = np.array([[1] * 6 + [2] * 6 + [3] * 4, [1] * 10 + [2] * 3 + [0] * 3], np.int32)
+    pos = np.array([list(range(6)) + list(range(6)) + list(range(4)),
+                    list(range(10)) + list(range(3)) + [0] * 3], np.int32)
+    ro = RolloutConfig(group_size=2, positions_per_doc=2, min_context=2, docs_per_row=3)
+    assert ro.positions_per_row == 6
+    counts = np.zeros(seg.shape)
+    for i in range(400):
+        t, m = (np.asarray(x) for x in _select(jax.random.key(i), seg, pos, None, rollout=ro, horizon=1))
+        assert t.shape == (2, 6) and list(m.sum(1)) == [6, 3]   # row 1: doc 2 has 1 valid position, no doc 3
+        for b in range(2):
+            chosen = t[b][m[b]]
+            assert list(chosen) == sorted(chosen) and len(set(chosen)) == len(chosen)
+            docs = seg[b][chosen]
+            for d in (1, 2, 3):
+                assert (docs == d).sum() == min(2, int(((seg[b] == d) & (pos[b] >= 2)).sum()))
+            counts[b, chosen] += 1
+    # uniform within a document: 2 of its 4 valid positions each draw -> each chosen half the time
+    for lo, hi in ((2, 6), (8, 12)):
+        np.testing.assert_allclose(counts[0, lo:hi] / 400, 0.5, atol=0.1)
+    assert counts[0, 14:16].tolist() == [400, 400] and counts[1, 12] == 400   # 2 valid of 2, 1 valid of 1
+    per_row = dataclasses.replace(ro, docs_per_row=0)
+    t, m = _select(jax.random.key(0), seg, pos, None, rollout=per_row, horizon=1)
+    assert t.shape == (2, 2) and bool(m.all())

@@ -121,3 +121,17 @@ def test_a_non_finite_update_from_finite_gradients_is_skipped(params, batch):
     assert np.isfinite(float(m["loss/total"])) and np.isfinite(float(m["train/grad_norm"]))
     assert int(m["train/skipped_nonfinite"]) == 1 and int(new_state.step) == 1
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), new_state.params, expected)
+
+
+def test_a_step_draws_positions_per_packed_document(params, batch):
+    """rollout.docs_per_row = 2 on rows of one and of two packed documents: K = 2 positions in each document,
+    so 4 slots a row, of which the one-document row fills 2 (`positions/valid_fraction` = 3/4)."""
+    import dataclasses
+
+    rlp = rlp_config()
+    rlp = dataclasses.replace(rlp, rollout=dataclasses.replace(rlp.rollout, docs_per_row=2))
+    opt = optax.sgd(0.0)
+    state = train_step.init_train_state(jax.tree.map(jnp.copy, params), opt)
+    _, m = train_step.make_rlp_train_step(CFG, bind(rlp), opt)(state, batch, jax.random.key(0))
+    assert float(m["positions/valid_fraction"]) == 0.75
+    assert np.isfinite(float(m["reward/mean"])) and float(m["thought/mean_len"]) > 0
