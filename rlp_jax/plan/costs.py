@@ -90,8 +90,10 @@ def _transient(m: ModelConfig, tokens: float, pairs: float, tp: int, tiling: Til
     """One layer's forward working set (recomputed or not): activations + float32 scores, probabilities."""
     tok, _ = _per_layer(m, "none", tp, tiling, per_row, keys)
     c = dtype_bytes(m.compute_dtype)
-    return tok * tokens + pairs * m.num_heads * (8 * tiling.factor(per_row, keys, 4)
-                                                 + c * tiling.factor(per_row, keys, c)) / tp
+    mlp = 4 * c * m.intermediate_size * tiling.factor(per_row, m.intermediate_size / tp, c) / tp
+    scores = pairs * m.num_heads * (8 * tiling.factor(per_row, keys, 4) + c * tiling.factor(per_row, keys, c)) / tp
+    # attention (without the MLP-wide arrays) and the MLP (without the scores) are not live at once
+    return max((tok - mlp) * tokens + scores, tok * tokens)
 
 
 def attended(m: Config, queries: float, keys: float, rows: float, own_keys: float = 0.0,
