@@ -4,6 +4,7 @@ names it: `--set model.preset=qwen3-8b`, `--set model.preset=nemotron-nano-12b-v
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -112,6 +113,10 @@ def main(argv=None) -> int:
     p.add_argument("--save-executable", metavar="FILE", help="with --compile: write the compiled step to FILE for "
                    "the trainer (python -m rlp_jax.train ... --executable FILE starts without compiling)")
     args = p.parse_args(argv)
+    if "JAX_PLATFORMS" not in os.environ:   # the planner needs no local accelerator (compile-only devices
+        import jax                          # are opened apart): no TPU or GPU runtime is brought up and logs
+
+        jax.config.update("jax_platforms", "cpu")
     try:
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
