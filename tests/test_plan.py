@@ -438,7 +438,7 @@ def test_tpu_tiling_pads_the_two_minor_dimensions():
 
     assert TPU_TILING.factor(34, 546, 4) == pytest.approx(40 * 640 / (34 * 546))
     assert TPU_TILING.factor(8, 32, 2) == pytest.approx(16 * 128 / (8 * 32))        # a branch's [heads, head_dim]
-    assert TPU_TILING.factor(512, 512, 4) == 1.0 and DENSE.factor(34, 546, 4) == 1.0
+    assert TPU_TILING.factor(512, 512, 4) == 1.0 and DENSE.factor(34, 546, 4) == 1.0 == DENSE.factor(33, 7, 2)
     cfg = apply_overrides(load_experiment("demo").config(), ["model.preset=small", "data.seq_len=512",
                                                              "data.batch_size=16", "model.compute_dtype=bfloat16"])
     mesh = {"data": 4, "fsdp": 1, "tensor": 1}

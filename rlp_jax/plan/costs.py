@@ -55,7 +55,7 @@ class Tiling:
 
     def factor(self, rows: float, cols: float, nbytes: int) -> float:
         """Bytes of a [..., rows, cols] array of `nbytes`-byte values over its dense bytes (1 when dense)."""
-        sub = self.sublanes * max(1, 4 // nbytes)
+        sub = self.sublanes * max(1, 4 // nbytes) if self.sublanes > 1 else 1   # dense: no packing either
         r, c = max(1, math.ceil(rows)), max(1, math.ceil(cols))
         return -(-r // sub) * sub * (-(-c // self.lanes) * self.lanes) / (r * c)
 
