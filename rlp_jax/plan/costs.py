@@ -63,6 +63,18 @@ class Tiling:
 DENSE, TPU_TILING = Tiling(), Tiling(lanes=128, sublanes=8)
 
 
+def _mlp_bytes(m: ModelConfig, tp: int, tiling: Tiling, per_row: float) -> float:
+    """Bytes per token of a layer's 4 MLP-wide arrays (compute dtype), [.., per_row, F / tp] as `tiling` lays them."""
+    c, f = dtype_bytes(m.compute_dtype), m.intermediate_size
+    return 4 * c * f * tiling.factor(per_row, f / tp, c) / tp
+
+
+def _pair_bytes(m: ModelConfig, tp: int, tiling: Tiling, per_row: float, keys: float, f32_copies: int) -> float:
+    """Bytes per (query, key) pair of `f32_copies` float32 score arrays and one compute-dtype cast, every head."""
+    c = dtype_bytes(m.compute_dtype)
+    return m.num_heads * (4 * f32_copies * tiling.factor(per_row, keys, 4) + c * tiling.factor(per_row, keys, c)) / tp
+
+
 def _per_layer(m: ModelConfig, remat: str, tp: int, tiling: Tiling = DENSE, per_row: float = 1,
                keys: float = 1) -> tuple[float, float]:
     """(bytes per token, bytes per dense attention pair) one layer keeps for the backward under `remat`, for a
@@ -81,19 +93,17 @@ def _per_layer(m: ModelConfig, remat: str, tp: int, tiling: Tiling = DENSE, per_
     # none: norm inputs/outputs, q/k/v before and after qk-norm/rotary, attention output, 4 MLP-wide
     # tensors (compute dtype), float32 norm statistics; per pair the float32 probabilities + their cast.
     qk32 = 4 * (heads(h, 4) + heads(hk, 4)) / tp if m.qk_norm else 0.0
-    per_token = c * (4 * wide(d, c) + (3 * (heads(h, c) + heads(hk, c)) + 4 * wide(f / tp, c) * tp) / tp)
-    return per_token + 8 * wide(d, 4) + qk32, h * (4 * t(per_row, keys, 4) + c * t(per_row, keys, c)) / tp
+    per_token = c * (4 * wide(d, c) + 3 * (heads(h, c) + heads(hk, c)) / tp) + _mlp_bytes(m, tp, tiling, per_row)
+    return per_token + 8 * wide(d, 4) + qk32, _pair_bytes(m, tp, tiling, per_row, keys, f32_copies=1)
 
 
 def _transient(m: ModelConfig, tokens: float, pairs: float, tp: int, tiling: Tiling = DENSE, per_row: float = 1,
                keys: float = 1) -> float:
     """One layer's forward working set (recomputed or not): activations + float32 scores, probabilities."""
     tok, _ = _per_layer(m, "none", tp, tiling, per_row, keys)
-    c = dtype_bytes(m.compute_dtype)
-    mlp = 4 * c * m.intermediate_size * tiling.factor(per_row, m.intermediate_size / tp, c) / tp
-    scores = pairs * m.num_heads * (8 * tiling.factor(per_row, keys, 4) + c * tiling.factor(per_row, keys, c)) / tp
+    scores = pairs * _pair_bytes(m, tp, tiling, per_row, keys, f32_copies=2)
     # attention (without the MLP-wide arrays) and the MLP (without the scores) are not live at once
-    return max((tok - mlp) * tokens + scores, tok * tokens)
+    return max((tok - _mlp_bytes(m, tp, tiling, per_row)) * tokens + scores, tok * tokens)
 
 
 def attended(m: Config, queries: float, keys: float, rows: float, own_keys: float = 0.0,

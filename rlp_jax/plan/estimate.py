@@ -146,8 +146,8 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
             hints.append(f"--set model.remat=full (loss phase {loss_by_remat['full'] / GIB:.1f} GiB) or dots "
                          f"({loss_by_remat['dots'] / GIB:.1f} GiB)")
         if objective == "rlp":
-            hints.append("fewer branches per device: lower rlp.rollout.positions_per_doc / docs_per_row / group_size / thought_len "
-                         "(the branch residuals and attention scores grow with all three)")
+            hints.append("fewer branches per device: lower rlp.rollout.positions_per_doc / docs_per_row / group_size / "
+                         "thought_len (the branch residuals and attention scores grow with each)")
         if mb_rows > 1:
             fitting = [k for k in range(micro + 1, rows + 1) if rows % k == 0 and
                        _total(_with_accumulator(base_state, k), act(m, rows // k)) <= devices.hbm_bytes]
