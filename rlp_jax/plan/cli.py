@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+import jax
+
 from rlp_jax.plan.devices import GIB, default_mesh, device_spec, parse_mesh
 from rlp_jax.plan.estimate import Plan, cost_model, plan
 from rlp_jax.runs.config import (
@@ -113,10 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--save-executable", metavar="FILE", help="with --compile: write the compiled step to FILE for "
                    "the trainer (python -m rlp_jax.train ... --executable FILE starts without compiling)")
     args = p.parse_args(argv)
-    if "JAX_PLATFORMS" not in os.environ:   # the planner needs no local accelerator (compile-only devices
-        import jax                          # are opened apart): no TPU or GPU runtime is brought up and logs
-
-        jax.config.update("jax_platforms", "cpu")
+    if "JAX_PLATFORMS" not in os.environ:   # the planner needs no local accelerator (compile-only devices are
+        jax.config.update("jax_platforms", "cpu")   # opened apart): no TPU or GPU runtime is brought up and logs
     try:
         if not 0 < args.mfu <= 1:
             raise ConfigError(f"--mfu must be in (0, 1], got {args.mfu}")
@@ -136,9 +136,7 @@ def main(argv=None) -> int:
         print(f"compiling the train step for {args.devices} (compile-only devices; minutes for a large model) ...",
               flush=True)
         if args.save_executable:   # compiled here, not read back from a persistent cache: a CPU executable that
-            import jax             # the cache served serializes without its kernels
-
-            jax.config.update("jax_enable_compilation_cache", False)
+            jax.config.update("jax_enable_compilation_cache", False)   # the cache served serializes without its kernels
         try:
             compiled, report = compile_step(cfg, devices, mesh)
             if args.save_executable:

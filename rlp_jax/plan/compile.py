@@ -163,9 +163,8 @@ def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int]
                            output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
                            temp_bytes=mem.temp_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
                            largest=largest,
-                           fingerprint=aot.fingerprint(cfg, dataclasses.asdict(mcfg), dataclasses.asdict(objective.ids),
-                                                       platform=target[0].platform, devices=len(target),
-                                                       mesh=dict(mesh_sizes)),
+                           fingerprint=aot.fingerprint(cfg, mcfg, objective.ids, platform=target[0].platform,
+                                                       devices=len(target), mesh=dict(mesh_sizes)),
                            tokenizer_read=tokenizer is not None)
     return compiled, report
 

@@ -40,5 +40,4 @@ def think_ids(rlp: RLPConfig, tokenizer) -> ThinkIds:
     if rlp.rollout.ban_special_tokens:
         special = {tokenizer.eos_id, tokenizer.bos_id, tokenizer.pad_id} | set(tokenizer.special_ids)
         banned |= special - {None, start, end}
-    return ThinkIds(start=start, end=end, banned=tuple(sorted(banned)),
-                       prompt=render_prompt(rlp.prompt, tokenizer))
+    return ThinkIds(start=start, end=end, banned=tuple(sorted(banned)), prompt=render_prompt(rlp.prompt, tokenizer))

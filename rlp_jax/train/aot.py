@@ -10,6 +10,7 @@ program depends on. A file that does not match the run is refused in one line, n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -23,13 +24,12 @@ from rlp_jax.runs.config import ConfigError, RunConfig, to_dict
 FORMAT = "rlp_jax-executable-1"
 
 
-def fingerprint(cfg: RunConfig, model_fields: dict, ids: dict, *, platform: str, devices: int,
-                mesh: dict[str, int]) -> dict:
+def fingerprint(cfg: RunConfig, mcfg, ids, *, platform: str, devices: int, mesh: dict[str, int]) -> dict:
     """What a compiled step depends on: versions, platform, device count, mesh, the model config (as built,
     embeddings grown for added tokens), the tokenizer's ids (`rlp.think_ids`: compiled in as constants) and the
     settings of the step (rlp, optim, the batch's shape, the objective, steps: the learning-rate schedule is
-    compiled in, micro-batches)."""
-    run = to_dict(cfg)
+    compiled in, micro-batches). mcfg: the model config; ids: `rlp.think_ids.ThinkIds`."""
+    run, model_fields, ids = to_dict(cfg), dataclasses.asdict(mcfg), dataclasses.asdict(ids)
     digest = lambda x: hashlib.sha256(json.dumps(x, sort_keys=True, default=str).encode()).hexdigest()[:12]  # noqa: E731
     settings = {"rlp": run["rlp"], "optim": run["optim"], "batch": [cfg.data.batch_size, cfg.data.seq_len],
                 "train": {k: run["train"][k] for k in ("objective", "steps", "micro_batches")}}

@@ -57,7 +57,7 @@ def build_model(cfg: RunConfig, tokenizer, rng, mesh=None) -> tuple[Config, dict
     init (done later on the mesh). Embeddings grow when the tokenizer added tokens (the think markers)."""
     m = cfg.model
     if m.init_from is None:
-        return loading.model_config(m).replace(vocab_size=tokenizer.vocab_size), None
+        return trained_model_config(cfg, tokenizer), None
     if layout.is_run_dir(m.init_from):  # an earlier rlp_jax run (e.g. the NTP stage before RLP): its policy
         mcfg, params, step, _ = loading.load_run_params(m.init_from)
         log.info("initialising from %s step %d", m.init_from, step)
@@ -245,7 +245,7 @@ class _StepLog:
 
 def run(cfg: RunConfig, workdir, *, experiment: str = "custom", executable=None) -> dict:
     """Train `cfg` in `workdir` (a local path or a gs:// URL, see `runs.layout.local_dirs`), resuming if it holds
-    checkpoints. executable: a train step compiled ahead of time for this run (`train.executable`; `python -m
+    checkpoints. executable: a train step compiled ahead of time for this run (`--executable`; `python -m
     rlp_jax.plan ... --compile --save-executable FILE`), loaded instead of compiling. Returns the last logged
     metrics (with "preempted": "SIGTERM" or "SIGINT" when a signal stopped it after a save)."""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init_from=loading.resolve_model_name(
@@ -270,9 +270,8 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str, executab
     record = run_record(cfg, mcfg, experiment)
     compiled = None
     if executable is not None:   # compiled ahead of time for exactly this step (refused in one line otherwise)
-        expected = aot.fingerprint(cfg, dataclasses.asdict(mcfg), dataclasses.asdict(objective.ids),
-                                   platform=jax.devices()[0].platform, devices=jax.device_count(),
-                                   mesh=dict(mesh.shape))
+        expected = aot.fingerprint(cfg, mcfg, objective.ids, platform=jax.devices()[0].platform,
+                                   devices=jax.device_count(), mesh=dict(mesh.shape))
         compiled = aot.load(executable, expected)
     if (remote := layout.remote_workdir(ckpt_dir)) and jax.process_index() == 0:   # readable from the bucket alone
         try:
@@ -311,8 +310,9 @@ def _run(cfg: RunConfig, workdir: Path, ckpt_dir: str, experiment: str, executab
         return {}
     make = (functools.partial(train_step.make_rlp_train_step, mcfg, objective) if tc.objective == "rlp"
             else functools.partial(train_step.make_ntp_train_step, mcfg))
-    step_fn = make(optimizer, mesh=mesh, state_shardings=state_plan.shardings, micro_batches=tc.micro_batches)
-    if compiled is not None:
+    if compiled is None:
+        step_fn = make(optimizer, mesh=mesh, state_shardings=state_plan.shardings, micro_batches=tc.micro_batches)
+    else:
         step_fn = compiled
         print(f"train step loaded from {executable} (compiled ahead of time)")
     eval_fn, eval_batches = held_out(cfg, objective, tokenizer, mcfg, mesh, state_plan.param_shardings)
