@@ -26,6 +26,7 @@ import jax.numpy as jnp
 MASKED = -1e30   # as layers._MASKED: a fully masked query gets a uniform softmax, not NaN
 DEFAULT_BLOCK = 512
 DECODE_BLOCK = 128   # at most this many cache slots per read in sampling (`attend_filled`)
+FILLED_SCOPE = "attend_filled"   # the named scope of its loop (the planner's roofline counts its trips by it)
 
 
 def _blocks(x, block: int, axis: int = 1):
@@ -192,29 +193,28 @@ def merge(parts):
     return total.astype(parts[0][0].dtype)
 
 
-def attend_filled(q, k, v, filled, block: int = DECODE_BLOCK):
-    """Queries q [B, M, E, A, W] over the first `filled` slots (an int, may be traced) of a cache k, v [B, C, E, W],
-    reading only the blocks of `block` slots that hold them: a `lax.fori_loop` of ceil(filled / block) trips,
-    so a sampling step's cache traffic follows the thought's length, not the cache's size C. For inference
-    (no custom VJP). Returns (out [B, M, E, A, W] in q's dtype, lse [B, E, A, M] float32; out 0 and lse MASKED
-    while nothing is filled)."""
+def _read_in_place(q, k, v, layer, trips, blk: int, keep):
+    """The online softmax of queries q [B, M, E, A, W] over `trips` blocks of `blk` keys, each block sliced
+    straight out of layer `layer` of k, v [Y, B, C, E, W] (block i covers keys [i blk, (i + 1) blk); the last
+    block is read from C - blk and overlaps the one before it). keep(lo, idx) -> bool mask of the block's keys
+    idx [blk] (lo: the block's first own key), broadcastable to [B, E, A, M, blk]. For inference (no custom
+    VJP). Returns (out [B, M, E, A, W] in q's dtype, lse [B, E, A, M] float32; out 0 and lse MASKED for a query
+    that kept no key)."""
     b, m, e, a, w = q.shape
-    c = k.shape[1]
-    blk = min(block, c)
+    c = k.shape[2]
     scale = 1.0 / math.sqrt(w)
 
     def body(i, carry):
         mx, den, acc = carry                                   # [B, E, A, M] x2, [B, E, A, M, W]
         lo = i * blk
-        start = jnp.minimum(lo, c - blk)                       # the last block may overlap the one before it
-        k_i = jax.lax.dynamic_slice_in_dim(k, start, blk, axis=1)
-        v_i = jax.lax.dynamic_slice_in_dim(v, start, blk, axis=1)
-        idx = start + jnp.arange(blk)
-        keep = (idx >= lo) & (idx < filled)                    # [blk]: this block's own filled slots
+        start = jnp.minimum(lo, c - blk)
+        k_i = jax.lax.dynamic_slice(k, (layer, 0, start, 0, 0), (1, b, blk, e, w))[0].astype(q.dtype)
+        v_i = jax.lax.dynamic_slice(v, (layer, 0, start, 0, 0), (1, b, blk, e, w))[0].astype(q.dtype)
+        keep_i = keep(lo, start + jnp.arange(blk))
         s = jnp.einsum("bmeaw,bkew->beamk", q, k_i, preferred_element_type=jnp.float32) * scale
-        s = jnp.where(keep, s, MASKED)
+        s = jnp.where(keep_i, s, MASKED)
         new_mx = jnp.maximum(mx, s.max(-1))
-        p = jnp.where(keep, jnp.exp(s - new_mx[..., None]), 0.0)
+        p = jnp.where(keep_i, jnp.exp(s - new_mx[..., None]), 0.0)
         fix = jnp.exp(mx - new_mx)
         acc = acc * fix[..., None] + jnp.einsum("beamk,bkew->beamw", p.astype(v_i.dtype), v_i,
                                                 preferred_element_type=jnp.float32)
@@ -222,8 +222,48 @@ def attend_filled(q, k, v, filled, block: int = DECODE_BLOCK):
 
     init = (jnp.full((b, e, a, m), MASKED, jnp.float32), jnp.zeros((b, e, a, m), jnp.float32),
             jnp.zeros((b, e, a, m, w), jnp.float32))
-    mx, den, acc = jax.lax.fori_loop(0, (filled + blk - 1) // blk, body, init)
+    mx, den, acc = jax.lax.fori_loop(0, trips, body, init)
     some = den > 0
     safe = jnp.where(some, den, 1.0)
     out = (acc / safe[..., None]).transpose(0, 3, 1, 2, 4)
     return out.astype(q.dtype), jnp.where(some, mx + jnp.log(safe), MASKED)
+
+
+def _stacked(k, v, layer):
+    """(k, v, layer) with a leading layer axis: [B, C, E, W] caches become a one-layer stack read at 0."""
+    return (k[None], v[None], 0) if layer is None else (k, v, layer)
+
+
+def attend_filled(q, k, v, filled, block: int = DECODE_BLOCK, layer=None):
+    """Queries q [B, M, E, A, W] over the first `filled` slots (an int, may be traced) of a cache k, v [B, C, E, W],
+    reading only the blocks of `block` slots that hold them: a `lax.fori_loop` of ceil(filled / block) trips,
+    so a sampling step's cache traffic follows the thought's length, not the cache's size C. For inference
+    (no custom VJP). Returns (out [B, M, E, A, W] in q's dtype, lse [B, E, A, M] float32; out 0 and lse MASKED
+    while nothing is filled).
+
+    layer: given (an int, may be traced), k and v are every layer's caches [Y, B, C, E, W] and the blocks are
+    read from layer `layer` directly. Inside a layer scan, pass the stacked caches and the layer index rather
+    than scanning over them: a scan's per-layer slice of a cache that feeds this loop is copied whole (XLA:TPU
+    materialises a loop's operand), which costs the whole cache's traffic at every token."""
+    k, v, layer = _stacked(k, v, layer)
+    blk = min(block, k.shape[2])
+    with jax.named_scope(FILLED_SCOPE):
+        return _read_in_place(q, k, v, layer, (filled + blk - 1) // blk, blk,
+                              lambda lo, idx: (idx >= lo) & (idx < filled))
+
+
+def attend_prefix(q, k, v, seg_q, lim_q, seg_k, block: int = DEFAULT_BLOCK, layer=None):
+    """`attend_blocks` for inference: queries q [B, M, E, A, W] over keys k, v [B, L, E, W] (or every layer's
+    [Y, B, L, E, W] read at `layer`, as `attend_filled`) under the descriptor mask (seg_q, lim_q [B, M], seg_k
+    [B, L]), each block of `block` keys sliced in place (no blocked copy of the keys). Returns (out, lse) as
+    `attend_blocks` does, except that a query that sees no key gets out 0 and lse MASKED (either merges the
+    same: its part weighs nothing)."""
+    k, v, layer = _stacked(k, v, layer)
+    length = k.shape[2]
+    blk = min(block, length)
+
+    def keep(lo, idx):
+        seg_kb = jax.lax.dynamic_slice_in_dim(seg_k, idx[0], blk, axis=1)                    # [B, blk]
+        return (_mask(seg_q, lim_q, seg_kb, idx) & (idx >= lo))[:, None, None]               # [B, 1, 1, M, blk]
+
+    return _read_in_place(q, k, v, layer, -(-length // blk), blk, keep)

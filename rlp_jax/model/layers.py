@@ -201,12 +201,18 @@ def branch_attention_blockwise(q_bnsqw, prefix_k, prefix_v, prefix_seg_bl, branc
 
 
 def _prefix_part(q_bmeaw, prefix_k, prefix_v, prefix_seg_bl, branch_seg_bn, branch_start_bn, s: int,
-                 block: int | None):
+                 block: int | None, layer=None, *, inference: bool = False):
     """The prefix keys a row's N x S branch queries (M = N S, branch-major) see: l < branch start, in the
-    branch's segment; blockwise by `block` keys, or densely when block is None. Returns (out, lse)."""
+    branch's segment; blockwise by `block` keys, or densely when block is None. Returns (out, lse).
+    layer: given, prefix_k/v are every layer's [Y, B, L, E, W] and layer `layer` is read. inference: blocks are
+    read in place (`blockwise.attend_prefix`, no VJP) rather than by the differentiable `attend_blocks`."""
     seg_q = jnp.repeat(branch_seg_bn.astype(jnp.int32), s, axis=1)       # [B, M]
     lim_q = jnp.repeat(branch_start_bn.astype(jnp.int32) - 1, s, axis=1)
     prefix_seg = prefix_seg_bl.astype(jnp.int32)
+    if block is not None and inference:
+        return blockwise.attend_prefix(q_bmeaw, prefix_k, prefix_v, seg_q, lim_q, prefix_seg, block, layer=layer)
+    if layer is not None:
+        prefix_k, prefix_v = prefix_k[layer], prefix_v[layer]
     if block is not None:
         return blockwise.attend_blocks(q_bmeaw, prefix_k, prefix_v, seg_q, lim_q, prefix_seg, block)
     idx = jnp.arange(prefix_k.shape[1])
@@ -219,19 +225,25 @@ def _prefix_part(q_bmeaw, prefix_k, prefix_v, prefix_seg_bl, branch_seg_bn, bran
 
 def branch_decode_attention(q_bnsqw, prefix_k, prefix_v, prefix_seg_bl, branch_seg_bn, branch_start_bn,
                             cache_k, cache_v, filled, new_k, new_v, q_per_kv: int, context_k=None, context_v=None, *,
-                            prefix_block: int | None = None, cache_block: int = blockwise.DECODE_BLOCK):
+                            prefix_block: int | None = None, cache_block: int = blockwise.DECODE_BLOCK, layer=None):
     """Sampling's attention: S new branch tokens (slots filled .. filled + S - 1 of their branch) over the prefix
     (blockwise by prefix_block keys, or densely when None), over the cache's filled slots [0, filled) read only
     up to the last filled block (`blockwise.attend_filled`), over each other (causal) and a prompt's keys, merged
     by log-sum-exp. The cache is only read here: the caller writes the new keys/values once per step.
     q [B, N, S, Q, W]; prefix_k/v [B, L, E, W]; prefix_seg [B, L]; branch_seg/start [B, N];
-    cache_k/v [B, N, C, E, W]; filled: int (may be traced); new_k/v [B, N, S, E, W]. Returns [B, N, S, Q, W]."""
+    cache_k/v [B, N, C, E, W]; filled: int (may be traced); new_k/v [B, N, S, E, W]. Returns [B, N, S, Q, W].
+    layer (may be traced): given, prefix_k/v are every layer's [Y, B, L, E, W] and cache_k/v [Y, B, N, C, E, W],
+    and layer `layer`'s blocks are read in place: inside a layer scan, pass the stacked caches and the layer
+    index rather than scanning over them (a scanned slice that feeds a block loop is copied whole at every
+    token; `blockwise.attend_filled`)."""
     b, n, s, h, dh = q_bnsqw.shape
-    c, e, a = cache_k.shape[2], h // q_per_kv, q_per_kv
+    c, e, a = cache_k.shape[-3], h // q_per_kv, q_per_kv
     q = q_bnsqw.reshape(b, n * s, e, a, dh)
-    parts = [_prefix_part(q, prefix_k, prefix_v, prefix_seg_bl, branch_seg_bn, branch_start_bn, s, prefix_block)]
-    cached, lse = blockwise.attend_filled(q_bnsqw.reshape(b * n, s, e, a, dh), cache_k.reshape(b * n, c, e, dh),
-                                          cache_v.reshape(b * n, c, e, dh), filled, cache_block)
+    parts = [_prefix_part(q, prefix_k, prefix_v, prefix_seg_bl, branch_seg_bn, branch_start_bn, s, prefix_block,
+                          layer, inference=True)]
+    stacked = cache_k.shape[:-5] + (b * n, c, e, dh)                                   # [(Y,) B N, C, E, W]
+    cached, lse = blockwise.attend_filled(q_bnsqw.reshape(b * n, s, e, a, dh), cache_k.reshape(stacked),
+                                          cache_v.reshape(stacked), filled, cache_block, layer=layer)
     parts.append((cached.reshape(b, n * s, e, a, dh), lse.reshape(b, n, e, a, s).transpose(0, 2, 3, 1, 4)
                   .reshape(b, e, a, n * s)))
     parts.append(_own_part(q_bnsqw.reshape(b, n, s, e, a, dh), new_k, new_v, jnp.tril(jnp.ones((s, s), bool))))

@@ -28,6 +28,7 @@ from rlp_jax.rlp.config import RolloutConfig
 from rlp_jax.rlp.think_ids import ThinkIds
 
 THOUGHT_CHUNK = 32   # thought slots projected to the vocabulary at a time by `score_hidden`
+SAMPLER_SCOPE = "thought_rollout"   # the named scope of the token loop (the planner's roofline counts it by it)
 
 
 @flax.struct.dataclass
@@ -116,7 +117,8 @@ def thought_rollout(params, cfg: Config, prefix, positions_bk, rng, rollout: Rol
             logprobs=put(s.logprobs, jnp.where(live, logp, 0.0)), active=put(s.active, live),
             done=s.done | (token == end), cache=cache, rng=rng)
 
-    s = jax.lax.while_loop(cond, body, state)
+    with jax.named_scope(SAMPLER_SCOPE):
+        s = jax.lax.while_loop(cond, body, state)
     ended = jnp.any(s.active & (s.tokens == end), axis=-1)
     lengths = s.active.sum(-1) - ended
     shape = (b, k, g)

@@ -143,6 +143,31 @@ def test_a_sampling_step_never_reads_the_blocks_past_the_last_filled_slot(qkv):
     np.testing.assert_array_equal(got, jax.jit(step)(cache_k, cache_v))
 
 
+@pytest.mark.parametrize("prefix_block", [None, BLOCK])
+def test_a_sampling_step_reads_one_layer_of_the_stacked_caches(qkv, prefix_block):
+    """Given every layer's prefix [Y, B, L, E, W] and cache [Y, B, N, C, E, W] and a (traced) layer index, the step
+    reads that layer's blocks in place: the same output as that layer's arrays alone, with NaN in every other
+    layer (also when some branch sees no prefix key: start 0)."""
+    k, v, seg, r = qkv["k"], qkv["v"], qkv["seg"], qkv["r"]
+    n, c, filled = 2, 16, 9
+    q = _normal(r, B, n, 1, E * A, W)
+    cache_k, cache_v = _normal(r, B, n, c, E, W), _normal(r, B, n, c, E, W)
+    new_k, new_v = _normal(r, B, n, 1, E, W), _normal(r, B, n, 1, E, W)
+    start, bseg = jnp.asarray([[5, 19], [0, 12]], jnp.int32), jnp.ones((B, n), jnp.int32)
+
+    def step(pk, pv, ck, cv, layer):
+        return layers.branch_decode_attention(q, pk, pv, seg, bseg, start, ck, cv, jnp.int32(filled), new_k, new_v,
+                                              A, prefix_block=prefix_block, cache_block=4, layer=layer)
+
+    def nan_around(x):
+        return jnp.stack([jnp.full_like(x, jnp.nan), x, jnp.full_like(x, jnp.nan)])
+
+    got = jax.jit(step)(*map(nan_around, (k, v, cache_k, cache_v)), jnp.int32(1))
+    want = jax.jit(lambda *xs: step(*xs, None))(k, v, cache_k, cache_v)
+    assert bool(jnp.isfinite(got).all())
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_rlp_step_equals_dense(params, batch):  # noqa: F811
     rlp = rlp_config(horizon=2, ntp_weight=0.3)
     t_bk = jnp.array([[3, 9], [4, 10]])

@@ -262,14 +262,16 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
     inv_freq = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def attend(lp, h, extra):
-        pk, pv, ck, cv, xk, xv = extra
+        pk, pv, layer, xk, xv = extra
         q, k, v = _project_qkv(cfg, lp, h, positions, inv_freq)
-        if ck is not None:   # sampling: read the filled slots, hand the new keys/values back to be written once
+        if cache is not None:   # sampling: read the filled slots, hand the new keys/values back to be written once
+            # every layer's prefix and cache [Y, ...], read in place at `layer` (scanned slices would be copied)
+            pk, pv, ck, cv = prefix.k, prefix.v, cache.k, cache.v
             out = layers.branch_decode_attention(
-                q, pk.astype(q.dtype), pv.astype(q.dtype), prefix.segment_ids, branches.segment, branches.start,
+                q, pk, pv, prefix.segment_ids, branches.segment, branches.start,
                 ck, cv, offset, k.astype(ck.dtype), v.astype(cv.dtype), cfg.q_per_kv, context_k=xk, context_v=xv,
                 prefix_block=cfg.attention_block if cfg.blockwise_for(length) else None,
-                cache_block=cfg.decode_block)
+                cache_block=cfg.decode_block, layer=layer)
             return out, (k.astype(ck.dtype), v.astype(cv.dtype))
         if cfg.blockwise_for(length) or cfg.blockwise_for(slots):
             out = layers.branch_attention_blockwise(
@@ -283,8 +285,8 @@ def branch_forward(params: Params, cfg: ModelConfig, prefix: PrefixCache, branch
         return out, None
 
     ctx = prefix.context
-    extras = (prefix.k, prefix.v, None if cache is None else cache.k, None if cache is None else cache.v,
-              None if ctx is None else ctx.k, None if ctx is None else ctx.v)
+    extras = ((prefix.k, prefix.v, None) if cache is None else (None, None, jnp.arange(cfg.num_layers))) + (
+        None if ctx is None else ctx.k, None if ctx is None else ctx.v)
     x, kv = _run_blocks(params, cfg, _embed(params, cfg, tokens_bns), attend, extras)
     # the S new keys/values [Y, B, N, S, E, W] written at `offset`, in place in a sampling loop's carry
     new_cache = None if cache is None else BranchCache(
