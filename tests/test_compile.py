@@ -33,17 +33,27 @@ def test_chip_grids_are_the_slices_tori():
 
 @needs_libtpu
 def test_rlp_step_with_splash_attention_compiles_for_v5p_8():
-    cfg = _cfg("model.attention=kernel", "data.seq_len=128", "model.compute_dtype=bfloat16")
+    cfg = _cfg("model.attention=kernel", "data.seq_len=128", "model.compute_dtype=bfloat16",
+               "rlp.rollout.thought_len=160")   # two blocks of the thought cache (`blockwise.DECODE_BLOCK`)
     devices = device_spec("v5p-8")
     mesh = parse_mesh("data=2,fsdp=2", devices.chips)
     compiled, report = compile_step(cfg, devices, mesh)
+    planned = plan(cfg, devices, mesh)
     text = compiled.as_text()
     assert "tpu_custom_call" in text            # the Pallas splash kernel, lowered by Mosaic for the TPU
     assert 0 < report.total < devices.hbm_bytes and report.fits
     assert report.largest and all(0 < size <= report.temp_bytes for size, _ in report.largest)
     assert [size for size, _ in report.largest] == sorted((size for size, _ in report.largest), reverse=True)
-    line = format_verdict(report, plan(cfg, devices, mesh).total, "v5p-8").splitlines()[-1]
-    assert line.startswith("compiled for v5p-8: XLA ") and line.endswith(", fits")
+    # the roofline: the sampler ran 160 token steps, each reading the cache up to its last filled block (less
+    # than reading both blocks every token); executed FLOPs are the model's plus the remat recompute
+    r = report.roofline
+    assert r.tokens == 160 and not r.uncounted
+    assert r.sampling.flops < r.full_reads.flops and r.sampling.bytes < r.full_reads.bytes
+    model_flops = planned.step_flops / devices.chips
+    assert model_flops < r.sampling.flops + r.rest.flops < 2.5 * model_flops
+    lines = format_verdict(report, planned.total, "v5p-8", model_flops=model_flops).splitlines()
+    assert any(x.startswith("  step time at the roofline") and x.endswith("% MFU") for x in lines)
+    assert lines[-1].startswith("compiled for v5p-8: XLA ") and lines[-1].endswith(", fits")
 
 
 @needs_libtpu

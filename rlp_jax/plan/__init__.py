@@ -2,7 +2,9 @@
 
 Modules: `devices` (spec sheets, `--devices` / `--mesh`), `costs` (state, activation and FLOP
 accounting; the dense family's), `hybrid_costs` (Nemotron-H's), `estimate` (the `Plan` of one run),
-`compile` (`--compile`: the step compiled by XLA for compile-only devices), `cli` (`python -m rlp_jax.plan`).
+`compile` (`--compile`: the step compiled by XLA for compile-only devices), `roofline` (a compiled program's
+FLOPs and HBM bytes with every loop counted as often as it runs: `--compile`'s step time), `cli`
+(`python -m rlp_jax.plan`).
 
     python -m rlp_jax.plan --experiment=web_mix --set model.preset=qwen3-1.7b --devices=v5p-64
     python -m rlp_jax.plan --experiment=smoke --devices=h100x8 --mesh data=2,fsdp=4,tensor=1 --mfu 0.35
@@ -36,7 +38,8 @@ Everything is per device and an *estimate* of what the current code materialises
   * Step time: FLOPs / (chips x spec peak x MFU), except that sampling is taken no faster than its
     memory-bound floor: T sequential decode steps, each reading all weights (in compute dtype) and the
     dense KV caches from HBM. FSDP also all-gathers every layer at each decode step; on a slow
-    interconnect that, not HBM, sets the floor (not modelled).
+    interconnect that, not HBM, sets the floor (not modelled). `--compile` prints the compiled step's own
+    roofline time beside it (`roofline`, `compile.StepRoofline`).
 """
 
 from rlp_jax.plan.cli import format_plan, main

@@ -152,6 +152,6 @@ def main(argv=None) -> int:
             if not report.tokenizer_read:
                 print("note: the run's tokenizer could not be read here, so the step has stand-in marker ids and the "
                       "trainer will refuse it: give the tokenizer with --set train.tokenizer=PATH")
-        print(format_verdict(report, result.total, args.devices))
+        print(format_verdict(report, result.total, args.devices, model_flops=result.step_flops / devices.chips))
     return 0
 

@@ -9,8 +9,13 @@ mesh of those devices and compiled; XLA:TPU's `memory_analysis()` is the memory 
 The largest buffers come from XLA's own memory-usage report of the compile (its buffer assignment: each
 allocation slot with the shapes that share it over the step), dumped to a temporary folder.
 
-Not here yet (see the project's issues): a loop-corrected step time from the compiler's roofline, GPU targets
-(jax's CUDA plugin with a target config), saving the executable.
+The step time is the compiled program's roofline with every loop counted as often as it runs
+(`plan.roofline`): the sampler's token loop at the full thought length, each token's cache read over the slots
+filled so far, the layer, micro-batch and block scans by their static counts. `StepRoofline` splits it into
+sampling and the rest of the step, each at the larger of its compute time at the chip's peak and its HBM
+traffic at the chip's bandwidth.
+
+Not here yet (see the project's issues): GPU targets (jax's CUDA plugin with a target config).
 """
 
 from __future__ import annotations
@@ -30,8 +35,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rlp_jax import sharding
+from rlp_jax.model.blockwise import FILLED_SCOPE
+from rlp_jax.plan import roofline
 from rlp_jax.plan.devices import GIB, DeviceSpec
 from rlp_jax.rlp.objective import Objective
+from rlp_jax.rlp.rollout import SAMPLER_SCOPE
 from rlp_jax.rlp.think_ids import ThinkIds
 from rlp_jax.runs.config import ConfigError, RunConfig
 from rlp_jax.train.optim import make_optimizer
@@ -39,6 +47,26 @@ from rlp_jax.train.optim import make_optimizer
 # Our kind -> (libtpu topology prefix, chip config, dimensions of the chip grid)
 TPU_TOPOLOGIES = {"v4": ("v4", "megacore", 3), "v5p": ("v5", "megacore", 3), "v5e": ("v5e", "default", 2),
                   "v6e": ("v6e", "default", 2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRoofline:
+    """The compiled step's loop-corrected cost per device (`plan.roofline`), split into the sampler's token loop
+    (`sampling`, run `tokens` times per step) and everything else (`rest`). `full_reads`: the sampler's cost
+    had every token read the whole thought cache (the traffic a length-unaware sampler has)."""
+
+    sampling: roofline.Cost
+    rest: roofline.Cost
+    tokens: float
+    full_reads: roofline.Cost
+    uncounted: tuple[str, ...] = ()     # loops counted once (no static trip count, not the sampler's)
+
+    def seconds(self, devices: DeviceSpec) -> tuple[float, float] | None:
+        """(sampling, rest) roofline seconds on `devices` (None without a spec peak and bandwidth)."""
+        if devices.peak_flops is None or devices.bandwidth is None:
+            return None
+        return (self.sampling.seconds(devices.peak_flops, devices.bandwidth),
+                self.rest.seconds(devices.peak_flops, devices.bandwidth))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +84,7 @@ class CompileReport:
     largest: tuple[tuple[int, str], ...] = ()     # (bytes, the shapes sharing that slot), largest first
     fingerprint: dict = dataclasses.field(default_factory=dict)   # what the step was compiled for (`train.aot`)
     tokenizer_read: bool = True                   # False: compiled with stand-in marker ids (`compile_objective`)
+    roofline: StepRoofline | None = None
 
     @property
     def total(self) -> int:
@@ -165,8 +194,38 @@ def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int]
                            largest=largest,
                            fingerprint=aot.fingerprint(cfg, mcfg, objective.ids, platform=target[0].platform,
                                                        devices=len(target), mesh=dict(mesh_sizes)),
-                           tokenizer_read=tokenizer is not None)
+                           tokenizer_read=tokenizer is not None,
+                           roofline=step_roofline(compiled.as_text(), cfg, mcfg.decode_block))
     return compiled, report
+
+
+def step_roofline(hlo_text: str, cfg: RunConfig, decode_block: int) -> StepRoofline:
+    """The loop-corrected cost of a compiled train step's HLO (`compiled.as_text()`): the sampler's token loop
+    (`thought_rollout`) runs its whole thought length (it stops only when every thought of the batch has ended),
+    each token's cache read (`attend_filled`) covers the blocks of `decode_block` slots filled so far."""
+    program = roofline.Program(hlo_text)
+    slots = cfg.rlp.rollout.thought_len
+    block = min(decode_block, slots)
+
+    def role(loop: roofline.Loop) -> str | None:
+        return loop.written_as(SAMPLER_SCOPE, FILLED_SCOPE)
+
+    def trips(full: bool):
+        def count(loop: roofline.Loop):
+            if role(loop) == SAMPLER_SCOPE:
+                return min(slots, loop.bound or slots)
+            if role(loop) == FILLED_SCOPE:   # mean over the tokens of ceil(filled / block)
+                return -(-slots // block) if full else sum(-(-f // block) for f in range(slots)) / slots
+            return None
+        return count
+
+    costs, full = program.costs(trips(False)), program.costs(trips(True))
+    sampler = [n for n, lp in program.loops.items() if role(lp) == SAMPLER_SCOPE]
+    sampling = sum((costs.by_loop.get(n, roofline.Cost()) for n in sampler), roofline.Cost())
+    return StepRoofline(sampling=sampling, rest=costs.total - sampling,
+                        tokens=sum(costs.runs.get(n, 0.0) for n in sampler),
+                        full_reads=sum((full.by_loop.get(n, roofline.Cost()) for n in sampler), roofline.Cost()),
+                        uncounted=costs.uncounted)
 
 
 _SLOT = re.compile(r"^\s*[\d.]+\w*\(\s*\d+%\);\s*([\d.]+)(B|KiB|MiB|GiB);\s*\d+;\s*\d+;\s*(.*)$")
@@ -188,9 +247,10 @@ def largest_buffers(dump: Path, top: int = 6) -> tuple[tuple[int, str], ...]:
     return tuple(sorted(slots, key=lambda x: -x[0])[:top])
 
 
-def format_verdict(report: CompileReport, planned_bytes: float, device_text: str) -> str:
+def format_verdict(report: CompileReport, planned_bytes: float, device_text: str,
+                   model_flops: float | None = None) -> str:
     """The report's lines; the last is `compiled for <devices>: XLA <x> GiB/device, planner <y> GiB/device,
-    fits|does not fit`."""
+    fits|does not fit`. `model_flops`: the planner's FLOPs of one step per device, for the implied MFU."""
     hbm = "" if report.devices.hbm_bytes is None else f" of {report.devices.hbm_bytes / GIB:.1f} GiB HBM"
     return "\n".join([
         f"XLA memory per device{hbm}: arguments {report.argument_bytes / GIB:.3f} GiB, outputs "
@@ -198,10 +258,37 @@ def format_verdict(report: CompileReport, planned_bytes: float, device_text: str
         f"{report.temp_bytes / GIB:.3f}, code {report.code_bytes / GIB:.3f}",
         *(["largest buffers (XLA's buffer assignment; shapes sharing each slot):"] +
           [f"  {_size(size)}  {_short(shapes)}" for size, shapes in report.largest] if report.largest else []),
+        *(_roofline_lines(report.roofline, report.devices, model_flops) if report.roofline else []),
         f"planner / XLA: {planned_bytes / max(report.total, 1):.2f}",
         f"compiled for {device_text}: XLA {report.total / GIB:.3f} GiB/device, planner {planned_bytes / GIB:.3f} "
         f"GiB/device, {'fits' if report.fits else 'does not fit'}",
     ])
+
+
+def _roofline_lines(r: StepRoofline, devices: DeviceSpec, model_flops: float | None) -> list[str]:
+    rest = f"rest of the step: {r.rest.flops:.3g} FLOP, {r.rest.bytes / 1e9:.3g} GB of HBM traffic per device"
+    lines = ["compiled step, every loop counted (plan.roofline; HBM bytes without TPU tile padding):"]
+    if r.tokens:
+        per, full = r.sampling * (1 / r.tokens), r.full_reads * (1 / r.tokens)
+        lines.append(f"  sampling: {r.tokens:.0f} token steps, each {per.flops:.3g} FLOP and {per.bytes / 1e9:.3g} GB "
+                     f"of HBM traffic per device on average (reading the whole thought cache every token: "
+                     f"{full.bytes / 1e9:.3g} GB, {full.bytes / max(per.bytes, 1):.1f}x)")
+    seconds = r.seconds(devices)
+    if seconds is None:
+        lines.append(f"  {rest}")
+    else:
+        sample_s, rest_s = seconds
+        if r.tokens:
+            lines[-1] += f": {sample_s:.3g} s"
+        lines.append(f"  {rest}: {rest_s:.3g} s")
+        implied = None if model_flops is None else model_flops / ((sample_s + rest_s) * devices.peak_flops)
+        mfu = "" if implied is None else f"; model FLOPs / (time x peak) = {100 * implied:.1f}% MFU"
+        lines.append(f"  step time at the roofline ({devices.peak_flops / 1e12:.0f} TFLOP/s, "
+                     f"{devices.bandwidth / 1e9:.0f} GB/s per device): {sample_s + rest_s:.3g} s{mfu}")
+    if r.uncounted:
+        lines.append(f"  note: {len(r.uncounted)} loop(s) with a data-dependent trip count counted once: "
+                     f"{', '.join(r.uncounted)}")
+    return lines
 
 
 def _size(nbytes: int) -> str:
