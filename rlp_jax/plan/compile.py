@@ -266,13 +266,13 @@ def format_verdict(report: CompileReport, planned_bytes: float, device_text: str
 
 
 def _roofline_lines(r: StepRoofline, devices: DeviceSpec, model_flops: float | None) -> list[str]:
-    rest = f"rest of the step: {r.rest.flops:.3g} FLOP, {r.rest.bytes / 1e9:.3g} GB of HBM traffic per device"
+    rest = f"rest of the step: {r.rest.flops:.3g} FLOP, {_traffic(r.rest.bytes)} of HBM traffic per device"
     lines = ["compiled step, every loop counted (plan.roofline; HBM bytes without TPU tile padding):"]
     if r.tokens:
         per, full = r.sampling * (1 / r.tokens), r.full_reads * (1 / r.tokens)
-        lines.append(f"  sampling: {r.tokens:.0f} token steps, each {per.flops:.3g} FLOP and {per.bytes / 1e9:.3g} GB "
+        lines.append(f"  sampling: {r.tokens:.0f} token steps, each {per.flops:.3g} FLOP and {_traffic(per.bytes)} "
                      f"of HBM traffic per device on average (reading the whole thought cache every token: "
-                     f"{full.bytes / 1e9:.3g} GB, {full.bytes / max(per.bytes, 1):.1f}x)")
+                     f"{_traffic(full.bytes)}, {full.bytes / max(per.bytes, 1):.1f}x)")
     seconds = r.seconds(devices)
     if seconds is None:
         lines.append(f"  {rest}")
@@ -289,6 +289,10 @@ def _roofline_lines(r: StepRoofline, devices: DeviceSpec, model_flops: float | N
         lines.append(f"  note: {len(r.uncounted)} loop(s) with a data-dependent trip count counted once: "
                      f"{', '.join(r.uncounted)}")
     return lines
+
+
+def _traffic(nbytes: float) -> str:
+    return f"{nbytes / 1e12:.3g} TB" if nbytes >= 1e12 else f"{nbytes / 1e9:.3g} GB"
 
 
 def _size(nbytes: int) -> str:
