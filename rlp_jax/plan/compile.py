@@ -91,6 +91,11 @@ class CompileReport:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
 
     @property
+    def buffers(self) -> int:
+        """The program's buffers (`total` without the executable's code): what the planner models."""
+        return self.total - self.code_bytes
+
+    @property
     def fits(self) -> bool:
         return self.devices.hbm_bytes is None or self.total <= self.devices.hbm_bytes
 
@@ -259,7 +264,8 @@ def format_verdict(report: CompileReport, planned_bytes: float, device_text: str
         *(["largest buffers (XLA's buffer assignment; shapes sharing each slot):"] +
           [f"  {_size(size)}  {_short(shapes)}" for size, shapes in report.largest] if report.largest else []),
         *(_roofline_lines(report.roofline, report.devices, model_flops) if report.roofline else []),
-        f"planner / XLA: {planned_bytes / max(report.total, 1):.2f}",
+        f"planner / XLA: {planned_bytes / max(report.total, 1):.2f} (XLA's buffers without its code: "
+        f"{planned_bytes / max(report.buffers, 1):.2f})",
         f"compiled for {device_text}: XLA {report.total / GIB:.3f} GiB/device, planner {planned_bytes / GIB:.3f} "
         f"GiB/device, {'fits' if report.fits else 'does not fit'}",
     ])
