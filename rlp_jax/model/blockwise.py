@@ -11,6 +11,10 @@ query m may read key l iff  seg_k[l] > 0,  seg_q[m] == seg_k[l]  and  l <= lim_q
 caller merges it with other key sets (a prompt's keys, a branch's own keys) by `merge`: the result is
 the joint softmax over all of them, as `layers._softmax_combine` computes it densely.
 
+Sampling reads its caches with `attend_filled` (a branch's thought cache, up to its last filled block) and
+`attend_prefix` (the documents' prefix, under the same descriptor mask): no VJP, each block sliced in place
+out of every layer's stacked cache at a (traced) layer index, so a decode step copies no cache.
+
 Shapes (docs/method.md): B rows, M queries, L keys, E key/value heads, A query heads per key/value head,
 W head width. Scores, the running max and sums are float32 whatever the compute dtype.
 """
