@@ -64,6 +64,15 @@ class Tokenizer:
         """Tokenize several texts (no bos/eos)."""
         return [self._encode(t) for t in texts]
 
+    def word_start_ids(self) -> tuple[int, ...]:
+        """Ids whose piece begins a word: a space marker (sentencepiece's `▁`, byte-level BPE's `Ġ`, or a
+        plain space) followed by a letter or digit. Not: a bare space, punctuation, a piece inside a word or a
+        number, special tokens. Sorted."""
+        return tuple(sorted(i for piece, i in self._pieces() if _starts_word(piece) and i not in self.special_ids))
+
+    def _pieces(self) -> Iterable[tuple[str, int]]:
+        raise NotImplementedError
+
     def _require(self, tid: int | None, name: str) -> int:
         if tid is None:
             raise TokenizerError(f"{type(self).__name__} has no {name} token")
@@ -104,6 +113,9 @@ class SentencePieceTokenizer(Tokenizer):
         self._id_to_marker = {i: m for m, i in self._split_markers.items()}
         self._split_re = (re.compile("(" + "|".join(map(re.escape, self._split_markers)) + ")")
                           if self._split_markers else None)
+
+    def _pieces(self) -> Iterable[tuple[str, int]]:
+        return ((self.sp.id_to_piece(i), i) for i in range(self.sp.get_piece_size()))
 
     def _encode(self, text: str) -> list[int]:
         if self._split_re is None:
@@ -190,6 +202,9 @@ class HFTokenizer(Tokenizer):
                 return tid
         return None
 
+    def _pieces(self) -> Iterable[tuple[str, int]]:
+        return self.tok.get_vocab(with_added_tokens=False).items()
+
     def _encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
@@ -200,6 +215,10 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int], skip_special: bool = False) -> str:
         """Turn ids back into text; `skip_special` drops the tokenizer's special tokens."""
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+
+def _starts_word(piece: str) -> bool:
+    return len(piece) > 1 and piece[0] in "▁Ġ " and piece[1].isalnum()
 
 
 def _special_names(directory: Path) -> dict[str, str]:

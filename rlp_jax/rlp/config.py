@@ -37,6 +37,11 @@ class RolloutConfig:
         valid positions at a random start. Held-out evaluation never uses ema_band's model-dependent
         choice: it draws uniformly with a fixed key (`positions.eval_positions`).
       ema_band: (low, high) nats for "ema_band".
+      word_starts: only positions t whose token x_t begins a word (a space marker then a letter or digit in
+        the tokenizer's vocabulary: `Tokenizer.word_start_ids`), under any rule, in training and held-out
+        evaluation alike: no thought before a bare space, punctuation, or a piece inside a word or number,
+        where the next token is settled by the text. It reads the vocabulary, not the model, so every model
+        is still scored at the same positions. Off by default (the paper places thoughts anywhere).
       banned_ids: further token ids never sampled inside a thought (besides `<think>`, and `</think>`
         in the first slot). The markers themselves come from the tokenizer (`model.think_tokens`), never
         from here: see `rlp_jax.rlp.think_ids`.
@@ -56,6 +61,7 @@ class RolloutConfig:
     min_context: int = 16
     position_rule: str = "uniform"
     ema_band: tuple[float, float] = (1.0, 8.0)
+    word_starts: bool = False
     banned_ids: tuple[int, ...] = ()
     ban_special_tokens: bool = True
 

@@ -156,7 +156,8 @@ def rollout_phase(state, cfg: Config, objective: Objective, batch, rng) -> Rollo
     k_pos, k_roll = jax.random.split(rng)
     ema_lp = teacher_logprobs(state.ema_params, cfg, batch, objective.teacher_prompt)      # [B, L]
     t_bk, t_mask = positions.select_positions(k_pos, batch["segment_ids"], batch["positions"], ema_lp,
-                                              rlp.rollout, rlp.reward.horizon)
+                                              rlp.rollout, rlp.reward.horizon,
+                                              positions.word_start_mask(batch["tokens"], objective.ids.word_starts))
     thoughts = objective.path.sample(state.params, cfg, objective, batch, t_bk, k_roll)
     out = Rollout(ema_logprobs=ema_lp, positions=t_bk, mask=t_mask, thoughts=thoughts)
     if rlp.loss.kl_beta > 0:

@@ -70,11 +70,21 @@ def _sorted(t_bk, mask_bk, length: int):
     return jnp.where(mask_bk, t_bk, 0).astype(jnp.int32), mask_bk
 
 
-def select_positions(rng, segment_ids_bl, positions_bl, ema_logprobs_bl, rollout: RolloutConfig, horizon: int):
+def word_start_mask(tokens_bl, word_starts: tuple[int, ...]):
+    """bool [B, L]: x_t is one of `word_starts` (`ThinkIds.word_starts`, `rollout.word_starts`); None when the
+    tuple is empty (every token allowed)."""
+    return jnp.isin(tokens_bl, jnp.asarray(word_starts, jnp.int32)) if word_starts else None
+
+
+def select_positions(rng, segment_ids_bl, positions_bl, ema_logprobs_bl, rollout: RolloutConfig, horizon: int,
+                     allowed_bl=None):
     """Apply the configured rule (`rollout.position_rule`) per row, or per document of a packed row with
     `rollout.docs_per_row` = D >= 1 (each of its first D documents drawn with its own key); returns (t_bk,
-    mask_bk) as `choose_positions`, [B, K] or [B, D*K]."""
+    mask_bk) as `choose_positions`, [B, K] or [B, D*K]. allowed_bl: optional bool [B, L] further restricting
+    the valid positions (`word_start_mask`)."""
     valid = valid_positions(segment_ids_bl, positions_bl, min_context=rollout.min_context, horizon=horizon)
+    if allowed_bl is not None:
+        valid &= allowed_bl
     band = None
     if rollout.position_rule == "ema_band":
         surprise = -ema_logprobs_bl
@@ -93,10 +103,10 @@ def select_positions(rng, segment_ids_bl, positions_bl, ema_logprobs_bl, rollout
                    valid.shape[1])
 
 
-def eval_positions(rng, segment_ids_bl, positions_bl, rollout: RolloutConfig, horizon: int):
+def eval_positions(rng, segment_ids_bl, positions_bl, rollout: RolloutConfig, horizon: int, allowed_bl=None):
     """Held-out evaluation's positions: the configured rule, except that `ema_band` (which would pick by the
     evaluated model's own surprise) becomes `uniform`. No model enters, so every model evaluated with the
     same key and batch is scored at the same positions. Returns (t_bk, mask_bk)."""
     if rollout.position_rule == "ema_band":
         rollout = dataclasses.replace(rollout, position_rule="uniform")
-    return select_positions(rng, segment_ids_bl, positions_bl, None, rollout, horizon)
+    return select_positions(rng, segment_ids_bl, positions_bl, None, rollout, horizon, allowed_bl)

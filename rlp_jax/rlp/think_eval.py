@@ -112,7 +112,8 @@ def heldout_metrics(params, batch, rng, *, cfg: Config, objective: Objective):
     h = rlp.reward.horizon
     doc = dict(segment_ids_bl=batch["segment_ids"], positions_bl=batch["positions"])
     # The positions first (they depend on no model): a hybrid's prefix keeps its Mamba states at them.
-    t_bk, t_mask = positions.eval_positions(k_pos, batch["segment_ids"], batch["positions"], rlp.rollout, h)
+    t_bk, t_mask = positions.eval_positions(k_pos, batch["segment_ids"], batch["positions"], rlp.rollout, h,
+                                            positions.word_start_mask(batch["tokens"], ids.word_starts))
     ctx = prompt_context(params, cfg, ids.prompt)
     logits, prefix = family.forward(params, cfg, batch["tokens"], return_cache=ctx is None, branch_positions_bk=t_bk,
                                     **doc)

@@ -36,7 +36,8 @@ def fingerprint(cfg: RunConfig, mcfg, ids, *, platform: str, devices: int, mesh:
     return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "platform": platform, "devices": int(devices),
             "mesh": dict(mesh), "model": digest(model_fields), "vocab": model_fields.get("vocab_size"),
             "marker ids": [ids["start"], ids["end"]], "banned ids": digest(list(ids["banned"])),
-            "prompt": digest(list(ids["prompt"])), "settings (rlp, optim, batch, steps)": digest(settings)}
+            "prompt": digest(list(ids["prompt"])), "word-start ids": digest(list(ids["word_starts"])),
+            "settings (rlp, optim, batch, steps)": digest(settings)}
 
 
 def save(compiled, path, fp: dict) -> Path:

@@ -28,7 +28,7 @@ from rlp_jax.model.family import Config
 from rlp_jax.model.safetensors_io import CheckpointError
 from rlp_jax.rlp.objective import Objective
 from rlp_jax.rlp.prompt import PromptError
-from rlp_jax.rlp.think_ids import think_ids
+from rlp_jax.rlp.think_ids import ThinkIdsError, think_ids
 from rlp_jax.runs import checkpoint, layout, loading
 from rlp_jax.runs.config import ConfigError, RunConfig, to_dict
 from rlp_jax.train import aot, lock, train_step
@@ -80,7 +80,7 @@ def objective_of(cfg: RunConfig, tokenizer) -> Objective:
     ConfigError."""
     try:
         return Objective(rlp=cfg.rlp, ids=think_ids(cfg.rlp, tokenizer))
-    except PromptError as e:
+    except (PromptError, ThinkIdsError) as e:
         raise ConfigError(str(e)) from None
 
 

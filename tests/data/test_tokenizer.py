@@ -211,3 +211,18 @@ def test_resize_embeddings():
     assert resize_embeddings(embed, 10, jax.random.PRNGKey(1)) is embed
     with pytest.raises(ValueError):
         resize_embeddings(embed, 9, jax.random.PRNGKey(1))
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "hf"])
+def test_word_start_ids_are_the_pieces_that_begin_a_word(kind, sp_path, hf_dir):
+    """Encoding text, a token is in `word_start_ids` exactly when its text begins a word: a space then a letter
+    or digit (the first word of a text has no space before it and is not a word start)."""
+    tok = load_tokenizer(sp_path if kind == "sentencepiece" else hf_dir)
+    starts = set(tok.word_start_ids())
+    assert starts and not starts & set(tok.special_ids)
+    text = "Ana has 12 apples, then 7 more. How many? 19 - 5 = 14."
+    for i in tok.encode(text):
+        piece = tok.decode([i])
+        if kind == "sentencepiece":   # sentencepiece drops a text's leading space when decoding a piece alone
+            piece = tok.sp.id_to_piece(i).replace("\u2581", " ")
+        assert (i in starts) == (piece[:1] == " " and piece[1:2].isalnum()), (i, piece)

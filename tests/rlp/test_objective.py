@@ -23,6 +23,7 @@ from tests.rlp_cases import (  # noqa: F401
     assert_same_thoughts,
     assert_steps_equal,
     batch,
+    bind,
     objective,
     params,
     rlp_config,
@@ -152,3 +153,18 @@ def test_surrogate_is_the_policy_gradient_under_bfloat16(params, batch):
 
     assert worst_relative_error(jax.jit(jax.grad(policy_gradient_surrogate))(params)) <= 1e-2
     assert worst_relative_error(jax.jit(jax.grad(lambda p: policy_gradient_surrogate(p, True)))(params)) >= 1.5e-2
+
+
+def test_rollout_phase_thinks_only_before_the_word_start_ids(params, batch):
+    """`rollout_phase` with `ThinkIds.word_starts` (`rollout.word_starts`) draws every position at one of them."""
+    import types
+
+    from rlp_jax.rlp.objective import rollout_phase
+    from rlp_jax.rlp.think_ids import ThinkIds
+
+    allowed = tuple(sorted({int(x) for x in np.asarray(batch["tokens"][:, 4:]).ravel()})[::2])
+    objective = bind(rlp_config(k=2), ids=ThinkIds(start=1, end=2, word_starts=allowed))
+    state = types.SimpleNamespace(params=params, ema_params=params)
+    out = rollout_phase(state, CFG, objective, batch, jax.random.key(3))
+    chosen = np.asarray(jnp.take_along_axis(batch["tokens"], out.positions, axis=1))[np.asarray(out.mask)]
+    assert chosen.size > 0 and set(chosen.tolist()) <= set(allowed)

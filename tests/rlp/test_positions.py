@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -310,3 +311,48 @@ def test_docs_per_row_draws_k_positions_in_each_packed_document():
     per_row = dataclasses.replace(ro, docs_per_row=0)
     t, m = _select(jax.random.key(0), seg, pos, None, rollout=per_row, horizon=1)
     assert t.shape == (2, 2) and bool(m.all())
+
+
+def test_word_starts_restrict_every_rule_to_the_allowed_tokens():
+    """With `word_start_mask`, training's and evaluation's positions are drawn only where x_t is an allowed id,
+    uniformly over those (400 keys), and a row without one gets no position."""
+    from rlp_jax.rlp.positions import eval_positions, word_start_mask
+
+    tokens = jnp.asarray([[5, 9, 7, 9, 3, 9, 9, 2, 9, 1, 9, 4], [5] * 12], jnp.int32)
+    seg, pos = jnp.ones((2, 12), jnp.int32), jnp.tile(jnp.arange(12), (2, 1))
+    allowed = word_start_mask(tokens, (9,))
+    assert word_start_mask(tokens, ()) is None
+    rollout = RolloutConfig(group_size=2, positions_per_doc=1, min_context=2)
+    seen = np.zeros(12)
+    for k in range(400):
+        t, m = _select(jax.random.key(k), seg, pos, jnp.zeros((2, 12)), rollout, 1, allowed)
+        assert bool(m[0, 0]) and not bool(m[1, 0])
+        assert int(tokens[0, t[0, 0]]) == 9 and int(t[0, 0]) >= 2
+        seen[int(t[0, 0])] += 1
+    assert set(np.flatnonzero(seen)) == {3, 5, 6, 8, 10}                  # 9s at t >= 2: all of them drawn
+    assert seen[[3, 5, 6, 8, 10]].min() > 400 / 5 * 0.6
+    t, m = eval_positions(jax.random.key(0), seg, pos, rollout, 1, allowed)
+    assert int(tokens[0, t[0, 0]]) == 9 and bool(m[0, 0]) and not bool(m[1, 0])
+
+
+def _word_level_tokenizer(tmp_path, pieces):
+    from tokenizers import Tokenizer, models
+
+    from rlp_jax.data.tokenizer import load_tokenizer
+
+    Tokenizer(models.WordLevel({p: i for i, p in enumerate(pieces)}, unk_token=pieces[0])).save(
+        str(tmp_path / "tokenizer.json"))
+    return load_tokenizer(tmp_path / "tokenizer.json")
+
+
+def test_word_starts_come_from_the_tokenizer_or_stop_in_one_line(tmp_path):
+    from rlp_jax.rlp.config import RLPConfig
+    from rlp_jax.rlp.think_ids import ThinkIdsError, think_ids
+
+    rlp = RLPConfig(rollout=RolloutConfig(word_starts=True))
+    tok = _word_level_tokenizer(tmp_path, ["<unk>", "a", "\u0120b", "\u01209", ",", "\u0120,", "\u0120"])
+    assert think_ids(rlp, tok).word_starts == (2, 3)
+    assert think_ids(RLPConfig(), tok).word_starts == ()
+    (tmp_path / "p").mkdir()
+    with pytest.raises(ThinkIdsError, match="word_starts=false"):
+        think_ids(rlp, _word_level_tokenizer(tmp_path / "p", ["<unk>", ",", "."]))
