@@ -12,6 +12,10 @@ does she have now? 12 + 7 = 19. 19 - 5 = 14. So the answer is 14." With probabil
 `worked_fraction` the worked steps are shown; otherwise only "The answer is 14." follows the body, so
 the answer token is predictable only by reasoning that is not written down.
 
+Markers in the text (for a model that has never read them): `think_fraction` writes a problem's working as a
+thought at the answer (`<think> steps </think> answer`), `aside_fraction` gives documents an aside
+(`with_aside`: `<think>` a copy of the words before it `</think>`, then the text resumes).
+
 Held-out evaluation problems never occur in training, by construction: every problem has a canonical
 key that identifies its content independently of its surface form (`math:12+7-5` is shared by the
 arithmetic and word-problem renderings; `unit:km>m:3`; `logic:taller:Tom>Bob>Eve` for either
@@ -23,6 +27,7 @@ of a 3-operation sum, a 3-name sub-chain of a 4-name ordering) is held out. All 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -32,6 +37,7 @@ from pathlib import Path
 KINDS = ("arithmetic", "word_problem", "unit_conversion", "logic", "descriptive")
 PROBLEM_KINDS = KINDS[:4]
 HELDOUT_PER_MILLE = 100  # share of canonical keys (in 1/1000) reserved for evaluation
+ASIDE_WORDS = (2, 6)     # an aside copies this many preceding words (inclusive)
 EVAL_CUE = "The answer is"
 _DOC_WEIGHTS = (0.2, 0.2, 0.2, 0.15, 0.25)
 _CUES_PLAIN = ("The answer is", "The answer is", "Answer:")
@@ -261,20 +267,35 @@ _MAKERS = {"arithmetic": _arithmetic, "word_problem": _word_problem, "unit_conve
            "logic": _logic}
 
 
+def with_aside(text: str, rng: random.Random) -> str:
+    """`text` with an aside: after a word (not the first two, not before the last one: never at the answer),
+    `<think>` a copy of the 2-6 words before it `</think>`, then the text resumes as it was. Teaches a reader to
+    go on after `</think>` as if the thought were not there, and gives `</think>` a place it is written."""
+    words = text.split(" ")
+    if len(words) < 4:
+        return text
+    at = rng.randint(2, len(words) - 2)
+    copied = words[max(0, at - rng.randint(*ASIDE_WORDS)):at]
+    return " ".join(words[:at] + ["<think>", *copied, "</think>"] + words[at:])
+
+
 def generate_records(num_docs: int, seed: int, *, worked_fraction: float = 0.5,
-                     think_fraction: float = 0.0) -> list[Document]:
+                     think_fraction: float = 0.0, aside_fraction: float = 0.0) -> list[Document]:
     """Training documents with their kind, canonical key and whether the working is shown.
 
     think_fraction: share of problem documents whose working is shown as a thought at the answer
     position, `question The answer is <think> steps </think> answer.` -- the format RLP samples, as
     in web text that contains reasoning traces (a base model that never saw the markers cannot use
-    them; see LESSONS.md). 0 leaves the documents (and the random stream) unchanged.
+    them; see LESSONS.md). aside_fraction: share of the other documents given an aside (`with_aside`).
+    0 leaves the documents (and the random stream) unchanged.
     """
     rng, docs = random.Random(f"rlp_jax.corpus/train/{seed}"), []
+    aside = (lambda d: dataclasses.replace(d, text=with_aside(d.text, rng)) if rng.random() < aside_fraction
+             else d) if aside_fraction > 0 else (lambda d: d)
     for _ in range(num_docs):
         kind = rng.choices(KINDS, weights=_DOC_WEIGHTS)[0]
         if kind == "descriptive":
-            docs.append(Document(kind, _descriptive(rng), None, False))
+            docs.append(aside(Document(kind, _descriptive(rng), None, False)))
             continue
         p = _MAKERS[kind](rng)
         while any(is_heldout_key(k) for k in p.subkeys):  # never train on an evaluation problem
@@ -286,15 +307,15 @@ def generate_records(num_docs: int, seed: int, *, worked_fraction: float = 0.5,
         worked = rng.random() < worked_fraction
         cue = rng.choice(_CUES_WORKED if worked else _CUES_PLAIN)
         parts = [rng.choice(_PREAMBLES), p.question, p.worked if worked else "", f"{cue} {p.answer}."]
-        docs.append(Document(kind, " ".join(x for x in parts if x), p.key, worked, p))
+        docs.append(aside(Document(kind, " ".join(x for x in parts if x), p.key, worked, p)))
     return docs
 
 
 def generate_documents(num_docs: int, seed: int, *, worked_fraction: float = 0.5,
-                       think_fraction: float = 0.0) -> list[str]:
+                       think_fraction: float = 0.0, aside_fraction: float = 0.0) -> list[str]:
     """`num_docs` training texts, deterministic for `seed`; none contains a held-out problem."""
     return [d.text for d in generate_records(num_docs, seed, worked_fraction=worked_fraction,
-                                             think_fraction=think_fraction)]
+                                             think_fraction=think_fraction, aside_fraction=aside_fraction)]
 
 
 def generate_problems(num: int, seed: int) -> list[Problem]:
@@ -314,11 +335,13 @@ def generate_problems(num: int, seed: int) -> list[Problem]:
 
 
 def build_corpus(out_dir, *, num_train_docs: int, num_eval_problems: int, seed: int = 0,
-                 worked_fraction: float = 0.5, think_fraction: float = 0.0) -> dict[str, Path]:
+                 worked_fraction: float = 0.5, think_fraction: float = 0.0,
+                 aside_fraction: float = 0.0) -> dict[str, Path]:
     """Write `train.jsonl` ({"text"}) and `heldout.jsonl` ({"question", "answer", "kind", "text"})."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train = generate_documents(num_train_docs, seed, worked_fraction=worked_fraction, think_fraction=think_fraction)
+    train = generate_documents(num_train_docs, seed, worked_fraction=worked_fraction, think_fraction=think_fraction,
+                               aside_fraction=aside_fraction)
     problems = generate_problems(num_eval_problems, seed)
     joined = "\n".join(train)
     leaked = [p.body for p in problems if p.body in joined]

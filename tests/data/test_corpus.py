@@ -169,3 +169,26 @@ def test_think_fraction_writes_the_working_as_a_thought_at_the_answer(problems):
     assert all("<think>" not in r.text and "</think>" not in r.text for r in generate_records(300, seed=4))
     joined = "\n".join(r.text for r in recs)
     assert not [p.body for p in problems if p.body in joined]
+
+
+def test_asides_copy_the_words_before_them_and_the_text_resumes():
+    """`with_aside` puts one `<think> copy </think>` after a word: a copy of the 2-6 words just before it, never
+    after the first word or before the last one (the answer); removed, it leaves the text as it was. With
+    aside_fraction, about that share of the documents gets one; 0 changes nothing."""
+    import random
+
+    from rlp_jax.data import corpus
+
+    plain = corpus.generate_records(400, seed=3)
+    assert corpus.generate_records(400, seed=3, aside_fraction=0.0) == plain
+    rng = random.Random(0)
+    for doc in plain:
+        text = corpus.with_aside(doc.text, rng)
+        before, rest = text.split(" <think> ")
+        copied, after = rest.split(" </think> ")
+        words, copy = before.split(" "), copied.split(" ")
+        assert len(words) >= 2 and (2 <= len(copy) <= 6 or copy == words) and words[-len(copy):] == copy
+        assert len(after.split(" ")) >= 1 and after.split(" ")[-1] == doc.text.split(" ")[-1]
+        assert f"{before} {after}" == doc.text
+    asides = sum("<think>" in d.text for d in corpus.generate_records(400, seed=3, aside_fraction=0.5))
+    assert 140 < asides < 260
