@@ -65,6 +65,27 @@ def test_hybrid_step_compiles_for_v5p_8():
     assert report.total > 0 and report.fits
 
 
+@needs_libtpu
+def test_a_step_larger_than_the_chip_is_a_verdict_not_a_traceback():
+    """XLA:TPU refuses a program that needs more HBM than a v5p chip has; `compile_lowered` turns the refusal
+    into `OutOfMemory` (the compiler's one line), and the verdict line says it does not fit."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from rlp_jax.plan.compile import OutOfMemory, compile_lowered, format_refusal, target_devices
+
+    mesh = jax.sharding.Mesh(target_devices(device_spec("v5p-8"))[:1], ("x",))
+    rows = jax.ShapeDtypeStruct((400_000, 128), jnp.float32, sharding=NamedSharding(mesh, P()))
+    lowered = jax.jit(lambda a: jnp.tanh(a @ a.T)).lower(rows)           # a 640 GB product
+    with pytest.raises(OutOfMemory, match="exceeds available HBM") as refused:
+        compile_lowered(lowered)
+    lines = format_refusal(str(refused.value), 1.5 * 2**30, "v5p-8").splitlines()
+    assert "\n" not in str(refused.value) and lines[0].startswith("XLA refused to compile the step: ")
+    assert lines[-1] == "compiled for v5p-8: XLA refused (out of memory), planner 1.500 GiB/device, does not fit"
+
+
 def test_a_gpu_target_is_a_one_line_refusal():
     with pytest.raises(ConfigError, match="TPU slices"):
         compile_step(_cfg(), device_spec("h100x8"), {"data": 8, "fsdp": 1, "tensor": 1})

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         return 2
     print(format_plan(result, name=Path(args.experiment).stem, mfu=args.mfu))
     if args.compile:
-        from rlp_jax.plan.compile import compile_step, format_verdict
+        from rlp_jax.plan.compile import OutOfMemory, compile_step, format_refusal, format_verdict
 
         print(f"compiling the train step for {args.devices} (compile-only devices; minutes for a large model) ...",
               flush=True)
@@ -146,6 +146,9 @@ def main(argv=None) -> int:
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except OutOfMemory as e:
+            print(format_refusal(str(e), result.total, args.devices))
+            return 0
         if args.save_executable:
             print(f"saved the compiled step to {args.save_executable} (python -m rlp_jax.train ... --executable "
                   f"{args.save_executable})")

@@ -100,6 +100,12 @@ class CompileReport:
         return self.devices.hbm_bytes is None or self.total <= self.devices.hbm_bytes
 
 
+class OutOfMemory(Exception):
+    """XLA refused to compile the step for the target: it needs more device memory than the chip has (the
+    compiler's own message, one line, e.g. "the total memory required for HLO temporaries (5.70T) exceeds
+    available HBM (95.74G)")."""
+
+
 def chip_grid(chips: int, dims: int) -> tuple[int, ...]:
     """A TPU slice's chip grid: 4 -> 2x2x1, 8 -> 2x2x2, 16 -> 2x2x4, 32 -> 2x4x4, 64 -> 4x4x4 (3-D tori), and
     2x2, 2x4, 4x4, ... for the 2-D v5e / v6e."""
@@ -159,7 +165,8 @@ def compile_objective(cfg: RunConfig, vocab_size: int) -> Objective:
 
 def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int]):
     """The run's train step (RLP or NTP, micro-batches as configured) lowered and compiled for `devices` on a
-    (data, fsdp, tensor) mesh of `mesh_sizes`. Returns (the compiled executable, CompileReport)."""
+    (data, fsdp, tensor) mesh of `mesh_sizes`. Returns (the compiled executable, CompileReport); raises
+    `OutOfMemory` when XLA refuses the step for the chip's memory."""
     from rlp_jax.runs.loading import model_config
     from rlp_jax.train import aot, train_step
     from rlp_jax.train.loop import objective_of, run_tokenizer, trained_model_config
@@ -190,7 +197,7 @@ def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int]
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
     lowered = step.lower(layout.restore_target(), batch, rng)
     with tempfile.TemporaryDirectory(prefix="rlp_compile_") as dump:
-        compiled = lowered.compile(compiler_options={"xla_dump_to": dump, "xla_dump_hlo_pass_re": "^$"})
+        compiled = compile_lowered(lowered, {"xla_dump_to": dump, "xla_dump_hlo_pass_re": "^$"})
         largest = largest_buffers(Path(dump))
     mem = compiled.memory_analysis()
     report = CompileReport(devices=devices, mesh=dict(mesh_sizes), argument_bytes=mem.argument_size_in_bytes,
@@ -202,6 +209,16 @@ def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int]
                            tokenizer_read=tokenizer is not None,
                            roofline=step_roofline(compiled.as_text(), cfg, mcfg.decode_block))
     return compiled, report
+
+
+def compile_lowered(lowered, options: dict | None = None):
+    """`lowered.compile(options)`, with XLA's refusal for the chip's memory as `OutOfMemory` (its one line)."""
+    try:
+        return lowered.compile(compiler_options=options or {})
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise OutOfMemory(str(e).splitlines()[0].split("RESOURCE_EXHAUSTED: ", 1)[-1]) from None
 
 
 def step_roofline(hlo_text: str, cfg: RunConfig, decode_block: int) -> StepRoofline:
@@ -269,6 +286,13 @@ def format_verdict(report: CompileReport, planned_bytes: float, device_text: str
         f"compiled for {device_text}: XLA {report.total / GIB:.3f} GiB/device, planner {planned_bytes / GIB:.3f} "
         f"GiB/device, {'fits' if report.fits else 'does not fit'}",
     ])
+
+
+def format_refusal(reason: str, planned_bytes: float, device_text: str) -> str:
+    """The lines for a step XLA refused (`OutOfMemory`); the last is the verdict line, `... does not fit`."""
+    return "\n".join([f"XLA refused to compile the step: {reason}",
+                      f"compiled for {device_text}: XLA refused (out of memory), planner {planned_bytes / GIB:.3f} "
+                      "GiB/device, does not fit"])
 
 
 def _roofline_lines(r: StepRoofline, devices: DeviceSpec, model_flops: float | None) -> list[str]:
