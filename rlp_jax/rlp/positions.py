@@ -71,9 +71,12 @@ def _sorted(t_bk, mask_bk, length: int):
 
 
 def word_start_mask(tokens_bl, word_starts: tuple[int, ...]):
-    """bool [B, L]: x_t is one of `word_starts` (`ThinkIds.word_starts`, `rollout.word_starts`); None when the
-    tuple is empty (every token allowed)."""
-    return jnp.isin(tokens_bl, jnp.asarray(word_starts, jnp.int32)) if word_starts else None
+    """bool [B, L]: x_t is one of `word_starts` (`ThinkIds.word_starts`, `rollout.word_starts`), by a lookup in
+    a table of the ids (not an isin against every id); None when the tuple is empty (every token allowed)."""
+    if not word_starts:
+        return None
+    table = jnp.zeros(max(word_starts) + 1, bool).at[jnp.asarray(word_starts, jnp.int32)].set(True)
+    return table[jnp.minimum(tokens_bl, table.shape[0] - 1)] & (tokens_bl < table.shape[0])
 
 
 def select_positions(rng, segment_ids_bl, positions_bl, ema_logprobs_bl, rollout: RolloutConfig, horizon: int,
