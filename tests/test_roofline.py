@@ -85,3 +85,13 @@ def test_a_loop_is_named_by_the_scope_it_was_written_directly_under():
     assert named == {None: "token_loop", 3: None}
     costs = program.costs(lambda lp: 10 if lp.written_as("token_loop") else None)
     assert costs.total.flops == pytest.approx(30 * MATMUL, rel=0.01)
+
+
+def test_a_fori_loop_around_a_scan_is_counted_on_every_backend_form():
+    """XLA:CPU wraps a loop's compare in a fusion and annotates the trip count; both loops are counted."""
+    def fn(x, w):
+        return jax.lax.fori_loop(0, 5, lambda i, c: _scan(c, w, 3), x)
+
+    program = _program(fn, (M, K), (K, K))
+    assert sorted(lp.trips for lp in program.loops.values()) == [3, 5]
+    assert program.costs().total.flops == pytest.approx(15 * MATMUL, rel=0.01)

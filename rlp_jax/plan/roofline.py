@@ -10,7 +10,8 @@ module's entry), and each loop's body is multiplied by its trip count:
     corrected(X) = once(X) + sum over the loops w that X runs (not inside another loop of X)
                              of trips(w) * corrected(body(w)) - once(body(w))
 
-A loop's trip count is read from its condition when it is `counter < constant` (scans, static fori_loops);
+A loop's trip count is XLA's own `known_trip_count` annotation where the backend writes one (XLA:CPU), else
+read from its condition when it is `counter < constant` (XLA:TPU; scans, static fori_loops);
 a loop whose count depends on the data (the sampler stops when every thought has ended; a cache read covers
 the slots filled so far) is named by the `jax.named_scope` it was written under, or the function that wrote
 it (the HLO's stack frames), and the caller says how many times it runs (`trips`). A loop no one can count is counted once and listed in `Costs.uncounted`.
@@ -57,7 +58,8 @@ class Loop:
     name: the while instruction. body / parent: computations. scopes: its op name (jax's name stack: the
     `jax.named_scope`s it was written under, outermost first). functions: the Python functions that wrote it,
     innermost first (the module's stack frames; jax keeps only the innermost user frame by default).
-    trips: the static trip count (`counter < constant` from a constant start), else None. bound: the constant the condition compares a counter with, when it has
+    trips: the static trip count (XLA's `known_trip_count` where it annotates one, as XLA:CPU does, else
+    `counter < constant` from a constant start), else None. bound: the constant the condition compares a counter with, when it has
     one (an upper bound on a data-dependent loop's trips). A static count assumes the counter starts at 0 (as
     jax writes every loop) when its start is not a constant the module shows.
     """
@@ -187,9 +189,13 @@ def find_loops(text: str) -> dict[str, Loop]:
             name, operand, cond, body, rest = m.groups()
             frame = re.search(r"stack_frame_id=(\d+)", rest)
             op_name = re.search(r'op_name="([^"]*)"', rest)
+            known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)   # XLA:CPU/GPU annotate static loops
             index, bound, exact = _condition(comps.get(cond, []))
             start = _start(lines, operand, index) if index is not None else None
-            trips = bound - (start or 0) if exact else None   # jax's counters start at 0 when not a constant here
+            if known:
+                trips = int(known.group(1))
+            else:   # XLA:TPU does not annotate: `counter < constant`; jax's counters start at 0 when not shown
+                trips = bound - (start or 0) if exact else None
             loops[name] = Loop(name=name, body=body, parent=parent,
                                scopes=tuple(op_name.group(1).split("/")) if op_name else (),
                                functions=frames.get(int(frame.group(1)), ()) if frame else (), trips=trips, bound=bound)
