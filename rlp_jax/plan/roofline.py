@@ -90,7 +90,6 @@ class Costs:
     once: Cost                     # XLA's own count (every loop body once)
     by_loop: dict[str, Cost]
     runs: dict[str, float]
-    loops: dict[str, Loop]
     uncounted: tuple[str, ...]     # loops counted once: no static trip count and `trips` gave none
 
 
@@ -177,9 +176,8 @@ def _start(parent: list[str], operand: str, index: int) -> int | None:
     return None
 
 
-def find_loops(text: str) -> dict[str, Loop]:
-    """Every `while` of an HLO module's text, by instruction name."""
-    comps, frames = _computations(text), _stack_functions(text)
+def _find_loops(comps: dict[str, list[str]], frames: dict[int, tuple[str, ...]]) -> dict[str, Loop]:
+    """Every `while` of a module's computations (`_computations`), by instruction name."""
     loops = {}
     for parent, lines in comps.items():
         for line in lines:
@@ -191,11 +189,12 @@ def find_loops(text: str) -> dict[str, Loop]:
             op_name = re.search(r'op_name="([^"]*)"', rest)
             known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)   # XLA:CPU/GPU annotate static loops
             index, bound, exact = _condition(comps.get(cond, []))
-            start = _start(lines, operand, index) if index is not None else None
             if known:
                 trips = int(known.group(1))
-            else:   # XLA:TPU does not annotate: `counter < constant`; jax's counters start at 0 when not shown
-                trips = bound - (start or 0) if exact else None
+            elif exact:   # XLA:TPU does not annotate: `counter < constant`; jax's counters start at 0 when not shown
+                trips = bound - (_start(lines, operand, index) or 0)
+            else:
+                trips = None
             loops[name] = Loop(name=name, body=body, parent=parent,
                                scopes=tuple(op_name.group(1).split("/")) if op_name else (),
                                functions=frames.get(int(frame.group(1)), ()) if frame else (), trips=trips, bound=bound)
@@ -220,9 +219,8 @@ class Program:
     reused, so asking for the costs under several trip-count rules is cheap."""
 
     def __init__(self, text: str):
-        self.text = text
         self.computations = _computations(text)
-        self.loops = find_loops(text)
+        self.loops = _find_loops(self.computations, _stack_functions(text))
         self.entry = re.search(r"^ENTRY %([\w.\-]+) ", text, re.MULTILINE).group(1)
         self._module = "HloModule costed\n" + text.split("\n", 1)[1].replace(f"\nENTRY %{self.entry} ",
                                                                              f"\n%{self.entry} ", 1)
@@ -273,5 +271,5 @@ class Program:
             return cost
 
         total = corrected(self.entry, 1.0)
-        return Costs(total=total, once=self.once(self.entry), by_loop=by_loop, runs=runs, loops=self.loops,
+        return Costs(total=total, once=self.once(self.entry), by_loop=by_loop, runs=runs,
                      uncounted=tuple(dict.fromkeys(uncounted)))
