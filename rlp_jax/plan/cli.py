@@ -124,6 +124,11 @@ def main(argv=None) -> int:
             raise ConfigError("--save-executable writes the compiled step: add --compile")
         cfg = apply_overrides(recipe_config(load_experiment(args.experiment)), args.set)
         devices = device_spec(args.devices)
+        if args.compile and (devices.kind != "cpu" or args.save_executable):
+            # JAX decides at a process's first compile (the plan below makes some) whether it reads its persistent
+            # cache: a compile-only executable cannot be read back from it, and a CPU executable the cache served
+            # serializes without its kernels
+            jax.config.update("jax_enable_compilation_cache", False)
         mesh = default_mesh(cfg, devices.chips) if args.mesh is None else parse_mesh(args.mesh, devices.chips)
         result = plan(cfg, devices, mesh)
     except ConfigError as e:
@@ -135,8 +140,6 @@ def main(argv=None) -> int:
 
         print(f"compiling the train step for {args.devices} (compile-only devices; minutes for a large model) ...",
               flush=True)
-        if args.save_executable:   # compiled here, not read back from a persistent cache: a CPU executable that
-            jax.config.update("jax_enable_compilation_cache", False)   # the cache served serializes without its kernels
         try:
             compiled, report = compile_step(cfg, devices, mesh)
             if args.save_executable:

@@ -196,15 +196,9 @@ def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int]
     key = jax.eval_shape(lambda: jax.random.key(0))
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
     lowered = step.lower(layout.restore_target(), batch, rng)
-    cached = jax.config.jax_enable_compilation_cache
-    if devices.kind != "cpu":   # a compile-only executable cannot be read back from JAX's persistent cache
-        jax.config.update("jax_enable_compilation_cache", False)
-    try:
-        with tempfile.TemporaryDirectory(prefix="rlp_compile_") as dump:
-            compiled = compile_lowered(lowered, {"xla_dump_to": dump, "xla_dump_hlo_pass_re": "^$"})
-            largest = largest_buffers(Path(dump))
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cached)
+    with tempfile.TemporaryDirectory(prefix="rlp_compile_") as dump:
+        compiled = compile_lowered(lowered, {"xla_dump_to": dump, "xla_dump_hlo_pass_re": "^$"})
+        largest = largest_buffers(Path(dump))
     mem = compiled.memory_analysis()
     report = CompileReport(devices=devices, mesh=dict(mesh_sizes), argument_bytes=mem.argument_size_in_bytes,
                            output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
