@@ -284,34 +284,54 @@ def replicate(workdir: Path, max_units: int | None = None) -> bool:
         done += 1
 
 
+def paired_metrics(cfg: RunConfig, models: dict[str, LoadedModel], batches: int) -> dict[str, dict]:
+    """Per held-out batch, the eval metrics of each model on the SAME batches, positions and thought keys: `batches`
+    batches of cfg's eval split, cfg's objective (position rule, markers, prompt) and training's eval keys
+    (`train.run_key(seed, "eval", i)`). Returns {model: {metric: [batches] array}}."""
+    import numpy as np
+
+    tokenizer = next(iter(models.values())).tokenizer
+    mesh = sharding.make_mesh(cfg.train.mesh)
+    it = make_iterator(cfg.data, tokenizer, split="eval")
+    data = [sharding.global_batch(it.next(), mesh) for _ in range(batches)]
+    it.close()
+    objective = train.objective_of(cfg, tokenizer)
+    keys = [train.run_key(jax.random.key(cfg.train.seed), "eval", i) for i in range(batches)]
+    out = {}
+    for name, lm in models.items():
+        step = train_step.make_eval_step(lm.cfg, objective)
+        rows = [jax.device_get(step(lm.params, b, k)) for b, k in zip(data, keys)]
+        out[name] = {key: np.array([float(r[key]) for r in rows]) for key in rows[0]}
+    return out
+
+
+def paired_diff(per: dict[str, dict], before: str, after: str, keys) -> dict:
+    """after minus before per batch: the means, the mean difference and its standard error, per metric."""
+    import numpy as np
+
+    out = {}
+    for key in keys:
+        a, b = per[before][key], per[after][key]
+        d = b - a
+        out[key] = {before: float(a.mean()), after: float(b.mean()), "diff": float(d.mean()),
+                    "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
+    return out
+
+
 def paired(workdir: Path, unit: str, batches: int) -> dict:
     """The held-out info gain of a finished unit's final policy against the start model on the SAME held-out
-    positions and thought keys: `batches` eval batches (the unit's position rule and eval keys), each scored
-    by both; the paired per-batch differences give the noise. Written to results/paired-UNIT.json."""
+    positions and thought keys (`paired_metrics`); the paired per-batch differences give the noise. Written to
+    results/paired-UNIT.json."""
     from rlp_jax.runs.loading import load_model
 
     cfg = scaled_config(workdir)
     run_cfg = next(u[3] for u in units(cfg, load_results()) if u[0] == unit)
-    run_cfg, start = start_model(_override(run_cfg, {"train.eval_batches": batches}))
-    trained = load_model(workdir / "units" / unit)
-    mesh = sharding.make_mesh(run_cfg.train.mesh)
-    it = make_iterator(run_cfg.data, start.tokenizer, split="eval")
-    data = [sharding.global_batch(it.next(), mesh) for _ in range(batches)]
-    it.close()
-    step = train_step.make_eval_step(start.cfg, run_cfg.rlp)
-    import numpy as np
-
-    keys = [train.run_key(jax.random.key(run_cfg.train.seed), "eval", i) for i in range(batches)]   # as training's evals
-    per = {name: [jax.device_get(step(lm.params, b, k)) for b, k in zip(data, keys)]
-           for name, lm in (("start", start), ("trained", trained))}
-
+    run_cfg, start = start_model(run_cfg)
+    per = paired_metrics(run_cfg, {"start": start, "trained": load_model(workdir / "units" / unit)}, batches)
     out = {"unit": unit, "batches": batches, "rows_per_batch": run_cfg.data.batch_size,
-           "position_rule": run_cfg.rlp.rollout.position_rule}
-    for key in ("eval/info_gain", "eval/nll_think", "eval/nll_no_think", "eval/nll_tokens"):
-        a, b = (np.array([e[key] for e in per[n]]) for n in ("start", "trained"))
-        d = b - a
-        out[key] = {"start": float(a.mean()), "trained": float(b.mean()), "diff": float(d.mean()),
-                    "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
+           "position_rule": run_cfg.rlp.rollout.position_rule,
+           **paired_diff(per, "start", "trained", ("eval/info_gain", "eval/nll_think", "eval/nll_no_think",
+                                                    "eval/nll_tokens"))}
     _write(f"paired-{unit}", out)
     return out
 

@@ -267,16 +267,24 @@ _MAKERS = {"arithmetic": _arithmetic, "word_problem": _word_problem, "unit_conve
            "logic": _logic}
 
 
+def thought_in_text(before: str, thought: str, after: str) -> str:
+    """A thought written into text as RLP lays one out (`rollout.branch_tokens`): `<think>` straight after the
+    context's last word, the thought's words, `</think>` straight before the next word's space:
+    `before<think> thought</think> after`."""
+    return f"{before}<think> {thought}</think> {after}"
+
+
 def with_aside(text: str, rng: random.Random) -> str:
     """`text` with an aside: after a word (not the first two, not before the last one: never at the answer),
-    `<think>` a copy of the 2-6 words before it `</think>`, then the text resumes as it was. Teaches a reader to
-    go on after `</think>` as if the thought were not there, and gives `</think>` a place it is written."""
+    a thought that copies the 2-6 words before it (`thought_in_text`), then the text resumes as it was. Teaches
+    a reader to go on after `</think>` as if the thought were not there, and gives `</think>` a place it is
+    written."""
     words = text.split(" ")
     if len(words) < 4:
         return text
     at = rng.randint(2, len(words) - 2)
     copied = words[max(0, at - rng.randint(*ASIDE_WORDS)):at]
-    return " ".join(words[:at] + ["<think>", *copied, "</think>"] + words[at:])
+    return thought_in_text(" ".join(words[:at]), " ".join(copied), " ".join(words[at:]))
 
 
 def generate_records(num_docs: int, seed: int, *, worked_fraction: float = 0.5,
@@ -284,7 +292,7 @@ def generate_records(num_docs: int, seed: int, *, worked_fraction: float = 0.5,
     """Training documents with their kind, canonical key and whether the working is shown.
 
     think_fraction: share of problem documents whose working is shown as a thought at the answer
-    position, `question The answer is <think> steps </think> answer.` -- the format RLP samples, as
+    position, `question The answer is<think> steps</think> answer.` (`thought_in_text`) -- the format RLP samples, as
     in web text that contains reasoning traces (a base model that never saw the markers cannot use
     them; see LESSONS.md). aside_fraction: share of the other documents given an aside (`with_aside`).
     0 leaves the documents (and the random stream) unchanged.
@@ -302,7 +310,7 @@ def generate_records(num_docs: int, seed: int, *, worked_fraction: float = 0.5,
             p = _MAKERS[kind](rng)
         if think_fraction > 0 and rng.random() < think_fraction:
             text = " ".join(x for x in (rng.choice(_PREAMBLES), p.question, EVAL_CUE) if x)
-            docs.append(Document(kind, f"{text} <think> {p.worked} </think> {p.answer}.", p.key, True, p))
+            docs.append(Document(kind, thought_in_text(text, p.worked, f"{p.answer}."), p.key, True, p))
             continue
         worked = rng.random() < worked_fraction
         cue = rng.choice(_CUES_WORKED if worked else _CUES_PLAIN)

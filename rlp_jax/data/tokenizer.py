@@ -285,14 +285,16 @@ NEW_TOKEN_INITS = ("mean", "pieces")
 
 
 def resize_embeddings(embed_vd: jax.Array, new_vocab_size: int, rng: jax.Array, std: float = 0.02, *,
-                      init: str = "mean", pieces: dict[int, Sequence[int]] | None = None) -> jax.Array:
+                      init: str = "mean", pieces: dict[int, Sequence[int]] | None = None,
+                      chosen: dict[int, Sequence[int]] | None = None) -> jax.Array:
     """Grow a `[vocab, dim]` embedding to `new_vocab_size` rows, keeping existing rows unchanged.
 
     init="mean": new rows are the mean of the existing rows plus N(0, std^2) noise (a common
     initialisation for added tokens). init="pieces": new row i is the mean of the rows of
     `pieces[i]`, the ids its text has in the original vocabulary (e.g. `<`, `think`, `>` for
     `<think>`), so the model reads the marker roughly as it reads its spelling; rows without pieces
-    fall back to "mean". Shrinking raises ValueError.
+    fall back to "mean". `chosen`: new row i starts as the mean of the rows of `chosen[i]` whatever `init`
+    says (e.g. `</think>` as a copy of `.`). Shrinking raises ValueError.
     """
     if init not in NEW_TOKEN_INITS:
         raise ValueError(f"new-token init must be one of {NEW_TOKEN_INITS}, got {init!r}")
@@ -309,6 +311,10 @@ def resize_embeddings(embed_vd: jax.Array, new_vocab_size: int, rng: jax.Array, 
             ids = [j for j in ids if j < v]
             if v <= i < new_vocab_size and ids:
                 new = new.at[i - v].set(full[jnp.asarray(ids)].mean(axis=0))
+    for i, ids in (chosen or {}).items():
+        if not v <= i < new_vocab_size or not ids or max(ids) >= v:
+            raise ValueError(f"chosen row {i} must be an added id whose source ids {list(ids)} are below {v}")
+        new = new.at[i - v].set(full[jnp.asarray(ids)].mean(axis=0))
     return jnp.concatenate([jnp.asarray(embed_vd), new.astype(embed_vd.dtype)], axis=0)
 
 

@@ -105,7 +105,8 @@ def heldout_metrics(params, batch, rng, *, cfg: Config, objective: Objective):
     G sampled thoughts (after the prompt, in the prompted setting); eval/info_gain: their difference (positive:
     thinking helps); eval/nll_empty_think and eval/info_gain_vs_empty: the same with `<think></think>` (the
     format control: what a thought's content adds beyond the markers); eval/nll_tokens: next-token NLL of every
-    token; eval/thought_len: mean thought length.
+    token; eval/thought_len: mean thought length; eval/ended_fraction: the share of thoughts that sampled the
+    end marker before the length limit.
     """
     rlp, ids = objective.rlp, objective.ids
     k_pos, k_roll = jax.random.split(rng)
@@ -135,7 +136,8 @@ def heldout_metrics(params, batch, rng, *, cfg: Config, objective: Objective):
             "eval/info_gain": vmean(think - no_think), "eval/nll_empty_think": -vmean(empty),
             "eval/info_gain_vs_empty": vmean(think - empty),
             "eval/nll_tokens": shifted_ntp_loss(logits, batch["tokens"], batch["segment_ids"]),
-            "eval/thought_len": vmean(thoughts.lengths.mean(-1).astype(jnp.float32))}
+            "eval/thought_len": vmean(thoughts.lengths.mean(-1).astype(jnp.float32)),
+            "eval/ended_fraction": vmean(thoughts.ended.mean(-1, dtype=jnp.float32))}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "objective"))

@@ -48,6 +48,8 @@ class ModelSection:
         unused special token of a pretrained tokenizer) are used as they are; others are added.
       new_token_init: how embedding rows of added tokens start: "mean" (mean row + noise) or
         "pieces" (the mean of the rows of the marker's own spelling in the original vocabulary).
+      marker_rows: per marker, a text whose rows (their mean) an added marker starts from instead, whatever
+        new_token_init says; "" keeps new_token_init. E.g. ("", ".") starts `</think>` as a copy of `.`.
     """
 
     preset: str = "tiny"
@@ -59,6 +61,7 @@ class ModelSection:
     attention_block: int = 512
     think_tokens: tuple[str, str] = ("<think>", "</think>")
     new_token_init: str = "mean"
+    marker_rows: tuple[str, str] = ("", "")
 
     def __post_init__(self):
         try:
@@ -67,6 +70,8 @@ class ModelSection:
             raise ConfigError(str(e)) from None
         if self.new_token_init not in ("mean", "pieces"):
             raise ConfigError(f"model.new_token_init must be mean or pieces, got {self.new_token_init!r}")
+        if len(self.marker_rows) != 2:
+            raise ConfigError(f"model.marker_rows must be two texts ('' for none), got {self.marker_rows!r}")
         if len(self.think_tokens) != 2 or len(set(self.think_tokens)) != 2 or not all(self.think_tokens):
             raise ConfigError(f"model.think_tokens must be two different non-empty strings, got {self.think_tokens!r}")
         if self.init_from is None and self.preset not in PRESET_NAMES:

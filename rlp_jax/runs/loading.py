@@ -105,14 +105,22 @@ def model_config(section: ModelSection) -> Config:
         raise ConfigError(f"model.init_from={src}: {e}") from None
 
 
-def fit_embeddings(mcfg: Config, params: dict, tokenizer: Tokenizer, rng, init: str = "mean"):
+def fit_embeddings(mcfg: Config, params: dict, tokenizer: Tokenizer, rng, init: str = "mean",
+                   marker_rows: tuple[str, str] = ("", "")):
     """Grow the embedding (and an untied lm_head) to the tokenizer's vocabulary when it added tokens
-    (the think markers), new rows by `init` (`tokenizer.resize_embeddings`). Returns (cfg, params)."""
+    (the think markers), new rows by `init`, an added marker with a text in `marker_rows` from that text's
+    rows (`tokenizer.resize_embeddings`). Returns (cfg, params)."""
     if tokenizer.vocab_size <= mcfg.vocab_size:
         return mcfg, params
     k1, k2 = jax.random.split(rng)
-    grow = lambda table, key: resize_embeddings(table, tokenizer.vocab_size, key, init=init,
-                                                pieces=tokenizer.added_pieces)
+    chosen = {i: tokenizer.encode(text) for i, text in zip((tokenizer.think_start_id, tokenizer.think_end_id),
+                                                           marker_rows) if text and i >= mcfg.vocab_size}
+    for i, ids in chosen.items():
+        if not ids or max(ids) >= mcfg.vocab_size:
+            raise ConfigError(f"model.marker_rows: {tokenizer.decode(ids)!r} for {tokenizer.decode([i])!r} is no text of "
+                              "the original vocabulary; choose ordinary text such as '.'")
+    grow = lambda table, key: resize_embeddings(table, tokenizer.vocab_size, key, init=init,  # noqa: E731
+                                                pieces=tokenizer.added_pieces, chosen=chosen)
     params = dict(params, embed=grow(params["embed"], k1))
     if "lm_head" in params:
         params["lm_head"] = grow(params["lm_head"].T, k2).T

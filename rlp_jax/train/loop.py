@@ -71,7 +71,7 @@ def build_model(cfg: RunConfig, tokenizer, rng, mesh=None) -> tuple[Config, dict
     if tokenizer.vocab_size > mcfg.vocab_size:
         log.info("growing the embedding from %d to %d rows for added tokens (%s init)", mcfg.vocab_size,
                  tokenizer.vocab_size, m.new_token_init)
-    return loading.fit_embeddings(mcfg, params, tokenizer, rng, init=m.new_token_init)
+    return loading.fit_embeddings(mcfg, params, tokenizer, rng, init=m.new_token_init, marker_rows=m.marker_rows)
 
 
 def objective_of(cfg: RunConfig, tokenizer) -> Objective:

@@ -157,7 +157,7 @@ def test_build_corpus(tmp_path):
 def test_think_fraction_writes_the_working_as_a_thought_at_the_answer(problems):
     recs = generate_records(1000, seed=4, think_fraction=0.25)
     assert [r.text for r in recs] == [r.text for r in generate_records(1000, seed=4, think_fraction=0.25)]
-    pattern = re.compile(re.escape(EVAL_CUE) + r" <think> (.+) </think> (\S+)\.$")
+    pattern = re.compile(re.escape(EVAL_CUE) + r"<think> (.+)</think> (\S+)\.$")
     thinking = [r for r in recs if "<think>" in r.text]
     share = len(thinking) / sum(r.key is not None for r in recs)
     assert 0.19 < share < 0.31
@@ -184,8 +184,8 @@ def test_asides_copy_the_words_before_them_and_the_text_resumes():
     rng = random.Random(0)
     for doc in plain:
         text = corpus.with_aside(doc.text, rng)
-        before, rest = text.split(" <think> ")
-        copied, after = rest.split(" </think> ")
+        before, rest = text.split("<think> ")   # laid out as RLP lays a thought (`thought_in_text`)
+        copied, after = rest.split("</think> ")
         words, copy = before.split(" "), copied.split(" ")
         assert len(words) >= 2 and (2 <= len(copy) <= 6 or copy == words) and words[-len(copy):] == copy
         assert len(after.split(" ")) >= 1 and after.split(" ")[-1] == doc.text.split(" ")[-1]

@@ -15,6 +15,7 @@ from rlp_jax.model.dense.gguf import from_gguf
 from rlp_jax.model.dense import transformer
 from rlp_jax.model.safetensors_io import CheckpointError
 from rlp_jax.runs import loading
+from rlp_jax.runs.config import ConfigError
 from tests.gguf_files import SPECIALS, TEXT, bpe_vocab, tiny_hf_model, write_gguf
 
 pytest.importorskip("transformers")
@@ -78,6 +79,24 @@ def test_tokenizer_equals_transformers_gguf_tokenizer(tmp_path, vocab, pre):
     # the think markers are new single ids, their embedding rows initialised from their spelling
     assert ours.think_start_id == len(vocab[0]) and len(ours.encode("a<think>b</think>")) == 4
     assert ours.added_pieces[ours.think_start_id] == ref.encode("<think>", add_special_tokens=False)
+
+
+def test_marker_rows_start_an_added_marker_from_a_chosen_text(tmp_path, vocab):
+    """`model.marker_rows`: `</think>` starts as the row of `.` (tied embeddings: the same logit as `.`), while
+    `<think>` keeps new_token_init's spelling rows; the original rows are unchanged."""
+    _, path = _write(tmp_path, vocab)
+    tok = load_tokenizer(path)
+    cfg, params = from_gguf(path)
+    grown_cfg, grown = loading.fit_embeddings(cfg, params, tok, jax.random.key(0), init="pieces",
+                                              marker_rows=("", "."))
+    table, old = np.asarray(grown["embed"]), np.asarray(params["embed"])
+    assert grown_cfg.vocab_size == tok.vocab_size == old.shape[0] + 2
+    np.testing.assert_array_equal(table[:old.shape[0]], old)
+    (dot,) = tok.encode(".")
+    np.testing.assert_array_equal(table[tok.think_end_id], old[dot])
+    np.testing.assert_allclose(table[tok.think_start_id], old[tok.added_pieces[tok.think_start_id]].mean(0), rtol=1e-6)
+    with pytest.raises(ConfigError, match="marker_rows"):   # a marker's row cannot come from an added token
+        loading.fit_embeddings(cfg, params, tok, jax.random.key(0), marker_rows=("", "<think>"))
 
 
 def test_smollm_pretokenizer_splits_digits(tmp_path, vocab):
