@@ -29,6 +29,11 @@ Everything below was fixed on 2026-12-07, before any of these runs:
   RLP policy on the same PAIRED_BATCHES held-out batches, positions and thought keys; RLP minus warm-start per
   batch, mean and standard error, for the information gain against no thought and against the empty thought.
   If the gate fails, RLP does not run and the report says so.
+Variant 2 (fixed on 2026-12-07 after variant 1 failed its gate, before it ran; unit names prefixed `v2-`):
+variant 1's warm-start never showed the reader an empty thought (every aside copied 2-6 words), and at lr 1e-4 it
+took the no-thought NLL at the scored positions from 2.13 to 0.18 nats, leaving a thought almost nothing to gain.
+Variant 2 changes those two settings only: asides copy 0-6 words (0 is the empty thought `word<think></think>
+next`), lr 3e-5. The gate, the RLP arm and the paired evaluation are the same.
 Results: one JSON per finished unit under experiments/smollm2_rlp/results/warmstart/ (committed; a rerun skips
 them). A unit stopped midway resumes from WORKDIR/units/NAME if this machine still holds it.
 """
@@ -66,8 +71,10 @@ COMMON = {"model.new_token_init": "pieces", "model.marker_rows": MARKER_ROWS, "r
           "data.seq_len": 128}
 WARM_STEPS = 150
 WARM = {"train.objective": "ntp", "train.steps": WARM_STEPS, "train.save_every": 25, "train.eval_every": WARM_STEPS,
-        "train.eval_batches": 1, "data.batch_size": 8, "optim.lr": 1e-4, "optim.warmup_steps": 10,
+        "train.eval_batches": 1, "data.batch_size": 8, "optim.warmup_steps": 10,
         "optim.schedule": "constant"}
+# Per variant (unit-name prefix): the warm-start's lr and the words an aside copies (min, max).
+VARIANTS = {"": {"lr": 1e-4, "aside_words": (2, 6)}, "v2-": {"lr": 3e-5, "aside_words": (0, 6)}}
 TRACE_FRACTION = 0.3   # problem documents of the warm-start corpus whose working is a thought at the answer
 ASIDE_FRACTION = 0.3   # other documents of the warm-start corpus given an aside
 RLP_STEPS = 30
@@ -86,19 +93,21 @@ def gate_of(metrics: dict) -> dict:
             "passed": bool(cost < GATE["empty_thought_cost_below"] and ended > GATE["ended_fraction_above"])}
 
 
-def configs(workdir: Path) -> dict[str, RunConfig]:
-    """The start (what the warm-start trains from), the warm-start, the RLP arm and the evaluation setting."""
+def configs(workdir: Path, variant: str = "") -> dict[str, RunConfig]:
+    """The start (what the warm-start trains from), the variant's warm-start, its RLP arm and the evaluation
+    setting (units under WORKDIR/units/VARIANT...)."""
     from rlp_jax.data.corpus import build_corpus
 
+    settings = VARIANTS[variant]
     base = _override(base_config(workdir), COMMON)   # the smollm2 recipe, its plain corpus under WORKDIR/data
-    warm_data = workdir / "data_warm"
+    warm_data = workdir / f"{variant}data_warm"
     if not (warm_data / "train.jsonl").exists():
-        build_corpus(warm_data, num_train_docs=20_000, num_eval_problems=200, seed=0,
-                     think_fraction=TRACE_FRACTION, aside_fraction=ASIDE_FRACTION)
-    warm = _override(base, WARM)
+        build_corpus(warm_data, num_train_docs=20_000, num_eval_problems=200, seed=0, think_fraction=TRACE_FRACTION,
+                     aside_fraction=ASIDE_FRACTION, aside_words=settings["aside_words"])
+    warm = _override(base, {**WARM, "optim.lr": settings["lr"]})
     source = dataclasses.replace(warm.data.sources[0], path=str(warm_data / "train.jsonl"), name="warm")
     warm = dataclasses.replace(warm, data=dataclasses.replace(warm.data, sources=(source,)))
-    rlp = _override(base, {**RLP, "model.init_from": str(workdir / "units" / "warm")})
+    rlp = _override(base, {**RLP, "model.init_from": str(workdir / "units" / f"{variant}warm")})
     return {"start": _override(base, RLP), "warm": warm, "rlp": rlp,
             "eval": _override(rlp, {"train.eval_batches": GATE_BATCHES})}
 
@@ -127,37 +136,50 @@ def _train(cfg: RunConfig, workdir: Path, name: str) -> dict | None:
             "eval_curve": [r for r in recs if r.get("split") == "eval"]}
 
 
-def run(workdir: Path) -> bool:
-    """Every unit without a result, in order; True when preempted (rerun to resume)."""
+def run_variant(workdir: Path, variant: str) -> bool:
+    """The variant's warm-start, gate, RLP and paired evaluation, each unless its result exists; True when
+    preempted (rerun to resume)."""
     from rlp_jax.runs.loading import load_model
 
-    cfg = configs(workdir)
-    if _read("warm") is None:
+    cfg = configs(workdir, variant)
+    warm_name, rlp_name = f"{variant}warm", f"{variant}warm-rlp"
+    if _read(warm_name) is None:
         t0 = time.time()
-        trained = _train(cfg["warm"], workdir, "warm")
+        trained = _train(cfg["warm"], workdir, warm_name)
         if trained is None:
             return True
-        metrics = step0_metrics(cfg["eval"], load_model(workdir / "units" / "warm"))
-        _write("warm", {"name": "warm", "steps": WARM_STEPS, **trained, "eval": metrics, "gate": gate_of(metrics),
-                        "seconds": round(time.time() - t0)})
-    warm = _read("warm")
-    print(f"gate: {warm['gate']}", flush=True)
-    if warm["gate"]["passed"] and _read("warm-rlp") is None:
+        metrics = step0_metrics(cfg["eval"], load_model(workdir / "units" / warm_name))
+        _write(warm_name, {"name": warm_name, "steps": WARM_STEPS, "lr": cfg["warm"].optim.lr,
+                           "aside_words": VARIANTS[variant]["aside_words"], **trained, "eval": metrics,
+                           "gate": gate_of(metrics), "seconds": round(time.time() - t0)})
+    gate = _read(warm_name)["gate"]
+    print(f"{warm_name} gate: {gate}", flush=True)
+    if gate["passed"] and _read(rlp_name) is None:
         t0 = time.time()
-        trained = _train(cfg["rlp"], workdir, "warm-rlp")
+        trained = _train(cfg["rlp"], workdir, rlp_name)
         if trained is None:
             return True
-        _write("warm-rlp", {"name": "warm-rlp", "steps": RLP_STEPS, **trained, "seconds": round(time.time() - t0)})
-    if warm["gate"]["passed"] and _read("paired-warm-rlp") is None:
+        _write(rlp_name, {"name": rlp_name, "steps": RLP_STEPS, **trained, "seconds": round(time.time() - t0)})
+    if gate["passed"] and _read(f"paired-{rlp_name}") is None:
         t0 = time.time()
-        per = paired_metrics(cfg["eval"], {"warm": load_model(workdir / "units" / "warm"),
-                                           "rlp": load_model(workdir / "units" / "warm-rlp")}, PAIRED_BATCHES)
+        per = paired_metrics(cfg["eval"], {"warm": load_model(workdir / "units" / warm_name),
+                                           "rlp": load_model(workdir / "units" / rlp_name)}, PAIRED_BATCHES)
         per_batch = {m: {k: v.tolist() for k, v in d.items()} for m, d in per.items()}
-        _write("paired-warm-rlp", {"batches": PAIRED_BATCHES, "rows_per_batch": cfg["eval"].data.batch_size,
-                                   **paired_diff(per, "warm", "rlp", sorted(per["warm"])),
-                                   "per_batch": per_batch, "seconds": round(time.time() - t0)})
+        _write(f"paired-{rlp_name}", {"batches": PAIRED_BATCHES, "rows_per_batch": cfg["eval"].data.batch_size,
+                                      **paired_diff(per, "warm", "rlp", sorted(per["warm"])),
+                                      "per_batch": per_batch, "seconds": round(time.time() - t0)})
+    return False
+
+
+def run(workdir: Path) -> bool:
+    """Every variant's units without a result, in order, then the start model's gate numbers; True when
+    preempted (rerun to resume)."""
+    for variant in VARIANTS:
+        if run_variant(workdir, variant):
+            return True
     if _read("start") is None:
         t0 = time.time()
+        cfg = configs(workdir)
         _, lm = start_model(cfg["start"])
         metrics = step0_metrics(cfg["eval"], lm)
         _write("start", {"name": "start", "eval": metrics, "gate": gate_of(metrics), "seconds": round(time.time() - t0)})
@@ -171,7 +193,7 @@ def report() -> str:
              "positions, no prompt, T = 64, G = 4).", "",
              "| model | NLL no think | NLL empty thought | empty-thought cost | NLL think | info gain | info gain vs empty "
              "| thought len | ended | gate |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in ("start", "warm"):
+    for name in ("start", *(f"{v}warm" for v in VARIANTS)):
         r = _read(name)
         if r is None:
             lines.append(f"| {name} | not run yet | | | | | | | | |")
@@ -181,9 +203,11 @@ def report() -> str:
                      f"{g['empty_thought_cost']:.3f} | {e['eval/nll_think']:.3f} | {e['eval/info_gain']:.3f} | "
                      f"{e['eval/info_gain_vs_empty']:.3f} | {e['eval/thought_len']:.1f} | {g['ended_fraction']:.1%} | "
                      f"{'passed' if g['passed'] else 'failed'} |")
-    p = _read("paired-warm-rlp")
-    if p is not None:
-        lines += ["", f"Paired, RLP ({RLP_STEPS} steps) minus the warm-start, {p['batches']} batches x "
+    for variant in VARIANTS:
+        p = _read(f"paired-{variant}warm-rlp")
+        if p is None:
+            continue
+        lines += ["", f"Paired, RLP ({RLP_STEPS} steps) minus the warm-start `{variant}warm`, {p['batches']} batches x "
                   f"{p['rows_per_batch']} rows (mean ± standard error over batches):", "",
                   "| metric | warm-start | RLP | difference |", "|---|---|---|---|"]
         for key in ("eval/info_gain", "eval/info_gain_vs_empty", "eval/nll_think", "eval/nll_empty_think",

@@ -13,7 +13,7 @@ does she have now? 12 + 7 = 19. 19 - 5 = 14. So the answer is 14." With probabil
 the answer token is predictable only by reasoning that is not written down.
 
 Markers in the text (for a model that has never read them): `think_fraction` writes a problem's working as a
-thought at the answer (`<think> steps </think> answer`), `aside_fraction` gives documents an aside
+thought at the answer (`is<think> steps</think> answer`), `aside_fraction` gives documents an aside
 (`with_aside`: `<think>` a copy of the words before it `</think>`, then the text resumes).
 
 Held-out evaluation problems never occur in training, by construction: every problem has a canonical
@@ -37,7 +37,7 @@ from pathlib import Path
 KINDS = ("arithmetic", "word_problem", "unit_conversion", "logic", "descriptive")
 PROBLEM_KINDS = KINDS[:4]
 HELDOUT_PER_MILLE = 100  # share of canonical keys (in 1/1000) reserved for evaluation
-ASIDE_WORDS = (2, 6)     # an aside copies this many preceding words (inclusive)
+ASIDE_WORDS = (2, 6)     # an aside copies this many preceding words (inclusive; 0: the empty thought)
 EVAL_CUE = "The answer is"
 _DOC_WEIGHTS = (0.2, 0.2, 0.2, 0.15, 0.25)
 _CUES_PLAIN = ("The answer is", "The answer is", "Answer:")
@@ -270,35 +270,38 @@ _MAKERS = {"arithmetic": _arithmetic, "word_problem": _word_problem, "unit_conve
 def thought_in_text(before: str, thought: str, after: str) -> str:
     """A thought written into text as RLP lays one out (`rollout.branch_tokens`): `<think>` straight after the
     context's last word, the thought's words, `</think>` straight before the next word's space:
-    `before<think> thought</think> after`."""
-    return f"{before}<think> {thought}</think> {after}"
+    `before<think> thought</think> after`; an empty thought is `before<think></think> after`."""
+    return f"{before}<think>{' ' + thought if thought else ''}</think> {after}"
 
 
-def with_aside(text: str, rng: random.Random) -> str:
+def with_aside(text: str, rng: random.Random, words: tuple[int, int] = ASIDE_WORDS) -> str:
     """`text` with an aside: after a word (not the first two, not before the last one: never at the answer),
-    a thought that copies the 2-6 words before it (`thought_in_text`), then the text resumes as it was. Teaches
-    a reader to go on after `</think>` as if the thought were not there, and gives `</think>` a place it is
-    written."""
-    words = text.split(" ")
-    if len(words) < 4:
+    a thought that copies `words` (min, max; 0 is the empty thought) of the words before it (`thought_in_text`),
+    then the text resumes as it was. Teaches a reader to go on after `</think>` as if the thought were not there,
+    and gives `</think>` a place it is written."""
+    text_words = text.split(" ")
+    if len(text_words) < 4:
         return text
-    at = rng.randint(2, len(words) - 2)
-    copied = words[max(0, at - rng.randint(*ASIDE_WORDS)):at]
-    return thought_in_text(" ".join(words[:at]), " ".join(copied), " ".join(words[at:]))
+    at = rng.randint(2, len(text_words) - 2)
+    n = rng.randint(*words)
+    copied = text_words[max(0, at - n):at] if n else []
+    return thought_in_text(" ".join(text_words[:at]), " ".join(copied), " ".join(text_words[at:]))
 
 
 def generate_records(num_docs: int, seed: int, *, worked_fraction: float = 0.5,
-                     think_fraction: float = 0.0, aside_fraction: float = 0.0) -> list[Document]:
+                     think_fraction: float = 0.0, aside_fraction: float = 0.0,
+                     aside_words: tuple[int, int] = ASIDE_WORDS) -> list[Document]:
     """Training documents with their kind, canonical key and whether the working is shown.
 
     think_fraction: share of problem documents whose working is shown as a thought at the answer
     position, `question The answer is<think> steps</think> answer.` (`thought_in_text`) -- the format RLP samples, as
     in web text that contains reasoning traces (a base model that never saw the markers cannot use
-    them; see LESSONS.md). aside_fraction: share of the other documents given an aside (`with_aside`).
+    them; see LESSONS.md). aside_fraction: share of the other documents given an aside (`with_aside`, of
+    `aside_words` copied words).
     0 leaves the documents (and the random stream) unchanged.
     """
     rng, docs = random.Random(f"rlp_jax.corpus/train/{seed}"), []
-    aside = (lambda d: dataclasses.replace(d, text=with_aside(d.text, rng)) if rng.random() < aside_fraction
+    aside = (lambda d: dataclasses.replace(d, text=with_aside(d.text, rng, aside_words)) if rng.random() < aside_fraction
              else d) if aside_fraction > 0 else (lambda d: d)
     for _ in range(num_docs):
         kind = rng.choices(KINDS, weights=_DOC_WEIGHTS)[0]
@@ -320,10 +323,12 @@ def generate_records(num_docs: int, seed: int, *, worked_fraction: float = 0.5,
 
 
 def generate_documents(num_docs: int, seed: int, *, worked_fraction: float = 0.5,
-                       think_fraction: float = 0.0, aside_fraction: float = 0.0) -> list[str]:
+                       think_fraction: float = 0.0, aside_fraction: float = 0.0,
+                       aside_words: tuple[int, int] = ASIDE_WORDS) -> list[str]:
     """`num_docs` training texts, deterministic for `seed`; none contains a held-out problem."""
     return [d.text for d in generate_records(num_docs, seed, worked_fraction=worked_fraction,
-                                             think_fraction=think_fraction, aside_fraction=aside_fraction)]
+                                             think_fraction=think_fraction, aside_fraction=aside_fraction,
+                                             aside_words=aside_words)]
 
 
 def generate_problems(num: int, seed: int) -> list[Problem]:
@@ -344,12 +349,12 @@ def generate_problems(num: int, seed: int) -> list[Problem]:
 
 def build_corpus(out_dir, *, num_train_docs: int, num_eval_problems: int, seed: int = 0,
                  worked_fraction: float = 0.5, think_fraction: float = 0.0,
-                 aside_fraction: float = 0.0) -> dict[str, Path]:
+                 aside_fraction: float = 0.0, aside_words: tuple[int, int] = ASIDE_WORDS) -> dict[str, Path]:
     """Write `train.jsonl` ({"text"}) and `heldout.jsonl` ({"question", "answer", "kind", "text"})."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train = generate_documents(num_train_docs, seed, worked_fraction=worked_fraction, think_fraction=think_fraction,
-                               aside_fraction=aside_fraction)
+                               aside_fraction=aside_fraction, aside_words=aside_words)
     problems = generate_problems(num_eval_problems, seed)
     joined = "\n".join(train)
     leaked = [p.body for p in problems if p.body in joined]

@@ -192,3 +192,7 @@ def test_asides_copy_the_words_before_them_and_the_text_resumes():
         assert f"{before} {after}" == doc.text
     asides = sum("<think>" in d.text for d in corpus.generate_records(400, seed=3, aside_fraction=0.5))
     assert 140 < asides < 260
+    # zero copied words is the empty thought, laid out as RLP's: `word<think></think> next`
+    empty = [corpus.with_aside(doc.text, rng, (0, 0)) for doc in plain[:50]]
+    for doc, text in zip(plain[:50], empty):
+        assert text.count("<think></think> ") == 1 and text.replace("<think></think>", "") == doc.text
