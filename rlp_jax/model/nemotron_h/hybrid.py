@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rlp_jax import sharding
 from rlp_jax.model import mamba2
 from rlp_jax.model.config import Numerics
 from rlp_jax.model.layers import (
@@ -348,6 +349,13 @@ def mlp_mixer(p: Params, h):
     return out if "down_b" not in p else out + _w(p["down_b"], h)
 
 
+def constrain_residual(x):
+    """The residual stream [B, L, D] or [B, N, S, D] sharded as the dense family shards it (rows over the data
+    axes, by logical names; identity without a mesh). Without it XLA's propagation may follow the FSDP-sharded
+    weights and keep every row of the global batch on every device."""
+    return sharding.constrain(x, ("batch", "length", "embed") if x.ndim == 3 else ("batch", "branch", "length", "embed"))
+
+
 def run_blocks(params: Params, cfg: HybridConfig, tokens_bl, segment_ids_bl, positions_bm=None):
     """The blocks over tokens [B, L] with segment ids [B, L] int (0 = padding; a token sees the earlier tokens of
     its own segment: packed sequences, each from a zero state; 1/0 is a padding mask) -> (hidden [B, L, D] before
@@ -368,9 +376,10 @@ def run_blocks(params: Params, cfg: HybridConfig, tokens_bl, segment_ids_bl, pos
             out, cache = mlp_mixer(block["mixer"], h), None
         return x + out, cache
 
-    x, caches = embed(params, cfg, tokens_bl), []
+    x, caches = constrain_residual(embed(params, cfg, tokens_bl)), []
     for kind, block in zip(cfg.block_types, params["blocks"]):
         x, cache = cfg.checkpointed(functools.partial(block_fn, kind))(block, x)
+        x = constrain_residual(x)
         caches.append(cache)
     return x, (None if positions_bm is None else tuple(caches))
 
