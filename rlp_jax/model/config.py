@@ -80,10 +80,12 @@ class Numerics:
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 
-    def checkpointed(self, block_fn):
-        """block_fn rematerialised as `remat` says (the backward recomputes what it does not save)."""
+    def checkpointed(self, block_fn, *, unrolled: bool = False):
+        """block_fn rematerialised as `remat` says (the backward recomputes what it does not save). unrolled: the
+        blocks are a Python loop, not a `lax.scan` body; then XLA must be kept from merging the recomputation
+        with the forward (`prevent_cse`), which would keep every block's activations (the remat undone)."""
         if self.remat == "none":
             return block_fn
         policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "dots"
                   else jax.checkpoint_policies.nothing_saveable)
-        return jax.checkpoint(block_fn, policy=policy, prevent_cse=False)
+        return jax.checkpoint(block_fn, policy=policy, prevent_cse=unrolled)

@@ -172,7 +172,7 @@ def branch_forward(params: Params, cfg: HybridConfig, prefix: HybridPrefix, thou
 
     x = hybrid.constrain_residual(hybrid.embed(params, cfg, thoughts.reshape(b, n, t)))   # [B, N, T, D]
     for kind, block, cache in zip(cfg.block_types, params["blocks"], prefix.blocks):
-        x = hybrid.constrain_residual(cfg.checkpointed(functools.partial(block_fn, kind))(block, cache, x))
+        x = hybrid.constrain_residual(cfg.checkpointed(functools.partial(block_fn, kind), unrolled=True)(block, cache, x))
     if return_hidden:
         return x.reshape(b, k, s, t, -1)
     return hybrid.logits_from_hidden(params, cfg, x).reshape(b, k, s, t, -1)

@@ -378,7 +378,7 @@ def run_blocks(params: Params, cfg: HybridConfig, tokens_bl, segment_ids_bl, pos
 
     x, caches = constrain_residual(embed(params, cfg, tokens_bl)), []
     for kind, block in zip(cfg.block_types, params["blocks"]):
-        x, cache = cfg.checkpointed(functools.partial(block_fn, kind))(block, x)
+        x, cache = cfg.checkpointed(functools.partial(block_fn, kind), unrolled=True)(block, x)
         x = constrain_residual(x)
         caches.append(cache)
     return x, (None if positions_bm is None else tuple(caches))
