@@ -14,12 +14,20 @@ import math
 import jax
 import jax.numpy as jnp
 
+from rlp_jax import sharding
 from rlp_jax.model import blockwise
 
 # Finite "minus infinity" for masked scores: a fully masked row (a padding query) gives a uniform
 # softmax instead of NaN; its output is never used.
 _MASKED = -1e30
 
+
+
+def constrain_residual(x):
+    """The residual stream [B, L, D] or [B, N, S, D] sharded by logical names (rows over the data axes; identity
+    without a mesh), after the embedding and every block of either family. Without it XLA's propagation may
+    follow the FSDP-sharded weights and keep every row of the global batch on every device."""
+    return sharding.constrain(x, ("batch", "length", "embed") if x.ndim == 3 else ("batch", "branch", "length", "embed"))
 
 def rms_norm(x, weight, eps: float):
     """RMSNorm over the last axis, statistics in float32, result in x's dtype (as Hugging Face)."""

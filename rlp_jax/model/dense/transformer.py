@@ -26,7 +26,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from rlp_jax import sharding
 from rlp_jax.model import kernels, layers
 from rlp_jax.model.branches import Branches
 from rlp_jax.model.dense.config import ModelConfig
@@ -136,14 +135,12 @@ def _block(cfg: ModelConfig, attend, x, lp, extra):
 
 def _run_blocks(params: Params, cfg: ModelConfig, x, attend, extras):
     """Scan the blocks over the stacked `layers` params; extras is a per-layer pytree (leading Y axis)."""
-    names = ("batch", "length", "embed") if x.ndim == 3 else ("batch", "branch", "length", "embed")
-
     def body(carry, xs):
         lp, extra = xs
         out, kv = _block(cfg, attend, carry, lp, extra)
-        return sharding.constrain(out, names), kv
+        return layers.constrain_residual(out), kv
 
-    return jax.lax.scan(cfg.checkpointed(body), sharding.constrain(x, names), (params["layers"], extras))
+    return jax.lax.scan(cfg.checkpointed(body), layers.constrain_residual(x), (params["layers"], extras))
 
 
 def _embed(params: Params, cfg: ModelConfig, tokens):

@@ -170,9 +170,9 @@ def branch_forward(params: Params, cfg: HybridConfig, prefix: HybridPrefix, thou
             out = hybrid.mlp_mixer(p, h)
         return x + out
 
-    x = hybrid.constrain_residual(hybrid.embed(params, cfg, thoughts.reshape(b, n, t)))   # [B, N, T, D]
+    x = layers.constrain_residual(hybrid.embed(params, cfg, thoughts.reshape(b, n, t)))   # [B, N, T, D]
     for kind, block, cache in zip(cfg.block_types, params["blocks"], prefix.blocks):
-        x = hybrid.constrain_residual(cfg.checkpointed(functools.partial(block_fn, kind), unrolled=True)(block, cache, x))
+        x = layers.constrain_residual(cfg.checkpointed(functools.partial(block_fn, kind), unrolled=True)(block, cache, x))
     if return_hidden:
         return x.reshape(b, k, s, t, -1)
     return hybrid.logits_from_hidden(params, cfg, x).reshape(b, k, s, t, -1)
@@ -209,7 +209,7 @@ def decode_step(params: Params, cfg: HybridConfig, prefix: HybridPrefix, cache: 
         raise ValueError(f"tokens must be [B, N] = {(b, n)} (the cache's branches, a multiple of K = {k}); "
                          f"got {token_bn.shape}")
     s, step = n // k, cache.step
-    x = hybrid.constrain_residual(hybrid.embed(params, cfg, token_bn[:, :, None]))     # [B, N, 1, D]
+    x = layers.constrain_residual(hybrid.embed(params, cfg, token_bn[:, :, None]))     # [B, N, 1, D]
     blocks = []
     for kind, block, pre, own in zip(cfg.block_types, params["blocks"], prefix.blocks, cache.blocks):
         p = block["mixer"]
@@ -224,5 +224,5 @@ def decode_step(params: Params, cfg: HybridConfig, prefix: HybridPrefix, cache: 
         else:
             out = hybrid.mlp_mixer(p, h)
         blocks.append(own)
-        x = hybrid.constrain_residual(x + out)
+        x = layers.constrain_residual(x + out)
     return hybrid.logits_from_hidden(params, cfg, x[:, :, 0]), BranchCache(tuple(blocks), step + 1)

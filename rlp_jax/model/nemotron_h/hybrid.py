@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlp_jax import sharding
 from rlp_jax.model import mamba2
 from rlp_jax.model.config import Numerics
 from rlp_jax.model.layers import (
     causal_segment_mask,
+    constrain_residual,
     full_attention,
     full_attention_blockwise,
     rms_norm,
@@ -347,13 +347,6 @@ def mlp_mixer(p: Params, h):
     u = u if "up_b" not in p else u + _w(p["up_b"], h)
     out = jnp.einsum("...f,fd->...d", jnp.square(jax.nn.relu(u)), _w(p["down"], h))
     return out if "down_b" not in p else out + _w(p["down_b"], h)
-
-
-def constrain_residual(x):
-    """The residual stream [B, L, D] or [B, N, S, D] sharded as the dense family shards it (rows over the data
-    axes, by logical names; identity without a mesh). Without it XLA's propagation may follow the FSDP-sharded
-    weights and keep every row of the global batch on every device."""
-    return sharding.constrain(x, ("batch", "length", "embed") if x.ndim == 3 else ("batch", "branch", "length", "embed"))
 
 
 def run_blocks(params: Params, cfg: HybridConfig, tokens_bl, segment_ids_bl, positions_bm=None):
