@@ -306,14 +306,15 @@ def resize_embeddings(embed_vd: jax.Array, new_vocab_size: int, rng: jax.Array, 
     full = jnp.asarray(embed_vd, jnp.float32)
     mean = full.mean(axis=0)
     new = mean + std * jax.random.normal(rng, (new_vocab_size - v, d), jnp.float32)
+    sources = {}   # new id -> the original ids whose mean row it starts from
     if init == "pieces":
-        for i, ids in (pieces or {}).items():
-            ids = [j for j in ids if j < v]
-            if v <= i < new_vocab_size and ids:
-                new = new.at[i - v].set(full[jnp.asarray(ids)].mean(axis=0))
+        sources = {i: [j for j in ids if j < v] for i, ids in (pieces or {}).items()}
+        sources = {i: ids for i, ids in sources.items() if v <= i < new_vocab_size and ids}
     for i, ids in (chosen or {}).items():
         if not v <= i < new_vocab_size or not ids or max(ids) >= v:
             raise ValueError(f"chosen row {i} must be an added id whose source ids {list(ids)} are below {v}")
+        sources[i] = list(ids)
+    for i, ids in sources.items():
         new = new.at[i - v].set(full[jnp.asarray(ids)].mean(axis=0))
     return jnp.concatenate([jnp.asarray(embed_vd), new.astype(embed_vd.dtype)], axis=0)
 
