@@ -231,12 +231,21 @@ def _answers(lm: LoadedModel, generated: Path, think_tokens: int, seed: int) -> 
     return out
 
 
-def _write(name: str, result: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    tmp = RESULTS / f".{name}.json.tmp"
+def _write(name: str, result: dict, directory: Path = RESULTS) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{name}.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(RESULTS / f"{name}.json")
+    tmp.replace(directory / f"{name}.json")
     print(f"result {name} written", flush=True)
+
+
+def unit_curves(run_dir: Path, keys=CURVE_KEYS) -> dict:
+    """A finished unit's training curves (`keys` per step), its held-out evals and its last eval."""
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in recs if r.get("split") == "eval"]
+    return {"eval_curve": evals,
+            "curves": [{"step": r["step"], **{k: r[k] for k in keys if k in r}} for r in recs if r.get("split") == "train"],
+            "eval": evals[-1] if evals else {}}
 
 
 def replicate(workdir: Path, max_units: int | None = None) -> bool:
@@ -267,14 +276,9 @@ def replicate(workdir: Path, max_units: int | None = None) -> bool:
         run_dir = workdir / "units" / name
         if train.run(run_cfg, run_dir, experiment=f"smollm2_rlp/{name}").get("preempted"):
             return True
-        recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         lm = load_model(run_dir)
         row = {"name": name, "arm": arm, "seed": seed, "steps": run_cfg.train.steps,
-               "lr": run_cfg.optim.lr, "thought_len": run_cfg.rlp.rollout.thought_len,
-               "eval_curve": [r for r in recs if r.get("split") == "eval"],
-               "curves": [{"step": r["step"], **{k: r[k] for k in CURVE_KEYS if k in r}}
-                          for r in recs if r.get("split") == "train"],
-               "eval": next((r for r in reversed(recs) if r.get("split") == "eval"), {}),
+               "lr": run_cfg.optim.lr, "thought_len": run_cfg.rlp.rollout.thought_len, **unit_curves(run_dir),
                **_answers(lm, generated, run_cfg.rlp.rollout.thought_len, seed)}
         row["seconds"] = round(time.time() - t0)
         _write(name, row)

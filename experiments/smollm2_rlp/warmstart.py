@@ -56,11 +56,13 @@ from rlp_jax.train.cli import EXIT_PREEMPTED  # noqa: E402
 from smollm2_rlp.run import (  # noqa: E402
     CURVE_KEYS,
     _override,
+    _write as write_result,
     base_config,
     paired_diff,
     paired_metrics,
     start_model,
     step0_metrics,
+    unit_curves,
 )
 
 RESULTS = HERE / "results" / "warmstart"
@@ -113,11 +115,7 @@ def configs(workdir: Path, variant: str = "") -> dict[str, RunConfig]:
 
 
 def _write(name: str, row: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / f".{name}.json.tmp"
-    tmp.write_text(json.dumps(row, indent=1))
-    tmp.replace(RESULTS / f"{name}.json")
-    print(f"result {name} written", flush=True)
+    write_result(name, row, RESULTS)
 
 
 def _read(name: str) -> dict | None:
@@ -130,10 +128,8 @@ def _train(cfg: RunConfig, workdir: Path, name: str) -> dict | None:
     run_dir = workdir / "units" / name
     if train.run(cfg, run_dir, experiment=f"smollm2_warmstart/{name}").get("preempted"):
         return None
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    keys = CURVE_KEYS + ("loss/ntp", "train/loss")
-    return {"curves": [{"step": r["step"], **{k: r[k] for k in keys if k in r}} for r in recs if r.get("split") == "train"],
-            "eval_curve": [r for r in recs if r.get("split") == "eval"]}
+    curves = unit_curves(run_dir, CURVE_KEYS + ("loss/ntp", "train/loss"))
+    return {"curves": curves["curves"], "eval_curve": curves["eval_curve"]}
 
 
 def run_variant(workdir: Path, variant: str) -> bool:
@@ -215,7 +211,8 @@ def report() -> str:
             lines.append(f"| {key} | {p[key]['warm']:.3f} | {p[key]['rlp']:.3f} | {p[key]['diff']:+.3f} ± "
                          f"{p[key]['se']:.3f} |")
     text = "\n".join(lines) + "\n"
-    (RESULTS / "report.md").write_text(text) if RESULTS.exists() else None
+    if RESULTS.exists():
+        (RESULTS / "report.md").write_text(text)
     return text
 
 
