@@ -4,7 +4,10 @@
 TPU: libtpu (`pip install -e ".[tpu]"`) gives compile-only devices of any v4 / v5p / v5e / v6e topology on a
 CPU machine (`jax.experimental.topologies`), the way MaxText's train_compile.py uses them. The step is
 lowered with abstract inputs (`StateLayout.restore_target`, a [B, L] batch sharded like training's) on a
-mesh of those devices and compiled; XLA:TPU's `memory_analysis()` is the memory per device the run will need.
+mesh of those devices and compiled. The memory per device the run will need is what XLA:TPU's own check counts
+before it accepts the program (`CompileReport`): arguments, outputs, code and the temporaries its buffer
+assignment puts in HBM, read from the compile's dump. Not `memory_analysis()`'s temp size: that adds the
+TensorCore's VMEM scratch and more, and the compiler accepts programs it puts over the chip's HBM.
 
 The largest buffers come from XLA's own memory-usage report of the compile (its buffer assignment: each
 allocation slot with the shapes that share it over the step), dumped to a temporary folder.
@@ -71,16 +74,23 @@ class StepRoofline:
 
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
-    """Bytes per device from XLA's memory_analysis of the compiled step (arguments + outputs - aliased +
-    temporaries + code), against the chip's HBM."""
+    """Bytes per device of the compiled step against the chip's HBM, as XLA:TPU's own check before it accepts a
+    program counts them ("Used X of Y hbm"): arguments + outputs - aliased + the temporaries its buffer assignment
+    places in HBM + code. `memory_analysis()`'s temp size is larger (`analysis_temp_bytes`): it adds the
+    TensorCore's VMEM/SMEM scratch and more that the check does not count. Measured with libtpu's HBM-size flag:
+    the smoke step (HBM temporaries 24.1 MiB, memory_analysis 38.8 MiB) compiles under a 35 MiB chip and is
+    refused under 27 MiB ("Used 34.27M of 27.00M hbm"); the issue's bar config (1.66 GiB against 2.21) compiles
+    under 1850 MiB."""
 
     devices: DeviceSpec
     mesh: dict[str, int]
     argument_bytes: int
     output_bytes: int
     alias_bytes: int
-    temp_bytes: int
+    temp_bytes: int            # temporaries in HBM (the buffer assignment's; memory_analysis's where none was dumped)
     code_bytes: int
+    analysis_temp_bytes: int = 0     # memory_analysis().temp_size_in_bytes, for reference
+    onchip_bytes: int = 0            # temporaries in the TensorCore's scratch memories (VMEM, SMEM), not HBM
     largest: tuple[tuple[int, str], ...] = ()     # (bytes, the shapes sharing that slot), largest first
     fingerprint: dict = dataclasses.field(default_factory=dict)   # what the step was compiled for (`train.aot`)
     tokenizer_read: bool = True                   # False: compiled with stand-in marker ids (`compile_objective`)
@@ -163,10 +173,11 @@ def compile_objective(cfg: RunConfig, vocab_size: int) -> Objective:
     return Objective(rlp=cfg.rlp, ids=ThinkIds(start=vocab_size - 2, end=vocab_size - 1))
 
 
-def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int]):
+def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int], options: dict | None = None):
     """The run's train step (RLP or NTP, micro-batches as configured) lowered and compiled for `devices` on a
-    (data, fsdp, tensor) mesh of `mesh_sizes`. Returns (the compiled executable, CompileReport); raises
-    `OutOfMemory` when XLA refuses the step for the chip's memory."""
+    (data, fsdp, tensor) mesh of `mesh_sizes`, with XLA compiler `options` if given (e.g.
+    `{"xla_tpu_max_hbm_size_mib": N}`: compile for a chip with less HBM). Returns (the compiled executable,
+    CompileReport); raises `OutOfMemory` when XLA refuses the step for the chip's memory."""
     from rlp_jax.runs.loading import model_config
     from rlp_jax.train import aot, train_step
     from rlp_jax.train.loop import objective_of, run_tokenizer, trained_model_config
@@ -197,12 +208,15 @@ def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int]
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
     lowered = step.lower(layout.restore_target(), batch, rng)
     with tempfile.TemporaryDirectory(prefix="rlp_compile_") as dump:
-        compiled = compile_lowered(lowered, {"xla_dump_to": dump, "xla_dump_hlo_pass_re": "^$"})
+        compiled = compile_lowered(lowered, {**(options or {}), "xla_dump_to": dump, "xla_dump_hlo_pass_re": "^$"})
         largest = largest_buffers(Path(dump))
+        spaces = temps_by_space(Path(dump))
     mem = compiled.memory_analysis()
+    hbm_temp = spaces.pop(HBM_SPACE, mem.temp_size_in_bytes)
     report = CompileReport(devices=devices, mesh=dict(mesh_sizes), argument_bytes=mem.argument_size_in_bytes,
                            output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
-                           temp_bytes=mem.temp_size_in_bytes, code_bytes=mem.generated_code_size_in_bytes,
+                           temp_bytes=hbm_temp, code_bytes=mem.generated_code_size_in_bytes,
+                           analysis_temp_bytes=mem.temp_size_in_bytes, onchip_bytes=sum(spaces.values()),
                            largest=largest,
                            fingerprint=aot.fingerprint(cfg, mcfg, objective.ids, platform=target[0].platform,
                                                        devices=len(target), mesh=dict(mesh_sizes)),
@@ -250,6 +264,28 @@ def step_roofline(hlo_text: str, cfg: RunConfig, decode_block: int) -> StepRoofl
                         uncounted=costs.uncounted)
 
 
+HBM_SPACE = "default"     # XLA:TPU's memory space 0; the others (vmem, smem, ...) are on the TensorCore
+_TEMP = re.compile(r"^allocation \d+: size (\d+),(?: color (\d+),)? preallocated-temp", re.M)
+_SPACE = re.compile(r"^Memory Space: (\S+) \(color=(\d+)\)", re.M)
+
+
+def temps_by_space(dump: Path) -> dict[str, int]:
+    """Bytes of the step's preallocated temporaries in each memory space, from the XLA dump's buffer assignment
+    (memory spaces named as its memory-usage report names them: "default" is HBM, "vmem" / "smem" the
+    TensorCore's scratch memories). Empty when the compiler wrote no buffer assignment."""
+    assignments = sorted(dump.glob("*after_optimizations-buffer-assignment.txt"), key=lambda f: f.stat().st_size)
+    if not assignments:
+        return {}
+    names = {"0": HBM_SPACE}
+    for report in dump.glob("*memory-usage-report.txt"):
+        names.update({color: name for name, color in _SPACE.findall(report.read_text())})
+    spaces: dict[str, int] = {}
+    for size, color in _TEMP.findall(assignments[-1].read_text()):
+        name = names.get(color or "0", f"color {color}")
+        spaces[name] = spaces.get(name, 0) + int(size)
+    return spaces
+
+
 _SLOT = re.compile(r"^\s*[\d.]+\w*\(\s*\d+%\);\s*([\d.]+)(B|KiB|MiB|GiB);\s*\d+;\s*\d+;\s*(.*)$")
 _UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
@@ -277,7 +313,9 @@ def format_verdict(report: CompileReport, planned_bytes: float, device_text: str
     return "\n".join([
         f"XLA memory per device{hbm}: arguments {report.argument_bytes / GIB:.3f} GiB, outputs "
         f"{report.output_bytes / GIB:.3f} (aliased {report.alias_bytes / GIB:.3f}), temporaries "
-        f"{report.temp_bytes / GIB:.3f}, code {report.code_bytes / GIB:.3f}",
+        f"{report.temp_bytes / GIB:.3f}, code {report.code_bytes / GIB:.3f}; besides, "
+        f"{report.onchip_bytes / 2**20:.1f} MiB in the TensorCore's VMEM/SMEM (memory_analysis's temp size, "
+        f"which counts them and more: {report.analysis_temp_bytes / GIB:.3f} GiB)",
         *(["largest buffers (XLA's buffer assignment; shapes sharing each slot):"] +
           [f"  {_size(size)}  {_short(shapes)}" for size, shapes in report.largest] if report.largest else []),
         *(_roofline_lines(report.roofline, report.devices, model_flops) if report.roofline else []),
