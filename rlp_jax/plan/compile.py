@@ -212,7 +212,7 @@ def compile_step(cfg: RunConfig, devices: DeviceSpec, mesh_sizes: dict[str, int]
         largest = largest_buffers(Path(dump))
         spaces = temps_by_space(Path(dump))
     mem = compiled.memory_analysis()
-    hbm_temp = spaces.pop(HBM_SPACE, mem.temp_size_in_bytes)
+    hbm_temp = spaces.pop(HBM_SPACE, 0) if spaces else mem.temp_size_in_bytes   # no dump read: XLA's analysis
     report = CompileReport(devices=devices, mesh=dict(mesh_sizes), argument_bytes=mem.argument_size_in_bytes,
                            output_bytes=mem.output_size_in_bytes, alias_bytes=mem.alias_size_in_bytes,
                            temp_bytes=hbm_temp, code_bytes=mem.generated_code_size_in_bytes,
@@ -313,9 +313,10 @@ def format_verdict(report: CompileReport, planned_bytes: float, device_text: str
     return "\n".join([
         f"XLA memory per device{hbm}: arguments {report.argument_bytes / GIB:.3f} GiB, outputs "
         f"{report.output_bytes / GIB:.3f} (aliased {report.alias_bytes / GIB:.3f}), temporaries "
-        f"{report.temp_bytes / GIB:.3f}, code {report.code_bytes / GIB:.3f}; besides, "
-        f"{report.onchip_bytes / 2**20:.1f} MiB in the TensorCore's VMEM/SMEM (memory_analysis's temp size, "
-        f"which counts them and more: {report.analysis_temp_bytes / GIB:.3f} GiB)",
+        f"{report.temp_bytes / GIB:.3f}, code {report.code_bytes / GIB:.3f}"
+        + (f"; besides, {report.onchip_bytes / 2**20:.1f} MiB in the TensorCore's VMEM/SMEM (memory_analysis's "
+           f"temp size, which counts them and more: {report.analysis_temp_bytes / GIB:.3f} GiB)"
+           if report.onchip_bytes else ""),
         *(["largest buffers (XLA's buffer assignment; shapes sharing each slot):"] +
           [f"  {_size(size)}  {_short(shapes)}" for size, shapes in report.largest] if report.largest else []),
         *(_roofline_lines(report.roofline, report.devices, model_flops) if report.roofline else []),
