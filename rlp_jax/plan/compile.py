@@ -269,18 +269,24 @@ _TEMP = re.compile(r"^allocation \d+: size (\d+),(?: color (\d+),)? preallocated
 _SPACE = re.compile(r"^Memory Space: (\S+) \(color=(\d+)\)", re.M)
 
 
+def _step_file(dump: Path, suffix: str) -> str | None:
+    """The text of the dump's largest file ending in `suffix` (XLA:TPU writes one per module; the step's is the
+    largest), or None when the compiler wrote none."""
+    files = sorted(dump.glob(f"*{suffix}"), key=lambda f: f.stat().st_size)
+    return files[-1].read_text() if files else None
+
+
 def temps_by_space(dump: Path) -> dict[str, int]:
     """Bytes of the step's preallocated temporaries in each memory space, from the XLA dump's buffer assignment
     (memory spaces named as its memory-usage report names them: "default" is HBM, "vmem" / "smem" the
     TensorCore's scratch memories). Empty when the compiler wrote no buffer assignment."""
-    assignments = sorted(dump.glob("*after_optimizations-buffer-assignment.txt"), key=lambda f: f.stat().st_size)
-    if not assignments:
+    assignment = _step_file(dump, "after_optimizations-buffer-assignment.txt")
+    if assignment is None:
         return {}
-    names = {"0": HBM_SPACE}
-    for report in dump.glob("*memory-usage-report.txt"):
-        names.update({color: name for name, color in _SPACE.findall(report.read_text())})
+    names = {"0": HBM_SPACE, **{color: name for name, color in _SPACE.findall(
+        _step_file(dump, "memory-usage-report.txt") or "")}}
     spaces: dict[str, int] = {}
-    for size, color in _TEMP.findall(assignments[-1].read_text()):
+    for size, color in _TEMP.findall(assignment):
         name = names.get(color or "0", f"color {color}")
         spaces[name] = spaces.get(name, 0) + int(size)
     return spaces
@@ -294,11 +300,11 @@ def largest_buffers(dump: Path, top: int = 6) -> tuple[tuple[int, str], ...]:
     """The `top` largest slots of device memory from the XLA dump's memory-usage report of the step (TPU's
     compiler writes one per module): (bytes, the shapes of the values that share the slot). Empty when the
     compiler wrote none."""
-    reports = sorted(dump.glob("*memory-usage-report.txt"), key=lambda f: f.stat().st_size)
-    if not reports:
+    report = _step_file(dump, "memory-usage-report.txt")
+    if report is None:
         return ()
     slots = []
-    for line in reports[-1].read_text().split("Memory Space:")[1].splitlines():   # the default (HBM) space
+    for line in report.split("Memory Space:")[1].splitlines():   # the default (HBM) space
         hit = _SLOT.match(line)
         if hit:
             slots.append((round(float(hit.group(1)) * _UNITS[hit.group(2)]), hit.group(3).strip()))
