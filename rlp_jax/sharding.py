@@ -184,3 +184,29 @@ def constrain(x, names: tuple[str | None, ...]):
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, mesh)))
+
+
+def gathered(params, logical_axes, dtype):
+    """`params` as a token loop should read them: every weight of two or more axes that is sharded over fsdp
+    (a logical axis mapped to it) cast to `dtype` and constrained to its sharding without fsdp, over JAX's
+    current abstract mesh (only cast when none is set). XLA then gathers each once, here, instead of at every
+    step of a loop that reads the fsdp-sharded originals. Other leaves (norms, biases, Mamba's small
+    parameters) are returned as they are. logical_axes: the tree of `param_logical_axes`."""
+    mesh = jax.sharding.get_abstract_mesh()
+
+    def one(names, x):
+        if x.ndim < 2 or not any("fsdp" in (RULES.get(n) or ()) for n in names):
+            return x
+        x = x.astype(dtype)
+        if mesh.empty:
+            return x
+        spec = P(*(_without("fsdp", entry) for entry in logical_to_spec(names, x.shape, mesh)))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, logical_axes, params, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _without(axis: str, entry):
+    """A PartitionSpec entry (None, a mesh axis or a tuple of them) without `axis`."""
+    kept = tuple(a for a in (entry if isinstance(entry, tuple) else (entry,)) if a not in (None, axis))
+    return None if not kept else kept[0] if len(kept) == 1 else kept

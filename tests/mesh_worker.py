@@ -1,5 +1,7 @@
-"""Run in a subprocess with 8 host devices: one RLP (or NTP) step on several meshes vs one device."""
+"""Run in a subprocess with 8 host devices: one RLP (or NTP) step on several meshes vs one device; the thought
+sampler on an fsdp mesh under each `sampler_weights`, its tokens and the collectives of its token loop."""
 
+import contextlib
 import json
 import os
 import sys
@@ -14,10 +16,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from rlp_jax import sharding  # noqa: E402
+from rlp_jax.model import family  # noqa: E402
 from rlp_jax.model.dense import transformer  # noqa: E402
 from rlp_jax.model.dense.config import ModelConfig  # noqa: E402
+from rlp_jax.plan import roofline  # noqa: E402
 from rlp_jax.rlp.config import RLPConfig, RolloutConfig  # noqa: E402
 from rlp_jax.rlp.objective import Objective  # noqa: E402
+from rlp_jax.rlp.rollout import SAMPLER_SCOPE, thought_rollout  # noqa: E402
 from rlp_jax.rlp.think_ids import ThinkIds  # noqa: E402
 from rlp_jax.train import train_step  # noqa: E402
 
@@ -59,9 +64,45 @@ def run(mesh_shape, kind):
 
 MESHES = {"rlp": [(2, 4, 1), (2, 2, 2)], "ntp": [(2, 2, 2)]}   # data x fsdp, and all three axes
 
+
+def sample(preset, sampler_weights, mesh_shape):
+    """Thoughts sampled from 8 documents on one device (mesh_shape None) or a mesh, and the collectives of the
+    token loop of the compiled program (`roofline.Program.collectives`)."""
+    cfg = family.preset(preset, sampler_weights=sampler_weights)
+    params = family.init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (8, 16), 3, 64)
+    t_bk = jnp.asarray([[3, 9]] * 8, jnp.int32)
+    mesh = None
+    if mesh_shape is not None:
+        mesh = sharding.make_mesh(sharding.MeshConfig(data=mesh_shape[0], fsdp=mesh_shape[1], tensor=mesh_shape[2]))
+        params = jax.device_put(params, sharding.tree_shardings(family.param_logical_axes(cfg), params, mesh))
+        tokens, t_bk = (jax.device_put(x, sharding.batch_sharding(mesh)) for x in (tokens, t_bk))
+
+    @jax.jit
+    def rollout(params, tokens, t_bk, rng):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext():
+            _, prefix = family.forward(params, cfg, tokens, return_cache=True, branch_positions_bk=t_bk)
+            return thought_rollout(params, cfg, prefix, t_bk, rng, RLP.rlp.rollout, RLP.ids)
+
+    program = roofline.Program(rollout.lower(params, tokens, t_bk, jax.random.key(3)).compile().as_text())
+    loops = [lp for lp in program.loops.values() if lp.written_as(SAMPLER_SCOPE)]
+    assert len(loops) == 1, [lp.name for lp in program.loops.values()]
+    ops, nbytes = program.collectives(loops[0].body)
+    out = rollout(params, tokens, t_bk, jax.random.key(3))
+    return {"tokens": np.asarray(out.tokens).tolist(), "logprobs": np.asarray(out.logprobs).tolist(),
+            "collectives": ops, "collective_bytes": nbytes}
+
+
+SAMPLER_MESH = (1, 8, 1)   # fsdp only: every weight matrix is sharded over all 8 devices
+
 if __name__ == "__main__":
     out = {"devices": jax.device_count()}
     for kind in sys.argv[1].split(","):
+        if kind == "sampler":
+            out[kind] = {f"{preset} {weights} {shape}": sample(preset, weights, shape)
+                         for preset in ("tiny", "nemotron-h-tiny") for weights in ("sharded", "gathered")
+                         for shape in (None, SAMPLER_MESH)}
+            continue
         out[kind] = {"single": run(None, kind)}
         for shape in MESHES[kind]:
             out[kind][str(shape)] = run(shape, kind)

@@ -112,7 +112,8 @@ def generate(params, cfg: Config, prompts_bl, prompt_lens_b, rng, sc: SamplingCo
     b = prompts_bl.shape[0]
     j = sc.max_new_tokens
     logits, dstate = family.prefill(params, cfg, prompts_bl, prompt_lens_b, j)
-    layer_params = family.split_layers(params, cfg)  # once, not a copy of every weight per token
+    # once, not a copy of every weight per token; gathered once over fsdp where `cfg.sampler_weights` says so
+    layer_params = family.split_layers(family.sampling_params(params, cfg), cfg)
     stop = jnp.asarray(sc.stop_ids or (-1,), jnp.int32)
     state = _GenState(step=jnp.zeros((), jnp.int32), logits=logits, tokens=jnp.zeros((b, j), jnp.int32),
                       logprobs=jnp.zeros((b, j), jnp.float32), done=jnp.zeros((b,), bool), decode=dstate, rng=rng)

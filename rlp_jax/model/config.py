@@ -17,6 +17,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DTYPES = tuple(_DTYPES)                 # storage and compute dtypes (float16 needs loss scaling: not offered)
 REMATS = ("none", "full", "dots")       # rematerialisation of the blocks (`transformer`): none, all, keep matmuls
 ATTENTIONS = ("auto", "dense", "blockwise", "kernel")   # full/branch attention: see ModelConfig.attention
+SAMPLER_WEIGHTS = ("sharded", "gathered")              # how token loops read the weights: see Numerics
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,16 +42,18 @@ class Numerics:
     remat: str = "none"
     attention: str = "auto"
     attention_block: int = 512
+    sampler_weights: str = "sharded"
 
     # Fields a checkpoint may be resumed with a different value of (how it runs, not what it stores).
-    RESUMABLE_WITH_OTHER = ("remat", "compute_dtype", "max_position_embeddings", "attention", "attention_block")
+    RESUMABLE_WITH_OTHER = ("remat", "compute_dtype", "max_position_embeddings", "attention", "attention_block",
+                            "sampler_weights")
 
     def stored_fields(self) -> dict[str, Any]:
         """The fields that must match to resume a checkpoint: shapes and storage dtype."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESUMABLE_WITH_OTHER}
 
     def check_numerics(self) -> None:
-        """ValueError (one line) for an unknown dtype, remat or attention."""
+        """ValueError (one line) for an unknown dtype, remat, attention or sampler_weights."""
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"model.{name} must be {' or '.join(DTYPES)}, got {getattr(self, name)!r}")
@@ -59,6 +62,9 @@ class Numerics:
         if self.attention not in ATTENTIONS or self.attention_block < 1:
             raise ValueError(f"model.attention must be {', '.join(ATTENTIONS)} and model.attention_block >= 1, got "
                              f"{self.attention!r}, {self.attention_block}")
+        if self.sampler_weights not in SAMPLER_WEIGHTS:
+            raise ValueError(f"model.sampler_weights must be {' or '.join(SAMPLER_WEIGHTS)}, got "
+                             f"{self.sampler_weights!r}")
 
     @property
     def jnp_param_dtype(self):

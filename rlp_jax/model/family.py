@@ -25,6 +25,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, runtime_checkable
 
+from rlp_jax import sharding
 from rlp_jax.model.dense import interface as dense
 from rlp_jax.model.dense.config import ModelConfig
 from rlp_jax.model.nemotron_h import interface as nemotron_h
@@ -163,6 +164,14 @@ def forward(params: dict, cfg: Config, tokens_bl, *, segment_ids_bl=None, positi
 def branches_at(prefix, t_bn):
     """Branches [B, N] off `prefix` at positions t_bn (`dense.transformer.branches_at`)."""
     return _of_prefix(prefix).branches_at(prefix, t_bn)
+
+
+def sampling_params(params: dict, cfg: Config) -> dict:
+    """The weights a token loop reads, as `cfg.sampler_weights` says: `params` themselves ("sharded") or their
+    fsdp-sharded matrices gathered once in the compute dtype ("gathered", `sharding.gathered`)."""
+    if cfg.sampler_weights == "sharded":
+        return params
+    return sharding.gathered(params, param_logical_axes(cfg), cfg.jnp_compute_dtype)
 
 
 def init_branch_cache(cfg: Config, prefix, branches, length: int):

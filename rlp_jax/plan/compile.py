@@ -63,6 +63,9 @@ class StepRoofline:
     tokens: float
     full_reads: roofline.Cost
     uncounted: tuple[str, ...] = ()     # loops counted once (no static trip count, not the sampler's)
+    collectives: int = 0                # collective ops inside the token loop (`roofline.Program.collectives`)
+    collective_bytes: float = 0.0       # bytes of their results per token step and device
+    sampler_weights: str = "sharded"    # the setting the step was compiled with (`Numerics.sampler_weights`)
 
     def seconds(self, devices: DeviceSpec) -> tuple[float, float] | None:
         """(sampling, rest) roofline seconds on `devices` (None without a spec peak and bandwidth)."""
@@ -238,7 +241,8 @@ def compile_lowered(lowered, options: dict | None = None):
 def step_roofline(hlo_text: str, cfg: RunConfig, decode_block: int) -> StepRoofline:
     """The loop-corrected cost of a compiled train step's HLO (`compiled.as_text()`): the sampler's token loop
     (`thought_rollout`) runs its whole thought length (it stops only when every thought of the batch has ended),
-    each token's cache read (`attend_filled`) covers the blocks of `decode_block` slots filled so far."""
+    each token's cache read (`attend_filled`) covers the blocks of `decode_block` slots filled so far. Also the
+    collectives each token step runs (weights gathered at every token show up here)."""
     program = roofline.Program(hlo_text)
     slots = cfg.rlp.rollout.thought_len
     block = min(decode_block, slots)
@@ -258,10 +262,12 @@ def step_roofline(hlo_text: str, cfg: RunConfig, decode_block: int) -> StepRoofl
     costs, full = program.costs(trips(False)), program.costs(trips(True))
     sampler = [n for n, lp in program.loops.items() if role(lp) == SAMPLER_SCOPE]
     sampling = sum((costs.by_loop.get(n, roofline.Cost()) for n in sampler), roofline.Cost())
+    moved = [program.collectives(program.loops[n].body) for n in sampler]
     return StepRoofline(sampling=sampling, rest=costs.total - sampling,
                         tokens=sum(costs.runs.get(n, 0.0) for n in sampler),
                         full_reads=sum((full.by_loop.get(n, roofline.Cost()) for n in sampler), roofline.Cost()),
-                        uncounted=costs.uncounted)
+                        uncounted=costs.uncounted, collectives=sum(n for n, _ in moved),
+                        collective_bytes=sum(b for _, b in moved), sampler_weights=cfg.model.sampler_weights)
 
 
 HBM_SPACE = "default"     # XLA:TPU's memory space 0; the others (vmem, smem, ...) are on the TensorCore
@@ -348,6 +354,11 @@ def _roofline_lines(r: StepRoofline, devices: DeviceSpec, model_flops: float | N
         lines.append(f"  sampling: {r.tokens:.0f} token steps, each {per.flops:.3g} FLOP and {_traffic(per.bytes)} "
                      f"of HBM traffic per device on average (reading the whole thought cache every token: "
                      f"{_traffic(full.bytes)}, {full.bytes / max(per.bytes, 1):.1f}x)")
+        if r.collectives:
+            hint = ("; model.sampler_weights=gathered gathers the fsdp-sharded weights once, before the loop"
+                    if r.sampler_weights == "sharded" else "")
+            lines.append(f"  inside the token loop: {r.collectives} collective ops, {_traffic(r.collective_bytes)} "
+                         f"of results per token step and device{hint}")
     seconds = r.seconds(devices)
     if seconds is None:
         lines.append(f"  {rest}")

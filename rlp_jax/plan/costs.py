@@ -140,6 +140,16 @@ def _gathered(m: ModelConfig, tp: int) -> float:
     return c * (2 * layer + emb) / tp
 
 
+def weight_traffic(param_bytes: float, compute_bytes: float, sampler_weights: str, fsdp: int) -> float:
+    """HBM bytes one sampling step moves to read the weights, per device: `compute_bytes` (the matmul weights of
+    one tensor rank, in the compute dtype) once when they were gathered before the loop
+    (`Numerics.sampler_weights`="gathered"); as stored, `param_bytes` per rank, when they are not sharded over
+    fsdp; else each step reads its fsdp shard and writes and reads the gathered copy."""
+    if sampler_weights == "gathered":
+        return compute_bytes
+    return param_bytes if fsdp == 1 else param_bytes / fsdp + 2 * compute_bytes
+
+
 def activation_bytes(m: ModelConfig, rlp: RLPConfig, *, rows: int, seq_len: int, tp: int,
                      objective: str = "rlp", param_copy: float = 0.0, tiling: Tiling = DENSE) -> dict[str, float]:
     """Peak activation bytes per device of each phase of a step on `rows` local documents of `seq_len`.
@@ -166,9 +176,10 @@ def activation_bytes(m: ModelConfig, rlp: RLPConfig, *, rows: int, seq_len: int,
     s = t + 1 + rlp.reward.horizon
     kv = lambda slots: 2 * y * slots * hk * dh * c * t_(hk / tp, dh, c) / tp             # noqa: E731
     teacher = param_copy + logits(b * min(length, TOKEN_CHUNK), min(length, TOKEN_CHUNK), 2) + doc_transient + gathered
+    sampling_weights = c * m.num_params() / tp if m.sampler_weights == "gathered" else gathered
     decode = (kv(b * n * t) + logits(b * n, n, 4)
               + _transient(m, b * n, attended(m, b * n, length, b, t, b * n)[0], tp, tiling, n, length + t)
-              + blockwise_extra(m, b * n, length, tp, b) + blockwise_extra(m, b * n, t, tp, b * n) + gathered)
+              + blockwise_extra(m, b * n, length, tp, b) + blockwise_extra(m, b * n, t, tp, b * n) + sampling_weights)
     rollout = kv(b * length) + max(doc_transient + gathered, decode)
     br_tokens = b * n * s
     br_held, br_pairs = attended(m, br_tokens, length, b, s, b * n)
@@ -198,15 +209,17 @@ def describe(m: ModelConfig) -> str:
 
 
 def decode_step_bytes(m: ModelConfig, *, rows: int, seq_len: int, branches: int, thought_len: int,
-                      tp: int) -> float:
-    """Bytes one sampling step reads from (and writes to) HBM, averaged over the thought: every weight in the
-    compute dtype, the documents' keys/values, each of the rows x branches caches up to its last filled block of
-    `decode_block` slots ((T + block) / 2 slots on average), the new keys/values written once."""
+                      tp: int, fsdp: int = 1) -> float:
+    """Bytes one sampling step reads from (and writes to) HBM, averaged over the thought: the weights
+    (`weight_traffic`), the documents' keys/values, each of the rows x branches caches up to its last filled block
+    of `decode_block` slots ((T + block) / 2 slots on average), the new keys/values written once."""
     c = dtype_bytes(m.compute_dtype)
     n = rows * branches
     block = min(m.decode_block, thought_len)
     slots = rows * seq_len + n * (thought_len + block) / 2 + n
-    return m.num_params() * c / tp + 2 * m.num_layers * slots * m.num_kv_heads * m.head_dim * c / tp
+    weights = weight_traffic(m.num_params() * dtype_bytes(m.param_dtype) / tp, m.num_params() * c / tp,
+                             m.sampler_weights, fsdp)
+    return weights + 2 * m.num_layers * slots * m.num_kv_heads * m.head_dim * c / tp
 
 
 def matmul_weights(m: ModelConfig) -> int:

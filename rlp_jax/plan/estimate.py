@@ -134,7 +134,8 @@ def plan(cfg: RunConfig, devices: DeviceSpec, mesh: dict[str, int]) -> Plan:
     decode_floor = None
     if objective == "rlp" and devices.bandwidth:   # T sequential sampling steps per micro-batch
         read = model_costs.decode_step_bytes(m, rows=mb_rows, seq_len=length, branches=ro.positions_per_row *
-                                             ro.group_size, thought_len=ro.thought_len, tp=tp)
+                                             ro.group_size, thought_len=ro.thought_len, tp=tp,
+                                             fsdp=mesh["fsdp"])
         decode_floor = micro * ro.thought_len * read / devices.bandwidth
 
     if total > devices.hbm_bytes:

@@ -49,7 +49,7 @@ import jax
 from rlp_jax.model.nemotron_h import hybrid
 from rlp_jax.model.nemotron_h.hybrid import ATTENTION, MAMBA, MLP, HybridConfig
 from rlp_jax.model.scoring import TOKEN_CHUNK
-from rlp_jax.plan.costs import attended, blockwise_extra, dtype_bytes, mean_position
+from rlp_jax.plan.costs import attended, blockwise_extra, dtype_bytes, mean_position, weight_traffic
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.rollout import THOUGHT_CHUNK
 
@@ -183,11 +183,13 @@ def _weights_on_rank(h: HybridConfig, tp: int) -> list[float]:
 
 
 def decode_step_bytes(h: HybridConfig, *, rows: int, seq_len: int, branches: int, thought_len: int,
-                      tp: int) -> float:
-    """Bytes one sampling step reads from HBM, averaged over the thought: every weight (in the compute dtype, as
-    `costs` counts), the documents' keys and values, each branch's Mamba states and its attention cache up to the
-    last filled block of `decode_block` slots ((T + block) / 2 slots on average)."""
-    weights = sum(_weights_on_rank(h, tp)) * dtype_bytes(h.compute_dtype)
+                      tp: int, fsdp: int = 1) -> float:
+    """Bytes one sampling step reads from HBM, averaged over the thought: the weights (`costs.weight_traffic`),
+    the documents' keys and values, each branch's Mamba states and its attention cache up to the last filled
+    block of `decode_block` slots ((T + block) / 2 slots on average)."""
+    on_rank = sum(_weights_on_rank(h, tp))
+    weights = weight_traffic(on_rank * dtype_bytes(h.param_dtype), on_rank * dtype_bytes(h.compute_dtype),
+                             h.sampler_weights, fsdp)
     block = min(h.decode_block, thought_len)
     return (weights + prefix_cache_bytes(h, rows=rows, seq_len=seq_len, positions=0, tp=tp)
             + branch_cache_bytes(h, branches=rows * branches, slots=(thought_len + block) / 2, tp=tp))
@@ -312,7 +314,9 @@ def activation_bytes(h: HybridConfig, rlp: RLPConfig, *, rows: int, seq_len: int
     teacher = param_copy + 2 * F32 * b * min(length, TOKEN_CHUNK) * v / tp + doc_fwd + gathered
     sampled = _attention(h, tp, queries=b * n, keys=length, rows=b, own_keys=t, own_rows=b * n)   # one token each
     step = _block_transient(h, b * n, sampled, tp, forward=True, backward=False)
-    decode = branch_cache_bytes(h, branches=b * n, slots=t, tp=tp) + 4 * F32 * b * n * v / tp + step + gathered
+    all_weights = dtype_bytes(h.compute_dtype) * sum(_weights_on_rank(h, tp))
+    weights = gathered if h.sampler_weights == "sharded" else all_weights
+    decode = branch_cache_bytes(h, branches=b * n, slots=t, tp=tp) + 4 * F32 * b * n * v / tp + step + weights
     rollout = prefix + max(doc_fwd + gathered, decode)
     vocab_slots = min(THOUGHT_CHUNK, t) + rlp.reward.horizon     # one chunk of thought slots + the targets
     loss = (loss_pass_bytes(h, rows=b, seq_len=length, positions=k, branches=n, branch_len=s, tp=tp)

@@ -99,6 +99,23 @@ _BRANCHES = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)
 _WHILE = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*? while\(%([\w.\-]+)\), condition=%([\w.\-]+), "
                     r"body=%([\w.\-]+)(.*)$")
 _DEF = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$")
+# a collective that moves data between devices (synchronous, or the `-done` half of an asynchronous pair)
+_COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (.*?) (?:all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute|collective-broadcast)(?:-done)?\(")
+_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+               "s64": 8, "u64": 8, "f64": 8}
+
+
+def _array_bytes(shape: str) -> int:
+    """Bytes of an HLO result shape (an array or a tuple of arrays), dense."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(shape):
+        n = 1
+        for d in filter(None, dims.split(",")):
+            n *= int(d)
+        total += _ITEM_BYTES.get(dtype, 4) * n
+    return total
 
 
 def _computations(text: str) -> dict[str, list[str]]:
@@ -249,6 +266,24 @@ class Program:
             found += [lp for lp in self.loops.values() if lp.parent == c]
             stack += list(_callees(self.computations.get(c, [])))
         return found
+
+    def collectives(self, comp: str) -> tuple[int, float]:
+        """(collective ops, bytes of their results) of one run of `comp`: its own collectives (all-gather,
+        all-reduce, ...), those of the computations it calls, and those of its loops, whose bytes count as many
+        times as a static trip count says (once where there is none). Ops are counted once each."""
+        ops, nbytes = 0, 0.0
+        for line in self.computations.get(comp, []):
+            hit = _COLLECTIVE.match(line)
+            if hit:
+                ops, nbytes = ops + 1, nbytes + _array_bytes(hit.group(1))
+        for callee in _callees(self.computations.get(comp, [])):
+            n, b = self.collectives(callee)
+            ops, nbytes = ops + n, nbytes + b
+        for lp in self.loops.values():
+            if lp.parent == comp:
+                n, b = self.collectives(lp.body)
+                ops, nbytes = ops + n, nbytes + b * (lp.trips or 1)
+        return ops, nbytes
 
     def costs(self, trips: Callable[[Loop], float | None] = lambda loop: None) -> Costs:
         """The loop-corrected cost; `trips(loop)` gives the trip count of a loop without a static one (None:

@@ -87,7 +87,7 @@ def thought_rollout(params, cfg: Config, prefix, positions_bk, rng, rollout: Rol
       `Thoughts` ([B, K, G, T]). One `lax.while_loop` over thought slots that stops early once every
       branch has ended; the prefix is shared, only the thought's own keys/values are cached.
     """
-    params = jax.lax.stop_gradient(params)
+    params = family.sampling_params(jax.lax.stop_gradient(params), cfg)   # gathered once (`sampler_weights`)
     start, end = ids.start, ids.end
     b, k = positions_bk.shape
     g, t_max = rollout.group_size, rollout.thought_len

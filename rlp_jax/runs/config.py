@@ -44,6 +44,7 @@ class ModelSection:
         RLP); when set, the architecture comes from it and `preset` is ignored.
       param_dtype, compute_dtype: "float32" / "bfloat16". remat: "none" / "full" / "dots".
       attention, attention_block: "auto" / "dense" / "blockwise" and its key block (`ModelConfig.attention`).
+      sampler_weights: "sharded" / "gathered": how sampling's token loop reads the weights (`Numerics`).
       think_tokens: the strings of the two think markers. Tokens the vocabulary already has (e.g. an
         unused special token of a pretrained tokenizer) are used as they are; others are added.
       new_token_init: how embedding rows of added tokens start: "mean" (mean row + noise) or
@@ -59,6 +60,7 @@ class ModelSection:
     remat: str = "none"
     attention: str = "auto"
     attention_block: int = 512
+    sampler_weights: str = "sharded"
     think_tokens: tuple[str, str] = ("<think>", "</think>")
     new_token_init: str = "mean"
     marker_rows: tuple[str, str] = ("", "")
@@ -81,7 +83,8 @@ class ModelSection:
     def overrides(self) -> dict[str, str]:
         """The ModelConfig fields this section sets on whatever architecture it names (preset or init_from)."""
         return dict(param_dtype=self.param_dtype, compute_dtype=self.compute_dtype, remat=self.remat,
-                    attention=self.attention, attention_block=self.attention_block)
+                    attention=self.attention, attention_block=self.attention_block,
+                    sampler_weights=self.sampler_weights)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

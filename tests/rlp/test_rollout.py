@@ -514,3 +514,37 @@ def test_chunked_scoring_equals_full_logits_with_gradients(params, chunk):
     np.testing.assert_allclose(float(l_c), float(l_f), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g_c), jax.tree.leaves(g_f)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling weights gathered once (model.sampler_weights)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["tiny", "nemotron-h-tiny"])
+def test_gathered_sampler_weights_sample_the_same_thoughts(preset):
+    """sampler_weights="gathered" casts the weight matrices to the compute dtype once, before the token loop
+    (and, on an fsdp mesh, gathers them there: tests/train/test_mesh.py): the same thoughts and log-probs, bit
+    for bit, as casting them where each is used. float32 storage, bfloat16 compute: the casts are real. Also
+    generation from prompts, which reads its weights the same way."""
+    from rlp_jax.generate.generation import SamplingConfig, generate
+    from rlp_jax.model import family
+
+    out = {}
+    for weights in ("sharded", "gathered"):
+        cfg = family.preset(preset, compute_dtype="bfloat16", sampler_weights=weights)
+        params = family.init_params(cfg, jax.random.key(0))
+        docs = jax.random.randint(jax.random.key(1), (2, 16), 3, 64)
+        t_bk = jnp.asarray([[4, 10], [6, 12]], jnp.int32)
+
+        @jax.jit
+        def run(params, docs):
+            _, prefix = family.forward(params, cfg, docs, return_cache=True, branch_positions_bk=t_bk)
+            thoughts = thought_rollout(params, cfg, prefix, t_bk, jax.random.key(2), SMALL, IDS)
+            text = generate(params, cfg, docs, jnp.asarray([16, 9]), jax.random.key(3),
+                            SamplingConfig(max_new_tokens=4, temperature=0.8))
+            return thoughts, text
+
+        out[weights] = run(params, docs)
+    assert np.asarray(out["sharded"][0].lengths).min() >= 1
+    for a, b in zip(jax.tree.leaves(out["sharded"]), jax.tree.leaves(out["gathered"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -33,7 +33,7 @@ class ModelConfig(Numerics):
       tie_word_embeddings: the output projection is the transposed embedding matrix.
       max_position_embeddings: the context length the checkpoint declares (carried from Hugging Face /
         GGUF into exports; attention itself has no length limit).
-      param_dtype, compute_dtype, remat, attention, attention_block: `Numerics`.
+      param_dtype, compute_dtype, remat, attention, attention_block, sampler_weights: `Numerics`.
     """
 
     vocab_size: int
