@@ -433,11 +433,14 @@ def test_cli_plans_the_12b_hybrid(capsys):
 
 
 def test_tpu_tiling_pads_the_two_minor_dimensions():
-    """(8, 128) tiles: 4-byte rows pad to 8, 2-byte rows (packed two to a row) to 16, columns to 128; dense = 1."""
+    """(8, 128) tiles, as XLA:TPU laid the bar config's arrays (bfloat16 too: `T(8,128)(2,1)`): rows pad to 8 (to
+    a power of two when fewer), columns to 128; dense = 1."""
     from rlp_jax.plan.costs import DENSE, TPU_TILING
 
-    assert TPU_TILING.factor(34, 546, 4) == pytest.approx(40 * 640 / (34 * 546))
-    assert TPU_TILING.factor(8, 32, 2) == pytest.approx(16 * 128 / (8 * 32))        # a branch's [heads, head_dim]
+    assert TPU_TILING.factor(34, 546, 4) == pytest.approx(40 * 640 / (34 * 546))   # f32[.., 34, 546] scores: 400 MiB
+    assert TPU_TILING.factor(34, 512, 2) == pytest.approx(40 / 34)                  # bf16[.., 34, 512]: 160 MiB
+    assert TPU_TILING.factor(32, 34, 2) == pytest.approx(128 / 34)     # a branch's per-head [head_dim, tokens]
+    assert TPU_TILING.factor(2, 16, 2) == pytest.approx(128 / 16)      # two rows: a (2, 128) tile
     assert TPU_TILING.factor(512, 512, 4) == 1.0 and DENSE.factor(34, 546, 4) == 1.0 == DENSE.factor(33, 7, 2)
     cfg = apply_overrides(load_experiment("demo").config(), ["model.preset=small", "data.seq_len=512",
                                                              "data.batch_size=16", "model.compute_dtype=bfloat16"])

@@ -23,10 +23,13 @@ Everything is per device and an *estimate* of what the current code materialises
     teacher (EMA forward; the vocabulary projection runs TOKEN_CHUNK positions at a time: [B, chunk, V]
     float32 logits and log-softmax), rollout (prefix KV cache of the local documents, branch KV cache
     of N = K*G branches x T slots, per-step logits), loss (the differentiable document + branch
-    forward: per-layer residuals kept for the backward, which depend on model.remat, and the branch
-    logits of one chunk of THOUGHT_CHUNK thought slots plus the H target slots, [B, N, chunk + H, V]
-    float32: logits, temperature-scaled policy logits, log-softmax and cotangent, 4 copies; the chunks
-    are rematerialised in the backward). Attention scores are dense
+    forward: per-layer residuals kept for the backward, which depend on model.remat, and then either the
+    branch logits of one chunk of THOUGHT_CHUNK thought slots plus the H target slots, [B, N, chunk + H, V]
+    float32: logits, temperature-scaled policy logits, log-softmax and cotangent, 4 copies (the chunks
+    are rematerialised in the backward), or one layer's working set, whichever is larger: the head's
+    backward is done before the layers' starts). On TPUs arrays are counted as XLA:TPU tiles them
+    (`costs.Tiling`): per-head arrays tokens-minor, a thought's cache head_dim-minor, 6 MLP-wide arrays
+    per layer under remat none, as the compiled bar config keeps them. Attention scores are dense
     and masked in this code ([L, L] per document row, [S, L + S] per branch), so memory counts them
     dense. Heads / MLP / vocab-wide activations are divided by the tensor axis (GSPMD follows the
     weights); rows are divided by data x fsdp.
@@ -36,9 +39,9 @@ Everything is per device and an *estimate* of what the current code materialises
     mean valid position). Backward = 2 x forward. Thoughts are assumed to use all T slots. The dense
     masked attention of the code executes up to ~2x the attention term (not counted).
   * Step time: FLOPs / (chips x spec peak x MFU), except that sampling is taken no faster than its
-    memory-bound floor: T sequential decode steps, each reading all weights (in compute dtype) and the
-    dense KV caches from HBM. FSDP also all-gathers every layer at each decode step; on a slow
-    interconnect that, not HBM, sets the floor (not modelled). `--compile` prints the compiled step's own
+    memory-bound floor: T sequential decode steps, each reading all weights and the KV caches from HBM
+    (`costs.weight_traffic`: with model.sampler_weights=sharded on an fsdp mesh every step gathers the
+    weights again; time on the interconnect is not modelled). `--compile` prints the compiled step's own
     roofline time beside it (`roofline`, `compile.StepRoofline`).
 """
 

@@ -47,26 +47,32 @@ def state_bytes(cfg: RunConfig, m: ModelConfig, mesh: dict[str, int]) -> dict[st
 @dataclasses.dataclass(frozen=True)
 class Tiling:
     """How a chip lays out the two minor dimensions of an array: the minor one padded to a multiple of `lanes`,
-    the second-minor to a multiple of `sublanes` rows of 4-byte values (twice as many of 2-byte values, which
-    pack two to a row). TPUs tile (8, 128) (`TPU_TILING`); CPUs and GPUs store arrays dense (`DENSE`)."""
+    the second-minor to a multiple of `sublanes` rows (of a smaller power of two when it has fewer rows). TPUs
+    tile (8, 128) (`TPU_TILING`), 2-byte values too: XLA:TPU lays bfloat16 activations `T(8,128)(2,1)`, not
+    16 rows (the bar config's dump: 3514 bfloat16 layouts, none of 16 rows); CPUs and GPUs store arrays dense
+    (`DENSE`)."""
 
     lanes: int = 1
     sublanes: int = 1
 
     def factor(self, rows: float, cols: float, nbytes: int) -> float:
         """Bytes of a [..., rows, cols] array of `nbytes`-byte values over its dense bytes (1 when dense)."""
-        sub = self.sublanes * max(1, 4 // nbytes) if self.sublanes > 1 else 1   # dense: no packing either
+        del nbytes   # the same tiles for 4- and 2-byte values
         r, c = max(1, math.ceil(rows)), max(1, math.ceil(cols))
+        sub = min(self.sublanes, 1 << (r - 1).bit_length())
         return -(-r // sub) * sub * (-(-c // self.lanes) * self.lanes) / (r * c)
 
 
 DENSE, TPU_TILING = Tiling(), Tiling(lanes=128, sublanes=8)
 
 
+MLP_ARRAYS = 6   # MLP-wide arrays a layer keeps under remat none: XLA:TPU keeps 6 (the bar config's live ranges)
+
+
 def _mlp_bytes(m: ModelConfig, tp: int, tiling: Tiling, per_row: float) -> float:
-    """Bytes per token of a layer's 4 MLP-wide arrays (compute dtype), [.., per_row, F / tp] as `tiling` lays them."""
+    """Bytes per token of a layer's MLP-wide arrays (compute dtype), [.., per_row, F / tp] as `tiling` lays them."""
     c, f = dtype_bytes(m.compute_dtype), m.intermediate_size
-    return 4 * c * f * tiling.factor(per_row, f / tp, c) / tp
+    return MLP_ARRAYS * c * f * tiling.factor(per_row, f / tp, c) / tp
 
 
 def _pair_bytes(m: ModelConfig, tp: int, tiling: Tiling, per_row: float, keys: float, f32_copies: int) -> float:
@@ -84,17 +90,17 @@ def _per_layer(m: ModelConfig, remat: str, tp: int, tiling: Tiling = DENSE, per_
                           m.num_kv_heads, m.head_dim)
     t = tiling.factor
     wide = lambda width, nbytes: width * t(per_row, width, nbytes)                      # noqa: E731
-    # per-head arrays: XLA lays a long sequence's tokens minor (no padding); a short branch's heads and head_dim
-    heads = lambda n, nbytes: n * dh * (t(n / tp, dh, nbytes) if per_row < tiling.lanes else 1.0)   # noqa: E731
+    # per-head arrays [.., head_dim, tokens]: XLA lays their tokens minor, so a short branch's pad to 128
+    heads = lambda n, nbytes: n * dh * t(dh, per_row, nbytes)                           # noqa: E731
     if remat == "full":      # the layer input only
         return c * wide(d, c), 0.0
     if remat == "dots":      # weight-matmul outputs (q, k, v, o, gate, up, down) and the layer input
         return c * (3 * wide(d, c) + (heads(h, c) + 2 * heads(hk, c) + 2 * wide(f / tp, c) * tp) / tp), 0.0
-    # none: norm inputs/outputs, q/k/v before and after qk-norm/rotary, attention output, 4 MLP-wide
-    # tensors (compute dtype), float32 norm statistics; per pair the float32 probabilities + their cast.
+    # none: norm inputs/outputs, q/k/v before and after qk-norm/rotary, attention output, the MLP-wide arrays
+    # (compute dtype), two float32 residual-wide arrays; per pair the float32 probabilities + their cast.
     qk32 = 4 * (heads(h, 4) + heads(hk, 4)) / tp if m.qk_norm else 0.0
     per_token = c * (4 * wide(d, c) + 3 * (heads(h, c) + heads(hk, c)) / tp) + _mlp_bytes(m, tp, tiling, per_row)
-    return per_token + 8 * wide(d, 4) + qk32, _pair_bytes(m, tp, tiling, per_row, keys, f32_copies=1)
+    return per_token + 2 * wide(d, 4) + qk32, _pair_bytes(m, tp, tiling, per_row, keys, f32_copies=1)
 
 
 def _transient(m: ModelConfig, tokens: float, pairs: float, tp: int, tiling: Tiling = DENSE, per_row: float = 1,
@@ -170,14 +176,17 @@ def activation_bytes(m: ModelConfig, rlp: RLPConfig, *, rows: int, seq_len: int,
     logits = lambda slots, per_row, copies: copies * 4 * slots * v * t_(per_row, v / tp, 4) / tp   # noqa: E731
     if objective == "ntp":
         saved = y * (tok * doc_tokens + pair * doc_pairs)
-        return {"loss": saved + logits(b * length, length, 3) + doc_transient + gathered}
+        return {"loss": saved + max(logits(b * length, length, 3), doc_transient) + gathered}
     ro = rlp.rollout
     n, t = ro.positions_per_row * ro.group_size, ro.thought_len
     s = t + 1 + rlp.reward.horizon
-    kv = lambda slots: 2 * y * slots * hk * dh * c * t_(hk / tp, dh, c) / tp             # noqa: E731
+    # caches as XLA:TPU lays them: a document's [.., head_dim, tokens] (tokens minor), a thought's
+    # [.., slots, head_dim] (head_dim minor: a small head pads to 128 lanes)
+    kv = lambda slots: 2 * y * slots * hk * dh * c * t_(dh, length, c) / tp              # noqa: E731
+    thought_kv = lambda slots: 2 * y * slots * hk * dh * c * t_(t, dh, c) / tp           # noqa: E731
     teacher = param_copy + logits(b * min(length, TOKEN_CHUNK), min(length, TOKEN_CHUNK), 2) + doc_transient + gathered
     sampling_weights = c * m.num_params() / tp if m.sampler_weights == "gathered" else gathered
-    decode = (kv(b * n * t) + logits(b * n, n, 4)
+    decode = (thought_kv(b * n * t) + logits(b * n, n, 4)
               + _transient(m, b * n, attended(m, b * n, length, b, t, b * n)[0], tp, tiling, n, length + t)
               + blockwise_extra(m, b * n, length, tp, b) + blockwise_extra(m, b * n, t, tp, b * n) + sampling_weights)
     rollout = kv(b * length) + max(doc_transient + gathered, decode)
@@ -187,10 +196,11 @@ def activation_bytes(m: ModelConfig, rlp: RLPConfig, *, rows: int, seq_len: int,
     br_transient = (_transient(m, br_tokens, br_held, tp, tiling, s, length + s)
                     + blockwise_extra(m, br_tokens, length, tp, b) + blockwise_extra(m, br_tokens, s, tp, b * n))
     vocab_slots = min(THOUGHT_CHUNK, t) + rlp.reward.horizon   # one chunk of thought slots + the targets
+    # the head's logits live before the layers' backward, whose working set lives after: one or the other
+    head = logits(b * n * vocab_slots, vocab_slots, 4) + (logits(b * length, length, 3) if rlp.loss.ntp_weight > 0
+                                                          else 0.0)
     loss = (y * (tok * doc_tokens + pair * doc_pairs + br_tok * br_tokens + br_pair * br_pairs) + kv(b * length)
-            + logits(b * n * vocab_slots, vocab_slots, 4) + max(doc_transient, br_transient) + gathered)
-    if rlp.loss.ntp_weight > 0:
-        loss += logits(b * length, length, 3)
+            + max(head, doc_transient, br_transient) + gathered)
     if rlp.loss.kl_beta > 0:   # the reference forward runs while the policy's residuals are kept
         loss += kv(b * length) + logits(b * n * vocab_slots, vocab_slots, 3)
     return {"teacher": teacher, "rollout": rollout, "loss": loss}
