@@ -62,6 +62,11 @@ def test_rlp_step_with_splash_attention_compiles_for_v5p_8():
     assert model_flops < r.sampling.flops + r.rest.flops < 2.5 * model_flops
     lines = format_verdict(report, planned.total, "v5p-8", model_flops=model_flops).splitlines()
     assert any(x.startswith("  step time at the roofline") and x.endswith("% MFU") for x in lines)
+    # sampler_weights=sharded on an fsdp mesh: the token loop gathers weights at every token, and says so
+    assert r.sampler_weights == "sharded" and r.collectives > 0 and r.collective_bytes > 0
+    (sampling,) = [x for x in lines if x.startswith("  sampling: ")]
+    assert sampling.endswith(" s")
+    assert any(x.startswith("  inside the token loop: ") and x.endswith("once, before the loop") for x in lines)
     assert lines[-1].startswith("compiled for v5p-8: XLA ") and lines[-1].endswith(", fits")
 
 

@@ -365,7 +365,7 @@ def _roofline_lines(r: StepRoofline, devices: DeviceSpec, model_flops: float | N
     else:
         sample_s, rest_s = seconds
         if r.tokens:
-            lines[-1] += f": {sample_s:.3g} s"
+            lines[1] += f": {sample_s:.3g} s"       # the sampling line
         lines.append(f"  {rest}: {rest_s:.3g} s")
         implied = None if model_flops is None else model_flops / ((sample_s + rest_s) * devices.peak_flops)
         mfu = "" if implied is None else f"; model FLOPs / (time x peak) = {100 * implied:.1f}% MFU"
