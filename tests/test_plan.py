@@ -121,6 +121,28 @@ def test_tiny_by_hand():
     assert p1.effective_tokens == 2 * 4 * (64 + 8) * 8 + 8 * 64
 
 
+def test_sampler_weights_trade_rollout_memory_for_weight_traffic():
+    """model.sampler_weights: "gathered" holds every weight in the compute dtype during the rollout and reads it
+    once per sampled token; "sharded" reads each fsdp shard (float32 here) and writes and reads the gathered
+    bfloat16 copy at every token. By hand on the paper config (Qwen3-1.7B, v5p-64 as 32-way fsdp)."""
+    sets = ["train.micro_batches=2"]
+    cfg = {w: apply_overrides(load_experiment("web_mix").config(), sets + [f"model.sampler_weights={w}"])
+           for w in ("sharded", "gathered")}
+    devices, mesh = plan.device_spec("v5p-64"), {"data": 1, "fsdp": 32, "tensor": 1}
+    p = {w: plan.plan(c, devices, mesh) for w, c in cfg.items()}
+    n = p["gathered"].num_params
+    steps = 2 * 2048                                  # micro-batches x thought slots
+    per_token = (4 * n / 32 + 2 * 2 * n) - 2 * n      # sharded's weight bytes per token minus gathered's
+    assert p["sharded"].decode_floor_s - p["gathered"].decode_floor_s == pytest.approx(
+        steps * per_token / devices.bandwidth, rel=1e-9)
+    m = model_config(cfg["sharded"].model)
+    two_layers_and_head = 2 * (2 * (n - m.vocab_size * m.hidden_size - m.hidden_size) / m.num_layers
+                               + m.vocab_size * m.hidden_size)
+    extra = p["gathered"].activations["rollout"] - p["sharded"].activations["rollout"]
+    assert 0 < extra <= 2 * n - two_layers_and_head + 1     # the whole model replaces two layers and the head
+    assert p["gathered"].activations["loss"] == p["sharded"].activations["loss"]
+
+
 def test_remat_orders_loss_memory():
     cfg = _run_config("data.seq_len=512", "rlp.rollout.thought_len=64")
     p = plan.plan(cfg, plan.device_spec("cpu"), {"data": 1, "fsdp": 1, "tensor": 1})
