@@ -265,10 +265,12 @@ def _block_transient(h: HybridConfig, tokens: float, attention: tuple[float, flo
 
 
 def _gathered(h: HybridConfig, tp: int) -> float:
-    """Weights gathered and cast for compute: two blocks (the current and the prefetched, the largest) and the
-    embedding and head, in the compute dtype."""
-    *blocks, rest = _weights_on_rank(h, tp)
-    return dtype_bytes(h.compute_dtype) * (2 * max(blocks) + rest)
+    """Weights gathered and cast for compute, in the compute dtype: all of them. The blocks are a Python loop,
+    so each block's gather is its own op, the same in every micro-batch: XLA:TPU hoists them out of the
+    micro-batch loop and holds every block's gathered matrices for the whole step (the full 12B's peak, from its
+    live ranges: 28 bf16[5120,22656] Mamba in_proj, 28 of each MLP matrix, ..., 24.0 GiB per device; the dense
+    family's layer scan gathers one layer at a time instead)."""
+    return dtype_bytes(h.compute_dtype) * sum(_weights_on_rank(h, tp))
 
 
 def loss_pass_bytes(h: HybridConfig, *, rows: int, seq_len: int, positions: int, branches: int, branch_len: int,
@@ -314,9 +316,7 @@ def activation_bytes(h: HybridConfig, rlp: RLPConfig, *, rows: int, seq_len: int
     teacher = param_copy + 2 * F32 * b * min(length, TOKEN_CHUNK) * v / tp + doc_fwd + gathered
     sampled = _attention(h, tp, queries=b * n, keys=length, rows=b, own_keys=t, own_rows=b * n)   # one token each
     step = _block_transient(h, b * n, sampled, tp, forward=True, backward=False)
-    all_weights = dtype_bytes(h.compute_dtype) * sum(_weights_on_rank(h, tp))
-    weights = gathered if h.sampler_weights == "sharded" else all_weights
-    decode = branch_cache_bytes(h, branches=b * n, slots=t, tp=tp) + 4 * F32 * b * n * v / tp + step + weights
+    decode = branch_cache_bytes(h, branches=b * n, slots=t, tp=tp) + 4 * F32 * b * n * v / tp + step + gathered
     rollout = prefix + max(doc_fwd + gathered, decode)
     vocab_slots = min(THOUGHT_CHUNK, t) + rlp.reward.horizon     # one chunk of thought slots + the targets
     loss = (loss_pass_bytes(h, rows=b, seq_len=length, positions=k, branches=n, branch_len=s, tp=tp)
