@@ -13,6 +13,8 @@ conventions, with each block's terms replaced. What differs:
     false, every (query, key) pair held and kept; else blockwise, one chunk of `attention_block` queries by one
     key block per row held, no pair kept, plus the online softmax's and its custom backward's working arrays.
     FLOPs do not depend on it (the blockwise passes compute the same products).
+  * Weights gathered for compute: the whole model in the compute dtype, in every phase, not the dense family's
+    two layers and head (`_gathered`: XLA:TPU hoists each block's gather out of the micro-batch loop).
   * A branch at position t starts from each Mamba block's state after x_<t: num_heads x head_dim x state_size
     floats + (conv_kernel-1) x conv_dim conv inputs per block (`mamba2.Mamba2State`), instead of keys/values.
     Only the attention blocks keep keys/values (of the documents, and of the thought tokens while sampling).
