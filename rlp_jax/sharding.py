@@ -187,17 +187,19 @@ def constrain(x, names: tuple[str | None, ...]):
 
 
 def gathered(params, logical_axes, dtype):
-    """`params` as a token loop should read them: every weight of two or more axes that is sharded over fsdp
-    (a logical axis mapped to it) cast to `dtype` and constrained to its sharding without fsdp, over JAX's
-    current abstract mesh (only cast when none is set). XLA then gathers each once, here, instead of at every
-    step of a loop that reads the fsdp-sharded originals. Other leaves (norms, biases, Mamba's small
-    parameters) are returned as they are. logical_axes: the tree of `param_logical_axes`."""
+    """`params` as a token loop should read them: every leaf sharded over fsdp (a logical axis mapped to it)
+    constrained to its sharding without fsdp, over JAX's current abstract mesh, weights of two or more axes cast
+    to `dtype` first (only cast when no mesh is set). XLA then gathers each once, here, instead of at every step
+    of a loop that reads the fsdp-sharded originals. Vectors (biases sharded over fsdp) keep their dtype, as the
+    models add them; leaves not sharded over fsdp are returned as they are. logical_axes: the tree of
+    `param_logical_axes`."""
     mesh = jax.sharding.get_abstract_mesh()
 
     def one(names, x):
-        if x.ndim < 2 or not any("fsdp" in (RULES.get(n) or ()) for n in names):
+        if not any("fsdp" in (RULES.get(n) or ()) for n in names):
             return x
-        x = x.astype(dtype)
+        if x.ndim >= 2:
+            x = x.astype(dtype)
         if mesh.empty:
             return x
         spec = P(*(_without("fsdp", entry) for entry in logical_to_spec(names, x.shape, mesh)))

@@ -2,6 +2,7 @@
 sampler on an fsdp mesh under each `sampler_weights`, its tokens and the collectives of its token loop."""
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -69,6 +70,8 @@ def sample(preset, sampler_weights, mesh_shape):
     """Thoughts sampled from 8 documents on one device (mesh_shape None) or a mesh, and the collectives of the
     token loop of the compiled program (`roofline.Program.collectives`)."""
     cfg = family.preset(preset, sampler_weights=sampler_weights)
+    if preset.startswith("nemotron"):   # with the projections' biases too (vectors sharded over fsdp)
+        cfg = dataclasses.replace(cfg, use_bias=True, mlp_bias=True)
     params = family.init_params(cfg, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (8, 16), 3, 64)
     t_bk = jnp.asarray([[3, 9]] * 8, jnp.int32)

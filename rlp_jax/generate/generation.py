@@ -165,7 +165,7 @@ def stream(params, cfg: Config, prompt: Sequence[int], rng, sc: SamplingConfig) 
     step_fn = jax.jit(lambda p, st, tok: family.decode_step(p, cfg, st, tok))
     pick = jax.jit(lambda logits, i, key: _pick(logits, i, key, sc)[0])
     logits, state = prefill(params, jnp.asarray(prompts), jnp.asarray(lens))
-    layer_params = jax.jit(lambda p: family.split_layers(p, cfg))(params)
+    layer_params = jax.jit(lambda p: family.split_layers(family.sampling_params(p, cfg), cfg))(params)
     for i in range(j):
         rng, key = jax.random.split(rng)
         token = pick(logits, i, key)

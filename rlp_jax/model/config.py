@@ -35,6 +35,11 @@ class Numerics:
         "kernel": full attention through the accelerator's kernel (`rlp_jax.model.kernels`: splash on TPU,
         cuDNN on GPU, XLA's attention elsewhere) where it applies, "auto" wherever it does not (branch
         attention, a prompt context, lengths or dtypes the kernel refuses).
+      attention_block: the key block (and query chunk) of blockwise attention.
+      sampler_weights: how the token loops of sampling (`thought_rollout`, `generate`) read the weights:
+        "sharded" as stored (on an fsdp mesh XLA gathers them at every token), "gathered" cast to the compute
+        dtype and gathered once before the loop (`family.sampling_params`, `sharding.gathered`): the same
+        tokens, the whole model in the compute dtype held while sampling.
     """
 
     param_dtype: str = "float32"

@@ -331,7 +331,8 @@ def format_verdict(report: CompileReport, planned_bytes: float, device_text: str
            if report.onchip_bytes else ""),
         *(["largest buffers (XLA's buffer assignment; shapes sharing each slot):"] +
           [f"  {_size(size)}  {_short(shapes)}" for size, shapes in report.largest] if report.largest else []),
-        *(_roofline_lines(report.roofline, report.devices, model_flops) if report.roofline else []),
+        *(_roofline_lines(report.roofline, report.devices, model_flops, report.mesh.get("fsdp", 1))
+          if report.roofline else []),
         f"planner / XLA: {planned_bytes / max(report.total, 1):.2f} (XLA's buffers without its code: "
         f"{planned_bytes / max(report.buffers, 1):.2f})",
         f"compiled for {device_text}: XLA {report.total / GIB:.3f} GiB/device, planner {planned_bytes / GIB:.3f} "
@@ -346,7 +347,8 @@ def format_refusal(reason: str, planned_bytes: float, device_text: str) -> str:
                       "GiB/device, does not fit"])
 
 
-def _roofline_lines(r: StepRoofline, devices: DeviceSpec, model_flops: float | None) -> list[str]:
+def _roofline_lines(r: StepRoofline, devices: DeviceSpec, model_flops: float | None, fsdp: int) -> list[str]:
+    """The roofline's lines; the hint to gather the sampling weights once only where they are fsdp-sharded."""
     rest = f"rest of the step: {r.rest.flops:.3g} FLOP, {_traffic(r.rest.bytes)} of HBM traffic per device"
     lines = ["compiled step, every loop counted (plan.roofline; HBM bytes without TPU tile padding):"]
     if r.tokens:
@@ -356,7 +358,7 @@ def _roofline_lines(r: StepRoofline, devices: DeviceSpec, model_flops: float | N
                      f"{_traffic(full.bytes)}, {full.bytes / max(per.bytes, 1):.1f}x)")
         if r.collectives:
             hint = ("; model.sampler_weights=gathered gathers the fsdp-sharded weights once, before the loop"
-                    if r.sampler_weights == "sharded" else "")
+                    if r.sampler_weights == "sharded" and fsdp > 1 else "")
             lines.append(f"  inside the token loop: {r.collectives} collective ops, {_traffic(r.collective_bytes)} "
                          f"of results per token step and device{hint}")
     seconds = r.seconds(devices)

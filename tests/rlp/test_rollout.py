@@ -525,8 +525,8 @@ def test_gathered_sampler_weights_sample_the_same_thoughts(preset):
     """sampler_weights="gathered" casts the weight matrices to the compute dtype once, before the token loop
     (and, on an fsdp mesh, gathers them there: tests/train/test_mesh.py): the same thoughts and log-probs, bit
     for bit, as casting them where each is used. float32 storage, bfloat16 compute: the casts are real. Also
-    generation from prompts, which reads its weights the same way."""
-    from rlp_jax.generate.generation import SamplingConfig, generate
+    generation from prompts and its one-prompt stream, which read their weights the same way."""
+    from rlp_jax.generate.generation import SamplingConfig, generate, stream
     from rlp_jax.model import family
 
     out = {}
@@ -544,7 +544,9 @@ def test_gathered_sampler_weights_sample_the_same_thoughts(preset):
                             SamplingConfig(max_new_tokens=4, temperature=0.8))
             return thoughts, text
 
-        out[weights] = run(params, docs)
+        streamed = list(stream(params, cfg, [5, 9, 17], jax.random.key(4),
+                               SamplingConfig(max_new_tokens=4, temperature=0.8)))
+        out[weights] = run(params, docs) + (np.asarray(streamed),)
     assert np.asarray(out["sharded"][0].lengths).min() >= 1
     for a, b in zip(jax.tree.leaves(out["sharded"]), jax.tree.leaves(out["gathered"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

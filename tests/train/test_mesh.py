@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_mesh_step_equals_single_device():
-    """RLP step on meshes (2,4,1) and (2,2,2) and the NTP step on (2,2,2) vs one device."""
+    """RLP step on meshes (2,4,1) and (2,2,2) and the NTP step on (2,2,2) vs one device; the sampler's tokens on an
+    fsdp=8 mesh under both model.sampler_weights settings vs one device, and the collectives left in its token loop."""
     env = {**os.environ, "XLA_FLAGS": xla_flags(devices=8), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "mesh_worker.py"), "rlp,ntp,sampler"], env=env,
                           capture_output=True, text=True, timeout=900)
