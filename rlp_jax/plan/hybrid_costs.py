@@ -29,7 +29,8 @@ conventions, with each block's terms replaced. What differs:
                 (gate, x B C, dt), the K conv taps and the conv's activations, x dt, the per-chunk C x C decay and
                 mixing arrays, the chunk-start states, the gated norm and out_proj's input. Read from JAX's saved
                 residuals and fitted to XLA's buffer assignment in float32 (11 shapes, each block within 3% on
-                CPU; tests/test_plan.py checks whole passes).
+                CPU; tests/test_plan.py checks whole passes). XLA:TPU keeps less: on a lane-aligned tiny hybrid
+                the planner is 1.5-1.8x XLA:TPU's buffers under remat none (README, "Scale-out").
       attention c (2 D + 2 Q W + 2 E W) per token + Q (4 + c) per (query, key) pair of a key set read densely
                 (float32 probabilities and their cast: the masked scores); none of a set read blockwise.
       MLP       c (2 D + 2 F) (the relu input and its square).
@@ -270,8 +271,8 @@ def _gathered(h: HybridConfig, tp: int) -> float:
     """Weights gathered and cast for compute, in the compute dtype: all of them. The blocks are a Python loop,
     so each block's gather is its own op, the same in every micro-batch: XLA:TPU hoists them out of the
     micro-batch loop and holds every block's gathered matrices for the whole step (the full 12B's peak, from its
-    live ranges: 28 bf16[5120,22656] Mamba in_proj, 28 of each MLP matrix, ..., 24.0 GiB per device; the dense
-    family's layer scan gathers one layer at a time instead)."""
+    live ranges: 28 bf16[5120,22656] Mamba in_proj, 28 of each MLP matrix, the attention projections and the
+    head; the dense family's layer scan gathers one layer at a time instead)."""
     return dtype_bytes(h.compute_dtype) * sum(_weights_on_rank(h, tp))
 
 
