@@ -2,6 +2,7 @@
 
     python benchmarks/planner_vs_xla.py                      # every case below, v5p-8, fsdp over all chips
     python benchmarks/planner_vs_xla.py --case hybrid-aligned-none --case tiny-hybrid-none
+    python benchmarks/planner_vs_xla.py --case hybrid-aligned-none --pattern MM-*M-   # one Mamba block more
 
 Each case is the smoke experiment with some `--set`s; it is compiled by `rlp_jax.plan.compile.compile_step` (libtpu,
 the `tpu` extra) and planned by `rlp_jax.plan.estimate.plan`, and one line prints XLA's total, its code, its
@@ -43,7 +44,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="a case to run (default: all)")
     ap.add_argument("--devices", default="v5p-8", help="a TPU slice (rlp_jax.plan.devices)")
+    ap.add_argument("--pattern", default=ALIGNED_HYBRID["hybrid_override_pattern"],
+                    help="the aligned hybrid's blocks (M Mamba-2, * attention, - MLP), e.g. MM-*M- to see what "
+                         "one more Mamba block costs")
     args = ap.parse_args(argv)
+    if not args.pattern or set(args.pattern) - set("M*-"):
+        print(f"--pattern {args.pattern!r}: use the letters M (Mamba-2), * (attention) and - (MLP)",
+              file=sys.stderr)
+        return 2
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", args.devices)
 
     from rlp_jax.plan.compile import compile_step
@@ -55,7 +63,8 @@ def main(argv=None) -> int:
     mesh = parse_mesh(f"fsdp={devices.chips}", devices.chips)
     mib = 2**20
     with tempfile.TemporaryDirectory(prefix="aligned_hybrid_") as aligned:
-        (Path(aligned) / "config.json").write_text(json.dumps(ALIGNED_HYBRID))
+        hybrid = ALIGNED_HYBRID | {"hybrid_override_pattern": args.pattern}
+        (Path(aligned) / "config.json").write_text(json.dumps(hybrid))
         print(f"{'case':26s} {'XLA MiB':>9s} {'code':>7s} {'buffers':>8s} {'planner':>8s} {'/total':>7s} "
               f"{'/buffers':>8s}")
         for name in args.case or list(CASES):
