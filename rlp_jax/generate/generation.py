@@ -113,7 +113,7 @@ def generate(params, cfg: Config, prompts_bl, prompt_lens_b, rng, sc: SamplingCo
     j = sc.max_new_tokens
     logits, dstate = family.prefill(params, cfg, prompts_bl, prompt_lens_b, j)
     # once, not a copy of every weight per token; gathered once over fsdp where `cfg.sampler_weights` says so
-    layer_params = family.split_layers(family.sampling_params(params, cfg), cfg)
+    layer_params = family.split_layers(params, cfg)
     stop = jnp.asarray(sc.stop_ids or (-1,), jnp.int32)
     state = _GenState(step=jnp.zeros((), jnp.int32), logits=logits, tokens=jnp.zeros((b, j), jnp.int32),
                       logprobs=jnp.zeros((b, j), jnp.float32), done=jnp.zeros((b,), bool), decode=dstate, rng=rng)
@@ -165,7 +165,7 @@ def stream(params, cfg: Config, prompt: Sequence[int], rng, sc: SamplingConfig) 
     step_fn = jax.jit(lambda p, st, tok: family.decode_step(p, cfg, st, tok))
     pick = jax.jit(lambda logits, i, key: _pick(logits, i, key, sc)[0])
     logits, state = prefill(params, jnp.asarray(prompts), jnp.asarray(lens))
-    layer_params = jax.jit(lambda p: family.split_layers(family.sampling_params(p, cfg), cfg))(params)
+    layer_params = jax.jit(lambda p: family.split_layers(p, cfg))(params)
     for i in range(j):
         rng, key = jax.random.split(rng)
         token = pick(logits, i, key)

@@ -198,8 +198,9 @@ def prefill(params: dict, cfg: Config, prompts_bl, prompt_lens_b, max_new_tokens
 
 
 def split_layers(params: dict, cfg: Config) -> dict:
-    """Per-layer weights for a decode loop (`dense.transformer.split_layers`)."""
-    return of(cfg).split_layers(params)
+    """Per-layer weights for a decode loop, read as `cfg.sampler_weights` says (`sampling_params`), split per layer
+    (`dense.transformer.split_layers`)."""
+    return of(cfg).split_layers(sampling_params(params, cfg))
 
 
 def decode_step(params: dict, cfg: Config, state, tokens_b):
