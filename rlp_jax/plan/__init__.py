@@ -29,9 +29,9 @@ Everything is per device and an *estimate* of what the current code materialises
     are rematerialised in the backward), or one layer's working set, whichever is larger: the head's
     backward is done before the layers' starts). Under remat none a dense layer keeps 6 MLP-wide and 2
     float32 residual-wide arrays (as the compiled bar config keeps them). On TPUs arrays are counted as
-    XLA:TPU tiles them (`costs.Tiling`): per-head arrays tokens-minor, a thought's cache head_dim-minor. Attention scores are dense
-    and masked in this code ([L, L] per document row, [S, L + S] per branch), so memory counts them
-    dense. Heads / MLP / vocab-wide activations are divided by the tensor axis (GSPMD follows the
+    XLA:TPU tiles them (`costs.Tiling`): per-head arrays tokens-minor, a thought's cache head_dim-minor.
+    Attention scores are dense and masked in this code ([L, L] per document row, [S, L + S] per branch), so
+    memory counts them dense. Heads / MLP / vocab-wide activations are divided by the tensor axis (GSPMD follows the
     weights); rows are divided by data x fsdp.
   * FLOPs (model FLOPs, the MFU convention): 2 x (weights of every matmul) per token, + 2 D V per
     token whose logits are computed, + 4 Y H Dh per attended (query, key) pair, counting causal pairs
