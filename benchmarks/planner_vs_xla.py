@@ -5,11 +5,13 @@
     python benchmarks/planner_vs_xla.py --case hybrid-aligned-none --pattern MM-*M-   # one Mamba block more
 
 Each case is the smoke experiment with some `--set`s; it is compiled by `rlp_jax.plan.compile.compile_step` (libtpu,
-the `tpu` extra) and planned by `rlp_jax.plan.estimate.plan`, and one line prints XLA's total, its code, its
-buffers (total without code: what the planner models) and the planner's ratio to each. "hybrid-aligned" is a
+the `tpu` extra) and planned by `rlp_jax.plan.estimate.plan`, and one line prints XLA's total, its code, its HBM
+buffers (the total without code), the temporaries XLA placed in the TensorCore's on-chip
+memories (VMEM: up to ~48 MiB on v5p, which small steps' HBM buffers do not hold) and the planner's ratio to the
+total, to the HBM buffers and to all buffers (HBM + on-chip). "hybrid-aligned" is a
 Nemotron-H of lane-aligned shapes (hidden 256, head_dim 128, Mamba state 128, chunks of 128), written as a
 config.json for `model.init_from`; "tiny-hybrid" is the `nemotron-h-tiny` preset (hidden 64, chunks of 16),
-whose arrays XLA:TPU pads to 128 lanes. About 30 s per case on 2 cores.
+whose arrays XLA:TPU pads to 128 lanes. 30-70 s per case on 2 cores.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="aligned_hybrid_") as aligned:
         hybrid = ALIGNED_HYBRID | {"hybrid_override_pattern": args.pattern}
         (Path(aligned) / "config.json").write_text(json.dumps(hybrid))
-        print(f"{'case':26s} {'XLA MiB':>9s} {'code':>7s} {'buffers':>8s} {'planner':>8s} {'/total':>7s} "
-              f"{'/buffers':>8s}")
+        print(f"{'case':26s} {'XLA MiB':>9s} {'code':>7s} {'buffers':>8s} {'on-chip':>8s} {'planner':>8s} "
+              f"{'/total':>7s} {'/buffers':>8s} {'/all':>6s}")
         for name in args.case or list(CASES):
             sets = [s.format(aligned=aligned) for s in CASES[name]]
             try:
@@ -76,8 +78,10 @@ def main(argv=None) -> int:
                 print(f"{name}: {e}", file=sys.stderr)
                 return 2
             planned = plan(cfg, devices, mesh).total
+            every = report.buffers + report.onchip_bytes
             print(f"{name:26s} {report.total / mib:9.1f} {report.code_bytes / mib:7.1f} {report.buffers / mib:8.1f} "
-                  f"{planned / mib:8.1f} {planned / report.total:7.2f} {planned / report.buffers:8.2f}", flush=True)
+                  f"{report.onchip_bytes / mib:8.1f} {planned / mib:8.1f} {planned / report.total:7.2f} "
+                  f"{planned / report.buffers:8.2f} {planned / every:6.2f}", flush=True)
     return 0
 
 

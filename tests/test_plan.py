@@ -454,6 +454,26 @@ def test_cli_plans_the_12b_hybrid(capsys):
     assert line.split()[-1] == f"{total / 1e15:.3g}P"
 
 
+@pytest.mark.parametrize("compute, per_token", [("float32", 23040), ("bfloat16", 22016)])
+def test_hybrid_mamba_block_keeps_xla_tpus_saved_set_on_tpu(compute, per_token):
+    """What one Mamba block more keeps under remat none on a TPU target, by hand for a shape that fills the tiles
+    (D 256, 4 heads of 64: I 256, X 512, one group, N 128, chunks of 128; 2 rows of 512 tokens):
+    c 2 D + 4 (D + 3 I + 6 X + (H + 3 G) C + I N / C) bytes per token = c 512 + 4 (256 + 768 + 3072 + 896 + 256).
+    XLA:TPU's own figures for this shape (the fit's data: jax.grad of `hybrid.forward`, one v5p chip): 23044 and
+    22020. On CPUs the planner keeps XLA:CPU's larger set."""
+    from rlp_jax.plan import hybrid_costs
+    from rlp_jax.plan.costs import DENSE, TPU_TILING
+
+    shape = dict(hidden_size=256, mamba_num_heads=4, mamba_head_dim=64, n_groups=1, ssm_state_size=128,
+                 chunk_size=128)
+    def pass_bytes(pattern, tiling):
+        h = _hybrid(pattern, **shape).replace(remat="none", compute_dtype=compute)
+        return hybrid_costs.loss_pass_bytes(h, rows=2, seq_len=512, positions=0, branches=0, branch_len=0,
+                                            tiling=tiling)
+    assert pass_bytes("MM", TPU_TILING) - pass_bytes("M", TPU_TILING) == 2 * 512 * per_token
+    assert pass_bytes("MM", DENSE) - pass_bytes("M", DENSE) > 1.6 * 2 * 512 * per_token
+
+
 def test_tpu_tiling_pads_the_two_minor_dimensions():
     """(8, 128) tiles, as XLA:TPU laid the bar config's arrays (bfloat16 too: `T(8,128)(2,1)`): rows pad to 8 (to
     a power of two when fewer), columns to 128; dense = 1."""

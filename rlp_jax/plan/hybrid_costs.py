@@ -24,16 +24,28 @@ conventions, with each block's terms replaced. What differs:
     chunk adds and 2 x H P N for the start state it reads; 2 C H P N per state read at a branch position. A
     sampled token (`mamba2.mamba2_step`): 4 H P N for the state update and read-out.
   * Activations a block keeps for the backward, per token (remat "none"; bytes = c x the compute-dtype values
-    + 4 x the float32 ones):
-      Mamba-2   c (3 D + I) + 4 (9 I + (K + 5) X + 2.5 H C + 0.5 H N + 2.5 I N / C): the norm, in_proj's outputs
-                (gate, x B C, dt), the K conv taps and the conv's activations, x dt, the per-chunk C x C decay and
-                mixing arrays, the chunk-start states, the gated norm and out_proj's input. Read from JAX's saved
-                residuals and fitted to XLA's buffer assignment in float32 (11 shapes, each block within 3% on
-                CPU; tests/test_plan.py checks whole passes). XLA:TPU keeps less: on a lane-aligned tiny hybrid
-                the planner is 1.5-1.8x XLA:TPU's buffers under remat none (README, "Scale-out").
+    + 4 x the float32 ones), as the target's compiler keeps them (`tiling`: `TPU_TILING` for TPU targets):
+      Mamba-2   XLA:CPU (also used for GPUs, not measured there): c (3 D + I) + 4 (9 I + (K + 5) X + 2.5 H C +
+                0.5 H N + 2.5 I N / C): the norm, in_proj's outputs (gate, x B C, dt), the K conv taps and the
+                conv's activations, x dt, the per-chunk C x C decay and mixing arrays, the chunk-start states,
+                the gated norm and out_proj's input. Read from JAX's saved residuals and fitted to XLA's buffer
+                assignment in float32 (11 shapes, each block within 3% on CPU; tests/test_plan.py checks whole
+                passes).
+                XLA:TPU fuses the elementwise steps into their consumers and keeps less: c 2 D + 4 (D + 3 I + 6 X
+                + (H + 3 G) C + I N / C), each array's two minor dimensions padded to the tile: 2 residual-wide
+                arrays in the compute dtype and one in float32, 3 inner-wide (gate, x dt, the gated output), 6 conv-
+                wide (in_proj's x B C, its slice, the conv's output and activation, ...), per chunk the decay's
+                cumulative sums (per head) and the C.B scores with 2 masked copies (per group), the chunk-start
+                states. Fitted to XLA:TPU's HBM temporaries of jax.grad of `hybrid.forward` compiled for one v5p
+                chip, one Mamba block more at a time (10 shapes varying D, H, P, G, N and C, float32 and bfloat16:
+                each within 5%; XLA:CPU's set is 1.6-2.0x XLA:TPU's there). One block's working set while it is
+                differentiated (`_block_transient`) is counted with XLA:CPU's set on every target: the 12B under
+                remat full agrees with XLA:TPU that way (README, "Scale-out").
       attention c (2 D + 2 Q W + 2 E W) per token + Q (4 + c) per (query, key) pair of a key set read densely
-                (float32 probabilities and their cast: the masked scores); none of a set read blockwise.
-      MLP       c (2 D + 2 F) (the relu input and its square).
+                (float32 probabilities and their cast: the masked scores; XLA:TPU keeps no float32 copy of
+                float32 probabilities: Q 4 when c = 4); none of a set read blockwise.
+      MLP       c (2 D + 2 F) (the relu input and its square; XLA:TPU's one block more is 0.3-0.9 of it, too
+                noisy at these sizes to fit).
     with I = H P the Mamba inner width, X = I + 2 G N its conv channels, K the conv kernel, N the state size;
     Q/E/W the attention heads/key-value heads/head width; F the MLP width. "full" keeps the block input (D),
     "dots" the block input and the weight matmuls' outputs, as `Numerics.checkpointed` does per block. The
@@ -52,7 +64,8 @@ import jax
 from rlp_jax.model.nemotron_h import hybrid
 from rlp_jax.model.nemotron_h.hybrid import ATTENTION, MAMBA, MLP, HybridConfig
 from rlp_jax.model.scoring import TOKEN_CHUNK
-from rlp_jax.plan.costs import attended, blockwise_extra, dtype_bytes, mean_position, weight_traffic
+from rlp_jax.plan.costs import (DENSE, TPU_TILING, Tiling, attended, blockwise_extra, dtype_bytes, mean_position,
+                                weight_traffic)
 from rlp_jax.rlp.config import RLPConfig
 from rlp_jax.rlp.rollout import THOUGHT_CHUNK
 
@@ -180,7 +193,8 @@ def branch_cache_bytes(h: HybridConfig, *, branches: float, slots: int, tp: int 
 def _weights_on_rank(h: HybridConfig, tp: int) -> list[float]:
     """Weights each block and the embedding put on one tensor rank (a Mamba block's are whole on every rank)."""
     shapes = hybrid.param_shapes(h)
-    size = lambda tree: sum(math.prod(s) for s in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, tuple)))  # noqa: E731
+    leaves = lambda tree: jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, tuple))   # noqa: E731
+    size = lambda tree: sum(math.prod(s) for s in leaves(tree))   # noqa: E731
     blocks = [size(b) / (1 if kind == MAMBA else tp) for kind, b in zip(h.block_types, shapes["blocks"])]
     return blocks + [size({k: v for k, v in shapes.items() if k != "blocks"}) / tp]
 
@@ -202,8 +216,20 @@ def decode_step_bytes(h: HybridConfig, *, rows: int, seq_len: int, branches: int
 # Activations (see the module docstring)
 # ----------------------------------------------------------------------------------------------
 
-def _saved_per_token(h: HybridConfig, kind: str, remat: str, tp: int) -> float:
-    """Bytes one block of `kind` keeps per token for the backward under `remat` (chunk padding aside)."""
+def _chunk_arrays(h: HybridConfig, tiling: Tiling) -> float:
+    """Float32 values per token of the chunk-by-chunk [.., C, C] arrays a Mamba block keeps: XLA:CPU 2.5 per head
+    (the decay and mixing arrays); XLA:TPU one per head (the decay's cumulative sums) and 3 per group (the C.B
+    scores and their masked copies), their minor C padded to the tile."""
+    m = h.mamba
+    if tiling == TPU_TILING:
+        return (m.num_heads + 3 * m.n_groups) * m.chunk_size * tiling.factor(m.chunk_size, m.chunk_size, F32)
+    return 2.5 * m.num_heads * m.chunk_size
+
+
+def _saved_per_token(h: HybridConfig, kind: str, remat: str, tp: int, tiling: Tiling = DENSE,
+                     per_row: float = 1) -> float:
+    """Bytes one block of `kind` keeps per token for the backward under `remat` (chunk padding aside), in
+    sequences of `per_row` tokens laid out as `tiling` (the module docstring)."""
     d, m, cb = h.hidden_size, h.mamba, dtype_bytes(h.compute_dtype)
     i, x, heads, c, n = m.inner, m.conv_dim, m.num_heads, m.chunk_size, m.state_size     # not split on tensor
     qw, ew, f = h.num_heads * h.head_dim / tp, h.num_kv_heads * h.head_dim / tp, h.intermediate_size / tp
@@ -211,8 +237,12 @@ def _saved_per_token(h: HybridConfig, kind: str, remat: str, tp: int) -> float:
         return cb * d
     if remat == "dots":
         return cb * (d + {MAMBA: i + x + heads + d, ATTENTION: 2 * qw + 2 * ew, MLP: f + d}[kind])
+    if kind == MAMBA and tiling == TPU_TILING:
+        wide = lambda cols: cols * tiling.factor(per_row, cols, F32)   # noqa: E731   [.., per_row, cols]
+        states = i * n / c * tiling.factor(m.head_dim, n, F32)
+        return cb * 2 * wide(d) + F32 * (wide(d) + 3 * wide(i) + 6 * wide(x) + _chunk_arrays(h, tiling) + states)
     if kind == MAMBA:
-        scan = 9 * i + (m.conv_kernel + 5) * x + 2.5 * heads * c + 0.5 * heads * n + 2.5 * i * n / c
+        scan = 9 * i + (m.conv_kernel + 5) * x + _chunk_arrays(h, tiling) + 0.5 * heads * n + 2.5 * i * n / c
         return cb * (3 * d + i) + F32 * scan
     return cb * {ATTENTION: 2 * d + 2 * qw + 2 * ew, MLP: 2 * d + 2 * f}[kind]
 
@@ -238,15 +268,18 @@ def _attention(h: HybridConfig, tp: int, *, queries: float, keys: int, rows: flo
     return held, saved, extra
 
 
-def _stack_bytes(h: HybridConfig, tp: int, *, seqs: float, length: int, saved_pairs: float) -> float:
+def _stack_bytes(h: HybridConfig, tp: int, *, seqs: float, length: int, saved_pairs: float,
+                 tiling: Tiling = DENSE) -> float:
     """What the blocks keep for the backward over `seqs` sequences of `length` tokens, with `saved_pairs` (query,
     key) pairs of float32 probabilities per attention block (`_attention`)."""
-    n, tokens, m = block_counts(h), seqs * length, h.mamba
-    saved = sum(n[k] * _saved_per_token(h, k, h.remat, tp) * tokens for k in n)
+    n, tokens = block_counts(h), seqs * length
+    saved = sum(n[k] * _saved_per_token(h, k, h.remat, tp, tiling, length) * tokens for k in n)
     if h.remat != "none":
         return saved
-    pad = seqs * (_padded(h, length) - length) * F32 * 2.5 * m.num_heads * m.chunk_size
-    pairs = (F32 + dtype_bytes(h.compute_dtype)) * h.num_heads / tp * saved_pairs
+    pad = seqs * (_padded(h, length) - length) * F32 * _chunk_arrays(h, tiling)
+    cb = dtype_bytes(h.compute_dtype)
+    per_pair = F32 + (cb if tiling != TPU_TILING or cb < F32 else 0)   # XLA:TPU: no float32 copy of float32 values
+    pairs = per_pair * h.num_heads / tp * saved_pairs
     return saved + n[MAMBA] * pad + n[ATTENTION] * pairs
 
 
@@ -277,17 +310,19 @@ def _gathered(h: HybridConfig, tp: int) -> float:
 
 
 def loss_pass_bytes(h: HybridConfig, *, rows: int, seq_len: int, positions: int, branches: int, branch_len: int,
-                    tp: int = 1) -> float:
+                    tp: int = 1, tiling: Tiling = DENSE) -> float:
     """Bytes per device of the differentiable pass the loss runs, without its vocabulary head: the documents
     (`branch.prefix_forward` with the states at `positions` per row) and `branches` per row of `branch_len`
     tokens from those states (`branch_forward`): what the backward reads, plus one block's working set. Branch
     start states: under remat none the reads at positions and a copy per branch are kept; under a per-block
-    remat only what the prefix blocks hand to the branches (`prefix_cache_bytes`)."""
+    remat only what the prefix blocks hand to the branches (`prefix_cache_bytes`). `tiling`: the target's
+    (`activation_bytes`)."""
     doc_attention = _attention(h, tp, queries=rows * seq_len, keys=seq_len, rows=rows)
     branch_attention = _attention(h, tp, queries=rows * branches * branch_len, keys=seq_len, rows=rows,
                                   own_keys=branch_len, own_rows=rows * branches)
-    docs = _stack_bytes(h, tp, seqs=rows, length=seq_len, saved_pairs=doc_attention[1])
-    thoughts = _stack_bytes(h, tp, seqs=rows * branches, length=branch_len, saved_pairs=branch_attention[1])
+    docs = _stack_bytes(h, tp, seqs=rows, length=seq_len, saved_pairs=doc_attention[1], tiling=tiling)
+    thoughts = _stack_bytes(h, tp, seqs=rows * branches, length=branch_len, saved_pairs=branch_attention[1],
+                            tiling=tiling)
     if h.remat == "none":
         starts = rows * (positions * _states_at_bytes(h) + branches * 2 * mamba_state_bytes(h))
     else:
@@ -300,17 +335,18 @@ def loss_pass_bytes(h: HybridConfig, *, rows: int, seq_len: int, positions: int,
 
 
 def activation_bytes(h: HybridConfig, rlp: RLPConfig, *, rows: int, seq_len: int, tp: int, objective: str = "rlp",
-                     param_copy: float = 0.0, tiling=None) -> dict[str, float]:
+                     param_copy: float = 0.0, tiling: Tiling = DENSE) -> dict[str, float]:
     """Peak activation bytes per device of each phase of a step on `rows` documents of `seq_len` tokens:
-    {"teacher", "rollout", "loss"} ({"loss"} for "ntp"), laid out as `costs.activation_bytes`. `tiling` is not
-    modelled for this family yet: arrays are counted dense, as on CPUs and GPUs."""
-    del tiling
+    {"teacher", "rollout", "loss"} ({"loss"} for "ntp"), laid out as `costs.activation_bytes`. `tiling`: the
+    target's layout; `TPU_TILING` also selects what XLA:TPU keeps across blocks under remat none (the module
+    docstring). Only the saved Mamba arrays and the chunk padding are tiled; the rest is counted dense."""
     v, b, length = h.vocab_size, rows, seq_len
     gathered = _gathered(h, tp)
     doc_attention = _attention(h, tp, queries=b * length, keys=length, rows=b)
     doc_fwd = _block_transient(h, b * length, doc_attention, tp, forward=True, backward=False)
     if objective == "ntp":
-        loss = loss_pass_bytes(h, rows=b, seq_len=length, positions=0, branches=0, branch_len=0, tp=tp)
+        loss = loss_pass_bytes(h, rows=b, seq_len=length, positions=0, branches=0, branch_len=0, tp=tp,
+                               tiling=tiling)
         return {"loss": loss + 3 * F32 * b * length * v / tp + gathered}
     ro = rlp.rollout
     k, n, t = ro.positions_per_row, ro.positions_per_row * ro.group_size, ro.thought_len
@@ -322,7 +358,7 @@ def activation_bytes(h: HybridConfig, rlp: RLPConfig, *, rows: int, seq_len: int
     decode = branch_cache_bytes(h, branches=b * n, slots=t, tp=tp) + 4 * F32 * b * n * v / tp + step + gathered
     rollout = prefix + max(doc_fwd + gathered, decode)
     vocab_slots = min(THOUGHT_CHUNK, t) + rlp.reward.horizon     # one chunk of thought slots + the targets
-    loss = (loss_pass_bytes(h, rows=b, seq_len=length, positions=k, branches=n, branch_len=s, tp=tp)
+    loss = (loss_pass_bytes(h, rows=b, seq_len=length, positions=k, branches=n, branch_len=s, tp=tp, tiling=tiling)
             + 4 * F32 * b * n * vocab_slots * v / tp + gathered)
     if rlp.loss.ntp_weight > 0:
         loss += 3 * F32 * b * length * v / tp
