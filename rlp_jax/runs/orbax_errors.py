@@ -38,14 +38,14 @@ def _from_a_checkpoint_read_or_write(exc: BaseException | None) -> bool:
 
 
 def _drop_checkpoint_task_errors(record: logging.LogRecord) -> bool:
-    if not str(record.msg).startswith(("Task exception was never retrieved", "Future exception was never retrieved")):
+    if "exception was never retrieved" not in str(record.msg):   # Task, Future, _GatheringFuture (asyncio.gather)
         return True
     exc = record.exc_info[1] if record.exc_info else None
     return not ("orbax" in record.getMessage() or _from_a_checkpoint_read_or_write(exc))
 
 
-# ... and asyncio reports the same failure once more for each of Orbax's read and write tasks ("Task (or
-# Future) exception was never retrieved", with a traceback).
+# ... and asyncio reports the same failure once more for each of Orbax's read and write tasks and for the
+# gather of them ("Task / Future / _GatheringFuture exception was never retrieved", with a traceback).
 logging.getLogger("asyncio").addFilter(_drop_checkpoint_task_errors)
 
 

@@ -166,3 +166,32 @@ def test_a_checkpoint_read_task_never_awaited_is_not_logged(caplog):
             gc.collect()
     logged = [r for r in caplog.records if r.name == "asyncio"]
     assert [str(r.exc_info[1]) for r in logged if r.exc_info] == ["not a checkpoint"], logged
+
+
+def test_a_checkpoint_write_gather_never_awaited_is_not_logged(caplog):
+    """A failed asynchronous save leaves Orbax's gather of its writes failed and never awaited; asyncio logs it when
+    it is collected ("_GatheringFuture exception was never retrieved", with its traceback: seen once in
+    test_a_failed_save_stops_in_one_line_and_the_rerun_resumes). The save's own error line says it once: it is
+    dropped, while any other gather's failure is still logged."""
+    import asyncio
+    import gc
+
+    import rlp_jax.runs.checkpoint  # noqa: F401  (installs the logging filters)
+
+    async def write(message):
+        raise ValueError(message)
+
+    async def gather_and_forget(message):
+        gathered = asyncio.gather(write(message))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        del gathered
+
+    with caplog.at_level("ERROR", logger="asyncio"):
+        for message in ('OUT_OF_RANGE: Error writing "ema_params/0.0" in OCDBT database at local file '
+                        '"run/checkpoints/6.orbax-checkpoint-tmp/": File too large', "not a checkpoint"):
+            asyncio.run(gather_and_forget(message))
+            gc.collect()
+    logged = [r for r in caplog.records if r.name == "asyncio"]
+    assert [str(r.exc_info[1]) for r in logged if r.exc_info] == ["not a checkpoint"], logged
+
