@@ -8,8 +8,8 @@ Each case is the smoke experiment with some `--set`s; it is compiled by `rlp_jax
 the `tpu` extra) and planned by `rlp_jax.plan.estimate.plan`, and one line prints XLA's total, its code, its HBM
 buffers (the total without code), the temporaries XLA placed in the TensorCore's on-chip
 memories (VMEM: up to ~48 MiB on v5p, which small steps' HBM buffers do not hold) and the planner's ratio to the
-total, to the HBM buffers and to all buffers (HBM + on-chip). "hybrid-aligned" is a
-Nemotron-H of lane-aligned shapes (hidden 256, head_dim 128, Mamba state 128, chunks of 128), written as a
+total, to the HBM buffers and to all buffers (HBM + on-chip). "hybrid-aligned" is the `nemotron-h-tiny-aligned`
+preset (hidden 256, head_dim 128, Mamba state 128, chunks of 128) with the blocks `--pattern` names, written as a
 config.json for `model.init_from`; "tiny-hybrid" is the `nemotron-h-tiny` preset (hidden 64, chunks of 16),
 whose arrays XLA:TPU pads to 128 lanes. 30-70 s per case on 2 cores.
 """
@@ -22,12 +22,6 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-
-ALIGNED_HYBRID = dict(
-    model_type="nemotron_h", architectures=["NemotronHForCausalLM"], vocab_size=512, hidden_size=256,
-    intermediate_size=512, num_attention_heads=2, num_key_value_heads=1, head_dim=128, mamba_num_heads=4,
-    mamba_head_dim=64, n_groups=1, ssm_state_size=128, conv_kernel=4, chunk_size=128, layer_norm_epsilon=1e-5,
-    tie_word_embeddings=True, hybrid_override_pattern="M-*M-")
 
 STEP = ["data.seq_len=256", "rlp.rollout.thought_len=64"]
 CASES = {
@@ -46,7 +40,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="a case to run (default: all)")
     ap.add_argument("--devices", default="v5p-8", help="a TPU slice (rlp_jax.plan.devices)")
-    ap.add_argument("--pattern", default=ALIGNED_HYBRID["hybrid_override_pattern"],
+    ap.add_argument("--pattern", default="M-*M-",
                     help="the aligned hybrid's blocks (M Mamba-2, * attention, - MLP), e.g. MM-*M- to see what "
                          "one more Mamba block costs")
     args = ap.parse_args(argv)
@@ -56,6 +50,7 @@ def main(argv=None) -> int:
         return 2
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", args.devices)
 
+    from rlp_jax.model.nemotron_h.hybrid import PRESETS
     from rlp_jax.plan.compile import compile_step
     from rlp_jax.plan.devices import device_spec, parse_mesh
     from rlp_jax.plan.estimate import plan
@@ -65,7 +60,8 @@ def main(argv=None) -> int:
     mesh = parse_mesh(f"fsdp={devices.chips}", devices.chips)
     mib = 2**20
     with tempfile.TemporaryDirectory(prefix="aligned_hybrid_") as aligned:
-        hybrid = ALIGNED_HYBRID | {"hybrid_override_pattern": args.pattern}
+        hybrid = {"model_type": "nemotron_h", **PRESETS["nemotron-h-tiny-aligned"],
+                  "hybrid_override_pattern": args.pattern}
         (Path(aligned) / "config.json").write_text(json.dumps(hybrid))
         print(f"{'case':26s} {'XLA MiB':>9s} {'code':>7s} {'buffers':>8s} {'on-chip':>8s} {'planner':>8s} "
               f"{'/total':>7s} {'/buffers':>8s} {'/all':>6s}")

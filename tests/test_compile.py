@@ -3,7 +3,6 @@ of a v5p-8 slice on this CPU host (libtpu), with the splash attention kernel low
 hybrid family's step; the verdict line."""
 
 import importlib.util
-import json
 import math
 
 import pytest
@@ -91,24 +90,16 @@ def test_hybrid_step_keeps_its_rows_sharded_and_its_remat_on_a_pod():
     assert temps["v5p-8", "full"] < 0.9 * temps["v5p-8", "none"], temps
 
 
-# A Nemotron-H whose widths fill TPU tiles (hidden 256, head_dim 128, Mamba state 128, chunks of 128), as a
-# config.json for model.init_from: the planner's count of its arrays is checked, not the padding of the tiny
-# preset's 16-wide chunks.
-ALIGNED_HYBRID = dict(
-    model_type="nemotron_h", vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=2,
-    num_key_value_heads=1, head_dim=128, mamba_num_heads=4, mamba_head_dim=64, n_groups=1, ssm_state_size=128,
-    conv_kernel=4, chunk_size=128, layer_norm_epsilon=1e-5, tie_word_embeddings=True, hybrid_override_pattern="M*-")
-
-
 @needs_libtpu
-def test_hybrid_planner_agrees_with_xla_tpu_buffers(tmp_path):
+def test_hybrid_planner_agrees_with_xla_tpu_buffers():
     """The hybrid planner's total within 15% of the buffers XLA:TPU places in HBM (its total without the code) for a
-    remat-none RLP step on v5p-8, 4 rows per chip. The count is of what XLA:TPU keeps across blocks (a Mamba
-    block's saved set read from XLA:TPU, not XLA:CPU's; `hybrid_costs`). Not against the total: XLA's code (35 MiB
-    here) is not modelled. Measured 1.05; with XLA:CPU's saved set the planner said 1.44."""
-    (tmp_path / "config.json").write_text(json.dumps(ALIGNED_HYBRID))
-    cfg = _cfg(f"model.init_from={tmp_path}", "data.seq_len=256", "rlp.rollout.thought_len=64", "data.batch_size=16",
-               "model.remat=none")
+    remat-none RLP step on v5p-8, 4 rows per chip, of the hybrid whose widths fill TPU tiles (`M*-`): the planner's
+    count of its arrays is checked, not the padding of the tiny preset's 16-wide chunks. The count is of what
+    XLA:TPU keeps across blocks (a Mamba block's saved set read from XLA:TPU, not XLA:CPU's; `hybrid_costs`). Not
+    against the total: XLA's code (35 MiB here) is not modelled. Measured 1.05; with XLA:CPU's saved set the
+    planner said 1.44."""
+    cfg = _cfg("model.preset=nemotron-h-tiny-aligned", "data.seq_len=256", "rlp.rollout.thought_len=64",
+               "data.batch_size=16", "model.remat=none")
     devices = device_spec("v5p-8")
     mesh = parse_mesh("fsdp=4", devices.chips)
     _, report = compile_step(cfg, devices, mesh)

